@@ -1,0 +1,1 @@
+"""Thin click shells: parse, call deepsigns_cli.api, render. Nothing here imports torch at load."""

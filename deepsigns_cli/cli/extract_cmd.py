@@ -1,0 +1,47 @@
+import sys
+
+import click
+
+from .common import (EXIT_NOT_DETECTED, alpha_option, common_options, decision_table, emit,
+                     keys_option, open_keys, provider_option)
+
+
+@click.command("extract")
+@click.option("--model", "model_path", required=True, help="Suspect: .safetensors, .pt (with --arch) or .onnx.")
+@click.option("--arch", default=None, help="Architecture of a .pt/.pth state dict.")
+@keys_option
+@alpha_option
+@provider_option
+@common_options
+def command(model_path, arch, keys_path, passphrase_file, alpha, provider, seed, json_):
+    """White-box: read the watermark from a checkpoint or ONNX file.
+
+    Exit code 0 when detected (p-value <= alpha), 1 when not.
+
+    \b
+    deepsigns extract --model marked.onnx --keys owner.dskey
+    """
+    from ..api import extract_watermarks, load_suspect
+
+    bundle = open_keys(keys_path, passphrase_file)
+    suspect = load_suspect(model_path, bundle, arch=arch, provider=provider)
+    report = extract_watermarks(suspect, bundle, alpha=alpha)
+    report = {"command": "extract", "model": model_path, "key_id": bundle.key_id, **report}
+    for r in report["results"]:
+        if r["scheme"] == "hidden":
+            r["where"] = r.get("tensor") or r["layer"]
+            r["evidence"] = f"{r['bit_errors']}/{r['n_bits']} bits wrong (BER {r['ber']:.3f})"
+
+    def render(c, r):
+        c.print(decision_table(r))
+        for res in r["results"]:
+            if res.get("bits"):
+                c.print(f"{res['scheme']} bits: {res['bits']}")
+            if res.get("message"):
+                c.print(f"{res['scheme']} message: {res['message']!r}")
+            for key in ("warning", "note"):
+                if res.get(key):
+                    c.print(f"[yellow]{key}:[/] {res[key]}")
+
+    emit(report, json_, render)
+    sys.exit(0 if report["detected"] else EXIT_NOT_DETECTED)

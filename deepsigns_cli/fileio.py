@@ -1,0 +1,49 @@
+"""Outputs that appear whole or not at all: write to a temporary file, then rename."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import InputError, OutputExistsError
+
+__all__ = ["check_output", "atomic_output", "require_file"]
+
+
+def require_file(path: str | Path, what: str = "file") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}: check the path")
+    if not path.is_file():
+        raise InputError(f"{what} {path} is not a regular file: give a file path")
+    return path
+
+
+def check_output(path: str | Path, force: bool) -> Path:
+    """Refuse to replace an existing output without --force; fail early, before any work."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists: pass --force to replace it, or choose another --out")
+    if path.exists() and path.is_dir():
+        raise InputError(f"{path} is a directory: give a file path for the output")
+    if not path.parent.exists():
+        raise InputError(f"folder {path.parent} does not exist: create it first")
+    return path
+
+
+@contextmanager
+def atomic_output(path: str | Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = check_output(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:  # KeyboardInterrupt included: never leave a partial file
+        tmp_path.unlink(missing_ok=True)
+        raise

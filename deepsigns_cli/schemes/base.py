@@ -1,0 +1,71 @@
+"""The interface every watermark scheme implements, and the registry."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..data import Dataset
+from ..errors import InputError
+
+__all__ = ["Scheme", "register_scheme", "get_scheme", "list_schemes", "Keys"]
+
+Keys = tuple[dict, dict[str, np.ndarray]]  # (params, arrays): JSON-able secrets, array secrets
+_REGISTRY: dict[str, type[Scheme]] = {}
+
+
+class Scheme:
+    """One watermark method. Keys live in the bundle as (params, arrays)."""
+
+    name: str = ""
+    blackbox: bool = False  # True: verifiable from outputs alone (`verify`)
+
+    def keygen(
+        self, model: nn.Module, info, data: Dataset, options: dict[str, Any], rng: np.random.Generator
+    ) -> Keys:
+        raise NotImplementedError
+
+    def embed(self, model: nn.Module, info, data: Dataset, keys: Keys, cfg, progress) -> Keys:
+        """Train `model` in place; return the final keys."""
+        raise NotImplementedError
+
+    def extract(self, model: nn.Module, keys: Keys, alpha: float) -> dict:
+        """White-box read-out from a torch model."""
+        raise NotImplementedError
+
+    def extract_onnx(self, model, keys: Keys, alpha: float) -> dict:
+        """White-box read-out from an ONNX model (deepsigns_cli.runtime.OnnxModel)."""
+        raise NotImplementedError
+
+    def verify(self, model, keys: Keys, alpha: float) -> dict:
+        """Black-box decision from an OnnxModel's outputs alone."""
+        raise NotImplementedError
+
+
+def register_scheme(name: str):
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_scheme(name: str) -> Scheme:
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(f"deepsigns_cli.schemes.{name}")
+        except ModuleNotFoundError:
+            pass
+    if name not in _REGISTRY:
+        raise InputError(f"unknown scheme '{name}': use one of {', '.join(list_schemes())}")
+    return _REGISTRY[name]()
+
+
+def list_schemes() -> list[str]:
+    from . import SCHEME_NAMES
+
+    return list(SCHEME_NAMES)
