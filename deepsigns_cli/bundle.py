@@ -157,7 +157,7 @@ def open_bundle(path: str | Path, passphrase: str) -> Bundle:
 
 def write_bundle(bundle: Bundle, path: str | Path, passphrase: str, *, force: bool) -> None:
     blob = seal(bundle, passphrase)
-    with atomic_output(path, force) as tmp:
+    with atomic_output(path, force, mode=0o600) as tmp:  # sealed, but still the owner's only
         tmp.write_bytes(blob)
 
 

@@ -34,8 +34,14 @@ def check_output(path: str | Path, force: bool) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
-def atomic_output(path: str | Path, force: bool) -> Iterator[Path]:
+def atomic_output(path: str | Path, force: bool, *, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
     path = check_output(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -43,6 +49,8 @@ def atomic_output(path: str | Path, force: bool) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # temp files are 0600; outputs get the usual mode unless asked otherwise
+        os.chmod(tmp_path, mode if mode is not None else 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:  # KeyboardInterrupt included: never leave a partial file
         tmp_path.unlink(missing_ok=True)

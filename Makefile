@@ -1,0 +1,51 @@
+# deepsigns: `make demo` and `make test` each set up a fresh clone by themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO   := demo
+export DEEPSIGNS_PASSPHRASE ?= demo-passphrase-not-for-real-use
+
+.PHONY: setup demo test test-fast bench sample-models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: 2.13.0 is a local CPU wheel; anything newer pulls GBs of CUDA
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the bundled sample model: keygen, embed, export, extract (both files).
+demo: setup
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/deepsigns inspect sample_models/digits-mlp.safetensors
+	$(BIN)/deepsigns keygen --model sample_models/digits-mlp.safetensors --data digits \
+	    --scheme hidden --message "ACME Corp 2026" --out $(DEMO)/owner.dskey
+	$(BIN)/deepsigns embed --model sample_models/digits-mlp.safetensors --data digits \
+	    --keys $(DEMO)/owner.dskey --out $(DEMO)/marked.safetensors --epochs 10
+	$(BIN)/deepsigns export $(DEMO)/marked.safetensors --out $(DEMO)/marked.onnx
+	$(BIN)/deepsigns extract --model $(DEMO)/marked.onnx --keys $(DEMO)/owner.dskey
+	$(BIN)/deepsigns extract --model $(DEMO)/marked.safetensors --keys $(DEMO)/owner.dskey
+	$(BIN)/deepsigns inspect $(DEMO)/owner.dskey
+	@echo "demo: all files are in $(DEMO)/"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python scripts/figures.py --help >/dev/null && $(BIN)/python scripts/figures.py efficiency
+
+# Regenerate the bundled sample models (reproducible: fixed seeds, CPU).
+sample-models: setup
+	$(BIN)/deepsigns train --arch mlp --data digits --epochs 30 --seed 0 --device cpu \
+	    --out sample_models/digits-mlp.safetensors --force
+	$(BIN)/deepsigns train --arch cnn --data digits --epochs 30 --seed 0 --device cpu \
+	    --out sample_models/digits-cnn.safetensors --force
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache *.egg-info
