@@ -89,14 +89,17 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
     dev = resolve_device(device)
     acc_before = evaluate(model, data.x_test, data.y_test)
     report = {"command": "embed", "accuracy_before": acc_before, "schemes": {}}
+    embedded = []  # (scheme, keys) already in the model: their objectives keep them there
     for name in _embed_order(bundle):
         scheme = get_scheme(name)
         params, arrays = bundle.schemes[name]["params"], bundle.schemes[name]["arrays"]
         cfg = TrainConfig(epochs=epochs or params.get("epochs", 10), lr=lr or info.lr, seed=seed,
                           device=str(dev), description=f"embed {name}")
         model.to(dev)
-        params, arrays = scheme.embed(model, info, data, (params, arrays), cfg, progress)
+        also = tuple(s.objective(model, data, k) for s, k in embedded)
+        params, arrays = scheme.embed(model, info, data, (params, arrays), cfg, progress, also)
         model.cpu()
+        embedded.append((scheme, (params, arrays)))
         history = params.pop("embed_history", {})
         bundle.add(name, params, arrays)
         report["schemes"][name] = {

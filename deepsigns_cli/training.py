@@ -70,9 +70,12 @@ class Objective:
         return []
 
     def extra_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Samples of this objective's own to mix into the step (e.g. trigger or key inputs)."""
         return None
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, own: slice) -> torch.Tensor | None:
+        """The term to add. Rows `own` of the batch are this objective's extra samples;
+        rows before the first extra are the ordinary training batch."""
         return None
 
     def end_epoch(self, model: nn.Module, epoch: int) -> bool:
@@ -106,17 +109,23 @@ def fit(
             start = time.perf_counter()
             order = torch.as_tensor(rng.permutation(len(x)))
             for i in range(0, len(x), cfg.batch_size):
-                # 1. the batch, with every objective's own samples mixed in
+                # 1. the batch, with every objective's own samples mixed in after it
                 idx = order[i : i + cfg.batch_size]
-                parts = [(xt[idx], yt[idx])]
-                parts += [e for e in (o.extra_batch(rng) for o in objectives) if e is not None]
+                parts, own, at = [(xt[idx], yt[idx])], [], len(idx)
+                for obj in objectives:
+                    extra = obj.extra_batch(rng)
+                    n = 0 if extra is None else len(extra[0])
+                    if n:
+                        parts.append(extra)
+                    own.append(slice(at, at + n))
+                    at += n
                 xb = torch.cat([p[0] for p in parts]).to(device, non_blocking=True)
                 yb = torch.cat([p[1] for p in parts]).to(device, non_blocking=True)
-                # 2. one forward pass: cross-entropy plus the watermark terms
+                # 2. one forward pass: cross-entropy on the training batch, plus each term
                 logits = model(xb)
-                loss = nn.functional.cross_entropy(logits, yb)
-                for obj in objectives:
-                    extra = obj.loss(logits, yb)
+                loss = nn.functional.cross_entropy(logits[: len(idx)], yb[: len(idx)])
+                for obj, rows in zip(objectives, own):
+                    extra = obj.loss(logits, yb, rows)
                     if extra is not None:
                         loss = loss + extra
                 # 3. step (centres and other extra tensors have their gradients zeroed too)

@@ -28,9 +28,20 @@ class Scheme:
     ) -> Keys:
         raise NotImplementedError
 
-    def embed(self, model: nn.Module, info, data: Dataset, keys: Keys, cfg, progress) -> Keys:
-        """Train `model` in place; return the final keys."""
+    def objective(self, model: nn.Module, data: Dataset, keys: Keys):
+        """The training.Objective that keeps this watermark in place while training."""
         raise NotImplementedError
+
+    def embed(self, model: nn.Module, info, data: Dataset, keys: Keys, cfg, progress,
+              also: tuple = ()) -> Keys:
+        """Train `model` in place (with `also`: objectives of watermarks already embedded,
+        which must survive); return the final keys, with "embed_history" in the params."""
+        from ..training import fit
+
+        objectives = [self.objective(model, data, keys), *also]
+        history = fit(model, data.x_train, data.y_train, cfg, objectives, progress)
+        params, arrays = keys
+        return {**params, "embed_history": history}, arrays
 
     def extract(self, model: nn.Module, keys: Keys, alpha: float) -> dict:
         """White-box read-out from a torch model."""

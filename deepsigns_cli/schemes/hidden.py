@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import stats
 from ..errors import SchemeError
-from ..training import Objective, TrainConfig, fit
+from ..training import Objective
 from ..zoo import activations, capture, default_layer, layer_width
 from .base import Keys, Scheme, register_scheme
 
@@ -90,11 +90,8 @@ class HiddenScheme(Scheme):
         return params, arrays
 
     # ------------------------------------------------------------------ embed
-    def embed(self, model, info, data, keys, cfg: TrainConfig, progress) -> Keys:
-        objective = HiddenObjective(keys, model, data)
-        history = fit(model, data.x_train, data.y_train, cfg, [objective], progress)
-        params, arrays = keys
-        return {**params, "embed_history": history}, arrays
+    def objective(self, model, data, keys) -> Objective:
+        return HiddenObjective(keys, model, data)
 
     # ------------------------------------------------------------------ extract
     @staticmethod
@@ -222,12 +219,13 @@ class HiddenObjective(Objective):
     def extra_batch(self, rng):
         per = int(self.params["trigger_batch"])
         idx = torch.as_tensor(rng.choice(len(self.tx), size=min(per, len(self.tx)), replace=False))
-        self._n_trigger = len(idx)
         return self.tx[idx], self.ty[idx]
 
-    def loss(self, logits, y):
+    def loss(self, logits, y, own):
         act = self.store["act"]
         # loss1: pull every activation to its class centre; push target centres from the others
+        # (trigger samples are training samples: they get cross-entropy here too)
+        ce = nn.functional.cross_entropy(logits[own], y[own]) if own.stop > own.start else 0.0
         pull = (act - self.centres[y]).pow(2).sum(1).mean() / self.scale
         tc = self.centres[self.classes]  # (s, M)
         d2 = torch.cdist(tc, self.centres).pow(2) / self.scale  # (s, C)
@@ -235,8 +233,8 @@ class HiddenObjective(Objective):
         other[torch.arange(len(self.classes)), self.classes] = False
         push = torch.exp(-d2[other]).mean()  # bounded in (0, 1]: cannot diverge
         loss1 = pull + push
-        # loss2: the trigger samples (the tail of the batch) drive the extracted quantity itself
-        trig_act, trig_y = act[-self._n_trigger :], y[-self._n_trigger :]
+        # loss2: the trigger samples (our rows of the batch) drive the extracted quantity itself
+        trig_act, trig_y = act[own], y[own]
         terms = []
         for k, c in enumerate(self.classes):
             mask = trig_y == c
@@ -249,4 +247,9 @@ class HiddenObjective(Objective):
             hinge = torch.relu(float(self.params["margin"]) - self.signs[k] * z).mean()
             terms.append(bce + hinge)
         loss2 = torch.stack(terms).mean() if terms else act.sum() * 0
-        return float(self.params["lambda1"]) * loss1 + float(self.params["lambda2"]) * loss2
+        weight = (own.stop - own.start) / max(1, own.stop)  # their share of the batch, as before
+        return (
+            weight * ce
+            + float(self.params["lambda1"]) * loss1
+            + float(self.params["lambda2"]) * loss2
+        )

@@ -1,0 +1,232 @@
+"""Scheme 2: DeepSigns output-layer watermark (paper section 3.2), black-box.
+
+Keys are random inputs whose penultimate activations fall where the training data's
+activations are sparse ("rarely explored regions"), each with a random label that the
+unmarked model does not predict. Fine-tuning teaches the model those labels; a suspect that
+answers them far more often than chance (1/C) is ours:
+p = P[Binomial(K, 1/C) >= matches].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import stats
+from ..errors import SchemeError
+from ..training import Objective, fit, predict
+from ..zoo import activations, default_layer
+from .base import Keys, Scheme, register_scheme
+
+__all__ = ["OutputScheme", "RareRegions"]
+
+DEFAULTS = {
+    "key_size": 20,  # K
+    "oversample": 20,  # K' = 20 K candidates
+    "neighbours": 10,  # epsilon = median distance of a training point to its 10th neighbour
+    "quantile": 0.05,  # accept when fewer neighbours than 95% of training points have
+    "pca_variance": 0.90,  # PCA keeps the components explaining this much variance
+    "max_epochs": 100,  # fine-tune until 99% of candidates are learnt, or this many epochs
+    "key_batch": 512,  # candidate keys mixed into every step (all of K' = 400 by default)
+    "reference_points": 4000,  # training activations used as the density reference
+}
+
+
+class RareRegions:
+    """Density of training activations in PCA space, with thresholds taken from the data."""
+
+    def __init__(self, train_acts: np.ndarray, opts: dict, rng: np.random.Generator):
+        if len(train_acts) > opts["reference_points"]:
+            train_acts = train_acts[rng.choice(len(train_acts), opts["reference_points"], replace=False)]
+        self.mean = train_acts.mean(0)
+        _, s, vt = np.linalg.svd(train_acts - self.mean, full_matrices=False)
+        explained = np.cumsum(s**2) / max(float((s**2).sum()), 1e-12)
+        self.dims = int(min(len(s), np.searchsorted(explained, opts["pca_variance"]) + 1))
+        self.components = vt[: self.dims].T  # (M, d)
+        self.ref = self.project(train_acts)
+        k = min(int(opts["neighbours"]), len(self.ref) - 1)
+        d = self._dist(self.ref, self.ref)
+        np.fill_diagonal(d, np.inf)
+        self.eps = float(np.median(np.sort(d, axis=1)[:, k - 1]))
+        self.train_counts = (d <= self.eps).sum(1)  # each training point's own neighbours
+        self.threshold = max(1, int(np.quantile(self.train_counts, opts["quantile"])))
+
+    def project(self, acts: np.ndarray) -> np.ndarray:
+        return (acts - self.mean) @ self.components
+
+    @staticmethod
+    def _dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+        return np.sqrt(np.maximum(d2, 0))
+
+    def counts(self, acts: np.ndarray) -> np.ndarray:
+        """Training points within epsilon of each activation (in PCA space)."""
+        out = []
+        for i in range(0, len(acts), 2048):
+            out.append((self._dist(self.project(acts[i : i + 2048]), self.ref) <= self.eps).sum(1))
+        return np.concatenate(out) if out else np.zeros(0, int)
+
+    def rare(self, acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        counts = self.counts(acts)
+        return counts < self.threshold, counts
+
+
+@register_scheme("output")
+class OutputScheme(Scheme):
+    blackbox = True
+
+    # ------------------------------------------------------------------ keygen
+    def keygen(self, model, info, data, options, rng) -> Keys:
+        opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+        key_size = int(opts["key_size"])
+        if key_size < 1:
+            raise SchemeError(f"--key-size must be at least 1, got {key_size}")
+        wanted = key_size * int(opts["oversample"])
+        layer = default_layer(model)
+        regions = RareRegions(activations(model, layer, data.x_train).numpy(), opts, rng)
+        lo, hi = data.value_range
+        accepted, acc_counts, rej_counts, drawn = [], [], [], 0
+        while sum(len(a) for a in accepted) < wanted:
+            if drawn >= 50 * wanted:
+                raise SchemeError(
+                    f"only {sum(len(a) for a in accepted)} of {wanted} random inputs fell in rarely "
+                    f"explored regions after {drawn} draws: lower --key-size"
+                )
+            x = rng.uniform(lo, hi, size=(wanted, *info.input_shape)).astype(np.float32)
+            drawn += len(x)
+            ok, counts = regions.rare(activations(model, layer, x).numpy())
+            accepted.append(x[ok])
+            acc_counts.append(counts[ok])
+            rej_counts.append(counts[~ok])
+        x_cand = np.concatenate(accepted)[:wanted]
+        # a random label that the unmarked model does not predict
+        pred = predict(model, x_cand).argmax(1)
+        shift = rng.integers(1, info.num_classes, size=len(x_cand))
+        y_cand = ((pred + shift) % info.num_classes).astype(np.int64)
+        acc_counts, rej_counts = np.concatenate(acc_counts)[:wanted], np.concatenate(rej_counts)
+        params = {
+            "layer": layer,
+            "key_size": key_size,
+            "num_classes": info.num_classes,
+            "embedded": False,
+            "pca_dims": regions.dims,
+            "epsilon": regions.eps,
+            "threshold": regions.threshold,
+            "draws": drawn,
+            "neighbour_counts": {
+                "train": _summary(regions.train_counts),
+                "accepted": _summary(acc_counts),
+                "rejected": _summary(rej_counts),
+                "test": _summary(regions.counts(activations(model, layer, data.x_test).numpy())),
+            },
+            **{k: opts[k] for k in ("max_epochs", "key_batch")},
+        }
+        return params, {"x_candidates": x_cand, "y_candidates": y_cand}
+
+    # ------------------------------------------------------------------ embed
+    def objective(self, model, data, keys) -> Objective:
+        params, arrays = keys
+        if params.get("embedded"):
+            return KeyObjective(arrays["x"], arrays["y"], int(params["key_batch"]))
+        return KeyObjective(arrays["x_candidates"], arrays["y_candidates"], int(params["key_batch"]))
+
+    def embed(self, model, info, data, keys, cfg, progress, also=()) -> Keys:
+        params, arrays = keys
+        if params.get("embedded"):
+            raise SchemeError("these output-layer keys are already embedded: run keygen for a new model")
+        x, y = arrays["x_candidates"], arrays["y_candidates"]
+        unmarked = predict(model, x).argmax(1)
+        objective = self.objective(model, data, keys)
+        objective.stop_at = 0.99
+        # the paper: the same optimiser, the learning rate reduced tenfold
+        cfg.lr = cfg.lr / 10
+        cfg.epochs = max(cfg.epochs, int(params["max_epochs"]))
+        history = fit(model, data.x_train, data.y_train, cfg, [objective, *also], progress)
+        marked = predict(model, x).argmax(1)
+        good = np.flatnonzero((marked == y) & (unmarked != y))
+        key_size = int(params["key_size"])
+        if len(good) < key_size:
+            raise SchemeError(
+                f"only {len(good)} keys were learnt by the model (needed {key_size}) after "
+                f"{history['epochs']} epochs: raise --epochs or lower --key-size"
+            )
+        rng = np.random.default_rng(cfg.seed)
+        pick = np.sort(rng.choice(good, size=key_size, replace=False))
+        params = {**params, "embedded": True, "candidates_learnt": float((marked == y).mean()),
+                  "qualified": int(len(good)), "embed_history": history}
+        return params, {"x": x[pick], "y": y[pick]}
+
+    # ------------------------------------------------------------------ decide
+    def _decide(self, scores: np.ndarray, keys: Keys, alpha: float) -> dict:
+        params, arrays = keys
+        k, c = len(arrays["y"]), int(params["num_classes"])
+        matches = int((scores.argmax(1) == arrays["y"]).sum())
+        p = stats.matches_p_value(matches, k, c)
+        result = {
+            "scheme": "output",
+            "keys": k,
+            "queries": k,
+            "matches": matches,
+            "mismatches": k - matches,
+            "max_mismatches": stats.max_mismatches(k, c, alpha),
+            "p_value": p,
+            "detected": p <= alpha,
+        }
+        if scores.shape[1] != c:
+            result["note"] = f"the model gives {scores.shape[1]} scores, the keys have {c} classes"
+        return result
+
+    def _keys(self, keys: Keys) -> None:
+        if not keys[0].get("embedded"):
+            raise SchemeError("the output-layer keys are not embedded yet: run 'deepsigns embed' first")
+
+    def verify(self, model, keys, alpha) -> dict:
+        import time
+
+        self._keys(keys)
+        start = time.perf_counter()
+        scores = model.scores(keys[1]["x"])
+        result = self._decide(scores, keys, alpha)
+        result["onnx_seconds"] = time.perf_counter() - start
+        return result
+
+    def extract(self, model, keys, alpha) -> dict:
+        self._keys(keys)
+        return self._decide(predict(model, keys[1]["x"]), keys, alpha)
+
+    def extract_onnx(self, model, keys, alpha) -> dict:
+        return self.verify(model, keys, alpha)
+
+
+class KeyObjective(Objective):
+    """Mix key inputs (with their key labels) into every batch; optionally stop once learnt."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, per_batch: int):
+        self.x = torch.as_tensor(x)
+        self.y = torch.as_tensor(y)
+        self.per_batch = min(per_batch, len(x))
+        self.stop_at: float | None = None
+
+    def extra_batch(self, rng):
+        idx = torch.as_tensor(rng.choice(len(self.x), size=self.per_batch, replace=False))
+        return self.x[idx], self.y[idx]
+
+    def loss(self, logits, y, own):
+        # its own mean: the keys do not crowd the training batch out of the gradient
+        return nn.functional.cross_entropy(logits[own], y[own])
+
+    def end_epoch(self, model, epoch) -> bool:
+        if self.stop_at is None:
+            return False
+        learnt = float((predict(model, self.x.numpy()).argmax(1) == self.y.numpy()).mean())
+        return learnt >= self.stop_at
+
+
+def _summary(counts: np.ndarray) -> dict:
+    counts = np.asarray(counts)
+    if counts.size == 0:
+        return {"n": 0}
+    q = np.quantile(counts, [0.05, 0.5, 0.95])
+    return {"n": int(counts.size), "mean": float(counts.mean()), "p05": float(q[0]),
+            "median": float(q[1]), "p95": float(q[2])}
