@@ -113,6 +113,14 @@ def seal(bundle: Bundle, passphrase: str) -> bytes:
     return prefix + nonce + cipher
 
 
+def _header_complete(header: dict) -> bool:
+    """Every public field that readers (inspect, open) rely on, with its type."""
+    want = {"format": str, "schemes": list, "created": str, "kdf": dict, "cipher": str, "key_id": str}
+    return header.get("format") == "deepsigns-keys" and all(
+        isinstance(header.get(k), t) for k, t in want.items()
+    )
+
+
 def _split(data: bytes, path: Path) -> tuple[bytes, dict, bytes]:
     bad = f"{path} is not a deepsigns key bundle (or it is damaged): give the .dskey that keygen wrote"
     if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
@@ -123,7 +131,7 @@ def _split(data: bytes, path: Path) -> tuple[bytes, dict, bytes]:
         raise BundleError(bad)
     try:
         header = json.loads(data[len(MAGIC) + 4 : end])
-        if header.get("version") != BUNDLE_VERSION or "kdf" not in header:
+        if header.get("version") != BUNDLE_VERSION or not _header_complete(header):
             raise ValueError(header.get("version"))
     except (ValueError, UnicodeDecodeError, AttributeError):
         raise BundleError(

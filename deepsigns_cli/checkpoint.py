@@ -69,7 +69,7 @@ class ModelInfo:
                 lr=float(meta.get("lr", DEFAULT_LR)),
                 extra=extra,
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(
                 f"{path} is a safetensors file without deepsigns metadata ({exc}): "
                 "load its tensors with --arch, or re-save it with 'deepsigns train'"
@@ -111,12 +111,16 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     import pickle
+    import re
     import zipfile
 
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours its message
+        # torch's refusal starts with how to load the file unsafely: show only the reason
+        reason = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text, re.M)
+        first = reason.group(1) if reason else (text.splitlines()[0] if text else type(exc).__name__)
         raise CheckpointError(
             f"{path} is not a plain PyTorch state dict ({first[:160]}); only weights are "
             "loaded (weights_only=True, no unpickling of objects): save model.state_dict()"

@@ -22,9 +22,25 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     return path
 
 
-def check_output(path: str | Path, force: bool) -> Path:
-    """Refuse to replace an existing output without --force; fail early, before any work."""
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path] | None = None) -> Path:
+    """Refuse to replace an existing output without --force; fail early, before any work.
+
+    `inputs` (option name -> path) are never overwritten, not even with --force.
+    """
     path = Path(path)
+    for option, other in (inputs or {}).items():
+        if other is not None and _same_file(path, Path(other)):
+            raise InputError(
+                f"{path} is also the {option} input: inputs are never overwritten; "
+                "choose another output path"
+            )
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists: pass --force to replace it, or choose another --out")
     if path.exists() and path.is_dir():

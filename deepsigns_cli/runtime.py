@@ -136,22 +136,26 @@ class OnnxModel:
             self._session = make_session(self.proto.SerializeToString(), self.provider)
         return self._session
 
-    def check_input(self, sample_shape: tuple[int, ...]) -> None:
-        want = [None, *sample_shape]
+    def adapt(self, x: np.ndarray) -> np.ndarray:
+        """Fit key inputs to the model's input: as they are, or reshaped when the model takes
+        the same number of values per sample in another layout (e.g. flattened)."""
+        want = [None, *x.shape[1:]]
         dims = self.input_dims
-        fits = len(dims) == len(want) and all(
-            d is None or w is None or d == w for d, w in zip(dims, want)
+        if len(dims) == len(want) and all(d is None or w is None or d == w for d, w in zip(dims, want)):
+            return x
+        per_sample = dims[1:]
+        if per_sample and all(d is not None for d in per_sample):
+            if int(np.prod(per_sample)) == int(np.prod(x.shape[1:])):
+                return x.reshape(len(x), *per_sample)
+        shown = ["?" if d is None else d for d in dims]
+        raise OnnxError(
+            f"{self.path} takes inputs of shape {shown} but the keys are samples of shape "
+            f"{list(x.shape[1:])}: this model cannot be queried with these keys"
         )
-        if not fits:
-            shown = ["?" if d is None else d for d in dims]
-            raise OnnxError(
-                f"{self.path} takes inputs of shape {shown} but the keys are samples of shape "
-                f"{list(sample_shape)}: this model cannot be queried with these keys"
-            )
 
     def scores(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """The model's first output for a batch of inputs, as (n, classes)."""
-        self.check_input(x.shape[1:])
+        x = self.adapt(x)
         outs = []
         for i in range(0, len(x), batch_size):
             chunk = np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)
@@ -171,8 +175,7 @@ class OnnxModel:
         for name in wanted:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
         session = make_session(proto.SerializeToString(), self.provider)
-        self.check_input(x.shape[1:])
-        chunk = np.ascontiguousarray(x, dtype=np.float32)
+        chunk = np.ascontiguousarray(self.adapt(x), dtype=np.float32)
         values = session.run(wanted, {self.input_name: chunk})
         out = {}
         for name, value in zip(wanted, values):

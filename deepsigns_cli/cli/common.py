@@ -175,9 +175,11 @@ def progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = stderr_console()
+    # off when stderr is not a terminal: rich would only print a blank line there, which breaks
+    # the one-line error contract and clutters CI logs
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True,
-                  disable=State.quiet) as bar:
+                  disable=State.quiet or not console.is_terminal) as bar:
         tasks: dict[str, int] = {}
 
         def update(done: int, total: int, description: str) -> None:
@@ -236,6 +238,21 @@ def decision_table(report: dict):
     for col in ("scheme", "where", "evidence", "p-value", "decision"):
         table.add_column(col)
     for r in report["results"]:
-        table.add_row(r["scheme"], str(r.get("where", r.get("tensor", ""))), r.get("evidence", ""),
-                      fmt_p(r["p_value"]), "detected" if r["detected"] else "not detected")
+        table.add_row(r["scheme"], *_evidence(r), fmt_p(r["p_value"]),
+                      "detected" if r["detected"] else "not detected")
     return table
+
+
+def _evidence(r: dict) -> tuple[str, str]:
+    """(where, evidence) columns of one scheme's result."""
+    if r["scheme"] == "output":
+        return (f"{r['queries']} queries",
+                f"{r['matches']}/{r['keys']} keys match; {r['mismatches']} mismatches "
+                f"(at most {r['max_mismatches']} allowed)")
+    if r.get("candidates", 1) > 1:
+        where = f"{r.get('tensor')} (best of {r['candidates']} tensors)"
+    else:
+        where = str(r.get("tensor") or r.get("layer", ""))
+    if not r.get("bits"):
+        return where or "-", r.get("note", "no carrier found")
+    return where, f"{r['bit_errors']}/{r['n_bits']} bits wrong (BER {r['ber']:.3f})"

@@ -28,12 +28,14 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
     from ..api import embed_keys
     from ..bundle import commitment, open_bundle, read_header, write_bundle
     from ..checkpoint import export_onnx, save_checkpoint
-    from ..data import load_data
+    from ..data import BUILTIN_DATASETS, load_data
     from ..fileio import check_output
 
-    check_output(out, force)
+    inputs = {"--model": model_path, "--keys": keys_path, "--passphrase-file": passphrase_file,
+              "--data": None if data_spec in BUILTIN_DATASETS else data_spec}
+    check_output(out, force, inputs=inputs)
     if onnx_out:
-        check_output(onnx_out, force)
+        check_output(onnx_out, force, inputs={**inputs, "--out": out})
     read_header(keys_path)
     passphrase = get_passphrase(passphrase_file)
     bundle = open_bundle(keys_path, passphrase)
@@ -44,13 +46,15 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
                                                  seed=seed or 0, device=device, progress=progress)
     save_checkpoint(model, info, out, force=force)
     report["out"] = out
+    # the bundle right after the checkpoint: a failed ONNX export must not leave a marked
+    # model whose final keys were never saved
+    write_bundle(bundle, keys_path, passphrase, force=True)
+    report["keys"] = keys_path
+    report["commitment"] = commitment(keys_path)
     if onnx_out:
         report["onnx"] = onnx_out
         report["onnx_max_abs_diff"] = export_onnx(model, info, onnx_out, force=force,
                                                   check_inputs=data.x_test[:64])["max_abs_diff"]
-    write_bundle(bundle, keys_path, passphrase, force=True)
-    report["keys"] = keys_path
-    report["commitment"] = commitment(keys_path)
 
     def render(c, r):
         rows = [("accuracy before", f"{r['accuracy_before']:.2f}%"),

@@ -21,7 +21,7 @@ def command(checkpoint, out, arch, arch_kwargs, data_spec, force, seed, json_):
     from ..data import load_data
     from ..fileio import check_output
 
-    check_output(out, force)
+    check_output(out, force, inputs={"CHECKPOINT": checkpoint, "--data": data_spec})
     data = load_data(data_spec) if data_spec else None
     model, info = load_model(checkpoint, arch, arch_kwargs, data=data)
     if data is not None:

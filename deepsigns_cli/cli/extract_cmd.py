@@ -27,10 +27,6 @@ def command(model_path, arch, keys_path, passphrase_file, alpha, provider, seed,
     suspect = load_suspect(model_path, bundle, arch=arch, provider=provider)
     report = extract_watermarks(suspect, bundle, alpha=alpha)
     report = {"command": "extract", "model": model_path, "key_id": bundle.key_id, **report}
-    for r in report["results"]:
-        if r["scheme"] == "hidden":
-            r["where"] = r.get("tensor") or r["layer"]
-            r["evidence"] = f"{r['bit_errors']}/{r['n_bits']} bits wrong (BER {r['ber']:.3f})"
 
     def render(c, r):
         c.print(decision_table(r))
