@@ -11,14 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
 from . import stats
 from .bundle import Bundle
-from .checkpoint import ModelInfo, fingerprint, load_checkpoint
 from .data import Dataset
 from .errors import InputError, SchemeError
-from .schemes import get_scheme
-from .training import TrainConfig, evaluate, fit, resolve_device, seed_everything
-from .zoo import build_model
+from .schemes import BLACKBOX, get_scheme
+
+if TYPE_CHECKING:
+    from .checkpoint import ModelInfo
+
+# torch comes in through checkpoint/training/zoo, imported inside the functions that need it:
+# `verify` runs on onnxruntime alone and starts in a fraction of the time
 
 __all__ = [
     "train_baseline",
@@ -44,6 +49,10 @@ def train_baseline(
     progress=None,
 ):
     """A plain, unmarked model. Returns (model, info, report)."""
+    from .checkpoint import ModelInfo
+    from .training import TrainConfig, evaluate, fit, seed_everything
+    from .zoo import build_model
+
     seed_everything(seed)
     model = build_model(arch, arch_kwargs or {}, data.input_shape, data.num_classes)
     cfg = TrainConfig(epochs, batch_size, lr, seed, device, "train")
@@ -63,6 +72,8 @@ def train_baseline(
 def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options: dict,
               *, seed: int | None = None) -> Bundle:
     """Draw every secret for the given schemes (keys that depend on the model use it)."""
+    from .checkpoint import fingerprint
+
     data.check_fits(info.input_shape, info.num_classes)
     if not schemes:
         raise InputError("no scheme given: use --scheme hidden (or output, or hidden,output)")
@@ -84,6 +95,9 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
 
     Returns (model, info, bundle, report); the model is trained in place.
     """
+    from .checkpoint import fingerprint
+    from .training import TrainConfig, evaluate, resolve_device
+
     data.check_fits(info.input_shape, info.num_classes)
     _check_bundle_fits(bundle, info)
     dev = resolve_device(device)
@@ -139,6 +153,7 @@ def combine(results: list[dict], alpha: float) -> dict:
 def load_suspect(path: str | Path, bundle: Bundle, *, arch: str | None = None,
                  provider: str = "auto"):
     """A checkpoint (torch) or an ONNX file (onnxruntime) to examine with these keys."""
+    from .checkpoint import load_checkpoint
     from .runtime import OnnxModel
 
     if Path(path).suffix.lower() == ".onnx":
@@ -167,7 +182,7 @@ def extract_watermarks(suspect, bundle: Bundle, *, alpha: float = 1e-3) -> dict:
 
 def verify_ownership(suspect, bundle: Bundle, *, alpha: float = 1e-3) -> dict:
     """Black-box: only the suspect's outputs to the keys are used."""
-    names = [n for n in _embed_order(bundle) if get_scheme(n).blackbox]
+    names = [n for n in _embed_order(bundle) if BLACKBOX.get(n)]
     if not names:
         raise SchemeError(
             "this bundle holds white-box keys only (scheme: "

@@ -224,7 +224,10 @@ def export_onnx(
     model = model.cpu().eval()
     layers = layer_names(model)
     example = torch.zeros(2, *info.input_shape)
-    output_names = ["logits", *layers]
+    # the exporter refuses some names (e.g. "0", a layer of nn.Sequential): export under
+    # placeholders, then give every activation its layer's name inside the graph
+    placeholders = [f"deepsigns_layer_{i}" for i in range(len(layers))]
+    output_names = ["logits", *placeholders]
     with atomic_output(path, force) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -238,6 +241,7 @@ def export_onnx(
             dynamo=False,
         )
         proto = onnx.load(str(tmp))
+        _rename_tensors(proto.graph, dict(zip(placeholders, layers)))
         keep = [o for o in proto.graph.output if o.name == "logits"]
         del proto.graph.output[:]
         proto.graph.output.extend(keep)
@@ -258,6 +262,18 @@ def export_onnx(
                 "uses an operation the exporter does not reproduce; report it"
             )
     return {"max_abs_diff": parity, "opset": ONNX_OPSET, "layers": layers}
+
+
+def _rename_tensors(graph, names: dict[str, str]) -> None:
+    """Rename tensors everywhere they appear in a graph (node inputs and outputs, value infos)."""
+    for node in graph.node:
+        for field in (node.input, node.output):
+            for i, name in enumerate(field):
+                if name in names:
+                    field[i] = names[name]
+    for info in [*graph.output, *graph.value_info]:
+        if info.name in names:
+            info.name = names[info.name]
 
 
 def _parity(model: nn.Module, proto, info: ModelInfo, inputs: np.ndarray | None) -> float:

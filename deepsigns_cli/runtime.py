@@ -16,23 +16,33 @@ __all__ = ["resolve_provider", "make_session", "OnnxModel", "load_onnx"]
 PROVIDERS = ("auto", "cpu", "cuda")
 
 
+def _cuda_devices() -> int:
+    """GPUs the CUDA driver reports (0 without a driver); asks libcuda, not torch (fast)."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 @lru_cache(maxsize=1)
 def _cuda_usable() -> bool:
     """True only when CUDA really works here (not merely compiled into onnxruntime-gpu)."""
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False
-    except ImportError:
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or _cuda_devices() == 0:
         return False
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
-        preload()  # finds the CUDA/cuDNN libraries that torch ships
+        try:
+            preload()  # finds the CUDA/cuDNN libraries that torch (or nvidia-* wheels) ship
+        except (OSError, RuntimeError):
+            return False
     return True
 
 

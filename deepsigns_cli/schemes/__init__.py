@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .base import Scheme, get_scheme, list_schemes, register_scheme
 
-__all__ = ["Scheme", "get_scheme", "list_schemes", "register_scheme", "SCHEME_NAMES"]
+__all__ = ["Scheme", "get_scheme", "list_schemes", "register_scheme", "SCHEME_NAMES", "BLACKBOX"]
 
-# names known without importing torch (for click.Choice); modules load on first use
-SCHEME_NAMES = ("hidden", "output")
+# known without importing any scheme (click choices, verify's fast path): name -> black-box?
+BLACKBOX = {"hidden": False, "output": True}
+SCHEME_NAMES = tuple(BLACKBOX)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import numpy as np
-from torch import nn
+from typing import TYPE_CHECKING
 
-from ..data import Dataset
+import numpy as np
+
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..data import Dataset
 
 __all__ = ["Scheme", "register_scheme", "get_scheme", "list_schemes", "Keys"]
 

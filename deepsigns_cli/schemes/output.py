@@ -10,14 +10,13 @@ p = P[Binomial(K, 1/C) >= matches].
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import nn
 
 from .. import stats
 from ..errors import SchemeError
-from ..training import Objective, fit, predict
-from ..zoo import activations, default_layer
+from ..objective import Objective
 from .base import Keys, Scheme, register_scheme
+
+# torch is imported inside the methods that train: verify() runs on onnxruntime alone
 
 __all__ = ["OutputScheme", "RareRegions"]
 
@@ -78,6 +77,9 @@ class OutputScheme(Scheme):
 
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> Keys:
+        from ..training import predict
+        from ..zoo import activations, default_layer
+
         opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
         key_size = int(opts["key_size"])
         if key_size < 1:
@@ -132,6 +134,8 @@ class OutputScheme(Scheme):
         return KeyObjective(arrays["x_candidates"], arrays["y_candidates"], int(params["key_batch"]))
 
     def embed(self, model, info, data, keys, cfg, progress, also=()) -> Keys:
+        from ..training import fit, predict
+
         params, arrays = keys
         if params.get("embedded"):
             raise SchemeError("these output-layer keys are already embedded: run keygen for a new model")
@@ -192,6 +196,8 @@ class OutputScheme(Scheme):
         return result
 
     def extract(self, model, keys, alpha) -> dict:
+        from ..training import predict
+
         self._keys(keys)
         return self._decide(predict(model, keys[1]["x"]), keys, alpha)
 
@@ -203,20 +209,26 @@ class KeyObjective(Objective):
     """Mix key inputs (with their key labels) into every batch; optionally stop once learnt."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, per_batch: int):
+        import torch
+
         self.x = torch.as_tensor(x)
         self.y = torch.as_tensor(y)
         self.per_batch = min(per_batch, len(x))
         self.stop_at: float | None = None
 
     def extra_batch(self, rng):
-        idx = torch.as_tensor(rng.choice(len(self.x), size=self.per_batch, replace=False))
+        idx = rng.choice(len(self.x), size=self.per_batch, replace=False)
         return self.x[idx], self.y[idx]
 
     def loss(self, logits, y, own):
+        from torch.nn.functional import cross_entropy
+
         # its own mean: the keys do not crowd the training batch out of the gradient
-        return nn.functional.cross_entropy(logits[own], y[own])
+        return cross_entropy(logits[own], y[own])
 
     def end_epoch(self, model, epoch) -> bool:
+        from ..training import predict
+
         if self.stop_at is None:
             return False
         learnt = float((predict(model, self.x.numpy()).argmax(1) == self.y.numpy()).mean())

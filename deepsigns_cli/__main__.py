@@ -1,0 +1,3 @@
+from deepsigns_cli.cli.main import main
+
+main()

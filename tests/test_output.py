@@ -1,0 +1,364 @@
+"""Scheme 2 (output layer, black-box) and `deepsigns verify`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deepsigns_cli import api, stats
+from deepsigns_cli.checkpoint import export_onnx, load_checkpoint, save_checkpoint
+from deepsigns_cli.cli.main import cli
+from deepsigns_cli.data import load_data
+from deepsigns_cli.runtime import OnnxModel
+
+PASS = "output-tests-passphrase"
+SMALL = {"hidden": [128, 128]}  # a narrower MLP: the same code path, faster to embed
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+def _baseline(digits, seed):
+    model, info, _ = api.train_baseline("mlp", digits, arch_kwargs=SMALL, epochs=15, seed=seed,
+                                        device="cpu")
+    return model, info
+
+
+def _mark(digits, seed, key_size=10, schemes=("output",)):
+    model, info = _baseline(digits, seed)
+    bundle = api.make_keys(model, info, digits, list(schemes),
+                           {"output": {"key_size": key_size}, "hidden": {"bits": 32}}, seed=seed)
+    marked = copy.deepcopy(model)
+    marked, minfo, bundle, report = api.embed_keys(marked, info, digits, bundle, seed=seed,
+                                                   device="cpu")
+    return model, info, marked, minfo, bundle, report
+
+
+@pytest.fixture(scope="module")
+def owner(digits, tmp_path_factory):
+    """One owner's files on disk: base and marked checkpoints and ONNX, and the bundle."""
+    from deepsigns_cli.bundle import write_bundle
+
+    folder = tmp_path_factory.mktemp("owner")
+    base, info, marked, minfo, bundle, report = _mark(digits, seed=0, key_size=20)
+    save_checkpoint(base, info, folder / "base.safetensors", force=False)
+    save_checkpoint(marked, minfo, folder / "marked.safetensors", force=False)
+    export_onnx(base, info, folder / "base.onnx", force=False)
+    export_onnx(marked, minfo, folder / "marked.onnx", force=False)
+    write_bundle(bundle, folder / "owner.dskey", PASS, force=False)
+    return {"dir": folder, "bundle": bundle, "report": report, "marked": marked, "base": base}
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], env={"DEEPSIGNS_PASSPHRASE": PASS})
+    return result
+
+
+# --------------------------------------------------------------------- the decision's direction
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_marked_detected_unmarked_not(digits, seed):
+    """The public code compares matches as if they were mismatches; we must not."""
+    base, _, marked, _, bundle, report = _mark(digits, seed)
+    k = len(bundle.schemes["output"]["arrays"]["y"])
+    on_marked = api.extract_watermarks(marked, bundle)["results"][0]
+    on_base = api.extract_watermarks(base, bundle)["results"][0]
+    assert on_marked["matches"] == k and on_marked["detected"]
+    assert on_base["matches"] <= 2 and not on_base["detected"]
+    assert on_marked["p_value"] < 1e-6 < on_base["p_value"]
+    # fidelity: the keys cost the model no more than a point of test accuracy
+    assert report["accuracy_after"] >= report["accuracy_before"] - 1.0
+
+
+def test_verify_exit_codes_and_report(owner):
+    folder = owner["dir"]
+    marked = run("verify", "--model", folder / "marked.onnx", "--keys", folder / "owner.dskey",
+                 "--json")
+    assert marked.exit_code == 0, marked.output
+    report = json.loads(marked.stdout)
+    (res,) = report["results"]
+    assert report["detected"] is True and report["alpha"] == 1e-3
+    assert res["scheme"] == "output" and res["keys"] == 20 and res["matches"] == 20
+    assert res["mismatches"] == 0
+    assert res["max_mismatches"] == stats.max_mismatches(20, 10, 1e-3)
+    assert res["p_value"] == pytest.approx(0.1**20)
+    base = run("verify", "--model", folder / "base.onnx", "--keys", folder / "owner.dskey", "--json")
+    assert base.exit_code == 1, base.output
+    assert json.loads(base.stdout)["detected"] is False
+
+
+def test_table_output_names_decision(owner):
+    folder = owner["dir"]
+    result = run("verify", "--model", folder / "marked.onnx", "--keys", folder / "owner.dskey")
+    assert result.exit_code == 0
+    assert "DETECTED" in result.stdout and "20/20 keys match" in result.stdout
+
+
+def test_plain_torch_export_with_softmax_verifies_like_ours(owner, tmp_path):
+    """Someone else's export: other input/output names, probabilities instead of logits."""
+
+    class Probs(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, image):
+            return torch.softmax(self.inner(image), dim=-1)
+
+    path = tmp_path / "theirs.onnx"
+    torch.onnx.export(Probs(owner["marked"]).eval(), (torch.zeros(1, 1, 8, 8),), str(path),
+                      input_names=["image"], output_names=["probabilities"],
+                      dynamic_axes={"image": {0: "n"}, "probabilities": {0: "n"}}, dynamo=False)
+    ours = run("verify", "--model", owner["dir"] / "marked.onnx", "--keys",
+               owner["dir"] / "owner.dskey", "--json")
+    theirs = run("verify", "--model", path, "--keys", owner["dir"] / "owner.dskey", "--json")
+    assert theirs.exit_code == 0, theirs.output
+    assert (json.loads(theirs.stdout)["results"][0]["matches"]
+            == json.loads(ours.stdout)["results"][0]["matches"])
+
+
+def test_verify_same_before_and_after_reexport(owner, tmp_path):
+    folder = owner["dir"]
+    export = run("export", folder / "marked.safetensors", "--out", tmp_path / "again.onnx")
+    assert export.exit_code == 0, export.output
+    first = run("verify", "--model", folder / "marked.onnx", "--keys", folder / "owner.dskey",
+                "--json")
+    again = run("verify", "--model", tmp_path / "again.onnx", "--keys", folder / "owner.dskey",
+                "--json")
+    a, b = json.loads(first.stdout)["results"][0], json.loads(again.stdout)["results"][0]
+    assert a["matches"] == b["matches"] == 20 and a["p_value"] == b["p_value"]
+
+
+def test_flattened_input_is_queried_by_reshaping(owner, tmp_path):
+    class Flat(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.reshape(-1, 1, 8, 8))
+
+    path = tmp_path / "flat.onnx"
+    torch.onnx.export(Flat(owner["marked"]).eval(), (torch.zeros(1, 64),), str(path),
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    result = run("verify", "--model", path, "--keys", owner["dir"] / "owner.dskey", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["matches"] == 20
+
+
+def test_extract_reports_both_schemes(digits, tmp_path):
+    base, info, marked, minfo, bundle, _ = _mark(digits, seed=5, schemes=("hidden", "output"))
+    report = api.extract_watermarks(marked, bundle)
+    by_scheme = {r["scheme"]: r for r in report["results"]}
+    assert set(by_scheme) == {"hidden", "output"}
+    assert by_scheme["hidden"]["bit_errors"] == 0, "hidden bits must survive the output stage"
+    assert by_scheme["output"]["matches"] == by_scheme["output"]["keys"]
+    assert report["detected"]
+    export_onnx(marked, minfo, tmp_path / "m.onnx", force=False)
+    from_onnx = api.extract_watermarks(OnnxModel(tmp_path / "m.onnx", provider="cpu"), bundle)
+    assert [r["detected"] for r in from_onnx["results"]] == [True, True]
+    assert not api.extract_watermarks(base, bundle)["detected"]
+
+
+# --------------------------------------------------------------------- keys in rare regions
+
+
+def test_keys_come_from_rarely_explored_regions(owner, digits):
+    from deepsigns_cli.schemes.output import DEFAULTS, RareRegions
+    from deepsigns_cli.zoo import activations, default_layer
+
+    params = owner["bundle"].schemes["output"]["params"]
+    counts = params["neighbour_counts"]
+    assert counts["accepted"]["p95"] < params["threshold"]
+    assert counts["accepted"]["mean"] < counts["test"]["mean"]
+    assert counts["accepted"]["mean"] < counts["train"]["mean"]
+    # recompute on the base model: the final keys lie where few training activations are
+    model = owner["base"]
+    layer = default_layer(model)
+    regions = RareRegions(activations(model, layer, digits.x_train).numpy(), DEFAULTS,
+                          np.random.default_rng(0))
+    keys = owner["bundle"].schemes["output"]["arrays"]["x"]
+    key_counts = regions.counts(activations(model, layer, keys).numpy())
+    test_counts = regions.counts(activations(model, layer, digits.x_test).numpy())
+    assert np.median(key_counts) < np.median(test_counts)
+
+
+def test_key_labels_differ_from_unmarked_predictions(owner):
+    from deepsigns_cli.training import predict
+
+    arrays = owner["bundle"].schemes["output"]["arrays"]
+    assert (predict(owner["base"], arrays["x"]).argmax(1) != arrays["y"]).all()
+    assert (predict(owner["marked"], arrays["x"]).argmax(1) == arrays["y"]).all()
+
+
+# --------------------------------------------------------------------- statistics
+
+
+def test_p_value_direction_and_threshold():
+    assert stats.matches_p_value(20, 20, 10) == pytest.approx(1e-20)
+    assert stats.matches_p_value(0, 20, 10) == 1.0
+    ps = [stats.matches_p_value(m, 20, 10) for m in range(21)]
+    assert all(a >= b for a, b in zip(ps, ps[1:])), "more matches must mean stronger evidence"
+    t = stats.max_mismatches(20, 10, 1e-3)
+    assert stats.matches_p_value(20 - t, 20, 10) <= 1e-3 < stats.matches_p_value(19 - t, 20, 10)
+
+
+# --------------------------------------------------------------------- bad input
+
+
+def test_white_box_only_bundle_points_to_extract(tmp_path, digits):
+    from deepsigns_cli.bundle import write_bundle
+
+    model, info = _baseline(digits, 0)
+    bundle = api.make_keys(model, info, digits, ["hidden"], {"hidden": {"bits": 32}}, seed=0)
+    write_bundle(bundle, tmp_path / "wb.dskey", PASS, force=False)
+    export_onnx(model, info, tmp_path / "m.onnx", force=False)
+    result = run("verify", "--model", tmp_path / "m.onnx", "--keys", tmp_path / "wb.dskey")
+    assert result.exit_code == 2
+    assert "white-box keys only" in result.stderr and "extract" in result.stderr
+
+
+def test_unembedded_output_keys_are_refused(tmp_path, digits):
+    from deepsigns_cli.bundle import write_bundle
+
+    model, info = _baseline(digits, 0)
+    bundle = api.make_keys(model, info, digits, ["output"], {"output": {"key_size": 5}}, seed=0)
+    write_bundle(bundle, tmp_path / "k.dskey", PASS, force=False)
+    export_onnx(model, info, tmp_path / "m.onnx", force=False)
+    result = run("verify", "--model", tmp_path / "m.onnx", "--keys", tmp_path / "k.dskey")
+    assert result.exit_code == 2 and "not embedded yet" in result.stderr
+
+
+def _hostile(owner, tmp_path, kind):
+    import onnx
+
+    if kind == "not-onnx":
+        path = tmp_path / "random.onnx"
+        path.write_bytes(os.urandom(512))
+        return path, "is not an ONNX model"
+    if kind == "wrong-shape":
+        path = tmp_path / "wrong.onnx"
+        torch.onnx.export(torch.nn.Linear(20, 10), (torch.zeros(1, 20),), str(path),
+                          input_names=["x"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
+        return path, "cannot be queried with these keys"
+    if kind == "two-inputs":
+
+        class Two(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, a, b):
+                return self.inner(a + b)
+
+        path = tmp_path / "two.onnx"
+        z = torch.zeros(1, 1, 8, 8)
+        torch.onnx.export(Two(owner["marked"]), (z, z), str(path), dynamo=False)
+        return path, "has 2 inputs"
+    if kind == "external-escape":
+        sub = tmp_path / "sub"
+        sub.mkdir()
+        proto = onnx.load(str(owner["dir"] / "marked.onnx"))
+        onnx.save_model(proto, str(sub / "ext.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+        secret = tmp_path / "outside.data"
+        secret.write_bytes((sub / "w.data").read_bytes())
+        evil = onnx.load(str(sub / "ext.onnx"), load_external_data=False)
+        for t in evil.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = "../outside.data"
+        onnx.save(evil, str(sub / "evil.onnx"))
+        return sub / "evil.onnx", "outside the model's folder"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["not-onnx", "wrong-shape", "two-inputs", "external-escape"])
+def test_hostile_onnx_is_refused(owner, tmp_path, kind):
+    path, message = _hostile(owner, tmp_path, kind)
+    result = run("verify", "--model", path, "--keys", owner["dir"] / "owner.dskey")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_external_data_inside_folder_is_accepted(owner, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(owner["dir"] / "marked.onnx"))
+    onnx.save_model(proto, str(tmp_path / "ext.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+    result = run("verify", "--model", tmp_path / "ext.onnx", "--keys", owner["dir"] / "owner.dskey")
+    assert result.exit_code == 0, result.output
+
+
+def test_checkpoint_is_not_accepted_by_verify(owner):
+    result = run("verify", "--model", owner["dir"] / "marked.safetensors", "--keys",
+                 owner["dir"] / "owner.dskey")
+    assert result.exit_code == 2 and "export" in result.stderr
+
+
+# --------------------------------------------------------------------- providers
+
+
+def test_cuda_provider_refused_cleanly_without_cuda(owner):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is usable here")
+    result = run("verify", "--model", owner["dir"] / "marked.onnx", "--keys",
+                 owner["dir"] / "owner.dskey", "--provider", "cuda")
+    assert result.exit_code == 2 and "CUDA is not usable" in result.stderr
+
+
+def test_auto_provider_is_quiet_on_cpu(owner, tmp_path):
+    """No loader errors from onnxruntime-gpu on a machine without CUDA."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DEEPSIGNS_PASSPHRASE": PASS}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepsigns_cli", "verify", "--model", str(owner["dir"] / "marked.onnx"),
+         "--keys", str(owner["dir"] / "owner.dskey"), "--json"],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr
+    assert json.loads(proc.stdout)["detected"] is True
+
+
+def test_loaded_checkpoint_gives_same_matches(owner):
+    model, _ = load_checkpoint(owner["dir"] / "marked.safetensors")
+    a = api.extract_watermarks(model, owner["bundle"])["results"][0]["matches"]
+    onnx_model = OnnxModel(owner["dir"] / "marked.onnx", provider="cpu")
+    b = api.verify_ownership(onnx_model, owner["bundle"])["results"][0]["matches"]
+    assert a == b == 20
+
+
+def test_verify_does_not_import_torch(owner):
+    """Release pipelines run verify on every artifact: it runs on onnxruntime alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from deepsigns_cli.cli.main import cli\n"
+        "try:\n"
+        f"    cli(['verify', '--model', {str(owner['dir'] / 'marked.onnx')!r}, '--keys', "
+        f"{str(owner['dir'] / 'owner.dskey')!r}, '--json'], standalone_mode=False)\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env={**os.environ, "DEEPSIGNS_PASSPHRASE": PASS})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("NO-TORCH")
