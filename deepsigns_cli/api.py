@@ -135,6 +135,12 @@ def _embed_order(bundle: Bundle) -> list[str]:
 
 
 def _check_bundle_fits(bundle: Bundle, info: ModelInfo) -> None:
+    made_for = (bundle.info.get("arch"), bundle.info.get("arch_kwargs") or {})
+    if made_for != (info.arch, info.arch_kwargs or {}):
+        raise SchemeError(
+            f"the keys were made for architecture '{made_for[0]}' {made_for[1] or ''}, this model "
+            f"is '{info.arch}' {info.arch_kwargs or ''}: embed into the model the keys were made for"
+        )
     want = tuple(bundle.info.get("input_shape", info.input_shape))
     if want != tuple(info.input_shape) or bundle.info.get("num_classes") != info.num_classes:
         raise SchemeError(

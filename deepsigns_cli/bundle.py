@@ -30,6 +30,7 @@ __all__ = ["Bundle", "open_bundle", "read_header", "write_bundle", "commitment",
 MAGIC = b"DSKEY\x00\x01\n"
 BUNDLE_VERSION = 1
 _SCRYPT = {"name": "scrypt", "n": 2**15, "r": 8, "p": 1, "length": 32}
+_MAX_SCRYPT_MEMORY = 2**28  # 256 MiB, 8x what _SCRYPT needs
 _FIX = "check the passphrase (DEEPSIGNS_PASSPHRASE or --passphrase-file) and that the file is the one you sealed"
 
 
@@ -54,6 +55,13 @@ def _derive(passphrase: str, kdf: dict) -> bytes:
 
     if not passphrase:
         raise BundleError("the passphrase is empty: set DEEPSIGNS_PASSPHRASE or --passphrase-file")
+    # the header is read before the seal is checked: a tampered cost must not make us spend
+    # minutes and gigabytes before the AEAD tag says "tampered" (ValueError: "damaged")
+    n, r, p = kdf["n"], kdf["r"], kdf["p"]
+    if (kdf.get("name") != "scrypt" or kdf.get("length") != 32
+            or not all(type(v) is int and v >= 1 for v in (n, r, p))
+            or p > 4 or 128 * r * n > _MAX_SCRYPT_MEMORY):
+        raise ValueError(f"scrypt parameters out of range: {kdf}")
     salt = base64.b64decode(kdf["salt"])
     return Scrypt(salt=salt, length=kdf["length"], n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(
         passphrase.encode("utf-8")
@@ -115,7 +123,8 @@ def seal(bundle: Bundle, passphrase: str) -> bytes:
 
 def _header_complete(header: dict) -> bool:
     """Every public field that readers (inspect, open) rely on, with its type."""
-    want = {"format": str, "schemes": list, "created": str, "kdf": dict, "cipher": str, "key_id": str}
+    want = {"format": str, "schemes": list, "created": str, "kdf": dict, "cipher": str,
+            "key_id": str}
     return header.get("format") == "deepsigns-keys" and all(
         isinstance(header.get(k), t) for k, t in want.items()
     )

@@ -42,9 +42,10 @@ class Dataset:
                 f"data '{self.name}' has samples of shape {list(self.input_shape)} but the model "
                 f"expects {list(input_shape)}: use data with the model's input shape"
             )
-        if int(self.y_train.max()) >= num_classes:
+        top = int(max(self.y_train.max(), self.y_test.max()))
+        if top >= num_classes:
             raise DataError(
-                f"data '{self.name}' has labels up to {int(self.y_train.max())} but the model has "
+                f"data '{self.name}' has labels up to {top} but the model has "
                 f"{num_classes} classes: use data with labels below {num_classes}"
             )
 

@@ -139,7 +139,7 @@ def _resolve_factory(arch: str) -> tuple[Callable[..., nn.Module], bool]:
     module_name, _, attr = arch.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, SyntaxError) as exc:  # SyntaxError: the user's module
         raise InputError(
             f"cannot load architecture '{arch}' ({exc}): check that the module is importable "
             "(on PYTHONPATH) and defines that factory"

@@ -124,7 +124,10 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False) -> str
         path = Path(passphrase_file)
         if not path.is_file():
             fail(f"passphrase file not found: {path}: check --passphrase-file")
-        text = path.read_text(encoding="utf-8").rstrip("\r\n")
+        try:
+            text = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            fail(f"passphrase file {path} is not UTF-8 text: write the passphrase into it as text")
         if not text:
             fail(f"passphrase file {path} is empty: write the passphrase into it")
         return text

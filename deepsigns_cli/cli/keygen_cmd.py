@@ -1,5 +1,6 @@
 import click
 
+from .common import info as info_line
 from .common import common_options, data_option, emit, force_option, get_passphrase, kv_table, load_model
 
 
@@ -35,6 +36,9 @@ def command(model_path, arch, arch_kwargs, data_spec, schemes, bits, message, la
 
     if bits is not None and message is not None:
         raise InputError("give --bits or --message, not both")
+    if message is not None and not message:
+        raise InputError("--message is empty: give the owner's message, or leave it out for "
+                         "random --bits")
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     for name in names:
         if name not in SCHEME_NAMES:
@@ -48,6 +52,12 @@ def command(model_path, arch, arch_kwargs, data_spec, schemes, bits, message, la
     options = {"hidden": {"bits": bits, "message": message, "layer": layer, "classes": classes},
                "output": {"key_size": key_size}}
     bundle = make_keys(model, info, data, names, options, seed=seed)
+    if "hidden" in bundle.schemes:
+        hp = bundle.schemes["hidden"]["params"]
+        if hp["n_bits"] > hp["width"] // 4:
+            info_line(f"[yellow]warning:[/] {hp['n_bits']} bits on a {hp['width']}-unit layer: "
+                      f"beyond about {hp['width'] // 4} bits (a quarter of the width) some bits may "
+                      "not embed error-free; detection still holds while BER stays low")
     write_bundle(bundle, out, passphrase, force=force)
     report = {"command": "keygen", "out": out, "schemes": names, "key_id": bundle.key_id,
               "commitment": commitment(out)}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import stats
-from ..errors import SchemeError
+from ..errors import InputError, SchemeError
 from ..training import Objective
 from ..zoo import activations, capture, default_layer, layer_width
 from .base import Keys, Scheme, register_scheme
@@ -24,7 +24,8 @@ DEFAULTS = {
     "trigger_per_class": 64,
     "lambda1": 0.01,  # activation isolation (paper: 0.01)
     "lambda2": 1.0,  # projection towards the bits
-    "margin": 1.0,  # required |projection| in units of a random projection's spread
+    "margin": 0.5,  # required |projection| in units of a random projection's spread
+    # (0.5, not 1.0: a non-negative (ReLU) carrier cannot give every bit 1.0 past ~64 bits)
     "trigger_batch": 32,  # trigger samples mixed into every step
 }
 
@@ -126,14 +127,26 @@ class HiddenScheme(Scheme):
             )
         return result
 
+    def _absent(self, keys, alpha, note: str) -> dict:
+        """No carrier in this model: another architecture, so not ours (exit 1, not bad input)."""
+        params, arrays = keys
+        result = self._decide(np.zeros((len(arrays["classes"]), params["width"])), keys, alpha)
+        # nothing was read: no bit counts (not "every bit wrong"), and no evidence at all
+        result.update(detected=False, p_value=1.0, bits="", bit_errors=None, ber=None, tensor=None,
+                      candidates=0, note=note)
+        result.pop("message", None)
+        return result
+
     def extract(self, model, keys, alpha) -> dict:
         params, arrays = keys
-        acts = activations(model, params["layer"], arrays["trigger_x"]).numpy()
+        try:
+            acts = activations(model, params["layer"], arrays["trigger_x"]).numpy()
+        except InputError:  # no such layer in this model
+            return self._absent(keys, alpha, f"no layer '{params['layer']}' in this model: "
+                                "not the architecture the keys were made for")
         if acts.shape[1] != params["width"]:
-            raise SchemeError(
-                f"layer '{params['layer']}' has {acts.shape[1]} units here but the keys expect "
-                f"{params['width']}: this is not the architecture the keys were made for"
-            )
+            return self._absent(keys, alpha, f"layer '{params['layer']}' has {acts.shape[1]} "
+                                f"units, the keys expect {params['width']}: not our architecture")
         result = self._decide(self._means(acts, arrays), keys, alpha)
         result["tensor"] = params["layer"]
         result["candidates"] = 1
@@ -151,18 +164,8 @@ class HiddenScheme(Scheme):
                 k: v for k, v in model.intermediates(x).items() if v.shape[1] == params["width"]
             }
         if not candidates:
-            result = self._decide(np.zeros((len(arrays["classes"]), params["width"])), keys, alpha)
-            result.update(
-                detected=False,
-                p_value=1.0,
-                tensor=None,
-                candidates=0,
-                note=f"no tensor of width {params['width']} in this model: not our architecture",
-            )
-            result["bits"] = ""
-            result["bit_errors"] = result["n_bits"]
-            result["ber"] = 1.0
-            return result
+            return self._absent(keys, alpha, f"no tensor of width {params['width']} in this "
+                                "model: not our architecture")
         best = None
         for name, acts in candidates.items():
             r = self._decide(self._means(acts, arrays), keys, alpha, tries=len(candidates))
@@ -187,6 +190,11 @@ class HiddenObjective(Objective):
         self.ty = torch.as_tensor(arrays["trigger_y"])
         # centres start at the class means of the pretrained model
         acts = activations(model, self.layer, data.x_train)
+        if acts.shape[1] != params["width"]:
+            raise SchemeError(
+                f"layer '{self.layer}' has {acts.shape[1]} units in this model, the keys expect "
+                f"{params['width']}: embed into the model the keys were made for"
+            )
         y = torch.as_tensor(data.y_train)
         num_classes = int(max(data.num_classes, y.max() + 1))
         centres = torch.zeros(num_classes, acts.shape[1])

@@ -1,0 +1,93 @@
+"""Session fixtures: real tiny models trained once and shared (read-only) by every test.
+
+Tests that change a file (embed rewrites its bundle, --force replaces outputs) copy it into
+their own tmp_path first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import MESSAGE, SEEDS, run_json
+
+# The models are tiny: one thread is faster than two threads fighting over a small CI box,
+# and it keeps the suite's run time steady when other jobs share the machine.
+torch.set_num_threads(1)
+
+BASE_EPOCHS = 15
+
+
+@dataclass(frozen=True)
+class MarkedRun:
+    """One owner's flow for a seed: baseline -> keygen -> embed -> export."""
+
+    seed: int
+    folder: Path
+    base: Path  # the unmarked baseline (.safetensors)
+    keys: Path  # the bundle, as embed left it
+    marked: Path  # the watermarked checkpoint
+    onnx: Path  # its ONNX export (deepsigns export)
+    train_report: dict
+    embed_report: dict
+
+
+def _marked_run(folder: Path, seed: int) -> MarkedRun:
+    base, keys = folder / "base.safetensors", folder / "owner.dskey"
+    marked, onnx = folder / "marked.safetensors", folder / "marked.onnx"
+    train = run_json("train", "--arch", "mlp", "--data", "digits", "--epochs", BASE_EPOCHS,
+                     "--seed", seed, "--device", "cpu", "--out", base)
+    run_json("keygen", "--model", base, "--data", "digits", "--message", MESSAGE,
+             "--seed", seed, "--out", keys)
+    embed = run_json("embed", "--model", base, "--data", "digits", "--keys", keys,
+                     "--out", marked, "--seed", seed, "--device", "cpu")
+    run_json("export", marked, "--out", onnx)
+    return MarkedRun(seed, folder, base, keys, marked, onnx, train, embed)
+
+
+@pytest.fixture(scope="session")
+def marked_runs(tmp_path_factory):
+    """seed -> MarkedRun, each made once per session, on first use."""
+    cache: dict[int, MarkedRun] = {}
+
+    def get(seed: int) -> MarkedRun:
+        if seed not in cache:
+            cache[seed] = _marked_run(tmp_path_factory.mktemp(f"owner-seed{seed}"), seed)
+        return cache[seed]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def marked(marked_runs) -> MarkedRun:
+    """The seed-0 run most tests share."""
+    return marked_runs(0)
+
+
+@pytest.fixture(scope="session", params=SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def seeded_run(request, marked_runs) -> MarkedRun:
+    return marked_runs(request.param)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from deepsigns_cli.data import load_data
+
+    return load_data("digits")
+
+
+@pytest.fixture(scope="session")
+def cnn(tmp_path_factory) -> tuple[Path, Path]:
+    """A small CNN on the same data: another architecture, same input shape.
+
+    Returns (.safetensors, .onnx).
+    """
+    folder = tmp_path_factory.mktemp("cnn")
+    ckpt, onnx = folder / "cnn.safetensors", folder / "cnn.onnx"
+    run_json("train", "--arch", "cnn", "--data", "digits", "--epochs", 3, "--seed", 0,
+             "--device", "cpu", "--out", ckpt)
+    run_json("export", ckpt, "--out", onnx)
+    return ckpt, onnx

@@ -1,0 +1,256 @@
+"""Model files: safetensors metadata, .pt state dicts, user architectures, ONNX export, .npz."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from helpers import run_cli, run_json, run_proc
+
+
+def extract(model, keys, *extra, code=0) -> dict:
+    return run_json("extract", "--model", model, "--keys", keys, *extra, code=code)
+
+
+def metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()
+
+
+# ----------------------------------------------------------------------------- .pt state dicts
+
+
+@pytest.mark.parametrize("suffix,wrapped", [(".pt", False), (".pth", False), (".pt", True)],
+                         ids=["pt", "pth", "pt-state_dict-key"])
+def test_state_dict_with_arch_for_extract_and_export(marked, tmp_path, suffix, wrapped):
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(marked.marked)
+    path = tmp_path / f"marked{suffix}"
+    state = model.state_dict()
+    torch.save({"state_dict": state} if wrapped else state, path)
+    want = extract(marked.marked, marked.keys)["results"][0]["bits"]
+
+    assert extract(path, marked.keys, "--arch", "mlp")["results"][0]["bits"] == want
+    onnx_path = tmp_path / "from-pt.onnx"
+    report = run_json("export", path, "--arch", "mlp", "--data", "digits", "--out", onnx_path)
+    assert report["max_abs_diff"] <= 1e-4
+    assert extract(onnx_path, marked.keys)["results"][0]["bits"] == want
+
+
+# ----------------------------------------------------------------------------- user architectures
+
+USER_MODULE = """
+import math
+
+from torch import nn
+
+
+def make(input_shape, num_classes, width=64):
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
+"""
+
+
+@pytest.mark.slow
+def test_user_architecture_round_trip(tmp_path, monkeypatch):
+    """`--arch package.module:factory`: train in a real process, then keygen, embed (with
+    --onnx), extract from both files."""
+    pkg = tmp_path / "src" / "userarch"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(textwrap.dedent(USER_MODULE))
+    arch, work = "userarch.nets:make", tmp_path / "work"
+    work.mkdir()
+    base = work / "user.safetensors"
+
+    proc = run_proc("train", "--arch", arch, "--arch-kwargs", '{"width": 128}', "--epochs", 20,
+                    "--seed", 0, "--device", "cpu", "--out", base, "--json",
+                    env={"PYTHONPATH": str(tmp_path / "src")}, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["test_accuracy"] > 80.0
+
+    facts = json.loads(run_cli("inspect", base, "--json").stdout)
+    assert facts["arch"] == arch and facts["arch_kwargs"] == {"width": 128}
+
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(base)
+    assert isinstance(model, torch.nn.Sequential) and model[1].out_features == 128
+    assert info.arch == arch and info.input_shape == (1, 8, 8)
+
+    keys, marked, marked_onnx = work / "k.dskey", work / "m.safetensors", work / "m.onnx"
+    run_json("keygen", "--model", base, "--seed", 0, "--out", keys)  # 32 bits on 128 units
+    run_json("embed", "--model", base, "--keys", keys, "--out", marked, "--onnx", marked_onnx,
+             "--seed", 0, "--device", "cpu")
+    assert metadata(marked)["arch"] == arch
+    r = extract(marked, keys)["results"][0]
+    assert r["bit_errors"] == 0 and r["layer"] == "5:input"  # input of the last linear layer
+    assert extract(marked_onnx, keys)["results"][0]["bits"] == r["bits"]
+    extract(base, keys, code=1)
+
+
+def test_user_architecture_that_cannot_be_imported(tmp_path):
+    result = run_cli("train", "--arch", "no_such_package.nets:make", "--out",
+                     tmp_path / "m.safetensors", code=2)
+    assert "no_such_package.nets:make" in result.stderr and "PYTHONPATH" in result.stderr
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def test_checkpoint_metadata_describes_the_model(marked):
+    meta = metadata(marked.base)
+    assert meta["arch"] == "mlp"
+    assert json.loads(meta["arch_kwargs"]) == {}
+    assert json.loads(meta["input_shape"]) == [1, 8, 8]
+    assert int(meta["num_classes"]) == 10
+    assert float(meta["lr"]) == pytest.approx(1e-3)
+    facts = json.loads(run_cli("inspect", marked.base, "--json").stdout)
+    assert facts["kind"] == "checkpoint" and facts["input_shape"] == [1, 8, 8]
+    assert facts["parameters"] == 64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+
+
+def test_marked_checkpoint_has_no_visible_footprint(marked):
+    """Same metadata fields as any plain checkpoint: nothing names the watermark or its key."""
+    from deepsigns_cli.bundle import read_header
+
+    base, mark = metadata(marked.base), metadata(marked.marked)
+    assert set(mark) == set(base)
+    key_id = read_header(marked.keys)["key_id"]
+    text = json.dumps(mark)
+    for word in (key_id, "hidden", "embed", "watermark", "dskey"):
+        assert word not in text
+
+
+def test_outputs_get_the_usual_file_mode(marked):
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (marked.base, marked.marked, marked.onnx):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+
+
+def test_same_seed_same_weights(tmp_path):
+    from deepsigns_cli.checkpoint import fingerprint, load_checkpoint
+
+    prints = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.safetensors"
+        run_json("train", "--arch", "mlp", "--epochs", 2, "--seed", 4, "--device", "cpu",
+                 "--out", path)
+        prints.append(fingerprint(load_checkpoint(path)[0]))
+    run_json("train", "--arch", "mlp", "--epochs", 2, "--seed", 5, "--device", "cpu",
+             "--out", tmp_path / "c.safetensors")
+    assert prints[0] == prints[1]
+    assert fingerprint(load_checkpoint(tmp_path / "c.safetensors")[0]) != prints[0]
+
+
+# ----------------------------------------------------------------------------- ONNX export
+
+
+def test_export_is_checker_clean_with_opset_17_and_a_dynamic_batch(marked):
+    proto = onnx.load(str(marked.onnx))
+    onnx.checker.check_model(proto, full_check=True)
+    opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= 17
+    weights = {t.name for t in proto.graph.initializer}
+    (inp,) = [i for i in proto.graph.input if i.name not in weights]
+    dims = inp.type.tensor_type.shape.dim
+    assert len(dims) == 4 and [d.dim_value for d in dims[1:]] == [1, 8, 8]
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")  # a named, dynamic batch
+    # one output, the scores: nothing in the interface points to the carrier layer
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    assert out_dims[0].dim_param and out_dims[1].dim_value == 10
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_export_matches_torch_on_real_inputs(marked, digits, batch):
+    import onnxruntime as ort
+
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(marked.marked)
+    x = np.ascontiguousarray(digits.x_test[:batch], dtype=np.float32)
+    session = ort.InferenceSession(str(marked.onnx), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert got.shape == (batch, 10)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_export_report_and_inspect(marked, tmp_path):
+    out = tmp_path / "again.onnx"
+    report = run_json("export", marked.marked, "--data", "digits", "--out", out)
+    assert report["opset"] >= 17 and 0 <= report["max_abs_diff"] <= 1e-4
+    facts = json.loads(run_cli("inspect", out, "--json").stdout)
+    assert facts["kind"] == "onnx" and facts["opset"] >= 17
+    assert facts["inputs"][0]["shape"][1:] == [1, 8, 8]
+    assert isinstance(facts["inputs"][0]["shape"][0], str)  # symbolic batch
+
+
+# ----------------------------------------------------------------------------- .npz data
+
+
+def test_train_on_npz_with_explicit_splits(digits, tmp_path):
+    """x_train, y_train, x_test, y_test: used as given (here flat 64-feature vectors)."""
+    data = tmp_path / "flat.npz"
+    np.savez(data, x_train=digits.x_train.reshape(len(digits.x_train), -1),
+             y_train=digits.y_train, x_test=digits.x_test.reshape(len(digits.x_test), -1),
+             y_test=digits.y_test)
+    out = tmp_path / "flat.safetensors"
+    report = run_json("train", "--arch", "mlp", "--data", data, "--epochs", 15, "--seed", 0,
+                      "--device", "cpu", "--out", out)
+    assert report["data"] == "flat" and report["test_accuracy"] > 85.0
+    meta = metadata(out)
+    assert json.loads(meta["input_shape"]) == [64] and int(meta["num_classes"]) == 10
+
+
+def test_train_on_npz_with_x_and_y_split_reproducibly(digits, tmp_path):
+    from deepsigns_cli.data import load_data
+
+    x = np.concatenate([digits.x_train, digits.x_test])
+    y = np.concatenate([digits.y_train, digits.y_test])
+    data = tmp_path / "xy.npz"
+    np.savez(data, x=x, y=y)
+    one, two = load_data(str(data)), load_data(str(data))
+    np.testing.assert_array_equal(one.x_test, two.x_test)
+    np.testing.assert_array_equal(one.y_train, two.y_train)
+    assert len(one.x_test) == round(0.25 * len(x)) and len(one.x_train) + len(one.x_test) == len(x)
+    assert one.input_shape == (1, 8, 8) and one.num_classes == 10
+
+    report = run_json("train", "--arch", "mlp", "--data", data, "--epochs", 15, "--seed", 0,
+                      "--device", "cpu", "--out", tmp_path / "xy.safetensors")
+    assert report["data"] == "xy" and report["test_accuracy"] > 85.0
+
+
+def test_export_names_every_layer_of_a_sequential_model(tmp_path):
+    """nn.Sequential layers are called "0", "1", ...: names the exporter refuses as outputs."""
+    from deepsigns_cli.checkpoint import ModelInfo, export_onnx
+    from deepsigns_cli.runtime import OnnxModel
+    from deepsigns_cli.zoo import activations
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 10)).eval()
+    info = ModelInfo("userarch.nets:make", {}, (1, 8, 8), 10)
+    path = tmp_path / "seq.onnx"
+    report = export_onnx(model, info, path, force=False)
+    assert "0" in report["layers"] and "3:input" in report["layers"]
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    got = OnnxModel(path, provider="cpu").intermediates(x, ["3:input", "1"])
+    np.testing.assert_allclose(got["3:input"], activations(model, "3:input", x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(got["1"], activations(model, "1", x).numpy(), atol=1e-5)
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits"]

@@ -1,0 +1,537 @@
+"""Bad input: exit 2, one line "error: ..." naming the problem, no traceback, nothing written.
+
+Every case runs in its own tmp_path holding copies of its inputs; the folder must be exactly
+as it was afterwards (no output, no *.part temp file, no input modified).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import (ENV, assert_bad_input, assert_one_error_line, copy, deepsigns_argv,
+                     partial_files, run_cli, run_proc)
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under folder (hidden ones too) -> SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+class Case:
+    """The inputs of one bad-input case, copied into tmp_path."""
+
+    def __init__(self, tmp_path: Path, marked):
+        self.dir = tmp_path
+        self.base = copy(marked.base, tmp_path / "base.safetensors")
+        self.keys = copy(marked.keys, tmp_path / "owner.dskey")
+        self.out_model = tmp_path / "out.safetensors"
+        self.out_onnx = tmp_path / "out.onnx"
+        self.out_keys = tmp_path / "new.dskey"
+
+    def file(self, name: str, content: bytes) -> Path:
+        path = self.dir / name
+        path.write_bytes(content)
+        return path
+
+    def state_dict(self, name: str = "base.pt") -> Path:
+        from deepsigns_cli.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(self.base)
+        path = self.dir / name
+        torch.save(model.state_dict(), path)
+        return path
+
+    def truncated(self) -> Path:
+        data = self.base.read_bytes()
+        return self.file("half.safetensors", data[: len(data) // 2])
+
+    def flipped(self, offset: int) -> Path:
+        data = bytearray(self.keys.read_bytes())
+        data[offset % len(data)] ^= 0x01
+        return self.file("flipped.dskey", bytes(data))
+
+    def wide_npz(self) -> Path:
+        """Samples with 20 features: no model of ours on 8x8 digits takes them."""
+        rng = np.random.default_rng(0)
+        path = self.dir / "wide.npz"
+        np.savez(path, x=rng.random((120, 20), dtype=np.float32), y=rng.integers(0, 10, 120))
+        return path
+
+    # commands that read a model, each writing its output into the case folder
+    def with_model(self, command: str, model: Path, *extra) -> list:
+        return {
+            "extract": ["extract", "--model", model, "--keys", self.keys],
+            "export": ["export", model, "--out", self.out_onnx],
+            "keygen": ["keygen", "--model", model, "--out", self.out_keys, "--seed", 0],
+            "embed": ["embed", "--model", model, "--keys", self.keys, "--out", self.out_model,
+                      "--epochs", 1],
+        }[command] + list(extra)
+
+
+def check_bad_input(tmp_path: Path, args: list, *needles: str, env: dict | None = None) -> str:
+    before = snapshot(tmp_path)
+    result = run_cli(*args, code=None, env=env)
+    line = assert_bad_input(result, *needles)
+    assert snapshot(tmp_path) == before, "a failed command wrote, removed or modified a file"
+    assert partial_files(tmp_path) == []
+    return line
+
+
+MODEL_COMMANDS = ["extract", "export", "keygen", "embed"]
+
+# ----------------------------------------------------------------------------- model files
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_missing_model_file(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model(command, tmp_path / "nowhere.safetensors"),
+                    "not found", "nowhere.safetensors")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_text_file_is_not_a_checkpoint(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    notes = case.file("notes.txt", b"my model is great\n")
+    check_bad_input(tmp_path, case.with_model(command, notes), "notes.txt", "not a checkpoint")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_random_bytes_named_safetensors(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    noise = case.file("noise.safetensors", np.random.default_rng(0).bytes(4096))
+    check_bad_input(tmp_path, case.with_model(command, noise), "noise.safetensors",
+                    "not a readable .safetensors")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_truncated_safetensors(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model(command, case.truncated()), "half.safetensors",
+                    "truncated")
+
+
+@pytest.mark.parametrize("meta", [{}, {"arch": "mlp", "input_shape": "5", "num_classes": "10"},
+                                  {"arch": "mlp", "input_shape": "[1, 8, 8]", "num_classes": "ten"}],
+                         ids=["none", "shape-not-a-list", "classes-not-a-number"])
+def test_safetensors_without_our_metadata(tmp_path, marked, meta):
+    from safetensors.torch import save_file
+
+    case = Case(tmp_path, marked)
+    path = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path), metadata=meta)
+    check_bad_input(tmp_path, case.with_model("extract", path), "foreign.safetensors",
+                    "without deepsigns metadata", "--arch")
+
+
+def test_random_bytes_named_onnx(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    noise = case.file("noise.onnx", np.random.default_rng(1).bytes(4096))
+    check_bad_input(tmp_path, case.with_model("extract", noise), "noise.onnx", "not an ONNX model")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_state_dict_without_arch(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    extra = ["--data", "digits"] if command == "export" else []
+    check_bad_input(tmp_path, case.with_model(command, case.state_dict(), *extra), "base.pt",
+                    "--arch")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_state_dict_with_wrong_arch(tmp_path, marked, command):
+    """Saved from an MLP, loaded as a CNN."""
+    case = Case(tmp_path, marked)
+    extra = ["--arch", "cnn"] + (["--data", "digits"] if command == "export" else [])
+    check_bad_input(tmp_path, case.with_model(command, case.state_dict(), *extra),
+                    "do not fit architecture 'cnn'", "--arch")
+
+
+def test_state_dict_with_pickled_objects_is_refused(tmp_path, marked):
+    """weights_only=True: a .pt holding arbitrary objects is refused, never unpickled."""
+    case = Case(tmp_path, marked)
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "note": _Unpicklable()}, path)
+    line = check_bad_input(tmp_path, case.with_model("extract", path, "--arch", "mlp"),
+                           "evil.pt", "weights_only=True")
+    assert "\x1b" not in line  # torch colours its message; ours is plain text
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def test_export_state_dict_needs_data_for_its_shape(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path,
+                    ["export", case.state_dict(), "--arch", "mlp", "--out", case.out_onnx],
+                    "--data")
+
+
+# ----------------------------------------------------------------------------- key bundles
+
+
+@pytest.mark.parametrize("command", ["extract", "embed"])
+def test_wrong_passphrase(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model(command, case.base), "owner.dskey",
+                    "wrong passphrase", "DEEPSIGNS_PASSPHRASE",
+                    env={"DEEPSIGNS_PASSPHRASE": "nope"})
+
+
+def test_wrong_passphrase_from_file(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    pw = case.file("pw.txt", b"not the passphrase\n")
+    check_bad_input(tmp_path, case.with_model("extract", case.base, "--passphrase-file", pw),
+                    "wrong passphrase", env={"DEEPSIGNS_PASSPHRASE": None})
+
+
+def test_passphrase_file_that_is_not_text(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    pw = case.file("pw.bin", b"\xff\xfe\x00\x81")
+    check_bad_input(tmp_path, case.with_model("extract", case.base, "--passphrase-file", pw),
+                    "pw.bin", "UTF-8")
+
+
+def test_missing_passphrase_file(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model("extract", case.base, "--passphrase-file",
+                                              tmp_path / "pw.txt"), "pw.txt", "--passphrase-file")
+
+
+def _header_offsets(path: Path) -> dict[str, int]:
+    """Byte offsets (in the sealed file) of places inside the public header."""
+    data = path.read_bytes()
+    (n,) = struct.unpack(">I", data[8:12])
+    header = json.loads(data[12 : 12 + n])
+    return {
+        "magic": 2,
+        "length": 10,
+        "opening-brace": 12,
+        "field-name": data.index(b'"cipher"') + 2,
+        "key-id": data.index(header["key_id"].encode()) + 3,
+        "salt": data.index(header["kdf"]["salt"].encode()) + 2,
+        "kdf-n": data.index(b'"n": ') + 6,  # the second digit of scrypt's cost
+        "schemes": data.index(b'"hidden"') + 2,
+        "nonce": 12 + n + 3,
+    }
+
+
+HEADER_PLACES = ["magic", "length", "opening-brace", "field-name", "key-id", "salt", "kdf-n",
+                 "schemes", "nonce"]
+
+
+@pytest.mark.parametrize("place", HEADER_PLACES)
+@pytest.mark.parametrize("command", ["extract", "embed"])
+def test_bundle_with_a_flipped_header_byte(tmp_path, marked, place, command):
+    case = Case(tmp_path, marked)
+    flipped = case.flipped(_header_offsets(case.keys)[place])
+    args = case.with_model(command, case.base)
+    args[args.index(case.keys)] = flipped
+    line = check_bad_input(tmp_path, args, "flipped.dskey")
+    assert re.search(r"tampered|damaged", line), line
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("command", ["extract", "embed"])
+def test_bundle_with_a_flipped_ciphertext_byte(tmp_path, marked, where, command):
+    case = Case(tmp_path, marked)
+    data = case.keys.read_bytes()
+    (n,) = struct.unpack(">I", data[8:12])
+    start = 12 + n + 12  # after the header and the nonce
+    offset = {"first": start, "middle": (start + len(data)) // 2, "last": len(data) - 1}[where]
+    flipped = case.flipped(offset)
+    args = case.with_model(command, case.base)
+    args[args.index(case.keys)] = flipped
+    check_bad_input(tmp_path, args, "flipped.dskey", "wrong passphrase or tampered bundle")
+
+
+def _with_header(path: Path, edit) -> bytes:
+    """The sealed file with its (public) header edited and re-framed; the seal is not redone."""
+    data = path.read_bytes()
+    (n,) = struct.unpack(">I", data[8:12])
+    header = json.loads(data[12 : 12 + n])
+    edit(header)
+    head = json.dumps(header, sort_keys=True).encode()
+    return data[:8] + struct.pack(">I", len(head)) + head + data[12 + n :]
+
+
+@pytest.mark.parametrize("kdf", [{"n": 2**24}, {"r": 1024}, {"p": 64}, {"length": 4096},
+                                 {"name": "pbkdf2"}, {"n": "32768"}],
+                         ids=["n", "r", "p", "length", "name", "type"])
+def test_bundle_header_asking_for_a_ruinous_kdf(tmp_path, marked, kdf):
+    """A tampered KDF cost is refused before any work: no minutes-long, gigabyte-hungry scrypt
+    (n = 2^24 takes over a minute and 16 GiB) just to find the seal broken."""
+    case = Case(tmp_path, marked)
+    path = case.file("costly.dskey", _with_header(case.keys, lambda h: h["kdf"].update(kdf)))
+    args = case.with_model("extract", case.base)
+    args[args.index(case.keys)] = path
+    check_bad_input(tmp_path, args, "costly.dskey", "KDF parameters are damaged")
+
+
+@pytest.mark.parametrize("place", ["field-name", "opening-brace", "magic"])
+def test_inspect_bundle_with_a_damaged_header(tmp_path, marked, place):
+    """inspect reads the public header only, and still refuses one that is damaged."""
+    case = Case(tmp_path, marked)
+    flipped = case.flipped(_header_offsets(case.keys)[place])
+    check_bad_input(tmp_path, ["inspect", flipped], "flipped.dskey")
+
+
+def test_file_that_is_not_a_bundle(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    args = case.with_model("extract", case.base)
+    args[args.index(case.keys)] = case.base
+    check_bad_input(tmp_path, args, "base.safetensors", "not a deepsigns key bundle")
+
+
+def test_embed_with_keys_made_for_another_architecture(tmp_path, marked, cnn):
+    case = Case(tmp_path, marked)
+    other = copy(cnn[0], tmp_path / "cnn.safetensors")
+    check_bad_input(tmp_path, case.with_model("embed", other), "architecture")
+
+
+@pytest.mark.parametrize("command", ["extract", "keygen", "embed"])
+def test_no_passphrase_and_no_terminal(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model(command, case.base), "no passphrase",
+                    "DEEPSIGNS_PASSPHRASE", env={"DEEPSIGNS_PASSPHRASE": None})
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("command", ["keygen", "embed", "export"])
+def test_data_that_does_not_fit_the_model(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    args = case.with_model(command, case.base, "--data", case.wide_npz())
+    check_bad_input(tmp_path, args, "wide", "[20]", "[1, 8, 8]")
+
+
+def test_image_architecture_on_flat_data(tmp_path):
+    np.savez(tmp_path / "wide.npz", x=np.zeros((40, 20), np.float32), y=np.arange(40) % 4)
+    check_bad_input(tmp_path, ["train", "--arch", "cnn", "--data", tmp_path / "wide.npz",
+                               "--epochs", 1, "--out", tmp_path / "m.safetensors"],
+                    "[20]", "--arch mlp")
+
+
+def test_test_labels_beyond_the_model_classes(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    rng = np.random.default_rng(0)
+    x = rng.random((80, 1, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "labels.npz", x_train=x, y_train=np.arange(80) % 10, x_test=x[:20],
+             y_test=np.arange(20) % 13)
+    args = case.with_model("keygen", case.base, "--data", tmp_path / "labels.npz")
+    check_bad_input(tmp_path, args, "labels up to 12", "10 classes")
+
+
+def test_npz_without_the_expected_arrays(tmp_path):
+    np.savez(tmp_path / "odd.npz", features=np.zeros((10, 4), np.float32))
+    check_bad_input(tmp_path, ["train", "--arch", "mlp", "--data", tmp_path / "odd.npz",
+                               "--out", tmp_path / "m.safetensors"], "odd.npz", "x_train", "x, y")
+
+
+def test_missing_data_file(tmp_path):
+    check_bad_input(tmp_path, ["train", "--arch", "mlp", "--data", tmp_path / "none.npz",
+                               "--out", tmp_path / "m.safetensors"], "none.npz", "not found")
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_layer_that_does_not_exist(tmp_path, marked):
+    from deepsigns_cli.checkpoint import load_checkpoint
+    from deepsigns_cli.zoo import layer_names
+
+    case = Case(tmp_path, marked)
+    line = check_bad_input(tmp_path, case.with_model("keygen", case.base, "--layer", "fc9"),
+                           "'fc9'", "--layer")
+    listed = line.split("--layer from", 1)[1]
+    names = layer_names(load_checkpoint(case.base)[0])
+    assert {"fc1", "fc2", "head", "head:input"} <= set(names)
+    assert [n.strip() for n in listed.split(",")] == names
+
+
+def test_empty_message(tmp_path, marked):
+    """An empty --message is a mistake, not a request for random bits."""
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model("keygen", case.base, "--message", ""),
+                    "--message is empty")
+
+
+def test_more_bits_than_the_layer_carries(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model("keygen", case.base, "--bits", 100000),
+                    "100000 bits", "512 units", "--bits")
+
+
+def test_message_longer_than_the_layer_carries(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model("keygen", case.base, "--message", "x" * 65),
+                    "520 bits", "--message")
+
+
+def test_unknown_architecture(tmp_path):
+    check_bad_input(tmp_path, ["train", "--arch", "transformer9000", "--epochs", 1,
+                               "--out", tmp_path / "m.safetensors"], "transformer9000", "mlp")
+
+
+def test_user_architecture_module_with_a_syntax_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_arch_mod.py").write_text("def make(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check_bad_input(tmp_path, ["train", "--arch", "broken_arch_mod:make", "--epochs", 1,
+                               "--out", tmp_path / "m.safetensors"],
+                    "broken_arch_mod:make", "invalid syntax")
+
+
+def test_arch_kwargs_that_are_not_json(tmp_path):
+    check_bad_input(tmp_path, ["train", "--arch", "mlp", "--arch-kwargs", "{hidden: 3}",
+                               "--epochs", 1, "--out", tmp_path / "m.safetensors"],
+                    "--arch-kwargs", "JSON")
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _output_cases(case: Case) -> dict[str, tuple[list, Path]]:
+    """command -> (arguments, the output they write)."""
+    return {
+        "train": (["train", "--arch", "mlp", "--epochs", 1, "--out", case.out_model],
+                  case.out_model),
+        "keygen": (case.with_model("keygen", case.base), case.out_keys),
+        "embed": (case.with_model("embed", case.base), case.out_model),
+        "export": (case.with_model("export", case.base), case.out_onnx),
+    }
+
+
+@pytest.mark.parametrize("command", ["train", "keygen", "embed", "export"])
+def test_existing_output_needs_force(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    args, out = _output_cases(case)[command]
+    out.write_bytes(b"precious\n")
+    check_bad_input(tmp_path, args, out.name, "exists", "--force")
+    assert out.read_bytes() == b"precious\n"
+
+
+@pytest.mark.parametrize("command", ["train", "keygen", "embed", "export"])
+def test_force_replaces_an_existing_output(tmp_path, marked, command):
+    case = Case(tmp_path, marked)
+    args, out = _output_cases(case)[command]
+    out.write_bytes(b"precious\n")
+    run_cli(*args, "--force")
+    assert out.read_bytes() != b"precious\n"
+    facts = json.loads(run_cli("inspect", out, "--json").stdout)  # a real file of ours now
+    assert facts["kind"] == {".safetensors": "checkpoint", ".dskey": "key bundle",
+                             ".onnx": "onnx"}[out.suffix]
+    assert partial_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("command,option", [("export", "CHECKPOINT"), ("keygen", "--model"),
+                                            ("embed", "--model"), ("embed", "--keys")])
+def test_force_never_overwrites_an_input(tmp_path, marked, command, option):
+    """"Inputs are never modified": not even --force may write the output over an input."""
+    case = Case(tmp_path, marked)
+    args = case.with_model(command, case.base)
+    target = case.keys if option == "--keys" else case.base
+    out_index = args.index("--out") + 1
+    args[out_index] = target
+    check_bad_input(tmp_path, [*args, "--force"], "input", "another output")
+
+
+def test_output_folder_that_does_not_exist(tmp_path, marked):
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, ["export", case.base, "--out", tmp_path / "no" / "m.onnx"],
+                    "does not exist")
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+@pytest.mark.parametrize("what", ["missing-model", "truncated", "wrong-passphrase",
+                                  "wide-data", "no-passphrase"])
+def test_bad_input_in_a_real_process(tmp_path, marked, what):
+    """The same contract from the installed `deepsigns` script: nothing else on stderr
+    (no warning, no progress residue), exit 2, nothing written."""
+    case = Case(tmp_path, marked)
+    args, env, needles = {
+        "missing-model": (case.with_model("extract", tmp_path / "gone.safetensors"), {},
+                          ["not found"]),
+        "truncated": (case.with_model("embed", case.truncated()), {}, ["truncated"]),
+        "wrong-passphrase": (case.with_model("extract", case.base),
+                             {"DEEPSIGNS_PASSPHRASE": "nope"}, ["wrong passphrase"]),
+        "wide-data": (case.with_model("embed", case.base, "--data", case.wide_npz()), {},
+                      ["[20]"]),
+        "no-passphrase": (case.with_model("keygen", case.base), {"DEEPSIGNS_PASSPHRASE": None},
+                          ["no passphrase"]),
+    }[what]
+    before = snapshot(tmp_path)
+    proc = run_proc(*args, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert_one_error_line(proc.stderr, proc.stdout, *needles)
+    assert snapshot(tmp_path) == before
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.mark.slow
+def test_interrupted_embed_leaves_nothing_behind(tmp_path, marked):
+    """Ctrl-C in the middle of training: exit 130, no traceback, no output, bundle unchanged."""
+    case = Case(tmp_path, marked)
+    before = snapshot(tmp_path)
+    # TTY_COMPATIBLE: rich draws its progress bar into the pipe as on a terminal, so we can
+    # see training really run before we interrupt it
+    env = {"OMP_NUM_THREADS": "1", **os.environ, **ENV, "TTY_COMPATIBLE": "1", "COLUMNS": "120"}
+    proc = subprocess.Popen(
+        [*deepsigns_argv(), *map(str, case.with_model("embed", case.base)[:-2]),
+         "--epochs", "100000", "--seed", "0"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks: list[bytes] = []
+    def read_stderr():
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while b"epoch 2/100000" not in b"".join(chunks):  # a full epoch done: it is training
+            assert proc.poll() is None, b"".join(chunks).decode(errors="replace")
+            assert time.monotonic() < deadline, "embed never started training"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout = proc.stdout.read()
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=10)
+    stderr = _ANSI.sub("", b"".join(chunks).decode(errors="replace"))
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stdout == b""
+    assert stderr.rstrip().splitlines()[-1].startswith("error: interrupted"), stderr
+    assert not case.out_model.exists()
+    assert partial_files(tmp_path) == []
+    assert snapshot(tmp_path) == before  # the bundle too: same bytes

@@ -1,0 +1,187 @@
+"""Scheme 1 (DeepSigns hidden layer, white-box): reliability, integrity, fidelity, formats."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import MESSAGE, SEEDS, assert_one_error_line, run_cli, run_json
+
+ALPHA = 1e-3
+
+
+def extract(model, keys, *extra, code=None) -> dict:
+    return run_json("extract", "--model", model, "--keys", keys, *extra, code=code)
+
+
+def hidden(report: dict) -> dict:
+    (result,) = [r for r in report["results"] if r["scheme"] == "hidden"]
+    return result
+
+
+def accuracy(path) -> float:
+    from deepsigns_cli.checkpoint import load_checkpoint
+    from deepsigns_cli.data import load_data
+    from deepsigns_cli.training import evaluate
+
+    data = load_data("digits")
+    return evaluate(load_checkpoint(path)[0], data.x_test, data.y_test)
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def test_marked_model_is_detected_with_no_bit_errors(seeded_run):
+    report = extract(seeded_run.marked, seeded_run.keys, code=0)
+    r = hidden(report)
+    assert report["detected"] is True and r["detected"] is True
+    assert r["n_bits"] == 8 * len(MESSAGE)
+    assert r["bit_errors"] == 0 and r["ber"] == 0.0
+    assert r["p_value"] == pytest.approx(0.5 ** r["n_bits"])  # P[Binomial(N, 1/2) <= 0]
+    assert report["p_value"] <= report["alpha"] == ALPHA
+
+
+def test_message_round_trips(seeded_run):
+    r = hidden(extract(seeded_run.marked, seeded_run.keys, code=0))
+    assert r["message"] == MESSAGE
+    assert int(r["bits"], 2).to_bytes(len(MESSAGE), "big") == MESSAGE.encode()
+
+
+def test_onnx_export_gives_identical_bits(seeded_run):
+    from_checkpoint = hidden(extract(seeded_run.marked, seeded_run.keys, code=0))
+    from_onnx = hidden(extract(seeded_run.onnx, seeded_run.keys, code=0))
+    assert from_onnx["bits"] == from_checkpoint["bits"]
+    assert from_onnx["bit_errors"] == 0
+    # our export names the carrier: found by name, no multiple-testing correction needed
+    assert from_onnx["tensor"] == from_onnx["layer"] == "head:input"
+    assert from_onnx["candidates"] == 1
+    assert from_onnx["p_value"] == pytest.approx(from_checkpoint["p_value"])
+
+
+def _plain_export(checkpoint, path) -> None:
+    """What a thief (or any user) would do: torch.onnx.export of the model plus a softmax."""
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(checkpoint)
+    wrapped = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+    with warnings.catch_warnings():  # the TorchScript exporter warns that it is deprecated
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, (torch.zeros(2, *info.input_shape),), str(path),
+                          input_names=["x"], output_names=["probs"], dynamo=False,
+                          opset_version=17, dynamic_axes={"x": {0: "batch"}, "probs": {0: "batch"}})
+
+
+def test_plain_onnx_export_with_softmax_is_detected(seeded_run, tmp_path):
+    path = tmp_path / "stolen.onnx"
+    _plain_export(seeded_run.marked, path)
+    report = extract(path, seeded_run.keys, code=0)
+    r = hidden(report)
+    assert r["candidates"] >= 1
+    assert r["bit_errors"] == 0 and r["message"] == MESSAGE
+    # the best of several tensors is corrected for the number of tries (Bonferroni)
+    assert r["p_value"] == pytest.approx(min(1.0, 0.5 ** r["n_bits"] * r["candidates"]))
+    assert report["detected"] is True
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def test_unmarked_baseline_is_not_detected(seeded_run):
+    report = extract(seeded_run.base, seeded_run.keys, code=1)
+    r = hidden(report)
+    assert report["detected"] is False and r["detected"] is False
+    assert r["p_value"] > ALPHA
+    assert r["bit_errors"] > r["max_bit_errors"]
+
+
+def test_plain_onnx_export_of_the_baseline_is_not_detected(seeded_run, tmp_path):
+    """Searching every tensor of the carrier's width must not turn into a false claim."""
+    path = tmp_path / "other.onnx"
+    _plain_export(seeded_run.base, path)
+    r = hidden(extract(path, seeded_run.keys, code=1))
+    assert r["candidates"] >= 1 and r["detected"] is False
+
+
+def test_another_owners_marked_model_is_not_claimed(seeded_run, marked_runs):
+    """Same architecture, same data, marked with other keys: not ours."""
+    other = marked_runs(SEEDS[(SEEDS.index(seeded_run.seed) + 1) % len(SEEDS)])
+    report = extract(other.marked, seeded_run.keys, code=1)
+    assert report["detected"] is False
+
+
+def test_cnn_onnx_with_mlp_keys_is_not_detected(marked, cnn):
+    _, cnn_onnx = cnn
+    report = extract(cnn_onnx, marked.keys, code=1)
+    r = hidden(report)
+    assert report["detected"] is False and r["detected"] is False
+    assert r["candidates"] == 0  # no tensor of the carrier's width in a CNN
+    assert r["p_value"] == 1.0
+
+
+def test_cnn_checkpoint_with_mlp_keys_is_not_claimed(marked, cnn):
+    """Another architecture: never claimed, and a clean message rather than a crash."""
+    cnn_ckpt, _ = cnn
+    result = run_cli("extract", "--model", cnn_ckpt, "--keys", marked.keys, code=None)
+    assert result.exit_code in (1, 2), result.stderr
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:
+        assert_one_error_line(result.stderr, result.stdout, "architecture")
+
+
+def test_cnn_checkpoint_with_mlp_keys_exits_not_detected(marked, cnn):
+    cnn_ckpt, _ = cnn
+    report = extract(cnn_ckpt, marked.keys, code=1)
+    assert hidden(report)["detected"] is False
+
+
+# ----------------------------------------------------------------------------- fidelity
+
+
+def test_embedding_costs_at_most_two_points_of_accuracy(seeded_run):
+    base, marked = accuracy(seeded_run.base), accuracy(seeded_run.marked)
+    assert base >= 90.0  # a real baseline, not a broken one
+    assert marked >= base - 2.0, f"accuracy {base:.2f}% -> {marked:.2f}%"
+    # the embed report says the same as an independent measurement
+    assert seeded_run.embed_report["accuracy_before"] == pytest.approx(base)
+    assert seeded_run.embed_report["accuracy_after"] == pytest.approx(marked)
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def test_json_report_has_the_documented_keys(marked):
+    report = extract(marked.marked, marked.keys, code=0)
+    assert {"detected", "p_value", "alpha", "results"} <= set(report)
+    assert isinstance(report["detected"], bool) and report["alpha"] == ALPHA
+    for r in report["results"]:
+        assert {"scheme", "detected", "p_value", "bits", "bit_errors", "ber"} <= set(r)
+        assert r["scheme"] == "hidden"
+        assert set(r["bits"]) <= {"0", "1"} and len(r["bits"]) == r["n_bits"]
+        assert r["ber"] == pytest.approx(r["bit_errors"] / r["n_bits"])
+        assert 0.0 <= r["p_value"] <= 1.0
+
+
+def test_human_report_goes_to_stdout_and_says_detected(marked):
+    result = run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=0)
+    assert "DETECTED" in result.stdout and "NOT DETECTED" not in result.stdout
+    assert MESSAGE in result.stdout
+    assert result.stderr == ""
+
+
+def test_alpha_smaller_than_the_signature_can_reach(marked):
+    """72 bits cannot give p <= 1e-30: not detected, and the report says why."""
+    report = extract(marked.marked, marked.keys, "--alpha", "1e-30", code=1)
+    r = hidden(report)
+    assert r["bit_errors"] == 0 and r["detected"] is False
+    assert "more --bits" in r["warning"]
+
+
+def test_too_few_bits_for_alpha_is_reported(marked, tmp_path):
+    keys = tmp_path / "short.dskey"
+    run_json("keygen", "--model", marked.base, "--bits", 8, "--seed", 0, "--out", keys)
+    r = hidden(extract(marked.base, keys, code=1))
+    assert r["n_bits"] == 8 and r["max_bit_errors"] == -1  # 2^-8 > 1e-3: no match is enough
+    assert "cannot reach alpha" in r["warning"]
