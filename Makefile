@@ -17,17 +17,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the bundled sample model: keygen, embed, export, extract (both files).
+# The main job on the bundled sample model: keygen (white-box + black-box keys), embed,
+# export, extract from both files, verify from outputs alone, and the unmarked model not claimed.
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/deepsigns inspect sample_models/digits-mlp.safetensors
 	$(BIN)/deepsigns keygen --model sample_models/digits-mlp.safetensors --data digits \
-	    --scheme hidden --message "ACME Corp 2026" --out $(DEMO)/owner.dskey
+	    --scheme hidden,output --message "ACME Corp 2026" --key-size 20 --out $(DEMO)/owner.dskey
 	$(BIN)/deepsigns embed --model sample_models/digits-mlp.safetensors --data digits \
-	    --keys $(DEMO)/owner.dskey --out $(DEMO)/marked.safetensors --epochs 10
+	    --keys $(DEMO)/owner.dskey --out $(DEMO)/marked.safetensors
 	$(BIN)/deepsigns export $(DEMO)/marked.safetensors --out $(DEMO)/marked.onnx
 	$(BIN)/deepsigns extract --model $(DEMO)/marked.onnx --keys $(DEMO)/owner.dskey
 	$(BIN)/deepsigns extract --model $(DEMO)/marked.safetensors --keys $(DEMO)/owner.dskey
+	$(BIN)/deepsigns verify --model $(DEMO)/marked.onnx --keys $(DEMO)/owner.dskey
+	$(BIN)/deepsigns export sample_models/digits-mlp.safetensors --out $(DEMO)/unmarked.onnx
+	@echo "-- the unmarked sample model must not be claimed (exit 1):"
+	$(BIN)/deepsigns verify --model $(DEMO)/unmarked.onnx --keys $(DEMO)/owner.dskey; test $$? -eq 1
 	$(BIN)/deepsigns inspect $(DEMO)/owner.dskey
 	@echo "demo: all files are in $(DEMO)/"
 
@@ -38,7 +43,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
-	$(BIN)/python scripts/figures.py --help >/dev/null && $(BIN)/python scripts/figures.py efficiency
+	$(BIN)/python scripts/figures.py efficiency
+	$(BIN)/python scripts/blackbox_figures.py cost
 
 # Regenerate the bundled sample models (reproducible: fixed seeds, CPU).
 sample-models: setup

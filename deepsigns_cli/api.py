@@ -107,7 +107,9 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
     for name in _embed_order(bundle):
         scheme = get_scheme(name)
         params, arrays = bundle.schemes[name]["params"], bundle.schemes[name]["arrays"]
-        cfg = TrainConfig(epochs=epochs or params.get("epochs", 10), lr=lr or info.lr, seed=seed,
+        # --epochs, else the scheme's own default (hidden: 10; output: a cap, it stops at 99%)
+        default_epochs = params.get("max_epochs", 10)
+        cfg = TrainConfig(epochs=epochs or default_epochs, lr=lr or info.lr, seed=seed,
                           device=str(dev), description=f"embed {name}")
         model.to(dev)
         also = tuple(s.objective(model, data, k) for s, k in embedded)

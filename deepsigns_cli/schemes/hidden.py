@@ -238,7 +238,7 @@ class HiddenObjective(Objective):
         tc = self.centres[self.classes]  # (s, M)
         d2 = torch.cdist(tc, self.centres).pow(2) / self.scale  # (s, C)
         other = torch.ones_like(d2, dtype=torch.bool)
-        other[torch.arange(len(self.classes)), self.classes] = False
+        other[torch.arange(len(self.classes), device=d2.device), self.classes] = False
         push = torch.exp(-d2[other]).mean()  # bounded in (0, 1]: cannot diverge
         loss1 = pull + push
         # loss2: the trigger samples (our rows of the batch) drive the extracted quantity itself

@@ -26,7 +26,7 @@ DEFAULTS = {
     "neighbours": 10,  # epsilon = median distance of a training point to its 10th neighbour
     "quantile": 0.05,  # accept when fewer neighbours than 95% of training points have
     "pca_variance": 0.90,  # PCA keeps the components explaining this much variance
-    "max_epochs": 100,  # fine-tune until 99% of candidates are learnt, or this many epochs
+    "max_epochs": 200,  # fine-tune until 99% of candidates are learnt, or this many epochs
     "key_batch": 512,  # candidate keys mixed into every step (all of K' = 400 by default)
     "reference_points": 4000,  # training activations used as the density reference
 }
@@ -145,7 +145,6 @@ class OutputScheme(Scheme):
         objective.stop_at = 0.99
         # the paper: the same optimiser, the learning rate reduced tenfold
         cfg.lr = cfg.lr / 10
-        cfg.epochs = max(cfg.epochs, int(params["max_epochs"]))
         history = fit(model, data.x_train, data.y_train, cfg, [objective, *also], progress)
         marked = predict(model, x).argmax(1)
         good = np.flatnonzero((marked == y) & (unmarked != y))
