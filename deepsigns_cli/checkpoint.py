@@ -231,7 +231,9 @@ def export_onnx(
     with atomic_output(path, force) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _Exposed(model, layers),
+            # eval(): the exporter restores the wrapper's mode afterwards, and a wrapper left in
+            # training mode would switch the model's BatchNorm to batch statistics
+            _Exposed(model, layers).eval(),
             (example,),
             str(tmp),
             input_names=["input"],
@@ -284,6 +286,7 @@ def _parity(model: nn.Module, proto, info: ModelInfo, inputs: np.ndarray | None)
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     session = make_session(proto.SerializeToString(), provider="cpu")
     (onnx_out,) = session.run(["logits"], {"input": inputs})
+    model.eval()
     with torch.no_grad():
         torch_out = model(torch.from_numpy(inputs)).numpy()
     return float(np.abs(onnx_out - torch_out).max())

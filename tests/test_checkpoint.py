@@ -254,3 +254,25 @@ def test_export_names_every_layer_of_a_sequential_model(tmp_path):
     np.testing.assert_allclose(got["3:input"], activations(model, "3:input", x).numpy(), atol=1e-5)
     np.testing.assert_allclose(got["1"], activations(model, "1", x).numpy(), atol=1e-5)
     assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits"]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet"])
+def test_every_zoo_architecture_exports_with_parity(tmp_path, arch):
+    """BatchNorm (resnet) must be exported and compared in eval mode, and left there."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from deepsigns_cli import api
+    from deepsigns_cli.checkpoint import export_onnx
+    from deepsigns_cli.data import load_data
+    from deepsigns_cli.training import predict
+
+    data = load_data("digits")
+    model, info, _ = api.train_baseline(arch, data, epochs=1, seed=0, device="cpu")
+    result = export_onnx(model, info, tmp_path / "m.onnx", force=False)
+    assert result["max_abs_diff"] <= 1e-4
+    assert not model.training, "export must leave the model in eval mode"
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = data.x_test[:33]
+    (onnx_out,) = session.run(None, {"input": x})
+    assert np.abs(onnx_out - predict(model, x)).max() <= 1e-4

@@ -10,9 +10,12 @@ from .common import (common_options, data_option, device_option, emit, force_opt
 @keys_option
 @click.option("--out", required=True, help="The watermarked checkpoint to write (.safetensors).")
 @click.option("--onnx", "onnx_out", default=None, help="Also export the marked model to this ONNX file.")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Fine-tuning epochs (default 10).")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Fine-tuning epochs (hidden: default 10; output: a cap, default 200, "
+                   "it stops once 99% of the candidate keys are learnt).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
-              help="Learning rate (default: the one the model's training ended with).")
+              help="Learning rate (default: the one the model's training ended with); the output "
+                   "scheme fine-tunes at a tenth of it.")
 @force_option
 @device_option
 @common_options
