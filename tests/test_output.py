@@ -58,8 +58,24 @@ def owner(digits, tmp_path_factory):
 
 
 def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], env={"DEEPSIGNS_PASSPHRASE": PASS})
-    return result
+    return CliRunner().invoke(cli, [str(a) for a in args], env={"DEEPSIGNS_PASSPHRASE": PASS})
+
+
+def verify_json(owner, model_path, code: int = 0) -> dict:
+    result = run("verify", "--model", model_path, "--keys", owner["dir"] / "owner.dskey", "--json")
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout)
+
+
+class _Wrapped(torch.nn.Module):
+    """Our marked model inside someone else's module: after(inner(before(x)))."""
+
+    def __init__(self, inner, before=lambda x: x, after=lambda y: y):
+        super().__init__()
+        self.inner, self.before, self.after = inner.eval(), before, after
+
+    def forward(self, x):
+        return self.after(self.inner(self.before(x)))
 
 
 # --------------------------------------------------------------------- the decision's direction
@@ -108,53 +124,28 @@ def test_table_output_names_decision(owner):
 def test_plain_torch_export_with_softmax_verifies_like_ours(owner, tmp_path):
     """Someone else's export: other input/output names, probabilities instead of logits."""
 
-    class Probs(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, image):
-            return torch.softmax(self.inner(image), dim=-1)
-
     path = tmp_path / "theirs.onnx"
-    torch.onnx.export(Probs(owner["marked"]).eval(), (torch.zeros(1, 1, 8, 8),), str(path),
+    torch.onnx.export(_Wrapped(owner["marked"], after=lambda y: torch.softmax(y, dim=-1)), (torch.zeros(1, 1, 8, 8),), str(path),
                       input_names=["image"], output_names=["probabilities"],
                       dynamic_axes={"image": {0: "n"}, "probabilities": {0: "n"}}, dynamo=False)
-    ours = run("verify", "--model", owner["dir"] / "marked.onnx", "--keys",
-               owner["dir"] / "owner.dskey", "--json")
-    theirs = run("verify", "--model", path, "--keys", owner["dir"] / "owner.dskey", "--json")
-    assert theirs.exit_code == 0, theirs.output
-    assert (json.loads(theirs.stdout)["results"][0]["matches"]
-            == json.loads(ours.stdout)["results"][0]["matches"])
+    ours, theirs = verify_json(owner, owner["dir"] / "marked.onnx"), verify_json(owner, path)
+    assert theirs["detected"] and theirs["results"][0]["matches"] == ours["results"][0]["matches"]
 
 
 def test_verify_same_before_and_after_reexport(owner, tmp_path):
     folder = owner["dir"]
     export = run("export", folder / "marked.safetensors", "--out", tmp_path / "again.onnx")
     assert export.exit_code == 0, export.output
-    first = run("verify", "--model", folder / "marked.onnx", "--keys", folder / "owner.dskey",
-                "--json")
-    again = run("verify", "--model", tmp_path / "again.onnx", "--keys", folder / "owner.dskey",
-                "--json")
-    a, b = json.loads(first.stdout)["results"][0], json.loads(again.stdout)["results"][0]
+    a = verify_json(owner, folder / "marked.onnx")["results"][0]
+    b = verify_json(owner, tmp_path / "again.onnx")["results"][0]
     assert a["matches"] == b["matches"] == 20 and a["p_value"] == b["p_value"]
 
 
 def test_flattened_input_is_queried_by_reshaping(owner, tmp_path):
-    class Flat(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x.reshape(-1, 1, 8, 8))
-
     path = tmp_path / "flat.onnx"
-    torch.onnx.export(Flat(owner["marked"]).eval(), (torch.zeros(1, 64),), str(path),
+    torch.onnx.export(_Wrapped(owner["marked"], before=lambda x: x.reshape(-1, 1, 8, 8)), (torch.zeros(1, 64),), str(path),
                       input_names=["x"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
-    result = run("verify", "--model", path, "--keys", owner["dir"] / "owner.dskey", "--json")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["results"][0]["matches"] == 20
+    assert verify_json(owner, path)["results"][0]["matches"] == 20
 
 
 def test_extract_reports_both_schemes(digits, tmp_path):
@@ -217,27 +208,20 @@ def test_p_value_direction_and_threshold():
 # --------------------------------------------------------------------- bad input
 
 
-def test_white_box_only_bundle_points_to_extract(tmp_path, digits):
+@pytest.mark.parametrize("scheme, options, message", [
+    ("hidden", {"bits": 32}, "white-box keys only"),  # ... and points to `extract`
+    ("output", {"key_size": 5}, "not embedded yet"),  # keygen'd but never embedded
+])
+def test_bundle_without_usable_black_box_keys_is_refused(tmp_path, digits, scheme, options, message):
     from deepsigns_cli.bundle import write_bundle
 
     model, info = _baseline(digits, 0)
-    bundle = api.make_keys(model, info, digits, ["hidden"], {"hidden": {"bits": 32}}, seed=0)
-    write_bundle(bundle, tmp_path / "wb.dskey", PASS, force=False)
-    export_onnx(model, info, tmp_path / "m.onnx", force=False)
-    result = run("verify", "--model", tmp_path / "m.onnx", "--keys", tmp_path / "wb.dskey")
-    assert result.exit_code == 2
-    assert "white-box keys only" in result.stderr and "extract" in result.stderr
-
-
-def test_unembedded_output_keys_are_refused(tmp_path, digits):
-    from deepsigns_cli.bundle import write_bundle
-
-    model, info = _baseline(digits, 0)
-    bundle = api.make_keys(model, info, digits, ["output"], {"output": {"key_size": 5}}, seed=0)
+    bundle = api.make_keys(model, info, digits, [scheme], {scheme: options}, seed=0)
     write_bundle(bundle, tmp_path / "k.dskey", PASS, force=False)
     export_onnx(model, info, tmp_path / "m.onnx", force=False)
     result = run("verify", "--model", tmp_path / "m.onnx", "--keys", tmp_path / "k.dskey")
-    assert result.exit_code == 2 and "not embedded yet" in result.stderr
+    assert result.exit_code == 2 and message in result.stderr
+    assert scheme == "output" or "extract" in result.stderr
 
 
 def _hostile(owner, tmp_path, kind):
