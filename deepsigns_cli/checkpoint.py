@@ -243,7 +243,7 @@ def export_onnx(
             dynamo=False,
         )
         proto = onnx.load(str(tmp))
-        _rename_tensors(proto.graph, dict(zip(placeholders, layers)))
+        _rename_tensors(proto.graph, dict(zip(placeholders, layers, strict=True)))
         keep = [o for o in proto.graph.output if o.name == "logits"]
         del proto.graph.output[:]
         proto.graph.output.extend(keep)
@@ -269,10 +269,10 @@ def export_onnx(
 def _rename_tensors(graph, names: dict[str, str]) -> None:
     """Rename tensors everywhere they appear in a graph (node inputs and outputs, value infos)."""
     for node in graph.node:
-        for field in (node.input, node.output):
-            for i, name in enumerate(field):
+        for tensors in (node.input, node.output):
+            for i, name in enumerate(tensors):
                 if name in names:
-                    field[i] = names[name]
+                    tensors[i] = names[name]
     for info in [*graph.output, *graph.value_info]:
         if info.name in names:
             info.name = names[info.name]

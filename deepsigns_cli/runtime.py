@@ -151,7 +151,7 @@ class OnnxModel:
         the same number of values per sample in another layout (e.g. flattened)."""
         want = [None, *x.shape[1:]]
         dims = self.input_dims
-        if len(dims) == len(want) and all(d is None or w is None or d == w for d, w in zip(dims, want)):
+        if len(dims) == len(want) and all(d is None or w is None or d == w for d, w in zip(dims, want, strict=True)):
             return x
         per_sample = dims[1:]
         if per_sample and all(d is not None for d in per_sample):
@@ -180,6 +180,8 @@ class OnnxModel:
         graph_outputs = {o.name for o in self.proto.graph.output}
         produced = [o for n in self.proto.graph.node for o in n.output if o]
         wanted = [n for n in (names or produced) if n in produced and n not in graph_outputs]
+        if not wanted:  # (session.run with no names would return every graph output instead)
+            return {}
         proto = onnx.ModelProto()
         proto.CopyFrom(self.proto)
         for name in wanted:
@@ -188,7 +190,7 @@ class OnnxModel:
         chunk = np.ascontiguousarray(self.adapt(x), dtype=np.float32)
         values = session.run(wanted, {self.input_name: chunk})
         out = {}
-        for name, value in zip(wanted, values):
+        for name, value in zip(wanted, values, strict=True):
             value = np.asarray(value)
             if value.ndim >= 1 and value.shape[0] == len(x) and np.issubdtype(value.dtype, np.floating):
                 out[name] = value.reshape(len(x), -1)

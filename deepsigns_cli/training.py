@@ -94,7 +94,7 @@ def fit(
                 # 2. one forward pass: cross-entropy on the training batch, plus each term
                 logits = model(xb)
                 loss = nn.functional.cross_entropy(logits[: len(idx)], yb[: len(idx)])
-                for obj, rows in zip(objectives, own):
+                for obj, rows in zip(objectives, own, strict=True):
                     extra = obj.loss(logits, yb, rows)
                     if extra is not None:
                         loss = loss + extra

@@ -227,7 +227,7 @@ def layer_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> i
         with torch.no_grad(), capture(model, layer) as store:
             model(torch.zeros(1, *input_shape, device=device))
     except RuntimeError as exc:
-        raise CheckpointError(f"the model cannot run on inputs of shape {list(input_shape)}: {exc}")
+        raise CheckpointError(f"the model cannot run on inputs of shape {list(input_shape)}: {exc}") from None
     finally:
         model.train(was_training)
     return int(store["act"].shape[1])

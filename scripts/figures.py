@@ -34,10 +34,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepsigns_cli.api import embed_keys, extract_watermarks, load_suspect, make_keys, train_baseline
+from deepsigns_cli import stats
+from deepsigns_cli.api import (
+    embed_keys,
+    extract_watermarks,
+    load_suspect,
+    make_keys,
+    train_baseline,
+)
 from deepsigns_cli.checkpoint import export_onnx, save_checkpoint
 from deepsigns_cli.data import load_data
-from deepsigns_cli import stats
 from deepsigns_cli.errors import SchemeError
 from deepsigns_cli.schemes import hidden as hidden_mod
 from deepsigns_cli.training import TrainConfig, evaluate, fit
@@ -148,10 +154,10 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
               for i, h in enumerate(header)]
     print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for r in body:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
 
 
 def verdict(name: str, met: bool, detail: str) -> dict:
@@ -444,13 +450,13 @@ def fig_efficiency(lab: Lab) -> dict:
             cfg = TrainConfig(epochs=n_epochs, lr=info.lr, seed=seed, device=lab.device,
                               description="plain")
 
-            def run_embed():
+            def run_embed(model=model, info=info, bundle=bundle, seed=seed, epochs=epochs):
                 t0 = time.perf_counter()
                 out = embed_keys(model, info, data, bundle, epochs=epochs, seed=seed,
                                  device=lab.device)
                 return out[3], time.perf_counter() - t0
 
-            def run_plain():
+            def run_plain(plain_model=plain_model, cfg=cfg):
                 t0 = time.perf_counter()
                 out = fit(plain_model, data.x_train, data.y_train, cfg)
                 return out, time.perf_counter() - t0

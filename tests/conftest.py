@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import MESSAGE, SEEDS, run_json
 
 # The models are tiny: one thread is faster than two threads fighting over a small CI box,

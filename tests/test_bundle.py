@@ -9,7 +9,6 @@ import stat
 
 import numpy as np
 import pytest
-
 from helpers import MESSAGE, PASSPHRASE, run_cli, run_json
 
 PUBLIC_HEADER = {"format", "version", "schemes", "created", "updated", "kdf", "cipher", "key_id"}

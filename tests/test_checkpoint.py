@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from helpers import run_cli, run_json, run_proc
 
 

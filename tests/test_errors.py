@@ -20,9 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from helpers import (ENV, assert_bad_input, assert_one_error_line, copy, deepsigns_argv,
-                     partial_files, run_cli, run_proc)
+from helpers import (
+    ENV,
+    assert_bad_input,
+    assert_one_error_line,
+    copy,
+    deepsigns_argv,
+    partial_files,
+    run_cli,
+    run_proc,
+)
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import deepsigns_argv
 
 COMMANDS = ["train", "keygen", "embed", "export", "extract", "verify", "inspect"]

@@ -6,9 +6,8 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import MESSAGE, SEEDS, assert_one_error_line, run_cli, run_json
+from torch import nn
 
 ALPHA = 1e-3
 

@@ -125,7 +125,8 @@ def test_plain_torch_export_with_softmax_verifies_like_ours(owner, tmp_path):
     """Someone else's export: other input/output names, probabilities instead of logits."""
 
     path = tmp_path / "theirs.onnx"
-    torch.onnx.export(_Wrapped(owner["marked"], after=lambda y: torch.softmax(y, dim=-1)), (torch.zeros(1, 1, 8, 8),), str(path),
+    theirs = _Wrapped(owner["marked"], after=lambda y: torch.softmax(y, dim=-1))
+    torch.onnx.export(theirs, (torch.zeros(1, 1, 8, 8),), str(path),
                       input_names=["image"], output_names=["probabilities"],
                       dynamic_axes={"image": {0: "n"}, "probabilities": {0: "n"}}, dynamo=False)
     ours, theirs = verify_json(owner, owner["dir"] / "marked.onnx"), verify_json(owner, path)
@@ -143,7 +144,8 @@ def test_verify_same_before_and_after_reexport(owner, tmp_path):
 
 def test_flattened_input_is_queried_by_reshaping(owner, tmp_path):
     path = tmp_path / "flat.onnx"
-    torch.onnx.export(_Wrapped(owner["marked"], before=lambda x: x.reshape(-1, 1, 8, 8)), (torch.zeros(1, 64),), str(path),
+    flat = _Wrapped(owner["marked"], before=lambda x: x.reshape(-1, 1, 8, 8))
+    torch.onnx.export(flat, (torch.zeros(1, 64),), str(path),
                       input_names=["x"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
     assert verify_json(owner, path)["results"][0]["matches"] == 20
 
@@ -200,7 +202,7 @@ def test_p_value_direction_and_threshold():
     assert stats.matches_p_value(20, 20, 10) == pytest.approx(1e-20)
     assert stats.matches_p_value(0, 20, 10) == 1.0
     ps = [stats.matches_p_value(m, 20, 10) for m in range(21)]
-    assert all(a >= b for a, b in zip(ps, ps[1:])), "more matches must mean stronger evidence"
+    assert all(a >= b for a, b in zip(ps[:-1], ps[1:], strict=True)), "more matches must mean stronger evidence"
     t = stats.max_mismatches(20, 10, 1e-3)
     assert stats.matches_p_value(20 - t, 20, 10) <= 1e-3 < stats.matches_p_value(19 - t, 20, 10)
 

@@ -175,7 +175,13 @@ def info(message: str) -> None:
 @contextmanager
 def progress_bar():
     """A rich progress bar on stderr; yields the callback the library calls."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     console = stderr_console()
     # off when stderr is not a terminal: rich would only print a blank line there, which breaks

@@ -1,7 +1,18 @@
 import click
 
-from .common import (common_options, data_option, device_option, emit, force_option, get_passphrase,
-                     keys_option, kv_table, load_model, model_option, progress_bar)
+from .common import (
+    common_options,
+    data_option,
+    device_option,
+    emit,
+    force_option,
+    get_passphrase,
+    keys_option,
+    kv_table,
+    load_model,
+    model_option,
+    progress_bar,
+)
 
 
 @click.command("embed")

@@ -1,7 +1,15 @@
 import click
 
+from .common import (
+    common_options,
+    data_option,
+    emit,
+    force_option,
+    get_passphrase,
+    kv_table,
+    load_model,
+)
 from .common import info as info_line
-from .common import common_options, data_option, emit, force_option, get_passphrase, kv_table, load_model
 
 
 @click.command("keygen")
@@ -14,10 +22,12 @@ from .common import common_options, data_option, emit, force_option, get_passphr
 @click.option("--bits", type=click.IntRange(1), default=None, help="hidden: random signature of N bits (default 32).")
 @click.option("--message", default=None, help="hidden: the owner's message as the signature (UTF-8 bits).")
 @click.option("--layer", default=None, help="hidden: carrier layer (default: input of the last linear layer).")
-@click.option("--classes", type=click.IntRange(1), default=None, help="hidden: number of secret target classes (default 1).")
+@click.option("--classes", type=click.IntRange(1), default=None,
+              help="hidden: number of secret target classes (default 1).")
 @click.option("--key-size", type=click.IntRange(1), default=None, help="output: number of key inputs K (default 20).")
 @click.option("--out", required=True, help="The sealed key bundle to write (.dskey).")
-@click.option("--passphrase-file", default=None, help="File holding the passphrase (else $DEEPSIGNS_PASSPHRASE, else a prompt).")
+@click.option("--passphrase-file", default=None,
+              help="File holding the passphrase (else $DEEPSIGNS_PASSPHRASE, else a prompt).")
 @force_option
 @common_options
 def command(model_path, arch, arch_kwargs, data_spec, schemes, bits, message, layer, classes,

@@ -1,6 +1,15 @@
 import click
 
-from .common import common_options, data_option, device_option, emit, force_option, kv_table, parse_arch_kwargs, progress_bar
+from .common import (
+    common_options,
+    data_option,
+    device_option,
+    emit,
+    force_option,
+    kv_table,
+    parse_arch_kwargs,
+    progress_bar,
+)
 
 
 @click.command("train")

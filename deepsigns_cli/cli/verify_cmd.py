@@ -2,8 +2,16 @@ import sys
 
 import click
 
-from .common import (EXIT_NOT_DETECTED, alpha_option, common_options, decision_table, emit,
-                     keys_option, open_keys, provider_option)
+from .common import (
+    EXIT_NOT_DETECTED,
+    alpha_option,
+    common_options,
+    decision_table,
+    emit,
+    keys_option,
+    open_keys,
+    provider_option,
+)
 
 
 @click.command("verify")

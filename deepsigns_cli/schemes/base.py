@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
