@@ -39,10 +39,11 @@ def command(model_path, arch, keys_path, passphrase_file, alpha, provider, seed,
     def render(c, r):
         c.print(decision_table(r))
         for res in r["results"]:
+            # soft_wrap: a long bit string stays one line that can be copied whole
             if res.get("bits"):
-                c.print(f"{res['scheme']} bits: {res['bits']}")
+                c.print(f"{res['scheme']} bits: {res['bits']}", soft_wrap=True, highlight=False)
             if res.get("message"):
-                c.print(f"{res['scheme']} message: {res['message']!r}")
+                c.print(f"{res['scheme']} message: {res['message']!r}", soft_wrap=True)
             for key in ("warning", "note"):
                 if res.get(key):
                     c.print(f"[yellow]{key}:[/] {res[key]}")
