@@ -168,6 +168,13 @@ def emit(report: dict, json_: bool, render) -> None:
     render(Console(), report)
 
 
+def emit_decision(report: dict, json_: bool, render=None) -> None:
+    """Print a detection report (the decision table unless `render` says more); exit 0 when
+    detected, 1 when not: the contract a release pipeline reads."""
+    emit(report, json_, render or (lambda c, r: c.print(decision_table(r))))
+    sys.exit(EXIT_OK if report["detected"] else EXIT_NOT_DETECTED)
+
+
 def info(message: str) -> None:
     stderr_console().print(message, highlight=False)
 

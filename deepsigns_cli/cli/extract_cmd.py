@@ -1,17 +1,6 @@
-import sys
-
 import click
 
-from .common import (
-    EXIT_NOT_DETECTED,
-    alpha_option,
-    common_options,
-    decision_table,
-    emit,
-    keys_option,
-    open_keys,
-    provider_option,
-)
+from .common import alpha_option, common_options, decision_table, emit_decision, keys_option, open_keys, provider_option
 
 
 @click.command("extract")
@@ -48,5 +37,4 @@ def command(model_path, arch, keys_path, passphrase_file, alpha, provider, seed,
                 if res.get(key):
                     c.print(f"[yellow]{key}:[/] {res[key]}")
 
-    emit(report, json_, render)
-    sys.exit(0 if report["detected"] else EXIT_NOT_DETECTED)
+    emit_decision(report, json_, render)

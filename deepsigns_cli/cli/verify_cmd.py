@@ -1,17 +1,6 @@
-import sys
-
 import click
 
-from .common import (
-    EXIT_NOT_DETECTED,
-    alpha_option,
-    common_options,
-    decision_table,
-    emit,
-    keys_option,
-    open_keys,
-    provider_option,
-)
+from .common import alpha_option, common_options, emit_decision, keys_option, open_keys, provider_option
 
 
 @click.command("verify")
@@ -38,5 +27,4 @@ def command(model_path, keys_path, passphrase_file, alpha, provider, seed, json_
     bundle = open_keys(keys_path, passphrase_file)
     report = verify_ownership(OnnxModel(model_path, provider=provider), bundle, alpha=alpha)
     report = {"command": "verify", "model": model_path, "key_id": bundle.key_id, **report}
-    emit(report, json_, lambda c, r: c.print(decision_table(r)))
-    sys.exit(0 if report["detected"] else EXIT_NOT_DETECTED)
+    emit_decision(report, json_)
