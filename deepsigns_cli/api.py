@@ -114,8 +114,8 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
         also = tuple(s.objective(model, data, k) for s, k in embedded)
         params, arrays = scheme.embed(model, info, data, (params, arrays), cfg, progress, also)
         model.cpu()
-        embedded.append((scheme, (params, arrays)))
         history = params.pop("embed_history", {})
+        embedded.append((scheme, (params, arrays)))
         bundle.add(name, params, arrays)
         report["schemes"][name] = {
             "epochs": history.get("epochs"),

@@ -23,10 +23,11 @@ def require_file(path: str | Path, what: str = "file") -> Path:
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """Only a file that exists can be overwritten ('digits' names no file, a new --out none)."""
     try:
         return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return a.resolve() == b.resolve()
+    except OSError:  # one of them does not exist
+        return False
 
 
 def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path] | None = None) -> Path:

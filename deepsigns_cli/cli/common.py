@@ -239,10 +239,12 @@ def load_model(model_path: str, arch: str | None, arch_kwargs: str | None, *, da
 
 
 def open_keys(keys_path: str, passphrase_file: str | None):
+    """(bundle, passphrase): the passphrase too, for commands that seal the bundle again."""
     from ..bundle import open_bundle, read_header
 
     read_header(keys_path)  # a missing or foreign file fails before the passphrase prompt
-    return open_bundle(keys_path, get_passphrase(passphrase_file))
+    passphrase = get_passphrase(passphrase_file)
+    return open_bundle(keys_path, passphrase), passphrase
 
 
 def decision_table(report: dict):

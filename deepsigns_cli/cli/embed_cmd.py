@@ -6,11 +6,11 @@ from .common import (
     device_option,
     emit,
     force_option,
-    get_passphrase,
     keys_option,
     kv_table,
     load_model,
     model_option,
+    open_keys,
     progress_bar,
 )
 
@@ -40,19 +40,17 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
     deepsigns embed --model base.safetensors --data digits --keys owner.dskey --out marked.safetensors
     """
     from ..api import embed_keys
-    from ..bundle import commitment, open_bundle, read_header, write_bundle
+    from ..bundle import commitment, write_bundle
     from ..checkpoint import export_onnx, save_checkpoint
-    from ..data import BUILTIN_DATASETS, load_data
+    from ..data import load_data
     from ..fileio import check_output
 
     inputs = {"--model": model_path, "--keys": keys_path, "--passphrase-file": passphrase_file,
-              "--data": None if data_spec in BUILTIN_DATASETS else data_spec}
+              "--data": data_spec}
     check_output(out, force, inputs=inputs)
     if onnx_out:
         check_output(onnx_out, force, inputs={**inputs, "--out": out})
-    read_header(keys_path)
-    passphrase = get_passphrase(passphrase_file)
-    bundle = open_bundle(keys_path, passphrase)
+    bundle, passphrase = open_keys(keys_path, passphrase_file)
     data = load_data(data_spec)
     model, info = load_model(model_path, arch, arch_kwargs, data=data)
     with progress_bar() as progress:

@@ -20,7 +20,7 @@ def command(model_path, arch, keys_path, passphrase_file, alpha, provider, seed,
     """
     from ..api import extract_watermarks, load_suspect
 
-    bundle = open_keys(keys_path, passphrase_file)
+    bundle, _ = open_keys(keys_path, passphrase_file)
     suspect = load_suspect(model_path, bundle, arch=arch, provider=provider)
     report = extract_watermarks(suspect, bundle, alpha=alpha)
     report = {"command": "extract", "model": model_path, "key_id": bundle.key_id, **report}

@@ -39,7 +39,7 @@ def command(model_path, arch, arch_kwargs, data_spec, schemes, bits, message, la
     """
     from ..api import make_keys
     from ..bundle import commitment, write_bundle
-    from ..data import BUILTIN_DATASETS, load_data
+    from ..data import load_data
     from ..errors import InputError
     from ..fileio import check_output
     from ..schemes import SCHEME_NAMES
@@ -55,7 +55,7 @@ def command(model_path, arch, arch_kwargs, data_spec, schemes, bits, message, la
             raise InputError(f"unknown scheme '{name}': use {', '.join(SCHEME_NAMES)} (comma-separated)")
     check_output(out, force, inputs={
         "--model": model_path, "--passphrase-file": passphrase_file,
-        "--data": None if data_spec in BUILTIN_DATASETS else data_spec})
+        "--data": data_spec})
     passphrase = get_passphrase(passphrase_file, confirm=True)
     data = load_data(data_spec)
     model, info = load_model(model_path, arch, arch_kwargs, data=data)

@@ -31,10 +31,10 @@ def command(arch, arch_kwargs, data_spec, epochs, lr, batch_size, out, force, de
     """
     from ..api import train_baseline
     from ..checkpoint import save_checkpoint
-    from ..data import BUILTIN_DATASETS, load_data
+    from ..data import load_data
     from ..fileio import check_output
 
-    check_output(out, force, inputs={"--data": None if data_spec in BUILTIN_DATASETS else data_spec})
+    check_output(out, force, inputs={"--data": data_spec})
     data = load_data(data_spec)
     with progress_bar() as progress:
         model, info, report = train_baseline(

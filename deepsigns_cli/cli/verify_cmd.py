@@ -24,7 +24,7 @@ def command(model_path, keys_path, passphrase_file, alpha, provider, seed, json_
     if not model_path.lower().endswith(".onnx"):
         raise InputError(f"{model_path}: verify reads ONNX models; export a checkpoint first "
                          "with 'deepsigns export', or use 'deepsigns extract'")
-    bundle = open_keys(keys_path, passphrase_file)
+    bundle, _ = open_keys(keys_path, passphrase_file)
     report = verify_ownership(OnnxModel(model_path, provider=provider), bundle, alpha=alpha)
     report = {"command": "verify", "model": model_path, "key_id": bundle.key_id, **report}
     emit_decision(report, json_)

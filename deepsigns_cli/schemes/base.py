@@ -24,7 +24,6 @@ class Scheme:
     """One watermark method. Keys live in the bundle as (params, arrays)."""
 
     name: str = ""
-    blackbox: bool = False  # True: verifiable from outputs alone (`verify`)
 
     def keygen(
         self, model: nn.Module, info, data: Dataset, options: dict[str, Any], rng: np.random.Generator
@@ -61,6 +60,10 @@ class Scheme:
 
 def register_scheme(name: str):
     def wrap(cls):
+        from . import BLACKBOX  # the one place that says which schemes `verify` can use
+
+        if name not in BLACKBOX:
+            raise RuntimeError(f"scheme '{name}' must be listed in deepsigns_cli.schemes.BLACKBOX")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -41,8 +41,6 @@ def bits_to_message(bits: np.ndarray) -> str:
 
 @register_scheme("hidden")
 class HiddenScheme(Scheme):
-    blackbox = False
-
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> Keys:
         opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
@@ -130,12 +128,12 @@ class HiddenScheme(Scheme):
     def _absent(self, keys, alpha, note: str) -> dict:
         """No carrier in this model: another architecture, so not ours (exit 1, not bad input)."""
         params, arrays = keys
-        result = self._decide(np.zeros((len(arrays["classes"]), params["width"])), keys, alpha)
+        n = int(arrays["bits"].size)
         # nothing was read: no bit counts (not "every bit wrong"), and no evidence at all
-        result.update(detected=False, p_value=1.0, bits="", bit_errors=None, ber=None, tensor=None,
-                      candidates=0, note=note)
-        result.pop("message", None)
-        return result
+        return {"scheme": "hidden", "layer": params["layer"], "bits": "", "n_bits": n,
+                "bit_errors": None, "ber": None, "p_value": 1.0,
+                "max_bit_errors": stats.max_bit_errors(n, alpha), "detected": False,
+                "tensor": None, "candidates": 0, "note": note}
 
     def extract(self, model, keys, alpha) -> dict:
         params, arrays = keys

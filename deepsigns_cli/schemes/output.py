@@ -9,6 +9,8 @@ p = P[Binomial(K, 1/C) >= matches].
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .. import stats
@@ -73,8 +75,6 @@ class RareRegions:
 
 @register_scheme("output")
 class OutputScheme(Scheme):
-    blackbox = True
-
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> Keys:
         from ..training import predict
@@ -88,17 +88,18 @@ class OutputScheme(Scheme):
         layer = default_layer(model)
         regions = RareRegions(activations(model, layer, data.x_train).numpy(), opts, rng)
         lo, hi = data.value_range
-        accepted, acc_counts, rej_counts, drawn = [], [], [], 0
-        while sum(len(a) for a in accepted) < wanted:
+        accepted, acc_counts, rej_counts, drawn, n_accepted = [], [], [], 0, 0
+        while n_accepted < wanted:
             if drawn >= 50 * wanted:
                 raise SchemeError(
-                    f"only {sum(len(a) for a in accepted)} of {wanted} random inputs fell in rarely "
+                    f"only {n_accepted} of {wanted} random inputs fell in rarely "
                     f"explored regions after {drawn} draws: lower --key-size"
                 )
             x = rng.uniform(lo, hi, size=(wanted, *info.input_shape)).astype(np.float32)
             drawn += len(x)
             ok, counts = regions.rare(activations(model, layer, x).numpy())
             accepted.append(x[ok])
+            n_accepted += int(ok.sum())
             acc_counts.append(counts[ok])
             rej_counts.append(counts[~ok])
         x_cand = np.concatenate(accepted)[:wanted]
@@ -144,7 +145,7 @@ class OutputScheme(Scheme):
         objective = self.objective(model, data, keys)
         objective.stop_at = 0.99
         # the paper: the same optimiser, the learning rate reduced tenfold
-        cfg.lr = cfg.lr / 10
+        cfg = replace(cfg, lr=cfg.lr / 10)
         history = fit(model, data.x_train, data.y_train, cfg, [objective, *also], progress)
         marked = predict(model, x).argmax(1)
         good = np.flatnonzero((marked == y) & (unmarked != y))
