@@ -1,54 +1,343 @@
-"""The library's front door: every command is a function here, callable from Python.
+"""The library's front door: every command is one function here, doing the whole job.
 
-Data flows one way: CLI -> api -> schemes/training/checkpoint -> torch/onnxruntime.
-Nothing here prints; progress goes through a callback.
+Each takes paths and options, checks every output before any work, writes every output
+(committed as a group by fileio.Outputs), and returns a typed report (results.py). The CLI
+only parses, resolves the passphrase, calls one of these, and renders. Data flows one way:
+CLI -> api -> schemes/training/checkpoint -> torch/onnxruntime. Nothing here prints;
+progress goes through a callback.
+
+The model-level functions below the commands (`train_model`, `make_keys`, `embed_keys`,
+`read_keys`) are what the commands are made of, for scripts that keep models in memory.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from . import stats
-from .bundle import Bundle
-from .data import Dataset
 from .errors import InputError, SchemeError
-from .schemes import BLACKBOX, get_scheme
+from .registry import DEFAULT_SCHEMES, SCHEMES, embed_order, keygen_options, load_scheme, scheme_entry
 
 if TYPE_CHECKING:
+    from .bundle import Bundle
     from .checkpoint import ModelInfo
+    from .data import Dataset
+    from .results import Decision, EmbedReport, ExportReport, InspectReport, KeygenReport, TrainReport
+    from .suspect import Suspect
+    from .training import Progress
 
 # torch comes in through checkpoint/training/zoo, imported inside the functions that need it:
 # `verify` runs on onnxruntime alone and starts in a fraction of the time
 
 __all__ = [
-    "train_baseline",
+    "train",
+    "keygen",
+    "embed",
+    "export",
+    "extract",
+    "verify",
+    "inspect",
+    "check_keys",
+    "report_json",
+    "SCHEMES",
+    "DEFAULT_SCHEMES",
+    "keygen_options",
+    "train_model",
     "make_keys",
     "embed_keys",
-    "extract_watermarks",
-    "verify_ownership",
-    "load_suspect",
-    "combine",
+    "read_keys",
+    "LIMITS",
+    "DEFAULT_ALPHA",
+    "DEFAULT_TIMEOUT",
+    "Passphrase",
 ]
 
+#: the passphrase, or a function that asks for it once the cheap checks have passed
+Passphrase = str | Callable[[], str]
 
-def train_baseline(
-    arch: str,
-    data: Dataset,
-    *,
-    arch_kwargs: dict | None = None,
-    epochs: int = 30,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str = "auto",
-    progress=None,
-):
-    """A plain, unmarked model. Returns (model, info, report)."""
+DEFAULT_ALPHA = 1e-3
+DEFAULT_TIMEOUT = 60.0  # seconds for all of one suspect's evaluation
+
+#: bounds of every size a user gives: a typo or a hostile value fails at once, never hangs
+LIMITS = {
+    "epochs": (1, 100_000),
+    "batch_size": (1, 65_536),
+    "seed": (0, 2**32 - 1),
+    "lr": (0.0, 10.0),  # exclusive of 0
+    "timeout": (0.0, 86_400.0),  # exclusive of 0
+}
+
+
+def _check_int(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    lo, hi = LIMITS[name]
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InputError(f"{flag} must be a whole number from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _check_positive(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    _, hi = LIMITS[name]
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= hi:
+        raise InputError(f"{flag} must be a number above 0 and at most {hi:g}, got {value!r}")
+    return float(value)
+
+
+def _check_alpha(alpha: float) -> float:
+    from . import stats
+
+    try:
+        return stats.check_alpha(alpha)
+    except ValueError:
+        raise InputError(f"--alpha must be a probability above 0 and at most 1 (e.g. 1e-3), "
+                         f"got {alpha!r}") from None
+
+
+def _passphrase(passphrase: Passphrase) -> str:
+    return passphrase() if callable(passphrase) else passphrase
+
+
+def _load_model(path, arch: str | None, arch_kwargs: dict | None, *, data: Dataset | None = None,
+                bundle: Bundle | None = None):
+    """A checkpoint named by the user; a .pt's shapes come from the data or the keys."""
+    from .checkpoint import load_checkpoint
+
+    shape = classes = None
+    if data is not None:
+        shape, classes = data.input_shape, data.num_classes
+    elif bundle is not None:
+        shape, classes = tuple(bundle.info["input_shape"]), bundle.info["num_classes"]
+    return load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, input_shape=shape,
+                           num_classes=classes)
+
+
+# ============================================================================ commands
+
+
+def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict | None = None,
+          epochs: int = 30, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
+          device: str = "auto", force: bool = False, progress: Progress | None = None) -> TrainReport:
+    """`deepsigns train`: a plain, unmarked baseline checkpoint."""
+    from .checkpoint import save_checkpoint
+    from .data import load_data
+    from .fileio import Outputs
+
+    _check_int("epochs", epochs), _check_int("batch_size", batch_size), _check_int("seed", seed)
+    _check_positive("lr", lr)
+    with Outputs(force=force, inputs={"--data": data}) as outs:
+        tmp = outs.add(out, "--out")
+        dataset = load_data(data)
+        model, info, report = train_model(arch, dataset, arch_kwargs=arch_kwargs, epochs=epochs, lr=lr,
+                                          batch_size=batch_size, seed=seed, device=device,
+                                          progress=progress)
+        save_checkpoint(model, info, tmp)
+    return replace(report, out=str(out))
+
+
+def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: str = "digits",
+           schemes: list[str] | tuple[str, ...] = DEFAULT_SCHEMES, options: dict | None = None,
+           arch: str | None = None, arch_kwargs: dict | None = None, seed: int | None = None,
+           force: bool = False, also_inputs: dict | None = None) -> KeygenReport:
+    """`deepsigns keygen`: a sealed bundle of fresh secrets for the given schemes.
+
+    `options` maps option keys of the schemes' registry rows ("bits", "key_size", ...) to
+    values; `also_inputs` names other files the caller read (never overwritten)."""
+    from .bundle import BUNDLE_MODE, write_bundle
+    from .data import load_data
+    from .fileio import Outputs
+
+    names = _scheme_list(schemes)
+    per_scheme = _split_options(names, options or {})
+    _check_int("seed", seed)
+    inputs = {"--model": model, "--data": data, **(also_inputs or {})}
+    with Outputs(force=force, inputs=inputs) as outs:
+        tmp = outs.add(out, "--out", mode=BUNDLE_MODE)
+        secret = _passphrase(passphrase)
+        dataset = load_data(data)
+        net, info = _load_model(model, arch, arch_kwargs, data=dataset)
+        bundle = make_keys(net, info, dataset, names, per_scheme, seed=seed)
+        commitment = write_bundle(bundle, tmp, secret)
+    from .results import KeygenReport
+
+    return KeygenReport(str(out), names, bundle.key_id, commitment, _keygen_warnings(bundle))
+
+
+def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str | Path, *,
+          data: str = "digits", onnx: str | Path | None = None, epochs: int | None = None,
+          lr: float | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
+          arch_kwargs: dict | None = None, force: bool = False, progress: Progress | None = None,
+          also_inputs: dict | None = None) -> EmbedReport:
+    """`deepsigns embed`: fine-tune with every watermark of the bundle; write the marked
+    checkpoint (and ONNX), and update the bundle in place (final keys, fingerprint).
+
+    The three files are committed together, the bundle first: a marked model never exists
+    without the keys that prove it."""
+    from .bundle import BUNDLE_MODE, open_bundle, read_header, write_bundle
+    from .checkpoint import export_onnx, save_checkpoint
+    from .data import load_data
+    from .fileio import Outputs
+    from .results import EmbedReport
+
+    _check_int("epochs", epochs), _check_int("seed", seed), _check_positive("lr", lr)
+    inputs = {"--model": model, "--keys": keys, "--data": data, **(also_inputs or {})}
+    with Outputs(force=force, inputs=inputs) as outs:
+        read_header(keys)  # a missing or foreign bundle fails before the passphrase is asked
+        keys_tmp = outs.add(keys, "--keys", mode=BUNDLE_MODE, update=True)  # locked from here
+        out_tmp = outs.add(out, "--out")
+        onnx_tmp = outs.add(onnx, "--onnx") if onnx else None
+        secret = _passphrase(passphrase)
+        bundle = open_bundle(keys, secret)
+        dataset = load_data(data)
+        net, info = _load_model(model, arch, arch_kwargs, data=dataset)
+        net, info, bundle, report = embed_keys(net, info, dataset, bundle, epochs=epochs, lr=lr,
+                                               seed=seed, device=device, progress=progress)
+        save_checkpoint(net, info, out_tmp)
+        diff = None
+        if onnx_tmp is not None:
+            diff = export_onnx(net, info, onnx_tmp, check_inputs=dataset.x_test[:64])["max_abs_diff"]
+        commitment = write_bundle(bundle, keys_tmp, secret)
+    return EmbedReport(report["accuracy_before"], report["accuracy_after"], report["schemes"],
+                       report["fingerprint"], str(out), str(keys), commitment,
+                       str(onnx) if onnx else None, diff)
+
+
+def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, arch: str | None = None,
+           arch_kwargs: dict | None = None, force: bool = False) -> ExportReport:
+    """`deepsigns export`: ONNX (opset 17, dynamic batch), checked for parity with torch."""
+    from .checkpoint import ONNX_OPSET, export_onnx
+    from .data import load_data
+    from .fileio import Outputs
+    from .results import ExportReport
+
+    with Outputs(force=force, inputs={"CHECKPOINT": checkpoint, "--data": data}) as outs:
+        tmp = outs.add(out, "--out")
+        dataset = load_data(data) if data else None
+        net, info = _load_model(checkpoint, arch, arch_kwargs, data=dataset)
+        if dataset is not None:
+            dataset.check_fits(info.input_shape, info.num_classes)
+        result = export_onnx(net, info, tmp,
+                             check_inputs=dataset.x_test[:64] if dataset is not None else None)
+    return ExportReport(str(out), ONNX_OPSET, result["max_abs_diff"], ["batch", *info.input_shape])
+
+
+def check_keys(keys: str | Path) -> dict:
+    """The public header of a bundle: fails on a missing or foreign file, asks nothing."""
+    from .bundle import read_header
+
+    return read_header(keys)
+
+
+def extract(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
+            alpha: float = DEFAULT_ALPHA, arch: str | None = None, arch_kwargs: dict | None = None,
+            provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT) -> Decision:
+    """`deepsigns extract`: white-box, every scheme of the bundle read from a checkpoint or
+    an ONNX file."""
+    from .bundle import open_bundle
+    from .suspect import open_suspect
+
+    alpha = _check_alpha(alpha)
+    _check_positive("timeout", timeout)
+    check_keys(keys)
+    bundle = open_bundle(keys, _passphrase(passphrase))
+    if arch_kwargs is None and arch == bundle.info.get("arch"):
+        arch_kwargs = bundle.info.get("arch_kwargs")
+    suspect = open_suspect(model, shapes=(tuple(bundle.info["input_shape"]), bundle.info["num_classes"]),
+                           arch=arch, arch_kwargs=arch_kwargs, provider=provider, timeout=timeout)
+    return read_keys(suspect, bundle, embed_order(bundle.schemes), alpha=alpha, command="extract")
+
+
+def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
+           alpha: float = DEFAULT_ALPHA, provider: str = "auto",
+           timeout: float | None = DEFAULT_TIMEOUT) -> Decision:
+    """`deepsigns verify`: black-box, only the suspect ONNX model's outputs to the keys."""
+    from .bundle import open_bundle
+    from .errors import shown
+    from .runtime import OnnxModel
+    from .suspect import OnnxSuspect
+
+    alpha = _check_alpha(alpha)
+    _check_positive("timeout", timeout)
+    if not str(model).lower().endswith(".onnx"):
+        raise InputError(f"{shown(model)}: verify reads ONNX models; export a checkpoint first "
+                         "with 'deepsigns export', or use 'deepsigns extract'")
+    check_keys(keys)
+    bundle = open_bundle(keys, _passphrase(passphrase))
+    names = [n for n in embed_order(bundle.schemes) if scheme_entry(n).blackbox]
+    if not names:
+        raise SchemeError(
+            "this bundle holds white-box keys only (scheme: "
+            f"{', '.join(bundle.schemes)}): use 'deepsigns extract' to read them"
+        )
+    suspect = OnnxSuspect(OnnxModel(model, provider=provider, timeout=timeout), blackbox_only=True)
+    return read_keys(suspect, bundle, names, alpha=alpha, command="verify")
+
+
+def inspect(path: str | Path) -> InspectReport:
+    """`deepsigns inspect`: the public facts of a bundle, checkpoint or ONNX file."""
+    from .describe import describe
+    from .results import InspectReport
+
+    facts = describe(path)
+    return InspectReport(facts.pop("kind"), facts.pop("path"), facts)
+
+
+def report_json(report) -> dict:
+    """Any report of the commands above as a JSON object (always valid JSON: no NaN)."""
+    from .results import to_json_dict
+
+    return to_json_dict(report)
+
+
+# ============================================================================ building blocks
+
+
+def _scheme_list(schemes) -> list[str]:
+    if isinstance(schemes, str):
+        schemes = schemes.split(",")
+    names = [s.strip() for s in schemes if s and s.strip()]
+    if not names:
+        raise InputError(f"no scheme given: use --scheme {' or '.join(SCHEMES)} (comma-separated)")
+    for name in names:
+        scheme_entry(name)  # unknown names fail here, with the list
+    if len(set(names)) != len(names):
+        raise InputError(f"--scheme names a scheme twice: {','.join(names)}")
+    return names
+
+
+def _split_options(names: list[str], options: dict) -> dict[str, dict]:
+    """Flat option values -> the options of each scheme (its registry row says which)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    per = {n: {o.key: given[o.key] for o in scheme_entry(n).options if o.key in given} for n in names}
+    for key in given:
+        if not any(key in opts for opts in per.values()):
+            takers = [n for n, e in SCHEMES.items() if any(o.key == key for o in e.options)]
+            flag = "--" + key.replace("_", "-")
+            raise InputError(f"{flag} is an option of scheme {' and '.join(takers) or '(none)'}, "
+                             f"which is not in --scheme {','.join(names)}: add it, or drop {flag}")
+    return per
+
+
+def _keygen_warnings(bundle: Bundle) -> list[str]:
+    return [w for name, keys in bundle.schemes.items() for w in load_scheme(name).warnings(keys)]
+
+
+def train_model(arch: str, data: Dataset, *, arch_kwargs: dict | None = None, epochs: int = 30,
+                lr: float = 1e-3, batch_size: int = 64, seed: int = 0, device: str = "auto",
+                progress: Progress | None = None):
+    """A plain, unmarked model in memory. Returns (model, info, TrainReport without `out`)."""
+    import numpy as np
+
     from .checkpoint import ModelInfo
+    from .results import TrainReport
     from .training import TrainConfig, evaluate, fit, seed_everything
     from .zoo import build_model
 
@@ -63,37 +352,41 @@ def train_baseline(
         extra={"producer": "deepsigns", "data": data.name, "seed": seed,
                "test_accuracy": round(acc, 4)},
     )
-    report = {"command": "train", "arch": arch, "data": data.name, "epochs": history["epochs"],
-              "test_accuracy": acc, "seconds_per_epoch": float(np.mean(history["epoch_seconds"]))}
+    report = TrainReport(arch, data.name, history["epochs"], acc,
+                         float(np.mean(history["epoch_seconds"])), out="")
     return model, info, report
 
 
-def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options: dict,
+def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options: dict[str, dict],
               *, seed: int | None = None) -> Bundle:
-    """Draw every secret for the given schemes (keys that depend on the model use it)."""
+    """Draw every secret for the given schemes (keys that depend on the model use it).
+    `options`: scheme name -> that scheme's option values."""
+    import numpy as np
+
+    from .bundle import Bundle
     from .checkpoint import fingerprint
 
     data.check_fits(info.input_shape, info.num_classes)
-    if not schemes:
-        raise InputError("no scheme given: use --scheme hidden (or output, or hidden,output)")
+    names = _scheme_list(schemes)
     rng = np.random.default_rng(seed)  # seed=None: fresh OS entropy, the normal case for keys
     bundle = Bundle(info={
         "arch": info.arch, "arch_kwargs": info.arch_kwargs,
         "input_shape": list(info.input_shape), "num_classes": info.num_classes,
         "base_fingerprint": fingerprint(model), "embedded": False,
     })
-    for name in schemes:
-        params, arrays = get_scheme(name).keygen(model, info, data, options.get(name, {}), rng)
-        bundle.add(name, params, arrays)
+    for name in names:
+        bundle.put(load_scheme(name).keygen(model, info, data, options.get(name, {}), rng))
     return bundle
 
 
 def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs: int | None = None,
-               lr: float | None = None, seed: int = 0, device: str = "auto", progress=None):
-    """Embed every scheme of the bundle in order (hidden before output, as in the paper's Fig. 2).
+               lr: float | None = None, seed: int = 0, device: str = "auto",
+               progress: Progress | None = None):
+    """Embed every scheme of the bundle in registry order; returns (model, info, bundle,
+    report dict). The model is trained in place; objectives of the schemes already embedded
+    stay on, so every watermark stays readable."""
+    import numpy as np
 
-    Returns (model, info, bundle, report); the model is trained in place.
-    """
     from .checkpoint import fingerprint
     from .training import TrainConfig, evaluate, resolve_device
 
@@ -101,38 +394,29 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
     _check_bundle_fits(bundle, info)
     dev = resolve_device(device)
     acc_before = evaluate(model, data.x_test, data.y_test)
-    report = {"command": "embed", "accuracy_before": acc_before, "schemes": {}}
-    embedded = []  # (scheme, keys) already in the model: their objectives keep them there
-    for name in _embed_order(bundle):
-        scheme = get_scheme(name)
-        params, arrays = bundle.schemes[name]["params"], bundle.schemes[name]["arrays"]
-        # --epochs, else the scheme's own default (hidden: 10; output: a cap, it stops at 99%)
-        default_epochs = params.get("max_epochs", 10)
-        cfg = TrainConfig(epochs=epochs or default_epochs, lr=lr or info.lr, seed=seed,
+    schemes: dict[str, dict] = {}
+    embedded = []  # objectives of the watermarks already in the model
+    for name in embed_order(bundle.schemes):
+        scheme, entry = load_scheme(name), scheme_entry(name)
+        # --epochs, else the scheme's own default (a cap where it stops by itself)
+        cfg = TrainConfig(epochs=epochs or entry.default_epochs, lr=lr or info.lr, seed=seed,
                           device=str(dev), description=f"embed {name}")
         model.to(dev)
-        also = tuple(s.objective(model, data, k) for s, k in embedded)
-        params, arrays = scheme.embed(model, info, data, (params, arrays), cfg, progress, also)
+        keys, history = scheme.embed(model, info, data, bundle.schemes[name], cfg, progress,
+                                     tuple(embedded))
         model.cpu()
-        history = params.pop("embed_history", {})
-        embedded.append((scheme, (params, arrays)))
-        bundle.add(name, params, arrays)
-        report["schemes"][name] = {
-            "epochs": history.get("epochs"),
-            "seconds_per_epoch": float(np.mean(history["epoch_seconds"])) if history else None,
-        }
-    report["accuracy_after"] = evaluate(model, data.x_test, data.y_test)
+        bundle.put(keys)
+        embedded.append(scheme.objective(model, info, data, keys))
+        schemes[name] = {"epochs": history["epochs"],
+                         "seconds_per_epoch": float(np.mean(history["epoch_seconds"]))}
+    acc_after = evaluate(model, data.x_test, data.y_test)
     fp = fingerprint(model)
     bundle.info.update(embedded=True, marked_fingerprint=fp)
     # no key id and no "embed" in the metadata: a marked file must look like any other
-    info = replace(info, extra={**info.extra, "test_accuracy": round(report["accuracy_after"], 4)})
-    report["fingerprint"] = fp
+    info = replace(info, extra={**info.extra, "test_accuracy": round(acc_after, 4)})
+    report = {"accuracy_before": acc_before, "accuracy_after": acc_after, "schemes": schemes,
+              "fingerprint": fp}
     return model, info, bundle, report
-
-
-def _embed_order(bundle: Bundle) -> list[str]:
-    order = ["hidden", "output", "gradsigns"]
-    return sorted(bundle.schemes, key=lambda s: order.index(s) if s in order else len(order))
 
 
 def _check_bundle_fits(bundle: Bundle, info: ModelInfo) -> None:
@@ -151,52 +435,10 @@ def _check_bundle_fits(bundle: Bundle, info: ModelInfo) -> None:
         )
 
 
-def combine(results: list[dict], alpha: float) -> dict:
-    """Overall decision over several schemes: Bonferroni over the schemes that could decide."""
-    p = stats.bonferroni(min((r["p_value"] for r in results), default=1.0), len(results))
-    return {"detected": p <= alpha, "p_value": p, "alpha": alpha, "results": results}
+def read_keys(suspect: Suspect, bundle: Bundle, names: list[str], *, alpha: float = DEFAULT_ALPHA,
+              command: str = "extract") -> Decision:
+    """Read the named schemes of the bundle from a suspect and decide (extract and verify)."""
+    from .results import decide
 
-
-def load_suspect(path: str | Path, bundle: Bundle, *, arch: str | None = None,
-                 provider: str = "auto"):
-    """A checkpoint (torch) or an ONNX file (onnxruntime) to examine with these keys."""
-    from .checkpoint import load_checkpoint
-    from .runtime import OnnxModel
-
-    if Path(path).suffix.lower() == ".onnx":
-        return OnnxModel(path, provider=provider)
-    model, _ = load_checkpoint(
-        path, arch=arch, arch_kwargs=bundle.info.get("arch_kwargs") if arch == bundle.info.get("arch") else None,
-        input_shape=tuple(bundle.info["input_shape"]), num_classes=bundle.info["num_classes"],
-    )
-    return model
-
-
-def extract_watermarks(suspect, bundle: Bundle, *, alpha: float = 1e-3) -> dict:
-    """White-box: every scheme of the bundle read from a torch model or an OnnxModel."""
-    from .runtime import OnnxModel
-
-    results = []
-    for name in _embed_order(bundle):
-        scheme = get_scheme(name)
-        keys = (bundle.schemes[name]["params"], bundle.schemes[name]["arrays"])
-        if isinstance(suspect, OnnxModel):
-            results.append(scheme.extract_onnx(suspect, keys, alpha))
-        else:
-            results.append(scheme.extract(suspect, keys, alpha))
-    return combine(results, alpha)
-
-
-def verify_ownership(suspect, bundle: Bundle, *, alpha: float = 1e-3) -> dict:
-    """Black-box: only the suspect's outputs to the keys are used."""
-    names = [n for n in _embed_order(bundle) if BLACKBOX.get(n)]
-    if not names:
-        raise SchemeError(
-            "this bundle holds white-box keys only (scheme: "
-            f"{', '.join(bundle.schemes)}): use 'deepsigns extract' to read them"
-        )
-    results = []
-    for name in names:
-        keys = (bundle.schemes[name]["params"], bundle.schemes[name]["arrays"])
-        results.append(get_scheme(name).verify(suspect, keys, alpha))
-    return combine(results, alpha)
+    results = [load_scheme(n).read(suspect, bundle.schemes[n]) for n in names]
+    return decide(results, alpha, command=command, model=suspect.name, key_id=bundle.key_id)

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets as _secrets
 import struct
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
-from .fileio import atomic_output, require_file
+from .errors import BundleError, one_line, shown
+from .fileio import require_file
+from .results import SchemeKeys
 
 __all__ = ["Bundle", "open_bundle", "read_header", "write_bundle", "commitment", "BUNDLE_VERSION"]
 
@@ -38,12 +40,15 @@ _FIX = "check the passphrase (DEEPSIGNS_PASSPHRASE or --passphrase-file) and tha
 class Bundle:
     """Everything secret, by scheme: JSON-able params and numpy arrays."""
 
-    schemes: dict[str, dict] = field(default_factory=dict)  # name -> {"params", "arrays"}
+    schemes: dict[str, SchemeKeys] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # model facts and fingerprint (secret too)
     header: dict = field(default_factory=dict)  # public; filled when read or sealed
 
     def add(self, scheme: str, params: dict, arrays: dict[str, np.ndarray]) -> None:
-        self.schemes[scheme] = {"params": params, "arrays": arrays}
+        self.schemes[scheme] = SchemeKeys(scheme, params, arrays)
+
+    def put(self, keys: SchemeKeys) -> None:
+        self.schemes[keys.scheme] = keys
 
     @property
     def key_id(self) -> str:
@@ -62,7 +67,7 @@ def _derive(passphrase: str, kdf: dict) -> bytes:
             or not all(type(v) is int and v >= 1 for v in (n, r, p))
             or p > 4 or 128 * r * n > _MAX_SCRYPT_MEMORY):
         raise ValueError(f"scrypt parameters out of range: {kdf}")
-    salt = base64.b64decode(kdf["salt"])
+    salt = base64.b64decode(kdf["salt"], validate=True)  # binascii.Error is a ValueError
     return Scrypt(salt=salt, length=kdf["length"], n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(
         passphrase.encode("utf-8")
     )
@@ -72,30 +77,51 @@ def _plaintext(bundle: Bundle) -> bytes:
     from safetensors.numpy import save
 
     tensors, params = {}, {}
-    for scheme, body in bundle.schemes.items():
-        params[scheme] = body["params"]
-        for name, arr in body["arrays"].items():
+    for scheme, keys in bundle.schemes.items():
+        params[scheme] = keys.params
+        for name, arr in keys.arrays.items():
             tensors[f"{scheme}/{name}"] = np.ascontiguousarray(arr)
     meta = {"params": json.dumps(params), "info": json.dumps(bundle.info)}
     return save(tensors, metadata=meta)
 
 
 def _from_plaintext(blob: bytes, header: dict) -> Bundle:
+    """The opened payload. It passed the AEAD check, so it is what keygen or embed sealed; it is
+    still checked, so that a bug or a foreign payload is a BundleError, never a crash."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load
 
-    tensors = load(blob)
-    meta = _safetensors_metadata(blob)  # load() does not return the metadata
-    bundle = Bundle(info=json.loads(meta["info"]), header=header)
-    for scheme, params in json.loads(meta["params"]).items():
-        prefix = f"{scheme}/"
-        arrays = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        bundle.add(scheme, params, arrays)
+    try:
+        tensors = load(blob)
+        meta = _safetensors_metadata(blob)  # load() does not return the metadata
+        info, schemes = json.loads(meta["info"]), json.loads(meta["params"])
+        if not isinstance(info, dict) or not isinstance(schemes, dict):
+            raise ValueError("info and params must be JSON objects")
+        bundle = Bundle(info=info, header=header)
+        for scheme, params in schemes.items():
+            if not isinstance(params, dict):
+                raise ValueError(f"the parameters of {scheme!r} are not a JSON object")
+            prefix = f"{scheme}/"
+            arrays = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            bundle.add(scheme, params, arrays)
+    except (SafetensorError, KeyError, ValueError, TypeError, AttributeError, RecursionError,
+            struct.error) as exc:
+        raise BundleError(
+            f"the bundle opened but its contents are unreadable ({one_line(exc, 120)}): it was not "
+            "written by this version of deepsigns; use the .dskey that keygen wrote"
+        ) from None
     return bundle
 
 
 def _safetensors_metadata(blob: bytes) -> dict:
+    """The metadata of a safetensors blob (ValueError, KeyError or struct.error when malformed)."""
     (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
+    if n > len(blob) - 8:
+        raise ValueError("the payload's header runs past its end")
+    meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("the payload's metadata is not a map of strings")
+    return meta
 
 
 def seal(bundle: Bundle, passphrase: str) -> bytes:
@@ -121,38 +147,128 @@ def seal(bundle: Bundle, passphrase: str) -> bytes:
     return prefix + nonce + cipher
 
 
+_MAX_HEADER = 64 * 1024  # bytes: keygen writes about 400
+_KEY_ID = re.compile(r"[0-9a-f]{8,64}")
+_SCHEME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def _header_problem(header) -> str | None:
+    """What is wrong with a parsed public header (every field readers rely on, with its type
+    and form), or None. inspect prints these fields: none may carry control characters."""
+    if not isinstance(header, dict):
+        return "not a JSON object"
+    if header.get("format") != "deepsigns-keys":
+        return "not a deepsigns-keys header"
+    version = header.get("version")
+    if type(version) is not int or version != BUNDLE_VERSION:
+        return f"version {one_line(json.dumps(version), 20)} (this deepsigns reads version {BUNDLE_VERSION})"
+    schemes = header.get("schemes")
+    if (not isinstance(schemes, list) or not schemes
+            or not all(isinstance(s, str) and _SCHEME.fullmatch(s) for s in schemes)):
+        return "'schemes' is not a list of scheme names"
+    for key in ("created", "updated"):
+        if key == "updated" and key not in header:
+            continue
+        value = header.get(key)
+        if not isinstance(value, str) or len(value) > 64 or not _is_timestamp(value):
+            return f"'{key}' is not a timestamp"
+    kdf = header.get("kdf")
+    if not isinstance(kdf, dict):
+        return "'kdf' is not a JSON object"
+    if (not all(type(kdf.get(k)) is int for k in ("n", "r", "p", "length"))
+            or not isinstance(kdf.get("name"), str) or not _is_base64(kdf.get("salt"))):
+        # the costs themselves are checked by _derive, before any work
+        return "its KDF parameters are damaged"
+    if header.get("cipher") != "AES-256-GCM":
+        return "'cipher' is not AES-256-GCM"
+    if not isinstance(header.get("key_id"), str) or not _KEY_ID.fullmatch(header["key_id"]):
+        return "'key_id' is not a hexadecimal key id"
+    return None
+
+
+def _is_base64(text) -> bool:
+    if not isinstance(text, str) or not text:
+        return False
+    try:
+        base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error
+        return False
+    return True
+
+
+def _is_timestamp(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return text.isprintable()
+
+
 def _header_complete(header: dict) -> bool:
     """Every public field that readers (inspect, open) rely on, with its type."""
-    want = {"format": str, "schemes": list, "created": str, "kdf": dict, "cipher": str,
-            "key_id": str}
-    return header.get("format") == "deepsigns-keys" and all(
-        isinstance(header.get(k), t) for k, t in want.items()
-    )
+    return _header_problem(header) is None
+
+
+def _parse_header(data: bytes, path: Path) -> tuple[int, dict]:
+    """(end of the header, header) from the first bytes of a bundle (at least the magic, the
+    length and the header itself); BundleError for anything else."""
+    where = shown(path)
+    if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
+        raise BundleError(
+            f"{where} is not a deepsigns key bundle (or it is damaged): give the .dskey that keygen wrote"
+        )
+    (n,) = struct.unpack(">I", data[len(MAGIC) : len(MAGIC) + 4])
+    end = len(MAGIC) + 4 + n
+    problem = None
+    if n > _MAX_HEADER:
+        problem = f"its length field claims {n} bytes, more than {_MAX_HEADER}"
+    elif end > len(data):
+        problem = "the file ends inside it"
+    else:
+        try:
+            header = json.loads(data[len(MAGIC) + 4 : end])
+        except RecursionError:
+            problem = "nested too deeply"
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            problem = f"not JSON: {one_line(exc, 60)}"
+        else:
+            problem = _header_problem(header)
+    if problem:
+        raise BundleError(
+            f"{where}: unreadable or unsupported bundle header ({problem}; tampered, or a newer "
+            "format): use the file keygen wrote, with this version of deepsigns"
+        )
+    return end, header
 
 
 def _split(data: bytes, path: Path) -> tuple[bytes, dict, bytes]:
-    bad = f"{path} is not a deepsigns key bundle (or it is damaged): give the .dskey that keygen wrote"
-    if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
-        raise BundleError(bad)
-    (n,) = struct.unpack(">I", data[len(MAGIC) : len(MAGIC) + 4])
-    end = len(MAGIC) + 4 + n
+    end, header = _parse_header(data, path)
     if end + 12 + 16 > len(data):
-        raise BundleError(bad)
-    try:
-        header = json.loads(data[len(MAGIC) + 4 : end])
-        if header.get("version") != BUNDLE_VERSION or not _header_complete(header):
-            raise ValueError(header.get("version"))
-    except (ValueError, UnicodeDecodeError, AttributeError):
         raise BundleError(
-            f"{path}: unreadable or unsupported bundle header (tampered, or a newer format): "
-            "use the file keygen wrote, with this version of deepsigns"
-        ) from None
+            f"{shown(path)} is not a deepsigns key bundle (or it is damaged: it ends before its "
+            "sealed payload): give the .dskey that keygen wrote"
+        )
     return data[:end], header, data[end:]
 
 
 def read_header(path: str | Path) -> dict:
+    """The public header, reading no more of the file than the header itself."""
     path = require_file(path, "key bundle")
-    _, header, _ = _split(path.read_bytes(), path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC) + 4)
+            if len(head) == len(MAGIC) + 4 and head.startswith(MAGIC):
+                (n,) = struct.unpack(">I", head[len(MAGIC):])
+                head += fh.read(min(n, _MAX_HEADER + 1))
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise BundleError(f"cannot read {shown(path)} ({one_line(exc)}): check the file's permissions") from None
+    end, header = _parse_header(head, path)
+    if end + 12 + 16 > size:
+        raise BundleError(
+            f"{shown(path)} is not a deepsigns key bundle (or it is damaged: it ends before its "
+            "sealed payload): give the .dskey that keygen wrote"
+        )
     return header
 
 
@@ -161,21 +277,31 @@ def open_bundle(path: str | Path, passphrase: str) -> Bundle:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     path = require_file(path, "key bundle")
-    prefix, header, body = _split(path.read_bytes(), path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"cannot read {shown(path)} ({one_line(exc)}): check the file's permissions") from None
+    prefix, header, body = _split(data, path)
     try:
         key = _derive(passphrase, header["kdf"])
         plain = AESGCM(key).decrypt(body[:12], body[12:], prefix)
     except InvalidTag:
-        raise BundleError(f"cannot open {path}: wrong passphrase or tampered bundle; {_FIX}") from None
-    except (KeyError, TypeError, ValueError):
-        raise BundleError(f"cannot open {path}: its KDF parameters are damaged; {_FIX}") from None
+        raise BundleError(f"cannot open {shown(path)}: wrong passphrase or tampered bundle; {_FIX}") from None
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise BundleError(f"cannot open {shown(path)}: its KDF parameters are damaged; {_FIX}") from None
     return _from_plaintext(plain, header)
 
 
-def write_bundle(bundle: Bundle, path: str | Path, passphrase: str, *, force: bool) -> None:
+BUNDLE_MODE = 0o600  # sealed, but still the owner's only
+
+
+def write_bundle(bundle: Bundle, path: str | Path, passphrase: str) -> str:
+    """Seal the bundle into `path` as it is (callers write a temporary file of
+    fileio.Outputs, added with mode=BUNDLE_MODE, which renames it into place).
+    Returns the commitment of what was written."""
     blob = seal(bundle, passphrase)
-    with atomic_output(path, force, mode=0o600) as tmp:  # sealed, but still the owner's only
-        tmp.write_bytes(blob)
+    Path(path).write_bytes(blob)
+    return hashlib.sha256(blob).hexdigest()
 
 
 def commitment(path: str | Path) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError
-from .fileio import atomic_output, require_file
-from .zoo import build_model, capture, layer_names
+from .errors import CheckpointError, InputError, one_line, shown
+from .fileio import require_file
+from .zoo import ZOO, build_model, capture, is_factory_name, layer_names, shape_problem, skeleton
 
 __all__ = [
     "ModelInfo",
@@ -55,25 +57,75 @@ class ModelInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path) -> ModelInfo:
+        """Parse and check a checkpoint's metadata. It is data from a file that may be hostile:
+        every field is checked for type and range; the architecture it names is NOT trusted
+        here (load_checkpoint decides whether it may be built)."""
         try:
-            extra = {
-                k: json.loads(v)
-                for k, v in meta.items()
-                if k not in ("format", "arch", "arch_kwargs", "input_shape", "num_classes", "lr")
-            }
-            return cls(
-                arch=meta["arch"],
-                arch_kwargs=json.loads(meta.get("arch_kwargs", "{}")),
-                input_shape=tuple(json.loads(meta["input_shape"])),
-                num_classes=int(meta["num_classes"]),
-                lr=float(meta.get("lr", DEFAULT_LR)),
-                extra=extra,
-            )
-        except (KeyError, ValueError, TypeError) as exc:
+            return _parse_metadata(meta)
+        except ValueError as exc:
             raise CheckpointError(
-                f"{path} is a safetensors file without deepsigns metadata ({exc}): "
+                f"{shown(path)} is a safetensors file without deepsigns metadata we can use ({exc}): "
                 "load its tensors with --arch, or re-save it with 'deepsigns train'"
             ) from None
+
+
+_CORE_FIELDS = ("format", "arch", "arch_kwargs", "input_shape", "num_classes", "lr")
+_MAX_FIELD = 64 * 1024  # characters in one metadata value: ours are a few dozen
+
+
+def _field_json(meta: dict, key: str):
+    """One metadata value parsed as JSON; ValueError says what is wrong with it."""
+    text = _field_text(meta, key)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"'{key}' is nested too deeply") from None
+    except ValueError:
+        raise ValueError(f"'{key}' is not JSON: {one_line(text, 60)}") from None
+
+
+def _field_text(meta: dict, key: str) -> str:
+    if key not in meta:
+        raise ValueError(f"no '{key}' field")
+    text = meta[key]
+    if not isinstance(text, str):
+        raise ValueError(f"'{key}' is not text")
+    if len(text) > _MAX_FIELD:
+        raise ValueError(f"'{key}' is longer than {_MAX_FIELD} characters")
+    return text
+
+
+def _parse_metadata(meta) -> ModelInfo:
+    """ModelInfo from safetensors metadata, or ValueError naming the first bad field."""
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError("no metadata")
+    arch = _field_text(meta, "arch")
+    if arch not in ZOO and not is_factory_name(arch):
+        raise ValueError(f"'arch' {one_line(repr(arch), 60)} is neither {', '.join(ZOO)} nor "
+                         "package.module:factory")
+    arch_kwargs = _field_json(meta, "arch_kwargs") if "arch_kwargs" in meta else {}
+    if not isinstance(arch_kwargs, dict):
+        raise ValueError(f"'arch_kwargs' must be a JSON object, got {type(arch_kwargs).__name__}")
+    input_shape = _field_json(meta, "input_shape")
+    classes_text = _field_text(meta, "num_classes")
+    if not re.fullmatch(r"[0-9]{1,20}", classes_text):
+        raise ValueError(f"'num_classes' is not a whole number: {one_line(classes_text, 40)}")
+    problem = shape_problem(input_shape if isinstance(input_shape, list) else None, int(classes_text))
+    if problem:
+        # show what the file says, not what it was turned into
+        raise ValueError(problem if isinstance(input_shape, list)
+                         else f"'input_shape' must be a list of integers, got {one_line(json.dumps(input_shape), 40)}")
+    lr = DEFAULT_LR
+    if "lr" in meta:
+        lr_text = _field_text(meta, "lr")
+        try:
+            lr = float(lr_text)
+        except ValueError:
+            raise ValueError(f"'lr' is not a number: {one_line(lr_text, 40)}") from None
+        if not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"'lr' must be a finite number above 0, got {one_line(lr_text, 40)}")
+    extra = {k: _field_json(meta, k) for k in meta if k not in _CORE_FIELDS}
+    return ModelInfo(arch, arch_kwargs, tuple(input_shape), int(classes_text), lr, extra)
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -86,12 +138,13 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(model: nn.Module, info: ModelInfo, path: str | Path, *, force: bool) -> None:
+def save_checkpoint(model: nn.Module, info: ModelInfo, path: str | Path) -> None:
+    """Write the checkpoint to `path` as it is (callers write a temporary file of
+    fileio.Outputs, which renames it into place)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_output(path, force) as tmp:
-        save_file(state, str(tmp), metadata=info.to_metadata())
+    save_file(state, str(path), metadata=info.to_metadata())
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -101,35 +154,129 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             state = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+    # TypeError/RuntimeError: a dtype that torch cannot hold; MemoryError: more than we have
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, MemoryError) as exc:
         raise CheckpointError(
-            f"{path} is not a readable .safetensors file ({exc}): it may be truncated or "
-            "not a checkpoint; re-export it"
+            f"{shown(path)} is not a readable .safetensors file ({one_line(exc, 160)}): it may be "
+            "truncated or not a checkpoint; re-export it"
         ) from None
     return state, meta
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    import pickle
-    import re
+_NOT_A_STATE_DICT = "only weights are loaded (weights_only=True, no unpickling of objects): save model.state_dict()"
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip of stored (uncompressed) records: one that inflates (a zip bomb)
+    or claims more bytes than the file holds is not ours to unpack."""
     import zipfile
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours its message
-        # torch's refusal starts with how to load the file unsafely: show only the reason
-        reason = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text, re.M)
-        first = reason.group(1) if reason else (text.splitlines()[0] if text else type(exc).__name__)
+        if not zipfile.is_zipfile(path):
+            return  # the legacy format, a plain pickle: torch.load refuses or reads it
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:  # "zip file version"
         raise CheckpointError(
-            f"{path} is not a plain PyTorch state dict ({first[:160]}); only weights are "
-            "loaded (weights_only=True, no unpickling of objects): save model.state_dict()"
+            f"{shown(path)} is not a plain PyTorch state dict (a damaged archive: {one_line(exc, 120)}); "
+            + _NOT_A_STATE_DICT
+        ) from None
+    size = path.stat().st_size
+    if (any(r.compress_type != zipfile.ZIP_STORED for r in records)
+            or sum(r.file_size for r in records) > size):
+        raise CheckpointError(
+            f"{shown(path)} is not a plain PyTorch state dict (its archive holds compressed records "
+            "that torch.save never writes); " + _NOT_A_STATE_DICT
+        )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    import pickle
+    import zipfile
+
+    _check_archive(path)
+    try:
+        # torch warns about what it reads (e.g. "Detected pickle protocol 4"): the file is
+        # refused or accepted on its own terms, and no warning reaches the user
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+            TypeError, KeyError, IndexError, AttributeError, MemoryError, RecursionError,
+            NotImplementedError) as exc:
+        text = str(exc)
+        # torch's refusal starts with how to load the file unsafely: show only the reason
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Please use|Check the documentation|$)",
+                           text, re.S)
+        first = one_line(reason.group(1) if reason and reason.group(1).strip() else text, 160)
+        raise CheckpointError(
+            f"{shown(path)} is not a plain PyTorch state dict ({first or type(exc).__name__}); "
+            + _NOT_A_STATE_DICT
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors: save model.state_dict()")
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{shown(path)} holds a {type(state).__name__}, not a state dict of tensors: save model.state_dict()"
+        )
+    for key, value in state.items():
+        if not isinstance(key, str):
+            problem = f"a key is a {type(key).__name__}, not a name"
+        elif not isinstance(value, torch.Tensor):
+            problem = f"entry {one_line(repr(key), 60)} is a {type(value).__name__}"
+        else:
+            continue
+        raise CheckpointError(
+            f"{shown(path)} does not hold a state dict of tensors ({problem}): save model.state_dict()"
+        )
     return state
+
+
+def _name(key: str) -> str:
+    """A tensor name from a file, fit for one line: control characters escaped, cut short."""
+    return one_line(shown(key), 60)
+
+
+def _fit_state(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], path: Path,
+               arch: str) -> dict[str, torch.Tensor]:
+    """The file's tensors checked against the architecture's (names, shapes, dtypes; the
+    reference may live on the meta device), cast to the architecture's dtypes."""
+
+    def misfit(detail: str) -> CheckpointError:
+        return CheckpointError(
+            f"the weights in {shown(path)} do not fit architecture '{shown(arch)}' ({detail}): pass the "
+            "--arch (and --arch-kwargs) the file was trained with"
+        )
+
+    def names(keys: list[str]) -> str:
+        listed = ", ".join(_name(k) for k in keys[:3])
+        return listed + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = [k for k in reference if k not in state]
+    unexpected = [k for k in state if k not in reference]
+    if missing or unexpected:
+        parts = ([f"missing {names(missing)}"] if missing else []) + (
+            [f"unexpected {names(unexpected)}"] if unexpected else [])
+        raise misfit("; ".join(parts))
+    fitted = {}
+    for key, want in reference.items():
+        tensor = state[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise misfit(f"{_name(key)} is {list(tensor.shape)}, the architecture needs {list(want.shape)}")
+        if want.dtype.is_floating_point:
+            ok = tensor.dtype.is_floating_point  # float16/bfloat16/float64 are cast to float32
+            kind = "floating-point"
+        else:  # an integer buffer, such as BatchNorm's num_batches_tracked
+            ok = not (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool)
+            kind = "integer"
+        if not ok:
+            raise CheckpointError(
+                f"tensor {_name(key)} in {shown(path)} holds {str(tensor.dtype).replace('torch.', '')} "
+                f"values where architecture '{shown(arch)}' has {kind} ones: re-save the weights "
+                "with the model's own dtypes (float32)"
+            )
+        fitted[key] = tensor.to(want.dtype)
+    return fitted
 
 
 def load_checkpoint(
@@ -140,48 +287,82 @@ def load_checkpoint(
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Load a model in eval mode on the CPU. `.pt`/`.pth` need `arch` and the shapes."""
+    """Load a model in eval mode on the CPU. `.pt`/`.pth` need `arch` and the shapes.
+
+    `arch` is the architecture the USER named (--arch). A file never chooses code to run: a
+    checkpoint whose metadata names a package.module:factory is refused unless the user names
+    that same factory; its arguments and shapes are then read from the file (unless given)."""
     path = require_file(path, "model file")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        raise InputError(f"{path} is an ONNX model: this command needs a checkpoint (.safetensors)")
+        raise InputError(f"{shown(path)} is an ONNX model: this command needs a checkpoint (.safetensors)")
+    from_file = False  # whether the architecture's arguments come from the file
     if suffix == ".safetensors":
         state, meta = _read_safetensors(path)
         if arch is None:
             info = ModelInfo.from_metadata(meta, path)
+            if info.arch not in ZOO:
+                raise CheckpointError(
+                    f"{shown(path)} names architecture '{info.arch}', which is not built in: a file "
+                    f"never chooses code to run; if you trust that code, pass --arch {info.arch} "
+                    "(with --arch-kwargs, and --data for the shapes, to override the file's)"
+                )
+            from_file = True
         else:
-            info = _info_from_flags(path, arch, arch_kwargs, input_shape, num_classes)
+            try:
+                filed = ModelInfo.from_metadata(meta, path)
+            except CheckpointError:
+                filed = None  # a foreign file: --arch and the shapes say it all
+            info = _info_from_flags(path, arch, arch_kwargs, input_shape, num_classes, filed)
+            from_file = filed is not None and filed.arch == arch and arch_kwargs is None
     elif suffix in (".pt", ".pth", ".bin"):
         if arch is None:
             raise InputError(
-                f"{path} is a plain state dict that does not name its architecture: pass --arch "
+                f"{shown(path)} is a plain state dict that does not name its architecture: pass --arch "
                 "(mlp, cnn, resnet or package.module:factory)"
             )
         state = _read_state_dict(path)
         info = _info_from_flags(path, arch, arch_kwargs, input_shape, num_classes)
     else:
         raise CheckpointError(
-            f"{path} is not a checkpoint: expected .safetensors (or .pt/.pth with --arch)"
+            f"{shown(path)} is not a checkpoint: expected .safetensors (or .pt/.pth with --arch)"
         )
-    model = build_model(info.arch, info.arch_kwargs, info.input_shape, info.num_classes)
+    origin = shown(path) if from_file else None
+    # a built-in architecture is checked on the meta device first: arguments that ask for a
+    # huge layer, or weights that do not fit, fail before any memory is taken
+    frame = skeleton(info.arch, info.arch_kwargs, info.input_shape, info.num_classes, origin=origin)
+    if frame is not None:
+        state = _fit_state(state, frame.state_dict(), path, info.arch)
+    model = build_model(info.arch, info.arch_kwargs, info.input_shape, info.num_classes, origin=origin)
+    if frame is None:
+        state = _fit_state(state, model.state_dict(), path, info.arch)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:240]
         raise CheckpointError(
-            f"the weights in {path} do not fit architecture '{info.arch}' ({detail}): pass the "
-            "--arch (and --arch-kwargs) the file was trained with"
+            f"the weights in {shown(path)} do not fit architecture '{shown(info.arch)}' ({one_line(exc, 240)}): "
+            "pass the --arch (and --arch-kwargs) the file was trained with"
         ) from None
     return model.eval(), info
 
 
-def _info_from_flags(path, arch, arch_kwargs, input_shape, num_classes) -> ModelInfo:
+def _info_from_flags(path, arch, arch_kwargs, input_shape, num_classes, filed=None) -> ModelInfo:
+    """The model the command line describes. `filed` is what the checkpoint says about itself:
+    when it names the same architecture as --arch, its arguments (unless --arch-kwargs is
+    given), shapes, learning rate and provenance are used."""
+    if filed is not None and filed.arch == arch:
+        kwargs = filed.arch_kwargs if arch_kwargs is None else dict(arch_kwargs)
+        return ModelInfo(arch, kwargs, filed.input_shape, filed.num_classes, filed.lr, filed.extra)
     if input_shape is None or num_classes is None:
         raise InputError(
-            f"{path}: with --arch the input shape and class count come from --data or the keys; "
+            f"{shown(path)}: with --arch the input shape and class count come from --data or the keys; "
             "give --data"
         )
-    return ModelInfo(arch, dict(arch_kwargs or {}), tuple(input_shape), int(num_classes))
+    input_shape, num_classes = tuple(int(d) for d in input_shape), int(num_classes)
+    problem = shape_problem(input_shape, num_classes)
+    if problem:
+        raise InputError(f"{shown(path)}: {problem}: give --data with the model's input shape and classes")
+    return ModelInfo(arch, dict(arch_kwargs or {}), input_shape, num_classes)
 
 
 # ----------------------------------------------------------------------------- ONNX export
@@ -209,7 +390,6 @@ def export_onnx(
     info: ModelInfo,
     path: str | Path,
     *,
-    force: bool,
     check_inputs: np.ndarray | None = None,
     atol: float = 1e-4,
 ) -> dict:
@@ -228,7 +408,8 @@ def export_onnx(
     # placeholders, then give every activation its layer's name inside the graph
     placeholders = [f"deepsigns_layer_{i}" for i in range(len(layers))]
     output_names = ["logits", *placeholders]
-    with atomic_output(path, force) as tmp, warnings.catch_warnings():
+    tmp = path  # written as it is: callers give a temporary file of fileio.Outputs
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             # eval(): the exporter restores the wrapper's mode afterwards, and a wrapper left in

@@ -1,6 +1,12 @@
-"""Domain errors. The CLI turns every DeepSignsError into one line on stderr and exit 2."""
+"""Domain errors. The CLI turns every DeepSignsError into one line on stderr and exit 2.
+
+Anything else that escapes a command is a bug: the CLI reports it with exit code 3, never
+0 or 1, so that a pipeline cannot read a crash as a verdict.
+"""
 
 from __future__ import annotations
+
+import re
 
 __all__ = [
     "DeepSignsError",
@@ -11,6 +17,10 @@ __all__ = [
     "SchemeError",
     "OnnxError",
     "OutputExistsError",
+    "TrainingError",
+    "one_line",
+    "shown",
+    "Interrupted",
 ]
 
 
@@ -44,3 +54,37 @@ class OnnxError(DeepSignsError):
 
 class OutputExistsError(DeepSignsError):
     """An output path exists and --force was not given."""
+
+
+class TrainingError(DeepSignsError):
+    """Training diverged (a non-finite loss): the learning rate or the data are at fault."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """A foreign message (torch, onnxruntime, numpy) fit to quote inside ours: its first
+    non-empty line, colours stripped, control characters escaped, at most `limit` characters.
+    A C++ stack dump below the first line is dropped."""
+    text = _ANSI.sub("", str(text))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = _CONTROL.sub(lambda m: repr(m.group())[1:-1], first)
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def shown(path: object) -> str:
+    """A path as it can be printed on one line: control characters (a newline in a file name)
+    are escaped, so that a message about the file stays one line."""
+    text = str(path)
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM. `written` lists the outputs that were complete when it came (the
+    signal was held until a group of outputs had been committed), else nothing was written."""
+
+    def __init__(self, signum: int = 2, written: tuple[str, ...] = ()):
+        super().__init__(signum)
+        self.signum, self.written = signum, tuple(written)

@@ -1,24 +1,48 @@
-"""Outputs that appear whole or not at all: write to a temporary file, then rename."""
+"""Outputs that appear whole or not at all, committed as a group.
+
+A command declares every output first (`Outputs.add`): each is checked at once (not an
+input, not another output, replaced only with --force, its folder exists and can be
+written: a temporary file is created there as the probe), so that a mistake costs no
+training. The command then writes each temporary file, and leaving the `with` block renames
+them into place, in the order they were added.
+
+Failure modes, stated:
+- an error, Ctrl-C or SIGTERM before the commit removes every temporary file; every target
+  is as it was;
+- during the commit (renames in the targets' own folders, microseconds) SIGINT and SIGTERM are
+  held until the last rename, then reported as `errors.Interrupted` naming what was written;
+- a rename that fails (a disk pulled mid-commit) leaves the earlier renames done, so callers
+  add their most precious output first (embed: the key bundle, then the checkpoint, then ONNX);
+- a file updated in place (the key bundle) is locked from the moment it is added until the
+  commit, so that two commands cannot both read it and lose one update; SIGKILL leaves a
+  `.NAME.*.part` file behind, nothing else.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, Interrupted, OutputExistsError, shown
 
-__all__ = ["check_output", "atomic_output", "require_file"]
+__all__ = ["Outputs", "check_output", "require_file", "held_signals"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} not found: {path}: check the path")
-    if not path.is_file():
-        raise InputError(f"{what} {path} is not a regular file: give a file path")
+    try:
+        path = Path(path)
+        exists, is_file = path.exists(), path.is_file()
+    except (ValueError, OSError) as exc:  # a NUL byte, a name too long
+        raise InputError(f"{what} path {shown(path)} is not usable ({exc}): check the path") from None
+    if not exists:
+        raise InputError(f"{what} not found: {shown(path)}: check the path")
+    if not is_file:
+        raise InputError(f"{what} {shown(path)} is not a regular file: give a file path")
     return path
 
 
@@ -26,29 +50,8 @@ def _same_file(a: Path, b: Path) -> bool:
     """Only a file that exists can be overwritten ('digits' names no file, a new --out none)."""
     try:
         return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
+    except (OSError, ValueError):  # one of them does not exist
         return False
-
-
-def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path] | None = None) -> Path:
-    """Refuse to replace an existing output without --force; fail early, before any work.
-
-    `inputs` (option name -> path) are never overwritten, not even with --force.
-    """
-    path = Path(path)
-    for option, other in (inputs or {}).items():
-        if other is not None and _same_file(path, Path(other)):
-            raise InputError(
-                f"{path} is also the {option} input: inputs are never overwritten; "
-                "choose another output path"
-            )
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists: pass --force to replace it, or choose another --out")
-    if path.exists() and path.is_dir():
-        raise InputError(f"{path} is a directory: give a file path for the output")
-    if not path.parent.exists():
-        raise InputError(f"folder {path.parent} does not exist: create it first")
-    return path
 
 
 def _umask() -> int:
@@ -57,18 +60,143 @@ def _umask() -> int:
     return mask
 
 
-@contextmanager
-def atomic_output(path: str | Path, force: bool, *, mode: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
-    path = check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path | None] | None = None,
+                 option: str = "--out", update: bool = False) -> Path:
+    """Refuse an output that would replace an input, an existing file without --force, a
+    folder, or a path in a folder that does not exist; fail early, before any work."""
     try:
-        yield tmp_path
-        # temp files are 0600; outputs get the usual mode unless asked otherwise
-        os.chmod(tmp_path, mode if mode is not None else 0o666 & ~_umask())
-        os.replace(tmp_path, path)
-    except BaseException:  # KeyboardInterrupt included: never leave a partial file
-        tmp_path.unlink(missing_ok=True)
-        raise
+        path = Path(path)
+        exists, is_dir = path.exists(), path.is_dir()
+        parent_exists, parent_dir = path.parent.exists(), path.parent.is_dir()
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{option} {shown(path)} is not a usable path ({exc}): choose another") from None
+    if not path.name:
+        raise InputError(f"{option} {shown(path)} names no file: give a file path")
+    for name, other in (inputs or {}).items():
+        if other is not None and _same_file(path, Path(other)) and not (update and name == option):
+            raise InputError(
+                f"{shown(path)} is also the {name} input: inputs are never overwritten; "
+                "choose another output path"
+            )
+    if is_dir:
+        raise InputError(f"{shown(path)} is a directory: give a file path for the output")
+    if exists and not force and not update:
+        raise OutputExistsError(f"{shown(path)} exists: pass --force to replace it, or choose another {option}")
+    if not parent_exists:
+        raise InputError(f"folder {shown(path.parent)} does not exist: create it first")
+    if not parent_dir:
+        raise InputError(f"{shown(path.parent)} is not a folder: choose another {option}")
+    return path
+
+
+class _Lock:
+    """An exclusive, non-blocking lock on an existing file, held by an open descriptor.
+
+    The file may be replaced by rename while another process waits on the old inode, so the
+    lock counts only when the path still names the locked inode afterwards."""
+
+    def __init__(self, path: Path, option: str):
+        import fcntl
+
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(self.fd).st_ino != os.stat(path).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            os.close(self.fd)
+            raise InputError(
+                f"{shown(path)} ({option}) is being written by another deepsigns command: wait "
+                "for it to finish, then run this one again"
+            ) from None
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM for the duration (main thread only); yields the signals that
+    came meanwhile, which the caller reports once its work is done."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: came.append(signum))
+    try:
+        yield came
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Outputs:
+    """A command's outputs, checked first and committed together (see the module's text)."""
+
+    def __init__(self, *, force: bool, inputs: dict[str, str | Path | None] | None = None):
+        self.force = force
+        self.inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
+        self._entries: list[tuple[Path, Path, int | None]] = []  # (target, temp, mode)
+        self._locks: list[_Lock] = []
+
+    def add(self, path: str | Path, option: str = "--out", *, mode: int | None = None,
+            update: bool = False) -> Path:
+        """Declare an output; returns the temporary path to write it to.
+
+        `update=True`: the file is an input updated in place (it must exist); it is locked."""
+        target = check_output(path, self.force, inputs=self.inputs, option=option, update=update)
+        for other, _, _ in self._entries:
+            if other.resolve() == target.resolve():
+                raise InputError(f"{shown(target)} is given for two outputs: choose another {option}")
+        if target.exists():
+            self._locks.append(_Lock(target, option))
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+            os.close(fd)
+        except OSError as exc:
+            raise InputError(
+                f"cannot write in folder {shown(target.parent)} ({exc.strerror or exc}): choose "
+                f"another {option} in a folder you can write"
+            ) from None
+        self._entries.append((target, Path(tmp), mode))
+        return Path(tmp)
+
+    def discard(self) -> None:
+        for _, tmp, _ in self._entries:
+            tmp.unlink(missing_ok=True)
+        self._release()
+
+    def _release(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
+
+    def commit(self) -> list[str]:
+        """Rename every temporary file into place, in order, with SIGINT/SIGTERM held."""
+        written: list[str] = []
+        with held_signals() as came:
+            try:
+                for target, tmp, mode in self._entries:
+                    # temp files are 0600; outputs get the usual mode unless asked otherwise
+                    os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
+                    os.replace(tmp, target)
+                    written.append(str(target))
+            finally:
+                for _, tmp, _ in self._entries:
+                    tmp.unlink(missing_ok=True)  # what is left after a failed rename
+                self._entries.clear()
+                self._release()
+        if came:
+            raise Interrupted(came[0], tuple(written))
+        return written
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:  # KeyboardInterrupt included: never leave a partial file
+            self.discard()

@@ -1,4 +1,11 @@
-"""What a watermark scheme adds to the training loop (no torch import: verify stays light)."""
+"""What a watermark scheme adds to the training loop (no torch import: verify stays light).
+
+Per step the loop (1) asks every objective for rows of its own to mix into the batch, (2)
+runs the model once on the whole batch, (3) hands every objective the `training.Batch`
+(inputs, targets, logits, its own rows, the unwrapped model) and adds the loss it returns,
+(4) steps the optimiser, then calls `after_step`. After each epoch, `end_epoch` proposes an
+early stop; the loop decides once for every process.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +16,40 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .training import Batch
+
 __all__ = ["Objective"]
 
 
 class Objective:
-    """A term added to cross-entropy. Subclasses override what they need.
+    """A term added to the training loss. Subclasses override what they need."""
 
-    Per step the loop (1) asks every objective for extra samples to mix into the batch,
-    (2) runs the model once on the whole batch, (3) adds every objective's loss.
-    """
+    #: the loop makes the batch's inputs require grad, so `batch.input_grad()` works
+    needs_input_grad: bool = False
 
-    def setup(self, model: nn.Module, device: torch.device) -> None:
-        """Install hooks, move tensors; called once before training."""
+    #: every tensor the objective trains or keeps (class centres, projections) lives in this
+    #: module, as parameters and buffers: the loop moves it to the device, optimises its
+    #: parameters with the model's, and a data-parallel wrapper keeps it in sync
+    state: nn.Module | None = None
+
+    def setup(self, model: nn.Module) -> None:
+        """Install hooks on the (unwrapped) model; called once before training, on its device."""
 
     def teardown(self) -> None:
         """Remove hooks; called once after training, even on failure."""
 
-    def parameters(self) -> list[torch.Tensor]:
-        """Extra trainable tensors (e.g. class centres), optimised with the model."""
-        return []
-
     def extra_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Samples of this objective's own to mix into the step (e.g. trigger or key inputs)."""
+        """Rows of this objective's own to mix into the step (e.g. trigger or key inputs)."""
         return None
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, own: slice) -> torch.Tensor | None:
-        """The term to add. Rows `own` of the batch are this objective's extra samples;
-        rows before the first extra are the ordinary training batch."""
+    def loss(self, batch: Batch) -> torch.Tensor | None:
+        """The term to add. `batch.own` are this objective's rows; rows before
+        `batch.n_train` are the ordinary training batch."""
         return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after every optimiser step (e.g. to project or clip a tensor)."""
 
     def end_epoch(self, model: nn.Module, epoch: int) -> bool:
-        """Return True to stop training early."""
+        """Propose to stop training early (the loop agrees across processes)."""
         return False

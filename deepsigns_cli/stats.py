@@ -1,9 +1,9 @@
-"""Exact binomial tails, p-values and decision thresholds (no approximations)."""
+"""Exact binomial tails, p-values and decision thresholds (integer arithmetic, no approximations)."""
 
 from __future__ import annotations
 
 from fractions import Fraction
-from math import comb
+from math import comb, isfinite
 
 __all__ = [
     "bits_p_value",
@@ -12,22 +12,17 @@ __all__ = [
     "max_mismatches",
     "bonferroni",
     "smallest_bits_p_value",
+    "check_alpha",
 ]
-
-
-def _binom_cdf(k: int, n: int, p: Fraction) -> Fraction:
-    """P[Binomial(n, p) <= k], exactly."""
-    if k < 0:
-        return Fraction(0)
-    if k >= n:
-        return Fraction(1)
-    q = 1 - p
-    return sum((comb(n, i) * p**i * q ** (n - i) for i in range(k + 1)), Fraction(0))
 
 
 def bits_p_value(errors: int, n_bits: int) -> float:
     """P[Binomial(N, 1/2) <= errors]: the chance that an unrelated model matches this well."""
-    return float(_binom_cdf(errors, n_bits, Fraction(1, 2)))
+    if errors < 0:
+        return 0.0
+    if errors >= n_bits:
+        return 1.0
+    return float(Fraction(sum(comb(n_bits, i) for i in range(errors + 1)), 2**n_bits))
 
 
 def smallest_bits_p_value(n_bits: int) -> float:
@@ -35,30 +30,56 @@ def smallest_bits_p_value(n_bits: int) -> float:
     return bits_p_value(0, n_bits)
 
 
+def _upper_tail_counts(n_keys: int, n_classes: int) -> list[int]:
+    """tail[m] * C^-K = P[Binomial(K, 1/C) >= m], for m = 0..K+1, in one pass."""
+    tail = [0] * (n_keys + 2)
+    for m in range(n_keys, -1, -1):
+        tail[m] = tail[m + 1] + comb(n_keys, m) * (n_classes - 1) ** (n_keys - m)
+    return tail
+
+
 def matches_p_value(matches: int, n_keys: int, n_classes: int) -> float:
     """P[Binomial(K, 1/C) >= m]: the chance that an unrelated model hits m of K key labels."""
-    return float(1 - _binom_cdf(matches - 1, n_keys, Fraction(1, n_classes)))
+    if matches <= 0:
+        return 1.0
+    if matches > n_keys:
+        return 0.0
+    tail = sum(comb(n_keys, i) * (n_classes - 1) ** (n_keys - i) for i in range(matches, n_keys + 1))
+    return float(Fraction(tail, n_classes**n_keys))
 
 
 def max_bit_errors(n_bits: int, alpha: float) -> int:
-    """The largest number of bit errors still detected at alpha (-1 when none is)."""
-    e = -1
-    while e + 1 <= n_bits and bits_p_value(e + 1, n_bits) <= alpha:
-        e += 1
-    return e
+    """The largest number of bit errors still detected at alpha (-1 when none is); one pass."""
+    check_alpha(alpha)
+    total, cdf, worst = 2**n_bits, 0, -1
+    bound = Fraction(alpha)  # exact: compare integers, never rounded floats
+    for e in range(n_bits + 1):
+        cdf += comb(n_bits, e)
+        if Fraction(cdf, total) > bound:
+            break
+        worst = e
+    return worst
 
 
 def max_mismatches(n_keys: int, n_classes: int, alpha: float) -> int:
     """The paper's Eq. 5 threshold: the most mismatches still detected at alpha (-1 when none)."""
+    check_alpha(alpha)
+    tail, total, bound = _upper_tail_counts(n_keys, n_classes), n_classes**n_keys, Fraction(alpha)
     worst = -1
-    for mism in range(n_keys + 1):
-        if matches_p_value(n_keys - mism, n_keys, n_classes) <= alpha:
-            worst = mism
-        else:
+    for mism in range(n_keys + 1):  # K - mism matches
+        if Fraction(tail[n_keys - mism], total) > bound:
             break
+        worst = mism
     return worst
 
 
 def bonferroni(p: float, tries: int) -> float:
-    """Correct a p-value for `tries` independent looks (the best of several candidates)."""
+    """Correct a p-value for `tries` looks (the best of several candidates)."""
     return min(1.0, p * max(1, tries))
+
+
+def check_alpha(alpha: float) -> float:
+    """alpha is a probability in (0, 1]; NaN, infinities and 0 are refused."""
+    if not isinstance(alpha, (int, float)) or not isfinite(alpha) or not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
+    return float(alpha)

@@ -1,27 +1,37 @@
-"""The one training loop. Schemes add to it through Objectives; callers watch it through a callback."""
+"""The one training loop. Schemes add to it through Objectives; callers watch it through a callback.
+
+Device, process rank and the unwrapped model are handled here and nowhere else.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, TrainingError
 from .objective import Objective
 
 __all__ = [
     "TrainConfig",
     "Objective",
+    "Batch",
+    "Processes",
     "fit",
     "evaluate",
     "predict",
     "resolve_device",
     "seed_everything",
+    "unwrap",
     "Progress",
+    "LOSSES",
+    "OPTIMIZERS",
 ]
 
 # progress(done, total, description): called after every optimisation step
@@ -43,6 +53,54 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of a DistributedDataParallel (or DataParallel) wrapper."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands among the processes of one run (torchrun sets RANK etc.)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> Processes:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints the report."""
+        return self.rank == 0
+
+    def agree(self, flag: bool) -> bool:
+        """One decision for every process: true when any process says so."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against probability targets (distillation)."""
+    return -(target * nn.functional.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ce": nn.functional.cross_entropy,  # integer labels
+    "soft": _soft_cross_entropy,  # rows of class probabilities
+}
+OPTIMIZERS = ("adam", "sgd")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 30
@@ -51,6 +109,39 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     description: str = "train"
+    optimizer: str = "adam"  # adam or sgd (momentum below)
+    loss: str = "ce"  # a key of LOSSES: "ce" for labels, "soft" for probability targets
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    extra: dict = field(default_factory=dict)  # free for callers (recorded, not used)
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+        raise InputError(f"unknown optimizer '{self.optimizer}': use {' or '.join(OPTIMIZERS)}")
+
+
+@dataclass
+class Batch:
+    """One step, as an objective sees it."""
+
+    x: torch.Tensor  # every row of the step: the training batch first, then objectives' rows
+    y: torch.Tensor  # their targets (labels, or probabilities with loss="soft")
+    logits: torch.Tensor
+    n_train: int  # rows [0, n_train) are the ordinary training batch
+    model: nn.Module  # the unwrapped model
+    own: slice = field(default_factory=lambda: slice(0, 0))  # this objective's rows (set per objective)
+
+    def input_grad(self, outputs: torch.Tensor, *, create_graph: bool = True) -> torch.Tensor:
+        """d outputs / d x (every row), kept in the graph for double back-propagation.
+        Needs `needs_input_grad = True` on the objective."""
+        if not self.x.requires_grad:
+            raise RuntimeError("input_grad() needs an objective with needs_input_grad = True")
+        (grad,) = torch.autograd.grad(outputs, self.x, create_graph=create_graph)
+        return grad
 
 
 def fit(
@@ -61,17 +152,27 @@ def fit(
     objectives: Sequence[Objective] = (),
     progress: Progress | None = None,
 ) -> dict:
-    """Train in place with Adam; returns seconds per epoch and the epochs run."""
+    """Train in place; returns seconds per epoch and the epochs run."""
+    # 1. device, processes, the model and every objective's tensors on the device
     device = resolve_device(cfg.device)
+    procs = Processes.current()
     rng = seed_everything(cfg.seed)
-    model.to(device).train()
+    loss_fn = LOSSES.get(cfg.loss)
+    if loss_fn is None:
+        raise InputError(f"unknown loss '{cfg.loss}': use one of {', '.join(LOSSES)}")
+    net = unwrap(model)
+    net.to(device).train()
+    states = [o.state for o in objectives if o.state is not None]
+    for state in states:
+        state.to(device)
     for obj in objectives:
-        obj.setup(model, device)
-    params = list(model.parameters()) + [p for o in objectives for p in o.parameters()]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        obj.setup(net)
+    params = list(model.parameters()) + [p for s in states for p in s.parameters()]
+    optimizer = cfg.make_optimizer(params)
+    need_grad = any(o.needs_input_grad for o in objectives)
     xt = torch.as_tensor(x, dtype=torch.float32)
-    yt = torch.as_tensor(y, dtype=torch.int64)
-    steps_per_epoch = max(1, int(np.ceil(len(x) / cfg.batch_size)))
+    yt = torch.as_tensor(y, dtype=torch.float32 if cfg.loss == "soft" else torch.int64)
+    steps_per_epoch = max(1, math.ceil(len(x) / cfg.batch_size))
     total, done, epoch_seconds = cfg.epochs * steps_per_epoch, 0, []
     try:
         for epoch in range(cfg.epochs):
@@ -79,7 +180,7 @@ def fit(
             start = time.perf_counter()
             order = torch.as_tensor(rng.permutation(len(x)))
             for i in range(0, len(x), cfg.batch_size):
-                # 1. the batch, with every objective's own samples mixed in after it
+                # 2. the batch, with every objective's own rows mixed in after it
                 idx = order[i : i + cfg.batch_size]
                 parts, own, at = [(xt[idx], yt[idx])], [], len(idx)
                 for obj in objectives:
@@ -89,27 +190,40 @@ def fit(
                         parts.append(extra)
                     own.append(slice(at, at + n))
                     at += n
-                xb = torch.cat([p[0] for p in parts]).to(device, non_blocking=True)
-                yb = torch.cat([p[1] for p in parts]).to(device, non_blocking=True)
-                # 2. one forward pass: cross-entropy on the training batch, plus each term
+                xb = torch.cat([p[0].float() for p in parts]).to(device, non_blocking=True)
+                yb = torch.cat([p[1].to(yt.dtype) for p in parts]).to(device, non_blocking=True)
+                if need_grad:
+                    xb.requires_grad_(True)
+                # 3. one forward pass: the loss on the training batch, plus each objective's term
                 logits = model(xb)
-                loss = nn.functional.cross_entropy(logits[: len(idx)], yb[: len(idx)])
+                loss = loss_fn(logits[: len(idx)], yb[: len(idx)])
+                batch = Batch(xb, yb, logits, len(idx), net)
                 for obj, rows in zip(objectives, own, strict=True):
-                    extra = obj.loss(logits, yb, rows)
-                    if extra is not None:
-                        loss = loss + extra
-                # 3. step (centres and other extra tensors have their gradients zeroed too)
+                    batch.own = rows
+                    term = obj.loss(batch)
+                    if term is not None:
+                        loss = loss + term
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the training loss became {loss.item()} at epoch {epoch + 1}: the learning "
+                        f"rate ({cfg.lr:g}) is too high or the data hold extreme values; lower --lr"
+                    )
+                # 4. step (objectives' tensors have their gradients zeroed too), then the hooks
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 done += 1
-                if progress is not None:
+                for obj in objectives:
+                    obj.after_step(net, done)
+                if progress is not None and procs.is_main:
                     progress(done, total, f"{cfg.description} epoch {epoch + 1}/{cfg.epochs}")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_seconds.append(time.perf_counter() - start)
             model.eval()
-            if any(obj.end_epoch(model, epoch) for obj in objectives):
+            # 5. early stop: every objective is asked, and all processes stop together
+            proposals = [obj.end_epoch(net, epoch) for obj in objectives]
+            if procs.agree(any(proposals)):
                 break
     finally:
         for obj in objectives:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError
+from .data import MAX_CLASSES, MAX_INPUT_DIMS, MAX_INPUT_SIZE
+from .errors import CheckpointError, InputError, one_line, shown
 
 __all__ = [
     "ZOO",
@@ -128,41 +131,194 @@ def _image_shape(input_shape) -> tuple[int, int, int]:
 
 ZOO: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet}
 
+# Limits on what a model file, a data set or the command line may ask for. A file is data: it
+# must never make us allocate gigabytes (a hidden size of 10**12) or build an empty layer.
+MAX_PARAMETERS = 2**28  # 1 GiB of float32 weights
+_MAX_WIDTH = 2**20
+# package.module:factory, both parts Python names (no empty or relative module)
+_FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_factory_name(arch: str) -> bool:
+    """Whether `arch` is spelt package.module:factory (it says nothing about importing it)."""
+    return isinstance(arch, str) and len(arch) <= 200 and _FACTORY.fullmatch(arch) is not None
+
+
+def shape_problem(input_shape, num_classes) -> str | None:
+    """Why an input shape and a class count cannot describe a model of ours, or None."""
+    if (not isinstance(input_shape, (list, tuple)) or not 1 <= len(input_shape) <= MAX_INPUT_DIMS
+            or not all(type(d) is int and d >= 1 for d in input_shape)):
+        return (f"the input shape must be 1 to {MAX_INPUT_DIMS} positive integers, "
+                f"got {_brief(input_shape)}")
+    if math.prod(input_shape) > MAX_INPUT_SIZE:
+        return (f"the input shape {list(input_shape)} has {math.prod(input_shape)} features, more "
+                f"than {MAX_INPUT_SIZE}")
+    if type(num_classes) is not int or not 2 <= num_classes <= MAX_CLASSES:
+        return f"the class count must be an integer from 2 to {MAX_CLASSES}, got {_brief(num_classes)}"
+    return None
+
+
+def _brief(value, limit: int = 80) -> str:
+    """A value of unknown type, shown short and on one line (it may come from a hostile file)."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return one_line(text, limit)
+
+
+def _widths(value, name: str, lo: int, hi: int) -> str | None:
+    if not isinstance(value, (list, tuple)) or not lo <= len(value) <= hi:
+        count = f"{lo}" if lo == hi else f"{lo} to {hi}"
+        return f"'{name}' must be a list of {count} layer widths, got {_brief(value)}"
+    for v in value:
+        if type(v) is not int or not 1 <= v <= _MAX_WIDTH:
+            return f"'{name}' widths must be integers from 1 to {_MAX_WIDTH}, got {_brief(v)}"
+    return None
+
+
+def _width(value, name: str) -> str | None:
+    if type(value) is not int or not 1 <= value <= _MAX_WIDTH:
+        return f"'{name}' must be an integer from 1 to {_MAX_WIDTH}, got {_brief(value)}"
+    return None
+
+
+# the keyword arguments each built-in architecture accepts, each with its check
+_BUILTIN_KWARGS: dict[str, dict[str, Callable[[object], str | None]]] = {
+    "mlp": {"hidden": lambda v: _widths(v, "hidden", 0, 16)},
+    "cnn": {"channels": lambda v: _widths(v, "channels", 2, 2), "hidden": lambda v: _width(v, "hidden")},
+    "resnet": {"widths": lambda v: _widths(v, "widths", 1, 8)},
+}
+
+
+def _builtin_problem(arch: str, kwargs: dict, input_shape: tuple[int, ...]) -> str | None:
+    """Why a built-in architecture cannot take these arguments and this input, or None."""
+    allowed = _BUILTIN_KWARGS[arch]
+    for key, value in kwargs.items():
+        if key not in allowed:
+            names = ", ".join(allowed) or "none"
+            return f"'{arch}' takes no argument {_brief(key)} (its arguments: {names})"
+        problem = allowed[key](value)
+        if problem:
+            return problem
+    if arch in ("cnn", "resnet"):
+        if len(input_shape) != 3:
+            return f"'{arch}' needs image inputs (channels, height, width), got {list(input_shape)}"
+        if arch == "cnn" and min(input_shape[1:]) < 2:
+            return f"'cnn' needs images of at least 2x2 pixels, got {list(input_shape)}"
+    return None
+
 
 def _resolve_factory(arch: str) -> tuple[Callable[..., nn.Module], bool]:
+    """The factory of a built-in name, or of a package.module:factory that the USER typed.
+
+    Importing a module runs its code: callers must never pass a name read from a file here
+    unless the user named that same architecture on the command line (see checkpoint.py)."""
     if arch in ZOO:
         return ZOO[arch], True
-    if ":" not in arch:
+    if not isinstance(arch, str) or ":" not in arch:
         raise InputError(
-            f"unknown architecture '{arch}': use one of {', '.join(ZOO)} or package.module:factory"
+            f"unknown architecture '{shown(arch)}': use one of {', '.join(ZOO)} or package.module:factory"
+        )
+    if not is_factory_name(arch):
+        raise InputError(
+            f"architecture '{shown(arch)}' is not spelt package.module:factory (a module path of "
+            "Python names, no leading dot, then ':' and the factory's name): fix --arch"
         )
     module_name, _, attr = arch.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, SyntaxError) as exc:  # SyntaxError: the user's module
+    # SyntaxError: the user's module; ValueError/TypeError: names importlib refuses
+    except (ImportError, AttributeError, SyntaxError, ValueError, TypeError) as exc:
         raise InputError(
-            f"cannot load architecture '{arch}' ({exc}): check that the module is importable "
+            f"cannot load architecture '{arch}' ({one_line(exc)}): check that the module is importable "
             "(on PYTHONPATH) and defines that factory"
         ) from None
+    if not callable(factory):
+        raise InputError(
+            f"'{arch}' is a {type(factory).__name__}, not a factory: --arch must name a function or "
+            "class that returns a torch module"
+        )
     return factory, False
 
 
+def _failure(arch: str, kwargs: dict, reason: str, origin: str | None,
+             hint: str = "fix --arch-kwargs") -> Exception:
+    """The error for an architecture that cannot be built: the user's (--arch-kwargs, --data)
+    or the file's (its metadata, when `origin` names the file)."""
+    if origin is None:
+        return InputError(f"cannot build '{shown(arch)}' with {_brief(kwargs, 120)}: {reason}: {hint}")
+    return CheckpointError(
+        f"{origin} describes a model that cannot be built ('{shown(arch)}' with {_brief(kwargs, 120)}: "
+        f"{reason}): its metadata is damaged; pass --arch and --arch-kwargs yourself, or re-save it "
+        "with 'deepsigns train'"
+    )
+
+
+def skeleton(
+    arch: str, arch_kwargs: dict, input_shape: tuple[int, ...], num_classes: int, *,
+    origin: str | None = None,
+) -> nn.Module | None:
+    """A built-in architecture built on the meta device: every shape, no memory, no weights.
+
+    None for a user factory (its code is the user's, and may not run on the meta device).
+    Arguments that are not the architecture's, an empty layer, or more than MAX_PARAMETERS
+    parameters are refused: an InputError, or a CheckpointError naming `origin` (a file)."""
+    if arch not in ZOO:
+        return None
+    if not isinstance(arch_kwargs, dict):
+        raise _failure(arch, {}, f"its arguments must be a JSON object, got {_brief(arch_kwargs)}", origin)
+    problem = shape_problem(input_shape, num_classes)
+    if problem:
+        raise _failure(arch, arch_kwargs, problem, origin, "use data of another shape (--data)")
+    problem = _builtin_problem(arch, arch_kwargs, tuple(input_shape))
+    if problem:
+        image = problem.startswith(f"'{arch}' needs")
+        raise _failure(arch, arch_kwargs, problem, origin,
+                       "use --arch mlp for flat features" if image else "fix --arch-kwargs")
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("error")  # "Initializing zero-element tensors" and the like
+            model = ZOO[arch](input_shape=tuple(input_shape), num_classes=num_classes, **arch_kwargs)
+    except (TypeError, ValueError, RuntimeError, IndexError, UserWarning) as exc:
+        raise _failure(arch, arch_kwargs, one_line(exc), origin) from None
+    sizes = [t.numel() for t in model.state_dict().values()]
+    if any(n == 0 for n in sizes):
+        raise _failure(arch, arch_kwargs, "a layer would be empty", origin)
+    if sum(sizes) > MAX_PARAMETERS:
+        raise _failure(arch, arch_kwargs,
+                       f"{sum(sizes)} parameters, more than deepsigns handles ({MAX_PARAMETERS})", origin)
+    return model
+
+
 def build_model(
-    arch: str, arch_kwargs: dict, input_shape: tuple[int, ...], num_classes: int
+    arch: str, arch_kwargs: dict, input_shape: tuple[int, ...], num_classes: int, *,
+    origin: str | None = None,
 ) -> nn.Module:
-    """Instantiate an architecture. User factories get input_shape/num_classes if they accept them."""
+    """Instantiate an architecture. User factories get input_shape/num_classes if they accept them.
+
+    A built-in one is first built on the meta device (`skeleton`), so that arguments asking for
+    an absurd size fail before any memory is taken. `origin` names the file the arguments come
+    from (its errors become CheckpointError); None means the command line (InputError)."""
     factory, builtin = _resolve_factory(arch)
+    if builtin:
+        skeleton(arch, arch_kwargs, input_shape, num_classes, origin=origin)
     kwargs = dict(arch_kwargs)
-    params = inspect.signature(factory).parameters
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C function without a signature
+        params = {}
     for name, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
         if builtin or name in params:
             kwargs.setdefault(name, value)
     try:
         model = factory(**kwargs)
-    except TypeError as exc:
-        raise InputError(f"cannot build '{arch}' with {arch_kwargs}: {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise _failure(arch, arch_kwargs, one_line(exc), origin) from None
     if not isinstance(model, nn.Module):
-        raise InputError(f"factory '{arch}' returned {type(model).__name__}, not a torch module")
+        raise InputError(f"factory '{shown(arch)}' returned {type(model).__name__}, not a torch module")
     return model
 
 

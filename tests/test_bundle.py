@@ -43,15 +43,15 @@ def test_seal_and_open_round_trip(tmp_path, sample_bundle):
     from deepsigns_cli.bundle import BUNDLE_VERSION, open_bundle, read_header, write_bundle
 
     path = tmp_path / "owner.dskey"
-    write_bundle(sample_bundle, path, PASSPHRASE, force=False)
+    write_bundle(sample_bundle, path, PASSPHRASE)
     opened = open_bundle(path, PASSPHRASE)
     assert opened.info == sample_bundle.info
     assert set(opened.schemes) == {"hidden", "output"}
     for name, body in sample_bundle.schemes.items():
-        assert opened.schemes[name]["params"] == body["params"]
-        got = opened.schemes[name]["arrays"]
-        assert set(got) == set(body["arrays"])
-        for key, want in body["arrays"].items():
+        assert opened.schemes[name].params == body.params
+        got = opened.schemes[name].arrays
+        assert set(got) == set(body.arrays)
+        for key, want in body.arrays.items():
             assert got[key].dtype == want.dtype and got[key].shape == want.shape
             np.testing.assert_array_equal(got[key], want)
     header = read_header(path)
@@ -67,14 +67,14 @@ def test_resealing_keeps_the_identity_and_changes_the_bytes(tmp_path, sample_bun
     from deepsigns_cli.bundle import open_bundle, write_bundle
 
     path = tmp_path / "owner.dskey"
-    write_bundle(sample_bundle, path, PASSPHRASE, force=False)
+    write_bundle(sample_bundle, path, PASSPHRASE)
     first_bytes, first = path.read_bytes(), open_bundle(path, PASSPHRASE)
-    write_bundle(first, path, PASSPHRASE, force=True)
+    write_bundle(first, path, PASSPHRASE)
     second = open_bundle(path, PASSPHRASE)
     assert second.key_id == first.key_id and second.header["created"] == first.header["created"]
     assert path.read_bytes() != first_bytes  # fresh salt and nonce every time
-    np.testing.assert_array_equal(second.schemes["hidden"]["arrays"]["A"],
-                                  first.schemes["hidden"]["arrays"]["A"])
+    np.testing.assert_array_equal(second.schemes["hidden"].arrays["A"],
+                                  first.schemes["hidden"].arrays["A"])
 
 
 def test_wrong_passphrase_fails_closed(tmp_path, sample_bundle):
@@ -82,7 +82,7 @@ def test_wrong_passphrase_fails_closed(tmp_path, sample_bundle):
     from deepsigns_cli.errors import BundleError
 
     path = tmp_path / "owner.dskey"
-    write_bundle(sample_bundle, path, PASSPHRASE, force=False)
+    write_bundle(sample_bundle, path, PASSPHRASE)
     with pytest.raises(BundleError, match="wrong passphrase or tampered"):
         open_bundle(path, PASSPHRASE + "!")
 
@@ -108,7 +108,7 @@ def test_inspect_shows_the_commitment_and_no_secret(marked):
     assert report["schemes"] == ["hidden"]
     assert set(report) <= PUBLIC_HEADER | {"kind", "path", "commitment"}
     secrets = open_bundle(marked.keys, PASSPHRASE)
-    a = secrets.schemes["hidden"]["arrays"]["A"]
+    a = secrets.schemes["hidden"].arrays["A"]
     for needle in (MESSAGE, "trigger", "head:input", secrets.info["marked_fingerprint"],
                    f"{a[0, 0]:.5f}", f"{a[1, 1]:.5f}"):
         assert needle not in result.output
@@ -121,7 +121,7 @@ def test_bundle_bytes_hold_no_plaintext(marked):
 
     data = marked.keys.read_bytes()
     secrets = open_bundle(marked.keys, PASSPHRASE)
-    arrays = secrets.schemes["hidden"]["arrays"]
+    arrays = secrets.schemes["hidden"].arrays
     assert MESSAGE.encode() not in data
     for word in (b"trigger", b"lambda1", b"head:input", b"marked_fingerprint",
                  secrets.info["marked_fingerprint"].encode()):
@@ -174,7 +174,7 @@ def test_keygen_seed_makes_the_secrets_reproducible(marked, tmp_path):
     def secrets(name, *seed):
         path = tmp_path / name
         run_json("keygen", "--model", marked.base, *seed, "--out", path)
-        return open_bundle(path, PASSPHRASE).schemes["hidden"]["arrays"]
+        return open_bundle(path, PASSPHRASE).schemes["hidden"].arrays
 
     one, two = secrets("a.dskey", "--seed", 5), secrets("b.dskey", "--seed", 5)
     fresh = secrets("c.dskey")

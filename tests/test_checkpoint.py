@@ -246,7 +246,7 @@ def test_export_names_every_layer_of_a_sequential_model(tmp_path):
                                 torch.nn.Linear(16, 10)).eval()
     info = ModelInfo("userarch.nets:make", {}, (1, 8, 8), 10)
     path = tmp_path / "seq.onnx"
-    report = export_onnx(model, info, path, force=False)
+    report = export_onnx(model, info, path)
     assert "0" in report["layers"] and "3:input" in report["layers"]
     x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
     got = OnnxModel(path, provider="cpu").intermediates(x, ["3:input", "1"])
@@ -267,8 +267,8 @@ def test_every_zoo_architecture_exports_with_parity(tmp_path, arch):
     from deepsigns_cli.training import predict
 
     data = load_data("digits")
-    model, info, _ = api.train_baseline(arch, data, epochs=1, seed=0, device="cpu")
-    result = export_onnx(model, info, tmp_path / "m.onnx", force=False)
+    model, info, _ = api.train_model(arch, data, epochs=1, seed=0, device="cpu")
+    result = export_onnx(model, info, tmp_path / "m.onnx")
     assert result["max_abs_diff"] <= 1e-4
     assert not model.training, "export must leave the model in eval mode"
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

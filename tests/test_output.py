@@ -27,7 +27,7 @@ def digits():
 
 
 def _baseline(digits, seed, arch_kwargs=SMALL, epochs=15):
-    model, info, _ = api.train_baseline("mlp", digits, arch_kwargs=arch_kwargs, epochs=epochs,
+    model, info, _ = api.train_model("mlp", digits, arch_kwargs=arch_kwargs, epochs=epochs,
                                         seed=seed, device="cpu")
     return model, info
 
@@ -49,12 +49,20 @@ def owner(digits, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("owner")
     base, info, marked, minfo, bundle, report = _mark(digits, seed=0, key_size=20)
-    save_checkpoint(base, info, folder / "base.safetensors", force=False)
-    save_checkpoint(marked, minfo, folder / "marked.safetensors", force=False)
-    export_onnx(base, info, folder / "base.onnx", force=False)
-    export_onnx(marked, minfo, folder / "marked.onnx", force=False)
-    write_bundle(bundle, folder / "owner.dskey", PASS, force=False)
+    save_checkpoint(base, info, folder / "base.safetensors")
+    save_checkpoint(marked, minfo, folder / "marked.safetensors")
+    export_onnx(base, info, folder / "base.onnx")
+    export_onnx(marked, minfo, folder / "marked.onnx")
+    write_bundle(bundle, folder / "owner.dskey", PASS)
     return {"dir": folder, "bundle": bundle, "report": report, "marked": marked, "base": base}
+
+
+def read(model, bundle):
+    """Every scheme of the bundle read from a model (torch or OnnxModel), as extract does."""
+    from deepsigns_cli.suspect import OnnxSuspect, TorchSuspect
+
+    suspect = OnnxSuspect(model) if isinstance(model, OnnxModel) else TorchSuspect(model)
+    return api.read_keys(suspect, bundle, list(bundle.schemes))
 
 
 def run(*args):
@@ -87,12 +95,12 @@ def test_marked_detected_unmarked_not(digits, seed):
     """The public code compares matches as if they were mismatches; we must not."""
     # the default MLP (64-512-512-10) trained like the sample model: fidelity is a claim about it
     base, _, marked, _, bundle, report = _mark(digits, seed, key_size=20, arch_kwargs={}, epochs=30)
-    k = len(bundle.schemes["output"]["arrays"]["y"])
-    on_marked = api.extract_watermarks(marked, bundle)["results"][0]
-    on_base = api.extract_watermarks(base, bundle)["results"][0]
-    assert on_marked["matches"] == k and on_marked["detected"]
-    assert on_base["matches"] <= 2 and not on_base["detected"]
-    assert on_marked["p_value"] < 1e-6 < on_base["p_value"]
+    k = len(bundle.schemes["output"].arrays["y"])
+    on_marked = read(marked, bundle).results[0]
+    on_base = read(base, bundle).results[0]
+    assert on_marked.matches == k and on_marked.detected
+    assert on_base.matches <= 2 and not on_base.detected
+    assert on_marked.p_value < 1e-6 < on_base.p_value
     # fidelity: the keys cost the model no more than a point of test accuracy
     assert report["accuracy_after"] >= report["accuracy_before"] - 1.0
 
@@ -152,16 +160,16 @@ def test_flattened_input_is_queried_by_reshaping(owner, tmp_path):
 
 def test_extract_reports_both_schemes(digits, tmp_path):
     base, info, marked, minfo, bundle, _ = _mark(digits, seed=5, schemes=("hidden", "output"))
-    report = api.extract_watermarks(marked, bundle)
-    by_scheme = {r["scheme"]: r for r in report["results"]}
+    report = read(marked, bundle)
+    by_scheme = {r.scheme: r for r in report.results}
     assert set(by_scheme) == {"hidden", "output"}
-    assert by_scheme["hidden"]["bit_errors"] == 0, "hidden bits must survive the output stage"
-    assert by_scheme["output"]["matches"] == by_scheme["output"]["keys"]
-    assert report["detected"]
-    export_onnx(marked, minfo, tmp_path / "m.onnx", force=False)
-    from_onnx = api.extract_watermarks(OnnxModel(tmp_path / "m.onnx", provider="cpu"), bundle)
-    assert [r["detected"] for r in from_onnx["results"]] == [True, True]
-    assert not api.extract_watermarks(base, bundle)["detected"]
+    assert by_scheme["hidden"].bit_errors == 0, "hidden bits must survive the output stage"
+    assert by_scheme["output"].matches == by_scheme["output"].keys
+    assert report.detected
+    export_onnx(marked, minfo, tmp_path / "m.onnx")
+    from_onnx = read(OnnxModel(tmp_path / "m.onnx", provider="cpu"), bundle)
+    assert [r.detected for r in from_onnx.results] == [True, True]
+    assert not read(base, bundle).detected
 
 
 # --------------------------------------------------------------------- keys in rare regions
@@ -171,7 +179,7 @@ def test_keys_come_from_rarely_explored_regions(owner, digits):
     from deepsigns_cli.schemes.output import DEFAULTS, RareRegions
     from deepsigns_cli.zoo import activations, default_layer
 
-    params = owner["bundle"].schemes["output"]["params"]
+    params = owner["bundle"].schemes["output"].params
     counts = params["neighbour_counts"]
     assert counts["accepted"]["p95"] < params["threshold"]
     assert counts["accepted"]["mean"] < counts["test"]["mean"]
@@ -181,7 +189,7 @@ def test_keys_come_from_rarely_explored_regions(owner, digits):
     layer = default_layer(model)
     regions = RareRegions(activations(model, layer, digits.x_train).numpy(), DEFAULTS,
                           np.random.default_rng(0))
-    keys = owner["bundle"].schemes["output"]["arrays"]["x"]
+    keys = owner["bundle"].schemes["output"].arrays["x"]
     key_counts = regions.counts(activations(model, layer, keys).numpy())
     test_counts = regions.counts(activations(model, layer, digits.x_test).numpy())
     assert np.median(key_counts) < np.median(test_counts)
@@ -190,7 +198,7 @@ def test_keys_come_from_rarely_explored_regions(owner, digits):
 def test_key_labels_differ_from_unmarked_predictions(owner):
     from deepsigns_cli.training import predict
 
-    arrays = owner["bundle"].schemes["output"]["arrays"]
+    arrays = owner["bundle"].schemes["output"].arrays
     assert (predict(owner["base"], arrays["x"]).argmax(1) != arrays["y"]).all()
     assert (predict(owner["marked"], arrays["x"]).argmax(1) == arrays["y"]).all()
 
@@ -219,8 +227,8 @@ def test_bundle_without_usable_black_box_keys_is_refused(tmp_path, digits, schem
 
     model, info = _baseline(digits, 0)
     bundle = api.make_keys(model, info, digits, [scheme], {scheme: options}, seed=0)
-    write_bundle(bundle, tmp_path / "k.dskey", PASS, force=False)
-    export_onnx(model, info, tmp_path / "m.onnx", force=False)
+    write_bundle(bundle, tmp_path / "k.dskey", PASS)
+    export_onnx(model, info, tmp_path / "m.onnx")
     result = run("verify", "--model", tmp_path / "m.onnx", "--keys", tmp_path / "k.dskey")
     assert result.exit_code == 2 and message in result.stderr
     assert scheme == "output" or "extract" in result.stderr
@@ -324,9 +332,8 @@ def test_auto_provider_is_quiet_on_cpu(owner, tmp_path):
 
 def test_loaded_checkpoint_gives_same_matches(owner):
     model, _ = load_checkpoint(owner["dir"] / "marked.safetensors")
-    a = api.extract_watermarks(model, owner["bundle"])["results"][0]["matches"]
-    onnx_model = OnnxModel(owner["dir"] / "marked.onnx", provider="cpu")
-    b = api.verify_ownership(onnx_model, owner["bundle"])["results"][0]["matches"]
+    a = read(model, owner["bundle"]).results[0].matches
+    b = api.verify(owner["dir"] / "marked.onnx", owner["dir"] / "owner.dskey", PASS).results[0].matches
     assert a == b == 20
 
 

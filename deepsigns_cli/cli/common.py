@@ -1,4 +1,10 @@
-"""Options shared by every command, error translation, passphrases, rendering."""
+"""What every command shares: options, the error contract, passphrases, JSON and progress.
+
+The error contract: a domain error (bad input) is one line on stderr and exit 2; Ctrl-C or
+SIGTERM is one line and exit 128 + the signal; anything else is a bug, one line and exit 3
+(the traceback with --debug or DEEPSIGNS_DEBUG=1), so that a pipeline never reads a crash as
+a verdict (0 detected, 1 not detected).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,21 @@ from pathlib import Path
 
 import click
 
-from ..errors import DeepSignsError
+from ..api import LIMITS
+from ..errors import DeepSignsError, InputError, Interrupted, one_line, shown
 
-EXIT_OK, EXIT_NOT_DETECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_NOT_DETECTED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 PASSPHRASE_ENV = "DEEPSIGNS_PASSPHRASE"
+DEBUG_ENV = "DEEPSIGNS_DEBUG"
 
 
 class State:
     quiet = False
+    debug = False
+
+
+def debugging() -> bool:
+    return State.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def stderr_console():
@@ -28,12 +41,32 @@ def stderr_console():
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
-    click.echo(f"error: {message}", err=True)
+    """One line on stderr (a newline inside the message cannot split it), then exit."""
+    click.echo(f"error: {shown(message)}", err=True)
     sys.exit(code)
 
 
+def internal_error(exc: BaseException):
+    if debugging():
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    fail(f"internal error, a bug in deepsigns, not in your input ({type(exc).__name__}: "
+         f"{one_line(exc)}): rerun with --debug (or {DEBUG_ENV}=1) for the traceback and report it",
+         EXIT_INTERNAL)
+
+
+def interrupted(exc: KeyboardInterrupt):
+    signum = exc.signum if isinstance(exc, Interrupted) else 2
+    written = exc.written if isinstance(exc, Interrupted) else ()
+    if written:
+        fail(f"interrupted after every output was written ({', '.join(written)}): they are complete",
+             128 + signum)
+    fail("interrupted: no output was written; run the command again", 128 + signum)
+
+
 def handle_errors(fn):
-    """Domain errors become one line on stderr and exit 2; Ctrl-C exits 130, nothing written."""
+    """The error contract around a command's body."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,8 +74,12 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except DeepSignsError as exc:
             fail(str(exc))
-        except KeyboardInterrupt:
-            fail("interrupted: no output was written; run the command again", EXIT_INTERRUPTED)
+        except KeyboardInterrupt as exc:
+            interrupted(exc)
+        except (SystemExit, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as exc:  # the one place that catches everything: a bug, exit 3
+            internal_error(exc)
 
     return wrapper
 
@@ -51,18 +88,28 @@ def handle_errors(fn):
 
 
 def common_options(fn):
-    """--json, --quiet, --seed: on every command."""
+    """--json, --quiet, --seed, --debug: on every command."""
 
-    def set_quiet(ctx, param, value):
-        State.quiet = value
-        return value
+    def set_state(name):
+        def callback(ctx, param, value):
+            if value:
+                setattr(State, name, True)
+            return value
+
+        return callback
 
     fn = click.option("--json", "json_", is_flag=True, help="Print one JSON object on stdout.")(fn)
-    fn = click.option("--quiet", "-q", is_flag=True, callback=set_quiet, expose_value=False,
+    fn = click.option("--quiet", "-q", is_flag=True, callback=set_state("quiet"), expose_value=False,
                       is_eager=True, help="Silence progress and warnings on stderr.")(fn)
-    fn = click.option("--seed", type=int, default=None,
+    fn = click.option("--debug", is_flag=True, callback=set_state("debug"), expose_value=False,
+                      is_eager=True, help=f"Show the traceback of an internal error (or {DEBUG_ENV}=1).")(fn)
+    fn = click.option("--seed", type=click.IntRange(*LIMITS["seed"]), default=None,
                       help="Seed for a reproducible run (default 0; keygen: fresh randomness).")(fn)
     return handle_errors(fn)
+
+
+def int_range(name: str):
+    return click.IntRange(*LIMITS[name])
 
 
 def device_option(fn):
@@ -76,16 +123,27 @@ def provider_option(fn):
                         help="onnxruntime provider (auto = CUDA when really usable).")(fn)
 
 
+def timeout_option(fn):
+    from ..api import DEFAULT_TIMEOUT
+
+    return click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True,
+                        help="Seconds a suspect model may take to answer, in all.")(fn)
+
+
 def force_option(fn):
     return click.option("--force", is_flag=True, help="Replace existing outputs.")(fn)
 
 
-def model_option(fn, help="Model: .safetensors checkpoint (or .pt with --arch)."):
+def arch_options(fn):
     fn = click.option("--arch-kwargs", default=None,
                       help="JSON keyword arguments of --arch, e.g. '{\"hidden\": [256, 256]}'.")(fn)
-    fn = click.option("--arch", default=None,
-                      help="Architecture of a .pt/.pth state dict: mlp, cnn, resnet or module:factory.")(fn)
-    return click.option("--model", "model_path", required=True, help=help)(fn)
+    return click.option("--arch", default=None,
+                        help="Architecture of a .pt/.pth state dict (or of a checkpoint whose "
+                             "own is not built in): mlp, cnn, resnet or module:factory.")(fn)
+
+
+def model_option(fn, help="Model: .safetensors checkpoint (or .pt with --arch)."):
+    return click.option("--model", "model_path", required=True, help=help)(arch_options(fn))
 
 
 def data_option(fn):
@@ -100,8 +158,10 @@ def keys_option(fn):
 
 
 def alpha_option(fn):
-    return click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=1e-3,
-                        show_default=True, help="Significance: detected when p-value <= alpha.")(fn)
+    from ..api import DEFAULT_ALPHA
+
+    return click.option("--alpha", type=float, default=DEFAULT_ALPHA, show_default=True,
+                        help="Significance: detected when p-value <= alpha.")(fn)
 
 
 def parse_arch_kwargs(text: str | None) -> dict | None:
@@ -109,74 +169,70 @@ def parse_arch_kwargs(text: str | None) -> dict | None:
         return None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        fail(f"--arch-kwargs is not JSON ({exc.msg}): e.g. '{{\"hidden\": [256, 256]}}'")
+    except (json.JSONDecodeError, RecursionError) as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise InputError(f"--arch-kwargs is not JSON ({msg}): e.g. '{{\"hidden\": [256, 256]}}'") from None
     if not isinstance(value, dict):
-        fail("--arch-kwargs must be a JSON object, e.g. '{\"hidden\": [256, 256]}'")
+        raise InputError("--arch-kwargs must be a JSON object, e.g. '{\"hidden\": [256, 256]}'")
     return value
 
 
 # ------------------------------------------------------------------ passphrases
 
 
+def passphrase_from(passphrase_file: str | None, *, confirm: bool = False):
+    """The passphrase, resolved when the api asks (after its cheap checks have passed)."""
+    return lambda: get_passphrase(passphrase_file, confirm=confirm)
+
+
 def get_passphrase(passphrase_file: str | None, *, confirm: bool = False) -> str:
     if passphrase_file:
         path = Path(passphrase_file)
-        if not path.is_file():
-            fail(f"passphrase file not found: {path}: check --passphrase-file")
         try:
+            if not path.is_file():
+                raise InputError(f"passphrase file not found: {shown(path)}: check --passphrase-file")
             text = path.read_text(encoding="utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
-            fail(f"passphrase file {path} is not UTF-8 text: write the passphrase into it as text")
+            raise InputError(f"passphrase file {shown(path)} is not UTF-8 text: write the passphrase "
+                             "into it as text") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read passphrase file {shown(path)} ({one_line(exc)}): check "
+                             "--passphrase-file") from None
         if not text:
-            fail(f"passphrase file {path} is empty: write the passphrase into it")
+            raise InputError(f"passphrase file {shown(path)} is empty: write the passphrase into it")
         return text
     env = os.environ.get(PASSPHRASE_ENV)
     if env:
         return env
     if sys.stdin.isatty():
         return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
-    fail(f"no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
+    raise InputError(f"no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
 
 
 # ------------------------------------------------------------------ output
 
 
-def _plain(value):
-    import numpy as np
+def emit(report, json_: bool, render) -> None:
+    """JSON on stdout for machines (always valid JSON), or a rich rendering for people."""
+    from ..api import report_json
 
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def emit(report: dict, json_: bool, render) -> None:
-    """JSON on stdout for machines, or a rich rendering on stdout for people."""
     if json_:
-        click.echo(json.dumps(_plain(report), indent=2, sort_keys=False))
+        click.echo(json.dumps(report_json(report), indent=2, allow_nan=False))
         return
     from rich.console import Console
 
     render(Console(), report)
 
 
-def emit_decision(report: dict, json_: bool, render=None) -> None:
-    """Print a detection report (the decision table unless `render` says more); exit 0 when
-    detected, 1 when not: the contract a release pipeline reads."""
-    emit(report, json_, render or (lambda c, r: c.print(decision_table(r))))
-    sys.exit(EXIT_OK if report["detected"] else EXIT_NOT_DETECTED)
+def emit_decision(report, json_: bool, render) -> None:
+    """Print a detection report; exit 0 when detected, 1 when not: the contract a release
+    pipeline reads."""
+    emit(report, json_, render)
+    sys.exit(EXIT_OK if report.detected else EXIT_NOT_DETECTED)
 
 
-def info(message: str) -> None:
-    stderr_console().print(message, highlight=False)
+def warn(message: str) -> None:
+    stderr_console().print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
 @contextmanager
@@ -205,72 +261,3 @@ def progress_bar():
             bar.update(tasks[key], completed=done, total=total, description=description)
 
         yield update
-
-
-def fmt_p(p: float) -> str:
-    return f"{p:.3g}"
-
-
-def kv_table(title: str, rows: list[tuple[str, object]]):
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in rows:
-        table.add_row(k, str(v))
-    return table
-
-
-# ------------------------------------------------------------------ loading
-
-
-def load_model(model_path: str, arch: str | None, arch_kwargs: str | None, *, data=None, bundle=None):
-    """A checkpoint from the command line; .pt shapes come from --data or the bundle."""
-    from ..checkpoint import load_checkpoint
-
-    shape = classes = None
-    if data is not None:
-        shape, classes = data.input_shape, data.num_classes
-    elif bundle is not None:
-        shape, classes = tuple(bundle.info["input_shape"]), bundle.info["num_classes"]
-    return load_checkpoint(model_path, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                           input_shape=shape, num_classes=classes)
-
-
-def open_keys(keys_path: str, passphrase_file: str | None):
-    """(bundle, passphrase): the passphrase too, for commands that seal the bundle again."""
-    from ..bundle import open_bundle, read_header
-
-    read_header(keys_path)  # a missing or foreign file fails before the passphrase prompt
-    passphrase = get_passphrase(passphrase_file)
-    return open_bundle(keys_path, passphrase), passphrase
-
-
-def decision_table(report: dict):
-    from rich.table import Table
-
-    verdict = "[bold green]DETECTED[/]" if report["detected"] else "[bold red]NOT DETECTED[/]"
-    table = Table(title=f"{verdict}  p = {fmt_p(report['p_value'])}  (alpha = {report['alpha']:g})",
-                  title_justify="left")
-    for col in ("scheme", "where", "evidence", "p-value", "decision"):
-        table.add_column(col)
-    for r in report["results"]:
-        table.add_row(r["scheme"], *_evidence(r), fmt_p(r["p_value"]),
-                      "detected" if r["detected"] else "not detected")
-    return table
-
-
-def _evidence(r: dict) -> tuple[str, str]:
-    """(where, evidence) columns of one scheme's result."""
-    if r["scheme"] == "output":
-        return (f"{r['queries']} queries",
-                f"{r['matches']}/{r['keys']} keys match; {r['mismatches']} mismatches "
-                f"(at most {r['max_mismatches']} allowed)")
-    if r.get("candidates", 1) > 1:
-        where = f"{r.get('tensor')} (best of {r['candidates']} tensors)"
-    else:
-        where = str(r.get("tensor") or r.get("layer", ""))
-    if not r.get("bits"):
-        return where or "-", r.get("note", "no carrier found")
-    return where, f"{r['bit_errors']}/{r['n_bits']} bits wrong (BER {r['ber']:.3f})"

@@ -1,6 +1,8 @@
 import click
 
-from .common import common_options, emit, kv_table
+from .. import api
+from . import render
+from .common import common_options, emit
 
 
 @click.command("inspect")
@@ -12,12 +14,4 @@ def command(file, seed, json_):
     \b
     deepsigns inspect owner.dskey
     """
-    from ..describe import describe
-
-    report = describe(file)
-
-    def render(c, r):
-        c.print(kv_table(f"{r['kind']}: {r['path']}",
-                         [(k, v) for k, v in r.items() if k not in ("kind", "path")]))
-
-    emit(report, json_, render)
+    emit(api.inspect(file), json_, render.inspect)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import signal
+import sys
+import threading
+import warnings
 
 import click
 
 from .. import __version__
+from ..errors import Interrupted, one_line
+from .common import EXIT_BAD_INPUT, State, fail, internal_error
 
 COMMANDS = {
     "train": "Train a plain (unmarked) baseline model.",
@@ -17,6 +23,10 @@ COMMANDS = {
     "verify": "Black-box: decide ownership from an ONNX model's answers alone.",
     "inspect": "Show the public facts of a checkpoint, bundle or ONNX file.",
 }
+
+
+def _terminate(signum, frame):
+    raise Interrupted(signum)  # SIGTERM cleans up like Ctrl-C: no partial output
 
 
 class LazyGroup(click.Group):
@@ -32,13 +42,42 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl([(name, text) for name, text in COMMANDS.items()])
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Every failure is one line: click's usage errors too (exit 2, not its three lines)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        State.quiet = State.debug = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
+        with warnings.catch_warnings():
+            # torch/numpy warnings are not ours to show: a report or one error line, nothing else
+            warnings.simplefilter("ignore")
+            try:
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.exceptions.Abort:  # Ctrl-C at a prompt or while parsing
+                fail("interrupted: no output was written; run the command again", 130)
+            except click.ClickException as exc:
+                where = f"'{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) else "'deepsigns --help'"
+                fail(f"{one_line(exc.format_message(), 400)} (see {where})", EXIT_BAD_INPUT)
+            except KeyboardInterrupt:
+                fail("interrupted: no output was written; run the command again", 130)
+            except (SystemExit, click.exceptions.Exit):
+                raise
+            except Exception as exc:  # a bug outside any command (parsing, loading)
+                internal_error(exc)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deepsigns")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, p, v: setattr(State, "debug", True) if v else None,
+              help="Show the traceback of an internal error (or DEEPSIGNS_DEBUG=1).")
 def cli():
     """Watermark neural networks and prove ownership later.
 
-    Exit codes: 0 success or watermark detected, 1 not detected, 2 bad input.
+    Exit codes: 0 success or watermark detected, 1 not detected, 2 bad input,
+    3 internal error (a bug), 130 interrupted.
     """
 
 

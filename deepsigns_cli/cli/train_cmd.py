@@ -1,12 +1,14 @@
 import click
 
+from .. import api
+from . import render
 from .common import (
     common_options,
     data_option,
     device_option,
     emit,
     force_option,
-    kv_table,
+    int_range,
     parse_arch_kwargs,
     progress_bar,
 )
@@ -16,9 +18,9 @@ from .common import (
 @click.option("--arch", required=True, help="mlp, cnn, resnet, or package.module:factory.")
 @click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the architecture.")
 @data_option
-@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--epochs", type=int_range("epochs"), default=30, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate (Adam).")
+@click.option("--batch-size", type=int_range("batch_size"), default=64, show_default=True)
 @click.option("--out", required=True, help="Output checkpoint (.safetensors).")
 @force_option
 @device_option
@@ -29,20 +31,8 @@ def command(arch, arch_kwargs, data_spec, epochs, lr, batch_size, out, force, de
     \b
     deepsigns train --arch mlp --data digits --epochs 30 --seed 0 --out base.safetensors
     """
-    from ..api import train_baseline
-    from ..checkpoint import save_checkpoint
-    from ..data import load_data
-    from ..fileio import check_output
-
-    check_output(out, force, inputs={"--data": data_spec})
-    data = load_data(data_spec)
     with progress_bar() as progress:
-        model, info, report = train_baseline(
-            arch, data, arch_kwargs=parse_arch_kwargs(arch_kwargs), epochs=epochs, lr=lr,
-            batch_size=batch_size, seed=seed or 0, device=device, progress=progress)
-    save_checkpoint(model, info, out, force=force)
-    report["out"] = out
-    emit(report, json_, lambda c, r: c.print(kv_table("trained", [
-        ("architecture", r["arch"]), ("data", r["data"]), ("epochs", r["epochs"]),
-        ("test accuracy", f"{r['test_accuracy']:.2f}%"),
-        ("seconds / epoch", f"{r['seconds_per_epoch']:.3f}"), ("written", r["out"])])))
+        report = api.train(arch, out, data=data_spec, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                           epochs=epochs, lr=lr, batch_size=batch_size, seed=seed or 0,
+                           device=device, force=force, progress=progress)
+    emit(report, json_, render.train)

@@ -1,6 +1,16 @@
 import click
 
-from .common import alpha_option, common_options, emit_decision, keys_option, open_keys, provider_option
+from .. import api
+from . import render
+from .common import (
+    alpha_option,
+    common_options,
+    emit_decision,
+    keys_option,
+    passphrase_from,
+    provider_option,
+    timeout_option,
+)
 
 
 @click.command("verify")
@@ -8,8 +18,9 @@ from .common import alpha_option, common_options, emit_decision, keys_option, op
 @keys_option
 @alpha_option
 @provider_option
+@timeout_option
 @common_options
-def command(model_path, keys_path, passphrase_file, alpha, provider, seed, json_):
+def command(model_path, keys_path, passphrase_file, alpha, provider, timeout, seed, json_):
     """Black-box: decide ownership from an ONNX model's answers alone.
 
     Exit code 0 when detected (p-value <= alpha), 1 when not, 2 on bad input.
@@ -17,14 +28,6 @@ def command(model_path, keys_path, passphrase_file, alpha, provider, seed, json_
     \b
     deepsigns verify --model suspect.onnx --keys owner.dskey
     """
-    from ..api import verify_ownership
-    from ..errors import InputError
-    from ..runtime import OnnxModel
-
-    if not model_path.lower().endswith(".onnx"):
-        raise InputError(f"{model_path}: verify reads ONNX models; export a checkpoint first "
-                         "with 'deepsigns export', or use 'deepsigns extract'")
-    bundle, _ = open_keys(keys_path, passphrase_file)
-    report = verify_ownership(OnnxModel(model_path, provider=provider), bundle, alpha=alpha)
-    report = {"command": "verify", "model": model_path, "key_id": bundle.key_id, **report}
-    emit_decision(report, json_)
+    report = api.verify(model_path, keys_path, passphrase_from(passphrase_file), alpha=alpha,
+                        provider=provider, timeout=timeout)
+    emit_decision(report, json_, lambda c, r: c.print(render.decision_table(r)))

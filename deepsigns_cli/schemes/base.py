@@ -1,88 +1,62 @@
-"""The interface every watermark scheme implements, and the registry."""
+"""The interface every watermark scheme implements."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..registry import load_scheme, scheme_entry
+from ..results import SchemeKeys, SchemeResult
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from ..checkpoint import ModelInfo
     from ..data import Dataset
+    from ..objective import Objective
+    from ..suspect import Suspect
+    from ..training import Progress, TrainConfig
 
-__all__ = ["Scheme", "register_scheme", "get_scheme", "list_schemes", "Keys"]
-
-Keys = tuple[dict, dict[str, np.ndarray]]  # (params, arrays): JSON-able secrets, array secrets
-_REGISTRY: dict[str, type[Scheme]] = {}
+__all__ = ["Scheme", "get_scheme"]
 
 
 class Scheme:
-    """One watermark method. Keys live in the bundle as (params, arrays)."""
+    """One watermark method. Its registry row (`registry.SCHEMES[name]`) says the rest."""
 
     name: str = ""
 
-    def keygen(
-        self, model: nn.Module, info, data: Dataset, options: dict[str, Any], rng: np.random.Generator
-    ) -> Keys:
+    @property
+    def entry(self):
+        return scheme_entry(self.name)
+
+    def keygen(self, model: nn.Module, info: ModelInfo, data: Dataset, options: dict[str, Any],
+               rng: np.random.Generator) -> SchemeKeys:
         raise NotImplementedError
 
-    def objective(self, model: nn.Module, data: Dataset, keys: Keys):
-        """The training.Objective that keeps this watermark in place while training."""
+    def objective(self, model: nn.Module, info: ModelInfo, data: Dataset, keys: SchemeKeys) -> Objective:
+        """The training objective that puts (and keeps) this watermark in the model."""
         raise NotImplementedError
 
-    def embed(self, model: nn.Module, info, data: Dataset, keys: Keys, cfg, progress,
-              also: tuple = ()) -> Keys:
+    def embed(self, model: nn.Module, info: ModelInfo, data: Dataset, keys: SchemeKeys,
+              cfg: TrainConfig, progress: Progress | None,
+              also: tuple[Objective, ...] = ()) -> tuple[SchemeKeys, dict]:
         """Train `model` in place (with `also`: objectives of watermarks already embedded,
-        which must survive); return the final keys, with "embed_history" in the params."""
+        which must survive); return the final keys and the training history."""
         from ..training import fit
 
-        objectives = [self.objective(model, data, keys), *also]
+        objectives = [self.objective(model, info, data, keys), *also]
         history = fit(model, data.x_train, data.y_train, cfg, objectives, progress)
-        params, arrays = keys
-        return {**params, "embed_history": history}, arrays
+        return keys, history
 
-    def extract(self, model: nn.Module, keys: Keys, alpha: float) -> dict:
-        """White-box read-out from a torch model."""
+    def warnings(self, keys: SchemeKeys) -> list[str]:
+        """What keygen should tell the owner about these keys (none by default)."""
+        return []
+
+    def read(self, suspect: Suspect, keys: SchemeKeys) -> SchemeResult:
+        """The evidence in a suspect (torch or ONNX); alpha is applied by results.decide."""
         raise NotImplementedError
-
-    def extract_onnx(self, model, keys: Keys, alpha: float) -> dict:
-        """White-box read-out from an ONNX model (deepsigns_cli.runtime.OnnxModel)."""
-        raise NotImplementedError
-
-    def verify(self, model, keys: Keys, alpha: float) -> dict:
-        """Black-box decision from an OnnxModel's outputs alone."""
-        raise NotImplementedError
-
-
-def register_scheme(name: str):
-    def wrap(cls):
-        from . import BLACKBOX  # the one place that says which schemes `verify` can use
-
-        if name not in BLACKBOX:
-            raise RuntimeError(f"scheme '{name}' must be listed in deepsigns_cli.schemes.BLACKBOX")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
 
 
 def get_scheme(name: str) -> Scheme:
-    if name not in _REGISTRY:
-        try:
-            importlib.import_module(f"deepsigns_cli.schemes.{name}")
-        except ModuleNotFoundError:
-            pass
-    if name not in _REGISTRY:
-        raise InputError(f"unknown scheme '{name}': use one of {', '.join(list_schemes())}")
-    return _REGISTRY[name]()
-
-
-def list_schemes() -> list[str]:
-    from . import SCHEME_NAMES
-
-    return list(SCHEME_NAMES)
+    return load_scheme(name)

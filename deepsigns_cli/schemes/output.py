@@ -9,6 +9,7 @@ p = P[Binomial(K, 1/C) >= matches].
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -16,11 +17,12 @@ import numpy as np
 from .. import stats
 from ..errors import SchemeError
 from ..objective import Objective
-from .base import Keys, Scheme, register_scheme
+from ..results import MatchResult, SchemeKeys
+from .base import Scheme
 
 # torch is imported inside the methods that train: verify() runs on onnxruntime alone
 
-__all__ = ["OutputScheme", "RareRegions"]
+__all__ = ["OutputScheme", "RareRegions", "SCHEME"]
 
 DEFAULTS = {
     "key_size": 20,  # K
@@ -28,10 +30,12 @@ DEFAULTS = {
     "neighbours": 10,  # epsilon = median distance of a training point to its 10th neighbour
     "quantile": 0.05,  # accept when fewer neighbours than 95% of training points have
     "pca_variance": 0.90,  # PCA keeps the components explaining this much variance
-    "max_epochs": 200,  # fine-tune until 99% of candidates are learnt, or this many epochs
     "key_batch": 512,  # candidate keys mixed into every step (all of K' = 400 by default)
     "reference_points": 4000,  # training activations used as the density reference
 }
+
+
+MAX_KEY_SIZE = 1000  # K' = 20 K candidates are drawn, tested and learnt: bounded work
 
 
 class RareRegions:
@@ -73,17 +77,18 @@ class RareRegions:
         return counts < self.threshold, counts
 
 
-@register_scheme("output")
 class OutputScheme(Scheme):
+    name = "output"
+
     # ------------------------------------------------------------------ keygen
-    def keygen(self, model, info, data, options, rng) -> Keys:
+    def keygen(self, model, info, data, options, rng) -> SchemeKeys:
         from ..training import predict
         from ..zoo import activations, default_layer
 
         opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
         key_size = int(opts["key_size"])
-        if key_size < 1:
-            raise SchemeError(f"--key-size must be at least 1, got {key_size}")
+        if not 1 <= key_size <= MAX_KEY_SIZE:
+            raise SchemeError(f"--key-size must be between 1 and {MAX_KEY_SIZE}, got {key_size}")
         wanted = key_size * int(opts["oversample"])
         layer = default_layer(model)
         regions = RareRegions(activations(model, layer, data.x_train).numpy(), opts, rng)
@@ -123,26 +128,26 @@ class OutputScheme(Scheme):
                 "rejected": _summary(rej_counts),
                 "test": _summary(regions.counts(activations(model, layer, data.x_test).numpy())),
             },
-            **{k: opts[k] for k in ("max_epochs", "key_batch")},
+            "key_batch": opts["key_batch"],
         }
-        return params, {"x_candidates": x_cand, "y_candidates": y_cand}
+        return SchemeKeys(self.name, params, {"x_candidates": x_cand, "y_candidates": y_cand})
 
     # ------------------------------------------------------------------ embed
-    def objective(self, model, data, keys) -> Objective:
-        params, arrays = keys
+    def objective(self, model, info, data, keys) -> Objective:
+        params, arrays = keys.params, keys.arrays
         if params.get("embedded"):
             return KeyObjective(arrays["x"], arrays["y"], int(params["key_batch"]))
         return KeyObjective(arrays["x_candidates"], arrays["y_candidates"], int(params["key_batch"]))
 
-    def embed(self, model, info, data, keys, cfg, progress, also=()) -> Keys:
+    def embed(self, model, info, data, keys, cfg, progress, also=()):
         from ..training import fit, predict
 
-        params, arrays = keys
+        params, arrays = keys.params, keys.arrays
         if params.get("embedded"):
             raise SchemeError("these output-layer keys are already embedded: run keygen for a new model")
         x, y = arrays["x_candidates"], arrays["y_candidates"]
         unmarked = predict(model, x).argmax(1)
-        objective = self.objective(model, data, keys)
+        objective = self.objective(model, info, data, keys)
         objective.stop_at = 0.99
         # the paper: the same optimiser, the learning rate reduced tenfold
         cfg = replace(cfg, lr=cfg.lr / 10)
@@ -155,54 +160,29 @@ class OutputScheme(Scheme):
                 f"only {len(good)} keys were learnt by the model (needed {key_size}) after "
                 f"{history['epochs']} epochs: raise --epochs or lower --key-size"
             )
+        # key selection happens once, from the seed: every process picks the same keys
         rng = np.random.default_rng(cfg.seed)
         pick = np.sort(rng.choice(good, size=key_size, replace=False))
         params = {**params, "embedded": True, "candidates_learnt": float((marked == y).mean()),
-                  "qualified": int(len(good)), "embed_history": history}
-        return params, {"x": x[pick], "y": y[pick]}
+                  "qualified": int(len(good))}
+        return SchemeKeys(self.name, params, {"x": x[pick], "y": y[pick]}), history
 
-    # ------------------------------------------------------------------ decide
-    def _decide(self, scores: np.ndarray, keys: Keys, alpha: float) -> dict:
-        params, arrays = keys
+    # ------------------------------------------------------------------ read
+    def read(self, suspect, keys) -> MatchResult:
+        params, arrays = keys.params, keys.arrays
+        if not params.get("embedded"):
+            raise SchemeError("the output-layer keys are not embedded yet: run 'deepsigns embed' first")
+        start = time.perf_counter()
+        scores = suspect.scores(arrays["x"])
+        seconds = time.perf_counter() - start
         k, c = len(arrays["y"]), int(params["num_classes"])
         matches = int((scores.argmax(1) == arrays["y"]).sum())
-        p = stats.matches_p_value(matches, k, c)
-        result = {
-            "scheme": "output",
-            "keys": k,
-            "queries": k,
-            "matches": matches,
-            "mismatches": k - matches,
-            "max_mismatches": stats.max_mismatches(k, c, alpha),
-            "p_value": p,
-            "detected": p <= alpha,
-        }
+        note = None
         if scores.shape[1] != c:
-            result["note"] = f"the model gives {scores.shape[1]} scores, the keys have {c} classes"
-        return result
-
-    def _keys(self, keys: Keys) -> None:
-        if not keys[0].get("embedded"):
-            raise SchemeError("the output-layer keys are not embedded yet: run 'deepsigns embed' first")
-
-    def verify(self, model, keys, alpha) -> dict:
-        import time
-
-        self._keys(keys)
-        start = time.perf_counter()
-        scores = model.scores(keys[1]["x"])
-        result = self._decide(scores, keys, alpha)
-        result["onnx_seconds"] = time.perf_counter() - start
-        return result
-
-    def extract(self, model, keys, alpha) -> dict:
-        from ..training import predict
-
-        self._keys(keys)
-        return self._decide(predict(model, keys[1]["x"]), keys, alpha)
-
-    def extract_onnx(self, model, keys, alpha) -> dict:
-        return self.verify(model, keys, alpha)
+            note = f"the model gives {scores.shape[1]} scores, the keys have {c} classes"
+        return MatchResult("output", stats.matches_p_value(matches, k, c), note=note, keys=k,
+                           queries=k, matches=matches, mismatches=k - matches, num_classes=c,
+                           onnx_seconds=seconds if suspect.blackbox_only else None)
 
 
 class KeyObjective(Objective):
@@ -220,11 +200,11 @@ class KeyObjective(Objective):
         idx = rng.choice(len(self.x), size=self.per_batch, replace=False)
         return self.x[idx], self.y[idx]
 
-    def loss(self, logits, y, own):
+    def loss(self, batch):
         from torch.nn.functional import cross_entropy
 
         # its own mean: the keys do not crowd the training batch out of the gradient
-        return cross_entropy(logits[own], y[own])
+        return cross_entropy(batch.logits[batch.own], batch.y[batch.own])
 
     def end_epoch(self, model, epoch) -> bool:
         from ..training import predict
@@ -242,3 +222,6 @@ def _summary(counts: np.ndarray) -> dict:
     q = np.quantile(counts, [0.05, 0.5, 0.95])
     return {"n": int(counts.size), "mean": float(counts.mean()), "p05": float(q[0]),
             "median": float(q[1]), "p95": float(q[2])}
+
+
+SCHEME = OutputScheme

@@ -1,0 +1,79 @@
+"""How reports look to people (rich, on stdout). JSON needs none of this: results.to_json_dict."""
+
+from __future__ import annotations
+
+__all__ = ["kv_table", "decision_table", "train", "keygen", "embed", "export", "inspect", "decision"]
+
+
+def fmt_p(p: float) -> str:
+    return f"{p:.3g}"
+
+
+def kv_table(title: str, rows: list[tuple[str, object]]):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, str(v))
+    return table
+
+
+def decision_table(report):
+    from rich.table import Table
+
+    verdict = "[bold green]DETECTED[/]" if report.detected else "[bold red]NOT DETECTED[/]"
+    table = Table(title=f"{verdict}  p = {fmt_p(report.p_value)}  (alpha = {report.alpha:g})",
+                  title_justify="left")
+    for col in ("scheme", "where", "evidence", "p-value", "decision"):
+        table.add_column(col)
+    for r in report.results:
+        table.add_row(r.scheme, *r.evidence(), fmt_p(r.p_value),
+                      "detected" if r.detected else "not detected")
+    return table
+
+
+def decision(c, r) -> None:
+    c.print(decision_table(r))
+    for res in r.results:
+        # soft_wrap: a long bit string stays one line that can be copied whole
+        if getattr(res, "bits", ""):
+            c.print(f"{res.scheme} bits: {res.bits}", soft_wrap=True, highlight=False)
+        if getattr(res, "message", None):
+            c.print(f"{res.scheme} message: {res.message!r}", soft_wrap=True)
+        for key in ("warning", "note"):
+            if getattr(res, key, None):
+                c.print(f"[yellow]{key}:[/] {getattr(res, key)}")
+
+
+def train(c, r) -> None:
+    c.print(kv_table("trained", [
+        ("architecture", r.arch), ("data", r.data), ("epochs", r.epochs),
+        ("test accuracy", f"{r.test_accuracy:.2f}%"),
+        ("seconds / epoch", f"{r.seconds_per_epoch:.3f}"), ("written", r.out)]))
+
+
+def keygen(c, r) -> None:
+    c.print(kv_table("key bundle sealed", [
+        ("schemes", ", ".join(r.schemes)), ("key id", r.key_id), ("written", r.out),
+        ("commitment (SHA-256)", r.commitment)]))
+
+
+def embed(c, r) -> None:
+    rows = [("accuracy before", f"{r.accuracy_before:.2f}%"),
+            ("accuracy after", f"{r.accuracy_after:.2f}%")]
+    rows += [(f"{name}: epochs", s["epochs"]) for name, s in r.schemes.items()]
+    rows += [("written", r.out)] + ([("ONNX", r.onnx)] if r.onnx else [])
+    rows += [("keys updated", r.keys), ("new commitment", r.commitment)]
+    c.print(kv_table("watermark embedded", rows))
+
+
+def export(c, r) -> None:
+    c.print(kv_table("exported", [
+        ("written", r.out), ("opset", r.opset), ("input", r.input_shape),
+        ("max |onnx - torch|", f"{r.max_abs_diff:.2e}"), ("checker", "clean")]))
+
+
+def inspect(c, r) -> None:
+    c.print(kv_table(f"{r.kind}: {r.path}", list(r.facts.items())))

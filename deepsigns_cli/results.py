@@ -1,0 +1,220 @@
+"""Typed results: what each command reports, as dataclasses (torch-free).
+
+A scheme's read-out gives evidence and a p-value that already counts every search it made
+(candidate tensors tried). `decide` is the one place where alpha is applied: it sets each
+result's decision and thresholds, and the overall decision over the schemes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from . import stats
+
+__all__ = [
+    "SchemeKeys",
+    "SchemeResult",
+    "BitsResult",
+    "MatchResult",
+    "RESULT_KINDS",
+    "Decision",
+    "decide",
+    "TrainReport",
+    "KeygenReport",
+    "EmbedReport",
+    "ExportReport",
+    "InspectReport",
+    "to_json_dict",
+]
+
+
+@dataclass
+class SchemeKeys:
+    """One scheme's secrets: JSON-able parameters and numpy arrays (sealed in the bundle)."""
+
+    scheme: str
+    params: dict
+    arrays: dict  # name -> np.ndarray
+
+
+@dataclass
+class SchemeResult:
+    scheme: str
+    p_value: float  # counts every search the read-out made
+    detected: bool = False  # set by decide()
+    note: str | None = None
+
+    def apply(self, alpha: float) -> None:
+        self.detected = self.p_value <= alpha
+
+    def evidence(self) -> tuple[str, str]:
+        """(where, evidence) as people read them."""
+        return "-", self.note or ""
+
+
+@dataclass
+class BitsResult(SchemeResult):
+    """A multi-bit signature read back (hidden layer; GradSigns)."""
+
+    layer: str = ""
+    n_bits: int = 0
+    bits: str = ""  # the recovered bits, "" when no carrier was found
+    bit_errors: int | None = None  # None: nothing was read (not "every bit wrong")
+    ber: float | None = None
+    tensor: str | None = None  # where the bits were read
+    candidates: int = 0  # carriers tried (counted in the p-value)
+    message: str | None = None
+    max_bit_errors: int | None = None  # set by decide(): the most errors alpha allows
+    warning: str | None = None
+
+    def apply(self, alpha: float) -> None:
+        super().apply(alpha)
+        tries = max(1, self.candidates)
+        self.max_bit_errors = stats.max_bit_errors(self.n_bits, alpha / tries)
+        best = stats.smallest_bits_p_value(self.n_bits)
+        if self.bits and best * tries > alpha:
+            self.warning = (f"{self.n_bits} bits cannot reach alpha={alpha:g} (best p = {best:.2g}"
+                            f" x {tries} tries): re-key with more --bits")
+
+    def evidence(self) -> tuple[str, str]:
+        if self.candidates > 1:
+            where = f"{self.tensor} (best of {self.candidates} tensors)"
+        else:
+            where = str(self.tensor or self.layer or "-")
+        if not self.bits:
+            return where, self.note or "no carrier found"
+        return where, f"{self.bit_errors}/{self.n_bits} bits wrong (BER {self.ber:.3f})"
+
+
+@dataclass
+class MatchResult(SchemeResult):
+    """Key inputs answered with their key labels (output-layer scheme)."""
+
+    keys: int = 0
+    queries: int = 0
+    matches: int = 0
+    mismatches: int = 0
+    num_classes: int = 0
+    max_mismatches: int | None = None  # set by decide(): the paper's Eq. 5 threshold
+    onnx_seconds: float | None = None
+
+    def apply(self, alpha: float) -> None:
+        super().apply(alpha)
+        self.max_mismatches = stats.max_mismatches(self.keys, self.num_classes, alpha)
+
+    def evidence(self) -> tuple[str, str]:
+        return (f"{self.queries} queries",
+                f"{self.matches}/{self.keys} keys match; {self.mismatches} mismatches "
+                f"(at most {self.max_mismatches} allowed)")
+
+
+RESULT_KINDS = {"bits": BitsResult, "matches": MatchResult}
+
+
+@dataclass
+class Decision:
+    """The report of `extract` and `verify`: one result per scheme, one decision."""
+
+    command: str
+    model: str
+    key_id: str
+    alpha: float
+    results: list[SchemeResult]
+    detected: bool = False
+    p_value: float = 1.0
+
+
+def decide(results: list[SchemeResult], alpha: float, *, command: str, model: str,
+           key_id: str) -> Decision:
+    """Apply alpha to every result, and decide over all of them (Bonferroni over schemes)."""
+    alpha = stats.check_alpha(alpha)
+    for r in results:
+        r.apply(alpha)
+    p = stats.bonferroni(min((r.p_value for r in results), default=1.0), len(results))
+    return Decision(command, model, key_id, alpha, results, detected=p <= alpha, p_value=p)
+
+
+@dataclass
+class TrainReport:
+    arch: str
+    data: str
+    epochs: int
+    test_accuracy: float
+    seconds_per_epoch: float
+    out: str
+    command: str = "train"
+
+
+@dataclass
+class KeygenReport:
+    out: str
+    schemes: list[str]
+    key_id: str
+    commitment: str
+    warnings: list[str] = field(default_factory=list)
+    command: str = "keygen"
+
+
+@dataclass
+class EmbedReport:
+    accuracy_before: float
+    accuracy_after: float
+    schemes: dict  # name -> {"epochs", "seconds_per_epoch"}
+    fingerprint: str
+    out: str
+    keys: str
+    commitment: str
+    onnx: str | None = None
+    onnx_max_abs_diff: float | None = None
+    command: str = "embed"
+
+
+@dataclass
+class ExportReport:
+    out: str
+    opset: int
+    max_abs_diff: float
+    input_shape: list
+    command: str = "export"
+
+
+@dataclass
+class InspectReport:
+    kind: str
+    path: str
+    facts: dict  # public facts only, never a secret
+
+
+def _plain(value):
+    """JSON-able: numpy scalars and arrays unwrapped, NaN and infinities as null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)  # paths and the like
+
+
+def to_json_dict(report) -> dict:
+    """The JSON object of a report (valid JSON always: no NaN, no Infinity)."""
+    if isinstance(report, InspectReport):
+        return _plain({"kind": report.kind, "path": report.path, **report.facts})
+    if isinstance(report, Decision):
+        body = {"command": report.command, "model": report.model, "key_id": report.key_id,
+                "detected": report.detected, "p_value": report.p_value, "alpha": report.alpha,
+                "results": [_result_dict(r) for r in report.results]}
+        return _plain(body)
+    return _plain(asdict(report))
+
+
+def _result_dict(result: SchemeResult) -> dict:
+    """A result's fields, without the empty optional ones (a 'warning' only when there is one)."""
+    optional = {"note", "message", "warning", "onnx_seconds"}
+    return {f.name: getattr(result, f.name) for f in fields(result)
+            if not (f.name in optional and getattr(result, f.name) is None)}

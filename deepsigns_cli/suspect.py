@@ -1,0 +1,90 @@
+"""A suspect model as the schemes read it: the same two questions for torch and ONNX.
+
+`scores(x)` gives the model's outputs for inputs x; `carriers(x, layer, width)` gives the
+candidate activations a hidden-layer signature may sit in. Each scheme has one read path
+written against this interface (no torch import here: `verify` runs on onnxruntime alone).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .runtime import OnnxModel
+
+__all__ = ["Suspect", "TorchSuspect", "OnnxSuspect", "open_suspect"]
+
+
+class Suspect:
+    name: str = ""
+    blackbox_only: bool = False  # True for `verify`: only the outputs may be used
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def carriers(self, x: np.ndarray, layer: str, width: int) -> tuple[dict[str, np.ndarray], str]:
+        """(candidate name -> (n, width) activations, why there are none when empty)."""
+        raise NotImplementedError
+
+
+class TorchSuspect(Suspect):
+    def __init__(self, model: nn.Module, name: str = "model"):
+        self.model, self.name = model, name
+
+    def scores(self, x):
+        from .training import predict
+
+        return predict(self.model, x)
+
+    def carriers(self, x, layer, width):
+        from .zoo import activations
+
+        try:
+            acts = activations(self.model, layer, x).numpy()
+        except InputError:  # no such layer in this model
+            return {}, f"no layer '{layer}' in this model: not the architecture the keys were made for"
+        if acts.shape[1] != width:
+            return {}, (f"layer '{layer}' has {acts.shape[1]} units, the keys expect {width}: "
+                        "not our architecture")
+        return {layer: acts}, ""
+
+
+class OnnxSuspect(Suspect):
+    def __init__(self, model: OnnxModel, *, blackbox_only: bool = False):
+        self.onnx, self.name, self.blackbox_only = model, str(model.path), blackbox_only
+
+    def scores(self, x):
+        return self.onnx.scores(x)
+
+    def carriers(self, x, layer, width):
+        # our own export names the carrier; a foreign file is searched (and the search counted)
+        named = self.onnx.intermediates(x, [layer])
+        if layer in named and named[layer].shape[1] == width:
+            return named, ""
+        found = {k: v for k, v in self.onnx.intermediates(x).items() if v.shape[1] == width}
+        return found, ("" if found else f"no tensor of width {width} in this model: not our architecture")
+
+
+def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None = None,
+                 arch: str | None = None, arch_kwargs: dict | None = None,
+                 provider: str = "auto", timeout: float | None = None) -> Suspect:
+    """A checkpoint (torch) or an ONNX file (onnxruntime) to examine.
+
+    `shapes` (input shape, classes) come from the keys, for a plain state dict with --arch."""
+    from .runtime import OnnxModel
+
+    if Path(path).suffix.lower() == ".onnx":
+        return OnnxSuspect(OnnxModel(path, provider=provider, timeout=timeout))
+    from .checkpoint import load_checkpoint
+
+    input_shape, num_classes = shapes if shapes else (None, None)
+    model, _ = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs,
+                               input_shape=input_shape, num_classes=num_classes)
+    return TorchSuspect(model, str(path))

@@ -1,0 +1,183 @@
+"""A command's outputs are committed as a group: checked before any work, written as
+temporary files, renamed at the end (bundle first); SIGTERM is handled like Ctrl-C; a bundle
+being updated is locked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ENV, PASSPHRASE, assert_bad_input, copy, deepsigns_argv, partial_files, run_cli
+from test_errors import snapshot
+
+from deepsigns_cli import api, fileio
+from deepsigns_cli.errors import InputError, Interrupted
+
+
+@pytest.fixture
+def owner(tmp_path, marked):
+    """Copies of the shared run's unmarked model and bundle (as embed left it: re-embeddable
+    for the hidden scheme)."""
+    return copy(marked.base, tmp_path / "base.safetensors"), copy(marked.keys, tmp_path / "k.dskey")
+
+
+def _embed(tmp_path, base, keys, *extra, code=None):
+    return run_cli("embed", "--model", base, "--keys", keys, "--out", tmp_path / "m.safetensors",
+                   "--epochs", 1, *extra, code=code)
+
+
+def test_same_path_for_two_outputs_is_refused_before_any_work(tmp_path, owner):
+    before = snapshot(tmp_path)
+    result = _embed(tmp_path, *owner, "--onnx", tmp_path / "m.safetensors")
+    assert_bad_input(result, "two outputs")
+    assert snapshot(tmp_path) == before
+
+
+def test_same_existing_path_for_two_outputs_with_force(tmp_path, owner):
+    (tmp_path / "m.safetensors").write_bytes(b"old")
+    before = snapshot(tmp_path)
+    result = _embed(tmp_path, *owner, "--onnx", tmp_path / "m.safetensors", "--force")
+    assert_bad_input(result, "two outputs")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("which", ["--out", "--onnx", "--keys"])
+def test_a_folder_that_cannot_be_written_fails_before_training(tmp_path, owner, monkeypatch, which):
+    """We run as root, where chmod stops nothing: the probe is a real temporary file, and the
+    failure is injected where the operating system would refuse it."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    base, keys = owner
+    out, onnx = tmp_path / "m.safetensors", tmp_path / "m.onnx"
+    if which == "--keys":
+        keys = copy(keys, blocked / "k.dskey")
+    elif which == "--out":
+        out = blocked / "m.safetensors"
+    else:
+        onnx = blocked / "m.onnx"
+    real = fileio.tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kw):
+        if Path(dir) == blocked:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", refuse)
+    before = snapshot(tmp_path)
+    started = time.perf_counter()
+    result = run_cli("embed", "--model", base, "--keys", keys, "--out", out, "--onnx", onnx,
+                     "--epochs", 1, code=None)
+    assert_bad_input(result, "cannot write in folder", "blocked", which)
+    assert snapshot(tmp_path) == before
+    assert time.perf_counter() - started < 5  # no training happened first
+
+
+def test_a_failed_export_after_training_writes_nothing(tmp_path, owner, monkeypatch):
+    from deepsigns_cli import checkpoint
+    from deepsigns_cli.errors import CheckpointError
+
+    def broken(*args, **kwargs):
+        raise CheckpointError("ONNX export differs from torch: report it")
+
+    monkeypatch.setattr(checkpoint, "export_onnx", broken)
+    before = snapshot(tmp_path)
+    result = _embed(tmp_path, *owner, "--onnx", tmp_path / "m.onnx")
+    assert_bad_input(result, "ONNX export differs")
+    assert snapshot(tmp_path) == before  # the bundle too: its final keys are not half-saved
+
+
+def test_the_bundle_is_committed_first(tmp_path, owner, monkeypatch):
+    """A rename that fails mid-commit leaves the bundle (the proof) written, never a marked
+    model without its keys."""
+    base, keys = owner
+    real = os.replace
+    seen = []
+
+    def replace(src, dst):
+        seen.append(Path(dst).name)
+        if Path(dst).suffix == ".safetensors":
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError):
+        api.embed(base, keys, PASSPHRASE, tmp_path / "m.safetensors", epochs=1, device="cpu")
+    assert seen == ["k.dskey", "m.safetensors"]
+    assert partial_files(tmp_path) == []
+
+
+def test_a_locked_bundle_is_refused(tmp_path, owner):
+    base, keys = owner
+    lock = fileio._Lock(keys, "--keys")
+    try:
+        before = snapshot(tmp_path)
+        result = _embed(tmp_path, base, keys)
+        assert_bad_input(result, "being written by another deepsigns command", "k.dskey")
+        assert snapshot(tmp_path) == before
+    finally:
+        lock.release()
+    _embed(tmp_path, base, keys, code=0)  # released: it works
+
+
+def test_signals_are_held_during_the_commit(tmp_path, monkeypatch):
+    outs = fileio.Outputs(force=False)
+    a, b = outs.add(tmp_path / "a.bin"), outs.add(tmp_path / "b.bin")
+    a.write_bytes(b"a"), b.write_bytes(b"b")
+    real = os.replace
+
+    def replace(src, dst):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the commit
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(Interrupted) as caught:
+        outs.commit()
+    assert caught.value.written == (str(tmp_path / "a.bin"), str(tmp_path / "b.bin"))
+    assert (tmp_path / "a.bin").read_bytes() == b"a" and (tmp_path / "b.bin").read_bytes() == b"b"
+    assert partial_files(tmp_path) == []
+
+
+def test_an_output_whose_parent_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="is not a folder"):
+        fileio.check_output(tmp_path / "f" / "out.onnx", False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig):
+    """A real process: a second embed on the same bundle is refused while the first runs;
+    SIGTERM (like SIGINT) ends the first cleanly: its own exit code, one line, nothing left."""
+    base, keys = owner
+    before = snapshot(tmp_path)
+    env = {"OMP_NUM_THREADS": "1", **os.environ, **ENV}
+    env.pop("FORCE_COLOR", None)
+    proc = subprocess.Popen([*deepsigns_argv(), "embed", "--model", str(base), "--keys", str(keys),
+                             "--out", str(tmp_path / "m.safetensors"), "--epochs", "100000",
+                             "--device", "cpu"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".m.safetensors.*.part")):  # its outputs are declared
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        time.sleep(1.0)  # training now
+        second = run_cli("embed", "--model", base, "--keys", keys, "--out", tmp_path / "n.safetensors",
+                         "--epochs", 1, code=None)
+        assert_bad_input(second, "being written by another deepsigns command")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err
+    assert out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted: no output was written")
+    assert snapshot(tmp_path) == before
+    assert partial_files(tmp_path) == []

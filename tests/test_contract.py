@@ -1,0 +1,108 @@
+"""The exit-code contract: 0/1 are verdicts and nothing else; bad input is one line and 2;
+a bug is one line and 3 (the traceback only with --debug); warnings never leak."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from helpers import assert_bad_input, assert_one_error_line, run_cli, run_proc
+from test_errors import snapshot
+
+from deepsigns_cli import api
+
+
+def _boom(*args, **kwargs):
+    raise ValueError("an unexpected failure\n  at frame 1\n  at frame 2")
+
+
+@pytest.mark.parametrize("command", ["extract", "verify"])
+def test_an_internal_error_is_exit_3_never_a_verdict(marked, monkeypatch, command):
+    monkeypatch.setattr(api, command, _boom)
+    result = run_cli(command, "--model", marked.onnx, "--keys", marked.keys, code=3)
+    line = assert_one_error_line(result.stderr, result.stdout, "internal error", "ValueError",
+                                 "an unexpected failure", "--debug")
+    assert "frame 1" not in line
+
+
+def test_debug_shows_the_traceback(marked, monkeypatch):
+    monkeypatch.setattr(api, "verify", _boom)
+    for args, env in ((["--debug"], {}), ([], {"DEEPSIGNS_DEBUG": "1"})):
+        result = run_cli("verify", "--model", marked.onnx, "--keys", marked.keys, *args, code=3, env=env)
+        assert "Traceback" in result.stderr and "_boom" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: internal error")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["verify", "--model"], ["--model", "requires an argument"]),
+    (["verify", "--keys", "k"], ["missing option", "--model"]),
+    (["train", "--arch", "mlp", "--out", "x", "--epochs", "0"], ["--epochs", "range"]),
+    (["train", "--arch", "mlp", "--out", "x", "--epochs", str(2**63)], ["--epochs"]),
+    (["train", "--arch", "mlp", "--out", "x", "--seed", "-1"], ["--seed"]),
+    (["train", "--arch", "mlp", "--out", "x", "--seed", str(2**64)], ["--seed"]),
+    (["keygen", "--model", "m", "--out", "k", "--bits", str(10**15)], ["--bits"]),
+    (["keygen", "--model", "m", "--out", "k", "--key-size", str(2**63)], ["--key-size"]),
+    (["keygen", "--model", "m", "--out", "k", "--bits", "3", "--message", "x"], ["--bits or --message"]),
+    (["frobnicate"], ["no such command"]),
+], ids=lambda v: "-".join(v) if isinstance(v, list) and len(v) < 4 else None)
+def test_usage_errors_are_one_line(tmp_path, args, needles):
+    before = snapshot(tmp_path)
+    assert_bad_input(run_cli(*args, code=None), *needles)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-1", "0", "2", "1e-400"])
+def test_alpha_must_be_a_probability(marked, alpha):
+    assert_bad_input(run_cli("verify", "--model", marked.onnx, "--keys", marked.keys, "--alpha", alpha,
+                             code=None), "--alpha")
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "1e308", "-1", "0"])
+def test_learning_rate_must_be_sane(tmp_path, lr):
+    before = snapshot(tmp_path)
+    assert_bad_input(run_cli("train", "--arch", "mlp", "--epochs", 1, "--lr", lr,
+                             "--out", tmp_path / "m.safetensors", code=None), "--lr")
+    assert snapshot(tmp_path) == before
+
+
+def test_message_with_a_lone_surrogate(tmp_path, marked):
+    result = run_cli("keygen", "--model", marked.base, "--message", "bad \ud800 text",
+                     "--out", tmp_path / "k.dskey", code=None)
+    assert_bad_input(result, "--message", "surrogate")
+
+
+@pytest.mark.parametrize("where", ["parent-is-a-file", "newline-in-name", "nul-in-name", "proc"])
+def test_outputs_that_cannot_be_written(tmp_path, marked, where):
+    (tmp_path / "afile").write_text("x")
+    out = {"parent-is-a-file": tmp_path / "afile" / "m.onnx",
+           "newline-in-name": tmp_path / "no\nfolder" / "m.onnx",
+           "nul-in-name": f"{tmp_path}/m\x00.onnx",
+           "proc": "/proc/m.onnx"}[where]
+    before = snapshot(tmp_path)
+    result = run_cli("export", marked.marked, "--out", out, code=None)
+    assert_bad_input(result)  # one line even with a newline in the path
+    assert snapshot(tmp_path) == before
+
+
+def test_warnings_never_reach_stderr(marked, monkeypatch):
+    real = api.verify
+
+    def noisy(*args, **kwargs):
+        warnings.warn("Initializing zero-element tensors is a no-op", UserWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "verify", noisy)
+    result = run_cli("verify", "--model", marked.onnx, "--keys", marked.keys, "--json", code=None)
+    assert result.exit_code in (0, 1) and result.stderr == ""
+    json.loads(result.stdout)
+
+
+def test_a_real_process_internal_error_exit_code(tmp_path):
+    """The installed script: a module:factory that raises a bug-like error is the user's code,
+    so it is bad input (2); a crash of ours would be 3. Neither is ever 0 or 1."""
+    (tmp_path / "crashy.py").write_text("def make(**kw):\n    raise ZeroDivisionError('boom')\n")
+    proc = run_proc("train", "--arch", "crashy:make", "--epochs", 1, "--out", tmp_path / "m.safetensors",
+                    env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode in (2, 3), proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout)
