@@ -402,8 +402,8 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
         cfg = TrainConfig(epochs=epochs or entry.default_epochs, lr=lr or info.lr, seed=seed,
                           device=str(dev), description=f"embed {name}")
         model.to(dev)
-        keys, history = scheme.embed(model, info, data, bundle.schemes[name], cfg, progress,
-                                     tuple(embedded))
+        keys, history = scheme.embed(model, info, data, scheme.check(bundle.schemes[name]), cfg,
+                                     progress, tuple(embedded))
         model.cpu()
         bundle.put(keys)
         embedded.append(scheme.objective(model, info, data, keys))
@@ -440,5 +440,7 @@ def read_keys(suspect: Suspect, bundle: Bundle, names: list[str], *, alpha: floa
     """Read the named schemes of the bundle from a suspect and decide (extract and verify)."""
     from .results import decide
 
-    results = [load_scheme(n).read(suspect, bundle.schemes[n]) for n in names]
+    schemes = {n: load_scheme(n) for n in names}
+    keys = {n: schemes[n].check(bundle.schemes[n]) for n in names}  # all checked before any query
+    results = [schemes[n].read(suspect, keys[n]) for n in names]
     return decide(results, alpha, command=command, model=suspect.name, key_id=bundle.key_id)

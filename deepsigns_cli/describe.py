@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import InputError
@@ -44,11 +43,11 @@ def _checkpoint(path: Path) -> dict:
 
     state, meta = _read_safetensors(path)
     info = ModelInfo.from_metadata(meta, path)
-    return {"kind": "checkpoint", "path": str(path), "arch": info.arch,
+    # the file's own extra fields first: none of them can stand in for a fact we report
+    return {**info.extra, "kind": "checkpoint", "path": str(path), "arch": info.arch,
             "arch_kwargs": info.arch_kwargs, "input_shape": list(info.input_shape),
             "num_classes": info.num_classes, "lr": info.lr,
-            "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values())),
-            **{k: v for k, v in info.extra.items()}}
+            "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values()))}
 
 
 def _onnx(path: Path) -> dict:
@@ -62,10 +61,8 @@ def _onnx(path: Path) -> dict:
         return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                 for d in v.type.tensor_type.shape.dim]
 
-    meta = dict(model.metadata)
+    meta = dict(model.metadata)  # strings, shown as they are: a suspect's metadata is data
     meta.pop("deepsigns.layers", None)
-    if "deepsigns.input_shape" in meta:
-        meta["deepsigns.input_shape"] = json.loads(meta["deepsigns.input_shape"])
     return {"kind": "onnx", "path": str(path),
             "opset": max((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), default=None),
             "producer": model.proto.producer_name,

@@ -35,6 +35,8 @@ __all__ = ["Outputs", "check_output", "require_file", "held_signals"]
 
 def require_file(path: str | Path, what: str = "file") -> Path:
     try:
+        if "\x00" in str(path):
+            raise ValueError("embedded null byte")
         path = Path(path)
         exists, is_file = path.exists(), path.is_file()
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long
@@ -64,6 +66,8 @@ def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path 
                  option: str = "--out", update: bool = False) -> Path:
     """Refuse an output that would replace an input, an existing file without --force, a
     folder, or a path in a folder that does not exist; fail early, before any work."""
+    if "\x00" in str(path):
+        raise InputError(f"{option} {shown(path)} holds a NUL byte: choose another path")
     try:
         path = Path(path)
         exists, is_dir = path.exists(), path.is_dir()
@@ -155,9 +159,9 @@ class Outputs:
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
             os.close(fd)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise InputError(
-                f"cannot write in folder {shown(target.parent)} ({exc.strerror or exc}): choose "
+                f"cannot write in folder {shown(target.parent)} ({getattr(exc, 'strerror', None) or exc}): choose "
                 f"another {option} in a folder you can write"
             ) from None
         self._entries.append((target, Path(tmp), mode))

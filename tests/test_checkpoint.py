@@ -84,19 +84,20 @@ def test_user_architecture_round_trip(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
     from deepsigns_cli.checkpoint import load_checkpoint
 
-    model, info = load_checkpoint(base)
+    # a file never chooses code to run: the factory is imported because the user names it
+    model, info = load_checkpoint(base, arch=arch)
     assert isinstance(model, torch.nn.Sequential) and model[1].out_features == 128
     assert info.arch == arch and info.input_shape == (1, 8, 8)
 
     keys, marked, marked_onnx = work / "k.dskey", work / "m.safetensors", work / "m.onnx"
-    run_json("keygen", "--model", base, "--seed", 0, "--out", keys)  # 32 bits on 128 units
-    run_json("embed", "--model", base, "--keys", keys, "--out", marked, "--onnx", marked_onnx,
-             "--seed", 0, "--device", "cpu")
+    run_json("keygen", "--model", base, "--arch", arch, "--seed", 0, "--out", keys)  # 32 bits, 128 units
+    run_json("embed", "--model", base, "--arch", arch, "--keys", keys, "--out", marked,
+             "--onnx", marked_onnx, "--seed", 0, "--device", "cpu")
     assert metadata(marked)["arch"] == arch
-    r = extract(marked, keys)["results"][0]
+    r = extract(marked, keys, "--arch", arch)["results"][0]
     assert r["bit_errors"] == 0 and r["layer"] == "5:input"  # input of the last linear layer
     assert extract(marked_onnx, keys)["results"][0]["bits"] == r["bits"]
-    extract(base, keys, code=1)
+    extract(base, keys, "--arch", arch, code=1)
 
 
 def test_user_architecture_that_cannot_be_imported(tmp_path):

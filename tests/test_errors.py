@@ -387,8 +387,8 @@ def test_empty_message(tmp_path, marked):
 
 def test_more_bits_than_the_layer_carries(tmp_path, marked):
     case = Case(tmp_path, marked)
-    check_bad_input(tmp_path, case.with_model("keygen", case.base, "--bits", 100000),
-                    "100000 bits", "512 units", "--bits")
+    check_bad_input(tmp_path, case.with_model("keygen", case.base, "--bits", 1000),
+                    "1000 bits", "512 units", "--bits")
 
 
 def test_message_longer_than_the_layer_carries(tmp_path, marked):

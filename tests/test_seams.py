@@ -9,7 +9,6 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import PASSPHRASE, run_json

@@ -12,7 +12,7 @@ import click
 
 from .. import __version__
 from ..errors import Interrupted, one_line
-from .common import EXIT_BAD_INPUT, State, fail, internal_error
+from .common import EXIT_BAD_INPUT, State, fail, internal_error, interrupted
 
 COMMANDS = {
     "train": "Train a plain (unmarked) baseline model.",
@@ -59,8 +59,8 @@ class LazyGroup(click.Group):
             except click.ClickException as exc:
                 where = f"'{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) else "'deepsigns --help'"
                 fail(f"{one_line(exc.format_message(), 400)} (see {where})", EXIT_BAD_INPUT)
-            except KeyboardInterrupt:
-                fail("interrupted: no output was written; run the command again", 130)
+            except KeyboardInterrupt as exc:
+                interrupted(exc)
             except (SystemExit, click.exceptions.Exit):
                 raise
             except Exception as exc:  # a bug outside any command (parsing, loading)

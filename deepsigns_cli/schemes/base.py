@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import BundleError
 from ..registry import load_scheme, scheme_entry
 from ..results import SchemeKeys, SchemeResult
 
@@ -48,6 +49,27 @@ class Scheme:
         objectives = [self.objective(model, info, data, keys), *also]
         history = fit(model, data.x_train, data.y_train, cfg, objectives, progress)
         return keys, history
+
+    def check(self, keys: SchemeKeys) -> SchemeKeys:
+        """Refuse keys this scheme cannot use (a damaged or foreign bundle), before any use.
+        Subclasses list what they need with `require`."""
+        return keys
+
+    def require(self, keys: SchemeKeys, params: dict[str, type | tuple], arrays: dict[str, int]) -> None:
+        """Each param of its type; each array numeric, finite, of its number of dimensions."""
+        bad = [k for k, t in params.items() if not isinstance(keys.params.get(k), t)
+               or isinstance(keys.params.get(k), bool) and bool not in (t if isinstance(t, tuple) else (t,))]
+        for name, ndim in arrays.items():
+            a = keys.arrays.get(name)
+            if not isinstance(a, np.ndarray) or a.ndim != ndim or a.size == 0 \
+                    or a.dtype.kind not in "iuf" or (a.dtype.kind == "f" and not np.isfinite(a).all()):
+                bad.append(name)
+        if bad:
+            self.damaged(", ".join(bad))
+
+    def damaged(self, what: str):
+        raise BundleError(f"the bundle's {self.name} keys are damaged or from another version "
+                          f"({what}): use the bundle that keygen and embed wrote")
 
     def warnings(self, keys: SchemeKeys) -> list[str]:
         """What keygen should tell the owner about these keys (none by default)."""

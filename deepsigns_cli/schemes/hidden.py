@@ -98,6 +98,20 @@ class HiddenScheme(Scheme):
         }
         return SchemeKeys(self.name, params, arrays)
 
+    def check(self, keys):
+        self.require(keys, {"layer": str, "width": int, "n_bits": int, "trigger_batch": int,
+                            "lambda1": (int, float), "lambda2": (int, float), "margin": (int, float)},
+                     {"A": 2, "bits": 2, "classes": 1, "trigger_y": 1})
+        p, a = keys.params, keys.arrays
+        tx = a.get("trigger_x")
+        fits = (a["A"].shape == (p["width"], p["n_bits"]) and a["bits"].shape[1] == p["n_bits"]
+                and len(a["bits"]) == len(a["classes"]) and isinstance(tx, np.ndarray)
+                and tx.dtype.kind == "f" and len(tx) == len(a["trigger_y"]) and np.isfinite(tx).all()
+                and all((a["trigger_y"] == c).any() for c in a["classes"]))
+        if not fits:
+            self.damaged("shapes that do not fit together")
+        return keys
+
     def warnings(self, keys) -> list[str]:
         n, width = keys.params["n_bits"], keys.params["width"]
         if n <= width // 4:

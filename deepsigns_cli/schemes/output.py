@@ -132,6 +132,17 @@ class OutputScheme(Scheme):
         }
         return SchemeKeys(self.name, params, {"x_candidates": x_cand, "y_candidates": y_cand})
 
+    def check(self, keys):
+        self.require(keys, {"key_size": int, "num_classes": int, "key_batch": int}, {})
+        x, y = ("x", "y") if keys.params.get("embedded") else ("x_candidates", "y_candidates")
+        self.require(keys, {}, {y: 1})
+        xs, ys = keys.arrays.get(x), keys.arrays[y]
+        if not (isinstance(xs, np.ndarray) and xs.dtype.kind == "f" and len(xs) == len(ys)
+                and np.isfinite(xs).all() and keys.params["num_classes"] >= 2
+                and ys.min() >= 0 and ys.max() < keys.params["num_classes"]):
+            self.damaged("keys that do not fit their labels")
+        return keys
+
     # ------------------------------------------------------------------ embed
     def objective(self, model, info, data, keys) -> Objective:
         params, arrays = keys.params, keys.arrays
