@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo
 export DEEPSIGNS_PASSPHRASE ?= demo-passphrase-not-for-real-use
 
-.PHONY: setup demo test test-fast bench sample-models clean
+.PHONY: setup demo test test-fast fuzz bench sample-models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# A long fuzz campaign: mutated inputs through every command (tests/fuzzing.py has the oracle).
+fuzz: setup
+	$(BIN)/python scripts/fuzz.py --cases 5000
 
 bench: setup
 	$(BIN)/python scripts/figures.py efficiency

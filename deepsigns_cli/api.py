@@ -115,7 +115,7 @@ def _load_model(path, arch: str | None, arch_kwargs: dict | None, *, data: Datas
     if data is not None:
         shape, classes = data.input_shape, data.num_classes
     elif bundle is not None:
-        shape, classes = tuple(bundle.info["input_shape"]), bundle.info["num_classes"]
+        shape, classes = bundle.shapes
     return load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, input_shape=shape,
                            num_classes=classes)
 
@@ -250,7 +250,7 @@ def extract(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
     bundle = open_bundle(keys, _passphrase(passphrase))
     if arch_kwargs is None and arch == bundle.info.get("arch"):
         arch_kwargs = bundle.info.get("arch_kwargs")
-    suspect = open_suspect(model, shapes=(tuple(bundle.info["input_shape"]), bundle.info["num_classes"]),
+    suspect = open_suspect(model, shapes=bundle.shapes,
                            arch=arch, arch_kwargs=arch_kwargs, provider=provider, timeout=timeout)
     return read_keys(suspect, bundle, embed_order(bundle.schemes), alpha=alpha, command="extract")
 
@@ -426,10 +426,10 @@ def _check_bundle_fits(bundle: Bundle, info: ModelInfo) -> None:
             f"the keys were made for architecture '{made_for[0]}' {made_for[1] or ''}, this model "
             f"is '{info.arch}' {info.arch_kwargs or ''}: embed into the model the keys were made for"
         )
-    want = tuple(bundle.info.get("input_shape", info.input_shape))
-    if want != tuple(info.input_shape) or bundle.info.get("num_classes") != info.num_classes:
+    want, classes = bundle.shapes
+    if want != tuple(info.input_shape) or classes != info.num_classes:
         raise SchemeError(
-            f"the keys were made for inputs {list(want)} and {bundle.info.get('num_classes')} "
+            f"the keys were made for inputs {list(want)} and {classes} "
             f"classes, this model takes {list(info.input_shape)} and {info.num_classes}: "
             "use the model the keys were made with"
         )

@@ -51,6 +51,17 @@ class Bundle:
         self.schemes[keys.scheme] = keys
 
     @property
+    def shapes(self) -> tuple[tuple[int, ...], int]:
+        """(input shape, number of classes) of the model the keys were made for."""
+        shape, classes = self.info.get("input_shape"), self.info.get("num_classes")
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 4
+                and all(type(d) is int and d > 0 for d in shape)
+                and type(classes) is int and classes >= 2):
+            raise BundleError("the bundle's model facts are damaged (input shape, classes): use "
+                              "the bundle that keygen and embed wrote")
+        return tuple(shape), classes
+
+    @property
     def key_id(self) -> str:
         return self.header.get("key_id", "")
 

@@ -90,9 +90,14 @@ _FIX = "save with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=..
 
 def _npz(path: Path) -> Dataset:
     where = shown(path)
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise DataError(f"data path {where} is not usable ({one_line(exc)}): give 'digits' or an "
+                        ".npz file") from None
+    if not exists:
         raise DataError(f"data file not found: {where}: give 'digits' or an existing .npz file")
-    if not path.is_file():
+    if not is_file:
         raise DataError(f"data {where} is not a file: give 'digits' or an .npz file")
     try:
         with open(path, "rb") as fh:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, one_line, shown
 from .fileio import require_file
 
 __all__ = ["describe"]
@@ -12,8 +12,11 @@ __all__ = ["describe"]
 
 def describe(path: str | Path) -> dict:
     path = require_file(path, "file")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise InputError(f"cannot read {shown(path)} ({one_line(exc)}): give a file deepsigns wrote") from None
     from .bundle import MAGIC
 
     if head == MAGIC or path.suffix == ".dskey":

@@ -17,7 +17,8 @@ The oracle, per case:
   declared outputs appear; every input is byte-for-byte unchanged (embed may rewrite --keys
   when it succeeds);
 - no canary: files whose metadata or pickles name code to run (os:system, subprocess:run,
-  builtins:open, shutil:rmtree on a sacrificial folder, ...) must never get to run it.
+  builtins:open, shutil:rmtree on a sacrificial folder, ...) must never get to run it;
+- no child process (an ONNX sandbox, say) outlives the command.
 
 Cases run in a worker process (this file run as a script) that imports deepsigns once and
 invokes the CLI in-process with click's CliRunner. The parent (`run_campaign`) restarts a
@@ -46,7 +47,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -81,6 +82,7 @@ FAILURE_KINDS = (
     "partial output",
     "changed input",
     "code executed",
+    "leaked process",
     "generator error",
 )
 OUTCOMES = ("exit 0", "exit 1", "exit 2", "exit 3", "other exit", "exception", "hang", "crash",
@@ -436,7 +438,7 @@ def gen_bundle(ctx: Ctx) -> Case:
                           len(blob) - 16, len(blob) - 1, rng.randrange(len(blob))])
         out, desc = blob[:cut], f"truncated to {cut} of {len(blob)} bytes"
     elif kind == "extend":
-        extra = ctx.choice([b"\x00", b"\x00" * 4096, os.urandom(0) + bytes(rng.getrandbits(8) for _ in range(64)), blob])
+        extra = ctx.choice([b"\x00", b"\x00" * 4096, bytes(rng.getrandbits(8) for _ in range(64)), blob])
         out, desc = blob + extra, f"extended by {len(extra)} bytes"
     elif kind in ("field", "kdf", "missing"):
         h = json.loads(head)
@@ -473,7 +475,8 @@ def gen_bundle(ctx: Ctx) -> Case:
         where = ctx.choice(["header", "kdf", "schemes", "unclosed"])
         text = {"header": deep() + "]" * 200000, "unclosed": deep(),
                 "kdf": json.dumps(dict(header, kdf="@")).replace('"@"', deep() + "]" * 200000),
-                "schemes": json.dumps(dict(header, schemes="@")).replace('"@"', deep(100000, '{"a":') + "1" + "}" * 100000)}[where]
+                "schemes": json.dumps(dict(header, schemes="@")).replace(
+                    '"@"', deep(100000, '{"a":') + "1" + "}" * 100000)}[where]
         out, desc = bundle_frame(magic, text.encode(), rest), f"header nested 200000 deep ({where})"
     elif kind == "length":
         value = ctx.choice([0, 1, len(head) - 1, len(head) + 1, 2**31, 2**32 - 1, len(blob)])
@@ -515,9 +518,8 @@ def gen_bundle(ctx: Ctx) -> Case:
 def gen_sealed(ctx: Ctx) -> Case:
     """An authentic bundle (right passphrase, intact seal) whose sealed payload is damaged:
     what a buggy writer or an old version could leave. Still must end in exit 0/1/2."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     import numpy as np
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     cmd = ctx.pick({"extract": 3, "verify": 2, "embed": 1, "inspect": 1})
     src = "fresh.dskey" if cmd == "embed" else "owner.dskey"
@@ -725,12 +727,16 @@ def gen_checkpoint(ctx: Ctx) -> Case:
                          "metadata nested", "header not JSON", "header deep", "length 2**63",
                          "length 0", "header 100 MB claimed"])
         spec = ("F32", list(arr.shape), arr.tobytes())
+
+        def at(a: int, b: int) -> dict:
+            return {name: {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [a, b]}}
+
         if op == "offsets past the end":
-            blob = st_build(good, meta, raw={name: {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [0, nbytes * 1000]}})
+            blob = st_build(good, meta, raw=at(0, nbytes * 1000))
         elif op == "overlapping offsets":
-            blob = st_build(good, meta, raw={name: {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [0, nbytes]}})
+            blob = st_build(good, meta, raw=at(0, nbytes))
         elif op == "reversed offsets":
-            blob = st_build(good, meta, raw={name: {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [nbytes, 0]}})
+            blob = st_build(good, meta, raw=at(nbytes, 0))
         elif op == "unknown dtype":
             blob = st_build({**good, name: ("F128", spec[1], spec[2])}, meta)
         elif op == "negative shape":
@@ -889,11 +895,60 @@ def _nest(n: int):
 # ------------------------------------------------------------------------------- ONNX
 
 
+def _external(tensor, location, offset=None, length=None) -> None:
+    from onnx import TensorProto
+
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", offset), ("length", length)):
+        if v is not None:
+            tensor.external_data.add(key=k, value=str(v))
+
+
+def _clf_hidden_external(where: str, location: str):
+    """The classifier with its first weight in external data that only a deeper look finds:
+    an If branch's initializer, a Constant node's attribute, or a sparse initializer."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    model, w1 = _clf()
+    g = model.graph
+    w = numpy_helper.from_array(np.zeros((64, 32), np.float32), "w_ext")
+    _external(w, location)
+    if where == "an If branch":
+        then = helper.make_graph([helper.make_node("MatMul", ["flat", "w_ext"], ["h_then"])], "then", [],
+                                 [helper.make_tensor_value_info("h_then", TensorProto.FLOAT, None)],
+                                 initializer=[w])
+        other = helper.make_graph([helper.make_node("MatMul", ["flat", "w1"], ["h_else"])], "else", [],
+                                  [helper.make_tensor_value_info("h_else", TensorProto.FLOAT, None)])
+        g.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+        node = helper.make_node("If", ["cond"], ["h"], then_branch=then, else_branch=other)
+    elif where == "a Constant attribute":
+        node = helper.make_node("Constant", [], ["w_const"], value=w)
+        for n in g.node:
+            if list(n.output) == ["h"]:
+                n.input[1] = "w_const"  # MatMul(flat, w_const)
+        g.node.insert(0, node)
+        return model
+    else:
+        indices = numpy_helper.from_array(np.array([0], np.int64), "w_idx")
+        sparse = helper.make_sparse_tensor(w, indices, [64 * 32])
+        w.dims[:] = [1]
+        g.sparse_initializer.append(sparse)
+        return model
+    for i, n in enumerate(g.node):  # the If replaces MatMul(flat, w1) -> h
+        if list(n.output) == ["h"]:
+            g.node.remove(n)
+            g.node.insert(i, node)
+            break
+    return model
+
+
 def _clf(*, elem=None, batch="batch", opset=17, in_shape=(1, 8, 8), out="logits", ext=None,
          loop=False, inputs=1, outputs=1, hidden=32, ir=None, nan=False, batch_dims=True):
     """A small classifier graph (flatten, 64x32, relu, 32x10) with the requested oddity."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     elem = TensorProto.FLOAT if elem is None else elem
@@ -958,6 +1013,10 @@ def _clf(*, elem=None, batch="batch", opset=17, in_shape=(1, 8, 8), out="logits"
         y, out_shape = "yb", [2**40, 10]
     elif out == "one per class":
         nodes.append(helper.make_node("Split", [y], [f"c{i}" for i in range(10)], axis=1))
+    elif out == "wide":  # 2**24 copies of the logits: 640 MiB per sample
+        inits.append(numpy_helper.from_array(np.array([1, 2**24], dtype=np.int64), "reps"))
+        nodes.append(helper.make_node("Tile", [y, "reps"], ["yw"]))
+        y, out_shape = "yw", [batch, 10 * 2**24]
     if out == "one per class":
         graph_outputs = [helper.make_tensor_value_info(f"c{i}", out_type, [batch, 1]) for i in range(10)]
     else:
@@ -971,13 +1030,7 @@ def _clf(*, elem=None, batch="batch", opset=17, in_shape=(1, 8, 8), out="logits"
     if inputs > 1:
         graph_inputs.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, shape))
     if ext is not None:
-        location, offset, length = ext
-        w1.ClearField("raw_data")
-        w1.ClearField("float_data")
-        w1.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", location), ("offset", offset), ("length", length)):
-            if v is not None:
-                w1.external_data.add(key=k, value=str(v))
+        _external(w1, *ext)
     graph = helper.make_graph(nodes, "fuzz", graph_inputs, graph_outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="fuzz")
     if ir is not None:
@@ -1083,7 +1136,7 @@ def gen_onnx(ctx: Ctx) -> Case:
                 outs = [o for n in g.node for o in n.output if o != g.output[0].name]
                 perm = outs[:]
                 rng.shuffle(perm)
-                mapping = dict(zip(outs, perm))
+                mapping = dict(zip(outs, perm, strict=True))
                 for n in g.node:
                     n.output[:] = [mapping.get(o, o) for o in n.output]
                     n.input[:] = [mapping.get(o, o) for o in n.input]
@@ -1105,7 +1158,8 @@ def gen_onnx(ctx: Ctx) -> Case:
                              "absolute path", "absolute path inside", "huge offset", "length too long",
                              "no location", "location is a folder", "location is a fifo",
                              "symlink leaving the folder", "location is the model", "missing file",
-                             "good", "long location", "length negative", "deep ../ escape"])
+                             "good", "long location", "length negative", "deep ../ escape",
+                             "an If branch", "a Constant attribute", "a sparse initializer"])
             payload = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32).tobytes()
             ctx.put("w.bin", payload)
             location, offset, length = "w.bin", None, None
@@ -1145,11 +1199,21 @@ def gen_onnx(ctx: Ctx) -> Case:
                 location = "absent.bin"
             elif op == "long location":
                 location = "a" * 5000
-            model, _ = _clf(ext=(location, offset, length))
+            if op in ("an If branch", "a Constant attribute", "a sparse initializer"):
+                location = ctx.choice(["../w.bin", "/etc/hostname", "link.bin"])
+                if location == "link.bin":
+                    os.symlink("/etc/hostname", ctx.dir / "link.bin")
+                model = _clf_hidden_external(op, location)
+                op = f"in {op}, location {location}"
+            else:
+                model, _ = _clf(ext=(location, offset, length))
             desc = f"graph: external data, {op}"
+            if any(k in op for k in ("escape", "absolute path", "symlink leaving", "location ../",
+                                     "location /", "link.bin")) and "inside" not in op:
+                expect = (2,)  # external data outside the model's folder is refused
         elif kind == "outputs":
             value = ctx.choice(["string", "no batch", "ignores batch", "scalar", "int64 labels", "double",
-                                "huge", "one per class"])
+                                "huge", "one per class", "wide"])
             model, _ = _clf(out=value)
             desc = f"graph: output {value}"
         elif kind == "loop":
@@ -1455,7 +1519,8 @@ def gen_args(ctx: Ctx) -> Case:
                             "--arch": ["mlp", "cnn", "os:system", ""]}.get(opt, [None]))
         if opt == "--passphrase-file":
             value = _passphrase_file(ctx)
-        model = ctx.copy(ctx.choice(["marked.onnx", "base.onnx"] + (["marked.safetensors"] if cmd == "extract" else [])))
+        models = ["marked.onnx", "base.onnx"] + (["marked.safetensors"] if cmd == "extract" else [])
+        model = ctx.copy(ctx.choice(models))
         keys = ctx.copy("owner.dskey")
         argv = (ctx.extract if cmd == "extract" else ctx.verify)(model, keys, extra=[opt, value])
         outputs = []
@@ -1500,7 +1565,8 @@ def gen_paths(ctx: Ctx) -> Case:
                          "parent is a file", "existing folder", "missing folder", "empty", "trailing slash",
                          "dash", "dangling symlink", "tab and escape", "unicode"])
         out_name = {
-            "newline": "out\nname", "NUL": "out\x00name", "long name": "a" * 300, "long path": "/".join(["d" * 200] * 25),
+            "newline": "out\nname", "NUL": "out\x00name", "long name": "a" * 300,
+            "long path": "/".join(["d" * 200] * 25),
             "/proc": "/proc/deepsigns-fuzz", "/sys": "/sys/deepsigns-fuzz", "/proc existing": "/proc/self/status",
             "parent is a file": "model.bin/out", "existing folder": "sacrificial", "missing folder": "nope/out",
             "empty": "", "trailing slash": "outdir/", "dash": "-", "dangling symlink": "dangling",
@@ -1630,6 +1696,8 @@ SELFTESTS = (  # (what the oracle must report, argv maker): cases that are bad o
     (("hang",), lambda c: c.train(extra=["--arch", "subprocess:run", "--arch-kwargs",
                                           json.dumps({"args": ["sleep", "60"]})])),
     ((), lambda c: c.inspect(c.copy("base.safetensors"))),
+    (("leaked process",), lambda c: c.train(extra=["--arch", "subprocess:Popen", "--arch-kwargs",
+                                                    json.dumps({"args": ["sleep", "30"]})])),
     # slow ones (the supervisor must step in): a hang in native code, a dying worker
     (("hang",), lambda c: c.train(extra=["--arch", "os:system", "--arch-kwargs",
                                           json.dumps({"command": "sleep 60"})])),
@@ -1639,8 +1707,9 @@ SELFTESTS = (  # (what the oracle must report, argv maker): cases that are bad o
 
 def gen_selftest(ctx: Ctx, index: int) -> Case:
     want, make = SELFTESTS[index % len(SELFTESTS)]
-    return Case("selftest", "must report: " + (", ".join(want) or "nothing"), make(ctx),
-                outputs=["out.safetensors"])
+    argv = make(ctx)
+    return Case("selftest", "must report: " + (", ".join(want) or "nothing"), argv,
+                outputs=["out.safetensors"] if argv[0] == "train" else [])
 
 
 FAMILIES = {  # name -> (generator, weight)
@@ -1839,6 +1908,7 @@ def run_case(seed: int, index: int, base: Base, work: Path, budget: float, keep:
     record.update(family=case.family, mutation=case.mutation, argv=case.argv, command=show_argv(case.argv))
     before = snapshot(folder)
     work_before = set(os.listdir(work))
+    children_before = _children()
     cwd = os.getcwd()
     os.chdir(folder)
     state = {"timed_out": False, "where": ""}
@@ -1865,6 +1935,9 @@ def run_case(seed: int, index: int, base: Base, work: Path, budget: float, keep:
         stderr = _text(result, "stderr")
         if result.exc_info is not None and exc is not None and not isinstance(exc, SystemExit):
             exc_tb = traceback.extract_tb(result.exc_info[2])
+        # the result holds the command's frames (through exc_info): what they hold, such as an
+        # ONNX sandbox process, lives as long as they do
+        del result
     except CaseTimeout:
         state["timed_out"] = True
     except BaseException as err:  # escaped CliRunner itself (KeyboardInterrupt, a BaseException)
@@ -1880,6 +1953,19 @@ def run_case(seed: int, index: int, base: Base, work: Path, budget: float, keep:
     after = snapshot(folder)
     outcome, failures, detail = judge(case, code, stdout, stderr, exc, exc_tb, state["timed_out"],
                                       state["where"], before, after, folder)
+    left = _children() - children_before
+    if left:  # what only garbage (a reference cycle) still holds is released by a collection
+        import gc
+
+        exc = None
+        gc.collect()
+        time.sleep(0.05)  # a child that is just exiting
+        left &= _children()
+    if left:
+        failures.append("leaked process")
+        detail += (" | " if detail else "") + f"{len(left)} child process(es) still running or unreaped after " \
+                                               "the command returned"
+        _kill_children(left)
     outside = sorted(set(os.listdir(work)) - work_before - {folder.name})
     if outside:
         failures.append("partial output")
@@ -1892,6 +1978,36 @@ def run_case(seed: int, index: int, base: Base, work: Path, budget: float, keep:
     if not failures or not keep:
         shutil.rmtree(folder, ignore_errors=True)
     return record
+
+
+def _children() -> set[int]:
+    """Processes this one started that still exist (zombies too)."""
+    pids: set[int] = set()
+    me = os.getpid()
+    try:
+        tasks = os.listdir(f"/proc/{me}/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/{me}/task/{tid}/children") as fh:
+                pids.update(int(p) for p in fh.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def _kill_children(pids: set[int]) -> None:
+    """Children the code under test left behind: ours to end, by pid."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 def _text(result, attr: str) -> str:
@@ -2115,7 +2231,8 @@ def format_summary(results: list[dict], seconds: float | None = None) -> str:
     failing = Counter(r["family"] for r in results if r["failures"])
     lines = [f"fuzz: {len(results)} cases" + (f" in {seconds:.1f} s" if seconds is not None else "")
              + f", {sum(1 for r in results if r['failures'])} failing"]
-    lines.append("  outcome     " + "  ".join(f"{o}: {outcomes.get(o, 0)}" for o in OUTCOMES if outcomes.get(o) or o in ("exit 0", "exit 1", "exit 2")))
+    shown = [o for o in OUTCOMES if outcomes.get(o) or o in ("exit 0", "exit 1", "exit 2")]
+    lines.append("  outcome     " + "  ".join(f"{o}: {outcomes.get(o, 0)}" for o in shown))
     lines.append(f"  {'failure':<16}{'cases':>6}")
     for k in FAILURE_KINDS:
         lines.append(f"  {k:<16}{kinds.get(k, 0):>6}")

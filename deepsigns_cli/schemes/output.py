@@ -44,6 +44,10 @@ class RareRegions:
     def __init__(self, train_acts: np.ndarray, opts: dict, rng: np.random.Generator):
         if len(train_acts) > opts["reference_points"]:
             train_acts = train_acts[rng.choice(len(train_acts), opts["reference_points"], replace=False)]
+        if not np.isfinite(train_acts).all():
+            raise SchemeError("the model's activations on the training data are not finite (NaN or "
+                              "infinite weights, or inputs too large for it): use a trained model "
+                              "and data in its usual range")
         self.mean = train_acts.mean(0)
         _, s, vt = np.linalg.svd(train_acts - self.mean, full_matrices=False)
         explained = np.cumsum(s**2) / max(float((s**2).sum()), 1e-12)
