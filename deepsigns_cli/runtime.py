@@ -1,19 +1,67 @@
-"""onnxruntime sessions, providers, and the handling of untrusted ONNX files."""
+"""onnxruntime sessions, providers, and the handling of untrusted ONNX files.
+
+A suspect ONNX file is written by someone who may want the tool to fail, so onnxruntime
+never sees it in our own process. `OnnxModel` parses and checks the file here (protobuf and
+`onnx.checker` only, with external data confined to the model's folder), then evaluates it
+in a worker process forked for it (`_Worker`):
+
+- time: all of one model's runs share one budget (`timeout`, default `DEFAULT_TIMEOUT`
+  seconds, session creation included). At the deadline the worker is killed. onnxruntime's
+  own `RunOptions.terminate` was measured and is not enough: it is read between kernels
+  only, so one long kernel (a huge MatMul) or constant folding while the session is created
+  runs on regardless;
+- memory: what the worker may map is limited (`RLIMIT_AS`; `RLIMIT_DATA` with CUDA) to half
+  of the machine's or the container's memory on top of what it already maps, so a graph that
+  asks for a huge tensor fails inside the worker instead of drawing the OOM killer onto us;
+- crashes: a worker that dies (a segfault in a hostile graph) becomes an `OnnxError`;
+- answers: the worker sends back plain arrays (JSON header and raw bytes, never a pickle),
+  checked and bounded in size before they are believed.
+
+The worker is forked before any session exists for the suspect, and CUDA is never touched
+in our process: the provider is resolved inside the worker (CUDA cannot be used in a child
+forked after the parent initialised it). Where `os.fork` does not exist the model is
+evaluated in this process, bounded in time between kernels only.
+"""
 
 from __future__ import annotations
 
+import atexit
+import json
+import math
 import os
+import re
+import select
+import signal
+import struct
+import sys
+import time
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OnnxError
+from .errors import InputError, OnnxError, one_line, shown
 from .fileio import require_file
 
-__all__ = ["resolve_provider", "make_session", "OnnxModel", "load_onnx"]
+__all__ = ["resolve_provider", "make_session", "OnnxModel", "load_onnx", "DEFAULT_TIMEOUT"]
 
 PROVIDERS = ("auto", "cpu", "cuda")
+
+DEFAULT_TIMEOUT = 60.0  # seconds for all of one suspect model's evaluation
+MAX_FIXED_BATCH = 4096  # a model whose batch dimension is fixed above this is refused
+MAX_MODEL_BYTES = 2**31  # protobuf cannot hold more: bigger weights live in external data
+MEMORY_LIMIT: int | None = None  # bytes a worker may map beyond what it maps at start; None: half of RAM
+MAX_REPLY_BYTES = 2**30  # outputs a worker may send back for one query
+_MAX_THREADS = 8  # onnxruntime threads in a worker (each reserves stack and malloc arenas)
+_MIN_OPSET = 7  # the oldest default-domain opset onnxruntime runs
+
+_FLOAT_INPUTS = {1: np.float32, 10: np.float16, 11: np.float64}  # TensorProto FLOAT, FLOAT16, DOUBLE
+_ORT_ERROR_NAMES = (
+    "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+    "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail",
+    "ModelLoadCanceled", "ModelRequiresCompilation", "NotFound", "DeviceReset",
+)
 
 
 def _cuda_devices() -> int:
@@ -32,7 +80,10 @@ def _cuda_devices() -> int:
 
 @lru_cache(maxsize=1)
 def _cuda_usable() -> bool:
-    """True only when CUDA really works here (not merely compiled into onnxruntime-gpu)."""
+    """True only when CUDA really works here (not merely compiled into onnxruntime-gpu).
+
+    Initialises CUDA (cuInit): call it only where the session will run, never in a process
+    that forks workers afterwards."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers() or _cuda_devices() == 0:
@@ -46,9 +97,13 @@ def _cuda_usable() -> bool:
     return True
 
 
-def resolve_provider(provider: str = "auto") -> list[str]:
+def _check_provider_name(provider: str) -> None:
     if provider not in PROVIDERS:
-        raise InputError(f"unknown provider '{provider}': use one of {', '.join(PROVIDERS)}")
+        raise InputError(f"unknown provider {one_line(repr(provider), 60)}: use one of {', '.join(PROVIDERS)}")
+
+
+def resolve_provider(provider: str = "auto") -> list[str]:
+    _check_provider_name(provider)
     if provider == "cpu" or (provider == "auto" and not _cuda_usable()):
         return ["CPUExecutionProvider"]
     if provider == "cuda" and not _cuda_usable():
@@ -58,94 +113,652 @@ def resolve_provider(provider: str = "auto") -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def make_session(model: bytes, provider: str = "auto"):
+@lru_cache(maxsize=1)
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """What onnxruntime raises on a bad model: its own pybind exceptions (each derives from
+    Exception directly, not from RuntimeError) and the standard ones pybind11 translates
+    C++ exceptions to (std::bad_alloc is MemoryError; a name that is not UTF-8 is a
+    UnicodeDecodeError, a ValueError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = tuple(getattr(state, name) for name in _ORT_ERROR_NAMES if isinstance(getattr(state, name, None), type))
+    return (*own, RuntimeError, ValueError, TypeError, OverflowError, MemoryError)
+
+
+def _session(model: bytes, providers: list[str], threads: int | None = None):
+    """An InferenceSession in this process; onnxruntime's errors propagate."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: no warning spam on stderr
+    opts.log_severity_level = 4  # fatal only: failures come back as exceptions, not log lines
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model, sess_options=opts, providers=providers)
+
+
+def make_session(model: bytes, provider: str = "auto"):
+    """An onnxruntime session in this process, for a model we made ourselves (export's
+    parity check). Suspect files go through OnnxModel, which evaluates them in a worker."""
+    providers = resolve_provider(provider)
     try:
-        return ort.InferenceSession(model, sess_options=opts, providers=resolve_provider(provider))
-    except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as exc:  # type: ignore[attr-defined]
-        first = str(exc).strip().splitlines()[0][:200]
-        raise OnnxError(f"onnxruntime cannot load this model ({first}): check the file") from None
+        return _session(model, providers)
+    except _ort_errors() as exc:
+        raise OnnxError(f"onnxruntime cannot load this model ({_ort_text(exc)}): check the file") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _graphs(proto):
+    """Every graph and function body of a model, subgraphs included (iterative: a deeply
+    nested file cannot exhaust Python's recursion limit here)."""
+    stack = [proto.graph, *proto.functions]
+    while stack:
+        graph = stack.pop()
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+
+
+def _tensors(proto):
+    """Every TensorProto of a model: initializers, sparse tensors' parts, attributes."""
+    for graph in _graphs(proto):
+        yield from getattr(graph, "initializer", ())
+        for sparse in getattr(graph, "sparse_initializer", ()):
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                sparse_list = [*attr.sparse_tensors, *([attr.sparse_tensor] if attr.HasField("sparse_tensor") else [])]
+                for sparse in sparse_list:
+                    yield sparse.values
+                    yield sparse.indices
+
+
+def _is_external(tensor) -> bool:
+    from onnx import TensorProto
+
+    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
+
+
+def _tensor_name(tensor) -> str:
+    name = tensor.name
+    return one_line(name if isinstance(name, str) else repr(name), 80)
 
 
 def _check_external_data(proto, folder: Path) -> None:
-    """Refuse external-data references that leave the model's folder (or are absolute)."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
+    """Refuse external-data references that leave the model's folder (or are absolute), or
+    whose offset or length is not a byte range of a regular file there."""
     root = folder.resolve()
-    tensors = list(proto.graph.initializer)
-    for node in proto.graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                tensors.append(attr.t)
-    for tensor in tensors:
-        if not uses_external_data(tensor):
+    for tensor in _tensors(proto):
+        if not _is_external(tensor):
             continue
-        location = ExternalDataInfo(tensor).location
-        target = (root / location).resolve()
-        if os.path.isabs(location) or not target.is_relative_to(root):
+        name = _tensor_name(tensor)
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
+        if not isinstance(location, str) or "\x00" in location or not location:
+            raise OnnxError(f"ONNX tensor '{name}' has an unusable external-data location "
+                            f"({one_line(repr(location), 80)}): the file is malformed")
+        shown_location = one_line(location, 120)
+        try:
+            target = (root / location).resolve()
+            outside = os.path.isabs(location) or not target.is_relative_to(root)
+            is_file = not outside and target.is_file()
+            size = target.stat().st_size if is_file else 0
+        except (OSError, ValueError) as exc:  # a name too long, a loop of links
+            raise OnnxError(f"ONNX tensor '{name}' has an unusable external-data location "
+                            f"('{shown_location}': {one_line(exc, 80)}): the file is malformed") from None
+        if outside:
             raise OnnxError(
-                f"ONNX tensor '{tensor.name}' points to external data outside the model's folder "
-                f"('{location}'): refusing to read it; keep external data beside the model"
+                f"ONNX tensor '{name}' points to external data outside the model's folder "
+                f"('{shown_location}'): refusing to read it; keep external data beside the model"
             )
-        if not target.is_file():
+        if not is_file:
             raise OnnxError(
-                f"ONNX tensor '{tensor.name}' needs external data '{location}', which is missing"
+                f"ONNX tensor '{name}' needs external data '{shown_location}', which is missing "
+                "(or not a regular file): put it beside the model"
             )
+        numbers = {}
+        for key in ("offset", "length"):
+            text = entries.get(key)
+            if text is None:
+                continue
+            if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,20}", text):
+                raise OnnxError(f"ONNX tensor '{name}' has an external-data {key} that is not a "
+                                f"byte count ({one_line(repr(text), 40)}): the file is malformed")
+            numbers[key] = int(text)
+        offset = numbers.get("offset", 0)
+        if offset + numbers.get("length", 0) > size:
+            raise OnnxError(f"ONNX tensor '{name}' asks for bytes beyond the end of its external data "
+                            f"'{shown_location}' ({size} bytes): the file is malformed or truncated")
+
+
+# what onnx.checker and onnx's external-data loader raise besides ValidationError: a name
+# that is not UTF-8 (UnicodeDecodeError), C++ exceptions pybind11 translates (std::out_of_range
+# is IndexError, std::exception RuntimeError), RecursionError, and MemoryError
+_CHECKER_ERRORS = (ValueError, TypeError, RuntimeError, LookupError, OverflowError, MemoryError, OSError)
 
 
 def load_onnx(path: str | Path):
     """Load an ONNX file we may not trust: external data confined, checker clean."""
     import onnx
-    from google.protobuf.message import DecodeError
+    from google.protobuf.message import DecodeError, EncodeError
 
     path = require_file(path, "ONNX model")
+    p = shown(path)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise OnnxError(f"{path} is not an ONNX model ({type(exc).__name__}): check the file") from None
+        size = path.stat().st_size
+        if size > MAX_MODEL_BYTES:
+            raise OnnxError(f"{p} is {size} bytes, more than protobuf can hold (2 GiB): it is not "
+                            "a valid ONNX model; keep large weights as external data beside it")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OnnxError(f"{p} cannot be read ({one_line(exc)}): check the file") from None
+    proto = onnx.ModelProto()
+    try:  # always binary protobuf, whatever the file's name says
+        proto.ParseFromString(data)
+    except (DecodeError, RecursionError, ValueError, RuntimeError, MemoryError) as exc:
+        raise OnnxError(f"{p} is not an ONNX model ({type(exc).__name__}): check the file") from None
+    del data
     if not proto.graph.node or not proto.graph.output:
-        raise OnnxError(f"{path} is not an ONNX model (no graph): check the file")
+        raise OnnxError(f"{p} is not an ONNX model (no graph): check the file")
     _check_external_data(proto, path.parent)
+    import warnings
+
     try:
-        onnx.load_external_data_for_model(proto, str(path.parent))
+        with warnings.catch_warnings():  # onnx warns about unknown external-data keys
+            warnings.simplefilter("ignore")
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        if any(_is_external(t) for t in _tensors(proto)):
+            raise OnnxError(f"{p} keeps tensors in external data where onnx does not load it "
+                            "(a sparse tensor): deepsigns cannot check it; save the model with its data inline")
         onnx.checker.check_model(proto)
-    except (onnx.checker.ValidationError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise OnnxError(f"{path} fails the ONNX checker ({first}): it is malformed") from None
+    except (onnx.checker.ValidationError, DecodeError, EncodeError, *_CHECKER_ERRORS) as exc:
+        raise OnnxError(f"{p} fails the ONNX checker ({one_line(exc)}): it is malformed") from None
     return proto
 
 
-class OnnxModel:
-    """A suspect model behind onnxruntime: one input, the first output is the scores."""
+# --------------------------------------------------------------------------- the worker's side
 
-    def __init__(self, path: str | Path, provider: str = "auto"):
+
+class _Failure(Exception):
+    """Why a query failed, as the worker reports it: kind is input, load, run, memory or size."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+def _output_problem(value, fed: int) -> str | None:
+    """Why one output of a query cannot be read as per-sample values (None when it can)."""
+    if not isinstance(value, np.ndarray):
+        return "is a sequence or a map, not a tensor"
+    kinds = {"b": "bool", "O": "string", "U": "string", "S": "string", "c": "complex"}
+    if value.dtype.kind not in "fiu":
+        return f"holds {kinds.get(value.dtype.kind, str(value.dtype))} values, not numbers"
+    if value.ndim == 0 or value.shape[0] != fed:
+        return f"has shape {list(value.shape)} for a batch of {fed} inputs: its first dimension is not the batch"
+    return None
+
+
+class _Evaluator:
+    """One model in onnxruntime, in the process that runs it (the worker, or ours where
+    fork is missing). Raises _Failure; never touches anything but its own sessions."""
+
+    def __init__(self, proto, input_name: str, provider: str):
+        self.proto, self.input_name, self.provider = proto, input_name, provider
+        self.providers: list[str] | None = None
+        self.sessions: dict[tuple[str, ...], object] = {}
+        self.run_options = None
+
+    def prepare(self) -> None:
+        """Resolve the provider (this initialises CUDA when it is asked for or usable)."""
+        if self.providers is not None:
+            return
+        import onnxruntime as ort
+
+        try:
+            providers = resolve_provider(self.provider)
+        except InputError as exc:
+            raise _Failure("input", str(exc)) from None
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = 4
+        self.providers = providers
+
+    def _session(self, extra: tuple[str, ...]):
+        if extra in self.sessions:
+            return self.sessions[extra]
+        self.prepare()
+        proto = self.proto
+        if extra:
+            import onnx
+
+            proto = onnx.ModelProto()
+            proto.CopyFrom(self.proto)
+            for name in extra:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        threads = _MAX_THREADS if (os.cpu_count() or 1) > _MAX_THREADS else None
+        try:
+            session = _session(proto.SerializeToString(), self.providers, threads)
+        except _ort_errors() as exc:
+            raise _Failure(_kind(exc, "load"), _ort_text(exc)) from None
+        self.sessions[extra] = session
+        return session
+
+    def run(self, names: list[str], extra: bool, x: np.ndarray, step: int,
+            batch: int | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Outputs `names` for inputs x, fed `step` at a time (padded to `batch` when the
+        model's batch is fixed): (usable arrays (n, ...), why the others are not)."""
+        session = self._session(tuple(names) if extra else ())
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        problems: dict[str, str] = {}
+        total = 0
+        try:
+            for start in range(0, len(x), step):
+                chunk = x[start : start + step]
+                real = len(chunk)
+                if batch is not None and real < batch:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+                values = session.run(names, {self.input_name: chunk}, self.run_options)
+                for name, value in zip(names, values, strict=True):
+                    if name in problems:
+                        continue
+                    problem = _output_problem(value, len(chunk))
+                    if problem is None and parts[name] and value.shape[1:] != parts[name][0].shape[1:]:
+                        problem = "changes shape from one batch of inputs to the next"
+                    if problem is not None:
+                        problems[name] = problem
+                        parts[name] = []
+                        continue
+                    value = value[:real]
+                    if value.dtype == np.float16:
+                        value = value.astype(np.float32)
+                    total += value.nbytes
+                    if total > MAX_REPLY_BYTES:
+                        raise _Failure("size", f"the outputs exceed {MAX_REPLY_BYTES >> 20} MiB")
+                    parts[name].append(value)
+        except _ort_errors() as exc:
+            raise _Failure(_kind(exc, "run"), _ort_text(exc)) from None
+        out = {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks and name not in problems}
+        return out, problems
+
+
+def _ort_text(exc: BaseException) -> str:
+    """onnxruntime's message without its status prefix and C++ source locations."""
+    text = one_line(exc, 2000)
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\([^()]*\)(?: const)? )?", "", text)
+    return one_line(text)
+
+
+def _kind(exc: BaseException, default: str) -> str:
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "bad_alloc" in text or "bad allocation" in text \
+            or "failed to allocate" in text or "out of memory" in text:
+        return "memory"
+    return default
+
+
+# --------------------------------------------------------------------------- messages between processes
+# A frame: two little-endian u64 (header length, data length), a JSON header, raw array bytes.
+# The header lists each array as [dtype, shape]; only numeric dtypes are accepted, so a
+# worker that a hostile graph has subverted can send wrong numbers at worst, never objects.
+
+_DTYPE = re.compile(r"[<>|=][fiu][1248]")
+
+
+def _pack(header: dict, arrays: list[np.ndarray]) -> bytes:
+    arrays = [np.ascontiguousarray(a) for a in arrays]
+    header = {**header, "arrays": [[a.dtype.str, list(a.shape)] for a in arrays]}
+    head = json.dumps(header).encode("utf-8")
+    data = b"".join(a.tobytes() for a in arrays)
+    return struct.pack("<QQ", len(head), len(data)) + head + data
+
+
+def _unpack(head: bytes, data: bytearray) -> tuple[dict, list[np.ndarray]]:
+    """Raises ValueError when the frame is not one of ours."""
+    header = json.loads(head.decode("utf-8"))
+    if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
+        raise ValueError("no array list")
+    arrays, offset = [], 0
+    for spec in header["arrays"]:
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                and _DTYPE.fullmatch(spec[0]) and isinstance(spec[1], list)
+                and all(type(d) is int and 0 <= d < 2**40 for d in spec[1])):
+            raise ValueError("bad array description")
+        dtype = np.dtype(spec[0])
+        nbytes = math.prod(spec[1]) * dtype.itemsize
+        if offset + nbytes > len(data):
+            raise ValueError("short data")
+        arrays.append(np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize,
+                                    offset=offset).reshape(tuple(spec[1])))
+        offset += nbytes
+    if offset != len(data):
+        raise ValueError("extra data")
+    return header, arrays
+
+
+class _Dead(Exception):
+    """The worker is gone (it crashed or closed its pipe)."""
+
+
+class _Late(Exception):
+    """The deadline passed."""
+
+
+def _wait(fd: int, write: bool, deadline: float | None) -> None:
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise _Late
+        ready = select.select([], [fd], [], left) if write else select.select([fd], [], [], left)
+        if ready[1 if write else 0]:
+            return
+
+
+def _write_all(fd: int, data: bytes, deadline: float | None) -> None:
+    view = memoryview(data)
+    while view:
+        _wait(fd, True, deadline)
+        try:
+            n = os.write(fd, view[: 1 << 20])
+        except (BrokenPipeError, ConnectionResetError):
+            raise _Dead from None
+        view = view[n:]
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytearray:
+    out = bytearray()
+    while len(out) < n:
+        _wait(fd, False, deadline)
+        chunk = os.read(fd, min(n - len(out), 1 << 20))
+        if not chunk:
+            raise _Dead
+        out += chunk
+    return out
+
+
+def _read_frame(fd: int, deadline: float | None, limit: int) -> tuple[dict, list[np.ndarray]]:
+    head_len, data_len = struct.unpack("<QQ", _read_exact(fd, 16, deadline))
+    if head_len > 1 << 20 or data_len > limit:
+        raise ValueError("frame too large")
+    head = bytes(_read_exact(fd, head_len, deadline))
+    return _unpack(head, _read_exact(fd, data_len, deadline))
+
+
+# --------------------------------------------------------------------------- the worker process
+
+
+def _memory_limit() -> int:
+    """Bytes a worker may add to its address space: MEMORY_LIMIT, else half of the machine's
+    memory (or of the container's limit, when lower), at least 1 GiB."""
+    if MEMORY_LIMIT is not None:
+        return int(MEMORY_LIMIT)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:
+            total = int(text)
+    return max(1 << 30, total // 2)
+
+
+def _mapped(field: str) -> int | None:
+    """A size from /proc/self/status (VmSize: address space, VmData: private writable memory)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _above_stdio(fd: int) -> int:
+    """fd itself, or a copy numbered 3 or above (stdin/stdout/stderr are about to be replaced)."""
+    if fd > 2:
+        return fd
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD, 3)
+
+
+def _child_setup(parent: int) -> None:
+    """In the forked worker: die with the parent, stay silent, leave Ctrl-C to the parent,
+    write no core file."""
+    import gc
+    import resource
+
+    gc.disable()  # no finalizers of objects inherited from the parent (their workers are not ours)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        pass
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # onnxruntime and CUDA may print; a hostile graph must not reach our output
+        os.dup2(null, fd)
+    os.close(null)
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+
+
+def _limit_memory(providers: list[str] | None) -> None:
+    """Cap what the worker may map from now on at _memory_limit() more than it maps now.
+
+    On the CPU, the address space (RLIMIT_AS). With CUDA, whose driver reserves a huge
+    address space it never touches, the private writable memory (RLIMIT_DATA, which Linux
+    applies to mmap as well since 4.7)."""
+    import resource
+
+    cuda = bool(providers) and providers[0] != "CPUExecutionProvider"
+    which, now = ((resource.RLIMIT_DATA, _mapped("VmData")) if cuda
+                  else (resource.RLIMIT_AS, _mapped("VmSize")))
+    if now is None:
+        return
+    limit = now + _memory_limit()
+    try:
+        _, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(which, (limit, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def _serve(evaluator: _Evaluator, rfd: int, wfd: int) -> None:
+    """The worker's loop: one request in, one reply out, until the parent closes the pipe."""
+    limited = False
+    while True:
+        try:
+            header, arrays = _read_frame(rfd, None, 1 << 40)
+        except (_Dead, ValueError):
+            return
+        if not limited:
+            # after the provider is resolved (CUDA maps its address space when initialised),
+            # before any session exists (constant folding may allocate at session creation)
+            try:
+                evaluator.prepare()
+            except _Failure:
+                pass  # reported by run() below
+            _limit_memory(evaluator.providers)
+            limited = True
+        try:
+            out, problems = evaluator.run(header["names"], header["extra"], arrays[0],
+                                          header["step"], header["batch"])
+            names = list(out)
+            reply = _pack({"ok": True, "names": names, "problems": problems}, [out[n] for n in names])
+        except _Failure as failure:
+            reply = _pack({"ok": False, "kind": failure.kind, "message": failure.message}, [])
+        except MemoryError:
+            reply = _pack({"ok": False, "kind": "memory", "message": "out of memory"}, [])
+        try:
+            _write_all(wfd, reply, None)
+        except _Dead:
+            return
+
+
+class _Worker:
+    """A forked process evaluating one model; killed at its deadline, when it is stopped or
+    garbage-collected, and when our process exits."""
+
+    def __init__(self, evaluator: _Evaluator):
+        import onnxruntime  # noqa: F401  (imported once here, shared with every worker)
+
+        parent = os.getpid()
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the caller's code
+            try:
+                os.close(req_w)
+                os.close(rep_r)
+                rfd, wfd = _above_stdio(req_r), _above_stdio(rep_w)
+                _child_setup(parent)
+                keep = sorted((rfd, wfd))
+                os.closerange(3, keep[0])  # other workers' pipes, our caller's files
+                os.closerange(keep[0] + 1, keep[1])
+                os.closerange(keep[1] + 1, 1 << 16)
+                _serve(evaluator, rfd, wfd)
+            finally:
+                os._exit(0)
+        os.close(req_r)
+        os.close(rep_w)
+        self.owner, self.pid, self.wfd, self.rfd = parent, pid, req_w, rep_r
+        self.stopped = False
+        _LIVE.add(self)
+
+    def request(self, header: dict, x: np.ndarray, deadline: float | None) -> tuple[dict, list[np.ndarray]]:
+        """Raises _Late at the deadline, _Dead when the worker is gone."""
+        _write_all(self.wfd, _pack(header, [x]), deadline)
+        try:
+            return _read_frame(self.rfd, deadline, MAX_REPLY_BYTES + (1 << 20))
+        except (ValueError, RecursionError):  # not a frame of ours
+            raise _Dead from None
+
+    def stop(self, wait: bool = True, grace: float = 0.0) -> str:
+        """Kill the worker (only from the process that started it); how it had ended
+        ('' when it was still running). `grace`: seconds to let a dying worker finish dying
+        first (to learn the signal that ended it). Without `wait`, the kill is not waited for."""
+        if self.stopped or os.getpid() != self.owner:
+            return ""
+        self.stopped = True
+        _LIVE.discard(self)
+        status = None
+        try:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            end = time.monotonic() + grace
+            while not done and time.monotonic() < end:
+                time.sleep(0.005)
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+            if not done:
+                status = None
+                os.kill(self.pid, signal.SIGKILL)
+                if wait:
+                    os.waitpid(self.pid, 0)
+        except (ChildProcessError, ProcessLookupError):
+            pass
+        for fd in (self.wfd, self.rfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return _ended(status)
+
+    def __del__(self):
+        self.stop()
+
+
+def _ended(status: int | None) -> str:
+    if status is None:
+        return ""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}" + (", perhaps for lack of memory" if sig == signal.SIGKILL else "")
+    return f"exit status {os.WEXITSTATUS(status)}" if os.WIFEXITED(status) else ""
+
+
+_LIVE: weakref.WeakSet[_Worker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """At exit, kill the workers still running without waiting for them to be torn down."""
+    for worker in list(_LIVE):
+        worker.stop(wait=False)
+
+
+# --------------------------------------------------------------------------- the suspect model
+
+
+class OnnxModel:
+    """A suspect model behind onnxruntime: one input, the first output is the scores.
+
+    Evaluated in a worker process, within `timeout` seconds for all its queries together
+    (None: no limit) and a bounded amount of memory."""
+
+    def __init__(self, path: str | Path, provider: str = "auto", *,
+                 timeout: float | None = DEFAULT_TIMEOUT):
+        _check_provider_name(provider)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise InputError(f"--timeout must be a number of seconds above 0, got {timeout!r}")
         self.path = Path(path)
         self.proto = load_onnx(path)
         self.provider = provider
+        self.timeout = None if timeout is None else float(timeout)
+        self._left = self.timeout
+        self._worker: _Worker | None = None
+        self._evaluator: _Evaluator | None = None
+        self._broken: str | None = None
+        p = shown(self.path)
         initializers = {t.name for t in self.proto.graph.initializer}
         inputs = [i for i in self.proto.graph.input if i.name not in initializers]
+        names = [i.name for i in inputs] + [self.proto.graph.output[0].name]
+        if not all(isinstance(name, str) for name in names):
+            raise OnnxError(f"{p} has tensor names that are not UTF-8 text: it is malformed")
         if len(inputs) != 1:
-            names = ", ".join(i.name for i in inputs)
+            listed = one_line(", ".join(i.name for i in inputs), 120)
             raise OnnxError(
-                f"{self.path} has {len(inputs)} inputs ({names}): only single-input models "
+                f"{p} has {len(inputs)} inputs ({listed}): only single-input models "
                 "can be verified; export the classifier alone"
             )
+        self._input = inputs[0]
         self.input_name = inputs[0].name
         dims = inputs[0].type.tensor_type.shape.dim
-        self.input_dims = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        self.input_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in dims]
         self.output_name = self.proto.graph.output[0].name
-        self.metadata = {p.key: p.value for p in self.proto.metadata_props}
-        self._session = None
+        self.metadata = {prop.key: prop.value for prop in self.proto.metadata_props
+                         if isinstance(prop.key, str) and isinstance(prop.value, str)}
 
-    @property
-    def session(self):
-        if self._session is None:
-            self._session = make_session(self.proto.SerializeToString(), self.provider)
-        return self._session
-
+    # ------------------------------------------------------------------ inputs
     def adapt(self, x: np.ndarray) -> np.ndarray:
         """Fit key inputs to the model's input: as they are, or reshaped when the model takes
         the same number of values per sample in another layout (e.g. flattened)."""
@@ -155,43 +768,204 @@ class OnnxModel:
             return x
         per_sample = dims[1:]
         if per_sample and all(d is not None for d in per_sample):
-            if int(np.prod(per_sample)) == int(np.prod(x.shape[1:])):
+            if math.prod(per_sample) == math.prod(x.shape[1:]):
                 return x.reshape(len(x), *per_sample)
-        shown = ["?" if d is None else d for d in dims]
+        shown_dims = ["?" if d is None else d for d in dims]
         raise OnnxError(
-            f"{self.path} takes inputs of shape {shown} but the keys are samples of shape "
-            f"{list(x.shape[1:])}: this model cannot be queried with these keys"
+            f"{shown(self.path)} takes inputs of shape {shown_dims} but the keys are samples of "
+            f"shape {list(x.shape[1:])}: this model cannot be queried with these keys"
         )
 
+    def _feed(self, x: np.ndarray) -> np.ndarray:
+        """x as the model takes it: its layout and its floating-point type."""
+        from onnx import TensorProto
+
+        p = shown(self.path)
+        kind = self._input.type.WhichOneof("value")
+        elem = self._input.type.tensor_type.elem_type if kind == "tensor_type" else None
+        if elem not in _FLOAT_INPUTS:
+            if kind != "tensor_type":
+                what = f"a {kind or 'value of no type'}"
+            else:
+                try:
+                    what = f"tensors of {TensorProto.DataType.Name(elem).lower()}"
+                except ValueError:
+                    what = f"tensors of unknown type {elem}"
+            raise OnnxError(f"{p} takes {one_line(what, 60)} as input: deepsigns queries a model with "
+                            "real-valued samples; export the classifier with a float input")
+        opset = max((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+        if opset < _MIN_OPSET:
+            raise OnnxError(f"{p} uses ONNX opset {opset}, which onnxruntime cannot run (it needs "
+                            f"opset {_MIN_OPSET} or later): re-export the model with a current exporter")
+        return np.ascontiguousarray(self.adapt(x), dtype=_FLOAT_INPUTS[elem])
+
+    def _batch(self) -> int | None:
+        """The model's fixed batch size, or None when the batch dimension is dynamic."""
+        batch = self.input_dims[0] if self.input_dims else None
+        if batch is not None and not 1 <= batch <= MAX_FIXED_BATCH:
+            raise OnnxError(f"{shown(self.path)} has its batch dimension fixed at {batch}: deepsigns "
+                            f"feeds at most {MAX_FIXED_BATCH} samples at a time; export the model "
+                            "with a dynamic batch dimension (dynamic_axes)")
+        return batch
+
+    # ------------------------------------------------------------------ evaluation
+    def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int) -> tuple[dict, dict]:
+        """Run the model on x for outputs `names`: (arrays (n, ...), why others are unusable)."""
+        if len(x) == 0:
+            raise InputError("no samples to query the model with")
+        batch = self._batch()
+        x = self._feed(x)
+        header = {"names": names, "extra": extra, "step": batch or max(1, step), "batch": batch}
+        if self._broken is not None:
+            raise OnnxError(self._broken)
+        start = time.monotonic()
+        try:
+            if _can_fork():
+                reply = self._ask_worker(header, x, start)
+            else:
+                reply = self._ask_here(header, x, start)
+        finally:
+            if self._left is not None:
+                self._left = max(0.0, self._left - (time.monotonic() - start))
+        header, arrays = reply
+        if not header.get("ok"):
+            raise self._failed(str(header.get("kind")), str(header.get("message")))
+        got = header.get("names")
+        problems = header.get("problems")
+        if not isinstance(got, list) or len(got) != len(arrays) or not isinstance(problems, dict):
+            raise self._crashed("it sent a malformed answer")
+        return ({str(n): a for n, a in zip(got, arrays, strict=True)},
+                {str(k): str(v) for k, v in problems.items()})
+
+    def _ask_worker(self, header: dict, x: np.ndarray, start: float):
+        deadline = None if self._left is None else start + self._left
+        if self._worker is None:
+            try:
+                self._worker = _Worker(_Evaluator(self.proto, self.input_name, self.provider))
+            except OSError as exc:
+                raise OnnxError(f"cannot start a process to evaluate {shown(self.path)} "
+                                f"({one_line(exc)}): free some memory or processes and try again") from None
+        answered = False
+        try:
+            reply = self._worker.request(header, x, deadline)
+            answered = True
+            return reply
+        except _Late:
+            self._stop()
+            raise self._timed_out() from None
+        except _Dead:
+            raise self._crashed(self._stop(grace=1.0) or "it stopped answering") from None
+        finally:
+            if not answered:  # Ctrl-C while waiting: the worker must not outlive the query
+                self._stop()
+
+    def _ask_here(self, header: dict, x: np.ndarray, start: float):
+        """Where fork is missing: in this process, onnxruntime's terminate flag at the deadline
+        (read between kernels only)."""
+        import threading
+
+        if self._evaluator is None:
+            self._evaluator = _Evaluator(self.proto, self.input_name, self.provider)
+        evaluator = self._evaluator
+        timer = None
+        if self._left is not None:
+            def terminate():
+                if evaluator.run_options is not None:
+                    evaluator.run_options.terminate = True
+            timer = threading.Timer(self._left, terminate)
+            timer.start()
+        try:
+            out, problems = evaluator.run(header["names"], header["extra"], x, header["step"], header["batch"])
+        except _Failure as failure:
+            if self._left is not None and time.monotonic() - start >= self._left:
+                self._broken = str(self._timed_out())
+                raise OnnxError(self._broken) from None
+            return {"ok": False, "kind": failure.kind, "message": failure.message}, []
+        finally:
+            if timer is not None:
+                timer.cancel()
+        names = list(out)
+        return {"ok": True, "names": names, "problems": problems}, [out[n] for n in names]
+
+    def _stop(self, grace: float = 0.0) -> str:
+        how = ""
+        if self._worker is not None:
+            how = self._worker.stop(grace=grace)
+            self._worker = None
+        return how
+
+    def close(self) -> None:
+        """End the worker process now (it also ends when the model is garbage-collected)."""
+        self._stop()
+
+    def __enter__(self) -> OnnxModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _timed_out(self) -> OnnxError:
+        self._broken = (f"{shown(self.path)} did not answer within {self.timeout:g} s (a suspect model "
+                        "may loop for ever): if it is a large legitimate model, raise the limit "
+                        "with --timeout")
+        return OnnxError(self._broken)
+
+    def _crashed(self, how: str) -> OnnxError:
+        self._broken = (f"onnxruntime crashed evaluating {shown(self.path)} ({one_line(how, 80)}): "
+                        "the file is malformed or hostile; it cannot be verified")
+        return OnnxError(self._broken)
+
+    def _failed(self, kind: str, message: str) -> OnnxError | InputError:
+        p, why = shown(self.path), one_line(message)
+        if kind == "input":
+            return InputError(why)
+        if kind == "load":
+            return OnnxError(f"onnxruntime cannot load {p} ({why}): the file is malformed or uses "
+                             "operators onnxruntime lacks; check the file or re-export it")
+        if kind == "memory":
+            limit = _memory_limit()
+            amount = f"{limit / 2**30:.1f} GiB" if limit >= 2**30 else f"{limit >> 20} MiB"
+            return OnnxError(f"{p} needs more memory than the {amount} deepsigns allows a suspect "
+                             f"model ({why}): the file is hostile or too large to verify on this machine")
+        if kind == "size":
+            return OnnxError(f"{p} answers with more data than deepsigns reads ({why}): "
+                             "it is not a classifier's scores; check the file")
+        return OnnxError(f"onnxruntime failed evaluating {p} on the keys ({why}): the model cannot "
+                         "answer these queries; check that it is a classifier for this data")
+
+    # ------------------------------------------------------------------ public queries
     def scores(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """The model's first output for a batch of inputs, as (n, classes)."""
-        x = self.adapt(x)
-        outs = []
-        for i in range(0, len(x), batch_size):
-            chunk = np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)
-            (out,) = self.session.run([self.output_name], {self.input_name: chunk})
-            outs.append(np.asarray(out).reshape(len(chunk), -1))
-        return np.concatenate(outs)
+        out, problems = self._query([self.output_name], False, x, batch_size)
+        p, name = shown(self.path), one_line(self.output_name, 60)
+        if self.output_name in problems:
+            raise OnnxError(f"the first output of {p} ('{name}') {problems[self.output_name]}: verify "
+                            "needs the class scores (logits or probabilities) of each input as the first output")
+        value = out.get(self.output_name)
+        if value is None or value.ndim == 0 or value.shape[0] != len(x):
+            raise self._crashed("it sent no scores")
+        scores = value.reshape(len(x), -1)
+        if scores.shape[1] == 0:
+            raise OnnxError(f"the first output of {p} ('{name}') holds no scores (shape "
+                            f"{list(value.shape)}): export the classifier's scores as the first output")
+        if scores.dtype.kind in "iu":
+            scores = scores.astype(np.float64)
+        return scores
 
     def intermediates(self, x: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Every intermediate tensor (or just `names`) for inputs x, flattened per sample."""
-        import onnx
-
         graph_outputs = {o.name for o in self.proto.graph.output}
-        produced = [o for n in self.proto.graph.node for o in n.output if o]
+        produced = [o for n in self.proto.graph.node for o in n.output if o and isinstance(o, str)]
         wanted = [n for n in (names or produced) if n in produced and n not in graph_outputs]
+        wanted = list(dict.fromkeys(wanted))
         if not wanted:  # (session.run with no names would return every graph output instead)
             return {}
-        proto = onnx.ModelProto()
-        proto.CopyFrom(self.proto)
-        for name in wanted:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-        session = make_session(proto.SerializeToString(), self.provider)
-        chunk = np.ascontiguousarray(self.adapt(x), dtype=np.float32)
-        values = session.run(wanted, {self.input_name: chunk})
-        out = {}
-        for name, value in zip(wanted, values, strict=True):
-            value = np.asarray(value)
-            if value.ndim >= 1 and value.shape[0] == len(x) and np.issubdtype(value.dtype, np.floating):
-                out[name] = value.reshape(len(x), -1)
-        return out
+        out, _ = self._query(wanted, True, x, max(1, len(x)))
+        return {name: value.reshape(len(x), -1) for name, value in out.items()
+                if name in wanted and np.issubdtype(value.dtype, np.floating)
+                and value.ndim >= 1 and value.shape[0] == len(x)}
+
+
+@lru_cache(maxsize=1)
+def _can_fork() -> bool:
+    return hasattr(os, "fork") and hasattr(os, "waitpid")

@@ -29,7 +29,9 @@ from deepsigns_cli import api
 from deepsigns_cli.bundle import write_bundle
 from deepsigns_cli.checkpoint import export_onnx
 from deepsigns_cli.data import load_data
+from deepsigns_cli.registry import embed_order, scheme_entry
 from deepsigns_cli.runtime import OnnxModel
+from deepsigns_cli.suspect import OnnxSuspect
 
 SEEDS = [0, 1, 2, 3, 4]
 PASS = "figures-passphrase"
@@ -40,8 +42,16 @@ def _save(out: Path, name: str, payload) -> None:
     (out / f"blackbox-{name}.json").write_text(json.dumps(payload, indent=2))
 
 
+def _verify(path: Path, bundle):
+    """Black-box read of an ONNX file, in process (as `deepsigns verify`): outputs only."""
+    names = [n for n in embed_order(bundle.schemes) if scheme_entry(n).blackbox]
+    with OnnxModel(path, provider="cpu", timeout=api.DEFAULT_TIMEOUT) as model:
+        suspect = OnnxSuspect(model, blackbox_only=True)
+        return api.read_keys(suspect, bundle, names, alpha=api.DEFAULT_ALPHA, command="verify")
+
+
 def _owner(data, arch, seed, key_size, workdir: Path):
-    base, info, _ = api.train_baseline(arch, data, epochs=30, seed=seed, device="cpu")
+    base, info, _ = api.train_model(arch, data, epochs=30, seed=seed, device="cpu")
     bundle = api.make_keys(base, info, data, ["output"], {"output": {"key_size": key_size}},
                            seed=seed)
     marked = copy.deepcopy(base)
@@ -50,7 +60,7 @@ def _owner(data, arch, seed, key_size, workdir: Path):
                                                    device="cpu")
     report["embed_seconds"] = time.perf_counter() - t
     path = workdir / f"{arch}-{seed}-{key_size}.onnx"
-    export_onnx(marked, minfo, path, force=True)
+    export_onnx(marked, minfo, path)
     return base, info, marked, bundle, report, path
 
 
@@ -62,15 +72,15 @@ def fidelity(out: Path) -> dict:
             for key_size in (20, 30):
                 for seed in SEEDS:
                     _, _, _, bundle, report, path = _owner(data, arch, seed, key_size, Path(tmp))
-                    verdict = api.verify_ownership(OnnxModel(path, provider="cpu"), bundle)
-                    res = verdict["results"][0]
-                    params = bundle.schemes["output"]["params"]
+                    verdict = _verify(path, bundle)
+                    res = verdict.results[0]
+                    params = bundle.schemes["output"].params
                     rows.append({
                         "arch": arch, "K": key_size, "seed": seed,
                         "acc_base": report["accuracy_before"], "acc_marked": report["accuracy_after"],
                         "drop": report["accuracy_before"] - report["accuracy_after"],
-                        "matches": res["matches"], "p_value": res["p_value"],
-                        "detected": verdict["detected"],
+                        "matches": res.matches, "p_value": res.p_value,
+                        "detected": verdict.detected,
                         "candidates_learnt": params["candidates_learnt"],
                         "embed_epochs": report["schemes"]["output"]["epochs"],
                         "embed_seconds": report["embed_seconds"],
@@ -150,10 +160,10 @@ def integrity(out: Path) -> dict:
         suspects = [("mlp", s) for s in range(100, 110)] + [("cnn", 100), ("cnn", 101),
                                                             ("resnet", 100)]
         for arch, seed in suspects:
-            model, info, _ = api.train_baseline(arch, data, epochs=30 if arch != "resnet" else 15,
-                                                seed=seed, device="cpu")
+            model, info, _ = api.train_model(arch, data, epochs=30 if arch != "resnet" else 15,
+                                             seed=seed, device="cpu")
             path = tmp / f"{arch}-{seed}.onnx"
-            export_onnx(model, info, path, force=True)
+            export_onnx(model, info, path)
             rows.append(_verify_row(f"{arch} seed {seed}", path, bundle))
         acc = _foreign(data, tmp / "foreign.onnx")
         rows.append(_verify_row(f"foreign tanh-MLP (own loop, plain export, acc {acc:.1f}%)",
@@ -169,10 +179,10 @@ def integrity(out: Path) -> dict:
 
 
 def _verify_row(name, path, bundle) -> dict:
-    verdict = api.verify_ownership(OnnxModel(path, provider="cpu"), bundle)
-    res = verdict["results"][0]
-    return {"model": name, "keys": res["keys"], "matches": res["matches"],
-            "p_value": res["p_value"], "detected": verdict["detected"]}
+    verdict = _verify(path, bundle)
+    res = verdict.results[0]
+    return {"model": name, "keys": res.keys, "matches": res.matches,
+            "p_value": res.p_value, "detected": verdict.detected}
 
 
 def cost(out: Path) -> dict:
@@ -180,7 +190,7 @@ def cost(out: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _, _, _, bundle, _, path = _owner(data, "mlp", 0, 20, tmp)
-        write_bundle(bundle, tmp / "owner.dskey", PASS, force=True)
+        write_bundle(bundle, tmp / "owner.dskey", PASS)
         env = {**os.environ, "DEEPSIGNS_PASSPHRASE": PASS}
         walls, onnx_times = [], []
         for _ in range(5):
@@ -189,10 +199,13 @@ def cost(out: Path) -> dict:
                                    str(path), "--keys", str(tmp / "owner.dskey"), "--json"],
                                   capture_output=True, text=True, env=env, check=False)
             walls.append(time.perf_counter() - t)
+            if proc.returncode not in (0, 1):  # 0 detected, 1 not; anything else is an error
+                raise SystemExit(f"`deepsigns verify` failed (exit {proc.returncode}): "
+                                 f"{proc.stderr.strip()}")
             report = json.loads(proc.stdout)
             onnx_times.append(report["results"][0]["onnx_seconds"])
         model = OnnxModel(path, provider="cpu")
-        keys = bundle.schemes["output"]["arrays"]["x"]
+        keys = bundle.schemes["output"].arrays["x"]
         model.scores(keys)  # warm the session
         t = time.perf_counter()
         for _ in range(100):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -35,17 +36,14 @@ import numpy as np
 import torch
 
 from deepsigns_cli import stats
-from deepsigns_cli.api import (
-    embed_keys,
-    extract_watermarks,
-    load_suspect,
-    make_keys,
-    train_baseline,
-)
+from deepsigns_cli.api import embed_keys, make_keys, read_keys, train_model
 from deepsigns_cli.checkpoint import export_onnx, save_checkpoint
 from deepsigns_cli.data import load_data
 from deepsigns_cli.errors import SchemeError
+from deepsigns_cli.registry import SCHEMES, embed_order
+from deepsigns_cli.results import BitsResult
 from deepsigns_cli.schemes import hidden as hidden_mod
+from deepsigns_cli.suspect import OnnxSuspect, Suspect, TorchSuspect, open_suspect
 from deepsigns_cli.training import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,12 +67,12 @@ class Lab:
     def baseline(self, arch: str, seed: int, arch_kwargs: dict | None = None):
         key = (arch, json.dumps(arch_kwargs or {}, sort_keys=True), seed)
         if key not in self._baselines:
-            model, info, report = train_baseline(
+            model, info, report = train_model(
                 arch, self.data, arch_kwargs=arch_kwargs, epochs=self.args.baseline_epochs,
                 seed=seed, device=self.device)
             self._baselines[key] = (model, info, report)
         model, info, report = self._baselines[key]
-        return copy.deepcopy(model), copy.deepcopy(info), dict(report)
+        return copy.deepcopy(model), copy.deepcopy(info), dataclasses.replace(report)
 
     def hidden_options(self, n_bits: int) -> dict:
         opts = {"bits": n_bits}
@@ -91,7 +89,7 @@ class Lab:
         model, info, bundle, report = embed_keys(
             model, info, self.data, bundle, epochs=self.args.embed_epochs, seed=seed,
             device=self.device)
-        return base["test_accuracy"], model, info, bundle, report
+        return base.test_accuracy, model, info, bundle, report
 
     def finetune_control(self, arch: str, seed: int, epochs: int, arch_kwargs: dict | None = None):
         """The same baseline fine-tuned exactly like embed does (epochs, lr, batch, seed), no watermark."""
@@ -103,9 +101,26 @@ class Lab:
         return evaluate(model, self.data.x_test, self.data.y_test), history
 
 
-def hidden_result(report: dict) -> dict:
-    (result,) = [r for r in report["results"] if r["scheme"] == "hidden"]
+def extract(suspect, bundle) -> BitsResult:
+    """White-box read of every scheme of the bundle (as `deepsigns extract`); the hidden result.
+
+    `suspect`: a torch model in memory, or a suspect.Suspect (checkpoint or ONNX file)."""
+    if not isinstance(suspect, Suspect):
+        suspect = TorchSuspect(suspect)
+    decision = read_keys(suspect, bundle, embed_order(bundle.schemes), alpha=ALPHA,
+                         command="extract")
+    (result,) = [r for r in decision.results if r.scheme == "hidden"]
     return result
+
+
+def extract_file(path: Path, bundle) -> BitsResult:
+    """`extract` from a checkpoint or ONNX file (opened with the shapes the keys were made for)."""
+    suspect = open_suspect(path, shapes=(tuple(bundle.info["input_shape"]), bundle.info["num_classes"]))
+    try:
+        return extract(suspect, bundle)
+    finally:
+        if isinstance(suspect, OnnxSuspect):
+            suspect.onnx.close()  # its onnxruntime worker process
 
 
 def meta(lab: Lab, figure: str, started: float) -> dict:
@@ -194,14 +209,14 @@ def fig_fidelity(lab: Lab) -> dict:
             base_acc, model, _, bundle, rep = lab.marked(arch, seed, n_bits)
             epochs = rep["schemes"]["hidden"]["epochs"]
             ctrl_acc, _ = lab.finetune_control(arch, seed, epochs)
-            ext = hidden_result(extract_watermarks(model, bundle, alpha=ALPHA))
+            ext = extract(model, bundle)
             rows.append({
                 "arch": arch, "seed": seed, "n_bits": n_bits, "embed_epochs": epochs,
                 "baseline_acc": base_acc, "marked_acc": rep["accuracy_after"],
                 "drop": _r(base_acc - rep["accuracy_after"]),
                 "finetuned_acc": ctrl_acc, "finetuned_drop": _r(base_acc - ctrl_acc),
                 "marked_vs_finetuned": _r(ctrl_acc - rep["accuracy_after"]),
-                "ber": ext["ber"], "detected": ext["detected"],
+                "ber": ext.ber, "detected": ext.detected,
             })
         r = [x for x in rows if x["arch"] == arch]
         summary[arch] = {
@@ -241,26 +256,24 @@ def fig_reliability(lab: Lab) -> dict:
                 base_acc, model, info, bundle, rep = lab.marked("mlp", seed, n_bits)
                 ckpt = Path(tmp) / f"marked-{n_bits}-{seed}.safetensors"
                 onnx_path = ckpt.with_suffix(".onnx")
-                save_checkpoint(model, info, ckpt, force=True)
-                export_onnx(model, info, onnx_path, force=True)
-                from_ckpt = hidden_result(extract_watermarks(load_suspect(ckpt, bundle), bundle,
-                                                             alpha=ALPHA))
-                from_onnx = hidden_result(extract_watermarks(load_suspect(onnx_path, bundle),
-                                                             bundle, alpha=ALPHA))
-                in_memory = hidden_result(extract_watermarks(model, bundle, alpha=ALPHA))
+                save_checkpoint(model, info, ckpt)
+                export_onnx(model, info, onnx_path)
+                from_ckpt = extract_file(ckpt, bundle)
+                from_onnx = extract_file(onnx_path, bundle)
+                in_memory = extract(model, bundle)
                 rows.append({
                     "n_bits": n_bits, "seed": seed,
                     "baseline_acc": base_acc, "marked_acc": rep["accuracy_after"],
-                    "ber_checkpoint": from_ckpt["ber"], "ber_onnx": from_onnx["ber"],
-                    "ber_in_memory": in_memory["ber"],
-                    "p_checkpoint": from_ckpt["p_value"], "p_onnx": from_onnx["p_value"],
-                    "detected_checkpoint": from_ckpt["detected"],
-                    "detected_onnx": from_onnx["detected"],
-                    "onnx_tensor": from_onnx.get("tensor"),
-                    "onnx_candidates": from_onnx.get("candidates"),
-                    "identical_bits": from_ckpt["bits"] == from_onnx["bits"] == in_memory["bits"],
-                    "bits": from_ckpt["bits"],
-                    "warning": from_ckpt.get("warning"),
+                    "ber_checkpoint": from_ckpt.ber, "ber_onnx": from_onnx.ber,
+                    "ber_in_memory": in_memory.ber,
+                    "p_checkpoint": from_ckpt.p_value, "p_onnx": from_onnx.p_value,
+                    "detected_checkpoint": from_ckpt.detected,
+                    "detected_onnx": from_onnx.detected,
+                    "onnx_tensor": from_onnx.tensor,
+                    "onnx_candidates": from_onnx.candidates,
+                    "identical_bits": from_ckpt.bits == from_onnx.bits == in_memory.bits,
+                    "bits": from_ckpt.bits,
+                    "warning": from_ckpt.warning,
                 })
             r = [x for x in rows if x["n_bits"] == n_bits]
             summary[str(n_bits)] = {
@@ -295,19 +308,18 @@ def _read(model, info, bundle, tmp: Path, tag: str) -> dict:
     """Extract from the torch model and from its ONNX export; a width mismatch is a result."""
     out = {}
     try:
-        r = hidden_result(extract_watermarks(model, bundle, alpha=ALPHA))
-        out["torch"] = {"ber": r["ber"], "bit_errors": r["bit_errors"], "p_value": r["p_value"],
-                        "detected": r["detected"], "candidates": r.get("candidates"),
-                        "note": r.get("note")}
+        r = extract(model, bundle)
+        out["torch"] = {"ber": r.ber, "bit_errors": r.bit_errors, "p_value": r.p_value,
+                        "detected": r.detected, "candidates": r.candidates, "note": r.note}
     except SchemeError as exc:  # the library once raised here on a width mismatch
         out["torch"] = {"ber": None, "bit_errors": None, "p_value": None, "detected": False,
                         "note": f"SchemeError: {exc}"}
     path = tmp / f"{tag}.onnx"
-    export_onnx(model, info, path, force=True)
-    r = hidden_result(extract_watermarks(load_suspect(path, bundle), bundle, alpha=ALPHA))
-    out["onnx"] = {"ber": r["ber"], "bit_errors": r["bit_errors"], "p_value": r["p_value"],
-                   "detected": r["detected"], "tensor": r.get("tensor"),
-                   "candidates": r.get("candidates"), "note": r.get("note")}
+    export_onnx(model, info, path)
+    r = extract_file(path, bundle)
+    out["onnx"] = {"ber": r.ber, "bit_errors": r.bit_errors, "p_value": r.p_value,
+                   "detected": r.detected, "tensor": r.tensor, "candidates": r.candidates,
+                   "note": r.note}
     return out
 
 
@@ -392,12 +404,12 @@ def fig_capacity(lab: Lab) -> dict:
     for n_bits in sizes:
         for seed in range(lab.args.seeds):
             base_acc, model, _, bundle, rep = lab.marked("mlp", seed, n_bits)
-            ext = hidden_result(extract_watermarks(model, bundle, alpha=ALPHA))
+            ext = extract(model, bundle)
             rows.append({"n_bits": n_bits, "seed": seed, "baseline_acc": base_acc,
                          "marked_acc": rep["accuracy_after"],
-                         "drop": _r(base_acc - rep["accuracy_after"]), "ber": ext["ber"],
-                         "bit_errors": ext["bit_errors"], "p_value": ext["p_value"],
-                         "detected": ext["detected"]})
+                         "drop": _r(base_acc - rep["accuracy_after"]), "ber": ext.ber,
+                         "bit_errors": ext.bit_errors, "p_value": ext.p_value,
+                         "detected": ext.detected})
         r = [x for x in rows if x["n_bits"] == n_bits]
         s = {"seeds": len(r), "max_ber": max(x["ber"] for x in r),
              "mean_ber": mean([x["ber"] for x in r]),
@@ -428,7 +440,7 @@ def fig_efficiency(lab: Lab) -> dict:
     data = lab.data
     # warm-up: one of everything (allocator, kernels, hooks) before any clock is read
     for arch in ("mlp", "cnn"):
-        m, i, _ = train_baseline(arch, data, epochs=1, seed=99, device=lab.device)
+        m, i, _ = train_model(arch, data, epochs=1, seed=99, device=lab.device)
         b = make_keys(m, i, data, ["hidden"], lab.hidden_options(32), seed=99)
         embed_keys(m, i, data, b, epochs=1, seed=99, device=lab.device)
     trigger_batch = (hidden_mod.DEFAULTS["trigger_batch"] if lab.args.trigger_batch is None
@@ -438,14 +450,14 @@ def fig_efficiency(lab: Lab) -> dict:
         for rep_i in range(lab.args.repeats):
             seed = rep_i
             t0 = time.perf_counter()
-            model, info, base = train_baseline(arch, data, epochs=lab.args.baseline_epochs,
-                                               seed=seed, device=lab.device)
+            model, info, base = train_model(arch, data, epochs=lab.args.baseline_epochs,
+                                            seed=seed, device=lab.device)
             train_wall = time.perf_counter() - t0
             epochs = lab.args.embed_epochs
             # plain fine-tuning and embedding start from the same weights, same epochs and lr
             plain_model = copy.deepcopy(model)
             bundle = make_keys(model, info, data, ["hidden"], lab.hidden_options(32), seed=seed)
-            default_epochs = bundle.schemes["hidden"]["params"].get("epochs", 10)
+            default_epochs = SCHEMES["hidden"].default_epochs
             n_epochs = epochs or default_epochs
             cfg = TrainConfig(epochs=n_epochs, lr=info.lr, seed=seed, device=lab.device,
                               description="plain")
@@ -472,10 +484,10 @@ def fig_efficiency(lab: Lab) -> dict:
             plain = float(np.mean(hist["epoch_seconds"]))
             embed = rep["schemes"]["hidden"]["seconds_per_epoch"]
             rows.append({"arch": arch, "repeat": rep_i, "epochs": n_epochs,
-                         "train_s_per_epoch": base["seconds_per_epoch"],
+                         "train_s_per_epoch": base.seconds_per_epoch,
                          "plain_s_per_epoch": plain, "embed_s_per_epoch": embed,
                          "ratio_embed_plain": embed / plain,
-                         "ratio_embed_train": embed / base["seconds_per_epoch"],
+                         "ratio_embed_train": embed / base.seconds_per_epoch,
                          "embed_wall_s": embed_wall, "plain_wall_s": plain_wall,
                          "samples_per_epoch_plain": len(data.x_train),
                          "samples_per_epoch_embed": len(data.x_train) + steps * trigger_batch,
@@ -532,9 +544,10 @@ def main(argv=None) -> int:
                              "these models are tiny, and 2 threads on a busy 2-core machine run "
                              "10x slower from spinning)")
     common.add_argument("--baseline-epochs", type=int, default=30,
-                        help="epochs of every baseline (train_baseline / `deepsigns train` default 30)")
+                        help="epochs of every baseline (train_model / `deepsigns train` default 30)")
     common.add_argument("--embed-epochs", type=int, default=None,
-                        help="embed epochs (default: the library's, params.get('epochs', 10))")
+                        help="embed epochs (default: the library's, registry.SCHEMES['hidden'].default_epochs, "
+                             f"now {SCHEMES['hidden'].default_epochs})")
     for name, kind in (("lambda1", float), ("lambda2", float), ("margin", float),
                        ("trigger_batch", int)):
         common.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
