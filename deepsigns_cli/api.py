@@ -19,13 +19,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError, SchemeError
-from .registry import DEFAULT_SCHEMES, SCHEMES, embed_order, keygen_options, load_scheme, scheme_entry
+from .registry import (
+    ATTACKS,
+    DEFAULT_SCHEMES,
+    SCHEMES,
+    attack_entry,
+    embed_order,
+    keygen_options,
+    load_attack,
+    load_scheme,
+    scheme_entry,
+)
 
 if TYPE_CHECKING:
     from .bundle import Bundle
     from .checkpoint import ModelInfo
     from .data import Dataset
-    from .results import Decision, EmbedReport, ExportReport, InspectReport, KeygenReport, TrainReport
+    from .results import (
+        AttackReport,
+        Decision,
+        EmbedReport,
+        ExportReport,
+        InspectReport,
+        KeygenReport,
+        TrainReport,
+    )
     from .suspect import Suspect
     from .training import Progress
 
@@ -39,10 +57,12 @@ __all__ = [
     "export",
     "extract",
     "verify",
+    "attack",
     "inspect",
     "check_keys",
     "report_json",
     "SCHEMES",
+    "ATTACKS",
     "DEFAULT_SCHEMES",
     "keygen_options",
     "train_model",
@@ -279,6 +299,47 @@ def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
         )
     suspect = OnnxSuspect(OnnxModel(model, provider=provider, timeout=timeout), blackbox_only=True)
     return read_keys(suspect, bundle, names, alpha=alpha, command="verify")
+
+
+def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits",
+           options: dict | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
+           arch_kwargs: dict | None = None, force: bool = False,
+           progress: Progress | None = None) -> AttackReport:
+    """`deepsigns attack NAME`: the attacked model, written to `out` (never the input)."""
+    import time
+
+    import numpy as np
+
+    from .checkpoint import save_checkpoint
+    from .data import load_data
+    from .fileio import Outputs
+    from .results import AttackReport
+    from .training import evaluate, resolve_device, seed_everything
+
+    entry = attack_entry(name)
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    known = {o.key: o for o in entry.options}
+    for key, value in given.items():
+        if key not in known:
+            raise InputError(f"--{key.replace('_', '-')} is not an option of attack {name}")
+        known[key].check(value)
+    _check_int("seed", seed)
+    with Outputs(force=force, inputs={"--model": model, "--data": data}) as outs:
+        tmp = outs.add(out, "--out")
+        dataset = load_data(data)
+        net, info = _load_model(model, arch, arch_kwargs, data=dataset)
+        dataset.check_fits(info.input_shape, info.num_classes)
+        resolve_device(device)
+        before = evaluate(net, dataset.x_test, dataset.y_test)
+        seed_everything(seed)
+        started = time.perf_counter()
+        net, params = load_attack(name).run(net, info, dataset, given, rng=np.random.default_rng(seed),
+                                            device=device, progress=progress)
+        seconds = time.perf_counter() - started
+        net.cpu()
+        after = evaluate(net, dataset.x_test, dataset.y_test)
+        save_checkpoint(net, info, tmp)
+    return AttackReport(name, before, after, params, seconds, str(out))
 
 
 def inspect(path: str | Path) -> InspectReport:

@@ -46,6 +46,22 @@ class Option:
     def key(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
+    def check(self, value):
+        """The value, or InputError: of the option's kind, finite, within its bounds."""
+        import math
+
+        kinds = {"int": (int,), "float": (int, float), "str": (str,)}[self.kind]
+        ok = isinstance(value, kinds) and not isinstance(value, bool)
+        if ok and self.kind != "str":
+            ok = math.isfinite(value) and (self.low is None or value >= self.low) \
+                and (self.high is None or value <= self.high)
+        if not ok:
+            what = {"int": "a whole number", "float": "a number", "str": "text"}[self.kind]
+            if self.low is not None and self.high is not None:
+                what += f" from {self.low:g} to {self.high:g}"
+            raise InputError(f"{self.flag} must be {what}, got {value!r}")
+        return value
+
 
 @dataclass(frozen=True)
 class SchemeEntry:
@@ -100,7 +116,15 @@ SCHEMES: dict[str, SchemeEntry] = {
 
 DEFAULT_SCHEMES = ("hidden",)  # keygen's --scheme when none is given
 
-ATTACKS: dict[str, AttackEntry] = {}  # `deepsigns attack NAME` (issue 8) fills this table
+ATTACKS: dict[str, AttackEntry] = {
+    "noise": AttackEntry(
+        name="noise",
+        module="deepsigns_cli.attacks.noise",
+        summary="Gaussian noise on the weights, relative to each tensor's spread",
+        options=(Option("--sigma", "float", "noise spread, relative to each weight tensor's "
+                        "standard deviation (default 0.1).", 0.0, 10.0),),
+    ),
+}
 
 
 def scheme_names() -> list[str]:

@@ -24,6 +24,7 @@ __all__ = [
     "KeygenReport",
     "EmbedReport",
     "ExportReport",
+    "AttackReport",
     "InspectReport",
     "to_json_dict",
 ]
@@ -177,6 +178,17 @@ class ExportReport:
     max_abs_diff: float
     input_shape: list
     command: str = "export"
+
+
+@dataclass
+class AttackReport:
+    attack: str
+    accuracy_before: float
+    accuracy_after: float
+    params: dict
+    seconds: float
+    out: str
+    command: str = "attack"
 
 
 @dataclass

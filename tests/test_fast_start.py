@@ -12,7 +12,7 @@ import sys
 import pytest
 from helpers import deepsigns_argv
 
-COMMANDS = ["train", "keygen", "embed", "export", "extract", "verify", "inspect"]
+COMMANDS = ["train", "keygen", "embed", "export", "extract", "verify", "attack", "inspect"]
 HEAVY = ("torch", "onnx", "onnxruntime")
 
 # Runs the CLI in-process (standalone_mode=False: no sys.exit) and reports what got imported.
@@ -37,9 +37,9 @@ def probe(args: list[str], preload: str = "") -> tuple[str, dict]:
     return proc.stdout, json.loads(proc.stderr.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("command", [None, *COMMANDS])
+@pytest.mark.parametrize("command", [None, *COMMANDS, "attack noise"])
 def test_help_does_not_import_torch(command):
-    args = [command, "--help"] if command else ["--help"]
+    args = [*command.split(), "--help"] if command else ["--help"]
     out, seen = probe(args)
     assert seen["code"] in (0, None)
     assert out.startswith(f"Usage: deepsigns {command or ''}".rstrip())

@@ -75,6 +75,26 @@ def test_every_registry_row_loads_its_scheme(name):
     assert entry.result in ("bits", "matches")
 
 
+@pytest.mark.parametrize("name", registry.attack_names())
+def test_every_attack_row_loads_its_attack(name):
+    assert registry.load_attack(name).name == name
+
+
+def test_an_attack_writes_a_new_model_and_reports_accuracy(tmp_path, marked):
+    from deepsigns_cli.checkpoint import fingerprint, load_checkpoint
+
+    before = marked.marked.read_bytes()
+    same = run_json("attack", "noise", "--model", marked.marked, "--sigma", 0, "--out", tmp_path / "a.safetensors")
+    noisy = run_json("attack", "noise", "--model", marked.marked, "--sigma", 1.0, "--seed", 1,
+                     "--out", tmp_path / "b.safetensors")
+    assert marked.marked.read_bytes() == before  # never the input file
+    assert same["accuracy_after"] == same["accuracy_before"] and same["params"] == {"sigma": 0.0}
+    assert noisy["accuracy_after"] < noisy["accuracy_before"] - 5
+    original = fingerprint(load_checkpoint(marked.marked)[0])
+    assert fingerprint(load_checkpoint(tmp_path / "a.safetensors")[0]) == original
+    assert fingerprint(load_checkpoint(tmp_path / "b.safetensors")[0]) != original
+
+
 def test_scheme_names_are_spelled_in_the_registry_alone():
     """Outside the registry and each scheme's own module, no code names a scheme."""
     names = registry.scheme_names()

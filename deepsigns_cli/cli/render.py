@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["kv_table", "decision_table", "train", "keygen", "embed", "export", "inspect", "decision"]
+__all__ = ["kv_table", "decision_table", "train", "keygen", "embed", "export", "attack", "inspect", "decision"]
 
 
 def fmt_p(p: float) -> str:
@@ -73,6 +73,14 @@ def export(c, r) -> None:
     c.print(kv_table("exported", [
         ("written", r.out), ("opset", r.opset), ("input", r.input_shape),
         ("max |onnx - torch|", f"{r.max_abs_diff:.2e}"), ("checker", "clean")]))
+
+
+def attack(c, r) -> None:
+    rows = [("attack", r.attack), ("accuracy before", f"{r.accuracy_before:.2f}%"),
+            ("accuracy after", f"{r.accuracy_after:.2f}%")]
+    rows += [(k, v) for k, v in r.params.items()]
+    rows += [("seconds", f"{r.seconds:.2f}"), ("written", r.out)]
+    c.print(kv_table("attacked", rows))
 
 
 def inspect(c, r) -> None:

@@ -1,0 +1,60 @@
+"""`deepsigns attack NAME`: one subcommand per row of the registry's attack table, built from
+the row (its options), so a new attack needs no CLI code."""
+
+import click
+
+from .. import api
+from . import render
+from .common import (
+    arch_options,
+    common_options,
+    data_option,
+    device_option,
+    emit,
+    force_option,
+    parse_arch_kwargs,
+    progress_bar,
+)
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _attack_command(name: str) -> click.Command:
+    entry = api.ATTACKS[name]
+
+    def run(model_path, arch, arch_kwargs, data_spec, out, force, device, seed, json_, **options):
+        with progress_bar() as progress:
+            report = api.attack(name, model_path, out, data=data_spec, options=options,
+                                seed=seed or 0, device=device, arch=arch,
+                                arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force,
+                                progress=progress)
+        emit(report, json_, render.attack)
+
+    # applied bottom-up: the options appear in the help as listed from the last line up
+    run = force_option(device_option(common_options(run)))
+    for option in reversed(entry.options):
+        run = click.option(option.flag, option.key, type=_TYPES[option.kind], default=None,
+                           help=option.help)(run)
+    run = click.option("--out", required=True, help="The attacked model to write (.safetensors).")(run)
+    run = arch_options(data_option(run))
+    run = click.option("--model", "model_path", required=True,
+                       help="The model to attack (.safetensors, or .pt with --arch).")(run)
+    return click.command(name, help=f"{entry.summary[0].upper()}{entry.summary[1:]}.",
+                         short_help=entry.summary)(run)
+
+
+class AttackGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(api.ATTACKS)
+
+    def get_command(self, ctx, name):
+        return _attack_command(name) if name in api.ATTACKS else None
+
+
+@click.group("attack", cls=AttackGroup)
+def command():
+    """Attack a model the way a thief would; write the attacked model.
+
+    \b
+    deepsigns attack noise --model marked.safetensors --data digits --sigma 0.1 --out noisy.safetensors
+    """
