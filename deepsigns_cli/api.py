@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .defaults import DEFAULT_ALPHA, DEFAULT_TIMEOUT, LIMITS
 from .errors import InputError, SchemeError
 from .registry import (
     ATTACKS,
@@ -77,19 +78,6 @@ __all__ = [
 
 #: the passphrase, or a function that asks for it once the cheap checks have passed
 Passphrase = str | Callable[[], str]
-
-DEFAULT_ALPHA = 1e-3
-DEFAULT_TIMEOUT = 60.0  # seconds for all of one suspect's evaluation
-
-#: bounds of every size a user gives: a typo or a hostile value fails at once, never hangs
-LIMITS = {
-    "epochs": (1, 100_000),
-    "batch_size": (1, 65_536),
-    "seed": (0, 2**32 - 1),
-    "lr": (0.0, 10.0),  # exclusive of 0
-    "timeout": (0.0, 86_400.0),  # exclusive of 0
-}
-
 
 def _check_int(name: str, value: int | None) -> int | None:
     if value is None:

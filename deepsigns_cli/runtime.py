@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .defaults import DEFAULT_TIMEOUT
 from .errors import InputError, OnnxError, one_line, shown
 from .fileio import require_file
 
@@ -48,7 +49,6 @@ __all__ = ["resolve_provider", "make_session", "OnnxModel", "load_onnx", "DEFAUL
 
 PROVIDERS = ("auto", "cpu", "cuda")
 
-DEFAULT_TIMEOUT = 60.0  # seconds for all of one suspect model's evaluation
 MAX_FIXED_BATCH = 4096  # a model whose batch dimension is fixed above this is refused
 MAX_MODEL_BYTES = 2**31  # protobuf cannot hold more: bigger weights live in external data
 MEMORY_LIMIT: int | None = None  # bytes a worker may map beyond what it maps at start; None: half of RAM

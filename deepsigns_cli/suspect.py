@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .defaults import DEFAULT_TIMEOUT
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ class OnnxSuspect(Suspect):
 
 def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None = None,
                  arch: str | None = None, arch_kwargs: dict | None = None,
-                 provider: str = "auto", timeout: float | None = None) -> Suspect:
+                 provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT) -> Suspect:
     """A checkpoint (torch) or an ONNX file (onnxruntime) to examine.
 
     `shapes` (input shape, classes) come from the keys, for a plain state dict with --arch."""

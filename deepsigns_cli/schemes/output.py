@@ -191,7 +191,9 @@ class OutputScheme(Scheme):
         scores = suspect.scores(arrays["x"])
         seconds = time.perf_counter() - start
         k, c = len(arrays["y"]), int(params["num_classes"])
-        matches = int((scores.argmax(1) == arrays["y"]).sum())
+        # a row with NaN or infinite scores answers nothing (argmax would read it as class 0)
+        answers = np.where(np.isfinite(scores).all(1), scores.argmax(1), -1)
+        matches = int((answers == arrays["y"]).sum())
         note = None
         if scores.shape[1] != c:
             note = f"the model gives {scores.shape[1]} scores, the keys have {c} classes"

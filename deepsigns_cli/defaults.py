@@ -1,0 +1,18 @@
+"""Defaults and bounds shared by the api, the CLI and the runtime (stdlib only: the CLI reads
+them to build --help without importing anything heavy)."""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_TIMEOUT", "LIMITS"]
+
+DEFAULT_ALPHA = 1e-3
+DEFAULT_TIMEOUT = 60.0  # seconds for all of one suspect model's evaluation
+
+#: bounds of every size a user gives: a typo or a hostile value fails at once, never hangs
+LIMITS = {
+    "epochs": (1, 100_000),
+    "batch_size": (1, 65_536),
+    "seed": (0, 2**32 - 1),
+    "lr": (0.0, 10.0),  # exclusive of 0
+    "timeout": (0.0, 86_400.0),  # exclusive of 0
+}

@@ -1,0 +1,567 @@
+"""Suspect ONNX files written to make the tool fail: each ends in one `error:` line and exit 2,
+or, where the file is a legitimate model, in a verdict. Never a traceback, a hang, an OOM kill
+of our process, or a file written.
+
+The files are built with onnx.helper or by mutating a real export (our owner's marked model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_bad_input, run_cli, run_json
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from deepsigns_cli import runtime
+from deepsigns_cli.errors import InputError, OnnxError
+from deepsigns_cli.runtime import OnnxModel
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "digits-mlp.safetensors"
+CLI_TIMEOUT = 3  # seconds: what the hanging cases are given
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory):
+    """Black-box keys (scheme output) embedded into the shipped sample MLP, and its export."""
+    folder = tmp_path_factory.mktemp("hostile-owner")
+    keys, marked, exported = folder / "bb.dskey", folder / "marked.safetensors", folder / "marked.onnx"
+    run_json("keygen", "--model", SAMPLE, "--data", "digits", "--scheme", "output", "--key-size", 20,
+             "--seed", 0, "--out", keys)
+    run_json("embed", "--model", SAMPLE, "--data", "digits", "--keys", keys, "--out", marked,
+             "--onnx", exported, "--seed", 0, "--device", "cpu")
+    return {"keys": keys, "marked": marked, "onnx": exported}
+
+
+@pytest.fixture
+def suspects(tmp_path):
+    """A folder for suspect files; checks that verify writes nothing into it."""
+    folder = tmp_path / "suspects"
+    folder.mkdir()
+    yield folder
+    leftovers = [n for n in os.listdir(folder) if n.endswith(".part") or n.startswith(".")]
+    assert not leftovers, leftovers
+
+
+def verify(owner, model, *extra):
+    """`deepsigns verify --json` in-process; the folder of the model gains no file."""
+    before = sorted(os.listdir(Path(model).parent))
+    result = run_cli("verify", "--model", model, "--keys", owner["keys"], "--json", *extra, code=None)
+    assert sorted(os.listdir(Path(model).parent)) == before, "verify wrote a file"
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    return result
+
+
+def refused(owner, model, *needles, extra=()):
+    result = verify(owner, model, *extra)
+    return assert_bad_input(result, *needles)
+
+
+def verdict(owner, model, code: int | None = None) -> dict:
+    result = verify(owner, model)
+    assert result.exit_code in (0, 1), f"exit {result.exit_code}: {result.stderr}"
+    assert result.stderr == "", result.stderr
+    report = json.loads(result.stdout)
+    assert report["detected"] is (result.exit_code == 0)
+    if code is not None:
+        assert result.exit_code == code, report
+    return report
+
+
+def matches(report: dict) -> int:
+    (result,) = [r for r in report["results"] if r["scheme"] == "output"]
+    return result["matches"]
+
+
+# ----------------------------------------------------------------------------- building files
+
+
+def save(model, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def graph_model(nodes, inputs, outputs, initializers=(), opset: int = 17, ir: int = 8, check: bool = True):
+    model = h.make_model(h.make_graph(nodes, "suspect", inputs, outputs, list(initializers)),
+                         opset_imports=[h.make_opsetid("", opset)], ir_version=ir)
+    if check:
+        onnx.checker.check_model(model)
+    return model
+
+
+def x_info(elem=T.FLOAT, batch="n"):
+    return h.make_tensor_value_info("x", elem, [batch, 1, 8, 8])
+
+
+def y_info(name="y", elem=T.FLOAT, shape=("n", 10)):
+    return h.make_tensor_value_info(name, elem, list(shape))
+
+
+def classifier(path: Path, tail=(), tail_inits=(), out=None, check: bool = True) -> Path:
+    """x (n, 1, 8, 8) -> Flatten -> MatMul (64 x 10) -> z, then `tail` nodes; output `out`."""
+    weights = nh.from_array(np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32), "W")
+    nodes = [h.make_node("Flatten", ["x"], ["f"]), h.make_node("MatMul", ["f", "W"], ["z"]), *tail]
+    model = graph_model(nodes, [x_info()], [out or y_info("z")], [weights, *tail_inits], check=check)
+    return save(model, path)
+
+
+def loop_model(path: Path, trip: int = 2**62) -> Path:
+    """The scores come out of a Loop that adds 1 to them `trip` times."""
+    body = h.make_graph(
+        [h.make_node("Identity", ["cond_in"], ["cond_out"]), h.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body",
+        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+         h.make_tensor_value_info("v_in", T.FLOAT, ["n", 64])],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("v_out", T.FLOAT, ["n", 64])],
+        [nh.from_array(np.array(1.0, np.float32), "one")],
+    )
+    nodes = [h.make_node("Flatten", ["x"], ["f"]),
+             h.make_node("Loop", ["M", "cond", "f"], ["v"], body=body),
+             h.make_node("Slice", ["v", "s", "e", "ax"], ["y"])]
+    inits = [nh.from_array(np.array(trip, np.int64), "M"), nh.from_array(np.array(True), "cond"),
+             nh.from_array(np.array([0]), "s"), nh.from_array(np.array([10]), "e"),
+             nh.from_array(np.array([1]), "ax")]
+    return save(graph_model(nodes, [x_info()], [y_info()], inits), path)
+
+
+def allocating_model(path: Path, elements: int, op: str = "ConstantOfShape") -> Path:
+    """Scores that depend on a tensor of `elements` floats (ConstantOfShape or Expand)."""
+    if op == "ConstantOfShape":
+        make = [h.make_node("ConstantOfShape", ["shape"], ["big"], value=nh.from_array(np.array([1.0], np.float32)))]
+        shape = np.array([elements], np.int64)
+    else:
+        side = math.isqrt(elements)
+        make = [h.make_node("Expand", ["one", "shape"], ["big"])]
+        shape = np.array([side, side], np.int64)
+    nodes = [h.make_node("Flatten", ["x"], ["f"]),
+             h.make_node("ReduceSum", ["f", "ax1"], ["s"], keepdims=1),
+             *make,
+             h.make_node("ReduceMax", ["big"], ["t"], keepdims=0),
+             h.make_node("Mul", ["s", "t"], ["s2"]),
+             h.make_node("Expand", ["s2", "ten"], ["y"])]
+    inits = [nh.from_array(np.array([1], np.int64), "ax1"), nh.from_array(shape, "shape"),
+             nh.from_array(np.array(1.0, np.float32), "one"), nh.from_array(np.array([1, 10], np.int64), "ten")]
+    return save(graph_model(nodes, [x_info()], [y_info()], inits), path)
+
+
+def mutated(owner, path: Path, change) -> Path:
+    """The owner's marked export, changed by `change(model)` (which may return a new model)."""
+    model = onnx.load(str(owner["onnx"]))
+    model = change(model) or model
+    return save(model, path)
+
+
+def with_input_type(elem):
+    """The graph input becomes `elem`, cast to float right away: the marked model inside."""
+
+    def change(model):
+        graph = model.graph
+        graph.input[0].name = "raw"
+        graph.input[0].type.tensor_type.elem_type = elem
+        graph.node.insert(0, h.make_node("Cast", ["raw"], ["input"], to=T.FLOAT))
+
+    return change
+
+
+def with_output(nodes, name, elem=T.FLOAT, shape=("batch", 10), inits=()):
+    """`nodes` appended after the logits; the first output becomes `name`."""
+
+    def change(model):
+        graph = model.graph
+        graph.node.extend(nodes)
+        graph.initializer.extend(inits)
+        del graph.output[:]
+        graph.output.append(h.make_tensor_value_info(name, elem, list(shape)))
+
+    return change
+
+
+def external(owner, folder: Path) -> Path:
+    """The marked export with its weights in 'w.data' beside it."""
+    model = onnx.load(str(owner["onnx"]))
+    onnx.save_model(model, str(folder / "ext.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+    return folder / "ext.onnx"
+
+
+def set_external(path: Path, key: str, value: str) -> Path:
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.external_data)
+    entries = {e.key: e for e in tensor.external_data}
+    if key in entries:
+        entries[key].value = value
+    else:
+        tensor.external_data.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return path
+
+
+def deep_bytes(depth: int) -> bytes:
+    """A ModelProto whose graph nests `depth` If subgraphs (raw protobuf, no helper)."""
+
+    def varint(n):
+        out = bytearray()
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def field(num, payload):
+        return varint(num << 3 | 2) + varint(len(payload)) + payload
+
+    graph = b""
+    for _ in range(depth):
+        attr = field(1, b"then_branch") + varint(20 << 3) + varint(5) + field(6, graph)
+        graph = field(1, field(4, b"If") + field(5, attr))
+    return varint(1 << 3) + varint(8) + field(7, graph) + field(8, varint(2 << 3) + varint(17))
+
+
+# ============================================================================= 1. hangs and memory
+
+
+def test_loop_for_ever_ends_with_timeout_error(owner, suspects):
+    path = loop_model(suspects / "loop.onnx")
+    start = time.monotonic()
+    line = refused(owner, path, "did not answer within 3 s", "--timeout", extra=["--timeout", CLI_TIMEOUT])
+    assert time.monotonic() - start < CLI_TIMEOUT + 10, line
+
+
+def test_extract_is_bounded_too(marked, suspects):
+    path = loop_model(suspects / "loop.onnx")
+    result = run_cli("extract", "--model", path, "--keys", marked.keys, "--timeout", 2, code=None)
+    assert_bad_input(result, "did not answer within 2 s")
+
+
+def test_timeout_kills_the_worker_and_stays_failed(tmp_path, monkeypatch):
+    started = []
+    real_init = runtime._Worker.__init__
+
+    def spy(self, *args):
+        real_init(self, *args)
+        started.append(self.pid)
+
+    monkeypatch.setattr(runtime._Worker, "__init__", spy)
+    model = OnnxModel(loop_model(tmp_path / "loop.onnx"), provider="cpu", timeout=1.5)
+    x = np.zeros((20, 1, 8, 8), np.float32)
+    start = time.monotonic()
+    with pytest.raises(OnnxError, match=r"did not answer within 1\.5 s.*--timeout"):
+        model.scores(x)
+    assert 1.5 <= time.monotonic() - start < 6
+    (pid,) = started
+    with pytest.raises(ChildProcessError):  # killed and reaped: no zombie left
+        os.waitpid(pid, os.WNOHANG)
+    again = time.monotonic()
+    with pytest.raises(OnnxError, match="did not answer"):
+        model.scores(x)
+    assert time.monotonic() - again < 0.5 and len(started) == 1
+
+
+def test_timeout_is_one_budget_for_all_queries(owner, monkeypatch):
+    real_run = runtime._Evaluator.run
+
+    def slow(self, *args):  # in the worker: each query takes 0.8 s
+        time.sleep(0.8)
+        return real_run(self, *args)
+
+    monkeypatch.setattr(runtime._Evaluator, "run", slow)
+    model = OnnxModel(owner["onnx"], provider="cpu", timeout=2.0)
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    model.scores(x)
+    model.scores(x)
+    with pytest.raises(OnnxError, match="did not answer within 2 s"):
+        model.scores(x)
+
+
+def test_no_timeout_means_no_limit(owner):
+    model = OnnxModel(owner["onnx"], provider="cpu", timeout=None)
+    assert model.scores(np.zeros((3, 1, 8, 8), np.float32)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "10", True])
+def test_bad_timeout_is_an_input_error(owner, bad):
+    with pytest.raises(InputError, match="--timeout"):
+        OnnxModel(owner["onnx"], provider="cpu", timeout=bad)
+
+
+@pytest.mark.parametrize("op", ["ConstantOfShape", "Expand"])
+def test_huge_tensor_is_an_error_not_an_oom_kill(owner, suspects, op):
+    path = allocating_model(suspects / f"{op}.onnx", 2**40, op)
+    refused(owner, path, "memory")
+
+
+def test_memory_limit_is_enforced_in_the_worker(tmp_path, monkeypatch):
+    """1 GiB would fit in this machine: only the worker's limit (256 MiB here) refuses it."""
+    monkeypatch.setattr(runtime, "MEMORY_LIMIT", 256 << 20)
+    model = OnnxModel(allocating_model(tmp_path / "gib.onnx", 2**28), provider="cpu")
+    with pytest.raises(OnnxError, match="needs more memory than the 256 MiB"):
+        model.scores(np.zeros((2, 1, 8, 8), np.float32))
+    monkeypatch.setattr(runtime, "MEMORY_LIMIT", 4 << 30)
+    fits = OnnxModel(allocating_model(tmp_path / "mib.onnx", 2**20), provider="cpu")
+    assert fits.scores(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 10)
+
+
+def test_worker_crash_is_an_onnx_error(owner, monkeypatch):
+    def segfault(self, *args):  # what a hostile graph could make onnxruntime do
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    monkeypatch.setattr(runtime._Evaluator, "run", segfault)
+    model = OnnxModel(owner["onnx"], provider="cpu")
+    with pytest.raises(OnnxError, match="crashed.*SIGSEGV.*malformed or hostile"):
+        model.scores(np.zeros((2, 1, 8, 8), np.float32))
+
+
+def test_outputs_larger_than_the_reply_limit_are_refused(owner, monkeypatch):
+    monkeypatch.setattr(runtime, "MAX_REPLY_BYTES", 100)
+    model = OnnxModel(owner["onnx"], provider="cpu")
+    with pytest.raises(OnnxError, match="more data than deepsigns reads"):
+        model.scores(np.zeros((20, 1, 8, 8), np.float32))
+
+
+def test_parent_never_touches_cuda_and_answers_match(owner):
+    """The provider is resolved in the worker: our process never initialises CUDA."""
+    runtime._cuda_usable.cache_clear()
+    model = OnnxModel(owner["onnx"])  # provider auto
+    x = np.random.default_rng(1).random((37, 1, 8, 8), dtype=np.float32)
+    scores = model.scores(x, batch_size=8)
+    assert runtime._cuda_usable.cache_info().currsize == 0
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(owner["onnx"]), providers=["CPUExecutionProvider"])
+    (want,) = session.run(None, {"input": x})
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+    model.close()
+
+
+def test_without_fork_the_loop_is_still_bounded(owner, tmp_path, monkeypatch):
+    """Where os.fork is missing the model runs here; onnxruntime's terminate flag ends a Loop."""
+    monkeypatch.setattr(runtime, "_can_fork", lambda: False)
+    x = np.zeros((5, 1, 8, 8), np.float32)
+    assert OnnxModel(owner["onnx"], provider="cpu").scores(x).shape == (5, 10)
+    model = OnnxModel(loop_model(tmp_path / "loop.onnx"), provider="cpu", timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(OnnxError, match="did not answer within 1 s"):
+        model.scores(x)
+    assert time.monotonic() - start < 5
+
+
+# ============================================================================= 2. onnxruntime's errors
+
+
+@pytest.mark.parametrize("elem", [T.STRING, T.BOOL, T.UINT8, T.INT64], ids=["string", "bool", "uint8", "int64"])
+def test_non_real_inputs_are_refused(owner, suspects, elem):
+    path = mutated(owner, suspects / "typed.onnx", with_input_type(elem))
+    refused(owner, path, "real-valued samples", T.DataType.Name(elem).lower())
+
+
+@pytest.mark.parametrize("elem", [T.DOUBLE, T.FLOAT16], ids=["double", "float16"])
+def test_double_and_half_inputs_get_cast_keys(owner, suspects, elem):
+    path = mutated(owner, suspects / "typed.onnx", with_input_type(elem))
+    report = verdict(owner, path, code=0)
+    assert matches(report) == 20
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, as users run it
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fixed_batch_export_is_still_detected(owner, suspects, batch):
+    """torch.onnx.export without dynamic_axes fixes the batch: keys go in chunks, padded."""
+    import torch
+
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    model = load_checkpoint(owner["marked"])[0].eval()
+    path = suspects / f"fixed{batch}.onnx"
+    torch.onnx.export(model, (torch.zeros(batch, 1, 8, 8),), str(path), input_names=["image"],
+                      output_names=["scores"], dynamo=False)
+    proto = onnx.load(str(path))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
+    report = verdict(owner, path, code=0)
+    assert matches(report) == 20
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fixed_batch_export_is_read_by_extract(marked, suspects):
+    """The hidden-layer keys (64 trigger samples) through a batch-1 export."""
+    import torch
+
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    model = load_checkpoint(marked.marked)[0].eval()
+    path = suspects / "fixed1.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False)
+    report = run_json("extract", "--model", path, "--keys", marked.keys, code=0)
+    assert report["detected"] is True
+
+
+def test_fixed_batch_scores_equal_dynamic_ones(owner, suspects):
+    def fix(model):
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3
+
+    fixed = OnnxModel(mutated(owner, suspects / "fixed3.onnx", fix), provider="cpu")
+    dynamic = OnnxModel(owner["onnx"], provider="cpu")
+    x = np.random.default_rng(2).random((10, 1, 8, 8), dtype=np.float32)  # 3 + 3 + 3 + 1 padded
+    np.testing.assert_allclose(fixed.scores(x), dynamic.scores(x), rtol=1e-5, atol=1e-5)
+    got, want = fixed.intermediates(x), dynamic.intermediates(x)
+    assert got.keys() == want.keys() and "fc1" in got
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+def test_huge_fixed_batch_is_refused(owner, suspects):
+    def fix(model):
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**40
+
+    refused(owner, mutated(owner, suspects / "huge.onnx", fix), "batch dimension fixed at 1099511627776",
+            "dynamic")
+
+
+@pytest.mark.parametrize("opset, ir", [(1, 3), (6, 3)])
+def test_ancient_opsets_are_refused(owner, suspects, opset, ir):
+    weights = nh.from_array(np.zeros((64, 10), np.float32), "W")
+    w_input = h.make_tensor_value_info("W", T.FLOAT, [64, 10])  # IR 3: initializers are inputs too
+    model = graph_model([h.make_node("Flatten", ["x"], ["f"]), h.make_node("MatMul", ["f", "W"], ["y"])],
+                        [x_info(), w_input], [y_info()], [weights], opset=opset, ir=ir)
+    refused(owner, save(model, suspects / "old.onnx"), f"opset {opset}")
+
+
+@pytest.mark.parametrize("key, value", [("offset", "-5"), ("length", "-1"), ("offset", "abc"),
+                                        ("length", "1e3"), ("offset", "99999999999"),
+                                        ("location", "w.data\x00.evil"), ("location", "")])
+def test_bad_external_data_fields_are_refused(owner, suspects, key, value):
+    path = set_external(external(owner, suspects), key, value)
+    refused(owner, path, "external")
+
+
+def test_external_data_in_a_subgraph_cannot_escape(owner, suspects, tmp_path):
+    secret = tmp_path / "secret.data"
+    secret.write_bytes(np.zeros(10, np.float32).tobytes())
+    inner = nh.from_array(np.zeros(10, np.float32), "w")
+    inner.ClearField("raw_data")
+    inner.data_location = T.EXTERNAL
+    for k, v in {"location": "../secret.data", "offset": "0", "length": "40"}.items():
+        inner.external_data.add(key=k, value=v)
+    then = h.make_graph([h.make_node("Add", ["z", "w"], ["t"])], "then", [], [y_info("t")], [inner])
+    other = h.make_graph([h.make_node("Identity", ["z"], ["e"])], "else", [], [y_info("e")])
+    branch = h.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)
+    path = classifier(suspects / "sub.onnx", tail=[branch], tail_inits=[nh.from_array(np.array(True), "c")],
+                      out=y_info(), check=False)
+    refused(owner, path, "outside the model's folder")
+
+
+def test_external_data_inside_folder_still_verifies(owner, suspects):
+    assert matches(verdict(owner, external(owner, suspects), code=0)) == 20
+
+
+@pytest.mark.parametrize("kind", ["string", "bool", "scalar", "other-batch", "no-classes", "sequence"])
+def test_unusable_first_output_is_refused(owner, suspects, kind):
+    change = {
+        "string": with_output([h.make_node("Cast", ["logits"], ["s"], to=T.STRING)], "s", T.STRING),
+        "bool": with_output([h.make_node("Greater", ["logits", "zero"], ["b"])], "b", T.BOOL,
+                            inits=[nh.from_array(np.array(0.0, np.float32), "zero")]),
+        "scalar": with_output([h.make_node("ReduceSum", ["logits"], ["r"], keepdims=0)], "r", shape=()),
+        "other-batch": with_output([h.make_node("Slice", ["logits", "s0", "e1"], ["o"])], "o", shape=(1, 10),
+                                   inits=[nh.from_array(np.array([0]), "s0"), nh.from_array(np.array([1]), "e1")]),
+        "no-classes": with_output([h.make_node("Slice", ["logits", "s0", "s0", "a1"], ["o"])], "o", shape=("batch", 0),
+                                  inits=[nh.from_array(np.array([0]), "s0"), nh.from_array(np.array([1]), "a1")]),
+        "sequence": None,
+    }[kind]
+    if kind == "sequence":
+        def change(model):
+            model.graph.node.append(h.make_node("SequenceConstruct", ["logits"], ["q"]))
+            del model.graph.output[:]
+            model.graph.output.append(h.make_tensor_sequence_value_info("q", T.FLOAT, ["batch", 10]))
+    refused(owner, mutated(owner, suspects / f"{kind}.onnx", change), "first output")
+
+
+def test_run_time_failure_is_an_onnx_error(owner, suspects):
+    change = with_output([h.make_node("Reshape", ["logits", "shape"], ["r"])], "r", shape=(7, 13),
+                         inits=[nh.from_array(np.array([7, 13], np.int64), "shape")])
+    refused(owner, mutated(owner, suspects / "reshape.onnx", change), "onnxruntime failed evaluating")
+
+
+def test_file_onnxruntime_cannot_load_is_an_onnx_error(owner, suspects):
+    """onnx.checker accepts an op of an unknown domain; onnxruntime has no kernel for it."""
+    model = h.make_model(h.make_graph([h.make_node("Foo", ["x"], ["y"], domain="com.evil")], "g",
+                                      [x_info()], [y_info()]),
+                         opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.evil", 1)], ir_version=8)
+    refused(owner, save(model, suspects / "foo.onnx"), "onnxruntime cannot load", "com.evil:Foo")
+
+
+def test_deeply_nested_protobuf_is_refused(owner, suspects):
+    path = suspects / "deep.onnx"
+    path.write_bytes(deep_bytes(3000))
+    refused(owner, path, "is not an ONNX model")
+
+
+def test_recursion_error_while_parsing_is_refused(owner, monkeypatch):
+    """The pure-Python protobuf parser recurses: a deep file raises RecursionError there."""
+
+    class Deep:  # stands in for onnx.ModelProto (whose classes cannot be subclassed)
+        def ParseFromString(self, data):  # noqa: N802
+            raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(onnx, "ModelProto", Deep)
+    with pytest.raises(OnnxError, match=r"is not an ONNX model \(RecursionError\)"):
+        OnnxModel(owner["onnx"], provider="cpu")
+
+
+def test_checker_error_of_another_type_is_refused(owner, suspects):
+    """An op type that is not UTF-8: onnx.checker fails with UnicodeDecodeError."""
+    path = suspects / "utf.onnx"
+    path.write_bytes(Path(owner["onnx"]).read_bytes().replace(b"Relu", b"R\xfflu"))
+    refused(owner, path, "fails the ONNX checker")
+
+
+@pytest.mark.parametrize("exc", [IndexError("out of range"), RuntimeError("std::exception"),
+                                 TypeError("bad"), RecursionError("deep"), MemoryError()])
+def test_any_checker_failure_is_an_onnx_error(owner, monkeypatch, exc):
+    def check(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(onnx.checker, "check_model", check)
+    with pytest.raises(OnnxError, match="fails the ONNX checker"):
+        OnnxModel(owner["onnx"], provider="cpu")
+
+
+def test_names_that_are_not_utf8_are_refused(owner, suspects):
+    path = suspects / "names.onnx"
+    path.write_bytes(Path(owner["onnx"]).read_bytes().replace(b"input", b"\xffnput"))
+    refused(owner, path, "not UTF-8")
+
+
+def test_control_characters_in_names_stay_on_one_line(owner, suspects):
+    def rename(model):
+        for node in model.graph.node:
+            node.input[:] = ["in\nput\x1b[31m" if n == "input" else n for n in node.input]
+        model.graph.input[0].name = "in\nput\x1b[31m"
+        model.graph.input[0].type.tensor_type.elem_type = T.STRING
+
+    refused(owner, mutated(owner, suspects / "ctl.onnx", rename), "real-valued")
+
+
+# ============================================================================= 3. NaN is data
+
+
+@pytest.mark.parametrize("where", ["all", "one class"])
+def test_nan_scores_give_a_verdict(owner, suspects, where):
+    bad = np.full(10, np.nan, np.float32) if where == "all" else np.r_[np.float32(np.nan), np.ones(9, np.float32)]
+    change = with_output([h.make_node("Mul", ["logits", "bad"], ["n"])], "n",
+                         inits=[nh.from_array(bad.astype(np.float32), "bad")])
+    report = verdict(owner, mutated(owner, suspects / "nan.onnx", change), code=1)
+    assert matches(report) < 20
+
+
+def test_the_marked_export_is_still_detected(owner):
+    assert matches(verdict(owner, owner["onnx"], code=0)) == 20
