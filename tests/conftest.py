@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MESSAGE, SEEDS, run_json
+from helpers import MESSAGE, PASSPHRASE, SEEDS, run_json
 
 # The models are tiny: one thread is faster than two threads fighting over a small CI box,
 # and it keeps the suite's run time steady when other jobs share the machine.
@@ -90,3 +90,23 @@ def cnn(tmp_path_factory) -> tuple[Path, Path]:
              "--device", "cpu", "--out", ckpt)
     run_json("export", ckpt, "--out", onnx)
     return ckpt, onnx
+
+
+@pytest.fixture(scope="session")
+def blackbox(tmp_path_factory) -> dict:
+    """One owner's black-box files, shared read-only: output-scheme keys (K = 20) embedded into
+    a 128-128 MLP. Keys: dir, base/marked (torch models), bundle (opened), and the files
+    base.safetensors, marked.safetensors, base.onnx, marked.onnx, owner.dskey in dir."""
+    from deepsigns_cli import api
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    folder = tmp_path_factory.mktemp("blackbox-owner")
+    base, keys, marked = folder / "base.safetensors", folder / "owner.dskey", folder / "marked.safetensors"
+    api.train("mlp", base, arch_kwargs={"hidden": [128, 128]}, epochs=15, seed=0, device="cpu")
+    api.keygen(base, keys, PASSPHRASE, schemes=["output"], options={"key_size": 20}, seed=0)
+    api.embed(base, keys, PASSPHRASE, marked, onnx=folder / "marked.onnx", seed=0, device="cpu")
+    api.export(base, folder / "base.onnx")
+    return {"dir": folder, "keys": keys, "marked_path": marked, "onnx": folder / "marked.onnx",
+            "bundle": open_bundle(keys, PASSPHRASE), "base": load_checkpoint(base)[0],
+            "marked": load_checkpoint(marked)[0]}

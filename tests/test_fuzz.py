@@ -27,6 +27,7 @@ def fuzz_artefacts(tmp_path_factory):
     return fuzzing.build_artefacts(tmp_path_factory.mktemp("fuzz-artefacts"))
 
 
+@pytest.mark.slow  # about 20 s: in `make test`, not in `make test-fast`
 def test_fuzz_every_command(fuzz_artefacts, tmp_path):
     start = time.monotonic()
     results = fuzzing.run_campaign(SEED, range(CASES), fuzz_artefacts, tmp_path / "cases", budget=BUDGET,

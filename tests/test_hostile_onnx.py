@@ -34,15 +34,9 @@ CLI_TIMEOUT = 3  # seconds: what the hanging cases are given
 
 
 @pytest.fixture(scope="module")
-def owner(tmp_path_factory):
-    """Black-box keys (scheme output) embedded into the shipped sample MLP, and its export."""
-    folder = tmp_path_factory.mktemp("hostile-owner")
-    keys, marked, exported = folder / "bb.dskey", folder / "marked.safetensors", folder / "marked.onnx"
-    run_json("keygen", "--model", SAMPLE, "--data", "digits", "--scheme", "output", "--key-size", 20,
-             "--seed", 0, "--out", keys)
-    run_json("embed", "--model", SAMPLE, "--data", "digits", "--keys", keys, "--out", marked,
-             "--onnx", exported, "--seed", 0, "--device", "cpu")
-    return {"keys": keys, "marked": marked, "onnx": exported}
+def owner(blackbox):
+    """Black-box keys (scheme output, K = 20) embedded into an MLP, and its export (shared)."""
+    return {"keys": blackbox["keys"], "marked": blackbox["marked_path"], "onnx": blackbox["onnx"]}
 
 
 @pytest.fixture

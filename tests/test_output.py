@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import PASSPHRASE
 
 from deepsigns_cli import api, stats
-from deepsigns_cli.checkpoint import export_onnx, load_checkpoint, save_checkpoint
+from deepsigns_cli.checkpoint import export_onnx, load_checkpoint
 from deepsigns_cli.cli.main import cli
 from deepsigns_cli.data import load_data
 from deepsigns_cli.runtime import OnnxModel
 
-PASS = "output-tests-passphrase"
+PASS = PASSPHRASE
 SMALL = {"hidden": [128, 128]}  # a narrower MLP: the same code path, faster to embed
 
 
@@ -43,18 +44,9 @@ def _mark(digits, seed, key_size=10, schemes=("output",), **baseline):
 
 
 @pytest.fixture(scope="module")
-def owner(digits, tmp_path_factory):
-    """One owner's files on disk: base and marked checkpoints and ONNX, and the bundle."""
-    from deepsigns_cli.bundle import write_bundle
-
-    folder = tmp_path_factory.mktemp("owner")
-    base, info, marked, minfo, bundle, report = _mark(digits, seed=0, key_size=20)
-    save_checkpoint(base, info, folder / "base.safetensors")
-    save_checkpoint(marked, minfo, folder / "marked.safetensors")
-    export_onnx(base, info, folder / "base.onnx")
-    export_onnx(marked, minfo, folder / "marked.onnx")
-    write_bundle(bundle, folder / "owner.dskey", PASS)
-    return {"dir": folder, "bundle": bundle, "report": report, "marked": marked, "base": base}
+def owner(blackbox):
+    """The session's black-box owner (conftest.blackbox): files in owner["dir"]."""
+    return blackbox
 
 
 def read(model, bundle):
