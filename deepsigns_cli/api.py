@@ -302,7 +302,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
     from .data import load_data
     from .fileio import Outputs
     from .results import AttackReport
-    from .training import evaluate, resolve_device, seed_everything
+    from .training import check_device, evaluate, seed_everything
 
     entry = attack_entry(name)
     given = {k: v for k, v in (options or {}).items() if v is not None}
@@ -317,14 +317,13 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         dataset = load_data(data)
         net, info = _load_model(model, arch, arch_kwargs, data=dataset)
         dataset.check_fits(info.input_shape, info.num_classes)
-        resolve_device(device)
+        check_device(device)  # --device cuda without a GPU fails before any work
         before = evaluate(net, dataset.x_test, dataset.y_test)
         seed_everything(seed)
         started = time.perf_counter()
         net, params = load_attack(name).run(net, info, dataset, given, rng=np.random.default_rng(seed),
                                             device=device, progress=progress)
         seconds = time.perf_counter() - started
-        net.cpu()
         after = evaluate(net, dataset.x_test, dataset.y_test)
         save_checkpoint(net, info, tmp)
     return AttackReport(name, before, after, params, seconds, str(out))
@@ -394,7 +393,6 @@ def train_model(arch: str, data: Dataset, *, arch_kwargs: dict | None = None, ep
     model = build_model(arch, arch_kwargs or {}, data.input_shape, data.num_classes)
     cfg = TrainConfig(epochs, batch_size, lr, seed, device, "train")
     history = fit(model, data.x_train, data.y_train, cfg, progress=progress)
-    model.cpu()
     acc = evaluate(model, data.x_test, data.y_test)
     info = ModelInfo(
         arch, dict(arch_kwargs or {}), data.input_shape, data.num_classes, lr,
@@ -437,11 +435,11 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
     import numpy as np
 
     from .checkpoint import fingerprint
-    from .training import TrainConfig, evaluate, resolve_device
+    from .training import TrainConfig, check_device, evaluate
 
     data.check_fits(info.input_shape, info.num_classes)
     _check_bundle_fits(bundle, info)
-    dev = resolve_device(device)
+    check_device(device)
     acc_before = evaluate(model, data.x_test, data.y_test)
     schemes: dict[str, dict] = {}
     embedded = []  # objectives of the watermarks already in the model
@@ -449,11 +447,9 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
         scheme, entry = load_scheme(name), scheme_entry(name)
         # --epochs, else the scheme's own default (a cap where it stops by itself)
         cfg = TrainConfig(epochs=epochs or entry.default_epochs, lr=lr or info.lr, seed=seed,
-                          device=str(dev), description=f"embed {name}")
-        model.to(dev)
+                          device=device, description=f"embed {name}")
         keys, history = scheme.embed(model, info, data, scheme.check(bundle.schemes[name]), cfg,
                                      progress, tuple(embedded))
-        model.cpu()
         bundle.put(keys)
         embedded.append(scheme.objective(model, info, data, keys))
         schemes[name] = {"epochs": history["epochs"],

@@ -27,6 +27,7 @@ __all__ = [
     "evaluate",
     "predict",
     "resolve_device",
+    "check_device",
     "seed_everything",
     "unwrap",
     "Progress",
@@ -46,6 +47,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda"):
         raise InputError(f"unknown device '{device}': use auto, cpu or cuda")
     return torch.device(device)
+
+
+def check_device(device: str = "auto") -> None:
+    """Fail early (before any work) when the device asked for is not here."""
+    resolve_device(device)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -152,7 +158,8 @@ def fit(
     objectives: Sequence[Objective] = (),
     progress: Progress | None = None,
 ) -> dict:
-    """Train in place; returns seconds per epoch and the epochs run."""
+    """Train in place on cfg.device, and give the model back on the device it came on (the
+    objectives' state too); returns seconds per epoch and the epochs run."""
     # 1. device, processes, the model and every objective's tensors on the device
     device = resolve_device(cfg.device)
     procs = Processes.current()
@@ -161,6 +168,7 @@ def fit(
     if loss_fn is None:
         raise InputError(f"unknown loss '{cfg.loss}': use one of {', '.join(LOSSES)}")
     net = unwrap(model)
+    home = next(iter(net.parameters()), torch.empty(0)).device
     net.to(device).train()
     states = [o.state for o in objectives if o.state is not None]
     for state in states:
@@ -228,6 +236,9 @@ def fit(
     finally:
         for obj in objectives:
             obj.teardown()
+        net.to(home)
+        for state in states:
+            state.to(home)
         model.eval()
     return {"epoch_seconds": epoch_seconds, "epochs": len(epoch_seconds), "lr": cfg.lr}
 

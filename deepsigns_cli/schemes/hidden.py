@@ -201,7 +201,6 @@ class HiddenObjective(Objective):
         if self._ctx is not None:
             self._ctx.__exit__(None, None, None)
             self._ctx = None
-        self.state.cpu()
 
     def extra_batch(self, rng):
         per = int(self.params["trigger_batch"])
