@@ -44,12 +44,20 @@ class RareRegions:
     def __init__(self, train_acts: np.ndarray, opts: dict, rng: np.random.Generator):
         if len(train_acts) > opts["reference_points"]:
             train_acts = train_acts[rng.choice(len(train_acts), opts["reference_points"], replace=False)]
+        unusable = SchemeError("the model's activations on the training data are not finite or "
+                               "too large to analyse (NaN, infinite or huge weights, or inputs too "
+                               "large for it): use a trained model and data in its usual range")
         if not np.isfinite(train_acts).all():
-            raise SchemeError("the model's activations on the training data are not finite (NaN or "
-                              "infinite weights, or inputs too large for it): use a trained model "
-                              "and data in its usual range")
+            raise unusable
+        train_acts = train_acts.astype(np.float64)  # float32 squares of large activations overflow
         self.mean = train_acts.mean(0)
-        _, s, vt = np.linalg.svd(train_acts - self.mean, full_matrices=False)
+        try:
+            with np.errstate(all="ignore"):
+                _, s, vt = np.linalg.svd(train_acts - self.mean, full_matrices=False)
+        except np.linalg.LinAlgError:
+            raise unusable from None
+        if not (np.isfinite(s).all() and np.isfinite(vt).all()):
+            raise unusable
         explained = np.cumsum(s**2) / max(float((s**2).sum()), 1e-12)
         self.dims = int(min(len(s), np.searchsorted(explained, opts["pca_variance"]) + 1))
         self.components = vt[: self.dims].T  # (M, d)
