@@ -43,8 +43,10 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # A long fuzz campaign: mutated inputs through every command (tests/fuzzing.py has the oracle).
+# A fresh seed each run (printed); FUZZ_SEED=N repeats one campaign, FUZZ_CASES=N sizes it.
+FUZZ_CASES ?= 5000
 fuzz: setup
-	$(BIN)/python scripts/fuzz.py --cases 5000
+	$(BIN)/python scripts/fuzz.py --cases $(FUZZ_CASES) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
 bench: setup
 	$(BIN)/python scripts/figures.py efficiency

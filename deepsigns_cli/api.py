@@ -139,7 +139,8 @@ def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict
     from .data import load_data
     from .fileio import Outputs
 
-    _check_int("epochs", epochs), _check_int("batch_size", batch_size), _check_int("seed", seed)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("seed", seed)):
+        _check_int(name, value)
     _check_positive("lr", lr)
     with Outputs(force=force, inputs={"--data": data}) as outs:
         tmp = outs.add(out, "--out")
@@ -195,7 +196,9 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
     from .fileio import Outputs
     from .results import EmbedReport
 
-    _check_int("epochs", epochs), _check_int("seed", seed), _check_positive("lr", lr)
+    _check_int("epochs", epochs)
+    _check_int("seed", seed)
+    _check_positive("lr", lr)
     inputs = {"--model": model, "--keys": keys, "--data": data, **(also_inputs or {})}
     with Outputs(force=force, inputs=inputs) as outs:
         read_header(keys)  # a missing or foreign bundle fails before the passphrase is asked
@@ -364,7 +367,8 @@ def _scheme_list(schemes) -> list[str]:
 def _split_options(names: list[str], options: dict) -> dict[str, dict]:
     """Flat option values -> the options of each scheme (its registry row says which)."""
     given = {k: v for k, v in options.items() if v is not None}
-    per = {n: {o.key: given[o.key] for o in scheme_entry(n).options if o.key in given} for n in names}
+    per = {n: {o.key: o.check(given[o.key]) for o in scheme_entry(n).options if o.key in given}
+           for n in names}
     for key in given:
         if not any(key in opts for opts in per.values()):
             takers = [n for n, e in SCHEMES.items() if any(o.key == key for o in e.options)]

@@ -14,9 +14,8 @@ from .common import (
     force_option,
     parse_arch_kwargs,
     progress_bar,
+    registry_option,
 )
-
-_TYPES = {"int": int, "float": float, "str": str}
 
 
 def _attack_command(name: str) -> click.Command:
@@ -33,8 +32,7 @@ def _attack_command(name: str) -> click.Command:
     # applied bottom-up: the options appear in the help as listed from the last line up
     run = force_option(device_option(common_options(run)))
     for option in reversed(entry.options):
-        run = click.option(option.flag, option.key, type=_TYPES[option.kind], default=None,
-                           help=option.help)(run)
+        run = registry_option(option)(run)
     run = click.option("--out", required=True, help="The attacked model to write (.safetensors).")(run)
     run = arch_options(data_option(run))
     run = click.option("--model", "model_path", required=True,

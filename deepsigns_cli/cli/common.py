@@ -108,6 +108,16 @@ def common_options(fn):
     return handle_errors(fn)
 
 
+def registry_option(option, help_prefix: str = ""):
+    """The click option of a registry row's Option (a scheme's or an attack's); the api checks
+    every value again (NaN included), click gives the ranges in --help."""
+    kind = {"int": int, "float": float, "str": str}[option.kind]
+    if option.kind == "int" and option.low is not None and option.high is not None:
+        kind = click.IntRange(int(option.low), int(option.high))
+    return click.option(option.flag, option.key, type=kind, default=None,
+                        help=f"{help_prefix}{option.help}")
+
+
 def int_range(name: str):
     return click.IntRange(*LIMITS[name])
 

@@ -10,20 +10,15 @@ from .common import (
     force_option,
     parse_arch_kwargs,
     passphrase_from,
+    registry_option,
     warn,
 )
-
-_TYPES = {"int": int, "float": float, "str": str}
 
 
 def scheme_options(fn):
     """One click option per keygen option of the registry (--bits serves several schemes)."""
     for option, takers in reversed(api.keygen_options()):
-        kind = _TYPES[option.kind]
-        if option.kind == "int" and (option.low is not None or option.high is not None):
-            kind = click.IntRange(option.low, option.high)
-        fn = click.option(option.flag, option.key, type=kind, default=None,
-                          help=f"{'/'.join(takers)}: {option.help}")(fn)
+        fn = registry_option(option, f"{'/'.join(takers)}: ")(fn)
     return fn
 
 
