@@ -104,7 +104,8 @@ class HiddenScheme(Scheme):
                      {"A": 2, "bits": 2, "classes": 1, "trigger_y": 1})
         p, a = keys.params, keys.arrays
         tx = a.get("trigger_x")
-        fits = (a["A"].shape == (p["width"], p["n_bits"]) and a["A"].dtype.kind == "f"
+        fits = (p["width"] >= 1 and p["n_bits"] >= 1 and p["trigger_batch"] >= 1
+                and a["A"].shape == (p["width"], p["n_bits"]) and a["A"].dtype.kind == "f"
                 and a["bits"].shape[1] == p["n_bits"]
                 and len(a["bits"]) == len(a["classes"]) and isinstance(tx, np.ndarray)
                 and tx.dtype.kind == "f" and len(tx) == len(a["trigger_y"]) and np.isfinite(tx).all()

@@ -151,6 +151,7 @@ class OutputScheme(Scheme):
         xs, ys = keys.arrays.get(x), keys.arrays[y]
         if not (isinstance(xs, np.ndarray) and xs.dtype.kind == "f" and len(xs) == len(ys)
                 and np.isfinite(xs).all() and keys.params["num_classes"] >= 2
+                and keys.params["key_batch"] >= 1 and 1 <= keys.params["key_size"] <= MAX_KEY_SIZE
                 and ys.min() >= 0 and ys.max() < keys.params["num_classes"]):
             self.damaged("keys that do not fit their labels")
         return keys
