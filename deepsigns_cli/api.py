@@ -61,6 +61,8 @@ __all__ = [
     "attack",
     "inspect",
     "check_keys",
+    "check_commitment",
+    "claim_record",
     "report_json",
     "SCHEMES",
     "ATTACKS",
@@ -177,7 +179,8 @@ def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: 
         commitment = write_bundle(bundle, tmp, secret)
     from .results import KeygenReport
 
-    return KeygenReport(str(out), names, bundle.key_id, commitment, _keygen_warnings(bundle))
+    claim = claim_record(commitment, names, bundle.info["base_fingerprint"], {"model": model})
+    return KeygenReport(str(out), names, bundle.key_id, commitment, claim, _keygen_warnings(bundle))
 
 
 def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str | Path, *,
@@ -216,9 +219,11 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         if onnx_tmp is not None:
             diff = export_onnx(net, info, onnx_tmp, check_inputs=dataset.x_test[:64])["max_abs_diff"]
         commitment = write_bundle(bundle, keys_tmp, secret)
+    files = {"model": out, **({"onnx": onnx} if onnx else {})}
+    claim = claim_record(commitment, list(embed_order(bundle.schemes)), report["fingerprint"], files)
     return EmbedReport(report["accuracy_before"], report["accuracy_after"], report["schemes"],
                        report["fingerprint"], str(out), str(keys), commitment,
-                       str(onnx) if onnx else None, diff)
+                       str(onnx) if onnx else None, diff, claim)
 
 
 def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, arch: str | None = None,
@@ -247,29 +252,52 @@ def check_keys(keys: str | Path) -> dict:
     return read_header(keys)
 
 
+def check_commitment(keys: str | Path, published: str | None = None) -> str:
+    """The bundle's commitment (SHA-256 of the sealed file); with `published`, the bundle must
+    be the one whose commitment was published, or InputError. Asks for no passphrase."""
+    import re
+
+    from .bundle import commitment
+
+    check_keys(keys)
+    actual = commitment(keys)
+    if published is not None:
+        want = published.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", want):
+            raise InputError("--commitment must be the 64 hex digits of a SHA-256 (as keygen and "
+                             "embed print them)")
+        if want != actual:
+            raise InputError(f"the bundle's commitment is {actual[:16]}..., not the published "
+                             f"{want[:16]}...: use the bundle whose commitment was published")
+    return actual
+
+
 def extract(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
             alpha: float = DEFAULT_ALPHA, arch: str | None = None, arch_kwargs: dict | None = None,
-            provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT) -> Decision:
+            provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT,
+            commitment: str | None = None) -> Decision:
     """`deepsigns extract`: white-box, every scheme of the bundle read from a checkpoint or
-    an ONNX file."""
+    an ONNX file. `commitment`: the published one; any other bundle is refused."""
     from .bundle import open_bundle
     from .suspect import open_suspect
 
     alpha = _check_alpha(alpha)
     _check_positive("timeout", timeout)
-    check_keys(keys)
+    published = check_commitment(keys, commitment)
     bundle = open_bundle(keys, _passphrase(passphrase))
     if arch_kwargs is None and arch == bundle.info.get("arch"):
         arch_kwargs = bundle.info.get("arch_kwargs")
     suspect = open_suspect(model, shapes=bundle.shapes,
                            arch=arch, arch_kwargs=arch_kwargs, provider=provider, timeout=timeout)
-    return read_keys(suspect, bundle, embed_order(bundle.schemes), alpha=alpha, command="extract")
+    return read_keys(suspect, bundle, embed_order(bundle.schemes), alpha=alpha, command="extract",
+                     commitment=published)
 
 
 def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
            alpha: float = DEFAULT_ALPHA, provider: str = "auto",
-           timeout: float | None = DEFAULT_TIMEOUT) -> Decision:
-    """`deepsigns verify`: black-box, only the suspect ONNX model's outputs to the keys."""
+           timeout: float | None = DEFAULT_TIMEOUT, commitment: str | None = None) -> Decision:
+    """`deepsigns verify`: black-box, only the suspect ONNX model's outputs to the keys.
+    `commitment`: the published one; any other bundle is refused."""
     from .bundle import open_bundle
     from .errors import shown
     from .runtime import OnnxModel
@@ -280,7 +308,7 @@ def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
     if not str(model).lower().endswith(".onnx"):
         raise InputError(f"{shown(model)}: verify reads ONNX models; export a checkpoint first "
                          "with 'deepsigns export', or use 'deepsigns extract'")
-    check_keys(keys)
+    published = check_commitment(keys, commitment)
     bundle = open_bundle(keys, _passphrase(passphrase))
     names = [n for n in embed_order(bundle.schemes) if scheme_entry(n).blackbox]
     if not names:
@@ -289,7 +317,7 @@ def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
             f"{', '.join(bundle.schemes)}): use 'deepsigns extract' to read them"
         )
     suspect = OnnxSuspect(OnnxModel(model, provider=provider, timeout=timeout), blackbox_only=True)
-    return read_keys(suspect, bundle, names, alpha=alpha, command="verify")
+    return read_keys(suspect, bundle, names, alpha=alpha, command="verify", commitment=published)
 
 
 def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits",
@@ -339,6 +367,23 @@ def inspect(path: str | Path) -> InspectReport:
 
     facts = describe(path)
     return InspectReport(facts.pop("kind"), facts.pop("path"), facts)
+
+
+def claim_record(commitment: str, schemes: list[str], weights: str, files: dict) -> dict:
+    """What an owner publishes with a model, to date the claim: the bundle's commitment, the
+    model's fingerprints, the date, the schemes. Nothing secret (no key id, no key)."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    digests = {}
+    for role, path in files.items():
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digests[role] = {"file": Path(path).name, "sha256": h.hexdigest()}
+    return {"commitment": commitment, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "schemes": list(schemes), "weights_fingerprint": weights, "files": digests}
 
 
 def report_json(report) -> dict:
@@ -485,11 +530,12 @@ def _check_bundle_fits(bundle: Bundle, info: ModelInfo) -> None:
 
 
 def read_keys(suspect: Suspect, bundle: Bundle, names: list[str], *, alpha: float = DEFAULT_ALPHA,
-              command: str = "extract") -> Decision:
+              command: str = "extract", commitment: str = "") -> Decision:
     """Read the named schemes of the bundle from a suspect and decide (extract and verify)."""
     from .results import decide
 
     schemes = {n: load_scheme(n) for n in names}
     keys = {n: schemes[n].check(bundle.schemes[n]) for n in names}  # all checked before any query
     results = [schemes[n].read(suspect, keys[n]) for n in names]
-    return decide(results, alpha, command=command, model=suspect.name, key_id=bundle.key_id)
+    return decide(results, alpha, command=command, model=suspect.name, key_id=bundle.key_id,
+                  commitment=commitment)

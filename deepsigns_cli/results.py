@@ -124,16 +124,18 @@ class Decision:
     results: list[SchemeResult]
     detected: bool = False
     p_value: float = 1.0
+    commitment: str = ""  # SHA-256 of the bundle used: a claim counts with a published one
 
 
 def decide(results: list[SchemeResult], alpha: float, *, command: str, model: str,
-           key_id: str) -> Decision:
+           key_id: str, commitment: str = "") -> Decision:
     """Apply alpha to every result, and decide over all of them (Bonferroni over schemes)."""
     alpha = stats.check_alpha(alpha)
     for r in results:
         r.apply(alpha)
     p = stats.bonferroni(min((r.p_value for r in results), default=1.0), len(results))
-    return Decision(command, model, key_id, alpha, results, detected=p <= alpha, p_value=p)
+    return Decision(command, model, key_id, alpha, results, detected=p <= alpha, p_value=p,
+                    commitment=commitment)
 
 
 @dataclass
@@ -153,6 +155,7 @@ class KeygenReport:
     schemes: list[str]
     key_id: str
     commitment: str
+    claim: dict = field(default_factory=dict)  # the record to publish (nothing secret)
     warnings: list[str] = field(default_factory=list)
     command: str = "keygen"
 
@@ -168,6 +171,7 @@ class EmbedReport:
     commitment: str
     onnx: str | None = None
     onnx_max_abs_diff: float | None = None
+    claim: dict = field(default_factory=dict)  # the record to publish with the model
     command: str = "embed"
 
 
@@ -219,6 +223,7 @@ def to_json_dict(report) -> dict:
         return _plain({"kind": report.kind, "path": report.path, **report.facts})
     if isinstance(report, Decision):
         body = {"command": report.command, "model": report.model, "key_id": report.key_id,
+                "commitment": report.commitment,
                 "detected": report.detected, "p_value": report.p_value, "alpha": report.alpha,
                 "results": [_result_dict(r) for r in report.results]}
         return _plain(body)

@@ -167,6 +167,12 @@ def keys_option(fn):
     return click.option("--keys", "keys_path", required=True, help="The sealed key bundle (.dskey).")(fn)
 
 
+def commitment_option(fn):
+    return click.option("--commitment", default=None,
+                        help="The bundle's published commitment (SHA-256): any other bundle is "
+                             "refused.")(fn)
+
+
 def alpha_option(fn):
     from ..api import DEFAULT_ALPHA
 

@@ -5,6 +5,7 @@ from . import render
 from .common import (
     alpha_option,
     arch_options,
+    commitment_option,
     common_options,
     emit_decision,
     keys_option,
@@ -19,11 +20,12 @@ from .common import (
 @click.option("--model", "model_path", required=True, help="Suspect: .safetensors, .pt (with --arch) or .onnx.")
 @arch_options
 @keys_option
+@commitment_option
 @alpha_option
 @provider_option
 @timeout_option
 @common_options
-def command(model_path, arch, arch_kwargs, keys_path, passphrase_file, alpha, provider, timeout,
+def command(model_path, arch, arch_kwargs, keys_path, passphrase_file, commitment, alpha, provider, timeout,
             seed, json_):
     """White-box: read the watermark from a checkpoint or ONNX file.
 
@@ -34,5 +36,5 @@ def command(model_path, arch, arch_kwargs, keys_path, passphrase_file, alpha, pr
     """
     report = api.extract(model_path, keys_path, passphrase_from(passphrase_file), alpha=alpha,
                          arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), provider=provider,
-                         timeout=timeout)
+                         timeout=timeout, commitment=commitment)
     emit_decision(report, json_, render.decision)

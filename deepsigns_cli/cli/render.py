@@ -25,7 +25,8 @@ def decision_table(report):
 
     verdict = "[bold green]DETECTED[/]" if report.detected else "[bold red]NOT DETECTED[/]"
     table = Table(title=f"{verdict}  p = {fmt_p(report.p_value)}  (alpha = {report.alpha:g})",
-                  title_justify="left")
+                  title_justify="left", caption=f"bundle commitment {report.commitment}",
+                  caption_justify="left")
     for col in ("scheme", "where", "evidence", "p-value", "decision"):
         table.add_column(col)
     for r in report.results:
@@ -54,10 +55,19 @@ def train(c, r) -> None:
         ("seconds / epoch", f"{r.seconds_per_epoch:.3f}"), ("written", r.out)]))
 
 
+def claim(c, record: dict) -> None:
+    """The claim record, as one JSON line to copy and publish with the model."""
+    import json
+
+    c.print("claim record (publish it with the model; nothing in it is secret):", highlight=False)
+    c.print(json.dumps(record, sort_keys=True), soft_wrap=True, highlight=False, markup=False)
+
+
 def keygen(c, r) -> None:
     c.print(kv_table("key bundle sealed", [
         ("schemes", ", ".join(r.schemes)), ("key id", r.key_id), ("written", r.out),
         ("commitment (SHA-256)", r.commitment)]))
+    claim(c, r.claim)
 
 
 def embed(c, r) -> None:
@@ -67,6 +77,7 @@ def embed(c, r) -> None:
     rows += [("written", r.out)] + ([("ONNX", r.onnx)] if r.onnx else [])
     rows += [("keys updated", r.keys), ("new commitment", r.commitment)]
     c.print(kv_table("watermark embedded", rows))
+    claim(c, r.claim)
 
 
 def export(c, r) -> None:

@@ -4,6 +4,7 @@ from .. import api
 from . import render
 from .common import (
     alpha_option,
+    commitment_option,
     common_options,
     emit_decision,
     keys_option,
@@ -16,11 +17,12 @@ from .common import (
 @click.command("verify")
 @click.option("--model", "model_path", required=True, help="Suspect ONNX model (only its outputs are used).")
 @keys_option
+@commitment_option
 @alpha_option
 @provider_option
 @timeout_option
 @common_options
-def command(model_path, keys_path, passphrase_file, alpha, provider, timeout, seed, json_):
+def command(model_path, keys_path, passphrase_file, commitment, alpha, provider, timeout, seed, json_):
     """Black-box: decide ownership from an ONNX model's answers alone.
 
     Exit code 0 when detected (p-value <= alpha), 1 when not, 2 on bad input.
@@ -29,5 +31,5 @@ def command(model_path, keys_path, passphrase_file, alpha, provider, timeout, se
     deepsigns verify --model suspect.onnx --keys owner.dskey
     """
     report = api.verify(model_path, keys_path, passphrase_from(passphrase_file), alpha=alpha,
-                        provider=provider, timeout=timeout)
+                        provider=provider, timeout=timeout, commitment=commitment)
     emit_decision(report, json_, lambda c, r: c.print(render.decision_table(r)))
