@@ -275,9 +275,10 @@ def check_commitment(keys: str | Path, published: str | None = None) -> str:
 def extract(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
             alpha: float = DEFAULT_ALPHA, arch: str | None = None, arch_kwargs: dict | None = None,
             provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT,
-            commitment: str | None = None) -> Decision:
+            commitment: str | None = None, output: str | None = None) -> Decision:
     """`deepsigns extract`: white-box, every scheme of the bundle read from a checkpoint or
-    an ONNX file. `commitment`: the published one; any other bundle is refused."""
+    an ONNX file. `commitment`: the published one; any other bundle is refused. `output`:
+    the ONNX output to read (None: scores or probabilities if it has them, else labels)."""
     from .bundle import open_bundle
     from .suspect import open_suspect
 
@@ -288,16 +289,20 @@ def extract(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
     if arch_kwargs is None and arch == bundle.info.get("arch"):
         arch_kwargs = bundle.info.get("arch_kwargs")
     suspect = open_suspect(model, shapes=bundle.shapes,
-                           arch=arch, arch_kwargs=arch_kwargs, provider=provider, timeout=timeout)
+                           arch=arch, arch_kwargs=arch_kwargs, provider=provider, timeout=timeout,
+                           output=output)
     return read_keys(suspect, bundle, embed_order(bundle.schemes), alpha=alpha, command="extract",
                      commitment=published)
 
 
 def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
            alpha: float = DEFAULT_ALPHA, provider: str = "auto",
-           timeout: float | None = DEFAULT_TIMEOUT, commitment: str | None = None) -> Decision:
+           timeout: float | None = DEFAULT_TIMEOUT, commitment: str | None = None,
+           output: str | None = None) -> Decision:
     """`deepsigns verify`: black-box, only the suspect ONNX model's outputs to the keys.
-    `commitment`: the published one; any other bundle is refused."""
+    `commitment`: the published one; any other bundle is refused. `output`: the graph output
+    to read (None: the first scores or probabilities, else the first labels; the result says
+    which was read)."""
     from .bundle import open_bundle
     from .errors import shown
     from .runtime import OnnxModel
@@ -316,7 +321,8 @@ def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
             "this bundle holds white-box keys only (scheme: "
             f"{', '.join(bundle.schemes)}): use 'deepsigns extract' to read them"
         )
-    suspect = OnnxSuspect(OnnxModel(model, provider=provider, timeout=timeout), blackbox_only=True)
+    suspect = OnnxSuspect(OnnxModel(model, provider=provider, timeout=timeout), blackbox_only=True,
+                          output=output)
     return read_keys(suspect, bundle, names, alpha=alpha, command="verify", commitment=published)
 
 

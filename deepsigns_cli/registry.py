@@ -83,7 +83,7 @@ class AttackEntry:
     options: tuple[Option, ...] = ()
 
 
-_BITS = Option("--bits", "int", "random signature of N bits (default 32).", 1, 4096)
+_BITS = Option("--bits", "int", "random signature of N bits (default 64).", 1, 4096)
 _MESSAGE = Option("--message", "str", "the owner's message as the signature (UTF-8 bits).")
 
 SCHEMES: dict[str, SchemeEntry] = {

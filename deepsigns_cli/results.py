@@ -99,13 +99,18 @@ class MatchResult(SchemeResult):
     num_classes: int = 0
     max_mismatches: int | None = None  # set by decide(): the paper's Eq. 5 threshold
     onnx_seconds: float | None = None
+    output: str | None = None  # the model's output the answers were read from
+    output_kind: str | None = None  # its kind: scores, probabilities or labels
 
     def apply(self, alpha: float) -> None:
         super().apply(alpha)
         self.max_mismatches = stats.max_mismatches(self.keys, self.num_classes, alpha)
 
     def evidence(self) -> tuple[str, str]:
-        return (f"{self.queries} queries",
+        from .errors import one_line
+
+        read = f" ({self.output_kind} from '{one_line(self.output, 60)}')" if self.output is not None else ""
+        return (f"{self.queries} queries{read}",
                 f"{self.matches}/{self.keys} keys match; {self.mismatches} mismatches "
                 f"(at most {self.max_mismatches} allowed)")
 
@@ -125,6 +130,19 @@ class Decision:
     detected: bool = False
     p_value: float = 1.0
     commitment: str = ""  # SHA-256 of the bundle used: a claim counts with a published one
+
+    @property
+    def forger_key_sets(self) -> float:
+        """About how many random key sets a forger would have to try to do this well by
+        chance: 1 / p (p counts every search of the read-out and every scheme)."""
+        return 1.0 / self.p_value if self.p_value > 0 else math.inf
+
+    def meaning(self) -> str:
+        n = self.forger_key_sets
+        if n < 2:
+            return "random key sets do this well by chance: no evidence of ownership"
+        return (f"a forger would have to try about {n:.2g} random key sets to do this well by "
+                f"chance (alpha = {self.alpha:g}: 1 in {1 / self.alpha:.2g})")
 
 
 def decide(results: list[SchemeResult], alpha: float, *, command: str, model: str,
@@ -225,6 +243,7 @@ def to_json_dict(report) -> dict:
         body = {"command": report.command, "model": report.model, "key_id": report.key_id,
                 "commitment": report.commitment,
                 "detected": report.detected, "p_value": report.p_value, "alpha": report.alpha,
+                "forger_key_sets": report.forger_key_sets, "meaning": report.meaning(),
                 "results": [_result_dict(r) for r in report.results]}
         return _plain(body)
     return _plain(asdict(report))

@@ -307,6 +307,29 @@ def _output_problem(value, fed: int) -> str | None:
     return None
 
 
+_MAX_MAP_CLASS = 1 << 16  # a map of probabilities may name classes 0 .. this - 1
+
+
+def _maps_to_rows(value) -> np.ndarray | str:
+    """A sequence of maps {class: probability} (skl2onnx's ZipMap) as rows (n, classes)
+    ordered by class, -inf where a map lacks a class; or why it cannot be read so."""
+    if not all(isinstance(m, dict) for m in value):
+        return "is a sequence of something other than maps, not class probabilities"
+    keys = sorted({k for m in value for k in m}) if value else []
+    if not keys or not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+                            and 0 <= k < _MAX_MAP_CLASS for k in keys):
+        return (f"maps classes that are not integers from 0 to {_MAX_MAP_CLASS - 1}: "
+                "deepsigns reads integer class labels")
+    rows = np.full((len(value), int(keys[-1]) + 1), -np.inf)
+    try:
+        for i, m in enumerate(value):
+            for k, v in m.items():
+                rows[i, int(k)] = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return "maps classes to values that are not numbers"
+    return rows
+
+
 class _Evaluator:
     """One model in onnxruntime, in the process that runs it (the worker, or ours where
     fork is missing). Raises _Failure; never touches anything but its own sessions."""
@@ -369,6 +392,12 @@ class _Evaluator:
                 for name, value in zip(names, values, strict=True):
                     if name in problems:
                         continue
+                    if isinstance(value, list) and not extra:  # a sequence of maps (ZipMap)
+                        value = _maps_to_rows(value)
+                        if isinstance(value, str):
+                            problems[name] = value
+                            parts[name] = []
+                            continue
                     problem = _output_problem(value, len(chunk))
                     if problem is None and parts[name] and value.shape[1:] != parts[name][0].shape[1:]:
                         problem = "changes shape from one batch of inputs to the next"
@@ -717,9 +746,62 @@ def _stop_workers() -> None:
 
 # --------------------------------------------------------------------------- the suspect model
 
+_INT_ELEMS = {2, 3, 4, 5, 6, 7, 12, 13}  # TensorProto UINT8, INT8, UINT16, INT16, INT32, INT64, UINT32, UINT64
+_REAL_ELEMS = {1, 10, 11}  # FLOAT, FLOAT16, DOUBLE
+
+
+def output_kind(info) -> tuple[str, str]:
+    """(kind, why) for a graph output, from its declared type and shape (never its name):
+    "labels" (integers, one per input), "scores" (reals, a row per input: logits or
+    probabilities), "probabilities" (a sequence of maps class -> probability, skl2onnx's
+    ZipMap), or "" with why it cannot be read."""
+    which = info.type.WhichOneof("value")
+    if which == "sequence_type":
+        elem = info.type.sequence_type.elem_type
+        if elem.WhichOneof("value") == "map_type":
+            key, value = elem.map_type.key_type, elem.map_type.value_type
+            if key in _INT_ELEMS and value.WhichOneof("value") == "tensor_type" \
+                    and value.tensor_type.elem_type in _REAL_ELEMS:
+                return "probabilities", ""
+            return "", "is a sequence of maps that are not integer class -> probability"
+        return "", "is a sequence, not a tensor"
+    if which != "tensor_type":
+        return "", f"is a {which or 'value of no type'}, not a tensor"
+    tensor = info.type.tensor_type
+    if tensor.elem_type not in _INT_ELEMS | _REAL_ELEMS:
+        from onnx import TensorProto
+
+        try:
+            name = TensorProto.DataType.Name(tensor.elem_type).lower()
+        except ValueError:
+            name = f"type {tensor.elem_type}"
+        return "", f"holds {name} values, not numbers"
+    dims = ([d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+            if tensor.HasField("shape") else None)
+    if dims is not None and len(dims) == 0:
+        return "", "is a single value, not one per input"
+    if tensor.elem_type in _INT_ELEMS:
+        if dims is None or len(dims) == 1 or (len(dims) == 2 and dims[1] == 1):
+            return "labels", ""
+        return "", f"holds integers of shape {_shape(dims)}, not one label per input"
+    if dims is not None and len(dims) == 1:
+        return "", "holds one number per input, not class scores"
+    per_sample = None if dims is None or None in dims[1:] else math.prod(dims[1:])
+    if per_sample == 0:
+        return "", f"holds no scores (shape {_shape(dims)})"
+    if per_sample == 1:
+        return "", "holds one number per input, not class scores"
+    return "scores", ""
+
+
+def _shape(dims: list[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
 
 class OnnxModel:
-    """A suspect model behind onnxruntime: one input, the first output is the scores.
+    """A suspect model behind onnxruntime: one input; its answers are read from one output,
+    chosen by kind (`output_kind`): scores or probabilities first, else labels.
 
     Evaluated in a worker process, within `timeout` seconds for all its queries together
     (None: no limit) and a bounded amount of memory."""
@@ -741,7 +823,7 @@ class OnnxModel:
         p = shown(self.path)
         initializers = {t.name for t in self.proto.graph.initializer}
         inputs = [i for i in self.proto.graph.input if i.name not in initializers]
-        names = [i.name for i in inputs] + [self.proto.graph.output[0].name]
+        names = [i.name for i in inputs] + [o.name for o in self.proto.graph.output]
         if not all(isinstance(name, str) for name in names):
             raise OnnxError(f"{p} has tensor names that are not UTF-8 text: it is malformed")
         if len(inputs) != 1:
@@ -755,6 +837,9 @@ class OnnxModel:
         dims = inputs[0].type.tensor_type.shape.dim
         self.input_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in dims]
         self.output_name = self.proto.graph.output[0].name
+        # name -> (kind, why unusable), in the graph's order
+        self.outputs = {o.name: output_kind(o) for o in self.proto.graph.output}
+        self.answer_classes: int | None = None  # the number of scores of the last answers (None: labels)
         self.metadata = {prop.key: prop.value for prop in self.proto.metadata_props
                          if isinstance(prop.key, str) and isinstance(prop.value, str)}
 
@@ -934,23 +1019,77 @@ class OnnxModel:
                          "answer these queries; check that it is a classifier for this data")
 
     # ------------------------------------------------------------------ public queries
-    def scores(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """The model's first output for a batch of inputs, as (n, classes)."""
-        out, problems = self._query([self.output_name], False, x, batch_size)
-        p, name = shown(self.path), one_line(self.output_name, 60)
-        if self.output_name in problems:
-            raise OnnxError(f"the first output of {p} ('{name}') {problems[self.output_name]}: verify "
-                            "needs the class scores (logits or probabilities) of each input as the first output")
-        value = out.get(self.output_name)
+    def usable_outputs(self) -> str:
+        """The outputs that can be read, with their kinds, as people read them."""
+        usable = [f"'{one_line(n, 60)}' ({kind})" for n, (kind, _) in self.outputs.items() if kind]
+        return ", ".join(usable) or "none"
+
+    def _where(self, name: str) -> str:
+        """An output as messages name it."""
+        first = name == self.output_name
+        return f"the {'first ' if first else ''}output of {shown(self.path)} ('{one_line(name, 60)}')"
+
+    def choose_output(self, output: str | None = None) -> tuple[str, str]:
+        """(name, kind) of the output to read: `output`, else the first scores or probabilities,
+        else the first labels."""
+        if output is not None:
+            if output not in self.outputs or not self.outputs[output][0]:
+                what = "is not usable" if output in self.outputs else "does not exist"
+                raise InputError(f"--output {one_line(repr(output), 60)} {what} in {shown(self.path)}: "
+                                 f"use one of its outputs: {self.usable_outputs()}")
+            return output, self.outputs[output][0]
+        for wanted in (("scores", "probabilities"), ("labels",)):  # scores say more than labels
+            for name, (kind, _) in self.outputs.items():
+                if kind in wanted:
+                    return name, kind
+        why = "; ".join(f"{'first ' if i == 0 else ''}output '{one_line(n, 60)}' {w}"
+                        for i, (n, (_, w)) in enumerate(list(self.outputs.items())[:4]))
+        raise OnnxError(f"{shown(self.path)} has no output deepsigns can read ({why}): verify needs the "
+                        "class scores, probabilities or labels of each input; re-export the classifier with one")
+
+    def _read(self, x: np.ndarray, output: str | None, batch_size: int) -> tuple[np.ndarray, str, str]:
+        """(the chosen output for inputs x: (n, classes) for scores, (n,) for labels; name; kind)."""
+        name, kind = self.choose_output(output)
+        out, problems = self._query([name], False, x, batch_size)
+        where = self._where(name)
+        if name in problems:
+            raise OnnxError(f"{where} {problems[name]}: verify needs the class scores, probabilities or "
+                            "labels of each input; export them (or choose another output with --output)")
+        value = out.get(name)
         if value is None or value.ndim == 0 or value.shape[0] != len(x):
-            raise self._crashed("it sent no scores")
+            raise self._crashed("it sent no answers")
+        if kind == "labels":
+            if value.size != len(x) or value.dtype.kind not in "iu":
+                raise OnnxError(f"{where} has shape {list(value.shape)} ({value.dtype}) for {len(x)} inputs: "
+                                "it is not one label per input")
+            return value.reshape(len(x)).astype(np.int64), name, kind
         scores = value.reshape(len(x), -1)
         if scores.shape[1] == 0:
-            raise OnnxError(f"the first output of {p} ('{name}') holds no scores (shape "
-                            f"{list(value.shape)}): export the classifier's scores as the first output")
+            raise OnnxError(f"{where} holds no scores (shape {list(value.shape)}): export the "
+                            "classifier's scores")
         if scores.dtype.kind in "iu":
             scores = scores.astype(np.float64)
-        return scores
+        return scores, name, kind
+
+    def scores(self, x: np.ndarray, batch_size: int = 512, output: str | None = None) -> np.ndarray:
+        """The model's class scores (or probabilities) for a batch of inputs, as (n, classes):
+        `output`, else its first output that has them."""
+        name, kind = self.choose_output(output)
+        if kind == "labels":
+            what = shown(self.path) if output is None else self._where(name)
+            raise OnnxError(f"{what} outputs labels only (no class scores): this reading needs the "
+                            "scores; export the classifier's logits or probabilities")
+        return self._read(x, name, batch_size)[0]
+
+    def answers(self, x: np.ndarray, output: str | None = None,
+                batch_size: int = 512) -> tuple[np.ndarray, str, str]:
+        """(the predicted label of each input, int64 (n,), -1 where a row of scores has no
+        answer (NaN, +inf, or nothing finite); the output's name; its kind)."""
+        value, name, kind = self._read(x, output, batch_size)
+        self.answer_classes = None if kind == "labels" else value.shape[1]
+        if kind == "labels":
+            return value, name, kind
+        return answers_from_scores(value), name, kind
 
     def intermediates(self, x: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Every intermediate tensor (or just `names`) for inputs x, flattened per sample."""
@@ -964,6 +1103,14 @@ class OnnxModel:
         return {name: value.reshape(len(x), -1) for name, value in out.items()
                 if name in wanted and np.issubdtype(value.dtype, np.floating)
                 and value.ndim >= 1 and value.shape[0] == len(x)}
+
+
+def answers_from_scores(scores: np.ndarray) -> np.ndarray:
+    """argmax of each row (the same for logits and probabilities), -1 for a row with a NaN or
+    +inf, or with no finite value (argmax would read it as class 0)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    ok = ~np.isnan(scores).any(1) & ~np.isposinf(scores).any(1) & np.isfinite(scores).any(1)
+    return np.where(ok, scores.argmax(1), -1).astype(np.int64)
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
 """A suspect model as the schemes read it: the same two questions for torch and ONNX.
 
-`scores(x)` gives the model's outputs for inputs x; `carriers(x, layer, width)` gives the
+`scores(x)` gives the model's class scores for inputs x, `answers(x)` its predicted labels
+(from the scores, or from an output of labels); `carriers(x, layer, width)` gives the
 candidate activations a hidden-layer signature may sit in. Each scheme has one read path
 written against this interface (no torch import here: `verify` runs on onnxruntime alone).
 """
@@ -26,8 +27,14 @@ __all__ = ["Suspect", "TorchSuspect", "OnnxSuspect", "open_suspect"]
 class Suspect:
     name: str = ""
     blackbox_only: bool = False  # True for `verify`: only the outputs may be used
+    answer_classes: int | None = None  # classes scored by the last answers() (None: it read labels)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def answers(self, x: np.ndarray) -> tuple[np.ndarray, str, str]:
+        """(the predicted label of each input, int64 (n,), -1 for no answer; the output read;
+        its kind: scores, probabilities or labels)."""
         raise NotImplementedError
 
     def carriers(self, x: np.ndarray, layer: str, width: int) -> tuple[dict[str, np.ndarray], str]:
@@ -44,6 +51,13 @@ class TorchSuspect(Suspect):
 
         return predict(self.model, x)
 
+    def answers(self, x):
+        from .runtime import answers_from_scores
+
+        scores = self.scores(x)
+        self.answer_classes = scores.shape[1]
+        return answers_from_scores(scores), "logits", "scores"
+
     def carriers(self, x, layer, width):
         from .zoo import activations
 
@@ -58,11 +72,19 @@ class TorchSuspect(Suspect):
 
 
 class OnnxSuspect(Suspect):
-    def __init__(self, model: OnnxModel, *, blackbox_only: bool = False):
+    def __init__(self, model: OnnxModel, *, blackbox_only: bool = False, output: str | None = None):
         self.onnx, self.name, self.blackbox_only = model, str(model.path), blackbox_only
+        self.output = output  # the graph output to read; None: chosen by kind
+        if output is not None:
+            model.choose_output(output)  # an unknown name fails now, before any query
 
     def scores(self, x):
-        return self.onnx.scores(x)
+        return self.onnx.scores(x, output=self.output)
+
+    def answers(self, x):
+        got = self.onnx.answers(x, self.output)
+        self.answer_classes = self.onnx.answer_classes
+        return got
 
     def carriers(self, x, layer, width):
         # our own export names the carrier; a foreign file is searched (and the search counted)
@@ -75,14 +97,18 @@ class OnnxSuspect(Suspect):
 
 def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None = None,
                  arch: str | None = None, arch_kwargs: dict | None = None,
-                 provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT) -> Suspect:
+                 provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT,
+                 output: str | None = None) -> Suspect:
     """A checkpoint (torch) or an ONNX file (onnxruntime) to examine.
 
-    `shapes` (input shape, classes) come from the keys, for a plain state dict with --arch."""
+    `shapes` (input shape, classes) come from the keys, for a plain state dict with --arch;
+    `output` names the ONNX output to read (None: chosen by kind)."""
     from .runtime import OnnxModel
 
     if Path(path).suffix.lower() == ".onnx":
-        return OnnxSuspect(OnnxModel(path, provider=provider, timeout=timeout))
+        return OnnxSuspect(OnnxModel(path, provider=provider, timeout=timeout), output=output)
+    if output is not None:
+        raise InputError("--output names an output of an ONNX model: leave it out for a checkpoint")
     from .checkpoint import load_checkpoint
 
     input_shape, num_classes = shapes if shapes else (None, None)

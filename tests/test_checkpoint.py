@@ -90,7 +90,7 @@ def test_user_architecture_round_trip(tmp_path, monkeypatch):
     assert info.arch == arch and info.input_shape == (1, 8, 8)
 
     keys, marked, marked_onnx = work / "k.dskey", work / "m.safetensors", work / "m.onnx"
-    run_json("keygen", "--model", base, "--arch", arch, "--seed", 0, "--out", keys)  # 32 bits, 128 units
+    run_json("keygen", "--model", base, "--arch", arch, "--bits", 32, "--seed", 0, "--out", keys)  # 128 units
     run_json("embed", "--model", base, "--arch", arch, "--keys", keys, "--out", marked,
              "--onnx", marked_onnx, "--seed", 0, "--device", "cpu")
     assert metadata(marked)["arch"] == arch

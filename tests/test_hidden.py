@@ -9,7 +9,7 @@ import torch
 from helpers import MESSAGE, SEEDS, assert_one_error_line, run_cli, run_json
 from torch import nn
 
-ALPHA = 1e-3
+from deepsigns_cli.defaults import DEFAULT_ALPHA as ALPHA
 
 
 def extract(model, keys, *extra, code=None) -> dict:
@@ -182,5 +182,5 @@ def test_too_few_bits_for_alpha_is_reported(marked, tmp_path):
     keys = tmp_path / "short.dskey"
     run_json("keygen", "--model", marked.base, "--bits", 8, "--seed", 0, "--out", keys)
     r = hidden(extract(marked.base, keys, code=1))
-    assert r["n_bits"] == 8 and r["max_bit_errors"] == -1  # 2^-8 > 1e-3: no match is enough
+    assert r["n_bits"] == 8 and r["max_bit_errors"] == -1  # 2^-8 > 1e-9: no match is enough
     assert "cannot reach alpha" in r["warning"]

@@ -16,6 +16,7 @@ from deepsigns_cli import api, stats
 from deepsigns_cli.checkpoint import export_onnx, load_checkpoint
 from deepsigns_cli.cli.main import cli
 from deepsigns_cli.data import load_data
+from deepsigns_cli.defaults import DEFAULT_ALPHA
 from deepsigns_cli.runtime import OnnxModel
 
 PASS = PASSPHRASE
@@ -104,10 +105,10 @@ def test_verify_exit_codes_and_report(owner):
     assert marked.exit_code == 0, marked.output
     report = json.loads(marked.stdout)
     (res,) = report["results"]
-    assert report["detected"] is True and report["alpha"] == 1e-3
+    assert report["detected"] is True and report["alpha"] == DEFAULT_ALPHA
     assert res["scheme"] == "output" and res["keys"] == 20 and res["matches"] == 20
     assert res["mismatches"] == 0
-    assert res["max_mismatches"] == stats.max_mismatches(20, 10, 1e-3)
+    assert res["max_mismatches"] == stats.max_mismatches(20, 10, DEFAULT_ALPHA)
     assert res["p_value"] == pytest.approx(0.1**20)
     base = run("verify", "--model", folder / "base.onnx", "--keys", folder / "owner.dskey", "--json")
     assert base.exit_code == 1, base.output

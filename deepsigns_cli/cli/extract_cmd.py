@@ -18,6 +18,8 @@ from .common import (
 
 @click.command("extract")
 @click.option("--model", "model_path", required=True, help="Suspect: .safetensors, .pt (with --arch) or .onnx.")
+@click.option("--output", "output_name", default=None, metavar="NAME",
+              help="ONNX output to read (default: scores or probabilities if the model has them, else labels).")
 @arch_options
 @keys_option
 @commitment_option
@@ -25,8 +27,8 @@ from .common import (
 @provider_option
 @timeout_option
 @common_options
-def command(model_path, arch, arch_kwargs, keys_path, passphrase_file, commitment, alpha, provider, timeout,
-            seed, json_):
+def command(model_path, output_name, arch, arch_kwargs, keys_path, passphrase_file, commitment, alpha,
+            provider, timeout, seed, json_):
     """White-box: read the watermark from a checkpoint or ONNX file.
 
     Exit code 0 when detected (p-value <= alpha), 1 when not, 2 on bad input.
@@ -36,5 +38,5 @@ def command(model_path, arch, arch_kwargs, keys_path, passphrase_file, commitmen
     """
     report = api.extract(model_path, keys_path, passphrase_from(passphrase_file), alpha=alpha,
                          arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), provider=provider,
-                         timeout=timeout, commitment=commitment)
+                         timeout=timeout, commitment=commitment, output=output_name)
     emit_decision(report, json_, render.decision)

@@ -21,16 +21,18 @@ def kv_table(title: str, rows: list[tuple[str, object]]):
 
 
 def decision_table(report):
+    from rich.markup import escape
     from rich.table import Table
 
     verdict = "[bold green]DETECTED[/]" if report.detected else "[bold red]NOT DETECTED[/]"
     table = Table(title=f"{verdict}  p = {fmt_p(report.p_value)}  (alpha = {report.alpha:g})",
-                  title_justify="left", caption=f"bundle commitment {report.commitment}",
-                  caption_justify="left")
+                  title_justify="left", caption_justify="left",
+                  caption=f"{report.meaning()}\nbundle commitment {report.commitment}")
     for col in ("scheme", "where", "evidence", "p-value", "decision"):
         table.add_column(col)
     for r in report.results:
-        table.add_row(r.scheme, *r.evidence(), fmt_p(r.p_value),
+        # escaped: names read from a suspect file may hold what rich takes for markup
+        table.add_row(r.scheme, *map(escape, r.evidence()), fmt_p(r.p_value),
                       "detected" if r.detected else "not detected")
     return table
 

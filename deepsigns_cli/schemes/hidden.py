@@ -21,7 +21,7 @@ from .base import Scheme
 __all__ = ["HiddenScheme", "message_to_bits", "bits_to_message", "SCHEME"]
 
 DEFAULTS = {
-    "bits": 32,
+    "bits": 64,  # with alpha = 1e-9: up to 8 bit errors still detected
     "classes": 1,
     "trigger_per_class": 64,
     "lambda1": 0.01,  # activation isolation (paper: 0.01)

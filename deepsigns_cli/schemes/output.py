@@ -197,18 +197,23 @@ class OutputScheme(Scheme):
         if not params.get("embedded"):
             raise SchemeError("the output-layer keys are not embedded yet: run 'deepsigns embed' first")
         start = time.perf_counter()
-        scores = suspect.scores(arrays["x"])
+        # the label each key gets: argmax of the scores or probabilities, or the model's own
+        # label output; -1 where there is no answer (NaN scores), which never matches
+        answers, output, kind = suspect.answers(arrays["x"])
         seconds = time.perf_counter() - start
         k, c = len(arrays["y"]), int(params["num_classes"])
-        # a row with NaN or infinite scores answers nothing (argmax would read it as class 0)
-        answers = np.where(np.isfinite(scores).all(1), scores.argmax(1), -1)
+        answers = np.asarray(answers, dtype=np.int64).reshape(k)
         matches = int((answers == arrays["y"]).sum())
         note = None
-        if scores.shape[1] != c:
-            note = f"the model gives {scores.shape[1]} scores, the keys have {c} classes"
+        width = suspect.answer_classes
+        if width is not None and width != c:
+            note = f"the model gives {width} scores, the keys have {c} classes"
+        elif width is None and (answers >= c).any():  # such a label never matches a key
+            note = f"the model answers label {int(answers.max())}, the keys have {c} classes"
         return MatchResult("output", stats.matches_p_value(matches, k, c), note=note, keys=k,
                            queries=k, matches=matches, mismatches=k - matches, num_classes=c,
-                           onnx_seconds=seconds if suspect.blackbox_only else None)
+                           onnx_seconds=seconds if suspect.blackbox_only else None,
+                           output=output, output_kind=kind)
 
 
 class KeyObjective(Objective):

@@ -1,0 +1,224 @@
+"""Which output `verify` reads: scores, probabilities or labels, chosen by the declared type
+and shape of each graph output (never its name), or named with --output.
+
+A model that answers labels (an argmax head, a scikit-learn classifier) is read as labels,
+not as a column of scores (whose argmax would always be class 0).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import assert_bad_input, run_cli
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from deepsigns_cli import stats
+from deepsigns_cli.errors import OnnxError
+from deepsigns_cli.runtime import OnnxModel
+
+
+@pytest.fixture(scope="module")
+def owner(blackbox):
+    return blackbox
+
+
+def key_labels(owner) -> np.ndarray:
+    return owner["bundle"].schemes["output"].arrays["y"]
+
+
+def key_inputs(owner) -> np.ndarray:
+    return owner["bundle"].schemes["output"].arrays["x"]
+
+
+def verify(owner, model, *extra, code: int | None = None):
+    result = run_cli("verify", "--model", model, "--keys", owner["keys"], *extra, "--json", code=None)
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    if code is not None:
+        assert result.exit_code == code, f"exit {result.exit_code}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def verdict(owner, model, *extra, code: int) -> dict:
+    result = verify(owner, model, *extra, code=code)
+    assert result.stderr == "", result.stderr
+    report = json.loads(result.stdout)
+    (out,) = [r for r in report["results"] if r["scheme"] == "output"]
+    return out
+
+
+class Heads(torch.nn.Module):
+    """The marked model with other heads: "labels" (argmax), "scores" (logits), in `order`."""
+
+    def __init__(self, model, order):
+        super().__init__()
+        self.model, self.order = model, order
+
+    def forward(self, x):
+        logits = self.model(x)
+        heads = {"labels": logits.argmax(1), "scores": logits}
+        out = tuple(heads[k] for k in self.order)
+        return out[0] if len(out) == 1 else out
+
+
+def export_heads(owner, path: Path, order, names) -> Path:
+    model = Heads(owner["marked"].eval(), order).eval()
+    example = torch.as_tensor(key_inputs(owner)[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=list(names),
+                          dynamic_axes={n: {0: "batch"} for n in ["input", *names]}, opset_version=17,
+                          dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def argmax_onnx(owner, tmp_path_factory) -> Path:
+    return export_heads(owner, tmp_path_factory.mktemp("argmax") / "argmax.onnx", ["labels"], ["label"])
+
+
+@pytest.fixture(scope="module")
+def two_heads(owner, tmp_path_factory) -> Path:
+    return export_heads(owner, tmp_path_factory.mktemp("heads") / "heads.onnx", ["labels", "scores"],
+                        ["label", "logits"])
+
+
+# ----------------------------------------------------------------------------- (a) an argmax head
+
+
+def test_argmax_head_is_read_as_labels(argmax_onnx):
+    model = OnnxModel(argmax_onnx, provider="cpu")
+    assert model.outputs["label"][0] == "labels"
+    with pytest.raises(OnnxError, match="labels only"):
+        model.scores(np.zeros((2, 1, 8, 8), np.float32))
+
+
+def test_marked_model_with_argmax_head_is_detected(owner, argmax_onnx):
+    out = verdict(owner, argmax_onnx, code=0)
+    assert out["output"] == "label" and out["output_kind"] == "labels"
+    assert out["matches"] == len(key_labels(owner))
+
+
+def test_table_says_which_output_was_read(owner, argmax_onnx):
+    result = run_cli("verify", "--model", argmax_onnx, "--keys", owner["keys"], code=0,
+                     env={"COLUMNS": "200"})
+    assert "labels from 'label'" in result.stdout, result.stdout
+
+
+# ----------------------------------------------------------------------------- (b) (c) several outputs
+
+
+def test_scores_are_preferred_and_labels_can_be_chosen(owner, two_heads):
+    default = verdict(owner, two_heads, code=0)
+    assert (default["output"], default["output_kind"]) == ("logits", "scores")
+    chosen = verdict(owner, two_heads, "--output", "label", code=0)
+    assert (chosen["output"], chosen["output_kind"]) == ("label", "labels")
+    assert chosen["matches"] == default["matches"] == len(key_labels(owner))
+
+
+def test_unknown_output_lists_the_outputs(owner, two_heads):
+    result = verify(owner, two_heads, "--output", "probs")
+    assert_bad_input(result, "--output 'probs'", "'label' (labels)", "'logits' (scores)")
+
+
+# ----------------------------------------------------------------------------- (d) a constant label
+
+
+def constant_labels(path: Path, label: int, name: str = "y") -> Path:
+    """x (n, 1, 8, 8) -> `label` for every input, int64 (n,): a labels-only model."""
+    nodes = [h.make_node("Shape", ["x"], ["shape"]),
+             h.make_node("Slice", ["shape", "zero", "one"], ["n"]),
+             h.make_node("ConstantOfShape", ["n"], [name], value=nh.from_array(np.array([label], np.int64)))]
+    inits = [nh.from_array(np.array([0], np.int64), "zero"), nh.from_array(np.array([1], np.int64), "one")]
+    graph = h.make_graph(nodes, "constant", [h.make_tensor_value_info("x", T.FLOAT, ["n", 1, 8, 8])],
+                         [h.make_tensor_value_info(name, T.INT64, ["n"])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("which", ["label 0", "the keys' most common label"])
+def test_constant_label_model_is_not_claimed(owner, tmp_path, which):
+    y = key_labels(owner)
+    label = 0 if which == "label 0" else Counter(y.tolist()).most_common(1)[0][0]
+    out = verdict(owner, constant_labels(tmp_path / "constant.onnx", label), code=1)
+    hits = int((y == label).sum())
+    assert out["output_kind"] == "labels"
+    assert out["matches"] == hits  # the keys labelled `label`, nothing more
+    assert out["p_value"] == pytest.approx(stats.matches_p_value(hits, len(y), 10))
+
+
+def test_label_outside_the_classes_never_matches(owner, tmp_path):
+    out = verdict(owner, constant_labels(tmp_path / "twelve.onnx", 12), code=1)
+    assert out["matches"] == 0 and "label 12" in out["note"]
+
+
+def test_output_name_is_shown_as_it_is(owner, tmp_path):
+    """A name from the suspect file is text in the table, never rich markup."""
+    path = constant_labels(tmp_path / "markup.onnx", 0, name="[/bold]y")
+    result = run_cli("verify", "--model", path, "--keys", owner["keys"], code=1, env={"COLUMNS": "200"})
+    assert "labels from '[/bold]y'" in result.stdout, result.stdout
+
+
+# ----------------------------------------------------------------------------- (e) scikit-learn
+
+
+@pytest.fixture(scope="module")
+def sklearn_model(digits):
+    pytest.importorskip("skl2onnx")
+    from sklearn.linear_model import LogisticRegression
+
+    x = digits.x_train.reshape(len(digits.x_train), -1).astype(np.float32)
+    return LogisticRegression(max_iter=500).fit(x, digits.y_train), x[:1]
+
+
+def sklearn_onnx(sklearn_model, path: Path, zipmap: bool) -> Path:
+    from skl2onnx import to_onnx
+
+    clf, example = sklearn_model
+    options = None if zipmap else {id(clf): {"zipmap": False}}
+    model = to_onnx(clf, example, options=options, target_opset={"": 17, "ai.onnx.ml": 3})
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("zipmap", [True, False], ids=["zipmap", "no-zipmap"])
+def test_sklearn_model_is_read_and_not_claimed(owner, sklearn_model, tmp_path, zipmap):
+    path = sklearn_onnx(sklearn_model, tmp_path / "skl.onnx", zipmap)
+    x, y = key_inputs(owner), key_labels(owner)
+    want = sklearn_model[0].predict(x.reshape(len(x), -1)).astype(np.int64)
+    model = OnnxModel(path, provider="cpu")
+    kinds = {name: kind for name, (kind, _) in model.outputs.items()}
+    # skl2onnx's names; the kinds come from the declared types: a sequence of maps (ZipMap)
+    # or a float tensor (n, 10)
+    label_name, prob_name = ("output_label", "output_probability") if zipmap else ("label", "probabilities")
+    assert kinds == {label_name: "labels", prob_name: "probabilities" if zipmap else "scores"}
+    labels, name, _ = model.answers(x, label_name)
+    probs, chosen, _ = model.answers(x)
+    assert name == label_name and chosen == prob_name
+    np.testing.assert_array_equal(labels, want)
+    np.testing.assert_array_equal(probs, want)
+    model.close()
+
+    hits = int((want == y).sum())
+    for extra, used in [((), prob_name), (("--output", label_name), label_name)]:
+        out = verdict(owner, path, *extra, code=1)
+        assert out["output"] == used and out["matches"] == hits
+
+
+def test_extract_takes_output_too(owner, two_heads):
+    result = run_cli("extract", "--model", two_heads, "--keys", owner["keys"], "--output", "label", "--json")
+    (out,) = json.loads(result.stdout)["results"]
+    assert (out["output"], out["output_kind"], out["matches"]) == ("label", "labels", len(key_labels(owner)))
+    checkpoint = run_cli("extract", "--model", owner["marked_path"], "--keys", owner["keys"],
+                         "--output", "label", code=None)
+    assert_bad_input(checkpoint, "--output", "ONNX")
