@@ -177,9 +177,9 @@ def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: 
         net, info = _load_model(model, arch, arch_kwargs, data=dataset)
         bundle = make_keys(net, info, dataset, names, per_scheme, seed=seed)
         commitment = write_bundle(bundle, tmp, secret)
+        claim = claim_record(commitment, names, bundle.info["base_fingerprint"], {"model": (model, model)})
     from .results import KeygenReport
 
-    claim = claim_record(commitment, names, bundle.info["base_fingerprint"], {"model": model})
     return KeygenReport(str(out), names, bundle.key_id, commitment, claim, _keygen_warnings(bundle))
 
 
@@ -219,8 +219,9 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         if onnx_tmp is not None:
             diff = export_onnx(net, info, onnx_tmp, check_inputs=dataset.x_test[:64])["max_abs_diff"]
         commitment = write_bundle(bundle, keys_tmp, secret)
-    files = {"model": out, **({"onnx": onnx} if onnx else {})}
-    claim = claim_record(commitment, list(embed_order(bundle.schemes)), report["fingerprint"], files)
+        # from the temporary files, before the commit: nothing can fail after it
+        files = {"model": (out, out_tmp), **({"onnx": (onnx, onnx_tmp)} if onnx else {})}
+        claim = claim_record(commitment, list(embed_order(bundle.schemes)), report["fingerprint"], files)
     return EmbedReport(report["accuracy_before"], report["accuracy_after"], report["schemes"],
                        report["fingerprint"], str(out), str(keys), commitment,
                        str(onnx) if onnx else None, diff, claim)
@@ -377,17 +378,18 @@ def inspect(path: str | Path) -> InspectReport:
 
 def claim_record(commitment: str, schemes: list[str], weights: str, files: dict) -> dict:
     """What an owner publishes with a model, to date the claim: the bundle's commitment, the
-    model's fingerprints, the date, the schemes. Nothing secret (no key id, no key)."""
+    model's fingerprints, the date, the schemes. Nothing secret (no key id, no key).
+    `files`: role -> (the file's name as published, the path to read its bytes from)."""
     import hashlib
     from datetime import datetime, timezone
 
     digests = {}
-    for role, path in files.items():
+    for role, (name, path) in files.items():
         h = hashlib.sha256()
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-        digests[role] = {"file": Path(path).name, "sha256": h.hexdigest()}
+        digests[role] = {"file": Path(name).name, "sha256": h.hexdigest()}
     return {"commitment": commitment, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "schemes": list(schemes), "weights_fingerprint": weights, "files": digests}
 

@@ -68,6 +68,8 @@ def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path 
     folder, or a path in a folder that does not exist; fail early, before any work."""
     if "\x00" in str(path):
         raise InputError(f"{option} {shown(path)} holds a NUL byte: choose another path")
+    if str(path).endswith(("/", os.sep)):
+        raise InputError(f"{option} {shown(path)} names a folder: give a file path for the output")
     try:
         path = Path(path)
         exists, is_dir = path.exists(), path.is_dir()

@@ -30,6 +30,15 @@ def _embed(tmp_path, base, keys, *extra, code=None):
                    "--epochs", 1, *extra, code=code)
 
 
+def test_an_output_named_like_a_folder_is_refused_before_any_work(tmp_path, owner):
+    """`--out outdir/` once committed the bundle, then failed (fuzz seed 20261122 case 1030)."""
+    before = snapshot(tmp_path)
+    result = run_cli("embed", "--model", owner[0], "--keys", owner[1], "--out", f"{tmp_path}/outdir/",
+                     "--epochs", 1, code=None)
+    assert_bad_input(result, "names a folder")
+    assert snapshot(tmp_path) == before
+
+
 def test_same_path_for_two_outputs_is_refused_before_any_work(tmp_path, owner):
     before = snapshot(tmp_path)
     result = _embed(tmp_path, *owner, "--onnx", tmp_path / "m.safetensors")

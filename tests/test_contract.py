@@ -72,13 +72,15 @@ def test_message_with_a_lone_surrogate(tmp_path, marked):
     assert_bad_input(result, "--message", "surrogate")
 
 
-@pytest.mark.parametrize("where", ["parent-is-a-file", "newline-in-name", "nul-in-name", "proc"])
+@pytest.mark.parametrize("where", ["parent-is-a-file", "newline-in-name", "nul-in-name", "proc",
+                                   "trailing-slash"])
 def test_outputs_that_cannot_be_written(tmp_path, marked, where):
     (tmp_path / "afile").write_text("x")
     out = {"parent-is-a-file": tmp_path / "afile" / "m.onnx",
            "newline-in-name": tmp_path / "no\nfolder" / "m.onnx",
            "nul-in-name": f"{tmp_path}/m\x00.onnx",
-           "proc": "/proc/m.onnx"}[where]
+           "proc": "/proc/m.onnx",
+           "trailing-slash": f"{tmp_path}/newdir/"}[where]  # a folder, not a file (fuzz case 1030)
     before = snapshot(tmp_path)
     result = run_cli("export", marked.marked, "--out", out, code=None)
     assert_bad_input(result)  # one line even with a newline in the path
