@@ -193,7 +193,7 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
 
     The three files are committed together, the bundle first: a marked model never exists
     without the keys that prove it."""
-    from .bundle import BUNDLE_MODE, open_bundle, read_header, write_bundle
+    from .bundle import BUNDLE_MODE, open_bundle, write_bundle
     from .checkpoint import export_onnx, save_checkpoint
     from .data import load_data
     from .fileio import Outputs
@@ -204,7 +204,7 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
     _check_positive("lr", lr)
     inputs = {"--model": model, "--keys": keys, "--data": data, **(also_inputs or {})}
     with Outputs(force=force, inputs=inputs) as outs:
-        read_header(keys)  # a missing or foreign bundle fails before the passphrase is asked
+        check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
         keys_tmp = outs.add(keys, "--keys", mode=BUNDLE_MODE, update=True)  # locked from here
         out_tmp = outs.add(out, "--out")
         onnx_tmp = outs.add(onnx, "--onnx") if onnx else None
@@ -380,16 +380,12 @@ def claim_record(commitment: str, schemes: list[str], weights: str, files: dict)
     """What an owner publishes with a model, to date the claim: the bundle's commitment, the
     model's fingerprints, the date, the schemes. Nothing secret (no key id, no key).
     `files`: role -> (the file's name as published, the path to read its bytes from)."""
-    import hashlib
     from datetime import datetime, timezone
 
-    digests = {}
-    for role, (name, path) in files.items():
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        digests[role] = {"file": Path(name).name, "sha256": h.hexdigest()}
+    from .fileio import sha256_file
+
+    digests = {role: {"file": Path(name).name, "sha256": sha256_file(path)}
+               for role, (name, path) in files.items()}
     return {"commitment": commitment, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "schemes": list(schemes), "weights_fingerprint": weights, "files": digests}
 

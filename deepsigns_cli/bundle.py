@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError, one_line, shown
-from .fileio import require_file
+from .fileio import require_file, sha256_file
 from .results import SchemeKeys
 
 __all__ = ["Bundle", "open_bundle", "read_header", "write_bundle", "commitment", "BUNDLE_VERSION"]
@@ -317,4 +317,4 @@ def write_bundle(bundle: Bundle, path: str | Path, passphrase: str) -> str:
 
 def commitment(path: str | Path) -> str:
     """SHA-256 of the sealed file: publish it at release time to date the claim."""
-    return hashlib.sha256(require_file(path, "key bundle").read_bytes()).hexdigest()
+    return sha256_file(require_file(path, "key bundle"))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .errors import InputError, Interrupted, OutputExistsError, shown
 
-__all__ = ["Outputs", "check_output", "require_file", "held_signals"]
+__all__ = ["Outputs", "check_output", "require_file", "held_signals", "sha256_file"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -46,6 +46,17 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     if not is_file:
         raise InputError(f"{what} {shown(path)} is not a regular file: give a file path")
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (a model can be large)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _same_file(a: Path, b: Path) -> bool:
