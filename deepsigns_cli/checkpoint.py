@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import CheckpointError, InputError, one_line, shown
 from .fileio import require_file
-from .zoo import ZOO, build_model, capture, is_factory_name, layer_names, shape_problem, skeleton
+from .zoo import ZOO, build_model, is_factory_name, shape_problem, skeleton
 
 __all__ = [
     "ModelInfo",
@@ -368,23 +368,6 @@ def _info_from_flags(path, arch, arch_kwargs, input_shape, num_classes, filed=No
 # ----------------------------------------------------------------------------- ONNX export
 
 
-class _Exposed(nn.Module):
-    """Returns the logits and every named layer's activation, so that each gets a known name."""
-
-    def __init__(self, model: nn.Module, layers: list[str]):
-        super().__init__()
-        self.model = model
-        self.layers = layers
-
-    def forward(self, x):
-        from contextlib import ExitStack
-
-        with ExitStack() as stack:
-            stores = [stack.enter_context(capture(self.model, name)) for name in self.layers]
-            logits = self.model(x)
-        return (logits, *[s["act"] for s in stores])
-
-
 def export_onnx(
     model: nn.Module,
     info: ModelInfo,
@@ -393,70 +376,38 @@ def export_onnx(
     check_inputs: np.ndarray | None = None,
     atol: float = 1e-4,
 ) -> dict:
-    """Export with a dynamic batch, check with onnx.checker and for parity with torch.
+    """A plain `torch.onnx.export` (input "input", output "logits", a dynamic batch), checked
+    with onnx.checker and for parity with torch.
 
-    Every layer's activation is a named tensor inside the graph (name = layer name, e.g.
-    "head:input"), but only the logits are a graph output: nothing in the interface points
-    to the watermark, and `extract` finds the carrier by name.
+    The file carries no trace of deepsigns: no metadata of ours, no extra outputs, no named
+    layers, the exporter's own producer name. Nothing in it tells a thief where a watermark
+    sits or that there is one; `extract` finds the carrier among all tensors of its width.
     """
     import onnx
 
     model = model.cpu().eval()
-    layers = layer_names(model)
     example = torch.zeros(2, *info.input_shape)
-    # the exporter refuses some names (e.g. "0", a layer of nn.Sequential): export under
-    # placeholders, then give every activation its layer's name inside the graph
-    placeholders = [f"deepsigns_layer_{i}" for i in range(len(layers))]
-    output_names = ["logits", *placeholders]
-    tmp = path  # written as it is: callers give a temporary file of fileio.Outputs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            # eval(): the exporter restores the wrapper's mode afterwards, and a wrapper left in
-            # training mode would switch the model's BatchNorm to batch statistics
-            _Exposed(model, layers).eval(),
+            model,
             (example,),
-            str(tmp),
+            str(path),  # written as it is: callers give a temporary file of fileio.Outputs
             input_names=["input"],
-            output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in ["input", *output_names]},
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-        proto = onnx.load(str(tmp))
-        _rename_tensors(proto.graph, dict(zip(placeholders, layers, strict=True)))
-        keep = [o for o in proto.graph.output if o.name == "logits"]
-        del proto.graph.output[:]
-        proto.graph.output.extend(keep)
-        proto.producer_name = "deepsigns"
-        for key, value in {
-            "deepsigns.arch": info.arch,
-            "deepsigns.input_shape": json.dumps(list(info.input_shape)),
-            "deepsigns.num_classes": str(info.num_classes),
-            "deepsigns.layers": json.dumps(layers),
-        }.items():
-            proto.metadata_props.add(key=key, value=value)
+        proto = onnx.load(str(path))
         onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, str(tmp))
         parity = _parity(model, proto, info, check_inputs)
         if parity > atol:
             raise CheckpointError(
                 f"ONNX export differs from torch by {parity:.2e} (> {atol}): this architecture "
                 "uses an operation the exporter does not reproduce; report it"
             )
-    return {"max_abs_diff": parity, "opset": ONNX_OPSET, "layers": layers}
-
-
-def _rename_tensors(graph, names: dict[str, str]) -> None:
-    """Rename tensors everywhere they appear in a graph (node inputs and outputs, value infos)."""
-    for node in graph.node:
-        for tensors in (node.input, node.output):
-            for i, name in enumerate(tensors):
-                if name in names:
-                    tensors[i] = names[name]
-    for info in [*graph.output, *graph.value_info]:
-        if info.name in names:
-            info.name = names[info.name]
+    return {"max_abs_diff": parity, "opset": ONNX_OPSET}
 
 
 def _parity(model: nn.Module, proto, info: ModelInfo, inputs: np.ndarray | None) -> float:

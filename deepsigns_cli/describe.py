@@ -65,7 +65,6 @@ def _onnx(path: Path) -> dict:
                 for d in v.type.tensor_type.shape.dim]
 
     meta = dict(model.metadata)  # strings, shown as they are: a suspect's metadata is data
-    meta.pop("deepsigns.layers", None)
     return {"kind": "onnx", "path": str(path),
             "opset": max((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), default=None),
             "producer": model.proto.producer_name,

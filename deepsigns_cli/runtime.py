@@ -364,8 +364,10 @@ class _Evaluator:
 
             proto = onnx.ModelProto()
             proto.CopyFrom(self.proto)
+            outputs = {o.name for o in proto.graph.output}
             for name in extra:
-                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                if name not in outputs:  # (a graph output asked for again would be a duplicate)
+                    proto.graph.output.append(onnx.ValueInfoProto(name=name))
         threads = _MAX_THREADS if (os.cpu_count() or 1) > _MAX_THREADS else None
         try:
             session = _session(proto.SerializeToString(), self.providers, threads)
@@ -375,9 +377,10 @@ class _Evaluator:
         return session
 
     def run(self, names: list[str], extra: bool, x: np.ndarray, step: int,
-            batch: int | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+            batch: int | None, width: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Outputs `names` for inputs x, fed `step` at a time (padded to `batch` when the
-        model's batch is fixed): (usable arrays (n, ...), why the others are not)."""
+        model's batch is fixed): (usable arrays (n, ...), why the others are not). With
+        `width`, only tensors of that many values per sample are kept (and sent back)."""
         session = self._session(tuple(names) if extra else ())
         parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
         problems: dict[str, str] = {}
@@ -401,6 +404,8 @@ class _Evaluator:
                     problem = _output_problem(value, len(chunk))
                     if problem is None and parts[name] and value.shape[1:] != parts[name][0].shape[1:]:
                         problem = "changes shape from one batch of inputs to the next"
+                    if problem is None and width is not None and math.prod(value.shape[1:]) != width:
+                        problem = f"has {math.prod(value.shape[1:])} values per sample, not {width}"
                     if problem is not None:
                         problems[name] = problem
                         parts[name] = []
@@ -637,7 +642,7 @@ def _serve(evaluator: _Evaluator, rfd: int, wfd: int) -> None:
             limited = True
         try:
             out, problems = evaluator.run(header["names"], header["extra"], arrays[0],
-                                          header["step"], header["batch"])
+                                          header["step"], header["batch"], header.get("width"))
             names = list(out)
             reply = _pack({"ok": True, "names": names, "problems": problems}, [out[n] for n in names])
         except _Failure as failure:
@@ -894,13 +899,16 @@ class OnnxModel:
         return batch
 
     # ------------------------------------------------------------------ evaluation
-    def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int) -> tuple[dict, dict]:
-        """Run the model on x for outputs `names`: (arrays (n, ...), why others are unusable)."""
+    def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int,
+               width: int | None = None) -> tuple[dict, dict]:
+        """Run the model on x for outputs `names` (with `width`: only those of that many values
+        per sample): (arrays (n, ...), why others are unusable)."""
         if len(x) == 0:
             raise InputError("no samples to query the model with")
         batch = self._batch()
         x = self._feed(x)
-        header = {"names": names, "extra": extra, "step": batch or max(1, step), "batch": batch}
+        header = {"names": names, "extra": extra, "step": batch or max(1, step), "batch": batch,
+                  "width": width}
         if self._broken is not None:
             raise OnnxError(self._broken)
         start = time.monotonic()
@@ -960,7 +968,8 @@ class OnnxModel:
             timer = threading.Timer(self._left, terminate)
             timer.start()
         try:
-            out, problems = evaluator.run(header["names"], header["extra"], x, header["step"], header["batch"])
+            out, problems = evaluator.run(header["names"], header["extra"], x, header["step"], header["batch"],
+                                          header.get("width"))
         except _Failure as failure:
             if self._left is not None and time.monotonic() - start >= self._left:
                 self._broken = str(self._timed_out())
@@ -1091,15 +1100,15 @@ class OnnxModel:
             return value, name, kind
         return answers_from_scores(value), name, kind
 
-    def intermediates(self, x: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Every intermediate tensor (or just `names`) for inputs x, flattened per sample."""
-        graph_outputs = {o.name for o in self.proto.graph.output}
+    def intermediates(self, x: np.ndarray, width: int | None = None) -> dict[str, np.ndarray]:
+        """Every tensor the graph computes (graph outputs included; with `width`, only those of
+        that many values per sample) for inputs x, flattened per sample. Names are not looked
+        at: a suspect's names are data, and a hostile file can point any name anywhere."""
         produced = [o for n in self.proto.graph.node for o in n.output if o and isinstance(o, str)]
-        wanted = [n for n in (names or produced) if n in produced and n not in graph_outputs]
-        wanted = list(dict.fromkeys(wanted))
+        wanted = list(dict.fromkeys(produced))
         if not wanted:  # (session.run with no names would return every graph output instead)
             return {}
-        out, _ = self._query(wanted, True, x, max(1, len(x)))
+        out, _ = self._query(wanted, True, x, max(1, len(x)), width)
         return {name: value.reshape(len(x), -1) for name, value in out.items()
                 if name in wanted and np.issubdtype(value.dtype, np.floating)
                 and value.ndim >= 1 and value.shape[0] == len(x)}

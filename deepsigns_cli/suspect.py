@@ -87,11 +87,9 @@ class OnnxSuspect(Suspect):
         return got
 
     def carriers(self, x, layer, width):
-        # our own export names the carrier; a foreign file is searched (and the search counted)
-        named = self.onnx.intermediates(x, [layer])
-        if layer in named and named[layer].shape[1] == width:
-            return named, ""
-        found = {k: v for k, v in self.onnx.intermediates(x).items() if v.shape[1] == width}
+        # every tensor of the carrier's width is a candidate, whatever its name (a hostile file
+        # can give the carrier's name to a decoy); the read-out counts the candidates in p
+        found = self.onnx.intermediates(x, width)
         return found, ("" if found else f"no tensor of width {width} in this model: not our architecture")
 
 

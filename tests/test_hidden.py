@@ -54,10 +54,9 @@ def test_onnx_export_gives_identical_bits(seeded_run):
     from_onnx = hidden(extract(seeded_run.onnx, seeded_run.keys, code=0))
     assert from_onnx["bits"] == from_checkpoint["bits"]
     assert from_onnx["bit_errors"] == 0
-    # our export names the carrier: found by name, no multiple-testing correction needed
-    assert from_onnx["tensor"] == from_onnx["layer"] == "head:input"
-    assert from_onnx["candidates"] == 1
-    assert from_onnx["p_value"] == pytest.approx(from_checkpoint["p_value"])
+    # no name is trusted: every tensor of the carrier's width is a candidate, counted in p
+    assert from_onnx["candidates"] >= 1 and from_onnx["tensor"] != "head:input"
+    assert from_onnx["p_value"] == pytest.approx(min(1.0, from_checkpoint["p_value"] * from_onnx["candidates"]))
 
 
 def _plain_export(checkpoint, path) -> None:

@@ -408,7 +408,7 @@ def test_fixed_batch_scores_equal_dynamic_ones(owner, suspects):
     x = np.random.default_rng(2).random((10, 1, 8, 8), dtype=np.float32)  # 3 + 3 + 3 + 1 padded
     np.testing.assert_allclose(fixed.scores(x), dynamic.scores(x), rtol=1e-5, atol=1e-5)
     got, want = fixed.intermediates(x), dynamic.intermediates(x)
-    assert got.keys() == want.keys() and "fc1" in got
+    assert got.keys() == want.keys() and len(got) >= 4
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
 
@@ -559,3 +559,46 @@ def test_nan_scores_give_a_verdict(owner, suspects, where):
 
 def test_the_marked_export_is_still_detected(owner):
     assert matches(verdict(owner, owner["onnx"], code=0)) == 20
+
+
+# ----------------------------------------------------------------------------- names are data
+
+
+def _hidden(report: dict) -> dict:
+    (result,) = [r for r in report["results"] if r["scheme"] == "hidden"]
+    return result
+
+
+def test_a_decoy_carrier_name_cannot_hide_the_hidden_mark(marked, suspects):
+    """A thief renames every tensor and gives the carrier's layer name ("head:input") to a decoy
+    of the same width (the carrier negated: every bit wrong). The read-out trusts no name: the
+    real carrier is still found, and the decoy is one more candidate counted in p."""
+    honest = _hidden(run_json("extract", "--model", marked.onnx, "--keys", marked.keys, code=0))
+    proto = onnx.load(str(marked.onnx))
+    g = proto.graph
+    names = {}
+    for node in g.node:
+        for name in node.output:
+            names.setdefault(name, f"t{len(names)}")
+    carrier = names[honest["tensor"]]
+    for node in g.node:
+        node.name = ""
+        for tensors in (node.input, node.output):
+            for i, name in enumerate(tensors):
+                tensors[i] = names.get(name, name)
+    for info in [*g.output, *g.value_info]:
+        info.name = names.get(info.name, info.name)
+    g.node.append(h.make_node("Neg", [carrier], ["head:input"]))
+    decoy = _hidden(run_json("extract", "--model", save(proto, suspects / "decoy.onnx"),
+                             "--keys", marked.keys, code=0))
+    assert decoy["bit_errors"] == honest["bit_errors"] == 0 and decoy["tensor"] == carrier
+    assert decoy["candidates"] == honest["candidates"] + 1
+    assert decoy["p_value"] == pytest.approx(min(1.0, 0.5 ** decoy["n_bits"] * decoy["candidates"]))
+
+
+def test_the_marked_export_carries_no_trace_of_the_tool(marked):
+    proto = onnx.load(str(marked.onnx))
+    assert list(proto.metadata_props) == [] and proto.producer_name == "pytorch"
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert not [n for n in proto.graph.node if n.op_type == "Identity"]
+    assert b"deepsigns" not in Path(marked.onnx).read_bytes()
