@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         ExportReport,
         InspectReport,
         KeygenReport,
+        ScanReport,
         TrainReport,
     )
     from .suspect import Suspect
@@ -58,6 +59,8 @@ __all__ = [
     "export",
     "extract",
     "verify",
+    "scan",
+    "suspect_files",
     "attack",
     "inspect",
     "check_keys",
@@ -280,20 +283,9 @@ def extract(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
     """`deepsigns extract`: white-box, every scheme of the bundle read from a checkpoint or
     an ONNX file. `commitment`: the published one; any other bundle is refused. `output`:
     the ONNX output to read (None: scores or probabilities if it has them, else labels)."""
-    from .bundle import open_bundle
-    from .suspect import open_suspect
-
-    alpha = _check_alpha(alpha)
-    _check_positive("timeout", timeout)
-    published = check_commitment(keys, commitment)
-    bundle = open_bundle(keys, _passphrase(passphrase))
-    if arch_kwargs is None and arch == bundle.info.get("arch"):
-        arch_kwargs = bundle.info.get("arch_kwargs")
-    suspect = open_suspect(model, shapes=bundle.shapes,
-                           arch=arch, arch_kwargs=arch_kwargs, provider=provider, timeout=timeout,
-                           output=output)
-    return read_keys(suspect, bundle, embed_order(bundle.schemes), alpha=alpha, command="extract",
-                     commitment=published)
+    reader = _Reader("extract", keys, passphrase, alpha=alpha, commitment=commitment, arch=arch,
+                     arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output)
+    return reader.read(model)
 
 
 def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
@@ -304,27 +296,127 @@ def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
     `commitment`: the published one; any other bundle is refused. `output`: the graph output
     to read (None: the first scores or probabilities, else the first labels; the result says
     which was read)."""
-    from .bundle import open_bundle
-    from .errors import shown
-    from .runtime import OnnxModel
-    from .suspect import OnnxSuspect
+    _check_onnx_path(model)
+    reader = _Reader("verify", keys, passphrase, alpha=alpha, commitment=commitment,
+                     provider=provider, timeout=timeout, output=output)
+    return reader.read(model)
 
-    alpha = _check_alpha(alpha)
-    _check_positive("timeout", timeout)
+
+def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: Passphrase, *,
+         alpha: float = DEFAULT_ALPHA, arch: str | None = None, arch_kwargs: dict | None = None,
+         provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT,
+         commitment: str | None = None, output: str | None = None,
+         progress: Progress | None = None) -> ScanReport:
+    """`extract` or `verify` over many suspects (files, or folders of them) with the bundle
+    opened once: one row per suspect. A suspect that cannot be read is a row with its error
+    (the others are still read); a missing path or a bad bundle fails the whole scan."""
+    import time
+
+    from .errors import DeepSignsError
+    from .results import ScanReport, ScanRow
+
+    if command not in ("extract", "verify"):
+        raise InputError(f"scan runs extract or verify, not {command!r}")
+    files = suspect_files(models, command)
+    started = time.perf_counter()
+    reader = _Reader(command, keys, passphrase, alpha=alpha, commitment=commitment, arch=arch,
+                     arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output)
+    rows = []
+    for i, path in enumerate(files):
+        try:
+            rows.append(ScanRow(str(path), reader.read(path)))
+        except DeepSignsError as exc:
+            rows.append(ScanRow(str(path), error=str(exc)))
+        if progress is not None:
+            progress(i + 1, len(files), f"{command} suspects")
+    return ScanReport(command, reader.bundle.key_id, reader.published, reader.alpha, rows,
+                      seconds=time.perf_counter() - started)
+
+
+#: what each command reads from a folder
+_SUFFIXES = {"verify": (".onnx",), "extract": (".onnx", ".safetensors", ".pt", ".pth")}
+
+
+def suspect_files(models: list[str | Path], command: str) -> list[Path]:
+    """The suspect files named: each path a file, or a folder whose files of the command's
+    kinds (directly inside it, sorted) are taken. Missing paths and empty folders fail."""
+    from .errors import shown
+
+    if isinstance(models, (str, Path)):
+        models = [models]
+    files: list[Path] = []
+    for given in models:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.suffix.lower() in _SUFFIXES[command] and p.is_file())
+            if not found:
+                raise InputError(f"folder {shown(path)} holds no {' or '.join(_SUFFIXES[command])} "
+                                 f"file to {command}")
+            files.extend(found)
+        elif path.is_file():
+            if command == "verify":
+                _check_onnx_path(path)
+            files.append(path)
+        else:
+            raise InputError(f"suspect not found: {shown(path)}: check --model")
+    if not files:
+        raise InputError("no suspect given: use --model FILE (repeat it, or give a folder)")
+    return list(dict.fromkeys(files))
+
+
+def _check_onnx_path(model: str | Path) -> None:
+    from .errors import shown
+
     if not str(model).lower().endswith(".onnx"):
         raise InputError(f"{shown(model)}: verify reads ONNX models; export a checkpoint first "
                          "with 'deepsigns export', or use 'deepsigns extract'")
-    published = check_commitment(keys, commitment)
-    bundle = open_bundle(keys, _passphrase(passphrase))
-    names = [n for n in embed_order(bundle.schemes) if scheme_entry(n).blackbox]
-    if not names:
-        raise SchemeError(
-            "this bundle holds white-box keys only (scheme: "
-            f"{', '.join(bundle.schemes)}): use 'deepsigns extract' to read them"
-        )
-    suspect = OnnxSuspect(OnnxModel(model, provider=provider, timeout=timeout), blackbox_only=True,
-                          output=output)
-    return read_keys(suspect, bundle, names, alpha=alpha, command="verify", commitment=published)
+
+
+class _Reader:
+    """The bundle opened once (commitment checked first), then any number of suspects read:
+    extract (every scheme, checkpoint or ONNX) or verify (the black-box schemes, ONNX)."""
+
+    def __init__(self, command: str, keys: str | Path, passphrase: Passphrase, *,
+                 alpha: float = DEFAULT_ALPHA, commitment: str | None = None, arch: str | None = None,
+                 arch_kwargs: dict | None = None, provider: str = "auto",
+                 timeout: float | None = DEFAULT_TIMEOUT, output: str | None = None):
+        from .bundle import open_bundle
+
+        self.command, self.alpha = command, _check_alpha(alpha)
+        _check_positive("timeout", timeout)
+        self.published = check_commitment(keys, commitment)
+        self.bundle = open_bundle(keys, _passphrase(passphrase))
+        self.names = embed_order(self.bundle.schemes)
+        if command == "verify":
+            self.names = [n for n in self.names if scheme_entry(n).blackbox]
+            if not self.names:
+                raise SchemeError(
+                    "this bundle holds white-box keys only (scheme: "
+                    f"{', '.join(self.bundle.schemes)}): use 'deepsigns extract' to read them"
+                )
+        if arch_kwargs is None and arch == self.bundle.info.get("arch"):
+            arch_kwargs = self.bundle.info.get("arch_kwargs")
+        self.arch, self.arch_kwargs = arch, arch_kwargs
+        self.provider, self.timeout, self.output = provider, timeout, output
+
+    def read(self, model: str | Path) -> Decision:
+        from .runtime import OnnxModel
+        from .suspect import OnnxSuspect, open_suspect
+
+        if self.command == "verify":
+            _check_onnx_path(model)
+            suspect = OnnxSuspect(OnnxModel(model, provider=self.provider, timeout=self.timeout),
+                                  blackbox_only=True, output=self.output)
+        else:
+            suspect = open_suspect(model, shapes=self.bundle.shapes, arch=self.arch,
+                                   arch_kwargs=self.arch_kwargs, provider=self.provider,
+                                   timeout=self.timeout, output=self.output)
+        try:
+            return read_keys(suspect, self.bundle, self.names, alpha=self.alpha, command=self.command,
+                             commitment=self.published)
+        finally:
+            suspect.close()
 
 
 def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits",

@@ -26,6 +26,8 @@ __all__ = [
     "ExportReport",
     "AttackReport",
     "InspectReport",
+    "ScanRow",
+    "ScanReport",
     "to_json_dict",
 ]
 
@@ -214,6 +216,36 @@ class AttackReport:
 
 
 @dataclass
+class ScanRow:
+    """One suspect of a scan: its decision, or why it could not be read."""
+
+    model: str
+    decision: Decision | None = None
+    error: str | None = None
+
+
+@dataclass
+class ScanReport:
+    """`extract`/`verify` over many suspects with one bundle. Exit like grep: 2 when a suspect
+    could not be read (an error is never lost in a match), else 0 when any is detected, else 1."""
+
+    command: str
+    key_id: str
+    commitment: str
+    alpha: float
+    rows: list[ScanRow]
+    seconds: float = 0.0
+
+    @property
+    def detected(self) -> list[str]:
+        return [r.model for r in self.rows if r.decision is not None and r.decision.detected]
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.model for r in self.rows if r.error is not None]
+
+
+@dataclass
 class InspectReport:
     kind: str
     path: str
@@ -246,6 +278,15 @@ def to_json_dict(report) -> dict:
                 "forger_key_sets": report.forger_key_sets, "meaning": report.meaning(),
                 "results": [_result_dict(r) for r in report.results]}
         return _plain(body)
+    if isinstance(report, ScanReport):
+        rows = [{"model": r.model, "error": r.error} if r.decision is None
+                else {k: v for k, v in to_json_dict(r.decision).items()
+                      if k not in ("command", "key_id", "commitment", "alpha")}
+                for r in report.rows]
+        return _plain({"command": report.command, "key_id": report.key_id,
+                       "commitment": report.commitment, "alpha": report.alpha,
+                       "suspects": len(report.rows), "detected": report.detected,
+                       "errors": report.errors, "seconds": report.seconds, "rows": rows})
     return _plain(asdict(report))
 
 

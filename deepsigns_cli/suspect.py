@@ -41,6 +41,9 @@ class Suspect:
         """(candidate name -> (n, width) activations, why there are none when empty)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Free what the suspect holds (an ONNX model's worker process)."""
+
 
 class TorchSuspect(Suspect):
     def __init__(self, model: nn.Module, name: str = "model"):
@@ -85,6 +88,9 @@ class OnnxSuspect(Suspect):
         got = self.onnx.answers(x, self.output)
         self.answer_classes = self.onnx.answer_classes
         return got
+
+    def close(self):
+        self.onnx.close()
 
     def carriers(self, x, layer, width):
         # every tensor of the carrier's width is a candidate, whatever its name (a hostile file

@@ -247,6 +247,39 @@ def emit_decision(report, json_: bool, render) -> None:
     sys.exit(EXIT_OK if report.detected else EXIT_NOT_DETECTED)
 
 
+def emit_scan(report, json_: bool) -> None:
+    """Print a scan (one row per suspect; each unreadable suspect also one line on stderr) and
+    exit like grep: 2 when a suspect could not be read, else 0 when any is detected, else 1."""
+    from . import render
+
+    emit(report, json_, render.scan)
+    for row in report.rows:
+        if row.error is not None:  # (most messages name the file already)
+            where = "" if shown(row.model) in row.error else f"{shown(row.model)}: "
+            click.echo(f"error: {where}{shown(row.error)}", err=True)
+    sys.exit(EXIT_BAD_INPUT if report.errors else EXIT_OK if report.detected else EXIT_NOT_DETECTED)
+
+
+def read_suspects(command: str, models: tuple[str, ...], keys: str, passphrase, json_: bool, render_one,
+                  **options) -> None:
+    """`extract`/`verify`: one suspect file gives its full report; several, or a folder, a scan
+    with the bundle opened once."""
+    from .. import api
+
+    if len(models) == 1 and not Path(models[0]).is_dir():
+        read = api.extract if command == "extract" else api.verify
+        emit_decision(read(models[0], keys, passphrase, **options), json_, render_one)
+        return
+    with progress_bar() as update:
+        report = api.scan(command, list(models), keys, passphrase, **options, progress=update)
+    emit_scan(report, json_)
+
+
+def models_option(help: str):
+    return click.option("--model", "models", required=True, multiple=True,
+                        help=f"{help} Repeat it, or give a folder, to scan many with the bundle opened once.")
+
+
 def warn(message: str) -> None:
     stderr_console().print(f"[yellow]warning:[/] {message}", highlight=False)
 

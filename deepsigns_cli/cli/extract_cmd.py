@@ -1,23 +1,23 @@
 import click
 
-from .. import api
 from . import render
 from .common import (
     alpha_option,
     arch_options,
     commitment_option,
     common_options,
-    emit_decision,
     keys_option,
+    models_option,
     parse_arch_kwargs,
     passphrase_from,
     provider_option,
+    read_suspects,
     timeout_option,
 )
 
 
 @click.command("extract")
-@click.option("--model", "model_path", required=True, help="Suspect: .safetensors, .pt (with --arch) or .onnx.")
+@models_option("Suspect: .safetensors, .pt (with --arch) or .onnx.")
 @click.option("--output", "output_name", default=None, metavar="NAME",
               help="ONNX output to read (default: scores or probabilities if the model has them, else labels).")
 @arch_options
@@ -27,16 +27,17 @@ from .common import (
 @provider_option
 @timeout_option
 @common_options
-def command(model_path, output_name, arch, arch_kwargs, keys_path, passphrase_file, commitment, alpha,
+def command(models, output_name, arch, arch_kwargs, keys_path, passphrase_file, commitment, alpha,
             provider, timeout, seed, json_):
-    """White-box: read the watermark from a checkpoint or ONNX file.
+    """White-box: read the watermark from checkpoints or ONNX files.
 
-    Exit code 0 when detected (p-value <= alpha), 1 when not, 2 on bad input.
+    Exit code 0 when detected (p-value <= alpha), 1 when not, 2 on bad input; with several
+    suspects, 0 when any is detected, 2 when any could not be read.
 
     \b
     deepsigns extract --model marked.onnx --keys owner.dskey
+    deepsigns extract --model downloads/ --keys owner.dskey
     """
-    report = api.extract(model_path, keys_path, passphrase_from(passphrase_file), alpha=alpha,
-                         arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), provider=provider,
-                         timeout=timeout, commitment=commitment, output=output_name)
-    emit_decision(report, json_, render.decision)
+    read_suspects("extract", models, keys_path, passphrase_from(passphrase_file), json_, render.decision,
+                  alpha=alpha, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), provider=provider,
+                  timeout=timeout, commitment=commitment, output=output_name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["kv_table", "decision_table", "train", "keygen", "embed", "export", "attack", "inspect", "decision"]
+__all__ = ["kv_table", "decision_table", "train", "keygen", "embed", "export", "attack", "inspect", "decision", "scan"]
 
 
 def fmt_p(p: float) -> str:
@@ -48,6 +48,29 @@ def decision(c, r) -> None:
         for key in ("warning", "note"):
             if getattr(res, key, None):
                 c.print(f"[yellow]{key}:[/] {getattr(res, key)}")
+
+
+def scan(c, r) -> None:
+    """One row per suspect: its verdict and evidence, or why it could not be read."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{r.command}: {len(r.detected)} of {len(r.rows)} suspects detected "
+                        f"(alpha = {r.alpha:g})", title_justify="left", caption_justify="left",
+                  caption=f"bundle commitment {r.commitment}; {len(r.rows) / max(r.seconds, 1e-9):.1f} "
+                          "suspects/s")
+    for col in ("suspect", "verdict", "p-value"):
+        table.add_column(col, no_wrap=True)  # a path stays whole, to copy
+    table.add_column("evidence")
+    for row in r.rows:
+        d = row.decision
+        if d is None:
+            table.add_row(escape(row.model), "[bold yellow]ERROR[/]", "-", escape(row.error or ""))
+            continue
+        evidence = "; ".join(f"{x.scheme}: {x.evidence()[1]}" for x in d.results)
+        table.add_row(escape(row.model), "[bold green]DETECTED[/]" if d.detected else "not detected",
+                      fmt_p(d.p_value), escape(evidence))
+    c.print(table)
 
 
 def train(c, r) -> None:
