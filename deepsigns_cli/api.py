@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .results import (
         AttackReport,
         Decision,
+        DisputeReport,
         EmbedReport,
         ExportReport,
         InspectReport,
@@ -61,6 +62,7 @@ __all__ = [
     "verify",
     "scan",
     "suspect_files",
+    "dispute",
     "attack",
     "inspect",
     "check_keys",
@@ -331,6 +333,56 @@ def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: P
             progress(i + 1, len(files), f"{command} suspects")
     return ScanReport(command, reader.bundle.key_id, reader.published, reader.alpha, rows,
                       seconds=time.perf_counter() - started)
+
+
+def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: float = DEFAULT_ALPHA,
+            arch: str | None = None, arch_kwargs: dict | None = None, provider: str = "auto",
+            timeout: float | None = DEFAULT_TIMEOUT, names: list[str] | None = None) -> DisputeReport:
+    """`deepsigns dispute`: two parties' (bundle, passphrase, model); every party's keys read
+    (white-box, as `extract`) from every party's model. The reading: a party whose mark is in
+    the other's model while the other's mark is not in theirs marked first (the other model
+    was made from theirs). Each party's own keys must detect their own model to be heard."""
+    from .results import DisputeParty, DisputeReport
+
+    if len(parties) != 2:
+        raise InputError(f"a dispute is between two parties: give --party twice, not {len(parties)} time(s)")
+    names = [str(n) for n in (names or ["A", "B"])]
+    if len(names) != 2 or len(set(names)) != 2 or not all(names):
+        raise InputError("the two parties need two different, non-empty names (--name)")
+    for keys, _, model in parties:  # cheap checks for both parties before any passphrase
+        check_keys(keys)
+        if not Path(model).is_file():
+            from .errors import shown
+
+            raise InputError(f"model not found: {shown(model)}: check --party")
+    readers = [_Reader("extract", keys, passphrase, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
+                       provider=provider, timeout=timeout) for keys, passphrase, _ in parties]
+    matrix = [[reader.read(model) for _, _, model in parties] for reader in readers]
+    who = [DisputeParty(name, str(keys), str(model), reader.published, reader.bundle.key_id)
+           for name, (keys, _, model), reader in zip(names, parties, readers, strict=True)]
+    first, reading = _dispute_reading(names, matrix)
+    return DisputeReport(who, matrix, readers[0].alpha, first, reading)
+
+
+def _dispute_reading(names: list[str], matrix) -> tuple[str | None, str]:
+    """(the party that marked first, or None; the reading in words)."""
+    a, b = names
+    own = [matrix[0][0].detected, matrix[1][1].detected]
+    if not all(own):
+        void = [n for n, ok in zip(names, own, strict=True) if not ok]
+        return None, (f"undecided: {' and '.join(void)}'s keys do not detect {'their' if len(void) > 1 else 'the'} "
+                      "own model, so that claim is void; re-check the files given")
+    a_in_b, b_in_a = matrix[0][1].detected, matrix[1][0].detected
+    if a_in_b and not b_in_a:
+        return a, (f"{a} marked first: {a}'s mark is in {b}'s model, {b}'s mark is not in {a}'s: "
+                   f"{b}'s model was made from {a}'s")
+    if b_in_a and not a_in_b:
+        return b, (f"{b} marked first: {b}'s mark is in {a}'s model, {a}'s mark is not in {b}'s: "
+                   f"{a}'s model was made from {b}'s")
+    if a_in_b:
+        return None, ("undecided: each mark is in the other's model (the same model, or both "
+                      "marked into one): the earlier published commitment decides")
+    return None, "no dispute: neither mark is in the other's model; the models are unrelated"
 
 
 #: what each command reads from a folder

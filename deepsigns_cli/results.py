@@ -26,6 +26,8 @@ __all__ = [
     "ExportReport",
     "AttackReport",
     "InspectReport",
+    "DisputeParty",
+    "DisputeReport",
     "ScanRow",
     "ScanReport",
     "to_json_dict",
@@ -99,14 +101,15 @@ class MatchResult(SchemeResult):
     matches: int = 0
     mismatches: int = 0
     num_classes: int = 0
-    max_mismatches: int | None = None  # set by decide(): the paper's Eq. 5 threshold
+    labels: int = 0  # the labels a key's label was drawn among (C - 1): chance = 1 / labels
+    max_mismatches: int | None = None  # set by decide(): the paper's Eq. 5 threshold, at that chance
     onnx_seconds: float | None = None
     output: str | None = None  # the model's output the answers were read from
     output_kind: str | None = None  # its kind: scores, probabilities or labels
 
     def apply(self, alpha: float) -> None:
         super().apply(alpha)
-        self.max_mismatches = stats.max_mismatches(self.keys, self.num_classes, alpha)
+        self.max_mismatches = stats.max_mismatches(self.keys, self.labels, alpha)
 
     def evidence(self) -> tuple[str, str]:
         from .errors import one_line
@@ -246,6 +249,31 @@ class ScanReport:
 
 
 @dataclass
+class DisputeParty:
+    name: str
+    keys: str
+    model: str
+    commitment: str  # a claim counts with a commitment published before the dispute
+    key_id: str
+
+
+@dataclass
+class DisputeReport:
+    """Every party's keys read from every party's model: matrix[i][j] = keys i on model j."""
+
+    parties: list[DisputeParty]
+    matrix: list[list[Decision]]
+    alpha: float
+    first: str | None  # the party that marked first, None when undecided
+    reading: str
+    command: str = "dispute"
+
+    @property
+    def detected(self) -> bool:  # (the exit code: 0 when the reading names a party)
+        return self.first is not None
+
+
+@dataclass
 class InspectReport:
     kind: str
     path: str
@@ -278,6 +306,14 @@ def to_json_dict(report) -> dict:
                 "forger_key_sets": report.forger_key_sets, "meaning": report.meaning(),
                 "results": [_result_dict(r) for r in report.results]}
         return _plain(body)
+    if isinstance(report, DisputeReport):
+        cells = [{"keys_of": report.parties[i].name, "model_of": report.parties[j].name,
+                  "detected": d.detected, "p_value": d.p_value, "forger_key_sets": d.forger_key_sets,
+                  "results": [_result_dict(r) for r in d.results]}
+                 for i, row in enumerate(report.matrix) for j, d in enumerate(row)]
+        return _plain({"command": "dispute", "alpha": report.alpha, "first": report.first,
+                       "reading": report.reading, "parties": [asdict(p) for p in report.parties],
+                       "matrix": cells})
     if isinstance(report, ScanReport):
         rows = [{"model": r.model, "error": r.error} if r.decision is None
                 else {k: v for k, v in to_json_dict(r.decision).items()

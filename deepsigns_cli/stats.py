@@ -39,7 +39,8 @@ def _upper_tail_counts(n_keys: int, n_classes: int) -> list[int]:
 
 
 def matches_p_value(matches: int, n_keys: int, n_classes: int) -> float:
-    """P[Binomial(K, 1/C) >= m]: the chance that an unrelated model hits m of K key labels."""
+    """P[Binomial(K, 1/C) >= m]: the chance that an unrelated model hits m of K key labels, each
+    drawn among C labels (the output scheme passes C - 1: the labels a key can have)."""
     if matches <= 0:
         return 1.0
     if matches > n_keys:

@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,7 @@ def cost(out: Path) -> dict:
                                  f"{proc.stderr.strip()}")
             report = json.loads(proc.stdout)
             onnx_times.append(report["results"][0]["onnx_seconds"])
+        scan = _scan_throughput(path, tmp, env)
         model = OnnxModel(path, provider="cpu")
         keys = bundle.schemes["output"].arrays["x"]
         model.scores(keys)  # warm the session
@@ -213,15 +215,37 @@ def cost(out: Path) -> dict:
         warm = (time.perf_counter() - t) / 100
     payload = {"queries": len(keys), "process_wall_seconds_median": float(np.median(walls)),
                "onnx_seconds_in_process_median": float(np.median(onnx_times)),
-               "onnx_seconds_warm_session": warm}
+               "onnx_seconds_warm_session": warm, **scan}
     print(f"queries per verification: {payload['queries']} (one batch)")
     print(f"whole `deepsigns verify` process: {payload['process_wall_seconds_median']:.2f} s "
           f"(median of 5)")
     print(f"onnxruntime calls inside it (session creation + run): "
           f"{payload['onnx_seconds_in_process_median'] * 1000:.1f} ms")
     print(f"onnxruntime run on a warm session: {warm * 1000:.3f} ms")
+    print(f"scan of {scan['scan_suspects']} suspects in one `deepsigns verify --model FOLDER`: "
+          f"{scan['scan_suspects_per_second']:.1f} suspects/s inside the scan (bundle opened once), "
+          f"{scan['scan_process_suspects_per_second']:.1f} suspects/s for the whole process")
     _save(out, "cost", payload)
     return payload
+
+
+def _scan_throughput(path: Path, tmp: Path, env: dict, n: int = 60) -> dict:
+    """One `deepsigns verify` process over a folder of n suspects (copies of the marked export)."""
+    folder = tmp / "suspects"
+    folder.mkdir()
+    for i in range(n):
+        shutil.copy(path, folder / f"suspect{i:03d}.onnx")
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "deepsigns_cli", "verify", "--model", str(folder),
+                           "--keys", str(tmp / "owner.dskey"), "--json"],
+                          capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"the scan failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    report = json.loads(proc.stdout)
+    assert len(report["detected"]) == n, "every copy of the marked model must be detected"
+    return {"scan_suspects": n, "scan_suspects_per_second": n / report["seconds"],
+            "scan_process_suspects_per_second": n / wall}
 
 
 def main() -> None:

@@ -4,12 +4,14 @@ A p-value that is too small (a forger's friend) or too large (a claim that never
 
 from __future__ import annotations
 
-from math import comb
+from math import comb, exp, lgamma, log
 
 import numpy as np
 import pytest
 
 from deepsigns_cli import api, stats
+from deepsigns_cli.results import SchemeKeys
+from deepsigns_cli.schemes import output
 from deepsigns_cli.suspect import TorchSuspect
 
 KEY_SETS = 600
@@ -44,16 +46,22 @@ def _calibrated(p_values: list[float], n_bits: int) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("n_bits", [16, 32])
-def test_hidden_p_values_are_calibrated_on_an_unmarked_model(marked, digits, n_bits):
+@pytest.mark.parametrize("n_bits, classes", [(16, 1), (8, 3)])
+def test_hidden_p_values_are_calibrated_on_an_unmarked_model(marked, digits, n_bits, classes):
+    """One class centre, and the default three (each read through its own projection: the
+    copies are independent evidence under the null, so p counts all 3 x N bits)."""
     from deepsigns_cli.checkpoint import load_checkpoint
 
     model, info = load_checkpoint(marked.base)  # never marked: the owner's baseline
     suspect = TorchSuspect(model)
     p_values = []
     for seed in range(KEY_SETS):
-        bundle = api.make_keys(model, info, digits, ["hidden"], {"hidden": {"bits": n_bits}}, seed=seed)
-        p_values.append(api.read_keys(suspect, bundle, ["hidden"], alpha=LEVEL).results[0].p_value)
+        bundle = api.make_keys(model, info, digits, ["hidden"], {"hidden": {"bits": n_bits, "classes": classes}},
+                               seed=seed)
+        result = api.read_keys(suspect, bundle, ["hidden"], alpha=LEVEL).results[0]
+        assert result.n_bits == n_bits * classes
+        p_values.append(result.p_value)
+    n_bits *= classes
     assert _calibrated(p_values, n_bits) == []
 
 
@@ -64,3 +72,128 @@ def test_the_check_catches_a_miscalibrated_p_value():
     assert _calibrated(honest, 32) == []
     assert _calibrated([p / 4 for p in honest], 32) != []
     assert _calibrated([1.0] * KEY_SETS, 32) != []
+
+
+# ---------------------------------------------------------------------------- output scheme
+# p = P[Binomial(K, 1/(C - 1)) >= matches]. A key's label is uniform over the C - 1 classes the owner's
+# unmarked model does not give it, so an unrelated model matches a key with probability
+# r = (how often it disagrees with the owner's model on keys) / (C - 1): at most 1/(C - 1), and
+# not known in advance. So the test's exact size is not known either: it is computed from the
+# match rate the key sets show, r being bounded by its own binomial interval. Matches are
+# independent across keys (each key's input and label are drawn on their own), so the matches of
+# a key set are Binomial(K, r) and the hits at a level are Binomial(n, P[Binomial(K, r) >= m*]),
+# m* the fewest matches the test claims at that level.
+
+OUTPUT_KEYS = output.DEFAULTS["key_size"]  # K = 20, the default key size
+
+
+def _log_binomial_pmf(k: int, n: int, p: float) -> float:
+    return lgamma(n + 1) - lgamma(k + 1) - lgamma(n - k + 1) + k * log(p) + (n - k) * log(1 - p)
+
+
+def _binomial_at_least(k: int, n: int, p: float) -> float:
+    """P[Binomial(n, p) >= k]."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    if n - k < k:  # sum the shorter side
+        return min(1.0, sum(exp(_log_binomial_pmf(i, n, p)) for i in range(k, n + 1)))
+    return max(0.0, 1 - sum(exp(_log_binomial_pmf(i, n, p)) for i in range(k)))
+
+
+def _rate_interval(successes: int, trials: int, tail: float = 1e-4) -> tuple[float, float]:
+    """[lo, hi] holding a Bernoulli rate given Binomial(trials, rate) = successes, except with
+    probability 2 * tail at most (exact tails, bisection)."""
+
+    def solve(too_far) -> float:
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if too_far(mid) else (mid, hi)
+        return (lo + hi) / 2
+
+    r_lo = 0.0 if successes == 0 else solve(lambda r: _binomial_at_least(successes, trials, r) > tail)
+    r_hi = 1.0 if successes == trials else solve(lambda r: 1 - _binomial_at_least(successes + 1, trials, r) < tail)
+    return r_lo, r_hi
+
+
+def _output_calibrated(p_values: list[float], matches: list[int], n_keys: int, labels: int) -> list[str]:
+    """What is wrong with these p-values (one per random key set, with its matches), level by level.
+    `labels`: the labels a key's label is drawn among (C - 1)."""
+    n, problems = len(p_values), []
+    r_lo, r_hi = _rate_interval(sum(matches), n * n_keys)
+    if r_lo > 1 / labels:  # no unrelated model can match keys more often than this
+        problems.append(f"{sum(matches)} matches of {n * n_keys} keys: more than 1/(C - 1) of them")
+    for level in LEVELS:
+        hits = sum(p <= level for p in p_values)
+        fewest = n_keys - stats.max_mismatches(n_keys, labels, level)  # m*: the fewest matches claimed
+        lo = _binomial_interval(n, _binomial_at_least(fewest, n_keys, r_lo))[0]
+        # the exact size at the observed rate, and never above the level itself (the issue's bound)
+        hi = min(_binomial_interval(n, _binomial_at_least(fewest, n_keys, r_hi))[1],
+                 _binomial_interval(n, level)[1])
+        if not lo <= hits <= hi:
+            problems.append(f"{hits} of {n} with p <= {level}: expected {lo}..{hi} "
+                            f"(per-key match rate {r_lo:.4f}..{r_hi:.4f})")
+    return problems
+
+
+class _SameRegions:
+    """keygen's density model of the training activations (an SVD, most of keygen's time) is a
+    function of the model and its training data alone when the data has no more points than the
+    reference sample: no random subsample, the rng is not touched. Built once, it is the very
+    object keygen would build for every key set; the key inputs and labels still come from each
+    key set's own seeded rng in the library's keygen."""
+
+    def __init__(self):
+        self.made: tuple[np.ndarray, dict, output.RareRegions] | None = None
+        self.build = output.RareRegions  # the library's own class (the module name gets patched)
+
+    def __call__(self, train_acts, opts, rng):
+        if len(train_acts) > opts["reference_points"]:  # keygen would subsample: not the same object
+            return self.build(train_acts, opts, rng)
+        if self.made is None or not (np.array_equal(train_acts, self.made[0]) and opts == self.made[1]):
+            self.made = (train_acts.copy(), dict(opts), self.build(train_acts, opts, rng))
+        return self.made[2]
+
+
+def _as_embedded(keys: SchemeKeys) -> SchemeKeys:
+    """The key set as embed would leave it, minus the training: K of the candidates, chosen without
+    looking at them (the candidates are drawn independently, so the first K are a random key set)."""
+    k = int(keys.params["key_size"])
+    return SchemeKeys(keys.scheme, {**keys.params, "embedded": True},
+                      {"x": keys.arrays["x_candidates"][:k], "y": keys.arrays["y_candidates"][:k]})
+
+
+def test_output_p_values_are_calibrated_on_unmarked_models(marked, digits, cnn, monkeypatch):
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    owner, info = load_checkpoint(marked.base)  # the keys are drawn on the owner's unmarked baseline
+    # read from models that never saw the keys: an MLP like the owner's (another seed), and a CNN
+    other_mlp = api.train_model("mlp", digits, epochs=15, seed=1, device="cpu")[0]
+    suspects = {"mlp seed 1": TorchSuspect(other_mlp), "cnn": TorchSuspect(load_checkpoint(cnn[0])[0])}
+    monkeypatch.setattr(output, "RareRegions", _SameRegions())
+    p_values: dict[str, list[float]] = {name: [] for name in suspects}
+    matches: dict[str, list[int]] = {name: [] for name in suspects}
+    for seed in range(KEY_SETS):
+        bundle = api.make_keys(owner, info, digits, ["output"], {"output": {"key_size": OUTPUT_KEYS}}, seed=seed)
+        bundle.put(_as_embedded(bundle.schemes["output"]))
+        for name, suspect in suspects.items():
+            result = api.read_keys(suspect, bundle, ["output"], alpha=LEVEL).results[0]
+            p_values[name].append(result.p_value)
+            matches[name].append(result.matches)
+    problems = {name: _output_calibrated(p_values[name], matches[name], OUTPUT_KEYS, info.num_classes - 1)
+                for name in suspects}
+    assert problems == {name: [] for name in suspects}
+
+
+@pytest.mark.parametrize("rate", [0.075, 1 / 9])  # about the CNN's match rate; the worst case 1/(C - 1)
+def test_the_output_check_catches_a_miscalibrated_p_value(rate):
+    """The output check can fail: p-values four times too small, or stuck at 1, are caught."""
+    matches = [int(m) for m in np.random.default_rng(0).binomial(OUTPUT_KEYS, rate, KEY_SETS)]
+    honest = [stats.matches_p_value(m, OUTPUT_KEYS, 9) for m in matches]  # C = 10: 9 labels a key can have
+    assert _output_calibrated(honest, matches, OUTPUT_KEYS, 9) == []
+    assert _output_calibrated([p / 4 for p in honest], matches, OUTPUT_KEYS, 9) != []
+    assert _output_calibrated([1.0] * KEY_SETS, matches, OUTPUT_KEYS, 9) != []

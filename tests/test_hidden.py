@@ -10,6 +10,9 @@ from helpers import MESSAGE, SEEDS, assert_one_error_line, run_cli, run_json
 from torch import nn
 
 from deepsigns_cli.defaults import DEFAULT_ALPHA as ALPHA
+from deepsigns_cli.schemes.hidden import DEFAULTS
+
+CLASSES = DEFAULTS["classes"]  # the signature is held at this many class centres
 
 
 def extract(model, keys, *extra, code=None) -> dict:
@@ -37,7 +40,7 @@ def test_marked_model_is_detected_with_no_bit_errors(seeded_run):
     report = extract(seeded_run.marked, seeded_run.keys, code=0)
     r = hidden(report)
     assert report["detected"] is True and r["detected"] is True
-    assert r["n_bits"] == 8 * len(MESSAGE)
+    assert r["n_bits"] == 8 * len(MESSAGE) * CLASSES == len(r["bits"])  # a copy at each class
     assert r["bit_errors"] == 0 and r["ber"] == 0.0
     assert r["p_value"] == pytest.approx(0.5 ** r["n_bits"])  # P[Binomial(N, 1/2) <= 0]
     assert report["p_value"] <= report["alpha"] == ALPHA
@@ -46,7 +49,9 @@ def test_marked_model_is_detected_with_no_bit_errors(seeded_run):
 def test_message_round_trips(seeded_run):
     r = hidden(extract(seeded_run.marked, seeded_run.keys, code=0))
     assert r["message"] == MESSAGE
-    assert int(r["bits"], 2).to_bytes(len(MESSAGE), "big") == MESSAGE.encode()
+    n = 8 * len(MESSAGE)
+    for k in range(CLASSES):  # every class centre holds the whole signature
+        assert int(r["bits"][k * n:(k + 1) * n], 2).to_bytes(len(MESSAGE), "big") == MESSAGE.encode()
 
 
 def test_onnx_export_gives_identical_bits(seeded_run):
@@ -170,8 +175,8 @@ def test_human_report_goes_to_stdout_and_says_detected(marked):
 
 
 def test_alpha_smaller_than_the_signature_can_reach(marked):
-    """72 bits cannot give p <= 1e-30: not detected, and the report says why."""
-    report = extract(marked.marked, marked.keys, "--alpha", "1e-30", code=1)
+    """3 x 72 bits cannot give p <= 1e-80: not detected, and the report says why."""
+    report = extract(marked.marked, marked.keys, "--alpha", "1e-80", code=1)
     r = hidden(report)
     assert r["bit_errors"] == 0 and r["detected"] is False
     assert "more --bits" in r["warning"]
@@ -181,5 +186,5 @@ def test_too_few_bits_for_alpha_is_reported(marked, tmp_path):
     keys = tmp_path / "short.dskey"
     run_json("keygen", "--model", marked.base, "--bits", 8, "--seed", 0, "--out", keys)
     r = hidden(extract(marked.base, keys, code=1))
-    assert r["n_bits"] == 8 and r["max_bit_errors"] == -1  # 2^-8 > 1e-9: no match is enough
+    assert r["n_bits"] == 8 * CLASSES and r["max_bit_errors"] == -1  # 2^-24 > 1e-9: no match is enough
     assert "cannot reach alpha" in r["warning"]

@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "Export a checkpoint to ONNX, checked for parity with torch.",
     "extract": "White-box: read the watermark from a checkpoint or ONNX file.",
     "verify": "Black-box: decide ownership from an ONNX model's answers alone.",
+    "dispute": "Two parties claim one model: whose mark is in whose model, who marked first.",
     "attack": "Attack a model the way a thief would (noise, ...); write the attacked model.",
     "inspect": "Show the public facts of a checkpoint, bundle or ONNX file.",
 }

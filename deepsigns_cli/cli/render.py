@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["kv_table", "decision_table", "train", "keygen", "embed", "export", "attack", "inspect", "decision", "scan"]
+__all__ = ["kv_table", "decision_table", "train", "keygen", "embed", "export", "attack", "inspect", "decision",
+           "scan", "dispute"]
 
 
 def fmt_p(p: float) -> str:
@@ -71,6 +72,27 @@ def scan(c, r) -> None:
         table.add_row(escape(row.model), "[bold green]DETECTED[/]" if d.detected else "not detected",
                       fmt_p(d.p_value), escape(evidence))
     c.print(table)
+
+
+def dispute(c, r) -> None:
+    """The cross matrix (rows: whose keys; columns: whose model), the commitments, the reading."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"dispute: whose keys detect whose model (alpha = {r.alpha:g})", title_justify="left")
+    table.add_column("keys of \\ model of", style="bold")
+    for p in r.parties:
+        table.add_column(f"{escape(p.name)}: {escape(p.model)}")
+    for p, row in zip(r.parties, r.matrix, strict=True):
+        table.add_row(escape(p.name), *[
+            f"{'[bold green]DETECTED[/]' if d.detected else 'not detected'}  p = {fmt_p(d.p_value)}"
+            for d in row])
+    c.print(table)
+    for p in r.parties:
+        c.print(f"{escape(p.name)}: keys {escape(p.keys)}, commitment {p.commitment}", highlight=False)
+    c.print(f"[bold]{escape(r.reading)}[/]")
+    c.print("a claim counts only if its commitment was published before the dispute (keygen and "
+            "embed print the claim record to publish)", highlight=False)
 
 
 def train(c, r) -> None:

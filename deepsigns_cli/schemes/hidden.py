@@ -21,13 +21,17 @@ from .base import Scheme
 __all__ = ["HiddenScheme", "message_to_bits", "bits_to_message", "SCHEME"]
 
 DEFAULTS = {
-    "bits": 64,  # with alpha = 1e-9: up to 8 bit errors still detected
-    "classes": 1,
+    "bits": 64,  # per target class
+    "classes": 3,  # the signature at 3 class centres, each read through its own projection:
+    # 192 independent bits of evidence, so that the mark outlives a thief's own embed into
+    # the same layer (overwriting flips 20-25% of them; at alpha = 1e-9 up to 67 may be wrong)
     "trigger_per_class": 64,
     "lambda1": 0.01,  # activation isolation (paper: 0.01)
     "lambda2": 1.0,  # projection towards the bits
     "margin": 0.5,  # required |projection| in units of a random projection's spread
-    # (0.5, not 1.0: a non-negative (ReLU) carrier cannot give every bit 1.0 past ~64 bits)
+    # (0.5, not 1.0: a non-negative (ReLU) carrier cannot give every bit 1.0 past ~64 bits;
+    # a hinge, not cross-entropy: once a bit has its margin the embed stops pushing, which
+    # leaves the rest of the layer, another owner's mark included, alone)
     "trigger_batch": 32,  # trigger samples mixed into every step
 }
 
@@ -90,7 +94,10 @@ class HiddenScheme(Scheme):
             **{k: opts[k] for k in ("lambda1", "lambda2", "margin", "trigger_batch")},
         }
         arrays = {
-            "A": rng.standard_normal((width, n_bits)).astype(np.float32),
+            # one independent projection per target class (columns k*N .. (k+1)*N - 1): the bits
+            # read at different classes are then independent under the null, so every copy of
+            # the signature counts as evidence
+            "A": rng.standard_normal((width, n_bits * s)).astype(np.float32),
             "bits": np.tile(bits, (s, 1)),  # (s, N): the same signature at every class centre
             "classes": classes.astype(np.int64),
             "trigger_x": data.x_train[trig_idx].astype(np.float32),
@@ -105,7 +112,7 @@ class HiddenScheme(Scheme):
         p, a = keys.params, keys.arrays
         tx = a.get("trigger_x")
         fits = (p["width"] >= 1 and p["n_bits"] >= 1 and p["trigger_batch"] >= 1
-                and a["A"].shape == (p["width"], p["n_bits"]) and a["A"].dtype.kind == "f"
+                and a["A"].shape == (p["width"], p["n_bits"] * len(a["classes"])) and a["A"].dtype.kind == "f"
                 and a["bits"].shape[1] == p["n_bits"]
                 and len(a["bits"]) == len(a["classes"]) and isinstance(tx, np.ndarray)
                 and tx.dtype.kind == "f" and len(tx) == len(a["trigger_y"]) and np.isfinite(tx).all()
@@ -139,7 +146,9 @@ class HiddenScheme(Scheme):
         for name, acts in candidates.items():
             ty = arrays["trigger_y"]
             means = np.stack([acts[ty == c].mean(0) for c in arrays["classes"]])
-            found = (means @ arrays["A"] > 0).astype(np.uint8)  # (s, N)
+            n_each = arrays["bits"].shape[1]  # each class through its own columns of A
+            proj = np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)])
+            found = (proj > 0).astype(np.uint8)  # (s, N)
             errors = int((found != arrays["bits"]).sum())
             if best is None or errors < best[1]:
                 best = (name, errors, found)
@@ -148,8 +157,14 @@ class HiddenScheme(Scheme):
             "hidden", stats.bonferroni(stats.bits_p_value(errors, n), tries), layer=params["layer"],
             n_bits=n, bits="".join(map(str, found.reshape(-1))), bit_errors=errors, ber=errors / n,
             tensor=name, candidates=tries,
-            message=bits_to_message(found[0]) if params.get("message") else None,
+            message=bits_to_message(_majority(found)) if params.get("message") else None,
         )
+
+
+def _majority(found: np.ndarray) -> np.ndarray:
+    """The signature from its copies at the s class centres, bit by bit (ties: the first copy)."""
+    votes = found.astype(np.int64).sum(0) * 2 - len(found)
+    return np.where(votes == 0, found[0], votes > 0).astype(np.uint8)
 
 
 class _HiddenState(nn.Module):
@@ -228,12 +243,12 @@ class HiddenObjective(Objective):
             mask = trig_y == c
             if not mask.any():  # no sample of this class in the batch: no term, no NaN
                 continue
-            proj = trig_act[mask].mean(0) @ s.A  # (N,)
-            z = proj / s.A.norm(dim=0) / trig_act[mask].mean(0).norm().clamp_min(1e-6)
-            z = z * (s.A.shape[0] ** 0.5)  # ~N(0, 1) for an unrelated mean activation
-            bce = nn.functional.binary_cross_entropy_with_logits(z, (s.signs[k] + 1) / 2)
-            hinge = torch.relu(float(self.params["margin"]) - s.signs[k] * z).mean()
-            terms.append(bce + hinge)
+            n = s.signs.shape[1]
+            a = s.A[:, k * n:(k + 1) * n]  # this class's own projection
+            proj = trig_act[mask].mean(0) @ a  # (N,)
+            z = proj / a.norm(dim=0) / trig_act[mask].mean(0).norm().clamp_min(1e-6)
+            z = z * (a.shape[0] ** 0.5)  # ~N(0, 1) for an unrelated mean activation
+            terms.append(torch.relu(float(self.params["margin"]) - s.signs[k] * z).mean())
         loss2 = torch.stack(terms).mean() if terms else act.sum() * 0
         weight = (own.stop - own.start) / max(1, own.stop)  # their share of the batch, as before
         return (

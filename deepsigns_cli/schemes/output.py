@@ -3,8 +3,11 @@
 Keys are random inputs whose penultimate activations fall where the training data's
 activations are sparse ("rarely explored regions"), each with a random label that the
 unmarked model does not predict. Fine-tuning teaches the model those labels; a suspect that
-answers them far more often than chance (1/C) is ours:
-p = P[Binomial(K, 1/C) >= matches].
+answers them far more often than chance is ours. A key's label is drawn among the C - 1
+labels the unmarked model does not give it, so an unrelated model hits it with probability
+1/(C - 1) at most (the paper's Eq. 5 uses 1/C, which a model that always disagrees with the
+owner's beats): p = P[Binomial(K, 1/(C - 1)) >= matches]. With C = 2 the label is fixed by the
+unmarked model's answer and the scheme proves nothing: keygen refuses it.
 """
 
 from __future__ import annotations
@@ -99,6 +102,10 @@ class OutputScheme(Scheme):
 
         opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
         key_size = int(opts["key_size"])
+        if info.num_classes < 3:
+            raise SchemeError(f"the output-layer scheme needs 3 or more classes, the model has {info.num_classes}: "
+                              "a key's label would be the one the unmarked model does not give, which "
+                              "proves nothing; use --scheme hidden")
         if not 1 <= key_size <= MAX_KEY_SIZE:
             raise SchemeError(f"--key-size must be between 1 and {MAX_KEY_SIZE}, got {key_size}")
         wanted = key_size * int(opts["oversample"])
@@ -150,7 +157,7 @@ class OutputScheme(Scheme):
         self.require(keys, {}, {y: 1})
         xs, ys = keys.arrays.get(x), keys.arrays[y]
         if not (isinstance(xs, np.ndarray) and xs.dtype.kind == "f" and len(xs) == len(ys)
-                and np.isfinite(xs).all() and keys.params["num_classes"] >= 2
+                and np.isfinite(xs).all() and keys.params["num_classes"] >= 3
                 and keys.params["key_batch"] >= 1 and 1 <= keys.params["key_size"] <= MAX_KEY_SIZE
                 and ys.min() >= 0 and ys.max() < keys.params["num_classes"]):
             self.damaged("keys that do not fit their labels")
@@ -210,8 +217,8 @@ class OutputScheme(Scheme):
             note = f"the model gives {width} scores, the keys have {c} classes"
         elif width is None and (answers >= c).any():  # such a label never matches a key
             note = f"the model answers label {int(answers.max())}, the keys have {c} classes"
-        return MatchResult("output", stats.matches_p_value(matches, k, c), note=note, keys=k,
-                           queries=k, matches=matches, mismatches=k - matches, num_classes=c,
+        return MatchResult("output", stats.matches_p_value(matches, k, c - 1), note=note, keys=k,
+                           queries=k, matches=matches, mismatches=k - matches, num_classes=c, labels=c - 1,
                            onnx_seconds=seconds if suspect.blackbox_only else None,
                            output=output, output_kind=kind)
 

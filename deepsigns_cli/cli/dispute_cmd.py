@@ -1,0 +1,49 @@
+import click
+
+from .. import api
+from . import render
+from .common import (
+    EXIT_NOT_DETECTED,
+    EXIT_OK,
+    alpha_option,
+    arch_options,
+    common_options,
+    emit,
+    parse_arch_kwargs,
+    passphrase_from,
+    provider_option,
+    timeout_option,
+)
+
+
+@click.command("dispute")
+@click.option("--party", "parties", multiple=True, required=True, nargs=3,
+              metavar="KEYS PASSPHRASE_FILE MODEL",
+              help="One party: their bundle, the file holding its passphrase, and their model "
+                   "(checkpoint or ONNX). Give it twice.")
+@click.option("--name", "names", multiple=True, help="The parties' names, in order (default A, B).")
+@arch_options
+@alpha_option
+@provider_option
+@timeout_option
+@common_options
+def command(parties, names, arch, arch_kwargs, alpha, provider, timeout, seed, json_):
+    """Two parties claim one model: every party's keys are read (white-box) from every
+    party's model, and the matrix says who marked first.
+
+    The party whose mark is in the other's model while the other's mark is not in theirs
+    marked first. Exit code 0 when the reading names a party, 1 when it cannot, 2 on bad input.
+
+    \b
+    deepsigns dispute --party owner.dskey owner.pass owner.safetensors \\
+                      --party thief.dskey thief.pass thief.safetensors
+    """
+    import sys
+
+    if names and len(names) != len(parties):
+        raise click.BadParameter(f"give one --name per --party ({len(parties)}), or none", param_hint="--name")
+    report = api.dispute([(keys, passphrase_from(pfile), model) for keys, pfile, model in parties],
+                         alpha=alpha, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                         provider=provider, timeout=timeout, names=list(names) or None)
+    emit(report, json_, render.dispute)
+    sys.exit(EXIT_OK if report.detected else EXIT_NOT_DETECTED)
