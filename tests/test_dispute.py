@@ -1,0 +1,58 @@
+"""`deepsigns dispute`: after a thief overwrites the owner's model with a mark of their own
+(our keygen and embed, fresh secrets), the cross matrix names the owner."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import PASSPHRASE, run_cli, run_json
+
+
+@pytest.fixture(scope="module")
+def overwritten(marked, tmp_path_factory):
+    """The thief runs our own keygen and embed on the owner's marked model."""
+    folder = tmp_path_factory.mktemp("dispute")
+    (folder / "owner.pass").write_text(PASSPHRASE + "\n")  # the owner's bundle is sealed under it
+    (folder / "thief.pass").write_text("the thief's own passphrase\n")
+    thief = folder / "thief.safetensors"
+    run_json("keygen", "--model", marked.marked, "--seed", 7, "--out", folder / "thief.dskey",
+             "--passphrase-file", folder / "thief.pass")
+    run_json("embed", "--model", marked.marked, "--keys", folder / "thief.dskey", "--seed", 7,
+             "--out", thief, "--passphrase-file", folder / "thief.pass")
+    return folder, marked, thief
+
+
+
+def test_dispute_after_overwriting_names_the_owner(overwritten):
+    folder, marked, thief = overwritten
+    args = ["dispute", "--party", marked.keys, folder / "owner.pass", marked.marked,
+            "--party", folder / "thief.dskey", folder / "thief.pass", thief, "--name", "owner", "--name", "thief"]
+    report = run_json(*args, code=0)
+    cell = {(c["keys_of"], c["model_of"]): c for c in report["matrix"]}
+    assert cell["owner", "owner"]["detected"] and cell["thief", "thief"]["detected"]
+    assert cell["owner", "thief"]["detected"]  # the owner's mark survived the overwrite
+    assert not cell["thief", "owner"]["detected"] and cell["thief", "owner"]["p_value"] > 1e-3
+    assert report["first"] == "owner" and report["reading"].startswith("owner marked first")
+    assert [p["commitment"] for p in report["parties"]] == [
+        run_json("inspect", marked.keys)["commitment"], run_json("inspect", folder / "thief.dskey")["commitment"]]
+    # the same parties in the other order: still the owner
+    swapped = ["dispute", *args[5:9], *args[1:5], "--name", "thief", "--name", "owner"]
+    assert run_json(*swapped, code=0)["first"] == "owner"
+    out = run_cli(*args[:-4]).stdout
+    assert "A marked first" in out and "commitment" in out
+
+
+def test_the_same_model_twice_is_undecided(overwritten):
+    folder, marked, thief = overwritten
+    report = run_json("dispute", "--party", marked.keys, folder / "owner.pass", thief,
+                      "--party", folder / "thief.dskey", folder / "thief.pass", thief, code=1)
+    assert report["first"] is None and report["reading"].startswith("undecided")
+
+
+@pytest.mark.parametrize("extra, needle", [((), "--party twice"), (("--name", "x"), "one --name per --party")])
+def test_a_dispute_needs_two_parties(overwritten, extra, needle):
+    folder, marked, thief = overwritten
+    result = run_cli("dispute", "--party", marked.keys, folder / "owner.pass", marked.marked,
+                     *(("--party", folder / "thief.dskey", folder / "thief.pass", thief) if extra else ()),
+                     *extra, code=2)
+    assert result.stderr.count("\n") == 1 and needle in result.stderr
+    assert "Traceback" not in result.stderr
