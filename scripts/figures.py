@@ -5,7 +5,7 @@ Every figure runs in-process through the library API (deepsigns_cli.api), prints
 and writes <out-dir>/<figure>.json. Everything is seeded: the same command on the same
 machine (same torch build and thread count) prints the same numbers.
 
-    .venv/bin/python scripts/figures.py fidelity      # accuracy kept, MLP and CNN, N=32
+    .venv/bin/python scripts/figures.py fidelity      # accuracy kept, MLP and CNN, default bits
     .venv/bin/python scripts/figures.py reliability   # BER of marked MLPs, checkpoint vs ONNX
     .venv/bin/python scripts/figures.py integrity     # unmarked models are never claimed
     .venv/bin/python scripts/figures.py capacity      # BER and accuracy for N = 32 .. 512
@@ -202,8 +202,10 @@ def _r(v: float) -> float:
 
 
 def fig_fidelity(lab: Lab) -> dict:
+    from deepsigns_cli.schemes.hidden import DEFAULTS
+
     started, rows, summary = time.time(), [], {}
-    n_bits = 32
+    n_bits = DEFAULTS["bits"]  # the default operating point (at DEFAULTS["classes"] class centres)
     for arch in ("mlp", "cnn"):
         for seed in range(lab.args.seeds):
             base_acc, model, _, bundle, rep = lab.marked(arch, seed, n_bits)
