@@ -107,9 +107,13 @@ class MatchResult(SchemeResult):
     output: str | None = None  # the model's output the answers were read from
     output_kind: str | None = None  # its kind: scores, probabilities or labels
 
+    def __post_init__(self):
+        if not self.labels and self.num_classes >= 2:  # a key's label avoids the unmarked model's
+            self.labels = self.num_classes - 1
+
     def apply(self, alpha: float) -> None:
         super().apply(alpha)
-        self.max_mismatches = stats.max_mismatches(self.keys, self.labels, alpha)
+        self.max_mismatches = stats.max_mismatches(self.keys, max(1, self.labels), alpha)
 
     def evidence(self) -> tuple[str, str]:
         from .errors import one_line
