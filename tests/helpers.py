@@ -50,6 +50,15 @@ def run_json(*args, code: int | None = 0, env: dict | None = None) -> dict:
     return json.loads(result.stdout)
 
 
+def default_sigint() -> None:
+    """preexec_fn for a child that a test interrupts: SIGINT back to its default. A test run
+    started in the background of a non-interactive shell inherits SIGINT ignored, and Python
+    then installs no KeyboardInterrupt handler (so Ctrl-C would never reach the child)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def deepsigns_argv() -> list[str]:
     """The installed console script (a real `deepsigns` process)."""
     script = Path(sys.executable).with_name("deepsigns")

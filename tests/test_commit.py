@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ENV, PASSPHRASE, assert_bad_input, copy, deepsigns_argv, partial_files, run_cli
+from helpers import ENV, PASSPHRASE, assert_bad_input, copy, deepsigns_argv, default_sigint, partial_files, run_cli
 from test_errors import snapshot
 
 from deepsigns_cli import api, fileio
@@ -169,7 +169,7 @@ def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig
                              "--out", str(tmp_path / "m.safetensors"), "--epochs", "100000",
                              "--device", "cpu"],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".m.safetensors.*.part")):  # its outputs are declared

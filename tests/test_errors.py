@@ -26,6 +26,7 @@ from helpers import (
     assert_one_error_line,
     copy,
     deepsigns_argv,
+    default_sigint,
     partial_files,
     run_cli,
     run_proc,
@@ -512,7 +513,8 @@ def test_interrupted_embed_leaves_nothing_behind(tmp_path, marked):
     proc = subprocess.Popen(
         [*deepsigns_argv(), *map(str, case.with_model("embed", case.base)[:-2]),
          "--epochs", "100000", "--seed", "0"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=default_sigint)
     chunks: list[bytes] = []
     def read_stderr():
         for chunk in iter(lambda: proc.stderr.read1(4096), b""):
@@ -529,8 +531,8 @@ def test_interrupted_embed_leaves_nothing_behind(tmp_path, marked):
             assert time.monotonic() < deadline, "embed never started training"
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
-        stdout = proc.stdout.read()
         code = proc.wait(timeout=60)
+        stdout = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
