@@ -370,8 +370,8 @@ def _dispute_reading(names: list[str], matrix) -> tuple[str | None, str]:
     own = [matrix[0][0].detected, matrix[1][1].detected]
     if not all(own):
         void = [n for n, ok in zip(names, own, strict=True) if not ok]
-        return None, (f"undecided: {' and '.join(void)}'s keys do not detect {'their' if len(void) > 1 else 'the'} "
-                      "own model, so that claim is void; re-check the files given")
+        who = " and ".join(f"{n}'s keys do not detect {n}'s own model" for n in void)
+        return None, f"undecided: {who}, so that claim is void; re-check the files given"
     a_in_b, b_in_a = matrix[0][1].detected, matrix[1][0].detected
     if a_in_b and not b_in_a:
         return a, (f"{a} marked first: {a}'s mark is in {b}'s model, {b}'s mark is not in {a}'s: "
