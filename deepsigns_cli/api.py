@@ -456,8 +456,7 @@ class _Reader:
         from .runtime import OnnxModel
         from .suspect import OnnxSuspect, open_suspect
 
-        if self.command == "verify":
-            _check_onnx_path(model)
+        if self.command == "verify":  # (the callers checked the path is .onnx before the passphrase)
             suspect = OnnxSuspect(OnnxModel(model, provider=self.provider, timeout=self.timeout),
                                   blackbox_only=True, output=self.output)
         else:

@@ -83,7 +83,7 @@ class AttackEntry:
     options: tuple[Option, ...] = ()
 
 
-_BITS = Option("--bits", "int", "random signature of N bits (default 64).", 1, 4096)
+_BITS = Option("--bits", "int", "random signature of N bits (default 64), held at each target class.", 1, 4096)
 _MESSAGE = Option("--message", "str", "the owner's message as the signature (UTF-8 bits).")
 
 SCHEMES: dict[str, SchemeEntry] = {
@@ -99,7 +99,7 @@ SCHEMES: dict[str, SchemeEntry] = {
             _BITS,
             _MESSAGE,
             Option("--layer", "str", "carrier layer (default: input of the last linear layer)."),
-            Option("--classes", "int", "number of secret target classes (default 1).", 1, 1000),
+            Option("--classes", "int", "number of secret target classes (default 3).", 1, 1000),
         ),
     ),
     "output": SchemeEntry(
