@@ -323,6 +323,7 @@ def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: P
     started = time.perf_counter()
     reader = _Reader(command, keys, passphrase, alpha=alpha, commitment=commitment, arch=arch,
                      arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output)
+    _ = reader.bundle  # a bundle that cannot be opened fails the scan, not one row
     rows = []
     for i, path in enumerate(files):
         try:
@@ -433,32 +434,48 @@ class _Reader:
                  alpha: float = DEFAULT_ALPHA, commitment: str | None = None, arch: str | None = None,
                  arch_kwargs: dict | None = None, provider: str = "auto",
                  timeout: float | None = DEFAULT_TIMEOUT, output: str | None = None):
-        from .bundle import open_bundle
+        from .bundle import unlock
 
         self.command, self.alpha = command, _check_alpha(alpha)
         _check_positive("timeout", timeout)
         self.published = check_commitment(keys, commitment)
-        self.bundle = open_bundle(keys, _passphrase(passphrase))
-        self.names = embed_order(self.bundle.schemes)
-        if command == "verify":
-            self.names = [n for n in self.names if scheme_entry(n).blackbox]
-            if not self.names:
-                raise SchemeError(
-                    "this bundle holds white-box keys only (scheme: "
-                    f"{', '.join(self.bundle.schemes)}): use 'deepsigns extract' to read them"
-                )
-        if arch_kwargs is None and arch == self.bundle.info.get("arch"):
-            arch_kwargs = self.bundle.info.get("arch_kwargs")
-        self.arch, self.arch_kwargs = arch, arch_kwargs
+        self._unlocked = unlock(keys, _passphrase(passphrase))  # scrypt runs while a suspect loads
+        self._bundle: Bundle | None = None
+        self._arch = (arch, arch_kwargs)
         self.provider, self.timeout, self.output = provider, timeout, output
+
+    @property
+    def bundle(self) -> Bundle:
+        """The opened bundle (waiting for the key derivation the first time), and what it decides:
+        the schemes read, the architecture's arguments."""
+        if self._bundle is None:
+            bundle = self._unlocked()
+            names = embed_order(bundle.schemes)
+            if self.command == "verify":
+                names = [n for n in names if scheme_entry(n).blackbox]
+                if not names:
+                    raise SchemeError(
+                        "this bundle holds white-box keys only (scheme: "
+                        f"{', '.join(bundle.schemes)}): use 'deepsigns extract' to read them"
+                    )
+            arch, arch_kwargs = self._arch
+            if arch_kwargs is None and arch == bundle.info.get("arch"):
+                arch_kwargs = bundle.info.get("arch_kwargs")
+            self.names, self.arch, self.arch_kwargs = names, arch, arch_kwargs
+            self._bundle = bundle
+        return self._bundle
 
     def read(self, model: str | Path) -> Decision:
         from .runtime import OnnxModel
         from .suspect import OnnxSuspect, open_suspect
 
         if self.command == "verify":  # (the callers checked the path is .onnx before the passphrase)
-            suspect = OnnxSuspect(OnnxModel(model, provider=self.provider, timeout=self.timeout),
-                                  blackbox_only=True, output=self.output)
+            try:  # loaded while the bundle opens; the bundle's error, if any, comes first
+                suspect = OnnxSuspect(OnnxModel(model, provider=self.provider, timeout=self.timeout),
+                                      blackbox_only=True, output=self.output)
+            except BaseException:
+                _ = self.bundle
+                raise
         else:
             suspect = open_suspect(model, shapes=self.bundle.shapes, arch=self.arch,
                                    arch_kwargs=self.arch_kwargs, provider=self.provider,

@@ -17,6 +17,7 @@ import os
 import re
 import secrets as _secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -284,8 +285,15 @@ def read_header(path: str | Path) -> dict:
 
 
 def open_bundle(path: str | Path, passphrase: str) -> Bundle:
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    return unlock(path, passphrase)()
+
+
+def unlock(path: str | Path, passphrase: str) -> Callable[[], Bundle]:
+    """Open the bundle in the background: the file and its public header are read and checked
+    now (their errors raised here); the key derivation (scrypt, which releases the GIL) and the
+    decryption run in a thread. The returned function waits for them and gives the bundle, or
+    raises the BundleError they met. A caller does other work (loading a suspect) meanwhile."""
+    import threading
 
     path = require_file(path, "key bundle")
     try:
@@ -293,6 +301,30 @@ def open_bundle(path: str | Path, passphrase: str) -> Bundle:
     except OSError as exc:
         raise BundleError(f"cannot read {shown(path)} ({one_line(exc)}): check the file's permissions") from None
     prefix, header, body = _split(data, path)
+    outcome: list = []
+
+    def work() -> None:
+        try:
+            outcome.append(_open(path, prefix, header, body, passphrase))
+        except BaseException as exc:  # noqa: BLE001  (handed to the waiting caller)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=work, name="deepsigns-unlock", daemon=True)
+    thread.start()
+
+    def wait() -> Bundle:
+        thread.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    return wait
+
+
+def _open(path: Path, prefix: bytes, header: dict, body: bytes, passphrase: str) -> Bundle:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     try:
         key = _derive(passphrase, header["kdf"])
         plain = AESGCM(key).decrypt(body[:12], body[12:], prefix)
