@@ -489,42 +489,116 @@ class _Reader:
 
 def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits",
            options: dict | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
-           arch_kwargs: dict | None = None, force: bool = False,
+           arch_kwargs: dict | None = None, force: bool = False, passphrase: Passphrase | None = None,
            progress: Progress | None = None) -> AttackReport:
-    """`deepsigns attack NAME`: the attacked model, written to `out` (never the input)."""
+    """`deepsigns attack NAME`: the attacked model, written to `out` (never the input): a
+    checkpoint (.safetensors) or an ONNX file (.onnx), as the attack's registry row allows.
+    `passphrase`: for the attacks that seal a bundle of their own (overwrite)."""
     import time
 
     import numpy as np
 
-    from .checkpoint import save_checkpoint
+    from .attacks import AttackContext
     from .data import load_data
     from .fileio import Outputs
     from .results import AttackReport
-    from .training import check_device, evaluate, seed_everything
+    from .training import check_device, seed_everything
 
     entry = attack_entry(name)
-    given = {k: v for k, v in (options or {}).items() if v is not None}
+    given = {k: v for k, v in (options or {}).items() if v is not None and v is not False}
     known = {o.key: o for o in entry.options}
     for key, value in given.items():
         if key not in known:
             raise InputError(f"--{key.replace('_', '-')} is not an option of attack {name}")
         known[key].check(value)
     _check_int("seed", seed)
+    out_kind = _attack_out_kind(name, out, entry.writes)
+    victim_onnx = str(model).lower().endswith(".onnx")
+    if victim_onnx and entry.takes == "torch":
+        raise InputError(f"attack {name} changes the weights: give the checkpoint (.safetensors, or "
+                         ".pt with --arch), not an ONNX file")
+    if entry.passphrase and passphrase is None:
+        raise InputError(f"attack {name} seals a bundle of its own: it needs a passphrase")
     with Outputs(force=force, inputs={"--model": model, "--data": data}) as outs:
         tmp = outs.add(out, "--out")
         dataset = load_data(data)
-        net, info = _load_model(model, arch, arch_kwargs, data=dataset)
-        dataset.check_fits(info.input_shape, info.num_classes)
+        if victim_onnx:
+            from .runtime import load_onnx
+
+            net, info = load_onnx(model), None
+        else:
+            net, info = _load_model(model, arch, arch_kwargs, data=dataset)
+            dataset.check_fits(info.input_shape, info.num_classes)
         check_device(device)  # --device cuda without a GPU fails before any work
-        before = evaluate(net, dataset.x_test, dataset.y_test)
+        before = _attacked_accuracy(net, dataset, outs)
+        if entry.takes == "onnx" and not victim_onnx:
+            net = _as_onnx(net, info, dataset, outs)
+        ctx = AttackContext(info=info, data=dataset, options=given, rng=np.random.default_rng(seed),
+                            seed=seed, device=device, progress=progress, out_kind=out_kind,
+                            add_output=outs.add,
+                            passphrase=None if passphrase is None else lambda: _passphrase(passphrase))
         seed_everything(seed)
         started = time.perf_counter()
-        net, params = load_attack(name).run(net, info, dataset, given, rng=np.random.default_rng(seed),
-                                            device=device, progress=progress)
+        attacked, params = load_attack(name).run(net, ctx)
         seconds = time.perf_counter() - started
-        after = evaluate(net, dataset.x_test, dataset.y_test)
-        save_checkpoint(net, info, tmp)
+        after = _write_attacked(attacked, info, tmp, out_kind, dataset, outs)
     return AttackReport(name, before, after, params, seconds, str(out))
+
+
+def _attack_out_kind(name: str, out: str | Path, writes: tuple[str, ...]) -> str:
+    suffix = Path(out).suffix.lower()
+    kind = {".safetensors": "checkpoint", ".onnx": "onnx"}.get(suffix)
+    if kind is None:
+        raise InputError(f"--out must end in .safetensors (a checkpoint) or .onnx, got {Path(out).name!r}")
+    if kind not in writes:
+        want = " or ".join({"checkpoint": ".safetensors", "onnx": ".onnx"}[w] for w in writes)
+        raise InputError(f"attack {name} writes {want} files: give --out a {want} name")
+    return kind
+
+
+def _as_onnx(net, info, dataset: Dataset, outs):
+    """A checkpoint's model as an ONNX ModelProto (the plain export, checked for parity)."""
+    from .checkpoint import export_onnx
+    from .runtime import load_onnx
+
+    path = outs.scratch(".onnx")
+    export_onnx(net, info, path, check_inputs=dataset.x_test[:64])
+    return load_onnx(path)
+
+
+def _attacked_accuracy(model, dataset: Dataset, outs) -> float:
+    """Top-1 test accuracy of a torch model or an ONNX ModelProto (run by onnxruntime, from
+    its answers: scores, probabilities or labels)."""
+    from .training import evaluate
+
+    if not hasattr(model, "SerializeToString"):
+        return evaluate(model, dataset.x_test, dataset.y_test)
+    from .runtime import OnnxModel
+
+    path = outs.scratch(".onnx")
+    Path(path).write_bytes(model.SerializeToString())
+    onnx_model = OnnxModel(path, timeout=None)
+    try:
+        labels = onnx_model.answers(dataset.x_test)[0]
+    finally:
+        onnx_model.close()
+    return float((labels == dataset.y_test).mean() * 100.0)
+
+
+def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, outs) -> float:
+    """Write the attacked model as --out asks; its accuracy."""
+    from .checkpoint import export_onnx, save_checkpoint
+
+    is_onnx = hasattr(attacked, "SerializeToString")
+    if out_kind == "checkpoint":
+        if is_onnx:  # (the registry row said it writes ONNX only: _attack_out_kind refused)
+            raise InputError("this attack gives an ONNX model: give --out a .onnx name")
+        save_checkpoint(attacked, info, tmp)
+    elif is_onnx:
+        Path(tmp).write_bytes(attacked.SerializeToString())
+    else:
+        export_onnx(attacked, info, tmp, check_inputs=dataset.x_test[:64])
+    return _attacked_accuracy(attacked, dataset, outs)
 
 
 def inspect(path: str | Path) -> InspectReport:

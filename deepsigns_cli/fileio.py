@@ -157,6 +157,7 @@ class Outputs:
         self.inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
         self._entries: list[tuple[Path, Path, int | None]] = []  # (target, temp, mode)
         self._locks: list[_Lock] = []
+        self._scratch: list[Path] = []
 
     def add(self, path: str | Path, option: str = "--out", *, mode: int | None = None,
             update: bool = False) -> Path:
@@ -178,6 +179,13 @@ class Outputs:
                 f"another {option} in a folder you can write"
             ) from None
         self._entries.append((target, Path(tmp), mode))
+        return Path(tmp)
+
+    def scratch(self, suffix: str = "") -> Path:
+        """A private temporary file for the command's own use, removed when it ends."""
+        fd, tmp = tempfile.mkstemp(prefix="deepsigns-", suffix=suffix)
+        os.close(fd)
+        self._scratch.append(Path(tmp))
         return Path(tmp)
 
     def discard(self) -> None:
@@ -213,7 +221,12 @@ class Outputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:  # KeyboardInterrupt included: never leave a partial file
-            self.discard()
+        try:
+            if exc_type is None:
+                self.commit()
+            else:  # KeyboardInterrupt included: never leave a partial file
+                self.discard()
+        finally:
+            for path in self._scratch:
+                path.unlink(missing_ok=True)
+            self._scratch.clear()

@@ -37,10 +37,11 @@ class Option:
     """A command-line option of a scheme or an attack (`--bits` -> key "bits")."""
 
     flag: str
-    kind: str  # "int", "float" or "str"
+    kind: str  # "int", "float", "str", "choice" (one of `choices`) or "flag" (on when given)
     help: str
     low: float | None = None  # inclusive bounds, checked by the CLI
     high: float | None = None
+    choices: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -50,6 +51,14 @@ class Option:
         """The value, or InputError: of the option's kind, finite, within its bounds."""
         import math
 
+        if self.kind == "flag":
+            if not isinstance(value, bool):
+                raise InputError(f"{self.flag} is a flag (on or off), got {value!r}")
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise InputError(f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
         kinds = {"int": (int,), "float": (int, float), "str": (str,)}[self.kind]
         ok = isinstance(value, kinds) and not isinstance(value, bool)
         if ok and self.kind != "str":
@@ -81,6 +90,9 @@ class AttackEntry:
     module: str
     summary: str
     options: tuple[Option, ...] = ()
+    takes: str = "torch"  # what `run` gets: "torch" (a checkpoint's model) or "onnx" (a ModelProto)
+    writes: tuple[str, ...] = ("checkpoint", "onnx")  # the kinds of --out it can write
+    passphrase: bool = False  # it seals a bundle of its own (the attacker's)
 
 
 _BITS = Option("--bits", "int", "random signature of N bits (default 64), held at each target class.", 1, 4096)
@@ -116,13 +128,118 @@ SCHEMES: dict[str, SchemeEntry] = {
 
 DEFAULT_SCHEMES = ("hidden",)  # keygen's --scheme when none is given
 
+_EPOCHS = Option("--epochs", "int", "epochs of training (default 30).", 1, 100000)
+_LR = Option("--lr", "float", "learning rate (default: the rate the model's training ended with, "
+             "from its checkpoint).", 1e-12, 10.0)
+_OPTIMIZER = Option("--optimizer", "choice", "adam or sgd (momentum 0.9; default adam).",
+                    choices=("adam", "sgd"))
+_FRACTION = Option("--data-fraction", "float", "share of the training data the attacker has "
+                   "(default 1).", 1e-6, 1.0)
+_ROWS = "rows of the model's test set"
+
 ATTACKS: dict[str, AttackEntry] = {
+    "finetune": AttackEntry(
+        name="finetune",
+        module="deepsigns_cli.attacks.finetune",
+        summary="fine-tune on the attacker's data (FTLL, FTAL, RTLL, RTAL)",
+        options=(
+            _EPOCHS, _LR, _OPTIMIZER,
+            Option("--layers", "choice", "train the last layer only or all layers (default all).",
+                   choices=("last", "all")),
+            Option("--reinit-last", "flag", "re-initialise the last layer first (RTLL, RTAL)."),
+            _FRACTION,
+        ),
+    ),
+    "prune": AttackEntry(
+        name="prune",
+        module="deepsigns_cli.attacks.prune",
+        summary="zero the smallest-magnitude weights, then optionally fine-tune with the mask kept",
+        options=(
+            Option("--rate", "float", "share of the weights set to zero (default 0.5).", 0.0, 1.0),
+            Option("--scope", "choice", "rank weights over all layers or within each (default global).",
+                   choices=("global", "layer")),
+            Option("--finetune-epochs", "int", "epochs of fine-tuning after pruning, the pruned "
+                   "weights held at zero (default 0).", 0, 100000),
+            _LR, _OPTIMIZER, _FRACTION,
+        ),
+    ),
+    "overwrite": AttackEntry(
+        name="overwrite",
+        module="deepsigns_cli.attacks.overwrite",
+        summary="embed the attacker's own watermark with fresh secrets (our keygen and embed)",
+        options=(
+            Option("--attacker-keys", "str", "the attacker's bundle to write (.dskey, sealed with "
+                   "the passphrase; required)."),
+            Option("--scheme", "str", "the attacker's schemes, comma-separated (default: "
+                   "hidden,output; the method and layer are public, the owner's keys are not)."),
+            Option("--epochs", "int", "embedding epochs per scheme (default: each scheme's own).",
+                   1, 100000),
+        ),
+        passphrase=True,
+    ),
+    "quantize": AttackEntry(
+        name="quantize",
+        module="deepsigns_cli.attacks.quantize",
+        summary="int8 through onnxruntime's quantization (--out .onnx) or k-bit weight rounding "
+                "(--out .safetensors)",
+        options=(Option("--bits", "int", "bits per weight for k-bit rounding (default 8; an .onnx "
+                        "--out is int8).", 1, 16),),
+    ),
     "noise": AttackEntry(
         name="noise",
         module="deepsigns_cli.attacks.noise",
         summary="Gaussian noise on the weights, relative to each tensor's spread",
         options=(Option("--sigma", "float", "noise spread, relative to each weight tensor's "
                         "standard deviation (default 0.1).", 0.0, 10.0),),
+    ),
+    "permute": AttackEntry(
+        name="permute",
+        module="deepsigns_cli.attacks.permute",
+        summary="shuffle and positively rescale hidden units: the same function, other weights",
+        options=(Option("--scale", "float", "each unit is rescaled by a factor drawn log-uniformly "
+                        "from [1/S, S] (default 4; 1 for none).", 1.0, 1000.0),),
+    ),
+    "distill": AttackEntry(
+        name="distill",
+        module="deepsigns_cli.attacks.distill",
+        summary="train a fresh model on the victim's soft outputs over the attacker's data",
+        options=(
+            _EPOCHS, Option("--lr", "float", "learning rate (default 1e-3).", 1e-12, 10.0),
+            Option("--student", "str", "the student's architecture, a zoo name or "
+                   "package.module:factory (default: the victim's)."),
+            Option("--temperature", "float", "softmax temperature of the victim's outputs "
+                   "(default 1).", 0.01, 100.0),
+            _FRACTION,
+        ),
+    ),
+    "round-scores": AttackEntry(
+        name="round-scores",
+        module="deepsigns_cli.attacks.wrappers",
+        summary="deploy the model so that it answers with probabilities rounded to a few decimals",
+        options=(Option("--decimals", "int", "decimals kept (default 2).", 0, 8),),
+        takes="onnx", writes=("onnx",),
+    ),
+    "noise-scores": AttackEntry(
+        name="noise-scores",
+        module="deepsigns_cli.attacks.wrappers",
+        summary="deploy the model so that Gaussian noise is added to every probability it answers",
+        options=(Option("--sigma", "float", "noise spread added to each probability (default 0.01).",
+                        0.0, 10.0),),
+        takes="onnx", writes=("onnx",),
+    ),
+    "noise-inputs": AttackEntry(
+        name="noise-inputs",
+        module="deepsigns_cli.attacks.wrappers",
+        summary="deploy the model behind Gaussian noise on every input it is given",
+        options=(Option("--sigma", "float", "noise spread, relative to the inputs' standard "
+                        f"deviation over the {_ROWS} (default 0.1).", 0.0, 10.0),),
+        takes="onnx", writes=("onnx",),
+    ),
+    "label-only": AttackEntry(
+        name="label-only",
+        module="deepsigns_cli.attacks.wrappers",
+        summary="deploy the model so that it answers with its top label only",
+        takes="onnx", writes=("onnx",),
     ),
 }
 

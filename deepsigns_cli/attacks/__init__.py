@@ -3,6 +3,6 @@ each module defines `ATTACK`, an `Attack` subclass."""
 
 from __future__ import annotations
 
-from .base import Attack
+from .base import Attack, AttackContext
 
-__all__ = ["Attack"]
+__all__ = ["Attack", "AttackContext"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -12,15 +15,38 @@ if TYPE_CHECKING:
     from ..data import Dataset
     from ..training import Progress
 
-__all__ = ["Attack"]
+__all__ = ["Attack", "AttackContext"]
+
+
+@dataclass
+class AttackContext:
+    """What an attack may use besides the victim itself."""
+
+    info: ModelInfo | None  # the victim checkpoint's facts (None for an ONNX victim)
+    data: Dataset  # the attacker's data (--data)
+    options: dict[str, Any]  # the options given (checked against the registry row), None left out
+    rng: np.random.Generator  # seeded by --seed
+    seed: int
+    device: str
+    progress: Progress | None
+    out_kind: str  # "checkpoint" or "onnx": what --out will hold
+    # another file the attack writes (the attacker's bundle): (path, option, mode) -> its
+    # temporary path, committed with --out only when everything succeeded
+    add_output: Callable[..., Path]
+    passphrase: Callable[[], str] | None = None  # for attacks that seal a bundle
+
+    def option(self, key: str, default):
+        value = self.options.get(key)
+        return default if value is None else value
 
 
 class Attack:
-    """One removal attack. Its registry row (`registry.ATTACKS[name]`) lists its options."""
+    """One removal attack. Its registry row (`registry.ATTACKS[name]`) lists its options, what
+    it takes (a torch model, or an ONNX ModelProto) and the kinds of --out it can write."""
 
     name: str = ""
 
-    def run(self, model: nn.Module, info: ModelInfo, data: Dataset, options: dict[str, Any], *,
-            rng: np.random.Generator, device: str, progress: Progress | None) -> tuple[nn.Module, dict]:
-        """Attack `model` (in place or not); return the attacked model and the parameters used."""
+    def run(self, victim: nn.Module | Any, ctx: AttackContext) -> tuple[nn.Module | Any, dict]:
+        """Attack `victim` (in place or not); return the attacked model (an nn.Module, or an
+        onnx.ModelProto) and the parameters used (defaults filled in)."""
         raise NotImplementedError

@@ -12,9 +12,9 @@ __all__ = ["NoiseAttack", "ATTACK"]
 class NoiseAttack(Attack):
     name = "noise"
 
-    def run(self, model, info, data, options, *, rng, device, progress):
-        sigma = float(options.get("sigma") if options.get("sigma") is not None else 0.1)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    def run(self, model, ctx):
+        sigma = float(ctx.option("sigma", 0.1))
+        gen = torch.Generator().manual_seed(int(ctx.rng.integers(2**31)))
         with torch.no_grad():
             for p in model.parameters():
                 spread = p.std() if p.numel() > 1 else p.abs()

@@ -111,7 +111,13 @@ def common_options(fn):
 def registry_option(option, help_prefix: str = ""):
     """The click option of a registry row's Option (a scheme's or an attack's); the api checks
     every value again (NaN included), click gives the ranges in --help."""
-    kind = {"int": int, "float": float, "str": str}[option.kind]
+    if option.kind == "flag":
+        return click.option(option.flag, option.key, is_flag=True, default=False,
+                            help=f"{help_prefix}{option.help}")
+    if option.kind == "choice":
+        kind = click.Choice(option.choices)
+    else:
+        kind = {"int": int, "float": float, "str": str}[option.kind]
     if option.kind == "int" and option.low is not None and option.high is not None:
         kind = click.IntRange(int(option.low), int(option.high))
     return click.option(option.flag, option.key, type=kind, default=None,
