@@ -12,6 +12,7 @@ The model-level functions below the commands (`train_model`, `make_keys`, `embed
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
         InspectReport,
         KeygenReport,
         ScanReport,
+        SweepReport,
+        SweepRow,
         TrainReport,
     )
     from .suspect import Suspect
@@ -545,6 +548,101 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
     return AttackReport(name, before, after, params, seconds, str(out))
 
 
+def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Path, passphrase: Passphrase, *,
+          data: str = "digits", options: dict | None = None, seed: int = 0, device: str = "auto",
+          arch: str | None = None, arch_kwargs: dict | None = None, alpha: float = DEFAULT_ALPHA,
+          keep: str | Path | None = None, plot: str | Path | None = None, force: bool = False,
+          attacker_passphrase: Passphrase | None = None, progress: Progress | None = None) -> SweepReport:
+    """`deepsigns attack NAME --sweep PARAM=v1,v2,...`: the attack at each strength, then the
+    owner's keys read in the result (extract: every scheme; verify: the black-box schemes from
+    the ONNX answers, a checkpoint exported first). `keep`: a folder for the attacked models
+    (else they are removed); `plot`: a PNG of accuracy and evidence against strength."""
+    import tempfile
+
+    from .results import SweepReport
+
+    entry = attack_entry(name)
+    option = next((o for o in entry.options if o.key == param.replace("-", "_")), None)
+    if option is None or option.kind == "flag":
+        known = ", ".join(o.flag.lstrip("-") for o in entry.options if o.kind != "flag") or "none"
+        raise InputError(f"--sweep {param}=...: attack {name} has no such option to sweep (it has: {known})")
+    if not values:
+        raise InputError(f"--sweep {param}=...: give at least one value")
+    values = [option.check(v) for v in values]
+    given = {k: v for k, v in (options or {}).items() if v is not None and v is not False}
+    if option.key in given:
+        raise InputError(f"--{param} is swept: leave it out of the attack's own options")
+    if plot is not None:
+        from .fileio import check_output
+
+        if not str(plot).lower().endswith(".png"):
+            raise InputError(f"--plot must name a .png file, got {Path(plot).name!r}")
+        check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
+    if keep is not None:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+    suffix = ".onnx" if entry.writes == ("onnx",) else ".safetensors"
+    extract_reader = _Reader("extract", keys, passphrase, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs)
+    bundle = extract_reader.bundle
+    blackbox = any(scheme_entry(n).blackbox for n in bundle.schemes)
+    verify_reader = _Reader("verify", keys, passphrase, alpha=alpha) if blackbox else None
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="deepsigns-sweep-") as scratch:
+        folder = Path(keep) if keep is not None else Path(scratch)
+        read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,
+                                 scratch=scratch, arch=arch, arch_kwargs=arch_kwargs)
+        rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs), 0.0))
+        for i, value in enumerate(values):
+            if progress is not None:
+                progress(i, len(values), f"{name} {param}={value}")
+            out = folder / f"{name}-{param}-{value}{suffix}"
+            run_options = {**given, option.key: value}
+            if entry.passphrase:  # the attacker's own bundle, one per strength, beside the model
+                run_options["attacker_keys"] = str(folder / f"{name}-{param}-{value}.attacker.dskey")
+            report = attack(name, model, out, data=data, options=run_options, seed=seed, device=device,
+                            arch=arch, arch_kwargs=arch_kwargs, force=True,
+                            passphrase=attacker_passphrase if entry.passphrase else None, progress=progress)
+            rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None))
+        if progress is not None:
+            progress(len(values), len(values), f"{name} {param}")
+    result = SweepReport(name, option.key, given, extract_reader.alpha, bundle.key_id,
+                         extract_reader.published, rows, str(plot) if plot else None)
+    if plot is not None:
+        from .plots import sweep_plot
+
+        sweep_plot(result, plot, force=force)
+    return result
+
+
+def _victim_accuracy(model, data: str, arch, arch_kwargs) -> float:
+    from .data import load_data
+    from .fileio import Outputs
+
+    dataset = load_data(data)
+    with Outputs(force=True) as outs:
+        if str(model).lower().endswith(".onnx"):
+            from .runtime import load_onnx
+
+            return _attacked_accuracy(load_onnx(model), dataset, outs)
+        net, _ = _load_model(model, arch, arch_kwargs, data=dataset)
+        return _attacked_accuracy(net, dataset, outs)
+
+
+def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: _Reader,
+               verify_reader: _Reader | None, scratch: str, arch, arch_kwargs, kept: bool = False) -> SweepRow:
+    """Read the owner's keys in one attacked model: extract as it is, verify from ONNX."""
+    from .results import SweepRow
+
+    decision = extract_reader.read(path)
+    checked = None
+    if verify_reader is not None:
+        onnx_path = Path(path)
+        if onnx_path.suffix.lower() != ".onnx":
+            onnx_path = Path(scratch) / (Path(path).stem + ".onnx")
+            export(path, onnx_path, arch=arch, arch_kwargs=arch_kwargs, force=True)
+        checked = verify_reader.read(onnx_path)
+    return SweepRow(value, accuracy, decision, checked, seconds, str(path) if kept else None)
+
+
 def _attack_out_kind(name: str, out: str | Path, writes: tuple[str, ...]) -> str:
     suffix = Path(out).suffix.lower()
     kind = {".safetensors": "checkpoint", ".onnx": "onnx"}.get(suffix)
@@ -586,19 +684,23 @@ def _attacked_accuracy(model, dataset: Dataset, outs) -> float:
 
 
 def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, outs) -> float:
-    """Write the attacked model as --out asks; its accuracy."""
+    """Write the attacked model as --out asks; its accuracy. A model of another architecture
+    than the victim's (a distilled student) carries its own facts in `deepsigns_info`."""
     from .checkpoint import export_onnx, save_checkpoint
 
+    info = getattr(attacked, "deepsigns_info", info)
     is_onnx = hasattr(attacked, "SerializeToString")
+    accuracy = _attacked_accuracy(attacked, dataset, outs)
     if out_kind == "checkpoint":
         if is_onnx:  # (the registry row said it writes ONNX only: _attack_out_kind refused)
             raise InputError("this attack gives an ONNX model: give --out a .onnx name")
-        save_checkpoint(attacked, info, tmp)
+        attack = {"attacked": True, "test_accuracy": round(accuracy, 4)}
+        save_checkpoint(attacked, replace(info, extra={**info.extra, **attack}), tmp)
     elif is_onnx:
         Path(tmp).write_bytes(attacked.SerializeToString())
     else:
         export_onnx(attacked, info, tmp, check_inputs=dataset.x_test[:64])
-    return _attacked_accuracy(attacked, dataset, outs)
+    return accuracy
 
 
 def inspect(path: str | Path) -> InspectReport:

@@ -105,7 +105,7 @@ SCHEMES: dict[str, SchemeEntry] = {
         summary="white-box: bits in the mean activation of a trigger set at a hidden layer",
         blackbox=False,
         order=0,
-        default_epochs=10,
+        default_epochs=40,  # a cap: it stops once every bit reads back (about 20 epochs)
         result="bits",
         options=(
             _BITS,
@@ -289,4 +289,8 @@ def attack_entry(name: str) -> AttackEntry:
 
 
 def load_attack(name: str):
-    return _load(attack_entry(name).module, "ATTACK")()
+    """An instance of the attack's class: its module's `ATTACKS[name]` where one module serves
+    several rows (a dict of name -> class), else its `ATTACK`."""
+    module = importlib.import_module(attack_entry(name).module)
+    classes = getattr(module, "ATTACKS", None)
+    return (classes[name] if isinstance(classes, dict) else module.ATTACK)()

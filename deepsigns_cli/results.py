@@ -30,6 +30,8 @@ __all__ = [
     "DisputeReport",
     "ScanRow",
     "ScanReport",
+    "SweepRow",
+    "SweepReport",
     "to_json_dict",
 ]
 
@@ -57,6 +59,10 @@ class SchemeResult:
         """(where, evidence) as people read them."""
         return "-", self.note or ""
 
+    def brief(self) -> str:
+        """The evidence in a few characters, for a table cell."""
+        return self.evidence()[1]
+
 
 @dataclass
 class BitsResult(SchemeResult):
@@ -68,25 +74,33 @@ class BitsResult(SchemeResult):
     bit_errors: int | None = None  # None: nothing was read (not "every bit wrong")
     ber: float | None = None
     tensor: str | None = None  # where the bits were read
-    candidates: int = 0  # carriers tried (counted in the p-value)
+    candidates: int = 0  # carrier tensors found
+    readings: int = 0  # readings tried, all counted in the p-value: each candidate as it is and
+    # with its units lined up with ours (0: one per candidate)
+    aligned: bool | None = None  # the best reading was the lined-up one (None: not tried)
     message: str | None = None
     max_bit_errors: int | None = None  # set by decide(): the most errors alpha allows
     warning: str | None = None
 
     def apply(self, alpha: float) -> None:
         super().apply(alpha)
-        tries = max(1, self.candidates)
+        tries = max(1, self.readings or self.candidates)
         self.max_bit_errors = stats.max_bit_errors(self.n_bits, alpha / tries)
         best = stats.smallest_bits_p_value(self.n_bits)
         if self.bits and best * tries > alpha:
             self.warning = (f"{self.n_bits} bits cannot reach alpha={alpha:g} (best p = {best:.2g}"
                             f" x {tries} tries): re-key with more --bits")
 
+    def brief(self) -> str:
+        return f"{self.bit_errors}/{self.n_bits} wrong" if self.bits else "no carrier"
+
     def evidence(self) -> tuple[str, str]:
         if self.candidates > 1:
             where = f"{self.tensor} (best of {self.candidates} tensors)"
         else:
             where = str(self.tensor or self.layer or "-")
+        if self.aligned:
+            where += ", units lined up"
         if not self.bits:
             return where, self.note or "no carrier found"
         return where, f"{self.bit_errors}/{self.n_bits} bits wrong (BER {self.ber:.3f})"
@@ -122,6 +136,9 @@ class MatchResult(SchemeResult):
         return (f"{self.queries} queries{read}",
                 f"{self.matches}/{self.keys} keys match; {self.mismatches} mismatches "
                 f"(at most {self.max_mismatches} allowed)")
+
+    def brief(self) -> str:
+        return f"{self.matches}/{self.keys} match"
 
 
 RESULT_KINDS = {"bits": BitsResult, "matches": MatchResult}
@@ -250,6 +267,35 @@ class ScanReport:
     @property
     def errors(self) -> list[str]:
         return [r.model for r in self.rows if r.error is not None]
+
+
+@dataclass
+class SweepRow:
+    """One strength of an attack sweep: the attacked model and what the owner's keys read in it
+    (extract: every scheme; verify: the black-box schemes, from the model's ONNX answers)."""
+
+    value: object  # the swept option's value; None for the victim itself (no attack)
+    accuracy: float
+    extract: Decision
+    verify: Decision | None  # None: the bundle has no black-box scheme
+    seconds: float  # the attack's own run time
+    model: str | None = None  # where the attacked model was kept (None: not kept)
+
+
+@dataclass
+class SweepReport:
+    """`deepsigns attack NAME --sweep PARAM=v1,v2,...`: the attack at each strength, read with
+    the owner's keys. The first row is the victim itself."""
+
+    attack: str
+    param: str
+    options: dict  # the attack's other options, as given
+    alpha: float
+    key_id: str
+    commitment: str
+    rows: list[SweepRow]
+    plot: str | None = None
+    command: str = "attack"
 
 
 @dataclass

@@ -85,7 +85,7 @@ def test_an_attack_writes_a_new_model_and_reports_accuracy(tmp_path, marked):
 
     before = marked.marked.read_bytes()
     same = run_json("attack", "noise", "--model", marked.marked, "--sigma", 0, "--out", tmp_path / "a.safetensors")
-    noisy = run_json("attack", "noise", "--model", marked.marked, "--sigma", 1.0, "--seed", 1,
+    noisy = run_json("attack", "noise", "--model", marked.marked, "--sigma", 3.0, "--seed", 1,
                      "--out", tmp_path / "b.safetensors")
     assert marked.marked.read_bytes() == before  # never the input file
     assert same["accuracy_after"] == same["accuracy_before"] and same["params"] == {"sigma": 0.0}

@@ -1,5 +1,6 @@
-"""Removal attacks, one module each. The list of them is `deepsigns_cli.registry.ATTACKS`;
-each module defines `ATTACK`, an `Attack` subclass."""
+"""Removal attacks, one module each (or one module for a family: the deployment wrappers).
+The list of them is `deepsigns_cli.registry.ATTACKS`; a module defines `ATTACK`, an `Attack`
+subclass, or `ATTACKS`, a dict of row name -> class."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import click
 from .. import api
 from . import render
 from .common import (
+    alpha_option,
     arch_options,
     common_options,
     data_option,
@@ -19,29 +20,71 @@ from .common import (
 )
 
 
+def _parse_sweep(text: str) -> tuple[str, list]:
+    """'rate=0.1,0.5,0.9' -> ("rate", [0.1, 0.5, 0.9]): numbers where they read as numbers."""
+    param, sep, values = text.partition("=")
+    if not sep or not param.strip() or not values.strip():
+        raise click.UsageError(f"--sweep takes PARAM=v1,v2,... (e.g. rate=0.1,0.5,0.9), got {text!r}")
+
+    def value(v: str):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    return param.strip(), [value(v.strip()) for v in values.split(",") if v.strip()]
+
+
 def _attack_command(name: str) -> click.Command:
     entry = api.ATTACKS[name]
 
-    def run(model_path, arch, arch_kwargs, data_spec, out, force, device, seed, json_,
-            passphrase_file=None, **options):
-        passphrase = passphrase_from(passphrase_file, confirm=True) if entry.passphrase else None
+    def run(model_path, arch, arch_kwargs, data_spec, out, force, device, seed, json_, sweep, keys_path,
+            passphrase_file, alpha, plot, attacker_passphrase_file=None, **options):
+        attacker = passphrase_from(attacker_passphrase_file, confirm=True) if entry.passphrase else None
+        kwargs = dict(data=data_spec, options=options, seed=seed or 0, device=device, arch=arch,
+                      arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force)
+        if sweep is None:
+            for flag, given in (("--keys", keys_path), ("--plot", plot)):
+                if given is not None:
+                    raise click.UsageError(f"{flag} goes with --sweep (the owner's keys read in each attacked model)")
+            if out is None:
+                raise click.UsageError("give --out, the attacked model to write (or --sweep with --keys)")
+            with progress_bar() as progress:
+                report = api.attack(name, model_path, out, passphrase=attacker, progress=progress, **kwargs)
+            emit(report, json_, render.attack)
+            return
+        if keys_path is None:
+            raise click.UsageError("--sweep needs --keys: the owner's bundle, read in each attacked model")
+        param, values = _parse_sweep(sweep)
         with progress_bar() as progress:
-            report = api.attack(name, model_path, out, data=data_spec, options=options,
-                                seed=seed or 0, device=device, arch=arch,
-                                arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force,
-                                passphrase=passphrase, progress=progress)
-        emit(report, json_, render.attack)
+            report = api.sweep(name, model_path, param, values, keys_path, passphrase_from(passphrase_file),
+                               alpha=alpha, keep=out, plot=plot, attacker_passphrase=attacker,
+                               progress=progress, **kwargs)
+        emit(report, json_, render.sweep)
 
     # applied bottom-up: the options appear in the help as listed from the last line up
     run = force_option(device_option(common_options(run)))
+    run = click.option("--plot", default=None, help="With --sweep: a PNG of accuracy and the watermarks' "
+                       "evidence against strength.")(run)
+    run = alpha_option(run)
+    run = click.option("--passphrase-file", default=None, help="With --sweep: file holding the owner's "
+                       "passphrase (else $DEEPSIGNS_PASSPHRASE, else a prompt).")(run)
+    run = click.option("--keys", "keys_path", default=None, help="With --sweep: the owner's bundle (.dskey), "
+                       "read in every attacked model.")(run)
+    run = click.option("--sweep", default=None, metavar="PARAM=V1,V2,...",
+                       help="Run the attack at each value of one of its options, then read the owner's keys "
+                            "(extract and verify) in every result, e.g. --sweep rate=0.1,0.5,0.9.")(run)
     if entry.passphrase:
-        run = click.option("--passphrase-file", default=None,
-                           help="File holding the passphrase of the bundle this attack writes "
+        run = click.option("--attacker-passphrase-file", default=None,
+                           help="File holding the passphrase of the attacker's bundle this attack writes "
                                 "(else $DEEPSIGNS_PASSPHRASE, else a prompt).")(run)
     for option in reversed(entry.options):
         run = registry_option(option)(run)
     outs = " or ".join({"checkpoint": ".safetensors", "onnx": ".onnx"}[w] for w in entry.writes)
-    run = click.option("--out", required=True, help=f"The attacked model to write ({outs}).")(run)
+    run = click.option("--out", default=None, help=f"The attacked model to write ({outs}); with --sweep, a "
+                       "folder to keep every attacked model in (else none is kept).")(run)
     run = arch_options(data_option(run))
     takes = "" if entry.takes == "torch" else ", or an .onnx file"
     run = click.option("--model", "model_path", required=True,

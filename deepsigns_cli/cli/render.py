@@ -69,7 +69,7 @@ def scan(c, r) -> None:
             table.add_row(escape(row.model), "[bold yellow]ERROR[/]", "-", escape(row.error or ""))
             continue
         evidence = "; ".join(f"{x.scheme}: {x.evidence()[1]}" for x in d.results)
-        table.add_row(escape(row.model), "[bold green]DETECTED[/]" if d.detected else "not detected",
+        table.add_row(escape(row.model), _verdict(d),
                       fmt_p(d.p_value), escape(evidence))
     c.print(table)
 
@@ -85,7 +85,7 @@ def dispute(c, r) -> None:
         table.add_column(f"{escape(p.name)}: {escape(p.model)}")
     for p, row in zip(r.parties, r.matrix, strict=True):
         table.add_row(escape(p.name), *[
-            f"{'[bold green]DETECTED[/]' if d.detected else 'not detected'}  p = {fmt_p(d.p_value)}"
+            f"{_verdict(d)}  p = {fmt_p(d.p_value)}"
             for d in row])
     c.print(table)
     for p in r.parties:
@@ -139,6 +139,42 @@ def attack(c, r) -> None:
     rows += [(k, v) for k, v in r.params.items()]
     rows += [("seconds", f"{r.seconds:.2f}"), ("written", r.out)]
     c.print(kv_table("attacked", rows))
+
+
+def _verdict(decision, short: bool = False) -> str:
+    if decision is None:
+        return "-"
+    if decision.detected:
+        return "[bold green]yes[/]" if short else "[bold green]DETECTED[/]"
+    return "no" if short else "not detected"
+
+
+def sweep(c, r) -> None:
+    """One row per strength (the victim first): accuracy, each scheme's evidence, the verdicts."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    param = r.param.replace("_", "-")
+    table = Table(title=f"attack {r.attack}, --{param} swept: what the owner's keys read (alpha = {r.alpha:g})",
+                  title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption=f"bundle commitment {r.commitment[:16]}..." + (f"; plot: {r.plot}" if r.plot else ""))
+    schemes = [x.scheme for x in r.rows[0].extract.results]
+    header = [param, "acc"] + [f"{scheme} (p)" for scheme in schemes] + ["extract", "verify"]
+    rows = []
+    for row in r.rows:
+        cells = ["victim" if row.value is None else str(row.value), f"{row.accuracy:.1f}%"]
+        for scheme in schemes:
+            res = next(x for x in row.extract.results if x.scheme == scheme)
+            cells.append(f"{escape(res.brief())} ({res.p_value:.2g})")
+        rows.append(cells + [_verdict(row.extract, short=True), _verdict(row.verify, short=True)])
+    for i, name in enumerate(header):  # every cell whole: the widths the cells need
+        width = max(len(name), *(len(Text.from_markup(cells[i]).plain) for cells in rows))
+        table.add_column(name, no_wrap=True, min_width=width, justify="right" if i == 1 else "left")
+    for cells in rows:
+        table.add_row(*cells)
+    c.print(table)
 
 
 def inspect(c, r) -> None:

@@ -33,6 +33,9 @@ DEFAULTS = {
     # a hinge, not cross-entropy: once a bit has its margin the embed stops pushing, which
     # leaves the rest of the layer, another owner's mark included, alone)
     "trigger_batch": 32,  # trigger samples mixed into every step
+    "probes": 256,  # training samples whose activations line a suspect's units up with ours
+    "lambda3": 1.0,  # pin: the units keep their responses to the probes (so they can be lined up)
+    "pin_batch": 32,  # probe samples mixed into every step
 }
 
 
@@ -86,12 +89,14 @@ class HiddenScheme(Scheme):
             take = min(int(opts["trigger_per_class"]), len(members))
             trig_idx.append(rng.choice(members, size=take, replace=False))
         trig_idx = np.concatenate(trig_idx)
+        probe_idx = rng.choice(len(data.x_train), size=min(int(opts["probes"]), len(data.x_train)), replace=False)
+        probe_x = data.x_train[np.sort(probe_idx)].astype(np.float32)
         params = {
             "layer": layer,
             "width": width,
             "n_bits": n_bits,
             "message": message or None,
-            **{k: opts[k] for k in ("lambda1", "lambda2", "margin", "trigger_batch")},
+            **{k: opts[k] for k in ("lambda1", "lambda2", "lambda3", "margin", "trigger_batch", "pin_batch")},
         }
         arrays = {
             # one independent projection per target class (columns k*N .. (k+1)*N - 1): the bits
@@ -102,6 +107,11 @@ class HiddenScheme(Scheme):
             "classes": classes.astype(np.int64),
             "trigger_x": data.x_train[trig_idx].astype(np.float32),
             "trigger_y": data.y_train[trig_idx].astype(np.int64),
+            # the unmarked model's units on random training samples: what a suspect's units are
+            # lined up against (a reference drawn before the bits, so it tells nothing of them)
+            "probe_x": probe_x,
+            "probe_y": data.y_train[np.sort(probe_idx)].astype(np.int64),
+            "probe_ref": activations(model, layer, probe_x).numpy().astype(np.float32),
         }
         return SchemeKeys(self.name, params, arrays)
 
@@ -117,6 +127,11 @@ class HiddenScheme(Scheme):
                 and len(a["bits"]) == len(a["classes"]) and isinstance(tx, np.ndarray)
                 and tx.dtype.kind == "f" and len(tx) == len(a["trigger_y"]) and np.isfinite(tx).all()
                 and all((a["trigger_y"] == c).any() for c in a["classes"]))
+        if "probe_ref" in a:  # the unit line-up's probes (bundles since it came)
+            self.require(keys, {}, {"probe_x": tx.ndim if isinstance(tx, np.ndarray) else 2, "probe_y": 1,
+                                    "probe_ref": 2})
+            fits = fits and a["probe_ref"].shape == (len(a["probe_x"]), p["width"]) \
+                and len(a["probe_y"]) == len(a["probe_x"]) and a["probe_x"].shape[1:] == tx.shape[1:]
         if not fits:
             self.damaged("shapes that do not fit together")
         return keys
@@ -133,32 +148,96 @@ class HiddenScheme(Scheme):
     def objective(self, model, info, data, keys) -> Objective:
         return HiddenObjective(keys, model, info, data)
 
+    def embed(self, model, info, data, keys, cfg, progress, also=()):
+        from ..training import fit
+
+        objective = self.objective(model, info, data, keys)
+        objective.stop_when_read = True  # the epochs are a cap
+        history = fit(model, data.x_train, data.y_train, cfg, [objective, *also], progress)
+        return keys, history
+
     # ------------------------------------------------------------------ read
     def read(self, suspect, keys) -> BitsResult:
         params, arrays = keys.params, keys.arrays
         n = int(arrays["bits"].size)
-        candidates, why = suspect.carriers(arrays["trigger_x"], params["layer"], int(params["width"]))
+        tx = arrays["trigger_x"]
+        probes = arrays.get("probe_x") if "probe_ref" in arrays else None
+        x = tx if probes is None else np.concatenate([tx, probes.astype(tx.dtype)])
+        candidates, why = suspect.carriers(x, params["layer"], int(params["width"]))
         if not candidates:
             # another architecture, so not ours: no bit counts (not "every bit wrong"), p = 1
             return BitsResult("hidden", 1.0, note=why, layer=params["layer"], n_bits=n)
-        tries = len(candidates)
-        best = None
-        for name, acts in candidates.items():
-            ty = arrays["trigger_y"]
-            means = np.stack([acts[ty == c].mean(0) for c in arrays["classes"]])
-            n_each = arrays["bits"].shape[1]  # each class through its own columns of A
-            proj = np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)])
-            found = (proj > 0).astype(np.uint8)  # (s, N)
-            errors = int((found != arrays["bits"]).sum())
-            if best is None or errors < best[1]:
-                best = (name, errors, found)
-        name, errors, found = best
+        # every candidate tensor read as it is and (bundles with probes) with its units lined up
+        # with the unmarked model's: every reading counted in p
+        readings = [(name, read_bits(acts[: len(tx)], probe, arrays))
+                    for name, acts in candidates.items()
+                    for probe in ([None] if probes is None else [None, acts[len(tx):]])]
+        errors_of = [int((found != arrays["bits"]).sum()) for _, found in readings]
+        best = int(np.argmin(errors_of))
+        (name, found), errors, tries = readings[best], errors_of[best], len(readings)
         return BitsResult(
             "hidden", stats.bonferroni(stats.bits_p_value(errors, n), tries), layer=params["layer"],
             n_bits=n, bits="".join(map(str, found.reshape(-1))), bit_errors=errors, ber=errors / n,
-            tensor=name, candidates=tries,
+            tensor=name, candidates=len(candidates), readings=tries,
+            aligned=None if probes is None else bool(best % 2),
             message=bits_to_message(_majority(found)) if params.get("message") else None,
         )
+
+
+def read_bits(trig: np.ndarray, probe: np.ndarray | None, arrays: dict) -> np.ndarray:
+    """The signature, (s, N), from the carrier's activations on the trigger set (and on the
+    probes: the units are then lined up with the unmarked model's, each over its own scale):
+    the mean at each target class through that class's own columns of A."""
+    if probe is not None:
+        free = _free_probes(arrays)
+        trig = _over_scale(trig, unit_rms(probe)) @ line_up(arrays["probe_ref"][free], probe[free]).T
+    ty = arrays["trigger_y"]
+    means = np.stack([trig[ty == c].mean(0) for c in arrays["classes"]])
+    n_each = arrays["bits"].shape[1]
+    proj = np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)])
+    return (proj > 0).astype(np.uint8)
+
+
+def _free_probes(arrays: dict) -> np.ndarray:
+    """The probes of classes other than the target classes: the units are lined up on them
+    (the target classes' responses are what the embedding moves)."""
+    return ~np.isin(arrays["probe_y"], arrays["classes"])
+
+
+ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apart weigh e^3 apart
+
+
+def line_up(reference: np.ndarray, acts: np.ndarray) -> np.ndarray:
+    """(ours, theirs) weights that line a suspect's units up with the reference's (the unmarked
+    model's units on the same probe inputs): each of our units reads a softmax-weighted mean of
+    the suspect's units that respond like it (correlation over the probes). A thief who shuffles
+    units (the function unchanged) gets the same reading as the unshuffled model, exactly; near
+    twins among the units share the weight instead of being picked at random. A unit that is
+    off (in either model) weighs nothing."""
+    r = reference - reference.mean(0)
+    a = acts - acts.mean(0)
+    rn, an = np.linalg.norm(r, axis=0), np.linalg.norm(a, axis=0)
+    live_r, live_a = rn > _DEAD, an > _DEAD
+    corr = (r.T @ a) / np.where(live_r[:, None] & live_a[None, :], rn[:, None] * an[None, :], np.inf)
+    logits = np.where(live_a[None, :], corr / ALIGN_TEMPERATURE, -np.inf)
+    if not live_a.any():
+        return np.zeros_like(corr)
+    weights = np.exp(logits - logits.max(1, keepdims=True))
+    weights /= weights.sum(1, keepdims=True)
+    return np.where(live_r[:, None], weights, 0.0)
+
+
+def _over_scale(acts: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Activations over each unit's own scale (0 for a unit that is off)."""
+    return np.where(scale > _DEAD, acts / np.where(scale > _DEAD, scale, 1.0), 0.0)
+
+
+_DEAD = 1e-6  # a unit whose scale is below this is off: it carries nothing
+
+
+def unit_rms(acts):
+    """Each unit's root mean square over the rows (numpy or torch, (n, M) -> (M,))."""
+    return (acts**2).mean(0) ** 0.5
 
 
 def _majority(found: np.ndarray) -> np.ndarray:
@@ -170,12 +249,15 @@ def _majority(found: np.ndarray) -> np.ndarray:
 class _HiddenState(nn.Module):
     """The objective's tensors: trainable class centres and the fixed key material."""
 
-    def __init__(self, centres, classes, signs, A):
+    def __init__(self, centres, classes, signs, A, unit_rms):
         super().__init__()
         self.centres = nn.Parameter(centres)
         self.register_buffer("classes", classes)
         self.register_buffer("signs", signs)
         self.register_buffer("A", A)
+        self.register_buffer("unit_rms", unit_rms)  # each unit's scale on training data (running)
+        # the model's units lined up with the unmarked model's, as the read-out does it
+        self.register_buffer("align", torch.eye(len(unit_rms)))
 
 
 class HiddenObjective(Objective):
@@ -205,13 +287,42 @@ class HiddenObjective(Objective):
             torch.as_tensor(arrays["classes"]),
             torch.as_tensor(arrays["bits"], dtype=torch.float32) * 2 - 1,  # (s, N) signs
             torch.as_tensor(arrays["A"], dtype=torch.float32),
+            unit_rms(acts),
         )
+        # bundles of keygen since the unit line-up keep probes; older ones are read as they were
+        self.arrays = arrays if "probe_ref" in arrays else None
+        self.pin = None
+        if self.arrays is not None:  # the probes of the other classes pin the units
+            free = _free_probes(arrays)
+            self.pin = tuple(torch.as_tensor(arrays[k][free]) for k in ("probe_x", "probe_y", "probe_ref"))
+        self._n_trig, self._pin_rows = 0, None
+        self.stop_when_read = False  # propose to stop once every bit reads back, as extract reads it
         self._ctx = None
         self.store: dict = {}
 
     def setup(self, model):
+        self._line_up(model)
         self._ctx = capture(model, self.layer)
         self.store = self._ctx.__enter__()
+
+    def _line_up(self, model) -> bool:
+        """The bits are taught as the read-out sees them: through the model's units lined up
+        with the unmarked model's (a shuffled copy of the marked model lines up the same way).
+        Units drift while they learn, so this is redone after every epoch. Returns whether the
+        read-out now finds every bit."""
+        if self.arrays is None:
+            return False
+        a = self.arrays
+        probe = activations(model, self.layer, a["probe_x"]).numpy()
+        free = _free_probes(a)
+        weights = line_up(a["probe_ref"][free], probe[free])
+        self.state.align.copy_(torch.as_tensor(weights, dtype=torch.float32))
+        trig = activations(model, self.layer, a["trigger_x"]).numpy()
+        return all(bool((read_bits(trig, p, a) == a["bits"]).all()) for p in (None, probe))
+
+    def end_epoch(self, model, epoch):
+        read_back = self._line_up(model)
+        return read_back and self.stop_when_read  # (not while it only keeps a mark embedded before)
 
     def teardown(self):
         if self._ctx is not None:
@@ -221,7 +332,13 @@ class HiddenObjective(Objective):
     def extra_batch(self, rng):
         per = int(self.params["trigger_batch"])
         idx = torch.as_tensor(rng.choice(len(self.tx), size=min(per, len(self.tx)), replace=False))
-        return self.tx[idx], self.ty[idx]
+        self._n_trig = len(idx)
+        if self.pin is None:
+            return self.tx[idx], self.ty[idx]
+        px, py, _ = self.pin
+        jdx = rng.choice(len(px), size=min(int(self.params.get("pin_batch", 32)), len(px)), replace=False)
+        self._pin_rows = torch.as_tensor(jdx)
+        return torch.cat([self.tx[idx], px[jdx]]), torch.cat([self.ty[idx], py[jdx]])
 
     def loss(self, batch):
         s, own = self.state, batch.own
@@ -236,25 +353,39 @@ class HiddenObjective(Objective):
         other[torch.arange(len(s.classes), device=d2.device), s.classes] = False
         push = torch.exp(-d2[other]).mean()  # bounded in (0, 1]: cannot diverge
         loss1 = pull + push
+        # pin: the probe rows keep the units' responses where the unmarked model had them, so
+        # that a suspect's units can be lined up with the unmarked model's
+        pin = act.sum() * 0
+        trig = slice(own.start, min(own.stop, own.start + self._n_trig))
+        if self.pin is not None and own.stop > trig.stop:
+            ref = self.pin[2].to(act.device)[self._pin_rows.to(act.device)]
+            pin = (act[trig.stop:own.stop] - ref).pow(2).sum(1).mean() / self.scale
         # loss2: the trigger samples (our rows of the batch) drive the extracted quantity itself
-        trig_act, trig_y = act[own], y[own]
+        trig_act, trig_y = act[trig], y[trig]
+        views = [trig_act]  # both readings of extract: the units as they are...
+        if self.arrays is not None:  # ...and lined up with the unmarked model's, over their scales
+            with torch.no_grad():
+                s.unit_rms.mul_(0.9).add_(0.1 * unit_rms(act[: batch.n_train]))
+            views.append((trig_act / s.unit_rms.clamp_min(_DEAD)) @ s.align.T)
         terms = []
-        for k, c in enumerate(s.classes):
-            mask = trig_y == c
-            if not mask.any():  # no sample of this class in the batch: no term, no NaN
-                continue
-            n = s.signs.shape[1]
-            a = s.A[:, k * n:(k + 1) * n]  # this class's own projection
-            proj = trig_act[mask].mean(0) @ a  # (N,)
-            z = proj / a.norm(dim=0) / trig_act[mask].mean(0).norm().clamp_min(1e-6)
-            z = z * (a.shape[0] ** 0.5)  # ~N(0, 1) for an unrelated mean activation
-            terms.append(torch.relu(float(self.params["margin"]) - s.signs[k] * z).mean())
+        for view in views:
+            for k, c in enumerate(s.classes):
+                mask = trig_y == c
+                if not mask.any():  # no sample of this class in the batch: no term, no NaN
+                    continue
+                n = s.signs.shape[1]
+                a = s.A[:, k * n:(k + 1) * n]  # this class's own projection
+                mean = view[mask].mean(0)
+                z = (mean @ a) / a.norm(dim=0) / mean.norm().clamp_min(1e-6)
+                z = z * (a.shape[0] ** 0.5)  # ~N(0, 1) for an unrelated mean activation
+                terms.append(torch.relu(float(self.params["margin"]) - s.signs[k] * z).mean())
         loss2 = torch.stack(terms).mean() if terms else act.sum() * 0
         weight = (own.stop - own.start) / max(1, own.stop)  # their share of the batch, as before
         return (
             weight * ce
             + float(self.params["lambda1"]) * loss1
             + float(self.params["lambda2"]) * loss2
+            + float(self.params.get("lambda3", 0.0)) * pin
         )
 
 

@@ -1,0 +1,254 @@
+"""The deployment wrappers (round-scores, noise-scores, noise-inputs, label-only): the victim's
+ONNX graph behind a few nodes. Each writes a checked ONNX file that our reader reads, keeps the
+victim's accuracy, and leaves the output-scheme watermark detectable where labels survive."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import assert_bad_input, run_cli, run_json
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from deepsigns_cli import api
+from deepsigns_cli.registry import ATTACKS, load_attack
+from deepsigns_cli.runtime import output_kind
+
+WRAPPERS = ("round-scores", "noise-scores", "noise-inputs", "label-only")
+OPTIONS = {"round-scores": ("--decimals", 2), "noise-scores": (), "noise-inputs": ("--sigma", 0.1),
+           "label-only": ()}
+# accuracy points the wrapped model may lose or gain, and the params its report gives
+TOLERANCE = {"round-scores": 2.0, "noise-scores": 2.0, "noise-inputs": 10.0, "label-only": 0.0}
+PARAMS = {"round-scores": {"decimals": 2}, "noise-scores": {"sigma": 0.01}, "noise-inputs": {"sigma": 0.1},
+          "label-only": {}}
+# the one output each writes: (name, kind as the reader sees it); None: the victim's own
+OUTPUT = {"round-scores": ("probabilities", "scores"), "noise-scores": ("probabilities", "scores"),
+          "noise-inputs": None, "label-only": ("label", "labels")}
+
+
+def attack(name: str, model: Path, out: Path, *options, code: int = 0) -> dict:
+    return run_json("attack", name, "--model", model, "--data", "digits", *options, "--out", out, code=code)
+
+
+def answer(path: Path, x: np.ndarray) -> np.ndarray:
+    """The first output of an ONNX file for inputs x (our own files: run here directly)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = x.reshape(len(x), *[d if isinstance(d, int) else -1 for d in session.get_inputs()[0].shape[1:]])
+    return session.run(None, {session.get_inputs()[0].name: feed.astype(np.float32)})[0]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def wrapped(blackbox, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Each wrapper once over the owner's marked ONNX model: name -> (file, report)."""
+    folder = tmp_path_factory.mktemp("wrapped")
+    return {name: (folder / f"{name}.onnx", attack(name, blackbox["onnx"], folder / f"{name}.onnx",
+                                                    *OPTIONS[name]))
+            for name in WRAPPERS}
+
+
+@pytest.fixture(scope="module")
+def x_test(digits) -> np.ndarray:
+    return digits.x_test.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def victim_logits(blackbox, x_test) -> np.ndarray:
+    return answer(blackbox["onnx"], x_test)
+
+
+def test_one_module_serves_the_four_rows():
+    for name in WRAPPERS:
+        assert ATTACKS[name].module == "deepsigns_cli.attacks.wrappers"
+        assert load_attack(name).name == name
+
+
+@pytest.mark.parametrize("name", WRAPPERS)
+def test_each_wrapper_writes_a_checked_model_that_keeps_the_accuracy(blackbox, wrapped, name):
+    path, report = wrapped[name]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    victim = onnx.load(str(blackbox["onnx"]))
+    opset = {o.domain: o.version for o in victim.opset_import}[""]
+    assert {o.domain: o.version for o in model.opset_import}[""] == opset >= 13
+    assert [i.name for i in model.graph.input] == [i.name for i in victim.graph.input]
+    outputs = [(o.name, output_kind(o)[0]) for o in model.graph.output]
+    want = OUTPUT[name] or (victim.graph.output[0].name, "scores")
+    assert outputs == [want]
+    assert report["params"] == {**PARAMS[name], "wrapped_output": victim.graph.output[0].name}
+    assert abs(report["accuracy_after"] - report["accuracy_before"]) <= TOLERANCE[name]
+    assert report["accuracy_before"] > 80
+
+
+def test_round_scores_answers_the_victims_probabilities_rounded(wrapped, victim_logits, x_test):
+    got = answer(wrapped["round-scores"][0], x_test)
+    assert got.shape == victim_logits.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got * 100, np.round(got * 100), atol=1e-4)  # multiples of 0.01
+    # the probabilities the victim gives, rounded (a value on a .005 edge may round either way)
+    np.testing.assert_allclose(got, np.round(softmax(victim_logits.astype(np.float64)), 2), atol=0.0101)
+    assert len(np.unique(got)) > 10  # not all 0 and 1: two decimals kept
+
+
+def test_round_scores_keeps_the_decimals_asked(blackbox, tmp_path, x_test):
+    out = tmp_path / "one.onnx"
+    report = attack("round-scores", blackbox["onnx"], out, "--decimals", 1)
+    got = answer(out, x_test)
+    np.testing.assert_allclose(got * 10, np.round(got * 10), atol=1e-5)
+    assert report["params"]["decimals"] == 1 and len(np.unique(got)) <= 11
+
+
+def test_label_only_answers_the_victims_top_label(wrapped, victim_logits, x_test):
+    got = answer(wrapped["label-only"][0], x_test)
+    assert got.dtype == np.int64 and got.shape == (len(x_test),)
+    np.testing.assert_array_equal(got, victim_logits.argmax(1))
+
+
+def test_noise_scores_adds_noise_of_the_spread_asked(wrapped, victim_logits, x_test):
+    path = wrapped["noise-scores"][0]
+    noise = answer(path, x_test) - softmax(victim_logits.astype(np.float64))
+    assert 0.008 < noise.std() < 0.012 and abs(noise.mean()) < 0.002
+    # fresh noise on every call (a deployed model), the same sequence for every session (seeded)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    first, second = (session.run(None, {"input": x_test})[0] for _ in range(2))
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, answer(path, x_test))
+
+
+def test_noise_inputs_is_relative_to_the_inputs_spread(blackbox, wrapped, tmp_path, victim_logits, x_test):
+    noisy = answer(wrapped["noise-inputs"][0], x_test)
+    assert not np.allclose(noisy, victim_logits, atol=1e-3)
+    silent = tmp_path / "silent.onnx"
+    attack("noise-inputs", blackbox["onnx"], silent, "--sigma", 0)
+    np.testing.assert_allclose(answer(silent, x_test), victim_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [None, "label-only", "round-scores"], ids=["victim", "label-only", "round-scores"])
+def test_the_output_watermark_is_still_detected(blackbox, wrapped, name):
+    model = blackbox["onnx"] if name is None else wrapped[name][0]
+    result = run_json("verify", "--model", model, "--keys", blackbox["keys"], code=0)
+    (row,) = result["results"]
+    assert row["matches"] >= 18, row
+
+
+def test_a_checkpoint_victim_is_exported_first(blackbox, wrapped, tmp_path, x_test):
+    for name in ("label-only", "round-scores"):
+        out = tmp_path / f"{name}.onnx"
+        report = attack(name, blackbox["marked_path"], out, *OPTIONS[name])
+        from_onnx = wrapped[name][1]
+        assert report["accuracy_after"] == pytest.approx(from_onnx["accuracy_after"], abs=0.3)
+        assert report["accuracy_before"] == pytest.approx(from_onnx["accuracy_before"], abs=0.3)
+        got, want = answer(out, x_test), answer(wrapped[name][0], x_test)
+        assert (got == want).mean() >= 0.99, name
+
+
+@pytest.mark.parametrize("name", WRAPPERS)
+def test_a_checkpoint_out_is_refused(blackbox, tmp_path, name):
+    out = tmp_path / "wrapped.safetensors"
+    result = run_cli("attack", name, "--model", blackbox["onnx"], "--data", "digits", "--out", out, code=None)
+    assert_bad_input(result, ".onnx")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- other victims
+
+
+@pytest.fixture(scope="module")
+def sklearn_model(digits):
+    pytest.importorskip("skl2onnx")
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    x = digits.x_train.reshape(len(digits.x_train), -1).astype(np.float32)
+    # one BLAS thread: on a small shared box, threads fighting make this 0.1 s fit take seconds
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return LogisticRegression(max_iter=100).fit(x, digits.y_train)
+
+
+@pytest.mark.parametrize("zipmap", [True, False], ids=["zipmap", "no-zipmap"])
+def test_a_scikit_learn_model_is_wrapped(sklearn_model, tmp_path, x_test, zipmap):
+    from skl2onnx import to_onnx
+
+    x = x_test.reshape(len(x_test), -1)
+    options = None if zipmap else {id(sklearn_model): {"zipmap": False}}
+    victim = tmp_path / "skl.onnx"
+    onnx.save(to_onnx(sklearn_model, x[:1], options=options, target_opset={"": 17, "ai.onnx.ml": 3}), str(victim))
+
+    labels = tmp_path / "labels.onnx"
+    report = attack("label-only", victim, labels)
+    assert report["accuracy_after"] == report["accuracy_before"]
+    np.testing.assert_array_equal(answer(labels, x), sklearn_model.predict(x))
+
+    rounded = tmp_path / "rounded.onnx"
+    report = attack("round-scores", victim, rounded)
+    assert report["params"]["wrapped_output"] == ("output_probability" if zipmap else "probabilities")
+    assert abs(report["accuracy_after"] - report["accuracy_before"]) <= 2
+    # probabilities already: rounded as they are, not put through a softmax again
+    want = np.round(sklearn_model.predict_proba(x), 2)
+    np.testing.assert_allclose(answer(rounded, x), want, atol=0.0101)
+    for path in (labels, rounded):
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def linear_victim(path: Path, *, opset: int = 17, input_name: str = "label", output_name: str = "probabilities",
+                  weights_name: str = "wrap/1") -> tuple[Path, np.ndarray]:
+    """A hand-made linear classifier whose names are the ones the wrappers use themselves."""
+    w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    graph = h.make_graph(
+        [h.make_node("Flatten", [input_name], ["victim/flat"], axis=1),
+         h.make_node("MatMul", ["victim/flat", weights_name], [output_name])],
+        "hostile", [h.make_tensor_value_info(input_name, T.FLOAT, ["n", 1, 8, 8])],
+        [h.make_tensor_value_info(output_name, T.FLOAT, ["n", 10])], [nh.from_array(w, weights_name)])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path, w
+
+
+@pytest.mark.parametrize("name", WRAPPERS)
+def test_a_victims_names_cannot_collide_with_ours(tmp_path, x_test, name):
+    victim, w = linear_victim(tmp_path / "victim.onnx")
+    out = tmp_path / "out.onnx"
+    report = api.attack(name, victim, out, options={"sigma": 0.0} if name == "noise-inputs" else None)
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    logits = x_test.reshape(len(x_test), -1) @ w
+    got = answer(out, x_test)
+    if name == "label-only":
+        np.testing.assert_array_equal(got, logits.argmax(1))
+    elif name == "noise-inputs":
+        np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-4)
+    else:
+        assert np.abs(got - softmax(logits.astype(np.float64))).max() < 0.06
+    assert abs(report.accuracy_after - report.accuracy_before) <= TOLERANCE[name]
+
+
+@pytest.mark.parametrize("name", ["noise-scores", "noise-inputs"])
+def test_no_noise_asked_is_no_noise(tmp_path, x_test, name):
+    """sigma 0 adds no noise node (onnxruntime aborts on RandomNormalLike with scale 0)."""
+    victim, w = linear_victim(tmp_path / "victim.onnx")
+    out = tmp_path / "out.onnx"
+    api.attack(name, victim, out, options={"sigma": 0.0})
+    assert "RandomNormalLike" not in {n.op_type for n in onnx.load(str(out)).graph.node}
+    logits = (x_test.reshape(len(x_test), -1) @ w).astype(np.float64)
+    want = logits if name == "noise-inputs" else softmax(logits)
+    np.testing.assert_allclose(answer(out, x_test), want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_old_opset_is_refused_with_the_fix(tmp_path):
+    victim, _ = linear_victim(tmp_path / "old.onnx", opset=12, input_name="x", output_name="y", weights_name="w")
+    result = run_cli("attack", "label-only", "--model", victim, "--data", "digits",
+                     "--out", tmp_path / "out.onnx", code=None)
+    assert_bad_input(result, "opset 13", "re-export")
+    assert not (tmp_path / "out.onnx").exists()

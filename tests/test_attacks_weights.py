@@ -1,0 +1,175 @@
+"""Attacks that rewrite the weights without training data of their own: hidden-unit permutation
+(the same function, other weights), quantization (int8 ONNX, k-bit rounding), and overwriting
+(the attacker's own watermark, sealed in the attacker's bundle)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import assert_bad_input, partial_files, run_cli, run_json, run_proc
+from onnx import TensorProto
+from safetensors.numpy import load_file
+
+from deepsigns_cli.bundle import MAGIC, read_header
+from deepsigns_cli.checkpoint import ModelInfo, load_checkpoint, save_checkpoint
+from deepsigns_cli.zoo import build_model
+
+
+def _logits(path, x) -> np.ndarray:
+    model, _ = load_checkpoint(path)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.as_tensor(x, dtype=torch.float32)).numpy()
+
+
+def _moved(old: np.ndarray, new: np.ndarray) -> int:
+    """How many rows of `new` are a positive multiple of another row of `old` than their own;
+    fails unless every row of `new` is a positive multiple of exactly one row of `old`."""
+    def unit(a):
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    cos = unit(new.astype(np.float64)) @ unit(old.astype(np.float64)).T
+    match = cos.argmax(axis=1)
+    assert cos.max(axis=1).min() > 1 - 1e-5, "a unit's weights are not a rescaled copy of any unit's"
+    assert len(set(match.tolist())) == len(match), "two units map to the same original"
+    return int((match != np.arange(len(match))).sum())
+
+
+# layer -> how its units are laid out: first-layer rows (conv kernels flattened), head columns
+PERMUTED = {
+    "mlp": [("fc1", "rows"), ("head", "columns")],
+    "cnn": [("conv1", "rows"), ("head", "columns")],
+}
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_permute_keeps_the_function_and_moves_the_units(arch, marked, cnn, digits, tmp_path):
+    victim = marked.marked if arch == "mlp" else cnn[0]
+    out = tmp_path / "permuted.safetensors"
+    report = run_json("attack", "permute", "--model", victim, "--data", "digits", "--out", out)
+    assert report["accuracy_after"] == report["accuracy_before"]
+    before, after = _logits(victim, digits.x_test), _logits(out, digits.x_test)
+    assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
+    assert report["params"]["max_output_diff"] <= 1e-4 * np.abs(before).max()
+    old, new = load_file(victim), load_file(out)
+    for layer, layout in PERMUTED[arch]:
+        a, b = old[f"{layer}.weight"], new[f"{layer}.weight"]
+        if layout == "rows":
+            a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+        else:
+            a, b = a.T, b.T
+        assert not np.allclose(a, b)
+        assert _moved(a, b) >= len(a) // 2, f"fewer than half of the units of {layer} moved"
+    permuted = report["params"]["units_permuted"]
+    expected = {"mlp": ["fc1", "fc2"], "cnn": ["conv1", "conv2", "fc1"]}[arch]
+    assert list(permuted) == expected
+    assert all(permuted[name] >= len(old[f"{name}.weight"]) // 2 for name in expected)
+
+
+def test_permute_without_rescaling_is_an_exact_permutation(marked, tmp_path):
+    out = tmp_path / "permuted.safetensors"
+    report = run_json("attack", "permute", "--model", marked.marked, "--data", "digits", "--scale", 1,
+                      "--out", out)
+    assert report["params"]["scale"] == 1
+    old, new = load_file(marked.marked), load_file(out)
+    assert old.keys() == new.keys()
+    for name in old:  # every tensor but the head's bias (the outputs are not shuffled) moved
+        assert np.array_equal(old[name], new[name]) == (name == "head.bias"), name
+        # the same values, moved: sorted, they are bit for bit the original's
+        assert np.array_equal(np.sort(old[name], axis=None), np.sort(new[name], axis=None)), name
+    rows = {r.tobytes() for r in old["fc1.weight"]}
+    assert all(r.tobytes() in rows for r in new["fc1.weight"])  # whole rows moved, none rescaled
+    columns = {c.tobytes() for c in old["head.weight"].T}
+    assert all(c.tobytes() in columns for c in new["head.weight"].T)
+
+
+def test_permute_refuses_a_resnet(tmp_path):
+    model = build_model("resnet", {"widths": [4, 8]}, (1, 8, 8), 10)
+    path, out = tmp_path / "resnet.safetensors", tmp_path / "permuted.safetensors"
+    save_checkpoint(model, ModelInfo("resnet", {"widths": [4, 8]}, (1, 8, 8), 10), path)
+    result = run_cli("attack", "permute", "--model", path, "--data", "digits", "--out", out, code=2)
+    assert_bad_input(result, "no hidden units to shuffle", "BatchNorm")
+    assert not out.exists() and partial_files(tmp_path) == []
+
+
+def test_quantize_int8_onnx(marked, tmp_path):
+    out = tmp_path / "int8.onnx"
+    # a real process: onnxruntime's quantizer logs through the root logger, which would
+    # print on stderr there (in pytest, its own handler takes those records)
+    proc = run_proc("attack", "quantize", "--model", marked.marked, "--data", "digits", "--out", out, "--json")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["params"]["mode"] == "int8-onnx" and report["params"]["bits"] == 8
+    assert 0 < report["params"]["max_relative_change"] < 0.01
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    inits = list(proto.graph.initializer)
+    matrices = [t for t in inits if len(t.dims) == 2]
+    assert len(matrices) == 3 and all(t.data_type == TensorProto.INT8 for t in matrices)
+    assert abs(report["accuracy_after"] - report["accuracy_before"]) <= 2.0
+
+
+def test_quantize_k_bits_rounds_each_tensor(marked, tmp_path):
+    out = tmp_path / "4bit.safetensors"
+    report = run_json("attack", "quantize", "--model", marked.marked, "--data", "digits", "--bits", 4,
+                      "--out", out)
+    assert report["params"]["mode"] == "k-bit" and report["params"]["bits"] == 4
+    old, new = load_file(marked.marked), load_file(out)
+    for name, tensor in new.items():
+        assert len(np.unique(tensor)) <= 16, name
+        assert tensor.min() == old[name].min() and tensor.max() == old[name].max(), name
+        step = (old[name].max() - old[name].min()) / 15
+        assert np.abs(tensor - old[name]).max() <= step / 2 * (1 + 1e-5), name
+    assert len(np.unique(old["fc1.weight"])) > 16
+    assert 0 < report["params"]["max_relative_change"] < 0.2
+    assert report["accuracy_after"] > report["accuracy_before"] - 5
+
+
+def test_quantize_k_bits_refused_for_onnx(marked, tmp_path):
+    out = tmp_path / "4bit.onnx"
+    result = run_cli("attack", "quantize", "--model", marked.marked, "--data", "digits", "--bits", 4,
+                     "--out", out, code=2)
+    assert_bad_input(result, "int8 only for .onnx; use --out .safetensors for k-bit rounding")
+    assert not out.exists() and partial_files(tmp_path) == []
+
+
+OVERWRITE_EPOCHS = 3  # 2 leave the output scheme short of its 20 learnt keys
+
+
+def test_overwrite_embeds_the_attackers_own_mark(marked, tmp_path):
+    out, keys = tmp_path / "overwritten.safetensors", tmp_path / "attacker.dskey"
+    # the default schemes (hidden, output) with the fewest epochs the output keys need
+    report = run_json("attack", "overwrite", "--model", marked.marked, "--data", "digits",
+                      "--epochs", OVERWRITE_EPOCHS, "--attacker-keys", keys, "--out", out)
+    params = report["params"]
+    assert params["schemes"] == ["hidden", "output"]
+    assert params["epochs"] == {"hidden": OVERWRITE_EPOCHS, "output": OVERWRITE_EPOCHS}
+    assert params["attacker_keys"] == str(keys)
+    assert out.exists() and keys.exists()
+    # sealed: the magic, a public header naming the attacker's key, nothing secret in the clear
+    blob = keys.read_bytes()
+    assert blob.startswith(MAGIC)
+    header = read_header(keys)
+    assert header["key_id"] == params["attacker_key_id"] and header["schemes"] == ["hidden", "output"]
+    assert b"__metadata__" not in blob and b'"dtype"' not in blob  # no safetensors plaintext
+    assert hashlib.sha256(blob).hexdigest() == params["attacker_commitment"]
+    assert params["attacker_key_id"] != read_header(marked.keys)["key_id"]
+    decision = run_json("extract", "--model", out, "--keys", keys)
+    assert decision["detected"] is True, json.dumps(decision)
+    assert [r["detected"] for r in decision["results"]] == [True, True], json.dumps(decision)
+    # and the attacker's keys do not claim the owner's unmarked baseline
+    baseline = run_json("extract", "--model", marked.base, "--keys", keys, code=None)
+    assert baseline["detected"] is False
+
+
+def test_overwrite_needs_attacker_keys(marked, tmp_path):
+    out = tmp_path / "overwritten.safetensors"
+    result = run_cli("attack", "overwrite", "--model", marked.marked, "--data", "digits", "--epochs", 1,
+                     "--out", out, code=2)
+    assert_bad_input(result, "--attacker-keys is required: the bundle of the attacker's keys to write")
+    assert not out.exists() and partial_files(tmp_path) == []
