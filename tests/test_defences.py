@@ -1,0 +1,121 @@
+"""What the attacks break, defended: shuffled hidden units are lined up with the unmarked model's
+before the hidden mark is read, and a sweep reads the owner's keys at every strength."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import SEEDS, assert_one_error_line, run_cli, run_json
+
+
+def hidden(report: dict) -> dict:
+    return next(r for r in report["results"] if r["scheme"] == "hidden")
+
+
+@pytest.fixture(scope="module")
+def permuted(marked_runs, tmp_path_factory) -> dict:
+    """seed -> (the permuted marked model, the same then fine-tuned 30 epochs at the training rate)."""
+    out = {}
+    for seed in SEEDS:
+        run = marked_runs(seed)
+        folder = tmp_path_factory.mktemp(f"permuted{seed}")
+        perm, tuned = folder / "perm.safetensors", folder / "perm-ft.safetensors"
+        report = run_json("attack", "permute", "--model", run.marked, "--seed", seed, "--out", perm)
+        run_json("attack", "finetune", "--model", perm, "--epochs", 30, "--seed", seed, "--device", "cpu",
+                 "--out", tuned)
+        out[seed] = (run, perm, tuned, report)
+    return out
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_permuted_model_reads_with_no_bit_errors(permuted, seed):
+    run, perm, _, report = permuted[seed]
+    assert report["params"]["max_output_diff"] < 1e-3  # the same function
+    assert sum(report["params"]["units_permuted"].values()) > 100
+    r = hidden(run_json("extract", "--model", perm, "--keys", run.keys))
+    assert r["detected"] and r["bit_errors"] == 0 and r["aligned"] is True
+    assert r["readings"] == 2  # as it is, and lined up: both counted in p
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_permuted_then_fine_tuned_model_is_still_detected(permuted, seed):
+    run, _, tuned, _ = permuted[seed]
+    r = hidden(run_json("extract", "--model", tuned, "--keys", run.keys))
+    assert r["detected"] and r["aligned"] is True
+    assert r["bit_errors"] <= r["max_bit_errors"] // 2  # with room to spare, not just past the line
+
+
+def test_the_line_up_is_read_from_onnx_too(permuted, tmp_path):
+    run, perm, _, _ = permuted[SEEDS[0]]
+    run_json("export", perm, "--out", tmp_path / "perm.onnx")
+    r = hidden(run_json("extract", "--model", tmp_path / "perm.onnx", "--keys", run.keys))
+    assert r["detected"] and r["bit_errors"] == 0 and r["aligned"] is True
+
+
+def test_an_unrelated_permuted_model_is_not_claimed(marked_runs, tmp_path):
+    """The line-up is against the unmarked model's units, which the keys kept before the bits
+    were drawn: another owner's model, shuffled or not, reads as chance."""
+    owner, other = marked_runs(SEEDS[0]), marked_runs(SEEDS[1])
+    perm = tmp_path / "other-perm.safetensors"
+    run_json("attack", "permute", "--model", other.base, "--seed", 5, "--out", perm)
+    for model in (other.base, perm):
+        report = run_json("extract", "--model", model, "--keys", owner.keys, code=1)
+        r = hidden(report)
+        assert not r["detected"] and r["bit_errors"] > r["max_bit_errors"] + 20
+
+
+# ---------------------------------------------------------------------------- the sweep
+
+
+@pytest.fixture(scope="module")
+def prune_sweep(marked, tmp_path_factory) -> tuple[dict, object]:
+    folder = tmp_path_factory.mktemp("sweep")
+    report = run_json("attack", "prune", "--model", marked.marked, "--sweep", "rate=0.2,0.97",
+                      "--keys", marked.keys, "--plot", folder / "prune.png", "--out", folder / "kept")
+    return report, folder
+
+
+def test_a_sweep_reads_the_owners_keys_at_every_strength(prune_sweep, marked):
+    report, folder = prune_sweep
+    rows = report["rows"]
+    assert [r["value"] for r in rows] == [None, 0.2, 0.97]  # the victim first
+    victim, light, heavy = rows
+    assert victim["extract"]["detected"] and light["extract"]["detected"]
+    assert heavy["accuracy"] < victim["accuracy"] - 30  # 97% of the weights gone breaks the model
+    assert hidden(heavy["extract"])["bit_errors"] > hidden(light["extract"])["bit_errors"]
+    assert report["param"] == "rate" and report["commitment"] and report["alpha"] == 1e-9
+    assert rows[0]["verify"] is None  # the bundle has no black-box scheme: nothing to verify
+    for row in rows[1:]:  # --out: every attacked model kept
+        assert (folder / "kept" / f"prune-rate-{row['value']}.safetensors").is_file()
+    assert (folder / "prune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_verifies_black_box_marks_from_onnx(blackbox):
+    report = run_json("attack", "noise", "--model", blackbox["marked_path"], "--sweep", "sigma=0,2",
+                      "--keys", blackbox["keys"])
+    victim, none, strong = report["rows"]
+    assert victim["verify"]["detected"] and none["verify"]["detected"]
+    assert none["verify"]["results"][0]["matches"] == 20
+    assert strong["verify"]["results"][0]["matches"] < 20
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sweep", "nope=1,2", "--keys", "{keys}"], "no such option"),
+    (["--sweep", "rate=1.5", "--keys", "{keys}"], "--rate"),
+    (["--sweep", "rate=", "--keys", "{keys}"], "PARAM=v1"),
+    (["--sweep", "rate=0.5"], "--keys"),
+    (["--keys", "{keys}", "--out", "{tmp}/x.safetensors"], "--sweep"),
+    (["--sweep", "rate=0.5", "--keys", "{keys}", "--plot", "{tmp}/x.jpg"], ".png"),
+])
+def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
+    args = [a.format(keys=marked.keys, tmp=tmp_path) for a in args]
+    result = run_cli("attack", "prune", "--model", marked.marked, *args, code=2)
+    assert_one_error_line(result.stderr, result.stdout, needle)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_sweep_report_is_json(prune_sweep):
+    report, _ = prune_sweep
+    json.dumps(report, allow_nan=False)
+    assert report["command"] == "attack" and report["attack"] == "prune"
