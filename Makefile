@@ -23,7 +23,7 @@ demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/deepsigns inspect sample_models/digits-mlp.safetensors
 	$(BIN)/deepsigns keygen --model sample_models/digits-mlp.safetensors --data digits \
-	    --scheme hidden,output --message "ACME Corp 2026" --key-size 20 --out $(DEMO)/owner.dskey
+	    --scheme hidden,output --message "ACME Corp 2026" --out $(DEMO)/owner.dskey
 	$(BIN)/deepsigns embed --model sample_models/digits-mlp.safetensors --data digits \
 	    --keys $(DEMO)/owner.dskey --out $(DEMO)/marked.safetensors
 	$(BIN)/deepsigns export $(DEMO)/marked.safetensors --out $(DEMO)/marked.onnx
@@ -34,6 +34,12 @@ demo: setup
 	@echo "-- the unmarked sample model must not be claimed (exit 1):"
 	$(BIN)/deepsigns verify --model $(DEMO)/unmarked.onnx --keys $(DEMO)/owner.dskey; test $$? -eq 1
 	$(BIN)/deepsigns inspect $(DEMO)/owner.dskey
+	@echo "-- a thief shuffles and rescales the hidden units (the same function), then fine-tunes:"
+	$(BIN)/deepsigns attack permute --model $(DEMO)/marked.safetensors --data digits --out $(DEMO)/shuffled.safetensors
+	$(BIN)/deepsigns attack finetune --model $(DEMO)/shuffled.safetensors --data digits --epochs 30 \
+	    --out $(DEMO)/stolen.safetensors
+	@echo "-- the owner's keys still claim it (exit 0):"
+	$(BIN)/deepsigns extract --model $(DEMO)/stolen.safetensors --keys $(DEMO)/owner.dskey
 	@echo "demo: all files are in $(DEMO)/"
 
 test: setup

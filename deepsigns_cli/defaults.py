@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_TIMEOUT", "LIMITS"]
 
-# A forger can try many key sets: at 1e-9 (with the default 64 bits and 20 keys) one random
+# A forger can try many key sets: at 1e-9 (with the default 64 bits and 100 keys) one random
 # key set claims a model it was never embedded in with probability at most 1e-9
 DEFAULT_ALPHA = 1e-9
 DEFAULT_TIMEOUT = 60.0  # seconds for all of one suspect model's evaluation

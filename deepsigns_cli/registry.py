@@ -122,7 +122,7 @@ SCHEMES: dict[str, SchemeEntry] = {
         order=1,
         default_epochs=200,
         result="matches",
-        options=(Option("--key-size", "int", "number of key inputs K (default 20).", 1, 1000),),
+        options=(Option("--key-size", "int", "number of key inputs K (default 100).", 1, 1000),),
     ),
 }
 
