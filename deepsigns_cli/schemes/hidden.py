@@ -3,6 +3,15 @@
 The owner's bits live in the mean activation of a secret trigger set (training samples
 of secret target classes) at a carrier layer, read through a secret projection A ~ N(0, 1):
 bits = (mean . A > 0).
+
+A thief can shuffle and positively rescale the carrier's units without changing the model's
+function, which moves every unit away from its row of A. So the bits are also read with the
+suspect's units lined up with the *unmarked* model's (soft matching by correlation on probe
+samples the keys keep, each unit over its own scale), and the embedding teaches both
+readings. The reference is the unmarked model, recorded before the bits were drawn, so a
+model that is not ours reads as a fair coin either way: the p-value counts the two readings
+and nothing else. (Lined up with the marked model instead, independently trained models read
+with 16-22 of 192 bits wrong: that would claim models we never marked.)
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ DEFAULTS = {
     "lambda3": 1.0,  # pin: the units keep their responses to the probes (so they can be lined up)
     "pin_batch": 32,  # probe samples mixed into every step
 }
+ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apart weigh e^3 apart
+_DEAD = 1e-6  # a unit whose scale is below this is off: it carries nothing
 
 
 def message_to_bits(message: str) -> np.ndarray:
@@ -204,9 +215,6 @@ def _free_probes(arrays: dict) -> np.ndarray:
     return ~np.isin(arrays["probe_y"], arrays["classes"])
 
 
-ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apart weigh e^3 apart
-
-
 def line_up(reference: np.ndarray, acts: np.ndarray) -> np.ndarray:
     """(ours, theirs) weights that line a suspect's units up with the reference's (the unmarked
     model's units on the same probe inputs): each of our units reads a softmax-weighted mean of
@@ -230,9 +238,6 @@ def line_up(reference: np.ndarray, acts: np.ndarray) -> np.ndarray:
 def _over_scale(acts: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Activations over each unit's own scale (0 for a unit that is off)."""
     return np.where(scale > _DEAD, acts / np.where(scale > _DEAD, scale, 1.0), 0.0)
-
-
-_DEAD = 1e-6  # a unit whose scale is below this is off: it carries nothing
 
 
 def unit_rms(acts):
@@ -302,6 +307,9 @@ class HiddenObjective(Objective):
 
     def setup(self, model):
         self._line_up(model)
+        if self.pin is not None:  # the reference rows live where the activations are
+            device = next(model.parameters()).device
+            self.pin = (*self.pin[:2], self.pin[2].to(device))
         self._ctx = capture(model, self.layer)
         self.store = self._ctx.__enter__()
 
@@ -358,7 +366,7 @@ class HiddenObjective(Objective):
         pin = act.sum() * 0
         trig = slice(own.start, min(own.stop, own.start + self._n_trig))
         if self.pin is not None and own.stop > trig.stop:
-            ref = self.pin[2].to(act.device)[self._pin_rows.to(act.device)]
+            ref = self.pin[2][self._pin_rows.to(act.device)]
             pin = (act[trig.stop:own.stop] - ref).pow(2).sum(1).mean() / self.scale
         # loss2: the trigger samples (our rows of the batch) drive the extracted quantity itself
         trig_act, trig_y = act[trig], y[trig]
