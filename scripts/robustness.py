@@ -114,6 +114,8 @@ def main() -> None:
                 continue
             model = victim_onnx if (name, param, values, options) in DEPLOY else marked
             plot = ROOT / "docs" / "prune-sweep.png" if name == "prune-ft" and seed == args.seeds[0] else None
+            if plot is not None:
+                plot.parent.mkdir(exist_ok=True)
             report, secs = run_sweep(name, param, values, options, model, keys, folder, seed, plot)
             table.setdefault(name, {})[seed] = report
             seconds.setdefault(name, []).append(secs / len(values))

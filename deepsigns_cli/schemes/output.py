@@ -37,6 +37,8 @@ DEFAULTS = {
     "pca_variance": 0.90,  # PCA keeps the components explaining this much variance
     "key_batch": 512,  # candidate keys mixed into every step (all of K' = 400 by default)
     "reference_points": 4000,  # training activations used as the density reference
+    "settle_epochs": 30,  # epochs of key training after 99% of the candidates are learnt: keys
+    # learnt just past the boundary are the first a thief's fine-tuning takes back
     "robust_epochs": 30,  # keys are chosen among those that outlive this much fine-tuning of a
     # copy of the marked model (Adam at the model's own rate, as a thief would); 0: no such test
 }
@@ -184,7 +186,7 @@ class OutputScheme(Scheme):
         x, y = arrays["x_candidates"], arrays["y_candidates"]
         unmarked = predict(model, x).argmax(1)
         objective = self.objective(model, info, data, keys)
-        objective.stop_at = 0.99
+        objective.stop_at, objective.settle = 0.99, int(params.get("settle_epochs", DEFAULTS["settle_epochs"]))
         # at the model's own rate (the paper takes a tenth of it: keys learnt that gently are
         # gone after 30 epochs of fine-tuning at the full rate, 5 of 20 kept; see the README)
         history = fit(model, data.x_train, data.y_train, cfg, [objective, *also], progress)
@@ -260,7 +262,9 @@ class KeyObjective(Objective):
         self.x = torch.as_tensor(x)
         self.y = torch.as_tensor(y)
         self.per_batch = min(per_batch, len(x))
-        self.stop_at: float | None = None
+        self.stop_at: float | None = None  # stop once this share of the keys is learnt...
+        self.settle = 0  # ...and this many epochs more have deepened them
+        self.learnt_at: int | None = None
 
     def extra_batch(self, rng):
         idx = rng.choice(len(self.x), size=self.per_batch, replace=False)
@@ -277,8 +281,11 @@ class KeyObjective(Objective):
 
         if self.stop_at is None:
             return False
-        learnt = float((predict(model, self.x.numpy()).argmax(1) == self.y.numpy()).mean())
-        return learnt >= self.stop_at
+        if self.learnt_at is None:
+            learnt = float((predict(model, self.x.numpy()).argmax(1) == self.y.numpy()).mean())
+            if learnt >= self.stop_at:
+                self.learnt_at = epoch
+        return self.learnt_at is not None and epoch >= self.learnt_at + self.settle
 
 
 def _summary(counts: np.ndarray) -> dict:
