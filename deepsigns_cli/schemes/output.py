@@ -37,7 +37,7 @@ DEFAULTS = {
     "pca_variance": 0.90,  # PCA keeps the components explaining this much variance
     "key_batch": 512,  # candidate keys mixed into every step (all of K' = 400 by default)
     "reference_points": 4000,  # training activations used as the density reference
-    "settle_epochs": 30,  # epochs of key training after 99% of the candidates are learnt: keys
+    "settle_epochs": 60,  # epochs of key training after 99% of the candidates are learnt: keys
     # learnt just past the boundary are the first a thief's fine-tuning takes back
     "robust_epochs": 30,  # keys are chosen among those that outlive this much fine-tuning of a
     # copy of the marked model (Adam at the model's own rate, as a thief would); 0: no such test
