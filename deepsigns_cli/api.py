@@ -578,14 +578,16 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
         if not str(plot).lower().endswith(".png"):
             raise InputError(f"--plot must name a .png file, got {Path(plot).name!r}")
         check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
-    if keep is not None:
-        Path(keep).mkdir(parents=True, exist_ok=True)
     suffix = ".onnx" if entry.writes == ("onnx",) else ".safetensors"
-    extract_reader = _Reader("extract", keys, passphrase, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs)
+    check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
+    secret = _passphrase(passphrase)  # asked once for both readers
+    extract_reader = _Reader("extract", keys, secret, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs)
     bundle = extract_reader.bundle
     blackbox = any(scheme_entry(n).blackbox for n in bundle.schemes)
-    verify_reader = _Reader("verify", keys, passphrase, alpha=alpha) if blackbox else None
+    verify_reader = _Reader("verify", keys, secret, alpha=alpha) if blackbox else None
     rows = []
+    if keep is not None:  # (after the bundle opened: a failed start leaves no folder behind)
+        Path(keep).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deepsigns-sweep-") as scratch:
         folder = Path(keep) if keep is not None else Path(scratch)
         read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,
@@ -599,7 +601,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
             if entry.passphrase:  # the attacker's own bundle, one per strength, beside the model
                 run_options["attacker_keys"] = str(folder / f"{name}-{param}-{value}.attacker.dskey")
             report = attack(name, model, out, data=data, options=run_options, seed=seed, device=device,
-                            arch=arch, arch_kwargs=arch_kwargs, force=True,
+                            arch=arch, arch_kwargs=arch_kwargs, force=force or keep is None,
                             passphrase=attacker_passphrase if entry.passphrase else None, progress=progress)
             rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None))
         if progress is not None:
