@@ -107,4 +107,5 @@ def command():
 
     \b
     deepsigns attack noise --model marked.safetensors --data digits --sigma 0.1 --out noisy.safetensors
+    deepsigns attack prune --model marked.safetensors --sweep rate=0.5,0.9 --keys owner.dskey --plot prune.png
     """
