@@ -525,15 +525,9 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
     with Outputs(force=force, inputs={"--model": model, "--data": data}) as outs:
         tmp = outs.add(out, "--out")
         dataset = load_data(data)
-        if victim_onnx:
-            from .runtime import load_onnx
-
-            net, info = load_onnx(model), None
-        else:
-            net, info = _load_model(model, arch, arch_kwargs, data=dataset)
-            dataset.check_fits(info.input_shape, info.num_classes)
+        net, info = _load_victim(model, arch, arch_kwargs, dataset)
         check_device(device)  # --device cuda without a GPU fails before any work
-        before = _attacked_accuracy(net, dataset, outs)
+        before = _accuracy(model if victim_onnx else net, dataset)
         if entry.takes == "onnx" and not victim_onnx:
             net = _as_onnx(net, info, dataset, outs)
         ctx = AttackContext(info=info, data=dataset, options=given, rng=np.random.default_rng(seed),
@@ -544,7 +538,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         started = time.perf_counter()
         attacked, params = load_attack(name).run(net, ctx)
         seconds = time.perf_counter() - started
-        after = _write_attacked(attacked, info, tmp, out_kind, dataset, outs)
+        after = _write_attacked(attacked, info, tmp, out_kind, dataset)
     return AttackReport(name, before, after, params, seconds, str(out))
 
 
@@ -615,18 +609,24 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     return result
 
 
+def _load_victim(model, arch, arch_kwargs, dataset: Dataset):
+    """(the victim, its checkpoint facts): a torch model from a checkpoint, or an ONNX
+    ModelProto (facts None)."""
+    if str(model).lower().endswith(".onnx"):
+        from .runtime import load_onnx
+
+        return load_onnx(model), None
+    net, info = _load_model(model, arch, arch_kwargs, data=dataset)
+    dataset.check_fits(info.input_shape, info.num_classes)
+    return net, info
+
+
 def _victim_accuracy(model, data: str, arch, arch_kwargs) -> float:
     from .data import load_data
-    from .fileio import Outputs
 
     dataset = load_data(data)
-    with Outputs(force=True) as outs:
-        if str(model).lower().endswith(".onnx"):
-            from .runtime import load_onnx
-
-            return _attacked_accuracy(load_onnx(model), dataset, outs)
-        net, _ = _load_model(model, arch, arch_kwargs, data=dataset)
-        return _attacked_accuracy(net, dataset, outs)
+    net, _ = _load_victim(model, arch, arch_kwargs, dataset)
+    return _accuracy(model if str(model).lower().endswith(".onnx") else net, dataset)
 
 
 def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: _Reader,
@@ -666,18 +666,16 @@ def _as_onnx(net, info, dataset: Dataset, outs):
     return load_onnx(path)
 
 
-def _attacked_accuracy(model, dataset: Dataset, outs) -> float:
-    """Top-1 test accuracy of a torch model or an ONNX ModelProto (run by onnxruntime, from
-    its answers: scores, probabilities or labels)."""
+def _accuracy(model, dataset: Dataset) -> float:
+    """Top-1 test accuracy of a torch model, or of an ONNX file (a path; run by onnxruntime,
+    from its answers: scores, probabilities or labels)."""
     from .training import evaluate
 
-    if not hasattr(model, "SerializeToString"):
+    if not isinstance(model, (str, Path)):
         return evaluate(model, dataset.x_test, dataset.y_test)
     from .runtime import OnnxModel
 
-    path = outs.scratch(".onnx")
-    Path(path).write_bytes(model.SerializeToString())
-    onnx_model = OnnxModel(path, timeout=None)
+    onnx_model = OnnxModel(model, timeout=None)
     try:
         labels = onnx_model.answers(dataset.x_test)[0]
     finally:
@@ -685,21 +683,21 @@ def _attacked_accuracy(model, dataset: Dataset, outs) -> float:
     return float((labels == dataset.y_test).mean() * 100.0)
 
 
-def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, outs) -> float:
+def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset) -> float:
     """Write the attacked model as --out asks; its accuracy. A model of another architecture
     than the victim's (a distilled student) carries its own facts in `deepsigns_info`."""
     from .checkpoint import export_onnx, save_checkpoint
 
     info = getattr(attacked, "deepsigns_info", info)
-    is_onnx = hasattr(attacked, "SerializeToString")
-    accuracy = _attacked_accuracy(attacked, dataset, outs)
-    if out_kind == "checkpoint":
-        if is_onnx:  # (the registry row said it writes ONNX only: _attack_out_kind refused)
+    if hasattr(attacked, "SerializeToString"):  # an ONNX model: written, then run from the file
+        if out_kind == "checkpoint":  # (the registry row said it writes ONNX only: refused before)
             raise InputError("this attack gives an ONNX model: give --out a .onnx name")
+        Path(tmp).write_bytes(attacked.SerializeToString())
+        return _accuracy(tmp, dataset)
+    accuracy = _accuracy(attacked, dataset)
+    if out_kind == "checkpoint":
         attack = {"attacked": True, "test_accuracy": round(accuracy, 4)}
         save_checkpoint(attacked, replace(info, extra={**info.extra, **attack}), tmp)
-    elif is_onnx:
-        Path(tmp).write_bytes(attacked.SerializeToString())
     else:
         export_onnx(attacked, info, tmp, check_inputs=dataset.x_test[:64])
     return accuracy
