@@ -284,33 +284,35 @@ def check_commitment(keys: str | Path, published: str | None = None) -> str:
 def extract(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
             alpha: float = DEFAULT_ALPHA, arch: str | None = None, arch_kwargs: dict | None = None,
             provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT,
-            commitment: str | None = None, output: str | None = None) -> Decision:
+            commitment: str | None = None, output: str | None = None, queries: int | None = None) -> Decision:
     """`deepsigns extract`: white-box, every scheme of the bundle read from a checkpoint or
     an ONNX file. `commitment`: the published one; any other bundle is refused. `output`:
-    the ONNX output to read (None: scores or probabilities if it has them, else labels)."""
+    the ONNX output to read (None: scores or probabilities if it has them, else labels).
+    `queries`: the most queries a GradSigns reading from ONNX scores may make (None: 1000)."""
     reader = _Reader("extract", keys, passphrase, alpha=alpha, commitment=commitment, arch=arch,
-                     arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output)
+                     arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output,
+                     queries=queries)
     return reader.read(model)
 
 
 def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
            alpha: float = DEFAULT_ALPHA, provider: str = "auto",
            timeout: float | None = DEFAULT_TIMEOUT, commitment: str | None = None,
-           output: str | None = None) -> Decision:
+           output: str | None = None, queries: int | None = None) -> Decision:
     """`deepsigns verify`: black-box, only the suspect ONNX model's outputs to the keys.
     `commitment`: the published one; any other bundle is refused. `output`: the graph output
     to read (None: the first scores or probabilities, else the first labels; the result says
-    which was read)."""
+    which was read). `queries`: the most queries the GradSigns reading may make (None: 1000)."""
     _check_onnx_path(model)
     reader = _Reader("verify", keys, passphrase, alpha=alpha, commitment=commitment,
-                     provider=provider, timeout=timeout, output=output)
+                     provider=provider, timeout=timeout, output=output, queries=queries)
     return reader.read(model)
 
 
 def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: Passphrase, *,
          alpha: float = DEFAULT_ALPHA, arch: str | None = None, arch_kwargs: dict | None = None,
          provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT,
-         commitment: str | None = None, output: str | None = None,
+         commitment: str | None = None, output: str | None = None, queries: int | None = None,
          progress: Progress | None = None) -> ScanReport:
     """`extract` or `verify` over many suspects (files, or folders of them) with the bundle
     opened once: one row per suspect. A suspect that cannot be read is a row with its error
@@ -325,7 +327,8 @@ def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: P
     files = suspect_files(models, command)
     started = time.perf_counter()
     reader = _Reader(command, keys, passphrase, alpha=alpha, commitment=commitment, arch=arch,
-                     arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output)
+                     arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output,
+                     queries=queries)
     _ = reader.bundle  # a bundle that cannot be opened fails the scan, not one row
     rows = []
     for i, path in enumerate(files):
@@ -436,11 +439,13 @@ class _Reader:
     def __init__(self, command: str, keys: str | Path, passphrase: Passphrase, *,
                  alpha: float = DEFAULT_ALPHA, commitment: str | None = None, arch: str | None = None,
                  arch_kwargs: dict | None = None, provider: str = "auto",
-                 timeout: float | None = DEFAULT_TIMEOUT, output: str | None = None):
+                 timeout: float | None = DEFAULT_TIMEOUT, output: str | None = None,
+                 queries: int | None = None):
         from .bundle import unlock
 
         self.command, self.alpha = command, _check_alpha(alpha)
         _check_positive("timeout", timeout)
+        self.queries = _check_int("queries", queries)
         self.published = check_commitment(keys, commitment)
         self._unlocked = unlock(keys, _passphrase(passphrase))  # scrypt runs while a suspect loads
         self._bundle: Bundle | None = None
@@ -483,6 +488,7 @@ class _Reader:
             suspect = open_suspect(model, shapes=self.bundle.shapes, arch=self.arch,
                                    arch_kwargs=self.arch_kwargs, provider=self.provider,
                                    timeout=self.timeout, output=self.output)
+        suspect.query_budget = self.queries
         try:
             return read_keys(suspect, self.bundle, self.names, alpha=self.alpha, command=self.command,
                              commitment=self.published)

@@ -17,4 +17,5 @@ LIMITS = {
     "seed": (0, 2**32 - 1),
     "lr": (0.0, 10.0),  # exclusive of 0
     "timeout": (0.0, 86_400.0),  # exclusive of 0
+    "queries": (1, 10_000_000),  # a black-box GradSigns reading's budget
 }

@@ -95,7 +95,8 @@ class AttackEntry:
     passphrase: bool = False  # it seals a bundle of its own (the attacker's)
 
 
-_BITS = Option("--bits", "int", "random signature of N bits (default 64), held at each target class.", 1, 4096)
+_BITS = Option("--bits", "int", "random signature of N bits (default 64; hidden: held at each target class).",
+               1, 4096)
 _MESSAGE = Option("--message", "str", "the owner's message as the signature (UTF-8 bits).")
 
 SCHEMES: dict[str, SchemeEntry] = {
@@ -123,6 +124,21 @@ SCHEMES: dict[str, SchemeEntry] = {
         default_epochs=200,
         result="matches",
         options=(Option("--key-size", "int", "number of key inputs K (default 100).", 1, 1000),),
+    ),
+    "gradsigns": SchemeEntry(
+        name="gradsigns",
+        module="deepsigns_cli.schemes.gradsigns",
+        summary="black-box, multi-bit: bits in the input gradient of the loss, read from scores alone",
+        blackbox=True,
+        order=2,
+        default_epochs=40,  # a cap: it stops once every bit reads back (10-30 epochs)
+        result="gradient",
+        options=(
+            _BITS,
+            _MESSAGE,
+            Option("--carriers", "int", "input coordinates that carry the signature (default 64).", 1, 1 << 24),
+            Option("--target-class", "int", "the secret target class (default: drawn at random).", 0, 1 << 20),
+        ),
     ),
 }
 

@@ -17,6 +17,7 @@ __all__ = [
     "SchemeResult",
     "BitsResult",
     "MatchResult",
+    "GradResult",
     "RESULT_KINDS",
     "Decision",
     "decide",
@@ -141,7 +142,21 @@ class MatchResult(SchemeResult):
         return f"{self.matches}/{self.keys} match"
 
 
-RESULT_KINDS = {"bits": BitsResult, "matches": MatchResult}
+@dataclass
+class GradResult(BitsResult):
+    """GradSigns' bits, read from the input gradient, and what the reading cost."""
+
+    queries: int = 0  # answers the suspect gave (exact gradients: one per key input)
+    key_inputs: int = 0  # key inputs the bits were read at
+    estimator: str = ""
+    onnx_seconds: float | None = None
+
+    def evidence(self) -> tuple[str, str]:
+        where, evidence = super().evidence()
+        return f"{self.queries} queries ({self.estimator})", evidence
+
+
+RESULT_KINDS = {"bits": BitsResult, "matches": MatchResult, "gradient": GradResult}
 
 
 @dataclass

@@ -28,6 +28,7 @@ class Suspect:
     name: str = ""
     blackbox_only: bool = False  # True for `verify`: only the outputs may be used
     answer_classes: int | None = None  # classes scored by the last answers() (None: it read labels)
+    query_budget: int | None = None  # the most queries one black-box reading may make (None: its default)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -40,6 +41,15 @@ class Suspect:
     def carriers(self, x: np.ndarray, layer: str, width: int) -> tuple[dict[str, np.ndarray], str]:
         """(candidate name -> (n, width) activations, why there are none when empty)."""
         raise NotImplementedError
+
+    def answer_kind(self) -> str:
+        """What the suspect answers with: "scores", "probabilities" or "labels"."""
+        return "scores"
+
+    def loss_gradient(self, x: np.ndarray, target: int) -> np.ndarray | None:
+        """d cross-entropy(model(x), target) / dx, exactly; None where only answers can be had
+        (an ONNX model: the reader then estimates it from scores)."""
+        return None
 
     def close(self) -> None:
         """Free what the suspect holds (an ONNX model's worker process)."""
@@ -60,6 +70,11 @@ class TorchSuspect(Suspect):
         scores = self.scores(x)
         self.answer_classes = scores.shape[1]
         return answers_from_scores(scores), "logits", "scores"
+
+    def loss_gradient(self, x, target):
+        from .training import loss_gradient
+
+        return loss_gradient(self.model, x, target)
 
     def carriers(self, x, layer, width):
         from .zoo import activations
@@ -88,6 +103,9 @@ class OnnxSuspect(Suspect):
         got = self.onnx.answers(x, self.output)
         self.answer_classes = self.onnx.answer_classes
         return got
+
+    def answer_kind(self):
+        return self.onnx.choose_output(self.output)[1]
 
     def close(self):
         self.onnx.close()

@@ -26,6 +26,7 @@ __all__ = [
     "fit",
     "evaluate",
     "predict",
+    "loss_gradient",
     "resolve_device",
     "check_device",
     "seed_everything",
@@ -253,6 +254,20 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarr
         xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device)
         outs.append(model(xb).float().cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def loss_gradient(model: nn.Module, x: np.ndarray, target: int, batch_size: int = 1024) -> np.ndarray:
+    """d cross-entropy(model(x), target) / dx for every row, in eval mode; returns numpy."""
+    model.eval()
+    device = next(model.parameters()).device
+    outs = []
+    for i in range(0, len(x), batch_size):
+        xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device).requires_grad_(True)
+        logits = model(xb)
+        loss = nn.functional.cross_entropy(logits, torch.full((len(xb),), target, device=device), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xb)
+        outs.append(grad.float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

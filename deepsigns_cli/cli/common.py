@@ -146,6 +146,12 @@ def timeout_option(fn):
                         help="Seconds a suspect model may take to answer, in all.")(fn)
 
 
+def queries_option(fn):
+    return click.option("--queries", type=int, default=None, metavar="N",
+                        help="Most queries a GradSigns reading from ONNX scores may make per suspect "
+                             "(default 1000); more queries, more margin.")(fn)
+
+
 def force_option(fn):
     return click.option("--force", is_flag=True, help="Replace existing outputs.")(fn)
 

@@ -11,6 +11,7 @@ from .common import (
     parse_arch_kwargs,
     passphrase_from,
     provider_option,
+    queries_option,
     read_suspects,
     timeout_option,
 )
@@ -26,9 +27,10 @@ from .common import (
 @alpha_option
 @provider_option
 @timeout_option
+@queries_option
 @common_options
 def command(models, output_name, arch, arch_kwargs, keys_path, passphrase_file, commitment, alpha,
-            provider, timeout, seed, json_):
+            provider, timeout, queries, seed, json_):
     """White-box: read the watermark from checkpoints or ONNX files.
 
     Exit code 0 when detected (p-value <= alpha), 1 when not, 2 on bad input; with several
@@ -40,4 +42,5 @@ def command(models, output_name, arch, arch_kwargs, keys_path, passphrase_file, 
     """
     read_suspects("extract", models, keys_path, passphrase_from(passphrase_file), json_, render.decision,
                   alpha=alpha, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), provider=provider,
-                  timeout=timeout, commitment=commitment, output=output_name)
+                  timeout=timeout, commitment=commitment, output=output_name,
+                  queries=queries)

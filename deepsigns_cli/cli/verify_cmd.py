@@ -9,6 +9,7 @@ from .common import (
     models_option,
     passphrase_from,
     provider_option,
+    queries_option,
     read_suspects,
     timeout_option,
 )
@@ -23,8 +24,10 @@ from .common import (
 @alpha_option
 @provider_option
 @timeout_option
+@queries_option
 @common_options
-def command(models, output_name, keys_path, passphrase_file, commitment, alpha, provider, timeout, seed, json_):
+def command(models, output_name, keys_path, passphrase_file, commitment, alpha, provider, timeout, queries, seed,
+            json_):
     """Black-box: decide ownership from ONNX models' answers alone.
 
     Exit code 0 when detected (p-value <= alpha), 1 when not, 2 on bad input; with several
@@ -36,4 +39,5 @@ def command(models, output_name, keys_path, passphrase_file, commitment, alpha, 
     """
     read_suspects("verify", models, keys_path, passphrase_from(passphrase_file), json_,
                   lambda c, r: c.print(render.decision_table(r)),
-                  alpha=alpha, provider=provider, timeout=timeout, commitment=commitment, output=output_name)
+                  alpha=alpha, provider=provider, timeout=timeout, commitment=commitment, output=output_name,
+                  queries=queries)

@@ -26,6 +26,7 @@ from ..objective import Objective
 from ..results import BitsResult, SchemeKeys
 from ..zoo import activations, capture, default_layer, layer_width
 from .base import Scheme
+from .signature import bits_to_message, check_message, message_to_bits
 
 __all__ = ["HiddenScheme", "message_to_bits", "bits_to_message", "SCHEME"]
 
@@ -50,19 +51,6 @@ ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apa
 _DEAD = 1e-6  # a unit whose scale is below this is off: it carries nothing
 
 
-def message_to_bits(message: str) -> np.ndarray:
-    try:
-        raw = np.frombuffer(message.encode("utf-8"), dtype=np.uint8)
-    except UnicodeEncodeError:
-        raise SchemeError("--message is not valid text (it holds a lone surrogate): "
-                          "give the message as UTF-8 text") from None
-    return np.unpackbits(raw).astype(np.uint8)
-
-
-def bits_to_message(bits: np.ndarray) -> str:
-    return np.packbits(bits.astype(np.uint8)).tobytes().decode("utf-8", errors="replace")
-
-
 class HiddenScheme(Scheme):
     name = "hidden"
 
@@ -72,9 +60,7 @@ class HiddenScheme(Scheme):
         layer = opts.get("layer") or default_layer(model)
         width = layer_width(model, layer, info.input_shape)
         message = opts.get("message")
-        if message is not None and not message:
-            raise SchemeError("--message is empty: give the owner's message, or leave it out for "
-                              "random --bits")
+        check_message(message)
         bits = message_to_bits(message) if message else None
         n_bits = len(bits) if message else int(opts["bits"])
         if n_bits < 1:

@@ -1,0 +1,325 @@
+"""Scheme 3: GradSigns (Aramoon, Chen, Qu, MLSys'21), a multi-bit signature read from scores.
+
+The bits live in the gradient of the cross-entropy (towards a secret target class T) with
+respect to the input, at secret carrier coordinates, seen through a secret key matrix K:
+bits = (K . g >= 0), g the mean gradient over key inputs of class T.
+
+Two choices of ours, both for a reading from answers alone:
+
+- The key inputs are class-T training samples blended with noise. The model is sure of its
+  own training samples (the sample MLP gives them p_T = 0.9998), so their gradient vanishes;
+  on blended samples it is large enough to be measured, and to be shaped.
+- The signature is embedded at the key inputs *and* in a ball around them (each step's key
+  rows are jittered within it). A black-box read then takes central differences along K's
+  rows with a step as large as that ball: 2 queries per bit and key input instead of the
+  anchor's 1 + |carriers| per key input, and a step large enough that scores rounded to a
+  few decimals still differ. The step is the tool's, recorded in the keys, never the user's.
+
+Under the null (a model that is not ours) each reading K_i . g is a fair coin: K's rows are
+drawn symmetric, and a central difference changes sign with its direction. A difference of
+exactly zero (scores rounded flat) is no reading and counts as a wrong bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .. import stats
+from ..errors import InputError, SchemeError, shown
+from ..objective import Objective
+from ..results import GradResult, SchemeKeys
+from .base import Scheme
+from .signature import bits_to_message, check_message, message_to_bits
+
+__all__ = ["GradSignsScheme", "SCHEME", "DEFAULT_QUERIES"]
+
+DEFAULTS = {
+    "bits": 64,
+    "carriers": 64,  # input coordinates that carry the signature (all of them when fewer)
+    "key_inputs": 50,  # class-T training samples, blended with noise
+    "sure": 0.9,  # a key input is a class-T sample blended with just enough noise that the
+    # unmarked model gives it p_T below this (on its own samples p_T is 0.9998: no gradient)
+    "step": 0.1,  # the ball (and the read's difference step), in units of a key input's norm
+    "lambda": 0.5,
+    "key_batch": 32,  # key rows mixed into every step
+    "per_row": 1.0,  # weight of the term on each key row's own gradient
+    "keep": 1.0,  # weight of the band that keeps p_T at the key rows within [1 - sure, sure]:
+    # where the model is sure the gradient vanishes, and a rounded p_T of 0 or 1 reads nothing
+    "read_share": 0.9,  # embedding stops once each key input alone reads this share of the bits
+    "settle": 5,  # ...and this many epochs later (margin against fine-tuning)
+}
+DEFAULT_QUERIES = 1000  # a black-box read's budget (`--queries`)
+
+
+class GradSignsScheme(Scheme):
+    name = "gradsigns"
+
+    # ------------------------------------------------------------------ keygen
+    def keygen(self, model, info, data, options, rng) -> SchemeKeys:
+        from ..training import predict
+
+        opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+        width = math.prod(info.input_shape)
+        n_carriers = int(opts["carriers"])
+        if not 1 <= n_carriers <= width:
+            raise SchemeError(f"--carriers must be from 1 to {width} (the input has {width} values), "
+                              f"got {n_carriers}")
+        message = opts.get("message")
+        check_message(message)
+        bits = message_to_bits(message) if message else None
+        n_bits = len(bits) if message else int(opts["bits"])
+        if not 1 <= n_bits <= n_carriers:
+            raise SchemeError(f"{n_bits} bits do not fit {n_carriers} carriers: use at most {n_carriers} bits "
+                              "(a shorter --message or smaller --bits) or more --carriers")
+        target = opts.get("target_class")
+        present = np.unique(data.y_train)
+        if target is not None and not 0 <= int(target) < info.num_classes:
+            raise SchemeError(f"--target-class must be from 0 to {info.num_classes - 1}, got {target}")
+        if target is not None and int(target) not in present:
+            raise SchemeError(f"--target-class {target} has no training samples: choose a class the data hold")
+        if bits is None:
+            bits = rng.integers(0, 2, n_bits).astype(np.uint8)
+        target = int(rng.choice(present) if target is None else target)
+        carriers = np.sort(rng.choice(width, size=n_carriers, replace=False)).astype(np.int64)
+        K = rng.uniform(-1.0, 1.0, (n_bits, n_carriers)).astype(np.float32)
+        members = np.flatnonzero(data.y_train == target)
+        take = rng.choice(members, size=min(int(opts["key_inputs"]), len(members)), replace=False)
+        x = _unsure(model, data.x_train[take].astype(np.float32), target, data.value_range,
+                    float(opts["sure"]), rng)
+        norm = float(np.median(np.linalg.norm(x.reshape(len(x), -1)[:, carriers], axis=1)))
+        sure = predict(model, x)
+        params = {
+            "n_bits": n_bits, "n_carriers": n_carriers, "target": target, "message": message or None,
+            "step": float(opts["step"]) * max(norm, 1e-6), "lambda": float(opts["lambda"]),
+            "key_batch": int(opts["key_batch"]), "sure": float(opts["sure"]),
+            "per_row": float(opts["per_row"]), "read_share": float(opts["read_share"]),
+            "settle": int(opts["settle"]), "keep": float(opts["keep"]),
+            "unmarked_p_target": float(np.median(_softmax(sure)[:, target])),
+        }
+        arrays = {"K": K, "bits": bits.astype(np.uint8), "carriers": carriers, "x": x}
+        return SchemeKeys(self.name, params, arrays)
+
+    def check(self, keys):
+        self.require(keys, {"n_bits": int, "n_carriers": int, "target": int, "step": (int, float),
+                            "lambda": (int, float), "key_batch": int},
+                     {"K": 2, "bits": 1, "carriers": 1})
+        p, a = keys.params, keys.arrays
+        x = a.get("x")
+        fits = (isinstance(x, np.ndarray) and x.ndim >= 2 and len(x) >= 1 and x.dtype.kind == "f"
+                and np.isfinite(x).all() and p["n_bits"] >= 1 and p["key_batch"] >= 1
+                and a["K"].shape == (p["n_bits"], p["n_carriers"]) and a["bits"].shape == (p["n_bits"],)
+                and len(a["carriers"]) == p["n_carriers"] and p["step"] > 0 and math.isfinite(p["step"])
+                and p["target"] >= 0)
+        if fits:
+            width = math.prod(x.shape[1:])
+            fits = bool((a["carriers"] >= 0).all() and (a["carriers"] < width).all())
+        if not fits:
+            self.damaged("shapes that do not fit together")
+        return keys
+
+    # ------------------------------------------------------------------ embed
+    def objective(self, model, info, data, keys) -> Objective:
+        return GradObjective(keys)
+
+    def embed(self, model, info, data, keys, cfg, progress, also=()):
+        from ..training import fit
+
+        if keys.params["target"] >= info.num_classes:
+            self.damaged("a target class the model does not have")
+        objective = self.objective(model, info, data, keys)
+        objective.stop_when_read = True
+        history = fit(model, data.x_train, data.y_train, cfg, [objective, *also], progress)
+        return keys, history
+
+    # ------------------------------------------------------------------ read
+    def read(self, suspect, keys) -> GradResult:
+        params, arrays = keys.params, keys.arrays
+        n, target = int(params["n_bits"]), int(params["target"])
+        start = time.perf_counter()
+        exact = suspect.loss_gradient(arrays["x"], target)
+        if exact is not None:  # white-box: the exact gradient at every key input
+            slopes = exact.reshape(len(exact), -1)[:, arrays["carriers"]] @ _unit_rows(arrays["K"]).T
+            queries, estimator = len(exact), "exact gradients"
+        elif suspect.answer_kind() == "labels":
+            raise SchemeError(f"{shown(suspect.name)} answers with labels only: GradSigns reads its bits from "
+                              "the class scores (or probabilities); query an output that gives them")
+        else:
+            budget = suspect.query_budget or DEFAULT_QUERIES
+            slopes, queries = central_differences(suspect, arrays, target, float(params["step"]), budget)
+            estimator = f"central differences along the key's {n} directions"
+        mean = slopes.mean(0)
+        found = (mean > 0).astype(np.uint8)
+        wrong = (found != arrays["bits"]) | (mean == 0)  # no difference at all: no reading
+        errors = int(wrong.sum())
+        reading = "".join("?" if m == 0 else str(b) for b, m in zip(found, mean, strict=True))
+        return GradResult(
+            "gradsigns", stats.bits_p_value(errors, n), layer="input gradient", n_bits=n, bits=reading,
+            bit_errors=errors, ber=errors / n, tensor=getattr(suspect, "read_output", None), candidates=1,
+            message=bits_to_message(found) if params.get("message") else None, queries=queries,
+            key_inputs=len(slopes), estimator=estimator,
+            onnx_seconds=time.perf_counter() - start if exact is None else None,
+        )
+
+
+def _unsure(model, clean: np.ndarray, target: int, value_range, sure: float, rng) -> np.ndarray:
+    """Each sample blended with uniform noise, at the smallest share of noise (of 0.3, 0.35,
+    ..., 0.95) that brings the model's p_T below `sure`."""
+    from ..training import predict
+
+    low, high = value_range
+    noise = rng.uniform(low, high, clean.shape).astype(np.float32)
+    shares = np.linspace(0.3, 0.95, 14, dtype=np.float32)
+    out = noise * shares[-1] + clean * (1 - shares[-1])
+    done = np.zeros(len(clean), bool)
+    for share in shares:
+        blend = (1 - share) * clean + share * noise
+        p = _softmax(predict(model, blend))[:, target]
+        pick = ~done & (p < sure)
+        out[pick], done = blend[pick], done | pick
+    return out
+
+
+def _unit_rows(K: np.ndarray) -> np.ndarray:
+    return K / np.maximum(np.linalg.norm(K, axis=1, keepdims=True), 1e-12)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def cross_entropy(scores: np.ndarray, target: int) -> np.ndarray:
+    """-log p_T per row, from logits, or from probabilities (rows of non-negative numbers that
+    sum to 1: what a suspect gives is data, so the test is on the numbers, never a name)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise InputError("the suspect answers NaN or infinite scores to the GradSigns queries: its "
+                         "gradient cannot be read")
+    probs = (scores >= 0).all() and np.allclose(scores.sum(1), 1.0, atol=1e-3)
+    if probs:
+        return -np.log(np.maximum(scores[:, target], 1e-12))
+    z = scores - scores.max(1, keepdims=True)
+    return np.log(np.exp(z).sum(1)) - z[:, target]
+
+
+def central_differences(suspect, arrays: dict, target: int, step: float, budget: int) -> tuple[np.ndarray, int]:
+    """(the slope of the cross-entropy along each of K's rows at each key input read, (S, N);
+    the queries made): 2 queries per bit and key input, as many key inputs as the budget
+    allows, all in one batch."""
+    x, K, carriers = arrays["x"], arrays["K"], arrays["carriers"]
+    n = len(K)
+    if budget < 2 * n:
+        raise InputError(f"--queries {budget} is too few: GradSigns reads {n} bits with 2 queries each per "
+                         f"key input, so at least {2 * n}")
+    s = min(len(x), budget // (2 * n))
+    flat = x[:s].reshape(s, -1).astype(np.float32)
+    dirs = np.zeros((n, flat.shape[1]), np.float32)
+    dirs[:, carriers] = _unit_rows(K) * step
+    batch = np.concatenate([flat[:, None, :] + dirs[None], flat[:, None, :] - dirs[None]], axis=1)
+    scores = suspect.scores(batch.reshape(s * 2 * n, *x.shape[1:]))
+    if scores.ndim != 2 or target >= scores.shape[1]:
+        raise InputError(f"the suspect gives {scores.shape[-1] if scores.ndim else 0} scores per input, the "
+                         f"GradSigns keys need class {target}: not the model the keys were made for")
+    ce = cross_entropy(scores, target).reshape(s, 2, n)
+    return (ce[:, 0] - ce[:, 1]) / (2 * step), s * 2 * n
+
+
+class GradObjective(Objective):
+    """lambda * BCE(sigmoid(K . g), b), g the mean input gradient of the cross-entropy towards T
+    over the step's key rows (key inputs jittered within the ball), by double back-propagation."""
+
+    needs_input_grad = True
+
+    def __init__(self, keys: SchemeKeys):
+        import torch
+
+        p, a = keys.params, keys.arrays
+        self.x = torch.as_tensor(a["x"]).float()
+        self.target, self.step = int(p["target"]), float(p["step"])
+        self.lam, self.per_batch = float(p["lambda"]), min(int(p["key_batch"]), len(a["x"]))
+        self.K = torch.as_tensor(a["K"]).float()
+        self.bits = torch.as_tensor(a["bits"]).float()
+        self.carriers = torch.as_tensor(a["carriers"]).long()
+        self.arrays = a
+        self.per_row = float(p.get("per_row", 0.0))
+        self.read_share = float(p.get("read_share", 0.9))
+        self.settle, self.keep = int(p.get("settle", 0)), float(p.get("keep", 0.0))
+        self.sure = float(p.get("sure", DEFAULTS["sure"]))
+        self.read_at: int | None = None
+        self.stop_when_read = False
+        self.state = _state(self.K, self.bits, self.carriers)
+
+    def extra_batch(self, rng):
+        import torch
+
+        idx = torch.as_tensor(rng.choice(len(self.x), size=self.per_batch, replace=False))
+        rows = self.x[idx].reshape(self.per_batch, -1).clone()
+        # a random point of the ball around each key input (within the carriers)
+        v = torch.as_tensor(rng.standard_normal((self.per_batch, len(self.carriers))), dtype=torch.float32)
+        r = torch.as_tensor(rng.uniform(0.0, 1.0, (self.per_batch, 1)), dtype=torch.float32) * self.step
+        rows[:, self.carriers] += v / v.norm(dim=1, keepdim=True).clamp_min(1e-12) * r
+        return rows.reshape(self.per_batch, *self.x.shape[1:]), torch.full((self.per_batch,), self.target)
+
+    def loss(self, batch):
+        from torch.nn.functional import binary_cross_entropy_with_logits as bce
+        from torch.nn.functional import cross_entropy, log_softmax
+
+        own = batch.own
+        ce = cross_entropy(batch.logits[own], batch.y[own], reduction="sum")
+        grad = batch.input_grad(ce)[own].reshape(own.stop - own.start, -1)[:, self.state.carriers]
+        K, bits = self.state.K, self.state.bits
+        # the paper's term on the mean gradient, and the same on each row: every key input then
+        # carries the whole signature, so a read from a few of them (few queries) gets it
+        term = bce(K @ grad.mean(0), bits)
+        if self.per_row:
+            term = term + self.per_row * bce(grad @ K.T, bits.expand(len(grad), -1))
+        if self.keep:  # the key inputs stay unsure: where the model is sure, the gradient vanishes
+            log_p = log_softmax(batch.logits[own], 1)[:, self.target]
+            band = (log_p - math.log(self.sure)).clamp_min(0) + (math.log(1 - self.sure) - log_p).clamp_min(0)
+            term = term + self.keep * band.mean()
+        return self.lam * term
+
+    def end_epoch(self, model, epoch) -> bool:
+        if not self.stop_when_read:
+            return False
+
+        # read as verify reads (central differences from the scores, at the default budget)
+        slopes, _ = central_differences(_ScoresOnly(model), self.arrays, self.target, self.step,
+                                        len(self.x) * 2 * len(self.K))
+        want = self.bits.numpy() > 0.5
+        per_input = ((slopes > 0) == want).mean()
+        first = max(1, DEFAULT_QUERIES // (2 * len(self.K)))
+        if self.read_at is None and ((slopes[:first].mean(0) > 0) == want).all() and per_input >= self.read_share:
+            self.read_at = epoch
+        return self.read_at is not None and epoch >= self.read_at + self.settle
+
+
+class _ScoresOnly:
+    """A model in training, queried for its scores only (as verify would)."""
+
+    query_budget = None
+
+    def __init__(self, model):
+        self.model = model
+
+    def scores(self, x):
+        from ..training import predict
+
+        return predict(self.model, x)
+
+
+def _state(K, bits, carriers):
+    """The objective's fixed tensors in one module (moved to the device with the model)."""
+    from torch import nn
+
+    state = nn.Module()
+    for name, value in (("K", K), ("bits", bits), ("carriers", carriers)):
+        state.register_buffer(name, value)
+    return state
+
+
+SCHEME = GradSignsScheme

@@ -1,0 +1,184 @@
+"""GradSigns (scheme 3): a multi-bit signature in the input gradient, read from scores alone.
+
+Real tiny models: a digits MLP trained in the test, marked through the API, read through the
+CLI (verify on its ONNX export, extract on the checkpoint and on the ONNX file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import PASSPHRASE, assert_bad_input, run_cli, run_json
+
+from deepsigns_cli import api
+
+SEEDS = (0, 1, 2)
+BITS = 32
+
+
+def _gradsigns(report: dict) -> dict:
+    (result,) = [r for r in report["results"] if r["scheme"] == "gradsigns"]
+    return result
+
+
+def _pass_file(folder: Path) -> Path:
+    path = folder / "pass.txt"
+    path.write_text(PASSPHRASE + "\n")
+    return path
+
+
+def _owner(folder: Path, seed: int, *, schemes=("gradsigns",), **options) -> dict:
+    base, keys, marked = folder / "base.safetensors", folder / "owner.dskey", folder / "marked.safetensors"
+    api.train("mlp", base, epochs=15, seed=seed, device="cpu")
+    api.export(base, folder / "base.onnx")
+    api.keygen(base, keys, PASSPHRASE, schemes=list(schemes), options={"bits": BITS, **options}, seed=seed)
+    embed = api.embed(base, keys, PASSPHRASE, marked, onnx=folder / "marked.onnx", seed=seed, device="cpu")
+    return {"dir": folder, "base": base, "keys": keys, "marked": marked, "onnx": folder / "marked.onnx",
+            "base_onnx": folder / "base.onnx", "embed": embed, "pass": _pass_file(folder)}
+
+
+@pytest.fixture(scope="module")
+def owners(tmp_path_factory) -> dict:
+    return {seed: _owner(tmp_path_factory.mktemp(f"gradsigns-{seed}"), seed) for seed in SEEDS}
+
+
+def _verify(run: dict, model: Path, *extra, code: int | None = 0) -> dict:
+    return run_json("verify", "--model", model, "--keys", run["keys"], "--passphrase-file", run["pass"],
+                    *extra, code=code)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_verify_reads_every_bit_from_scores_within_1000_queries(owners, seed):
+    run = owners[seed]
+    report = _verify(run, run["onnx"])
+    result = _gradsigns(report)
+    assert report["detected"] and result["detected"]
+    assert result["bit_errors"] == 0 and result["ber"] == 0.0 and result["n_bits"] == BITS
+    assert 0 < result["queries"] <= 1000
+    assert result["p_value"] == pytest.approx(2.0**-BITS)
+    # fidelity: the marked model keeps its accuracy (the poster: about a point or less)
+    assert run["embed"].accuracy_after >= run["embed"].accuracy_before - 1.5
+
+
+def test_queries_trade_for_margin(owners):
+    run = owners[0]
+    few = _gradsigns(_verify(run, run["onnx"], "--queries", 2 * BITS))
+    more = _gradsigns(_verify(run, run["onnx"], "--queries", 3000))
+    assert few["queries"] == 2 * BITS and few["key_inputs"] == 1
+    assert more["queries"] > 1000 and more["bit_errors"] == 0
+    result = assert_bad_input(run_cli("verify", "--model", run["onnx"], "--keys", run["keys"],
+                                      "--passphrase-file", run["pass"], "--queries", BITS, code=2),
+                              "--queries", "at least")
+    assert str(2 * BITS) in result
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_extract_reads_exact_gradients_and_onnx_scores(owners, seed):
+    run = owners[seed]
+    exact = _gradsigns(run_json("extract", "--model", run["marked"], "--keys", run["keys"],
+                                "--passphrase-file", run["pass"]))
+    assert exact["bit_errors"] == 0 and exact["estimator"] == "exact gradients"
+    onnx = _gradsigns(run_json("extract", "--model", run["onnx"], "--keys", run["keys"],
+                               "--passphrase-file", run["pass"]))
+    assert onnx["bit_errors"] == 0 and onnx["estimator"] != "exact gradients"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_unmarked_models_are_not_claimed(owners, seed, cnn):
+    """The owner's keys on models that never saw them: their own baseline, the other seeds'
+    marked models (other keys), a CNN. No claim at alpha = 1e-3."""
+    run = owners[seed]
+    others = [owners[s]["onnx"] for s in SEEDS if s != seed]
+    for model in [run["base_onnx"], cnn[1], *others]:
+        report = _verify(run, model, "--alpha", "1e-3", code=None)
+        result = _gradsigns(report)
+        assert not result["detected"], (model, result)
+        assert result["bit_errors"] >= 4, (model, result)
+
+
+def test_rounded_scores_still_read(owners, tmp_path):
+    """A thief's deployment that rounds its scores to 2 decimals: the step the tool chose is
+    far above the rounding."""
+    run = owners[1]
+    wrapped = tmp_path / "rounded.onnx"
+    run_json("attack", "round-scores", "--model", run["onnx"], "--decimals", 2, "--out", wrapped)
+    result = _gradsigns(_verify(run, wrapped))
+    assert result["detected"] and result["bit_errors"] <= 2
+
+
+def test_message_round_trips(tmp_path):
+    run = _owner(tmp_path, 3, message="ACME")
+    result = _gradsigns(_verify(run, run["onnx"]))
+    assert result["message"] == "ACME" and result["bit_errors"] == 0
+
+
+def test_all_three_schemes_in_one_bundle(tmp_path):
+    run = _owner(tmp_path, 4, schemes=("hidden", "output", "gradsigns"), key_size=20)
+    extract = run_json("extract", "--model", run["marked"], "--keys", run["keys"], "--passphrase-file", run["pass"])
+    assert {r["scheme"]: r["detected"] for r in extract["results"]} == \
+        {"hidden": True, "output": True, "gradsigns": True}
+    verify = _verify(run, run["onnx"])
+    assert [r["scheme"] for r in verify["results"]] == ["output", "gradsigns"]
+    assert all(r["detected"] for r in verify["results"]) and verify["detected"]
+
+
+def test_null_readings_are_fair_coins(digits, tmp_path):
+    """Exact readings of 200 fresh key sets on one unmarked model: the bits are fair coins
+    (K's rows are symmetric), so p <= 0.05 comes up about 5% of the time, no more."""
+    from deepsigns_cli.checkpoint import load_checkpoint
+    from deepsigns_cli.schemes.gradsigns import GradSignsScheme
+    from deepsigns_cli.suspect import TorchSuspect
+
+    base = tmp_path / "base.safetensors"
+    api.train("mlp", base, epochs=5, seed=9, device="cpu")
+    model, info = load_checkpoint(base)
+    scheme, suspect = GradSignsScheme(), TorchSuspect(model)
+    rng = np.random.default_rng(0)
+    p = [scheme.read(suspect, scheme.keygen(model, info, digits, {"bits": BITS, "key_inputs": 8}, rng)).p_value
+         for _ in range(200)]
+    hits = int((np.asarray(p) <= 0.05).sum())
+    assert hits <= 20, hits  # Binomial(200, 0.05) exceeds 20 with probability < 0.2%
+    assert max(p) > 0.5
+
+
+# ------------------------------------------------------------------ bad input
+def test_labels_only_suspect_is_refused(owners, tmp_path):
+    run = owners[0]
+    labels = tmp_path / "labels.onnx"
+    run_json("attack", "label-only", "--model", run["onnx"], "--out", labels)
+    assert_bad_input(run_cli("verify", "--model", labels, "--keys", run["keys"], "--passphrase-file", run["pass"],
+                             code=2), "labels only", "GradSigns", "scores")
+
+
+def test_nan_scores_are_refused(owners, tmp_path):
+    """A hand-built graph (onnx.helper) that answers NaN for every input."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nan = helper.make_tensor("nan", TensorProto.FLOAT, [1, 10], [float("nan")] * 10)
+    ones = helper.make_tensor("w", TensorProto.FLOAT, [64, 10], [1.0] * 640)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+         helper.make_node("Mul", ["mm", "nan"], ["logits"])],
+        "nan", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], [nan, ones])
+    path = tmp_path / "nan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    run = owners[0]
+    result = run_cli("verify", "--model", path, "--keys", run["keys"], "--passphrase-file", run["pass"], code=2)
+    assert_bad_input(result, "NaN")
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (("--carriers", 65), ("--carriers", "64")),
+    (("--target-class", 10), ("--target-class", "9")),
+    (("--bits", 65), ("bits", "carriers")),
+])
+def test_keygen_bad_options(owners, tmp_path, args, needles):
+    run = owners[0]
+    result = run_cli("keygen", "--model", run["base"], "--scheme", "gradsigns", *args,
+                     "--out", tmp_path / "k.dskey", "--passphrase-file", run["pass"], code=2)
+    assert_bad_input(result, *needles)
+    assert not (tmp_path / "k.dskey").exists()
