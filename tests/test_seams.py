@@ -16,7 +16,7 @@ from helpers import PASSPHRASE, run_json
 from deepsigns_cli import api, registry
 from deepsigns_cli.errors import InputError
 from deepsigns_cli.objective import Objective
-from deepsigns_cli.results import BitsResult, MatchResult, decide
+from deepsigns_cli.results import RESULT_KINDS, BitsResult, MatchResult, decide
 from deepsigns_cli.training import Batch, TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def test_every_registry_row_loads_its_scheme(name):
     entry = registry.scheme_entry(name)
     scheme = registry.load_scheme(name)
     assert scheme.name == name and scheme.entry is entry
-    assert entry.result in ("bits", "matches")
+    assert entry.result in RESULT_KINDS
 
 
 @pytest.mark.parametrize("name", registry.attack_names())
