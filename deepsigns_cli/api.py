@@ -12,8 +12,10 @@ The model-level functions below the commands (`train_model`, `make_keys`, `embed
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +38,7 @@ from .registry import (
 if TYPE_CHECKING:
     from .bundle import Bundle
     from .checkpoint import ModelInfo
-    from .data import Dataset
+    from .data import Dataset, DataSpec
     from .results import (
         AttackReport,
         Decision,
@@ -84,6 +86,8 @@ __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_TIMEOUT",
     "Passphrase",
+    "data_spec",
+    "load_dataset",
 ]
 
 #: the passphrase, or a function that asks for it once the cheap checks have passed
@@ -138,13 +142,36 @@ def _load_model(path, arch: str | None, arch_kwargs: dict | None, *, data: Datas
                            num_classes=classes)
 
 
+def data_spec(source: str, *, image_size: int | None = None) -> DataSpec:
+    """What --data names with the options that go with it (--image-size), as every command's
+    `data` takes it (a plain string is the same without options)."""
+    from .data import DataSpec
+
+    return DataSpec(source, image_size=image_size)
+
+
+def load_dataset(data: str | DataSpec, model=None) -> Dataset:
+    """The data set named by --data. An image folder reuses the preprocessing (image size,
+    channels, mean, std, classes) that `train` recorded in the model's checkpoint, read before
+    the data; a model without that record (a .pt, an ONNX file) loads the folder afresh."""
+    from .data import load_data
+
+    preprocess = None
+    if model is not None and Path(str(data)).is_dir():
+        from .checkpoint import recorded_preprocess
+
+        preprocess = recorded_preprocess(model)
+    return load_data(data, preprocess=preprocess)
+
+
 # ============================================================================ commands
 
 
 def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict | None = None,
           epochs: int = 30, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-          device: str = "auto", force: bool = False, progress: Progress | None = None) -> TrainReport:
-    """`deepsigns train`: a plain, unmarked baseline checkpoint."""
+          device: str = "auto", force: bool = False, progress: Progress | None = None,
+          workers: int = 0) -> TrainReport:
+    """`deepsigns train`: a plain, unmarked baseline checkpoint. `workers`: data-loading processes."""
     from .checkpoint import save_checkpoint
     from .data import load_data
     from .fileio import Outputs
@@ -157,7 +184,7 @@ def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict
         dataset = load_data(data)
         model, info, report = train_model(arch, dataset, arch_kwargs=arch_kwargs, epochs=epochs, lr=lr,
                                           batch_size=batch_size, seed=seed, device=device,
-                                          progress=progress)
+                                          progress=progress, workers=workers)
         save_checkpoint(model, info, tmp)
     return replace(report, out=str(out))
 
@@ -171,7 +198,6 @@ def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: 
     `options` maps option keys of the schemes' registry rows ("bits", "key_size", ...) to
     values; `also_inputs` names other files the caller read (never overwritten)."""
     from .bundle import BUNDLE_MODE, write_bundle
-    from .data import load_data
     from .fileio import Outputs
 
     names = _scheme_list(schemes)
@@ -181,7 +207,7 @@ def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: 
     with Outputs(force=force, inputs=inputs) as outs:
         tmp = outs.add(out, "--out", mode=BUNDLE_MODE)
         secret = _passphrase(passphrase)
-        dataset = load_data(data)
+        dataset = load_dataset(data, model)
         net, info = _load_model(model, arch, arch_kwargs, data=dataset)
         bundle = make_keys(net, info, dataset, names, per_scheme, seed=seed)
         commitment = write_bundle(bundle, tmp, secret)
@@ -195,7 +221,7 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
           data: str = "digits", onnx: str | Path | None = None, epochs: int | None = None,
           lr: float | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
           arch_kwargs: dict | None = None, force: bool = False, progress: Progress | None = None,
-          also_inputs: dict | None = None) -> EmbedReport:
+          also_inputs: dict | None = None, workers: int = 0) -> EmbedReport:
     """`deepsigns embed`: fine-tune with every watermark of the bundle; write the marked
     checkpoint (and ONNX), and update the bundle in place (final keys, fingerprint).
 
@@ -203,7 +229,6 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
     without the keys that prove it."""
     from .bundle import BUNDLE_MODE, open_bundle, write_bundle
     from .checkpoint import export_onnx, save_checkpoint
-    from .data import load_data
     from .fileio import Outputs
     from .results import EmbedReport
 
@@ -218,10 +243,10 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         onnx_tmp = outs.add(onnx, "--onnx") if onnx else None
         secret = _passphrase(passphrase)
         bundle = open_bundle(keys, secret)
-        dataset = load_data(data)
+        dataset = load_dataset(data, model)
         net, info = _load_model(model, arch, arch_kwargs, data=dataset)
         net, info, bundle, report = embed_keys(net, info, dataset, bundle, epochs=epochs, lr=lr,
-                                               seed=seed, device=device, progress=progress)
+                                               seed=seed, device=device, progress=progress, workers=workers)
         save_checkpoint(net, info, out_tmp)
         diff = None
         if onnx_tmp is not None:
@@ -239,13 +264,12 @@ def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, 
            arch_kwargs: dict | None = None, force: bool = False) -> ExportReport:
     """`deepsigns export`: ONNX (opset 17, dynamic batch), checked for parity with torch."""
     from .checkpoint import ONNX_OPSET, export_onnx
-    from .data import load_data
     from .fileio import Outputs
     from .results import ExportReport
 
     with Outputs(force=force, inputs={"CHECKPOINT": checkpoint, "--data": data}) as outs:
         tmp = outs.add(out, "--out")
-        dataset = load_data(data) if data else None
+        dataset = load_dataset(data, checkpoint) if data else None
         net, info = _load_model(checkpoint, arch, arch_kwargs, data=dataset)
         if dataset is not None:
             dataset.check_fits(info.input_shape, info.num_classes)
@@ -508,7 +532,6 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
     import numpy as np
 
     from .attacks import AttackContext
-    from .data import load_data
     from .fileio import Outputs
     from .results import AttackReport
     from .training import check_device, seed_everything
@@ -530,7 +553,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         raise InputError(f"attack {name} seals a bundle of its own: it needs a passphrase")
     with Outputs(force=force, inputs={"--model": model, "--data": data}) as outs:
         tmp = outs.add(out, "--out")
-        dataset = load_data(data)
+        dataset = load_dataset(data, model)
         net, info = _load_victim(model, arch, arch_kwargs, dataset)
         check_device(device)  # --device cuda without a GPU fails before any work
         before = _accuracy(model if victim_onnx else net, dataset)
@@ -628,9 +651,7 @@ def _load_victim(model, arch, arch_kwargs, dataset: Dataset):
 
 
 def _victim_accuracy(model, data: str, arch, arch_kwargs) -> float:
-    from .data import load_data
-
-    dataset = load_data(data)
+    dataset = load_dataset(data, model)
     net, _ = _load_victim(model, arch, arch_kwargs, dataset)
     return _accuracy(model if str(model).lower().endswith(".onnx") else net, dataset)
 
@@ -775,7 +796,7 @@ def _keygen_warnings(bundle: Bundle) -> list[str]:
 
 def train_model(arch: str, data: Dataset, *, arch_kwargs: dict | None = None, epochs: int = 30,
                 lr: float = 1e-3, batch_size: int = 64, seed: int = 0, device: str = "auto",
-                progress: Progress | None = None):
+                progress: Progress | None = None, workers: int = 0):
     """A plain, unmarked model in memory. Returns (model, info, TrainReport without `out`)."""
     import numpy as np
 
@@ -786,17 +807,43 @@ def train_model(arch: str, data: Dataset, *, arch_kwargs: dict | None = None, ep
 
     seed_everything(seed)
     model = build_model(arch, arch_kwargs or {}, data.input_shape, data.num_classes)
-    cfg = TrainConfig(epochs, batch_size, lr, seed, device, "train")
+    cfg = TrainConfig(epochs, batch_size, lr, seed, device, "train", workers=workers)
     history = fit(model, data.x_train, data.y_train, cfg, progress=progress)
     acc = evaluate(model, data.x_test, data.y_test)
     info = ModelInfo(
         arch, dict(arch_kwargs or {}), data.input_shape, data.num_classes, lr,
         extra={"producer": "deepsigns", "data": data.name, "seed": seed,
-               "test_accuracy": round(acc, 4)},
+               "test_accuracy": round(acc, 4),
+               # an image folder's preprocessing: keygen, embed, attack and export reuse it
+               **({"preprocess": data.preprocess} if data.preprocess is not None else {})},
     )
     report = TrainReport(arch, data.name, history["epochs"], acc,
                          float(np.mean(history["epoch_seconds"])), out="")
     return model, info, report
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto"):
+    """The run's process group when torchrun started this process (nothing otherwise): a
+    data-parallel `train` or `embed` runs inside it."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+        yield
+        return
+    from .training import distributed
+
+    with distributed(device):
+        yield
+
+
+def parallel_slots(device: str = "auto") -> tuple[int, str]:
+    """(how many processes a data-parallel run may start here, what they are: GPUs or CPU cores)."""
+    from .training import resolve_device
+
+    if resolve_device(device).type == "cuda":
+        import torch
+
+        return torch.cuda.device_count(), "GPUs"
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1), "CPU cores"
 
 
 def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options: dict[str, dict],
@@ -823,7 +870,7 @@ def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options
 
 def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs: int | None = None,
                lr: float | None = None, seed: int = 0, device: str = "auto",
-               progress: Progress | None = None):
+               progress: Progress | None = None, workers: int = 0):
     """Embed every scheme of the bundle in registry order; returns (model, info, bundle,
     report dict). The model is trained in place; objectives of the schemes already embedded
     stay on, so every watermark stays readable."""
@@ -842,7 +889,7 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
         scheme, entry = load_scheme(name), scheme_entry(name)
         # --epochs, else the scheme's own default (a cap where it stops by itself)
         cfg = TrainConfig(epochs=epochs or entry.default_epochs, lr=lr or info.lr, seed=seed,
-                          device=device, description=f"embed {name}")
+                          device=device, description=f"embed {name}", workers=workers)
         keys, history = scheme.embed(model, info, data, scheme.check(bundle.schemes[name]), cfg,
                                      progress, tuple(embedded))
         bundle.put(keys)

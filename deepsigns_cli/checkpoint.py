@@ -24,6 +24,7 @@ __all__ = [
     "load_checkpoint",
     "fingerprint",
     "export_onnx",
+    "recorded_preprocess",
     "ONNX_OPSET",
 ]
 
@@ -344,6 +345,33 @@ def load_checkpoint(
             "pass the --arch (and --arch-kwargs) the file was trained with"
         ) from None
     return model.eval(), info
+
+
+def recorded_preprocess(path: str | Path) -> dict | None:
+    """The image-folder preprocessing `train` recorded in a .safetensors checkpoint (only its
+    header is read), checked field by field; None for any other file, a checkpoint without
+    that record, or one that cannot be read (loading it says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .data import check_preprocess
+
+    path = Path(path)
+    try:
+        if path.suffix.lower() != ".safetensors" or not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, MemoryError):
+        return None
+    if "preprocess" not in meta:
+        return None
+    try:
+        return check_preprocess(_field_json(meta, "preprocess"))
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{shown(path)} records an image preprocessing we cannot use ({exc}): its metadata is "
+            "damaged; re-train it with 'deepsigns train', or give its weights as a .pt with --arch"
+        ) from None
 
 
 def _info_from_flags(path, arch, arch_kwargs, input_shape, num_classes, filed=None) -> ModelInfo:

@@ -1,20 +1,44 @@
-"""Data sets: the built-in `digits` and user `.npz` files, as float32 arrays."""
+"""Data sets: the built-in `digits` and user `.npz` files as float32 arrays; image folders and
+`package.module:factory` torch Datasets as `Samples`, decoded on demand.
+
+A split's samples (`Dataset.x_train`, `x_test`) are a numpy float32 array or a `Samples`: both
+give `len(x)`, `x.shape`, `x.ndim`, `x.dtype` and `x[int | slice | index array]` (a float32
+array). Labels are always an int64 numpy array: they are known without decoding a sample.
+Code that looks at a whole split at once (statistics, activations) takes a bounded subsample
+(`bounded_rows`), so that memory does not grow with the data set.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import operator
+import os
+import struct
 import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, one_line, shown
+from .errors import DataError, InputError, one_line, shown
 
-__all__ = ["Dataset", "load_data", "BUILTIN_DATASETS"]
+__all__ = [
+    "Dataset",
+    "DataSpec",
+    "Samples",
+    "load_data",
+    "check_preprocess",
+    "bounded_rows",
+    "take",
+    "BUILTIN_DATASETS",
+    "IMAGE_SUFFIXES",
+    "STAT_ROWS",
+]
 
 BUILTIN_DATASETS = ("digits",)
 _SPLIT_SEED = 20190413  # fixed: the train/test split never depends on --seed
@@ -24,6 +48,26 @@ _TEST_FRACTION = 0.25
 MAX_INPUT_SIZE = 2**24  # features per sample (product of the sample shape)
 MAX_INPUT_DIMS = 4  # dimensions per sample
 MAX_CLASSES = 100_000
+#: the most rows a statistic over a whole split reads (class centres, value range, reference
+#: activations): a fixed, seeded subsample of larger splits, all rows of smaller ones
+STAT_ROWS = 4096
+_STAT_SEED = 20260101  # fixed: the subsample never depends on --seed
+_RANGE_ROWS = 512  # rows of a lazy split read for its value range
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What --data names, with the options that go with it (`image_size`: --image-size, for
+    image folders). Every command's `data` takes a DataSpec or the plain string."""
+
+    source: str
+    image_size: int | None = None
+
+    def __str__(self) -> str:
+        return self.source
+
+    def __fspath__(self) -> str:  # an input path like any other (outputs never replace it)
+        return self.source
 
 
 @dataclass(frozen=True)
@@ -38,19 +82,29 @@ class Dataset:
     class of the model, not that every class of the model has data."""
 
     name: str
-    x_train: np.ndarray  # float32, (n, *input_shape), finite
+    x_train: np.ndarray | Samples  # float32, (n, *input_shape), finite
     y_train: np.ndarray  # int64, (n,), in [0, num_classes)
-    x_test: np.ndarray
+    x_test: np.ndarray | Samples
     y_test: np.ndarray
     num_classes: int
+    #: an image folder's preprocessing (image size, channels, mean, std, class names), recorded
+    #: in the checkpoints `train` writes and reused for them; None for other data
+    preprocess: dict | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.x_train.shape[1:])
 
-    @property
+    @cached_property
     def value_range(self) -> tuple[float, float]:
-        return float(self.x_train.min()), float(self.x_train.max())
+        """(min, max) of the training samples; of a fixed subsample for a lazy split."""
+        x = self.x_train
+        if not isinstance(x, Samples):
+            return float(x.min()), float(x.max())
+        low, high = math.inf, -math.inf
+        for part in _chunks(x.subset(_subsample(len(x), _RANGE_ROWS))):
+            low, high = min(low, float(part.min())), max(high, float(part.max()))
+        return low, high
 
     def check_fits(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         """Raise DataError unless samples of this set can be fed to a model of that shape."""
@@ -85,6 +139,7 @@ def _digits() -> Dataset:
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
+_KINDS = "'digits', an existing .npz file, an image folder or package.module:factory"
 _FIX = "save with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) (or x=..., y=...)"
 
 
@@ -93,12 +148,11 @@ def _npz(path: Path) -> Dataset:
     try:
         exists, is_file = path.exists(), path.is_file()
     except (OSError, ValueError) as exc:  # a name too long, a NUL byte
-        raise DataError(f"data path {where} is not usable ({one_line(exc)}): give 'digits' or an "
-                        ".npz file") from None
+        raise DataError(f"data path {where} is not usable ({one_line(exc)}): give {_KINDS}") from None
     if not exists:
-        raise DataError(f"data file not found: {where}: give 'digits' or an existing .npz file")
+        raise DataError(f"data file not found: {where}: give {_KINDS}")
     if not is_file:
-        raise DataError(f"data {where} is not a file: give 'digits' or an .npz file")
+        raise DataError(f"data {where} is not a file: give {_KINDS}")
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
@@ -145,14 +199,7 @@ def _npz(path: Path) -> Dataset:
                 f"{where}: x_train has samples of shape {list(xtr.shape[1:])} and x_test of shape "
                 f"{list(xte.shape[1:])}: give both splits samples of one shape"
             )
-    present = np.union1d(np.unique(ytr), np.unique(yte))
-    if len(present) < 2:
-        raise DataError(
-            f"{where}: the labels hold {len(present)} class, a classifier needs at least 2: give "
-            "samples of two or more classes"
-        )
-    num_classes = int(present[-1]) + 1
-    return Dataset(shown(path.stem), xtr, ytr, xte, yte, num_classes)
+    return _classified(path.stem, xtr, ytr, xte, yte, where)
 
 
 def _member(arrays, name: str, where: str) -> np.ndarray:
@@ -258,8 +305,540 @@ def _same_length(x: np.ndarray, y: np.ndarray, xname: str, yname: str, where: st
         )
 
 
-def load_data(spec: str) -> Dataset:
-    """`digits` or a path to an .npz file."""
-    if spec in BUILTIN_DATASETS:
+def load_data(spec: str | DataSpec, *, preprocess: dict | None = None) -> Dataset:
+    """`digits`, an .npz file, an image folder (DIR/train/<class>/*.png|jpg|jpeg and
+    DIR/test/<class>/*) or a `package.module:factory` returning two torch Datasets (train,
+    test); a factory is only ever named by the caller, never read from a file.
+
+    `preprocess`: an image folder's preprocessing as a checkpoint recorded it (see
+    `Dataset.preprocess`), reused as it is instead of computed; other data ignore it."""
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec(str(spec))
+    source, image_size = spec.source, spec.image_size
+    kind = _kind(source)
+    if image_size is not None:
+        _check_image_size(image_size)
+        if kind != "folder":
+            raise InputError(f"--image-size applies to image folders, and --data {shown(source)} is not "
+                             "one: leave --image-size out")
+    if kind == "builtin":
         return _digits()
-    return _npz(Path(spec))
+    if kind == "folder":
+        return _image_folder(Path(source), image_size, preprocess)
+    if kind == "factory":
+        return _factory_data(source)
+    return _npz(Path(source))
+
+
+def _kind(source: str) -> str:
+    """builtin, folder, factory or file (an .npz, or a path that is not there)."""
+    if source in BUILTIN_DATASETS:
+        return "builtin"
+    try:
+        path = Path(source)
+        if path.is_dir():
+            return "folder"
+        exists = path.exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte: _npz says so
+        return "file"
+    if not exists and ":" in source:
+        from .zoo import is_factory_name
+
+        if is_factory_name(source):
+            return "factory"
+    return "file"
+
+
+# ============================================================================ lazy samples
+
+
+def _subsample(n: int, limit: int) -> np.ndarray:
+    """Sorted indices of at most `limit` of n rows, drawn with a fixed seed (all rows when n <= limit)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(_STAT_SEED).choice(n, size=limit, replace=False))
+
+
+def bounded_rows(n: int, limit: int = STAT_ROWS) -> slice | np.ndarray:
+    """The rows of an n-row split that a whole-split statistic reads: all of them (a slice)
+    when n <= limit, else a fixed, seeded subsample of `limit` sorted indices."""
+    return slice(None) if n <= limit else _subsample(n, limit)
+
+
+def take(x: np.ndarray | Samples, rows: slice | np.ndarray) -> np.ndarray | Samples:
+    """x[rows] without decoding a lazy split (a `Samples` view); numpy indexing otherwise."""
+    return x.subset(rows) if isinstance(x, Samples) else x[rows]
+
+
+def _chunks(x, size: int = 64):
+    for i in range(0, len(x), size):
+        yield x[i : i + size]
+
+
+class Samples:
+    """A split's samples, decoded on demand: an array-like of float32 samples (n, *shape).
+
+    Supports `len(x)`, `x.shape`, `x.ndim`, `x.dtype` and `x[key]` for an int (one sample), a
+    slice, or a 1-D integer (or boolean) array or list (a float32 array of those rows, in that
+    order). It holds paths and indices only, and opens files on access: it pickles and may be
+    indexed from forked DataLoader workers. `np.asarray(x)` decodes the whole split, for code
+    that needs it at once (an attack on an ONNX file, the noise attack's spread); training,
+    keygen and embed read it in batches or through a bounded subsample (`bounded_rows`)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, source, sample_shape: tuple[int, ...], index: np.ndarray | None = None):
+        self._source = source  # _ImageFiles or _DatasetItems: len() and sample(i)
+        self._sample_shape = tuple(int(d) for d in sample_shape)
+        self._index = index  # rows of the source this view shows (None: all)
+
+    def __len__(self) -> int:
+        return len(self._source) if self._index is None else len(self._index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self._sample_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self._sample_shape)
+
+    def __repr__(self) -> str:
+        return f"Samples({self._source.describe()}, shape={self.shape})"
+
+    def _rows(self, key) -> np.ndarray:
+        n = len(self)
+        if isinstance(key, slice):
+            return np.arange(*key.indices(n), dtype=np.int64)
+        rows = np.asarray(key)
+        if rows.dtype == bool:
+            if rows.shape != (n,):
+                raise IndexError(f"a boolean index of shape {rows.shape} for {n} samples")
+            return np.flatnonzero(rows)
+        if rows.size == 0:
+            return np.zeros(0, np.int64)
+        if rows.ndim != 1 or rows.dtype.kind not in "iu":
+            raise IndexError("samples are indexed by an int, a slice or a 1-D array of integers")
+        rows = rows.astype(np.int64)
+        rows = np.where(rows < 0, rows + n, rows)
+        if rows.min() < 0 or rows.max() >= n:
+            raise IndexError(f"index out of range for {n} samples")
+        return rows
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, np.ndarray) and key.ndim == 0 and key.dtype.kind in "iu":
+            key = int(key)
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            i, n = operator.index(key), len(self)
+            if not -n <= i < n:
+                raise IndexError(f"index {i} out of range for {n} samples")
+            return self._load(np.array([i % n]))[0]
+        return self._load(self._rows(key))
+
+    def _load(self, rows: np.ndarray) -> np.ndarray:
+        source_rows = rows if self._index is None else self._index[rows]
+        out = np.empty((len(rows), *self._sample_shape), np.float32)
+        for j, i in enumerate(source_rows):
+            out[j] = self._source.sample(int(i))
+        return out
+
+    def subset(self, key) -> Samples:
+        """A lazy view of some rows (nothing is decoded)."""
+        rows = self._rows(key)
+        return Samples(self._source, self._sample_shape, rows if self._index is None else self._index[rows])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a Samples split is decoded on demand: it cannot be viewed without a copy")
+        x = self[:]
+        return x if dtype is None else x.astype(dtype)
+
+
+# ============================================================================ image folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_MEAN_STD_IMAGES = 512  # training images the per-channel mean and std are computed on
+_MAX_RECORD = 60_000  # characters of the preprocessing record: a checkpoint field holds 64 KiB
+_FOLDER_FIX = "an image folder holds DIR/train/<class>/*.png|jpg|jpeg and DIR/test/<class>/*"
+_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _check_image_size(size) -> int:
+    from .defaults import LIMITS
+
+    lo, hi = LIMITS["image_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or not lo <= size <= hi:
+        raise InputError(f"--image-size must be a whole number from {lo} to {hi}, got {size!r}")
+    return size
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading an image folder needs Pillow: pip install Pillow") from None
+    return Image
+
+
+def _unreadable(path: str, exc: BaseException) -> DataError:
+    return DataError(f"cannot read image {shown(path)} ({one_line(exc, 120)}): deepsigns fails on an "
+                     "unreadable image rather than skip it; repair or remove the file")
+
+
+def _image_errors(image) -> tuple[type[BaseException], ...]:
+    # OSError: not an image, truncated; SyntaxError, struct.error, ValueError, EOFError: damaged
+    # headers as Pillow's decoders report them; DecompressionBombError: absurd pixel counts
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error, image.DecompressionBombError)
+
+
+class _ImageFiles:
+    """Image files, decoded with Pillow: resized, scaled to [0, 1], normalised per channel.
+
+    The file names are one numpy array (not a list of str), so that forked DataLoader workers
+    share its pages instead of copying them through reference counts."""
+
+    def __init__(self, root: Path, names: np.ndarray, preprocess: dict):
+        self.root = str(root)
+        self.names = names  # paths relative to root
+        self.size, self.channels = int(preprocess["image_size"]), int(preprocess["channels"])
+        self.mean = np.asarray(preprocess["mean"], np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(preprocess["std"], np.float32).reshape(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def describe(self) -> str:
+        return f"images under {shown(self.root)}"
+
+    def sample(self, i: int) -> np.ndarray:
+        return (self.pixels(i) - self.mean) / self.std
+
+    def pixels(self, i: int) -> np.ndarray:
+        """Image i as (channels, size, size) float32 in [0, 1], not normalised."""
+        return _decode(os.path.join(self.root, str(self.names[i])), self.size, self.channels)
+
+
+def _decode(path: str, size: int, channels: int) -> np.ndarray:
+    image = _pil()
+    try:
+        with image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), image.Resampling.BILINEAR)
+            pixels = np.asarray(im, dtype=np.float32) / 255.0
+    except _image_errors(image) as exc:
+        raise _unreadable(path, exc) from None
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def _visible(entries) -> list[os.DirEntry]:
+    return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
+    """class name -> the image file names in it (sorted); every class must hold one."""
+    try:
+        with os.scandir(split) as it:
+            folders = [e for e in _visible(it) if e.is_dir()]
+        found = {}
+        for folder in folders:
+            with os.scandir(folder.path) as it:
+                found[folder.name] = [e.name for e in _visible(it)
+                                      if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file()]
+    except OSError as exc:
+        raise DataError(f"cannot list {shown(split)} ({one_line(exc)}): check the folder's permissions") from None
+    if not folders:
+        raise DataError(f"{where}/{split.name} holds no class folders: {_FOLDER_FIX}")
+    if not any(found.values()):
+        raise DataError(f"{where}/{split.name} holds no images at all (.png, .jpg, .jpeg in its class "
+                        f"folders): {_FOLDER_FIX}")
+    for name, files in found.items():
+        if not files:
+            raise DataError(f"class folder {where}/{split.name}/{shown(name)} holds no image (.png, .jpg, "
+                            ".jpeg): add images or remove the folder")
+    return found
+
+
+def _image_folder(root: Path, image_size: int | None, preprocess: dict | None) -> Dataset:
+    where = shown(root)
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"{where} has no {split}/ folder: {_FOLDER_FIX}")
+    train, test = _class_folders(root / "train", where), _class_folders(root / "test", where)
+    if preprocess is not None:
+        preprocess = check_preprocess(preprocess)
+        if image_size is not None and image_size != preprocess["image_size"]:
+            raise InputError(f"--image-size {image_size} differs from the model's {preprocess['image_size']} "
+                             "(recorded in its checkpoint by train): leave --image-size out")
+        classes = preprocess["classes"]
+        known = "the classes the model was trained on"
+    else:
+        classes = list(train)
+        known = "train/'s classes"
+    label = {name: i for i, name in enumerate(classes)}
+    for split, found in (("train", train), ("test", test)):
+        for name in found:
+            if name not in label:
+                raise DataError(f"class folder {where}/{split}/{shown(name)} is not among {known} "
+                                f"({one_line(', '.join(classes), 80)}): rename or remove it")
+    if len(classes) < 2:
+        raise DataError(f"{where}/train holds {len(classes)} class, a classifier needs at least 2: "
+                        "add a folder of images per class")
+    if len(classes) > MAX_CLASSES:
+        raise DataError(f"{where}/train holds {len(classes)} classes, more than {MAX_CLASSES}")
+    names = {split: [f"{split}/{c}/{f}" for c, files in found.items() for f in files]
+             for split, found in (("train", train), ("test", test))}
+    labels = {split: np.array([label[c] for c, files in found.items() for _ in files], np.int64)
+              for split, found in (("train", train), ("test", test))}
+    first = _check_images(root, names)
+    if preprocess is None:
+        preprocess = _fresh_preprocess(root, names["train"], first, image_size, classes)
+    splits = {split: Samples(_ImageFiles(root, np.array(names[split]), preprocess),
+                             (preprocess["channels"], preprocess["image_size"], preprocess["image_size"]))
+              for split in ("train", "test")}
+    name = shown(root.resolve().name or root)
+    return Dataset(name, splits["train"], labels["train"], splits["test"], labels["test"],
+                   num_classes=len(classes), preprocess=preprocess)
+
+
+def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[int, int]]:
+    """Every file's header read and verified (the first failure names the file); the first
+    training image's (mode, size)."""
+    image = _pil()
+    first = None
+    for split in ("train", "test"):
+        for name in names[split]:
+            path = os.path.join(root, name)
+            try:
+                with image.open(path) as im:
+                    if first is None:
+                        first = (im.mode, im.size)
+                    im.verify()
+            except _image_errors(image) as exc:
+                raise _unreadable(path, exc) from None
+    return first
+
+
+def _fresh_preprocess(root: Path, train: list[str], first: tuple[str, tuple[int, int]],
+                      image_size: int | None, classes: list[str]) -> dict:
+    """Image size, channels, per-channel mean and std (on a fixed subsample of the training
+    images), class names."""
+    from .defaults import LIMITS
+
+    mode, (width, height) = first
+    if image_size is None:
+        lo, hi = LIMITS["image_size"]
+        if width != height or not lo <= width <= hi:
+            raise InputError(f"the first training image of {shown(root)} ({shown(train[0])}) is {width}x{height}: "
+                             f"give --image-size N (from {lo} to {hi}) to resize every image to N x N")
+        image_size = width
+    channels = 1 if mode in _GRAYSCALE_MODES else 3
+    files = _ImageFiles(root, np.array(train), {"image_size": image_size, "channels": channels,
+                                                "mean": [0.0] * channels, "std": [1.0] * channels})
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for i in _subsample(len(train), _MEAN_STD_IMAGES):
+        pixels = files.pixels(int(i)).reshape(channels, -1).astype(np.float64)
+        total += pixels.sum(1)
+        squares += (pixels**2).sum(1)
+        count += pixels.shape[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    std = np.where(std < 1e-6, 1.0, std)  # a constant channel: centred, not scaled
+    preprocess = {"kind": "image-folder", "image_size": int(image_size), "channels": channels,
+                  "mean": [float(v) for v in mean], "std": [float(v) for v in std], "classes": list(classes)}
+    if len(json.dumps(preprocess)) > _MAX_RECORD:
+        raise DataError(f"the class names of {shown(root)} take more than {_MAX_RECORD} characters, too "
+                        "many to record in a checkpoint: shorten the class folders' names")
+    return preprocess
+
+
+def check_preprocess(value) -> dict:
+    """An image folder's preprocessing as a file recorded it (it may be hostile): every field
+    checked for type and range; ValueError says what is wrong."""
+    from .defaults import LIMITS
+
+    fields = ("kind", "image_size", "channels", "mean", "std", "classes")
+    if not isinstance(value, dict) or set(value) != set(fields) or value.get("kind") != "image-folder":
+        raise ValueError(f"'preprocess' must be an object with {', '.join(fields)} (kind image-folder)")
+    size, channels = value["image_size"], value["channels"]
+    lo, hi = LIMITS["image_size"]
+    if type(size) is not int or not lo <= size <= hi:
+        raise ValueError(f"'preprocess' image_size must be an integer from {lo} to {hi}")
+    if channels not in (1, 3) or type(channels) is not int:
+        raise ValueError("'preprocess' channels must be 1 or 3")
+    for key in ("mean", "std"):
+        numbers = value[key]
+        if (not isinstance(numbers, list) or len(numbers) != channels
+                or not all(type(v) in (int, float) and math.isfinite(v) and abs(v) < 1e6 for v in numbers)):
+            raise ValueError(f"'preprocess' {key} must be {channels} finite numbers")
+    if not all(v > 1e-9 for v in value["std"]):
+        raise ValueError("'preprocess' std must be above 0")
+    classes = value["classes"]
+    if (not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES
+            or not all(isinstance(c, str) and c and len(c) <= 255 and "/" not in c and "\x00" not in c
+                       for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise ValueError("'preprocess' classes must be 2 or more distinct folder names")
+    return {key: value[key] for key in fields}
+
+
+# ============================================================================ factories
+
+
+def _factory_data(source: str) -> Dataset:
+    """`package.module:factory` -> (train, test) torch Datasets, each wrapped as a Samples."""
+    import importlib
+
+    from torch.utils.data import Dataset as TorchDataset
+    from torch.utils.data import IterableDataset
+
+    module_name, _, attr = source.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    # SyntaxError: the user's module; ValueError/TypeError: names importlib refuses
+    except (ImportError, AttributeError, SyntaxError, ValueError, TypeError) as exc:
+        raise DataError(f"cannot load data '{source}' ({one_line(exc)}): check that the module is importable "
+                        "(on PYTHONPATH) and defines that factory") from None
+    want = f"data factory '{source}' must return two torch Datasets (train, test)"
+    if not callable(factory):
+        raise DataError(f"'{source}' is a {type(factory).__name__}, not a factory: {want}")
+    try:
+        made = factory()
+    except (TypeError, ValueError, RuntimeError, OSError) as exc:
+        raise DataError(f"data factory '{source}' failed ({one_line(exc)}): it is called without "
+                        "arguments and must return two torch Datasets (train, test)") from None
+
+    def usable(d) -> bool:
+        return isinstance(d, TorchDataset) and not isinstance(d, IterableDataset) and hasattr(d, "__len__")
+
+    if not (isinstance(made, (tuple, list)) and len(made) == 2 and all(usable(d) for d in made)):
+        got = (f"a {type(made).__name__} of {len(made)}: " + ", ".join(type(d).__name__ for d in made)
+               if isinstance(made, (tuple, list)) else f"a {type(made).__name__}")
+        raise DataError(f"{want}, got {one_line(got, 100)}: return (train_dataset, test_dataset), each "
+                        "indexable, with a length")
+    (xtr, ytr), (xte, yte) = (_torch_split(d, split, source) for d, split in zip(made, ("train", "test"), strict=True))
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise DataError(f"data factory '{source}': train samples have shape {list(xtr.shape[1:])} and test "
+                        f"samples {list(xte.shape[1:])}: give both splits samples of one shape")
+    return _classified(source, xtr, ytr, xte, yte, f"data factory '{source}'")
+
+
+def _classified(name: str, xtr, ytr, xte, yte, where: str) -> Dataset:
+    present = np.union1d(np.unique(ytr), np.unique(yte))
+    if len(present) < 2:
+        raise DataError(f"{where}: the labels hold {len(present)} class, a classifier needs at least 2: give "
+                        "samples of two or more classes")
+    return Dataset(shown(name), xtr, ytr, xte, yte, int(present[-1]) + 1)
+
+
+class _DatasetItems:
+    """A torch map-style Dataset's samples: item i is (sample, label); the sample is decoded on
+    access and checked (its shape that of the first, finite)."""
+
+    def __init__(self, dataset, split: str, where: str, sample_shape: tuple[int, ...]):
+        self.dataset, self.split, self.where, self.sample_shape = dataset, split, where, sample_shape
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def describe(self) -> str:
+        return f"the {self.split} Dataset of {self.where}"
+
+    def sample(self, i: int) -> np.ndarray:
+        x, _ = self.item(i)
+        if x.shape != self.sample_shape:
+            raise DataError(f"{self.where}: {self.split} sample {i} has shape {list(x.shape)} but the first has "
+                            f"{list(self.sample_shape)}: give samples of one shape")
+        return x
+
+    def item(self, i: int) -> tuple[np.ndarray, object]:
+        try:
+            item = self.dataset[i]
+        except (IndexError, KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
+            raise DataError(f"{self.where}: the {self.split} Dataset failed on item {i} ({one_line(exc)}): "
+                            "fix its __getitem__") from None
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DataError(f"{self.where}: {self.split} item {i} is a {type(item).__name__}, not a (sample, "
+                            "label) pair: return (x, y) from the Dataset's __getitem__")
+        x = _as_sample(item[0])
+        if x is None:
+            raise DataError(f"{self.where}: {self.split} sample {i} is a {type(item[0]).__name__}, not a tensor "
+                            "or array of real numbers: return tensors (e.g. transforms.ToTensor())")
+        if not np.isfinite(x).all():
+            raise DataError(f"{self.where}: {self.split} sample {i} holds NaN or infinite values: clean or drop it")
+        return x, item[1]
+
+
+def _as_sample(x) -> np.ndarray | None:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            return None
+        x = x.detach().to("cpu", torch.float32).numpy()
+    if not isinstance(x, (np.ndarray, np.generic)) or x.dtype.kind not in "iuf":
+        return None
+    with np.errstate(all="ignore"):  # beyond float32: inf, refused by the caller
+        return np.asarray(x, dtype=np.float32)
+
+
+def _as_label(y) -> int | None:
+    import torch
+
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy() if y.numel() == 1 and not y.is_floating_point() else None
+    if isinstance(y, np.ndarray):
+        y = y.reshape(()).item() if y.size == 1 and y.dtype.kind in "iu" else None
+    if isinstance(y, np.integer):
+        y = int(y)
+    return y if type(y) is int else None
+
+
+def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]:
+    """A torch Dataset as (Samples, labels): labels from its `.targets` when it has them, else
+    from one pass over its items (which checks every sample's shape too)."""
+    where = f"data factory '{source}'"
+    try:
+        n = len(dataset)
+    except (TypeError, NotImplementedError) as exc:
+        raise DataError(f"{where}: the {split} Dataset has no length ({one_line(exc)}): give a map-style "
+                        "Dataset with __len__") from None
+    if n == 0:
+        raise DataError(f"{where}: the {split} Dataset is empty: give at least one sample in each split")
+    first, _ = _DatasetItems(dataset, split, where, ()).item(0)
+    problem = _sample_problem((n, *first.shape), f"the {split} Dataset")
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    items = _DatasetItems(dataset, split, where, first.shape)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        labels = _targets(targets, n, split, where)
+    else:
+        labels = np.empty(n, np.int64)
+        for i in range(n):
+            x, y = items.item(i)
+            if x.shape != first.shape:
+                raise DataError(f"{where}: {split} sample {i} has shape {list(x.shape)} but the first has "
+                                f"{list(first.shape)}: give samples of one shape")
+            label = _as_label(y)
+            if label is None:
+                raise DataError(f"{where}: {split} item {i} has label {one_line(repr(y), 40)}: labels must be "
+                                "integer class indices")
+            labels[i] = label
+    return Samples(items, first.shape), _labels(labels, f"{split} labels", where)
+
+
+def _targets(targets, n: int, split: str, where: str) -> np.ndarray:
+    import torch
+
+    if isinstance(targets, torch.Tensor):
+        targets = targets.detach().cpu().numpy()
+    try:
+        y = np.asarray(targets)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: the {split} Dataset's .targets is not an array ({one_line(exc)}): give "
+                        "integer class indices") from None
+    if y.shape != (n,):
+        raise DataError(f"{where}: the {split} Dataset's .targets has shape {list(y.shape)} for {n} items: give "
+                        "one integer label per item")
+    return _labels(y, f"{split}.targets", where)

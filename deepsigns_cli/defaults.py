@@ -18,4 +18,5 @@ LIMITS = {
     "lr": (0.0, 10.0),  # exclusive of 0
     "timeout": (0.0, 86_400.0),  # exclusive of 0
     "queries": (1, 10_000_000),  # a black-box GradSigns reading's budget
+    "image_size": (2, 2048),  # --image-size: pixels per side of an image folder's samples
 }

@@ -154,6 +154,9 @@ class Outputs:
 
     def __init__(self, *, force: bool, inputs: dict[str, str | Path | None] | None = None):
         self.force = force
+        # under torchrun only the main process (RANK 0) writes: the others write their
+        # copies to private scratch files, removed at the end
+        self.write = os.environ.get("RANK", "0") in ("", "0")
         self.inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
         self._entries: list[tuple[Path, Path, int | None]] = []  # (target, temp, mode)
         self._locks: list[_Lock] = []
@@ -165,6 +168,8 @@ class Outputs:
 
         `update=True`: the file is an input updated in place (it must exist); it is locked."""
         target = check_output(path, self.force, inputs=self.inputs, option=option, update=update)
+        if not self.write:
+            return self.scratch(target.suffix)
         for other, _, _ in self._entries:
             if other.resolve() == target.resolve():
                 raise InputError(f"{shown(target)} is given for two outputs: choose another {option}")

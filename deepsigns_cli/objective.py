@@ -1,6 +1,7 @@
 """What a watermark scheme adds to the training loop (no torch import: verify stays light).
 
-Per step the loop (1) asks every objective for rows of its own to mix into the batch, (2)
+Per step the loop (1) asks every objective for rows of its own to mix into the batch (under
+torchrun every process draws the same and keeps its `share`), (2)
 runs the model once on the whole batch, (3) hands every objective the `training.Batch`
 (inputs, targets, logits, its own rows, the unwrapped model) and adds the loss it returns,
 (4) steps the optimiser, then calls `after_step`. After each epoch, `end_epoch` proposes an
@@ -41,6 +42,12 @@ class Objective:
     def extra_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rows of this objective's own to mix into the step (e.g. trigger or key inputs)."""
         return None
+
+    def share(self, rows: tuple[torch.Tensor, torch.Tensor], rank: int,
+              world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's share of the rows `extra_batch` drew (every process draws the same
+        under torchrun); override when the rows come in parts."""
+        return rows[0][rank::world], rows[1][rank::world]
 
     def loss(self, batch: Batch) -> torch.Tensor | None:
         """The term to add. `batch.own` are this objective's rows; rows before

@@ -5,17 +5,18 @@ Device, process rank and the unwrapped model are handled here and nowhere else.
 
 from __future__ import annotations
 
-import math
+import datetime
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError, TrainingError
+from .errors import DeepSignsError, InputError, TrainingError
 from .objective import Objective
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Objective",
     "Batch",
     "Processes",
+    "distributed",
     "fit",
     "evaluate",
     "predict",
@@ -33,6 +35,7 @@ __all__ = [
     "unwrap",
     "Progress",
     "LOSSES",
+    "PRECISIONS",
     "OPTIMIZERS",
 ]
 
@@ -96,6 +99,33 @@ class Processes:
         return bool(t.item())
 
 
+@contextmanager
+def distributed(device: str = "auto"):
+    """One process group for a command run by torchrun (WORLD_SIZE > 1 in the environment;
+    the rendezvous comes from torchrun's variables, so several machines work as torchrun
+    documents): gloo on the CPU, nccl on CUDA, each process on its own GPU. A failure of
+    another process ends this one with one line, and nothing is written."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    use_cuda = resolve_device(device).type == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:  # a collective whose peer is gone
+        from .errors import one_line
+
+        raise TrainingError(f"process {dist.get_rank()} of {world}: another process of this run failed "
+                            f"({one_line(exc, 120)}); nothing was written") from None
+    finally:
+        dist.destroy_process_group()
+
+
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against probability targets (distillation)."""
     return -(target * nn.functional.log_softmax(logits, dim=1)).sum(1).mean()
@@ -120,6 +150,8 @@ class TrainConfig:
     loss: str = "ce"  # a key of LOSSES: "ce" for labels, "soft" for probability targets
     momentum: float = 0.9
     weight_decay: float = 0.0
+    workers: int = 0  # data-loading processes (0: batches are read in this process)
+    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast (fp16 on CUDA only, with loss scaling)
     extra: dict = field(default_factory=dict)  # free for callers (recorded, not used)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
@@ -151,16 +183,60 @@ class Batch:
         return grad
 
 
+class _Rows(torch.utils.data.Dataset):
+    """A whole batch per item: the loader is given the batch's indices (our own seeded order),
+    and x may be an array or a lazy one (an image folder) that decodes only what it is asked."""
+
+    def __init__(self, x, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx)
+        return torch.as_tensor(np.asarray(self.x[idx]), dtype=torch.float32), self.y[torch.as_tensor(idx)]
+
+
+def _epoch_batches(order: np.ndarray, cfg: TrainConfig, procs: Processes) -> list[np.ndarray]:
+    """This process's batches of one epoch: the batches of one process, each split among the
+    processes (a global batch of cfg.batch_size; every process runs the same number of steps,
+    and a tail batch smaller than the processes is topped up from the epoch's start)."""
+    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    if procs.world_size == 1:
+        return batches
+    world = procs.world_size
+    return [(b if len(b) >= world else np.concatenate([b, order[: world - len(b)]]))[procs.rank :: world]
+            for b in batches]
+
+
+def _sync_state_grads(states, procs: Processes) -> None:
+    """The objectives' own parameters (class centres) take the mean gradient of all processes,
+    as the model's do under DistributedDataParallel: they stay the same everywhere."""
+    if procs.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for p in (p for s in states for p in s.parameters()):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= procs.world_size
+
+
 def fit(
     model: nn.Module,
-    x: np.ndarray,
+    x,
     y: np.ndarray,
     cfg: TrainConfig,
     objectives: Sequence[Objective] = (),
     progress: Progress | None = None,
 ) -> dict:
     """Train in place on cfg.device, and give the model back on the device it came on (the
-    objectives' state too); returns seconds per epoch and the epochs run."""
+    objectives' state too); returns seconds per epoch and the epochs run. `x` is an array, or
+    a lazy array (decoded batch by batch, in `cfg.workers` loader processes). Under torchrun
+    (an initialised process group) the model is wrapped in DistributedDataParallel and each
+    process trains on its share of every batch."""
     # 1. device, processes, the model and every objective's tensors on the device
     device = resolve_device(cfg.device)
     procs = Processes.current()
@@ -176,24 +252,32 @@ def fit(
         state.to(device)
     for obj in objectives:
         obj.setup(net)
-    params = list(model.parameters()) + [p for s in states for p in s.parameters()]
+    runner = _parallel(net, device, procs)
+    autocast, scaler = _mixed_precision(cfg.precision, device)
+    params = list(net.parameters()) + [p for s in states for p in s.parameters()]
     optimizer = cfg.make_optimizer(params)
     need_grad = any(o.needs_input_grad for o in objectives)
-    xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.float32 if cfg.loss == "soft" else torch.int64)
-    steps_per_epoch = max(1, math.ceil(len(x) / cfg.batch_size))
+    rows = _Rows(x, yt)
+    steps_per_epoch = len(_epoch_batches(np.arange(len(y)), cfg, procs))
     total, done, epoch_seconds = cfg.epochs * steps_per_epoch, 0, []
     try:
         for epoch in range(cfg.epochs):
-            model.train()
+            runner.train()
             start = time.perf_counter()
-            order = torch.as_tensor(rng.permutation(len(x)))
-            for i in range(0, len(x), cfg.batch_size):
+            batches = _epoch_batches(rng.permutation(len(y)), cfg, procs)
+            loader = torch.utils.data.DataLoader(
+                rows, sampler=batches, batch_size=None, num_workers=cfg.workers,
+                pin_memory=device.type == "cuda", persistent_workers=False)
+            for xs, ys in loader:
                 # 2. the batch, with every objective's own rows mixed in after it
-                idx = order[i : i + cfg.batch_size]
-                parts, own, at = [(xt[idx], yt[idx])], [], len(idx)
+                parts, own, at = [(xs, ys)], [], len(xs)
                 for obj in objectives:
+                    # every process draws the same rows and keeps its share of them: together
+                    # they mix what one process would
                     extra = obj.extra_batch(rng)
+                    if extra is not None and procs.world_size > 1:
+                        extra = obj.share(extra, procs.rank, procs.world_size)
                     n = 0 if extra is None else len(extra[0])
                     if n:
                         parts.append(extra)
@@ -204,14 +288,15 @@ def fit(
                 if need_grad:
                     xb.requires_grad_(True)
                 # 3. one forward pass: the loss on the training batch, plus each objective's term
-                logits = model(xb)
-                loss = loss_fn(logits[: len(idx)], yb[: len(idx)])
-                batch = Batch(xb, yb, logits, len(idx), net)
-                for obj, rows in zip(objectives, own, strict=True):
-                    batch.own = rows
-                    term = obj.loss(batch)
-                    if term is not None:
-                        loss = loss + term
+                with autocast():
+                    logits = runner(xb)
+                    loss = loss_fn(logits[: len(xs)], yb[: len(xs)])
+                    batch = Batch(xb, yb, logits, len(xs), net)
+                    for obj, own_rows in zip(objectives, own, strict=True):
+                        batch.own = own_rows
+                        term = obj.loss(batch)
+                        if term is not None:
+                            loss = loss + term
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"the training loss became {loss.item()} at epoch {epoch + 1}: the learning "
@@ -219,8 +304,11 @@ def fit(
                     )
                 # 4. step (objectives' tensors have their gradients zeroed too), then the hooks
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                _sync_state_grads(states, procs)
+                scaler.step(optimizer)
+                scaler.update()
                 done += 1
                 for obj in objectives:
                     obj.after_step(net, done)
@@ -229,19 +317,55 @@ def fit(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_seconds.append(time.perf_counter() - start)
-            model.eval()
+            net.eval()
             # 5. early stop: every objective is asked, and all processes stop together
             proposals = [obj.end_epoch(net, epoch) for obj in objectives]
             if procs.agree(any(proposals)):
                 break
+    except DeepSignsError as exc:  # from a loader process: its own line, not the worker's traceback
+        text = str(exc).strip()
+        if text.startswith("Caught ") and "Original Traceback" in text:
+            raise type(exc)(text.splitlines()[-1].split(": ", 1)[-1]) from None
+        raise
     finally:
         for obj in objectives:
             obj.teardown()
         net.to(home)
         for state in states:
             state.to(home)
-        model.eval()
+        net.eval()
     return {"epoch_seconds": epoch_seconds, "epochs": len(epoch_seconds), "lr": cfg.lr}
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _mixed_precision(precision: str, device: torch.device):
+    """(a context for the forward pass and the loss, the gradient scaler): autocast to bf16 or
+    fp16 (fp16 with loss scaling, on CUDA only), or plain fp32."""
+    import contextlib
+
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision '{precision}': use {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("--precision fp16 needs CUDA: use bf16 or fp32 on the CPU")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if precision == "fp32":
+        return contextlib.nullcontext, scaler
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def _parallel(net: nn.Module, device: torch.device, procs: Processes) -> nn.Module:
+    """The module the loop runs: the model itself, or under torchrun the model wrapped in
+    DistributedDataParallel (gradients averaged over the processes at every step)."""
+    import torch.distributed as dist
+
+    if procs.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return net
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 
 @torch.no_grad()

@@ -168,9 +168,31 @@ def model_option(fn, help="Model: .safetensors checkpoint (or .pt with --arch)."
     return click.option("--model", "model_path", required=True, help=help)(arch_options(fn))
 
 
-def data_option(fn):
-    return click.option("--data", "data_spec", default="digits", show_default=True,
-                        help="'digits' or an .npz with x_train, y_train, x_test, y_test (or x, y).")(fn)
+DATA_HELP = ("'digits', an .npz (x_train, y_train, x_test, y_test, or x, y), an image folder "
+             "(DIR/train/<class>/*.png|jpg|jpeg and DIR/test/<class>/*) or package.module:factory "
+             "(returning two torch Datasets, train and test).")
+
+
+def data_option(fn=None, *, default: str | None = "digits", help: str = DATA_HELP):
+    """--data and --image-size. The command receives `data_spec`: the --data string, or with
+    --image-size the api's DataSpec carrying both."""
+    if fn is None:
+        return functools.partial(data_option, default=default, help=help)
+
+    @functools.wraps(fn)
+    def with_spec(*args, data_spec, image_size, **kwargs):
+        if image_size is not None and data_spec is not None:
+            from .. import api
+
+            data_spec = api.data_spec(data_spec, image_size=image_size)
+        return fn(*args, data_spec=data_spec, **kwargs)
+
+    with_spec = click.option(
+        "--image-size", type=int_range("image_size"), default=None, metavar="N",
+        help="An image folder's images are resized to N x N (default: the size of the first training "
+             "image, which must be square). A checkpoint trained on a folder keeps its own.")(with_spec)
+    return click.option("--data", "data_spec", default=default, show_default=default is not None,
+                        help=help)(with_spec)
 
 
 def keys_option(fn):

@@ -15,6 +15,7 @@ from .common import (
     passphrase_from,
     progress_bar,
 )
+from .launch import is_main, nproc_option, relaunch, workers_option
 
 
 @click.command("embed")
@@ -24,16 +25,17 @@ from .common import (
 @click.option("--out", required=True, help="The watermarked checkpoint to write (.safetensors).")
 @click.option("--onnx", "onnx_out", default=None, help="Also export the marked model to this ONNX file.")
 @click.option("--epochs", type=int_range("epochs"), default=None,
-              help="Fine-tuning epochs (hidden: default 10; output: a cap, default 200, "
-                   "it stops once 99% of the candidate keys are learnt).")
+              help="Fine-tuning epochs per scheme (default: each scheme's own cap; each stops by "
+                   "itself once its mark reads back, see the README).")
 @click.option("--lr", type=float, default=None,
-              help="Learning rate (default: the one the model's training ended with); the output "
-                   "scheme fine-tunes at a tenth of it.")
+              help="Learning rate (default: the one the model's training ended with).")
 @force_option
 @device_option
+@nproc_option
+@workers_option
 @common_options
 def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file, out, onnx_out,
-            epochs, lr, force, device, seed, json_):
+            epochs, lr, force, device, nproc, workers, seed, json_):
     """Embed the bundle's watermarks by fine-tuning a model.
 
     The bundle is updated in place (final keys, marked model's fingerprint), atomically, and
@@ -41,11 +43,15 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
 
     \b
     deepsigns embed --model base.safetensors --data digits --keys owner.dskey --out marked.safetensors
+    deepsigns embed --nproc 2 --model base.safetensors --data digits --keys owner.dskey --out marked.safetensors
     """
-    with progress_bar() as progress:
+    if nproc is not None:
+        relaunch(nproc, device)
+    with api.process_group(device), progress_bar() as progress:
         report = api.embed(model_path, keys_path, passphrase_from(passphrase_file), out,
                            data=data_spec, onnx=onnx_out, epochs=epochs, lr=lr, seed=seed or 0,
                            device=device, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                            force=force, progress=progress,
-                           also_inputs={"--passphrase-file": passphrase_file})
-    emit(report, json_, render.embed)
+                           also_inputs={"--passphrase-file": passphrase_file}, workers=workers)
+    if is_main():
+        emit(report, json_, render.embed)

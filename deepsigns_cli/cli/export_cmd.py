@@ -2,14 +2,15 @@ import click
 
 from .. import api
 from . import render
-from .common import arch_options, common_options, emit, force_option, parse_arch_kwargs
+from .common import arch_options, common_options, data_option, emit, force_option, parse_arch_kwargs
 
 
 @click.command("export")
 @click.argument("checkpoint")
 @click.option("--out", required=True, help="The ONNX file to write.")
 @arch_options
-@click.option("--data", "data_spec", default=None, help="Data giving a .pt's input shape, and parity inputs.")
+@data_option(default=None, help="Data giving a .pt's input shape, and parity inputs: 'digits', an .npz, an "
+                                "image folder or package.module:factory.")
 @force_option
 @common_options
 def command(checkpoint, out, arch, arch_kwargs, data_spec, force, seed, json_):

@@ -12,6 +12,7 @@ from .common import (
     parse_arch_kwargs,
     progress_bar,
 )
+from .launch import is_main, nproc_option, relaunch, workers_option
 
 
 @click.command("train")
@@ -24,15 +25,21 @@ from .common import (
 @click.option("--out", required=True, help="Output checkpoint (.safetensors).")
 @force_option
 @device_option
+@nproc_option
+@workers_option
 @common_options
-def command(arch, arch_kwargs, data_spec, epochs, lr, batch_size, out, force, device, seed, json_):
+def command(arch, arch_kwargs, data_spec, epochs, lr, batch_size, out, force, device, nproc, workers, seed,
+            json_):
     """Train a plain (unmarked) baseline model.
 
     \b
     deepsigns train --arch mlp --data digits --epochs 30 --seed 0 --out base.safetensors
     """
-    with progress_bar() as progress:
+    if nproc is not None:
+        relaunch(nproc, device)
+    with api.process_group(device), progress_bar() as progress:
         report = api.train(arch, out, data=data_spec, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                            epochs=epochs, lr=lr, batch_size=batch_size, seed=seed or 0,
-                           device=device, force=force, progress=progress)
-    emit(report, json_, render.train)
+                           device=device, force=force, progress=progress, workers=workers)
+    if is_main():
+        emit(report, json_, render.train)

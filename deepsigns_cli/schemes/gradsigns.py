@@ -286,16 +286,17 @@ class GradObjective(Objective):
     def end_epoch(self, model, epoch) -> bool:
         if not self.stop_when_read:
             return False
-
         # read as verify reads (central differences from the scores, at the default budget)
         slopes, _ = central_differences(_ScoresOnly(model), self.arrays, self.target, self.step,
                                         len(self.x) * 2 * len(self.K))
         want = self.bits.numpy() > 0.5
-        per_input = ((slopes > 0) == want).mean()
         first = max(1, DEFAULT_QUERIES // (2 * len(self.K)))
-        if self.read_at is None and ((slopes[:first].mean(0) > 0) == want).all() and per_input >= self.read_share:
+        reads = bool(((slopes[:first].mean(0) > 0) == want).all() and ((slopes.mean(0) > 0) == want).all()
+                     and ((slopes > 0) == want).mean() >= self.read_share)
+        if self.read_at is None and reads:
             self.read_at = epoch
-        return self.read_at is not None and epoch >= self.read_at + self.settle
+        # the settle epochs deepen the margin; it stops only where the reading still holds
+        return reads and self.read_at is not None and epoch >= self.read_at + self.settle
 
 
 class _ScoresOnly:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import stats
+from ..data import bounded_rows, take
 from ..errors import SchemeError
 from ..objective import Objective
 from ..results import BitsResult, SchemeKeys
@@ -260,14 +261,17 @@ class HiddenObjective(Objective):
         self.layer = params["layer"]
         self.tx = torch.as_tensor(arrays["trigger_x"])
         self.ty = torch.as_tensor(arrays["trigger_y"])
-        # centres start at the class means of the pretrained model (one per model class)
-        acts = activations(model, self.layer, data.x_train)
+        # centres start at the class means of the pretrained model (one per model class), taken
+        # on at most STAT_ROWS training samples (a fixed subsample of a larger set: memory stays
+        # bounded however large the data set)
+        rows = bounded_rows(len(data.x_train))
+        acts = activations(model, self.layer, take(data.x_train, rows))
         if acts.shape[1] != params["width"]:
             raise SchemeError(
                 f"layer '{self.layer}' has {acts.shape[1]} units in this model, the keys expect "
                 f"{params['width']}: embed into the model the keys were made for"
             )
-        y = torch.as_tensor(data.y_train)
+        y = torch.as_tensor(data.y_train[rows])
         centres = torch.zeros(info.num_classes, acts.shape[1])
         for c in range(info.num_classes):
             if (y == c).any():
@@ -333,6 +337,15 @@ class HiddenObjective(Objective):
         jdx = rng.choice(len(px), size=min(int(self.params.get("pin_batch", 32)), len(px)), replace=False)
         self._pin_rows = torch.as_tensor(jdx)
         return torch.cat([self.tx[idx], px[jdx]]), torch.cat([self.ty[idx], py[jdx]])
+
+    def share(self, rows, rank, world):
+        """The trigger rows and the pin rows, each shared out on its own."""
+        (x, y), n = rows, self._n_trig
+        trig, pins = slice(rank, n, world), slice(n + rank, len(x), world)
+        self._n_trig = len(range(rank, n, world))
+        if self._pin_rows is not None:
+            self._pin_rows = self._pin_rows[rank::world]
+        return torch.cat([x[trig], x[pins]]), torch.cat([y[trig], y[pins]])
 
     def loss(self, batch):
         s, own = self.state, batch.own

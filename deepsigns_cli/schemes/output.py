@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from .. import stats
+from ..data import bounded_rows, take
 from ..errors import SchemeError
 from ..objective import Objective
 from ..results import MatchResult, SchemeKeys
@@ -116,7 +117,12 @@ class OutputScheme(Scheme):
             raise SchemeError(f"--key-size must be between 1 and {MAX_KEY_SIZE}, got {key_size}")
         wanted = max(int(opts["candidates"]), key_size * int(opts["oversample"]))
         layer = default_layer(model)
-        regions = RareRegions(activations(model, layer, data.x_train).numpy(), opts, rng)
+        # the density reference is drawn before any activation is computed (the same draw as
+        # RareRegions would make): memory is bounded by reference_points, not the data set
+        x_ref = data.x_train
+        if len(x_ref) > opts["reference_points"]:
+            x_ref = take(x_ref, rng.choice(len(x_ref), opts["reference_points"], replace=False))
+        regions = RareRegions(activations(model, layer, x_ref).numpy(), opts, rng)
         lo, hi = data.value_range
         accepted, acc_counts, rej_counts, drawn, n_accepted = [], [], [], 0, 0
         while n_accepted < wanted:
@@ -151,7 +157,8 @@ class OutputScheme(Scheme):
                 "train": _summary(regions.train_counts),
                 "accepted": _summary(acc_counts),
                 "rejected": _summary(rej_counts),
-                "test": _summary(regions.counts(activations(model, layer, data.x_test).numpy())),
+                "test": _summary(regions.counts(activations(
+                    model, layer, take(data.x_test, bounded_rows(len(data.x_test)))).numpy())),
             },
             "key_batch": opts["key_batch"],
             "robust_epochs": opts["robust_epochs"],

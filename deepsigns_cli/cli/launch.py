@@ -1,0 +1,80 @@
+"""Data-parallel runs of `train` and `embed`: under torchrun, and the `--nproc N` shortcut.
+
+`torchrun --nproc-per-node N -m deepsigns_cli embed ...` starts N processes; each joins one
+process group (`training.distributed`), trains on its share of every epoch, and only the
+first (RANK 0) writes files and prints the report. `deepsigns embed --nproc N ...` launches
+the same through `torch.distributed.run` on this machine, and reports as one command: the
+first process's report, or one error line and exit 2 when any process failed (nothing is
+written then: the first process writes only after every process has finished training).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import click
+
+from ..errors import InputError
+from .common import EXIT_BAD_INPUT
+
+__all__ = ["nproc_option", "workers_option", "is_main", "relaunch"]
+
+
+def nproc_option(fn):
+    return click.option("--nproc", type=int, default=None, metavar="N",
+                        help="Run data-parallel in N processes on this machine (torch.distributed.run; "
+                             "one per GPU on CUDA, else one per CPU core). For several machines, start "
+                             "torchrun yourself: torchrun --nproc-per-node N -m deepsigns_cli ...")(fn)
+
+
+def workers_option(fn):
+    return click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
+                        help="Processes that read and decode training batches (an image folder).")(fn)
+
+
+def is_main() -> bool:
+    """The process that writes files and prints the report (RANK 0, or the only one)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def relaunch(nproc: int, device: str) -> None:
+    """Run this very command again in `nproc` processes under torch.distributed.run, without
+    --nproc; exit as it exits, its failures reported as one line."""
+    if os.environ.get("WORLD_SIZE"):
+        raise InputError("--nproc inside a torchrun process: give one or the other")
+    if nproc < 1:
+        raise InputError(f"--nproc must be at least 1, got {nproc}")
+    from .. import api
+
+    available, what = api.parallel_slots(device)
+    if nproc > available:
+        raise InputError(f"--nproc {nproc} is more than the {available} {what} here: use at most {available}")
+    argv = _without_nproc(sys.argv[1:])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "deepsigns_cli", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=env, text=True, check=False)
+    if proc.returncode == 0:
+        sys.stdout.write(proc.stdout)
+        sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines()
+                                 if line.startswith("warning:")))
+        sys.exit(0)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    first = errors[0][len("error: "):] if errors else \
+        f"a process of the {nproc}-process run failed (exit {proc.returncode}); nothing was written"
+    click.echo(f"error: {first}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out

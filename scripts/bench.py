@@ -1,0 +1,167 @@
+"""`make bench`: what embedding costs at scale (issue 10), each figure from the code the CLI runs.
+
+    .venv/bin/python scripts/bench.py [overhead] [scaling] [memory] [--repeats 5] [--out figures/bench]
+
+- overhead: seconds per epoch of the hidden-layer embedding against plain fine-tuning of the
+  same model, data and batch size, interleaved epoch by epoch in one process (medians): the
+  digits MLP and CNN, and the ResNet on a generated 32x32 image folder.
+- scaling: samples per second of `deepsigns embed` on the ResNet (32x32 images) with 1 and with
+  2 processes (`--nproc 2`, one thread each).
+- memory: peak RSS of one `deepsigns embed` process on generated image folders of 2,000 and of
+  20,000 images (the larger one must need less than 1.2x the smaller one's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+PASSPHRASE = "bench-passphrase"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPSIGNS_PASSPHRASE": PASSPHRASE}
+
+
+def _folder(out: Path, count: int, size: int = 32) -> Path:
+    from make_image_folder import make_image_folder
+
+    path = out / f"images-{count}-{size}"
+    if not (path / "train").is_dir():
+        make_image_folder(path, count, size, seed=0)
+    return path
+
+
+def _cli(*args, env=None) -> dict:
+    exe = Path(sys.executable).with_name("deepsigns")
+    proc = subprocess.run([str(exe), *map(str, args), "--json"], capture_output=True, text=True,
+                          env=env or ENV, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"deepsigns {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout)
+
+
+def _owner(out: Path, arch: str, data: str, tag: str, epochs: int = 3) -> tuple[Path, Path]:
+    base, keys = out / f"{tag}-base.safetensors", out / f"{tag}.dskey"
+    if not base.exists():
+        _cli("train", "--arch", arch, "--data", data, "--epochs", epochs, "--seed", 0, "--device", "cpu",
+             "--out", base, "--force")
+    if not keys.exists():
+        _cli("keygen", "--model", base, "--data", data, "--scheme", "hidden", "--seed", 0, "--out", keys,
+             "--force")
+    return base, keys
+
+
+def overhead(out: Path, repeats: int) -> dict:
+    import torch
+
+    from deepsigns_cli import api
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.checkpoint import load_checkpoint
+    from deepsigns_cli.registry import load_scheme
+    from deepsigns_cli.training import TrainConfig, fit
+
+    torch.set_num_threads(1)
+    result = {}
+    for arch, data_spec in (("mlp", "digits"), ("cnn", "digits"), ("resnet", str(_folder(out, 2000)))):
+        base, keys = _owner(out, arch, data_spec, f"overhead-{arch}")
+        model, info = load_checkpoint(base, arch=None)
+        data = api.load_dataset(data_spec, base)  # an image folder as the checkpoint recorded it
+        bundle = open_bundle(keys, PASSPHRASE)
+        scheme = load_scheme("hidden")
+        keyset = scheme.check(bundle.schemes["hidden"])
+        plain_s, embed_s = [], []
+        for i in range(repeats + 1):  # the first round warms up (allocator, kernels), not counted
+            order = ((plain_s, False), (embed_s, True))  # alternated: drifting load favours neither
+            for seconds, marked in order if i % 2 else order[::-1]:
+                net = copy.deepcopy(model)
+                objectives = [scheme.objective(net, info, data, keyset)] if marked else []
+                history = fit(net, data.x_train, data.y_train,
+                              TrainConfig(epochs=1, lr=info.lr, seed=i, device="cpu"), objectives)
+                if i:
+                    seconds.append(history["epoch_seconds"][0])
+        plain, embed = float(np.median(plain_s)), float(np.median(embed_s))
+        result[arch] = {"plain_s_per_epoch": plain, "embed_s_per_epoch": embed, "ratio": embed / plain,
+                        "samples": len(data.y_train)}
+        print(f"overhead {arch}: plain {plain:.3f} s/epoch, embed {embed:.3f} s/epoch, ratio {embed / plain:.2f}x",
+              flush=True)
+    return result
+
+
+def scaling(out: Path, epochs: int = 2) -> dict:
+    images = _folder(out, 2000)
+    base, keys = _owner(out, "resnet", str(images), "scaling")
+    result = {}
+    for nproc in (1, 2):
+        marked = out / f"scaling-{nproc}.safetensors"
+        extra = ["--nproc", nproc] if nproc > 1 else []
+        report = _cli("embed", "--model", base, "--data", images, "--keys", keys, "--out", marked, "--epochs", epochs,
+                      "--device", "cpu", "--force", *extra)
+        s = report["schemes"]["hidden"]["seconds_per_epoch"]
+        result[nproc] = {"seconds_per_epoch": s, "samples_per_second": report_samples(images) / s}
+        print(f"scaling: {nproc} process(es): {result[nproc]['samples_per_second']:.0f} samples/s", flush=True)
+        keys.unlink()  # embed updated it: the next run starts from fresh keys
+        _owner(out, "resnet", str(images), "scaling")
+    result["ratio"] = result[2]["samples_per_second"] / result[1]["samples_per_second"]
+    print(f"scaling: 2 processes / 1 process = {result['ratio']:.2f}x", flush=True)
+    return result
+
+
+def report_samples(images: Path) -> int:
+    return sum(1 for _ in (images / "train").glob("*/*.png"))
+
+
+PEAK = r"""
+import resource, sys
+from deepsigns_cli.cli.main import cli
+try:
+    cli.main(args=sys.argv[1:], prog_name="deepsigns", standalone_mode=False)
+finally:
+    sys.stderr.write("PEAK_RSS_KB %d\n" % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def memory(out: Path, epochs: int = 1) -> dict:
+    result = {}
+    for count in (2000, 20000):
+        images = _folder(out, count)
+        base, keys = _owner(out, "resnet", str(images), f"memory-{count}", epochs=1)
+        args = ["embed", "--model", base, "--data", images, "--keys", keys, "--epochs", epochs,
+                "--out", out / f"memory-{count}.safetensors", "--device", "cpu", "--force", "--json"]
+        proc = subprocess.run([sys.executable, "-c", PEAK, *map(str, args)], capture_output=True, text=True, env=ENV,
+                              check=False)
+        peak = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
+        if proc.returncode != 0 or not peak:
+            raise SystemExit(f"embed on {count} images failed:\n{proc.stderr}")
+        result[count] = peak[0] / 1024.0
+        print(f"memory: embed on {count} images: peak RSS {result[count]:.0f} MiB", flush=True)
+    result["ratio"] = result[20000] / result[2000]
+    print(f"memory: 20,000 / 2,000 images = {result['ratio']:.2f}x", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("figures", nargs="*", default=["overhead", "scaling", "memory"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "figures" / "bench")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started, body = time.perf_counter(), {}
+    for name in args.figures:
+        body[name] = overhead(args.out, args.repeats) if name == "overhead" else globals()[name](args.out)
+    (args.out / "bench.json").write_text(json.dumps(body, indent=1))
+    print(f"[{time.perf_counter() - started:.0f} s] {json.dumps(body)}")
+
+
+if __name__ == "__main__":
+    main()

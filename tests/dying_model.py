@@ -1,0 +1,26 @@
+"""A model for tests/test_distributed.py: an MLP whose process dies (SIGKILL) on RANK 1 after a
+few steps when DEEPSIGNS_TEST_DIE is set, as a worker that runs out of memory would."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        width = 1
+        for d in input_shape:
+            width *= d
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(width, 64), nn.ReLU())
+        self.head = nn.Linear(64, num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if os.environ.get("DEEPSIGNS_TEST_DIE") and os.environ.get("RANK") == "1" and self.calls > 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.head(self.body(x))

@@ -1,0 +1,53 @@
+"""Data-parallel `embed` across processes (torchrun's machinery, gloo on the CPU), and its
+failures: every process trains on its share, the first writes; a process that dies fails the
+run with one line and nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers import PASSPHRASE, assert_one_error_line, partial_files, run_proc
+
+from deepsigns_cli import api
+
+TESTS = Path(__file__).resolve().parent
+ENV = {"DEEPSIGNS_PASSPHRASE": PASSPHRASE, "PYTHONPATH": str(TESTS)}
+
+
+def test_two_process_embed_marks_with_both_schemes(tmp_path):
+    base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
+    api.train("mlp", base, epochs=15, seed=0, device="cpu")
+    api.keygen(base, keys, PASSPHRASE, schemes=["hidden", "output"], options={"key_size": 20}, seed=0)
+    proc = run_proc("embed", "--nproc", 2, "--model", base, "--data", "digits", "--keys", keys,
+                    "--out", marked, "--device", "cpu", "--seed", 1, "--json", env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # one report: the first process's
+    assert report["accuracy_after"] >= report["accuracy_before"] - 1.0
+    decision = api.extract(marked, keys, PASSPHRASE)
+    assert decision.detected
+    hidden, output = decision.results
+    assert hidden.bit_errors == 0 and output.matches >= 18
+    assert partial_files(tmp_path) == []
+
+
+def test_more_processes_than_cores_is_refused(tmp_path):
+    proc = run_proc("embed", "--nproc", 4096, "--model", tmp_path / "m.safetensors", "--keys", tmp_path / "k.dskey",
+                    "--out", tmp_path / "o.safetensors", "--device", "cpu", env=ENV)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, proc.stdout, "--nproc 4096", "CPU cores")
+
+
+def test_a_process_that_dies_fails_the_run_and_nothing_is_written(tmp_path):
+    arch = "dying_model:Net"
+    base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
+    api.train(arch, base, epochs=3, seed=0, device="cpu")
+    api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], arch=arch, seed=0)
+    sealed = keys.read_bytes()
+    proc = run_proc("embed", "--nproc", 2, "--arch", arch, "--model", base, "--keys", keys, "--out", marked,
+                    "--onnx", tmp_path / "marked.onnx", "--device", "cpu", env={**ENV, "DEEPSIGNS_TEST_DIE": "1"},
+                    timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "nothing was written")
+    assert not marked.exists() and not (tmp_path / "marked.onnx").exists()
+    assert keys.read_bytes() == sealed and partial_files(tmp_path) == []

@@ -1,0 +1,295 @@
+"""Streaming data: image folders decoded lazily with Pillow, `package.module:factory` torch
+Datasets, the preprocessing a checkpoint records and every later command reuses, and the bad
+inputs (exit 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_bad_input, partial_files, run_cli, run_json
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import TensorDataset
+
+from deepsigns_cli.checkpoint import recorded_preprocess
+from deepsigns_cli.data import STAT_ROWS, DataSpec, Samples, bounded_rows, load_data, take
+
+ROOT = Path(__file__).resolve().parent.parent
+COUNT, SIZE = 600, 16
+N_TRAIN, N_TEST = 480, 120  # 10 classes, 80/20 in each
+# (a smaller set takes too few steps per epoch for the hidden mark to settle in a few epochs)
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_image_folder", ROOT / "scripts" / "make_image_folder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_image_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The generated folder, shared read-only: tests that change it copy it first."""
+    out = tmp_path_factory.mktemp("images") / "imgs"
+    assert _generator()(out, COUNT, size=SIZE, seed=0) == {"train": N_TRAIN, "test": N_TEST}
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("trained") / "base.safetensors"
+    report = run_json("train", "--arch", "cnn", "--data", folder, "--epochs", 3, "--device", "cpu",
+                      "--out", base)
+    assert report["data"] == "imgs"
+    return base
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "imgs"))
+
+
+# ----------------------------------------------------------------------------- the owner's flow
+
+
+def test_generator_is_deterministic_and_fast(folder, tmp_path):
+    again = tmp_path / "again"
+    _generator()(again, COUNT, size=SIZE, seed=0)
+
+    def digest(root: Path) -> dict:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*.png"))}
+
+    assert digest(again) == digest(folder)
+    assert sorted(p.name for p in (folder / "train").iterdir()) == [str(c) for c in range(10)]
+
+
+def test_folder_loads_lazily_with_its_preprocessing(folder):
+    data = load_data(str(folder))
+    assert isinstance(data.x_train, Samples) and data.num_classes == 10
+    assert data.x_train.shape == (N_TRAIN, 3, SIZE, SIZE) and data.x_test.shape == (N_TEST, 3, SIZE, SIZE)
+    assert data.x_train.ndim == 4 and data.x_train.dtype == np.float32 and len(data.x_train) == N_TRAIN
+    assert data.y_train.dtype == np.int64 and sorted(set(data.y_train)) == list(range(10))
+    pre = data.preprocess
+    assert pre["image_size"] == SIZE and pre["channels"] == 3 and pre["classes"] == [str(c) for c in range(10)]
+    # normalised per channel with the recorded mean and std
+    x = data.x_train[:]
+    assert x.dtype == np.float32 and abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.2
+    # the same preprocessing given back (from a checkpoint) gives the same samples
+    again = load_data(str(folder), preprocess=pre)
+    assert again.preprocess == pre and np.array_equal(again.x_test[:], data.x_test[:])
+    assert load_data(DataSpec(str(folder), image_size=8)).x_train.shape == (N_TRAIN, 3, 8, 8)
+
+
+def test_samples_index_like_numpy_pickle_and_load_in_workers(folder):
+    x = load_data(str(folder)).x_train
+    whole = x[:]
+    assert np.array_equal(x[5], whole[5]) and np.array_equal(x[-1], whole[-1])
+    assert np.array_equal(x[3:9:2], whole[3:9:2])
+    assert np.array_equal(x[[7, 2, 7]], whole[[7, 2, 7]])
+    assert np.array_equal(x[np.array([4, 0])], whole[[4, 0]]) and x[[]].shape == (0, 3, SIZE, SIZE)
+    assert np.array_equal(np.asarray(x), whole)
+    with pytest.raises(IndexError):
+        x[N_TRAIN]
+    view = take(x, np.array([9, 1]))
+    assert isinstance(view, Samples) and np.array_equal(view[:], whole[[9, 1]])
+    assert np.array_equal(pickle.loads(pickle.dumps(x))[[1, 2]], whole[[1, 2]])
+    # a DataLoader worker (forked) indexes it with a batch of indices, as the training loop does
+    batches = [np.array([0, 1, 2]), np.array([N_TRAIN - 1, 5])]
+
+    class Rows(TorchDataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, idx):
+            return torch.as_tensor(x[idx])
+
+    got = list(torch.utils.data.DataLoader(Rows(), sampler=batches, batch_size=None, num_workers=1))
+    assert all(np.array_equal(g.numpy(), whole[b]) for g, b in zip(got, batches, strict=True))
+
+
+def test_statistics_read_a_bounded_subsample():
+    assert bounded_rows(1347) == slice(None)  # digits: every row, exactly as before
+    rows = bounded_rows(50_000)
+    assert len(rows) == STAT_ROWS and np.array_equal(rows, bounded_rows(50_000))
+    assert np.all(np.diff(rows) > 0)
+
+
+def test_train_keygen_embed_extract_on_an_image_folder(folder, trained, tmp_path):
+    facts = run_json("inspect", trained)
+    assert facts["input_shape"] == [3, SIZE, SIZE] and facts["preprocess"]["image_size"] == SIZE
+    assert recorded_preprocess(trained) == load_data(str(folder)).preprocess
+    keys, marked = tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
+    run_json("keygen", "--model", trained, "--data", folder, "--scheme", "hidden", "--bits", 16,
+             "--seed", 0, "--out", keys)
+    embed = run_json("embed", "--model", trained, "--data", folder, "--keys", keys, "--epochs", 20,
+                     "--seed", 0, "--device", "cpu", "--out", marked)  # a cap: it stops once read
+    assert embed["schemes"]["hidden"]["epochs"] <= 20
+    assert recorded_preprocess(marked) == recorded_preprocess(trained)  # carried to the marked file
+    decision = run_json("extract", "--model", marked, "--keys", keys)
+    assert decision["detected"] and decision["results"][0]["bit_errors"] == 0
+
+
+def test_later_commands_reuse_the_recorded_preprocessing(folder, trained, tmp_path):
+    imgs = _copy(folder, tmp_path)
+    # a first training image that is not square: a fresh load would ask for --image-size,
+    # the checkpoint's record says 16 x 16
+    first = imgs / "train" / "0" / "000000.png"
+    from PIL import Image
+
+    Image.new("RGB", (20, 12), (200, 10, 10)).save(first)
+    line = assert_bad_input(run_cli("train", "--arch", "cnn", "--data", imgs, "--epochs", 1, "--out",
+                                    tmp_path / "m.safetensors", code=None), "20x12", "--image-size")
+    assert "000000.png" in line
+    run_json("keygen", "--model", trained, "--data", imgs, "--scheme", "hidden", "--seed", 0,
+             "--out", tmp_path / "k.dskey")
+    run_json("export", trained, "--data", imgs, "--out", tmp_path / "m.onnx")
+    assert_bad_input(run_cli("keygen", "--model", trained, "--data", imgs, "--image-size", 8, "--out",
+                             tmp_path / "k2.dskey", code=None), "--image-size 8", "the model's 16")
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def _digits_split(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_data("digits")
+    x, y = data.x_train[offset : offset + n], data.y_train[offset : offset + n]
+    return torch.as_tensor(x), torch.as_tensor(y)
+
+
+class _Labelled(TorchDataset):
+    """A Dataset with `.targets` (as torchvision's): its labels are read without a pass."""
+
+    def __init__(self, x, y):
+        self.x, self.targets = x, y.tolist()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+def tiny_digits():
+    """The factory the tests name on the command line: (train, test) torch Datasets."""
+    return TensorDataset(*_digits_split(300)), _Labelled(*_digits_split(80, offset=300))
+
+
+def not_a_pair():
+    return TensorDataset(*_digits_split(10))
+
+
+def test_factory_data_trains(tmp_path):
+    data = load_data("test_image_data:tiny_digits")
+    assert isinstance(data.x_train, Samples) and data.x_train.shape == (300, 1, 8, 8)
+    assert data.num_classes == 10 and data.y_test.dtype == np.int64 and data.preprocess is None
+    assert np.array_equal(data.x_test[:4], load_data("digits").x_train[300:304])
+    report = run_json("train", "--arch", "cnn", "--data", "test_image_data:tiny_digits", "--epochs", 2,
+                      "--device", "cpu", "--out", tmp_path / "f.safetensors")
+    assert report["data"] == "test_image_data:tiny_digits" and report["test_accuracy"] > 30
+    assert recorded_preprocess(tmp_path / "f.safetensors") is None
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _no_train(d: Path) -> None:
+    shutil.rmtree(d / "train")
+
+
+def _empty_class(d: Path) -> None:
+    for p in (d / "train" / "3").iterdir():
+        p.unlink()
+
+
+def _unknown_test_class(d: Path) -> None:
+    (d / "test" / "3").rename(d / "test" / "cat")
+
+
+def _corrupt_image(d: Path) -> None:
+    path = d / "test" / "5" / "000595.png"
+    path.write_bytes(path.read_bytes()[:60])  # a truncated PNG
+
+
+def _not_an_image(d: Path) -> None:
+    (d / "train" / "2" / "notes.jpg").write_bytes(b"these are not pixels\n")
+
+
+def _no_images(d: Path) -> None:
+    for p in (d / "train").rglob("*.png"):
+        p.unlink()
+
+
+def _one_class(d: Path) -> None:
+    for c in range(1, 10):
+        shutil.rmtree(d / "train" / str(c))
+        shutil.rmtree(d / "test" / str(c))
+
+
+BAD_FOLDERS = {
+    "no-train": (_no_train, ["no train/ folder", "DIR/train/<class>"]),
+    "empty-class": (_empty_class, ["train/3", "holds no image"]),
+    "unknown-test-class": (_unknown_test_class, ["test/cat", "not among train/'s classes"]),
+    "corrupt-image": (_corrupt_image, ["000595.png", "fails on an unreadable image rather than skip"]),
+    "not-an-image": (_not_an_image, ["notes.jpg", "rather than skip", "repair or remove"]),
+    "no-images": (_no_images, ["no images at all"]),
+    "one-class": (_one_class, ["1 class", "at least 2"]),
+}
+
+
+def _check_bad(tmp_path: Path, args: list, *needles: str) -> str:
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    line = assert_bad_input(run_cli(*args, code=None), *needles)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before, "a failed command wrote a file"
+    assert partial_files(tmp_path) == []
+    return line
+
+
+@pytest.mark.parametrize("case", list(BAD_FOLDERS))
+def test_bad_image_folders(folder, tmp_path, case):
+    imgs = _copy(folder, tmp_path)
+    spoil, needles = BAD_FOLDERS[case]
+    spoil(imgs)
+    _check_bad(tmp_path, ["train", "--arch", "cnn", "--data", imgs, "--epochs", 1,
+                          "--out", tmp_path / "m.safetensors"], *needles)
+
+
+@pytest.mark.parametrize("size", [1, 5000])
+def test_image_size_out_of_range(folder, tmp_path, size):
+    _check_bad(tmp_path, ["train", "--arch", "cnn", "--data", folder, "--image-size", size,
+                          "--out", tmp_path / "m.safetensors"], "--image-size", "2<=x<=2048")
+
+
+def test_image_size_applies_to_image_folders_only(tmp_path):
+    _check_bad(tmp_path, ["train", "--arch", "mlp", "--data", "digits", "--image-size", 8,
+                          "--out", tmp_path / "m.safetensors"], "--image-size applies to image folders")
+
+
+@pytest.mark.parametrize(("spec", "needles"), [
+    ("test_image_data:not_a_pair", ["must return two torch Datasets (train, test)", "TensorDataset"]),
+    ("test_image_data:no_such_factory", ["cannot load data", "no_such_factory"]),
+    ("no_such_module.data:make", ["cannot load data", "no_such_module"]),
+])
+def test_bad_factories(tmp_path, spec, needles):
+    _check_bad(tmp_path, ["train", "--arch", "cnn", "--data", spec, "--out", tmp_path / "m.safetensors"],
+               *needles)
+
+
+def test_damaged_preprocessing_record(trained, folder, tmp_path):
+    """A checkpoint's record is data from a file: checked field by field before it is used."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(trained), framework="pt") as fh:
+        meta, state = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    record = json.loads(meta["preprocess"])
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata={**meta, "preprocess": json.dumps({**record, "std": [0, 1, 1]})})
+    _check_bad(tmp_path, ["keygen", "--model", bad, "--data", folder, "--out", tmp_path / "k.dskey"],
+               "bad.safetensors", "image preprocessing", "std")
