@@ -54,9 +54,12 @@ FUZZ_CASES ?= 5000
 fuzz: setup
 	$(BIN)/python scripts/fuzz.py --cases $(FUZZ_CASES) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
+# What embedding costs: overhead over plain fine-tuning, 1 -> 2 process scaling, peak memory
+# against the data set's size (scripts/bench.py), then the per-scheme cost figures.
 bench: setup
-	$(BIN)/python scripts/figures.py efficiency
+	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/blackbox_figures.py cost
+	$(BIN)/python scripts/gradsigns_figures.py cost
 
 # Regenerate the bundled sample models (reproducible: fixed seeds, CPU).
 sample-models: setup

@@ -170,8 +170,9 @@ def load_dataset(data: str | DataSpec, model=None) -> Dataset:
 def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict | None = None,
           epochs: int = 30, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
           device: str = "auto", force: bool = False, progress: Progress | None = None,
-          workers: int = 0) -> TrainReport:
-    """`deepsigns train`: a plain, unmarked baseline checkpoint. `workers`: data-loading processes."""
+          workers: int = 0, precision: str = "fp32") -> TrainReport:
+    """`deepsigns train`: a plain, unmarked baseline checkpoint. `workers`: data-loading processes;
+    `precision`: fp32, or bf16/fp16 autocast."""
     from .checkpoint import save_checkpoint
     from .data import load_data
     from .fileio import Outputs
@@ -184,7 +185,8 @@ def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict
         dataset = load_data(data)
         model, info, report = train_model(arch, dataset, arch_kwargs=arch_kwargs, epochs=epochs, lr=lr,
                                           batch_size=batch_size, seed=seed, device=device,
-                                          progress=progress, workers=workers)
+                                          progress=progress, workers=workers,
+                                          precision=precision)
         save_checkpoint(model, info, tmp)
     return replace(report, out=str(out))
 
@@ -221,7 +223,7 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
           data: str = "digits", onnx: str | Path | None = None, epochs: int | None = None,
           lr: float | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
           arch_kwargs: dict | None = None, force: bool = False, progress: Progress | None = None,
-          also_inputs: dict | None = None, workers: int = 0) -> EmbedReport:
+          also_inputs: dict | None = None, workers: int = 0, precision: str = "fp32") -> EmbedReport:
     """`deepsigns embed`: fine-tune with every watermark of the bundle; write the marked
     checkpoint (and ONNX), and update the bundle in place (final keys, fingerprint).
 
@@ -246,7 +248,8 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         dataset = load_dataset(data, model)
         net, info = _load_model(model, arch, arch_kwargs, data=dataset)
         net, info, bundle, report = embed_keys(net, info, dataset, bundle, epochs=epochs, lr=lr,
-                                               seed=seed, device=device, progress=progress, workers=workers)
+                                               seed=seed, device=device, progress=progress, workers=workers,
+                                               precision=precision)
         save_checkpoint(net, info, out_tmp)
         diff = None
         if onnx_tmp is not None:
@@ -796,7 +799,7 @@ def _keygen_warnings(bundle: Bundle) -> list[str]:
 
 def train_model(arch: str, data: Dataset, *, arch_kwargs: dict | None = None, epochs: int = 30,
                 lr: float = 1e-3, batch_size: int = 64, seed: int = 0, device: str = "auto",
-                progress: Progress | None = None, workers: int = 0):
+                progress: Progress | None = None, workers: int = 0, precision: str = "fp32"):
     """A plain, unmarked model in memory. Returns (model, info, TrainReport without `out`)."""
     import numpy as np
 
@@ -807,7 +810,7 @@ def train_model(arch: str, data: Dataset, *, arch_kwargs: dict | None = None, ep
 
     seed_everything(seed)
     model = build_model(arch, arch_kwargs or {}, data.input_shape, data.num_classes)
-    cfg = TrainConfig(epochs, batch_size, lr, seed, device, "train", workers=workers)
+    cfg = TrainConfig(epochs, batch_size, lr, seed, device, "train", workers=workers, precision=precision)
     history = fit(model, data.x_train, data.y_train, cfg, progress=progress)
     acc = evaluate(model, data.x_test, data.y_test)
     info = ModelInfo(
@@ -870,7 +873,7 @@ def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options
 
 def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs: int | None = None,
                lr: float | None = None, seed: int = 0, device: str = "auto",
-               progress: Progress | None = None, workers: int = 0):
+               progress: Progress | None = None, workers: int = 0, precision: str = "fp32"):
     """Embed every scheme of the bundle in registry order; returns (model, info, bundle,
     report dict). The model is trained in place; objectives of the schemes already embedded
     stay on, so every watermark stays readable."""
@@ -889,7 +892,8 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
         scheme, entry = load_scheme(name), scheme_entry(name)
         # --epochs, else the scheme's own default (a cap where it stops by itself)
         cfg = TrainConfig(epochs=epochs or entry.default_epochs, lr=lr or info.lr, seed=seed,
-                          device=device, description=f"embed {name}", workers=workers)
+                          device=device, description=f"embed {name}", workers=workers,
+                          precision=precision)
         keys, history = scheme.embed(model, info, data, scheme.check(bundle.schemes[name]), cfg,
                                      progress, tuple(embedded))
         bundle.put(keys)

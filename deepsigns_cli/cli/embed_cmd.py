@@ -15,7 +15,7 @@ from .common import (
     passphrase_from,
     progress_bar,
 )
-from .launch import is_main, nproc_option, relaunch, workers_option
+from .launch import is_main, nproc_option, precision_option, relaunch, workers_option
 
 
 @click.command("embed")
@@ -33,9 +33,10 @@ from .launch import is_main, nproc_option, relaunch, workers_option
 @device_option
 @nproc_option
 @workers_option
+@precision_option
 @common_options
 def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file, out, onnx_out,
-            epochs, lr, force, device, nproc, workers, seed, json_):
+            epochs, lr, force, device, nproc, workers, precision, seed, json_):
     """Embed the bundle's watermarks by fine-tuning a model.
 
     The bundle is updated in place (final keys, marked model's fingerprint), atomically, and
@@ -52,6 +53,7 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
                            data=data_spec, onnx=onnx_out, epochs=epochs, lr=lr, seed=seed or 0,
                            device=device, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                            force=force, progress=progress,
-                           also_inputs={"--passphrase-file": passphrase_file}, workers=workers)
+                           also_inputs={"--passphrase-file": passphrase_file}, workers=workers,
+                           precision=precision)
     if is_main():
         emit(report, json_, render.embed)

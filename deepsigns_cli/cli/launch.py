@@ -19,7 +19,7 @@ import click
 from ..errors import InputError
 from .common import EXIT_BAD_INPUT
 
-__all__ = ["nproc_option", "workers_option", "is_main", "relaunch"]
+__all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "relaunch"]
 
 
 def nproc_option(fn):
@@ -32,6 +32,12 @@ def nproc_option(fn):
 def workers_option(fn):
     return click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
                         help="Processes that read and decode training batches (an image folder).")(fn)
+
+
+def precision_option(fn):
+    return click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                        show_default=True,
+                        help="Autocast the forward pass to bf16 or fp16 (fp16: CUDA only, with loss scaling).")(fn)
 
 
 def is_main() -> bool:

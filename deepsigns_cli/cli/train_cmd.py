@@ -12,7 +12,7 @@ from .common import (
     parse_arch_kwargs,
     progress_bar,
 )
-from .launch import is_main, nproc_option, relaunch, workers_option
+from .launch import is_main, nproc_option, precision_option, relaunch, workers_option
 
 
 @click.command("train")
@@ -27,8 +27,9 @@ from .launch import is_main, nproc_option, relaunch, workers_option
 @device_option
 @nproc_option
 @workers_option
+@precision_option
 @common_options
-def command(arch, arch_kwargs, data_spec, epochs, lr, batch_size, out, force, device, nproc, workers, seed,
+def command(arch, arch_kwargs, data_spec, epochs, lr, batch_size, out, force, device, nproc, workers, precision, seed,
             json_):
     """Train a plain (unmarked) baseline model.
 
@@ -40,6 +41,7 @@ def command(arch, arch_kwargs, data_spec, epochs, lr, batch_size, out, force, de
     with api.process_group(device), progress_bar() as progress:
         report = api.train(arch, out, data=data_spec, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                            epochs=epochs, lr=lr, batch_size=batch_size, seed=seed or 0,
-                           device=device, force=force, progress=progress, workers=workers)
+                           device=device, force=force, progress=progress, workers=workers,
+                           precision=precision)
     if is_main():
         emit(report, json_, render.train)
