@@ -42,11 +42,12 @@ demo: setup
 	$(BIN)/deepsigns extract --model $(DEMO)/stolen.safetensors --keys $(DEMO)/owner.dskey
 	@echo "demo: all files are in $(DEMO)/"
 
+# two test processes (pytest-xdist), one per core; a file's tests stay in one process
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # A long fuzz campaign: mutated inputs through every command (tests/fuzzing.py has the oracle).
 # A fresh seed each run (printed); FUZZ_SEED=N repeats one campaign, FUZZ_CASES=N sizes it.

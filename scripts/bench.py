@@ -7,8 +7,8 @@
   digits MLP and CNN, and the ResNet on a generated 32x32 image folder.
 - scaling: samples per second of `deepsigns embed` on the ResNet (32x32 images) with 1 and with
   2 processes (`--nproc 2`, one thread each).
-- memory: peak RSS of one `deepsigns embed` process on generated image folders of 2,000 and of
-  20,000 images (the larger one must need less than 1.2x the smaller one's).
+- memory: peak RSS of one `deepsigns embed` process (the CNN, one epoch) on generated 32x32
+  image folders of 2,000 and of 20,000 images (the larger must need less than 1.2x the smaller).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def memory(out: Path, epochs: int = 1) -> dict:
     result = {}
     for count in (2000, 20000):
         images = _folder(out, count)
-        base, keys = _owner(out, "resnet", str(images), f"memory-{count}", epochs=1)
+        base, keys = _owner(out, "cnn", str(images), f"memory-{count}", epochs=1)
         args = ["embed", "--model", base, "--data", images, "--keys", keys, "--epochs", epochs,
                 "--out", out / f"memory-{count}.safetensors", "--device", "cpu", "--force", "--json"]
         proc = subprocess.run([sys.executable, "-c", PEAK, *map(str, args)], capture_output=True, text=True, env=ENV,

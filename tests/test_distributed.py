@@ -15,19 +15,27 @@ TESTS = Path(__file__).resolve().parent
 ENV = {"DEEPSIGNS_PASSPHRASE": PASSPHRASE, "PYTHONPATH": str(TESTS)}
 
 
-def test_two_process_embed_marks_with_both_schemes(tmp_path):
+def test_two_process_embed_marks_with_every_scheme(tmp_path):
+    """hidden, output and gradsigns in one bundle, embedded by 2 processes: all three read back
+    (the later embeddings keep the earlier marks), from the checkpoint and from scores."""
     base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
     api.train("mlp", base, epochs=15, seed=0, device="cpu")
-    api.keygen(base, keys, PASSPHRASE, schemes=["hidden", "output"], options={"key_size": 20}, seed=0)
-    proc = run_proc("embed", "--nproc", 2, "--model", base, "--data", "digits", "--keys", keys,
-                    "--out", marked, "--device", "cpu", "--seed", 1, "--json", env=ENV, timeout=600)
+    api.keygen(base, keys, PASSPHRASE, schemes=["hidden", "output", "gradsigns"],
+               options={"key_size": 20, "bits": 32}, seed=0)
+    proc = run_proc("embed", "--nproc", 2, "--model", base, "--data", "digits", "--keys", keys, "--out", marked,
+                    "--onnx", tmp_path / "marked.onnx", "--device", "cpu", "--seed", 1, "--json", env=ENV,
+                    timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)  # one report: the first process's
+    assert list(report["schemes"]) == ["hidden", "output", "gradsigns"]
     assert report["accuracy_after"] >= report["accuracy_before"] - 1.0
     decision = api.extract(marked, keys, PASSPHRASE)
     assert decision.detected
-    hidden, output = decision.results
-    assert hidden.bit_errors == 0 and output.matches >= 18
+    hidden, output, gradsigns = decision.results
+    assert hidden.bit_errors == 0 and output.matches >= 18 and gradsigns.bit_errors == 0
+    verdict = api.verify(tmp_path / "marked.onnx", keys, PASSPHRASE)
+    assert [r.scheme for r in verdict.results] == ["output", "gradsigns"] and verdict.detected
+    assert verdict.results[1].bit_errors == 0 and verdict.results[1].queries <= 1000
     assert partial_files(tmp_path) == []
 
 

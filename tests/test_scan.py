@@ -73,5 +73,6 @@ def test_extract_scans_checkpoints_and_onnx(blackbox, suspects):
 
 
 def test_a_scan_prints_a_table(blackbox, suspects):
-    out = run_cli("verify", "--model", suspects, "--keys", blackbox["keys"], code=0).stdout
+    # wide enough for the longest temporary path (a test worker's folder names are long)
+    out = run_cli("verify", "--model", suspects, "--keys", blackbox["keys"], code=0, env={"COLUMNS": "300"}).stdout
     assert "2 of 3 suspects detected" in out and "c-unmarked.onnx" in out
