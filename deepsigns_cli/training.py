@@ -117,9 +117,12 @@ def distributed(device: str = "auto"):
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     try:
         yield
-    except (RuntimeError, dist.DistError) as exc:  # a collective whose peer is gone
+    except RuntimeError as exc:  # a collective whose peer is gone (gloo, nccl); a bug goes on up
         from .errors import one_line
 
+        if not isinstance(exc, dist.DistError) and not any(
+                word in str(exc) for word in ("gloo", "NCCL", "nccl", "Connection", "connection")):
+            raise
         raise TrainingError(f"process {dist.get_rank()} of {world}: another process of this run failed "
                             f"({one_line(exc, 120)}); nothing was written") from None
     finally:
@@ -244,6 +247,7 @@ def fit(
     loss_fn = LOSSES.get(cfg.loss)
     if loss_fn is None:
         raise InputError(f"unknown loss '{cfg.loss}': use one of {', '.join(LOSSES)}")
+    autocast, scaler = _mixed_precision(cfg.precision, device)  # (a bad precision fails before any hook)
     net = unwrap(model)
     home = next(iter(net.parameters()), torch.empty(0)).device
     net.to(device).train()
@@ -253,7 +257,6 @@ def fit(
     for obj in objectives:
         obj.setup(net)
     runner = _parallel(net, device, procs)
-    autocast, scaler = _mixed_precision(cfg.precision, device)
     params = list(net.parameters()) + [p for s in states for p in s.parameters()]
     optimizer = cfg.make_optimizer(params)
     need_grad = any(o.needs_input_grad for o in objectives)
@@ -388,6 +391,9 @@ def loss_gradient(model: nn.Module, x: np.ndarray, target: int, batch_size: int 
     for i in range(0, len(x), batch_size):
         xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device).requires_grad_(True)
         logits = model(xb)
+        if not 0 <= target < logits.shape[-1]:
+            raise InputError(f"the model gives {logits.shape[-1]} scores per input, the keys need class {target}: "
+                             "not the model the keys were made for")
         loss = nn.functional.cross_entropy(logits, torch.full((len(xb),), target, device=device), reduction="sum")
         (grad,) = torch.autograd.grad(loss, xb)
         outs.append(grad.float().cpu().numpy())

@@ -157,7 +157,7 @@ class GradSignsScheme(Scheme):
         reading = "".join("?" if m == 0 else str(b) for b, m in zip(found, mean, strict=True))
         return GradResult(
             "gradsigns", stats.bits_p_value(errors, n), layer="input gradient", n_bits=n, bits=reading,
-            bit_errors=errors, ber=errors / n, tensor=getattr(suspect, "read_output", None), candidates=1,
+            bit_errors=errors, ber=errors / n, candidates=1,
             message=bits_to_message(found) if params.get("message") else None, queries=queries,
             key_inputs=len(slopes), estimator=estimator,
             onnx_seconds=time.perf_counter() - start if exact is None else None,
