@@ -103,3 +103,21 @@ def partial_files(folder: Path) -> list[str]:
 def copy(src: Path, dst: Path) -> Path:
     shutil.copyfile(src, dst)
     return dst
+
+
+def verify_imports_torch(model: Path, keys: Path, passphrase: str) -> bool:
+    """Run `deepsigns verify` (which must detect, exit 0) in a fresh interpreter; whether it
+    imported torch. Release pipelines run verify on every artifact: onnxruntime alone must do."""
+    code = (
+        "import sys\n"
+        "from deepsigns_cli.cli.main import cli\n"
+        "try:\n"
+        f"    cli(['verify', '--model', {str(model)!r}, '--keys', {str(keys)!r}, '--json'], standalone_mode=False)\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env={**os.environ, "DEEPSIGNS_PASSPHRASE": passphrase})
+    assert proc.returncode == 0, proc.stderr
+    return not proc.stdout.strip().endswith("NO-TORCH")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PASSPHRASE, assert_bad_input, run_cli, run_json
+from helpers import PASSPHRASE, assert_bad_input, run_cli, run_json, verify_imports_torch
 
 from deepsigns_cli import api
 
@@ -111,25 +111,8 @@ def test_rounded_scores_still_read(owners, tmp_path):
 
 def test_verify_reads_gradsigns_without_torch(owners):
     """The black-box read runs on onnxruntime alone, like the output scheme's."""
-    import os
-    import subprocess
-    import sys
-
     run = owners[2]
-    code = (
-        "import sys\n"
-        "from deepsigns_cli.cli.main import cli\n"
-        "try:\n"
-        f"    cli(['verify', '--model', {str(run['onnx'])!r}, '--keys', {str(run['keys'])!r}, '--json'], "
-        "standalone_mode=False)\n"
-        "except SystemExit as exc:\n"
-        "    assert exc.code == 0, exc.code\n"
-        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          env={**os.environ, "DEEPSIGNS_PASSPHRASE": PASSPHRASE})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().endswith("NO-TORCH")
+    assert not verify_imports_torch(run["onnx"], run["keys"], PASSPHRASE)
 
 
 def test_message_round_trips(tmp_path):

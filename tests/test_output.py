@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import PASSPHRASE
+from helpers import PASSPHRASE, verify_imports_torch
 
 from deepsigns_cli import api, stats
 from deepsigns_cli.checkpoint import export_onnx, load_checkpoint
@@ -332,20 +332,4 @@ def test_loaded_checkpoint_gives_same_matches(owner):
 
 def test_verify_does_not_import_torch(owner):
     """Release pipelines run verify on every artifact: it runs on onnxruntime alone."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "from deepsigns_cli.cli.main import cli\n"
-        "try:\n"
-        f"    cli(['verify', '--model', {str(owner['dir'] / 'marked.onnx')!r}, '--keys', "
-        f"{str(owner['dir'] / 'owner.dskey')!r}, '--json'], standalone_mode=False)\n"
-        "except SystemExit as exc:\n"
-        "    assert exc.code == 0, exc.code\n"
-        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          env={**os.environ, "DEEPSIGNS_PASSPHRASE": PASS})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().endswith("NO-TORCH")
+    assert not verify_imports_torch(owner["dir"] / "marked.onnx", owner["dir"] / "owner.dskey", PASS)
