@@ -338,6 +338,24 @@ class HiddenObjective(Objective):
         self._pin_rows = torch.as_tensor(jdx)
         return torch.cat([self.tx[idx], px[jdx]]), torch.cat([self.ty[idx], py[jdx]])
 
+    def _bits_loss(self, views: torch.Tensor, trig_y: torch.Tensor) -> torch.Tensor:
+        """The hinge on every bit, at every target class present in the step, in every view
+        ((v, t, M) activations of the t trigger rows): the mean trigger activation of each class
+        through that class's own columns of A, over its norm, ~N(0, 1) for an unrelated mean.
+        All classes and views at once (a few tensor operations: on a small model, the per-step
+        cost of many small ones is what an embedding epoch pays for)."""
+        s = self.state
+        k, n = s.signs.shape
+        onehot = (trig_y[:, None] == s.classes[None, :]).to(views.dtype)  # (t, s)
+        counts = onehot.sum(0)
+        present = counts > 0  # a class with no row in the step has no term (and no NaN)
+        means = torch.einsum("ts,vtm->vsm", onehot, views) / counts.clamp_min(1)[None, :, None]
+        blocks = s.A.view(s.A.shape[0], k, n)  # class j's own projection: columns j*n .. (j+1)*n - 1
+        z = torch.einsum("vsm,msn->vsn", means, blocks) / blocks.norm(dim=0)
+        z = z / means.norm(dim=2, keepdim=True).clamp_min(1e-6) * (blocks.shape[0] ** 0.5)
+        hinge = torch.relu(float(self.params["margin"]) - s.signs[None] * z).mean(2)  # (v, s)
+        return hinge[:, present].mean() if bool(present.any()) else views.sum() * 0
+
     def share(self, rows, rank, world):
         """The trigger rows and the pin rows, each shared out on its own."""
         (x, y), n = rows, self._n_trig
@@ -374,19 +392,7 @@ class HiddenObjective(Objective):
             with torch.no_grad():
                 s.unit_rms.mul_(0.9).add_(0.1 * unit_rms(act[: batch.n_train]))
             views.append((trig_act / s.unit_rms.clamp_min(_DEAD)) @ s.align.T)
-        terms = []
-        for view in views:
-            for k, c in enumerate(s.classes):
-                mask = trig_y == c
-                if not mask.any():  # no sample of this class in the batch: no term, no NaN
-                    continue
-                n = s.signs.shape[1]
-                a = s.A[:, k * n:(k + 1) * n]  # this class's own projection
-                mean = view[mask].mean(0)
-                z = (mean @ a) / a.norm(dim=0) / mean.norm().clamp_min(1e-6)
-                z = z * (a.shape[0] ** 0.5)  # ~N(0, 1) for an unrelated mean activation
-                terms.append(torch.relu(float(self.params["margin"]) - s.signs[k] * z).mean())
-        loss2 = torch.stack(terms).mean() if terms else act.sum() * 0
+        loss2 = self._bits_loss(torch.stack(views), trig_y)
         weight = (own.stop - own.start) / max(1, own.stop)  # their share of the batch, as before
         return (
             weight * ce
