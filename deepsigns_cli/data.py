@@ -675,8 +675,8 @@ def check_preprocess(value) -> dict:
         raise ValueError("'preprocess' std must be above 0")
     classes = value["classes"]
     if (not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES
-            or not all(isinstance(c, str) and c and len(c) <= 255 and "/" not in c and "\x00" not in c
-                       for c in classes)
+            or not all(isinstance(c, str) and c not in ("", ".", "..") and len(c) <= 255 and "/" not in c
+                       and "\x00" not in c for c in classes)
             or len(set(classes)) != len(classes)):
         raise ValueError("'preprocess' classes must be 2 or more distinct folder names")
     return {key: value[key] for key in fields}
