@@ -88,6 +88,9 @@ __all__ = [
     "Passphrase",
     "data_spec",
     "load_dataset",
+    "process_group",
+    "parallel_slots",
+    "is_main_process",
 ]
 
 #: the passphrase, or a function that asks for it once the cheap checks have passed
@@ -836,6 +839,13 @@ def process_group(device: str = "auto"):
 
     with distributed(device):
         yield
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and prints the report (under torchrun: RANK 0)."""
+    from .fileio import is_main_process as main
+
+    return main()
 
 
 def parallel_slots(device: str = "auto") -> tuple[int, str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .errors import InputError, Interrupted, OutputExistsError, shown
 
-__all__ = ["Outputs", "check_output", "require_file", "held_signals", "sha256_file"]
+__all__ = ["Outputs", "check_output", "require_file", "held_signals", "sha256_file", "is_main_process"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -149,14 +149,20 @@ def held_signals() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+def is_main_process() -> bool:
+    """Whether this process writes files and prints the report: the only one, or under torchrun
+    the first (RANK 0)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 class Outputs:
     """A command's outputs, checked first and committed together (see the module's text)."""
 
     def __init__(self, *, force: bool, inputs: dict[str, str | Path | None] | None = None):
         self.force = force
-        # under torchrun only the main process (RANK 0) writes: the others write their
-        # copies to private scratch files, removed at the end
-        self.write = os.environ.get("RANK", "0") in ("", "0")
+        # under torchrun only the main process writes: the others write their copies to
+        # private scratch files, removed at the end
+        self.write = is_main_process()
         self.inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
         self._entries: list[tuple[Path, Path, int | None]] = []  # (target, temp, mode)
         self._locks: list[_Lock] = []

@@ -41,8 +41,10 @@ def precision_option(fn):
 
 
 def is_main() -> bool:
-    """The process that writes files and prints the report (RANK 0, or the only one)."""
-    return os.environ.get("RANK", "0") in ("", "0")
+    """The process that prints the report: the one that writes the files."""
+    from .. import api
+
+    return api.is_main_process()
 
 
 def relaunch(nproc: int, device: str) -> None:

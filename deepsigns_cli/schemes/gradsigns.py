@@ -59,7 +59,6 @@ class GradSignsScheme(Scheme):
 
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:
-        from ..training import predict
 
         opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
         width = math.prod(info.input_shape)
@@ -90,14 +89,12 @@ class GradSignsScheme(Scheme):
         x = _unsure(model, data.x_train[take].astype(np.float32), target, data.value_range,
                     float(opts["sure"]), rng)
         norm = float(np.median(np.linalg.norm(x.reshape(len(x), -1)[:, carriers], axis=1)))
-        sure = predict(model, x)
         params = {
             "n_bits": n_bits, "n_carriers": n_carriers, "target": target, "message": message or None,
             "step": float(opts["step"]) * max(norm, 1e-6), "lambda": float(opts["lambda"]),
             "key_batch": int(opts["key_batch"]), "sure": float(opts["sure"]),
             "per_row": float(opts["per_row"]), "read_share": float(opts["read_share"]),
             "settle": int(opts["settle"]), "keep": float(opts["keep"]),
-            "unmarked_p_target": float(np.median(_softmax(sure)[:, target])),
         }
         arrays = {"K": K, "bits": bits.astype(np.uint8), "carriers": carriers, "x": x}
         return SchemeKeys(self.name, params, arrays)
@@ -241,17 +238,14 @@ class GradObjective(Objective):
         self.x = torch.as_tensor(a["x"]).float()
         self.target, self.step = int(p["target"]), float(p["step"])
         self.lam, self.per_batch = float(p["lambda"]), min(int(p["key_batch"]), len(a["x"]))
-        self.K = torch.as_tensor(a["K"]).float()
-        self.bits = torch.as_tensor(a["bits"]).float()
-        self.carriers = torch.as_tensor(a["carriers"]).long()
+        self.carriers = torch.as_tensor(a["carriers"]).long()  # (on the CPU, as the rows are drawn)
         self.arrays = a
-        self.per_row = float(p.get("per_row", 0.0))
-        self.read_share = float(p.get("read_share", 0.9))
-        self.settle, self.keep = int(p.get("settle", 0)), float(p.get("keep", 0.0))
-        self.sure = float(p.get("sure", DEFAULTS["sure"]))
+        tuning = {k: p.get(k, DEFAULTS[k]) for k in ("per_row", "read_share", "settle", "keep", "sure")}
+        self.per_row, self.read_share = float(tuning["per_row"]), float(tuning["read_share"])
+        self.settle, self.keep, self.sure = int(tuning["settle"]), float(tuning["keep"]), float(tuning["sure"])
         self.read_at: int | None = None
         self.stop_when_read = False
-        self.state = _state(self.K, self.bits, self.carriers)
+        self.state = _state(torch.as_tensor(a["K"]).float(), torch.as_tensor(a["bits"]).float(), self.carriers)
 
     def extra_batch(self, rng):
         import torch
@@ -287,30 +281,19 @@ class GradObjective(Objective):
         if not self.stop_when_read:
             return False
         # read as verify reads (central differences from the scores, at the default budget)
-        slopes, _ = central_differences(_ScoresOnly(model), self.arrays, self.target, self.step,
-                                        len(self.x) * 2 * len(self.K))
-        want = self.bits.numpy() > 0.5
-        first = max(1, DEFAULT_QUERIES // (2 * len(self.K)))
+        from ..suspect import TorchSuspect
+
+        n_bits = len(self.arrays["K"])
+        slopes, _ = central_differences(TorchSuspect(model), self.arrays, self.target, self.step,
+                                        len(self.x) * 2 * n_bits)
+        want = self.arrays["bits"] > 0
+        first = max(1, DEFAULT_QUERIES // (2 * n_bits))
         reads = bool(((slopes[:first].mean(0) > 0) == want).all() and ((slopes.mean(0) > 0) == want).all()
                      and ((slopes > 0) == want).mean() >= self.read_share)
         if self.read_at is None and reads:
             self.read_at = epoch
         # the settle epochs deepen the margin; it stops only where the reading still holds
         return reads and self.read_at is not None and epoch >= self.read_at + self.settle
-
-
-class _ScoresOnly:
-    """A model in training, queried for its scores only (as verify would)."""
-
-    query_budget = None
-
-    def __init__(self, model):
-        self.model = model
-
-    def scores(self, x):
-        from ..training import predict
-
-        return predict(self.model, x)
 
 
 def _state(K, bits, carriers):
