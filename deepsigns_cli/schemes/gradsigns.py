@@ -259,8 +259,9 @@ class GradObjective(Objective):
         return rows.reshape(self.per_batch, *self.x.shape[1:]), torch.full((self.per_batch,), self.target)
 
     def loss(self, batch):
+        import torch
         from torch.nn.functional import binary_cross_entropy_with_logits as bce
-        from torch.nn.functional import cross_entropy, log_softmax
+        from torch.nn.functional import cross_entropy
 
         own = batch.own
         ce = cross_entropy(batch.logits[own], batch.y[own], reduction="sum")
@@ -272,9 +273,13 @@ class GradObjective(Objective):
         if self.per_row:
             term = term + self.per_row * bce(grad @ K.T, bits.expand(len(grad), -1))
         if self.keep:  # the key inputs stay unsure: where the model is sure, the gradient vanishes
-            log_p = log_softmax(batch.logits[own], 1)[:, self.target]
-            band = (log_p - math.log(self.sure)).clamp_min(0) + (math.log(1 - self.sure) - log_p).clamp_min(0)
-            term = term + self.keep * band.mean()
+            # on the log-odds of T, whose gradient does not vanish as p_T goes to 0 or 1 (a band on
+            # log p_T does: once the model is sure, it no longer pulls it back)
+            z = batch.logits[own].float()
+            others = torch.cat([z[:, : self.target], z[:, self.target + 1:]], 1)
+            odds = z[:, self.target] - torch.logsumexp(others, 1)
+            edge = math.log(self.sure / (1 - self.sure))
+            term = term + self.keep * ((odds - edge).clamp_min(0) + (-edge - odds).clamp_min(0)).mean()
         return self.lam * term
 
     def end_epoch(self, model, epoch) -> bool:
