@@ -911,6 +911,13 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
         schemes[name] = {"epochs": history["epochs"],
                          "seconds_per_epoch": float(np.mean(history["epoch_seconds"]))}
     acc_after = evaluate(model, data.x_test, data.y_test)
+    # every mark read back from the marked model, as extract reads it: an embedding that did not
+    # take says so (a random key set can be hard to embed; the owner must know before release)
+    from .suspect import TorchSuspect
+
+    for result in read_keys(TorchSuspect(model), bundle, list(schemes)).results:
+        took = result.detected or getattr(result, "bit_errors", None) == 0
+        schemes[result.scheme].update(read_back=result.brief(), read_back_p=result.p_value, took=bool(took))
     fp = fingerprint(model)
     bundle.info.update(embedded=True, marked_fingerprint=fp)
     # no key id and no "embed" in the metadata: a marked file must look like any other

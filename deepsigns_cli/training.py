@@ -319,10 +319,11 @@ def fit(
                     progress(done, total, f"{cfg.description} epoch {epoch + 1}/{cfg.epochs}")
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            epoch_seconds.append(time.perf_counter() - start)
             net.eval()
-            # 5. early stop: every objective is asked, and all processes stop together
+            # 5. early stop: every objective is asked, and all processes stop together (the
+            # objectives' end-of-epoch work is part of what an epoch costs)
             proposals = [obj.end_epoch(net, epoch) for obj in objectives]
+            epoch_seconds.append(time.perf_counter() - start)
             if procs.agree(any(proposals)):
                 break
     except DeepSignsError as exc:  # from a loader process: its own line, not the worker's traceback

@@ -7,6 +7,7 @@ schemes in one bundle, embedded together, are in test_distributed.py (in two pro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,21 @@ def test_verify_reads_every_bit_from_scores_within_1000_queries(owners, seed):
     assert result["p_value"] == pytest.approx(2.0**-BITS)
     # fidelity: the marked model keeps its accuracy (the poster: about a point or less)
     assert run["embed"].accuracy_after >= run["embed"].accuracy_before - 1.5
+
+
+def test_embed_says_whether_the_mark_reads_back(owners, tmp_path):
+    for run in owners.values():  # a full embed: every bit reads back
+        scheme = run["embed"].schemes["gradsigns"]
+        assert scheme["took"] and scheme["read_back"] == f"0/{BITS} wrong"
+    run = owners[0]  # one epoch is too few: the files are written, and a warning says so
+    keys = tmp_path / "short.dskey"
+    api.keygen(run["base"], keys, PASSPHRASE, schemes=["gradsigns"], options={"bits": BITS}, seed=5)
+    result = run_cli("embed", "--model", run["base"], "--keys", keys, "--passphrase-file", run["pass"],
+                     "--out", tmp_path / "short.safetensors", "--epochs", "1", "--device", "cpu", "--json")
+    scheme = json.loads(result.stdout)["schemes"]["gradsigns"]
+    assert not scheme["took"] and scheme["read_back"] != f"0/{BITS} wrong"
+    assert "warning: the gradsigns mark does not read back" in result.stderr
+    assert (tmp_path / "short.safetensors").exists()
 
 
 def test_queries_trade_for_margin(owners):

@@ -315,7 +315,7 @@ def models_option(help: str):
 
 
 def warn(message: str) -> None:
-    stderr_console().print(f"[yellow]warning:[/] {message}", highlight=False)
+    stderr_console().print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 @contextmanager

@@ -120,7 +120,8 @@ def keygen(c, r) -> None:
 def embed(c, r) -> None:
     rows = [("accuracy before", f"{r.accuracy_before:.2f}%"),
             ("accuracy after", f"{r.accuracy_after:.2f}%")]
-    rows += [(f"{name}: epochs", s["epochs"]) for name, s in r.schemes.items()]
+    for name, s in r.schemes.items():
+        rows += [(f"{name}: epochs", s["epochs"]), (f"{name}: read back", s.get("read_back", "-"))]
     rows += [("written", r.out)] + ([("ONNX", r.onnx)] if r.onnx else [])
     rows += [("keys updated", r.keys), ("new commitment", r.commitment)]
     c.print(kv_table("watermark embedded", rows))
