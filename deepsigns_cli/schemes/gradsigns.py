@@ -296,8 +296,10 @@ class GradObjective(Objective):
 
     def end_epoch(self, model, epoch) -> bool:
         from ..suspect import TorchSuspect
+        from ..training import Processes
 
-        suspect = TorchSuspect(model)
+        suspect = TorchSuspect(model)  # (its queries shared out among the processes of a run)
+        suspect.scores = lambda x, own=suspect.scores: Processes.current().share_rows(own, x)
         if not self.rescue and epoch + 1 >= RESCUE_AFTER:
             p_target = _softmax(suspect.scores(self.arrays["x"]))[:, self.target]
             self.rescue = bool(np.median(p_target) > RESCUE_AT)

@@ -291,6 +291,8 @@ class HiddenObjective(Objective):
         )
         # bundles of keygen since the unit line-up keep probes; older ones are read as they were
         self.arrays = arrays if "probe_ref" in arrays else None
+        if self.arrays is not None:  # the rows of the end-of-epoch check
+            self._check_x = np.concatenate([arrays["probe_x"], arrays["trigger_x"]]).astype(np.float32)
         self.pin = None
         if self.arrays is not None:  # the probes of the other classes pin the units
             free = _free_probes(arrays)
@@ -319,12 +321,15 @@ class HiddenObjective(Objective):
         read-out now finds every bit."""
         if self.arrays is None:
             return False
+        from ..training import Processes
+
         a = self.arrays
-        probe = activations(model, self.layer, a["probe_x"]).numpy()
+        # the probes and the trigger set in one pass, shared out among the processes of a run
+        both = Processes.current().share_rows(lambda x: activations(model, self.layer, x).numpy(), self._check_x)
+        probe, trig = both[: len(a["probe_x"])], both[len(a["probe_x"]):]
         free = _free_probes(a)
         weights = line_up(a["probe_ref"][free], probe[free])
         self.state.align.copy_(torch.as_tensor(weights, dtype=torch.float32))
-        trig = activations(model, self.layer, a["trigger_x"]).numpy()
         return all(bool((read_bits(trig, p, a) == a["bits"]).all()) for p in (None, probe))
 
     def end_epoch(self, model, epoch):

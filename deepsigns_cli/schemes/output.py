@@ -284,12 +284,13 @@ class KeyObjective(Objective):
         return cross_entropy(batch.logits[batch.own], batch.y[batch.own])
 
     def end_epoch(self, model, epoch) -> bool:
-        from ..training import predict
+        from ..training import Processes, predict
 
         if self.stop_at is None:
             return False
         if self.learnt_at is None:
-            learnt = float((predict(model, self.x.numpy()).argmax(1) == self.y.numpy()).mean())
+            scores = Processes.current().share_rows(lambda x: predict(model, x), self.x.numpy())
+            learnt = float((scores.argmax(1) == self.y.numpy()).mean())
             if learnt >= self.stop_at:
                 self.learnt_at = epoch
         return self.learnt_at is not None and epoch >= self.learnt_at + self.settle
