@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import MESSAGE, PASSPHRASE, SEEDS, assert_one_error_line, run_cli, run_json
+from helpers import MESSAGE, SEEDS, assert_one_error_line, run_cli, run_json
 from torch import nn
 
 from deepsigns_cli.defaults import DEFAULT_ALPHA as ALPHA
@@ -188,34 +188,3 @@ def test_too_few_bits_for_alpha_is_reported(marked, tmp_path):
     r = hidden(extract(marked.base, keys, code=1))
     assert r["n_bits"] == 8 * CLASSES and r["max_bit_errors"] == -1  # 2^-24 > 1e-9: no match is enough
     assert "cannot reach alpha" in r["warning"]
-
-
-# ----------------------------------------------------------------------------- the rows of a step
-
-
-def test_the_bits_ride_on_the_batchs_own_rows_and_older_keys_keep_their_trigger_rows(marked, tmp_path):
-    """Keys made now teach the bits on the batch's own rows of the target classes and mix in
-    only the probe rows; keys made before that mix in trigger rows too, and still embed."""
-    import numpy as np
-
-    from deepsigns_cli import api
-    from deepsigns_cli.bundle import open_bundle, write_bundle
-    from deepsigns_cli.checkpoint import load_checkpoint
-    from deepsigns_cli.data import load_data
-    from deepsigns_cli.registry import load_scheme
-
-    scheme, data = load_scheme("hidden"), load_data("digits")
-    model, info = load_checkpoint(marked.base)
-    bundle = open_bundle(marked.keys, PASSPHRASE)
-    keys = scheme.check(bundle.schemes["hidden"])
-    assert keys.params["own_rows"] is True
-    rows, _ = scheme.objective(model, info, data, keys).extra_batch(np.random.default_rng(0))
-    assert len(rows) == DEFAULTS["pin_batch"]  # probe rows only
-    older = {k: v for k, v in keys.params.items() if k not in ("own_rows", "pin_every")}
-    bundle.put(type(keys)("hidden", older, keys.arrays))
-    rows, _ = scheme.objective(model, info, data, bundle.schemes["hidden"]).extra_batch(np.random.default_rng(0))
-    assert len(rows) == DEFAULTS["trigger_batch"] + DEFAULTS["pin_batch"]
-    old_keys = tmp_path / "older.dskey"
-    write_bundle(bundle, old_keys, PASSPHRASE)
-    report = api.embed(marked.base, old_keys, PASSPHRASE, tmp_path / "m.safetensors", seed=0, device="cpu")
-    assert report.schemes["hidden"]["took"] and report.schemes["hidden"]["read_back"].startswith("0/")

@@ -43,13 +43,10 @@ DEFAULTS = {
     # (0.5, not 1.0: a non-negative (ReLU) carrier cannot give every bit 1.0 past ~64 bits;
     # a hinge, not cross-entropy: once a bit has its margin the embed stops pushing, which
     # leaves the rest of the layer, another owner's mark included, alone)
-    "trigger_batch": 32,  # trigger samples mixed into every step (keys made before own_rows)
-    "own_rows": True,  # the bits are taught on the batch's own rows of the target classes
-    # (they are training samples, as the trigger samples are): no rows added for them
+    "trigger_batch": 32,  # trigger samples mixed into every step
     "probes": 256,  # training samples whose activations line a suspect's units up with ours
     "lambda3": 1.0,  # pin: the units keep their responses to the probes (so they can be lined up)
-    "pin_batch": 32,  # probe samples mixed into a step...
-    "pin_every": 1,  # ...every this many steps (the term weighted by it: the same pull on average)
+    "pin_batch": 32,  # probe samples mixed into every step
 }
 ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apart weigh e^3 apart
 _DEAD = 1e-6  # a unit whose scale is below this is off: it carries nothing
@@ -97,9 +94,7 @@ class HiddenScheme(Scheme):
             "width": width,
             "n_bits": n_bits,
             "message": message or None,
-            **{k: opts[k] for k in ("lambda1", "lambda2", "lambda3", "margin", "trigger_batch", "pin_batch",
-                                    "pin_every")},
-            "own_rows": bool(opts["own_rows"]),
+            **{k: opts[k] for k in ("lambda1", "lambda2", "lambda3", "margin", "trigger_batch", "pin_batch")},
         }
         arrays = {
             # one independent projection per target class (columns k*N .. (k+1)*N - 1): the bits
@@ -298,10 +293,6 @@ class HiddenObjective(Objective):
             free = _free_probes(arrays)
             self.pin = tuple(torch.as_tensor(arrays[k][free]) for k in ("probe_x", "probe_y", "probe_ref"))
         self._n_trig, self._pin_rows = 0, None
-        # keys made before own_rows mix trigger rows into every step, and pin every step
-        self.own_rows = bool(params.get("own_rows", False))
-        self.pin_every = max(1, int(params.get("pin_every", 1)))
-        self._steps = 0
         self.stop_when_read = False  # propose to stop once every bit reads back, as extract reads it
         self._ctx = None
         self.store: dict = {}
@@ -342,15 +333,6 @@ class HiddenObjective(Objective):
             self._ctx = None
 
     def extra_batch(self, rng):
-        self._steps += 1
-        if self.own_rows:  # no trigger rows; probe rows on every pin_every-th step only
-            self._n_trig, self._pin_rows = 0, None
-            if self.pin is None or self._steps % self.pin_every:
-                return None
-            px, py, _ = self.pin
-            jdx = rng.choice(len(px), size=min(int(self.params.get("pin_batch", 32)), len(px)), replace=False)
-            self._pin_rows = torch.as_tensor(jdx)
-            return px[jdx], py[jdx]
         per = int(self.params["trigger_batch"])
         idx = torch.as_tensor(rng.choice(len(self.tx), size=min(per, len(self.tx)), replace=False))
         self._n_trig = len(idx)
@@ -405,17 +387,11 @@ class HiddenObjective(Objective):
         # that a suspect's units can be lined up with the unmarked model's
         pin = act.sum() * 0
         trig = slice(own.start, min(own.stop, own.start + self._n_trig))
-        if self._pin_rows is not None and own.stop > trig.stop:
+        if self.pin is not None and own.stop > trig.stop:
             ref = self.pin[2][self._pin_rows.to(act.device)]
-            pin = (act[trig.stop:own.stop] - ref).pow(2).sum(1).mean() / self.scale * self.pin_every
-        # loss2: the trigger samples drive the extracted quantity itself: the batch's own rows
-        # of the target classes, or (older keys) the trigger rows mixed in
-        if self.own_rows:
-            n = batch.n_train
-            mine = (y[:n, None] == s.classes[None, :]).any(1)
-            trig_act, trig_y = act[:n][mine], y[:n][mine]
-        else:
-            trig_act, trig_y = act[trig], y[trig]
+            pin = (act[trig.stop:own.stop] - ref).pow(2).sum(1).mean() / self.scale
+        # loss2: the trigger samples (our rows of the batch) drive the extracted quantity itself
+        trig_act, trig_y = act[trig], y[trig]
         views = [trig_act]  # both readings of extract: the units as they are...
         if self.arrays is not None:  # ...and lined up with the unmarked model's, over their scales
             with torch.no_grad():
