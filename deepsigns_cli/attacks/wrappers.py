@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data import bounded_rows, take
 from ..errors import InputError, OnnxError, one_line
 from .base import Attack, AttackContext
 
@@ -324,7 +325,9 @@ class NoiseInputs(Attack):
             raise InputError(f"attack {self.name} adds noise to real-valued inputs; the victim's input "
                              f"'{one_line(w.input.name, 60)}' is not a float tensor: export it with a float input")
         sigma = float(ctx.option("sigma", 0.1))
-        spread = float(np.std(ctx.data.x_test, dtype=np.float64)) if len(ctx.data.x_test) else 0.0
+        # the data's spread, on at most STAT_ROWS test rows (a lazy split is decoded that far only)
+        x = ctx.data.x_test
+        spread = float(np.std(take(x, bounded_rows(len(x)))[:], dtype=np.float64)) if len(x) else 0.0
         scale = sigma * spread
         if scale > 0:  # (onnxruntime aborts on RandomNormalLike with scale 0: no noise, no nodes)
             noise = w.node(w.pre, "RandomNormalLike", [w.feed], dtype=_FLOAT, mean=0.0, scale=scale,
