@@ -137,6 +137,47 @@ def test_message_round_trips(tmp_path):
     assert result["message"] == "ACME" and result["bit_errors"] == 0
 
 
+def test_a_model_still_sure_of_its_key_inputs_gets_a_band_that_pulls(owners):
+    """The band on log p_T lets go of a model sure of its key inputs (its pull vanishes with
+    1 - p_T): a key set still sure after 8 epochs moves to the band on T's log-odds."""
+    import torch
+
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.checkpoint import load_checkpoint
+    from deepsigns_cli.registry import load_scheme
+    from deepsigns_cli.schemes.gradsigns import RESCUE_AFTER
+    from deepsigns_cli.training import Batch
+
+    run = owners[0]
+    scheme = load_scheme("gradsigns")
+    keys = scheme.check(open_bundle(run["keys"], PASSPHRASE).schemes["gradsigns"])
+    net, _ = load_checkpoint(run["base"])
+    target = keys.params["target"]
+    with torch.no_grad():  # a model sure of class T everywhere: p_T = 1 - 1e-13 at the key inputs
+        net.head.bias[target] += 40.0
+
+    def bias_pull(rescue: bool) -> float:
+        objective = scheme.objective(net, None, None, keys)
+        objective.rescue = rescue
+        x, y = objective.extra_batch(np.random.default_rng(0))
+        x.requires_grad_(True)
+        batch = Batch(x, y, net(x), 0, net, own=slice(0, len(x)))
+        net.zero_grad()
+        objective.loss(batch).backward()
+        return abs(float(net.head.bias.grad[target]))
+
+    assert bias_pull(False) < 1e-6 and bias_pull(True) > 0.1  # the old band lets go; the rescue pulls
+    objective = scheme.objective(net, None, None, keys)
+    objective.end_epoch(net, RESCUE_AFTER - 2)
+    assert not objective.rescue  # not in the first epochs: most key sets come back by themselves
+    objective.end_epoch(net, RESCUE_AFTER - 1)
+    assert objective.rescue
+    fresh = scheme.objective(net, None, None, keys)
+    base, _ = load_checkpoint(run["base"])  # the unmarked model is unsure at its key inputs: no rescue
+    fresh.end_epoch(base, RESCUE_AFTER + 5)
+    assert not fresh.rescue
+
+
 def test_null_readings_are_fair_coins(digits, tmp_path):
     """Exact readings of 200 fresh key sets on one unmarked model: the bits are fair coins
     (K's rows are symmetric), so p <= 0.05 comes up about 5% of the time, no more."""

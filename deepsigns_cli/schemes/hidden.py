@@ -286,10 +286,10 @@ class HiddenObjective(Objective):
         )
         # bundles of keygen since the unit line-up keep probes; older ones are read as they were
         self.arrays = arrays if "probe_ref" in arrays else None
-        if self.arrays is not None:  # the rows of the end-of-epoch check
-            self._check_x = np.concatenate([arrays["probe_x"], arrays["trigger_x"]]).astype(np.float32)
         self.pin = None
         if self.arrays is not None:  # the probes of the other classes pin the units
+            # (and the end-of-epoch check reads the probes and the trigger set in one pass)
+            self._check_x = np.concatenate([arrays["probe_x"], arrays["trigger_x"]]).astype(np.float32)
             free = _free_probes(arrays)
             self.pin = tuple(torch.as_tensor(arrays[k][free]) for k in ("probe_x", "probe_y", "probe_ref"))
         self._n_trig, self._pin_rows = 0, None
