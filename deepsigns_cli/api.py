@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .defaults import DEFAULT_ALPHA, DEFAULT_TIMEOUT, LIMITS
+from .defaults import DEFAULT_ALPHA, DEFAULT_TIMEOUT, LIMITS, PRECISIONS
 from .errors import InputError, SchemeError
 from .registry import (
     ATTACKS,
@@ -85,6 +85,7 @@ __all__ = [
     "LIMITS",
     "DEFAULT_ALPHA",
     "DEFAULT_TIMEOUT",
+    "PRECISIONS",
     "Passphrase",
     "data_spec",
     "load_dataset",

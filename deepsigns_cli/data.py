@@ -381,9 +381,8 @@ class Samples:
     Supports `len(x)`, `x.shape`, `x.ndim`, `x.dtype` and `x[key]` for an int (one sample), a
     slice, or a 1-D integer (or boolean) array or list (a float32 array of those rows, in that
     order). It holds paths and indices only, and opens files on access: it pickles and may be
-    indexed from forked DataLoader workers. `np.asarray(x)` decodes the whole split, for code
-    that needs it at once (an attack on an ONNX file, the noise attack's spread); training,
-    keygen and embed read it in batches or through a bounded subsample (`bounded_rows`)."""
+    indexed from forked DataLoader workers. `np.asarray(x)` decodes the whole split; the
+    library reads it in batches or through a bounded subsample (`bounded_rows`) instead."""
 
     dtype = np.dtype(np.float32)
 
@@ -745,11 +744,15 @@ class _DatasetItems:
         return f"the {self.split} Dataset of {self.where}"
 
     def sample(self, i: int) -> np.ndarray:
-        x, _ = self.item(i)
+        return self.checked(i)[0]
+
+    def checked(self, i: int) -> tuple[np.ndarray, object]:
+        """Item i, its sample of the first sample's shape."""
+        x, y = self.item(i)
         if x.shape != self.sample_shape:
             raise DataError(f"{self.where}: {self.split} sample {i} has shape {list(x.shape)} but the first has "
                             f"{list(self.sample_shape)}: give samples of one shape")
-        return x
+        return x, y
 
     def item(self, i: int) -> tuple[np.ndarray, object]:
         try:
@@ -816,10 +819,7 @@ def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]
     else:
         labels = np.empty(n, np.int64)
         for i in range(n):
-            x, y = items.item(i)
-            if x.shape != first.shape:
-                raise DataError(f"{where}: {split} sample {i} has shape {list(x.shape)} but the first has "
-                                f"{list(first.shape)}: give samples of one shape")
+            _, y = items.checked(i)
             label = _as_label(y)
             if label is None:
                 raise DataError(f"{where}: {split} item {i} has label {one_line(repr(y), 40)}: labels must be "

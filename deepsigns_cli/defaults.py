@@ -20,3 +20,4 @@ LIMITS = {
     "queries": (1, 10_000_000),  # a black-box GradSigns reading's budget
     "image_size": (2, 2048),  # --image-size: pixels per side of an image folder's samples
 }
+PRECISIONS = ("fp32", "bf16", "fp16")  # --precision: fp32, or autocast (fp16 on CUDA only)

@@ -131,7 +131,7 @@ SCHEMES: dict[str, SchemeEntry] = {
         summary="black-box, multi-bit: bits in the input gradient of the loss, read from scores alone",
         blackbox=True,
         order=2,
-        default_epochs=40,  # a cap: it stops once every bit reads back (10-30 epochs)
+        default_epochs=40,  # a cap: it stops once every bit reads back (8-18 epochs)
         result="gradient",
         options=(
             _BITS,

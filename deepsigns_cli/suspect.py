@@ -56,12 +56,17 @@ class Suspect:
 
 
 class TorchSuspect(Suspect):
-    def __init__(self, model: nn.Module, name: str = "model"):
-        self.model, self.name = model, name
+    """A model in memory. `shared`: its queries are shared out among the processes of a run
+    (each answers its share of the rows; every process must ask the same)."""
+
+    def __init__(self, model: nn.Module, name: str = "model", *, shared: bool = False):
+        self.model, self.name, self.shared = model, name, shared
 
     def scores(self, x):
-        from .training import predict
+        from .training import Processes, predict
 
+        if self.shared:
+            return Processes.current().share_rows(lambda rows: predict(self.model, rows), x)
         return predict(self.model, x)
 
     def answers(self, x):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .defaults import PRECISIONS
 from .errors import DeepSignsError, InputError, TrainingError
 from .objective import Objective
 
@@ -79,7 +80,7 @@ class Processes:
     def current(cls) -> Processes:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        if _grouped():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
@@ -92,7 +93,7 @@ class Processes:
         """One decision for every process: true when any process says so."""
         import torch.distributed as dist
 
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        if self.world_size == 1 or not _grouped():
             return flag
         t = torch.tensor([int(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -105,7 +106,7 @@ class Processes:
         import torch.distributed as dist
 
         world = self.world_size
-        if world == 1 or len(x) < world or not (dist.is_available() and dist.is_initialized()):
+        if world == 1 or len(x) < world or not _grouped():
             return fn(x)
         bounds = np.linspace(0, len(x), world + 1).astype(int)
         sizes = np.diff(bounds)
@@ -118,6 +119,13 @@ class Processes:
         return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).cpu().numpy()
 
 
+def _grouped() -> bool:
+    """Whether this process has joined a process group (a torchrun run)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 @contextmanager
 def distributed(device: str = "auto"):
     """One process group for a command run by torchrun (WORLD_SIZE > 1 in the environment;
@@ -127,7 +135,7 @@ def distributed(device: str = "auto"):
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world == 1 or (dist.is_available() and dist.is_initialized()):
+    if world == 1 or _grouped():
         yield
         return
     use_cuda = resolve_device(device).type == "cuda"
@@ -360,9 +368,6 @@ def fit(
     return {"epoch_seconds": epoch_seconds, "epochs": len(epoch_seconds), "lr": cfg.lr}
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
 def _mixed_precision(precision: str, device: torch.device):
     """(a context for the forward pass and the loss, the gradient scaler): autocast to bf16 or
     fp16 (fp16 with loss scaling, on CUDA only), or plain fp32."""
@@ -382,9 +387,7 @@ def _mixed_precision(precision: str, device: torch.device):
 def _parallel(net: nn.Module, device: torch.device, procs: Processes) -> nn.Module:
     """The module the loop runs: the model itself, or under torchrun the model wrapped in
     DistributedDataParallel (gradients averaged over the processes at every step)."""
-    import torch.distributed as dist
-
-    if procs.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+    if procs.world_size == 1 or not _grouped():
         return net
     ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None

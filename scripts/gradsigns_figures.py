@@ -32,6 +32,12 @@ PASSPHRASE = "gradsigns-figures"
 ALPHA_INTEGRITY = 1e-3
 
 
+def _record(rows: list[dict], row: dict) -> None:
+    """One figure row: kept for the table, and printed as it comes (a long run shows progress)."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
 def _grad(decision):
     return next(r for r in decision.results if r.scheme == "gradsigns")
 
@@ -64,11 +70,10 @@ def fidelity(out: Path, seeds, archs) -> list[dict]:
                 white = _grad(api.extract(o["marked"], o["keys"], PASSPHRASE))
                 black = _grad(api.verify(o["onnx"], o["keys"], PASSPHRASE))
                 gs = o["embed"]["schemes"]["gradsigns"]
-                rows.append({"arch": arch, "bits": bits, "seed": seed, "acc_before": o["embed"]["accuracy_before"],
+                _record(rows, {"arch": arch, "bits": bits, "seed": seed, "acc_before": o["embed"]["accuracy_before"],
                              "acc_after": o["embed"]["accuracy_after"], "epochs": gs["epochs"],
                              "ber_white": white.ber, "ber_black": black.ber, "queries": black.queries,
                              "p_black": black.p_value})
-                print(json.dumps(rows[-1]), flush=True)
     print("\n| arch | N | accuracy before -> after (mean drop) | BER white-box | BER black-box (queries) |")
     print("|---|---|---|---|---|")
     for arch in archs:
@@ -128,9 +133,8 @@ def integrity(out: Path, seeds, archs) -> list[dict]:
         for path in [o["base_onnx"], *unmarked]:
             d = api.verify(path, o["keys"], PASSPHRASE, alpha=ALPHA_INTEGRITY)
             g = _grad(d)
-            rows.append({"owner_seed": seed, "model": path.name, "bit_errors": g.bit_errors, "p": g.p_value,
+            _record(rows, {"owner_seed": seed, "model": path.name, "bit_errors": g.bit_errors, "p": g.p_value,
                          "detected": g.detected})
-            print(json.dumps(rows[-1]), flush=True)
     claims = sum(r["detected"] for r in rows)
     print(f"\n{len(rows)} readings ({len(unmarked) + 1} unmarked models x {len(seeds)} owners' keys): "
           f"{claims} claims at alpha = {ALPHA_INTEGRITY:g}; smallest p = {min(r['p'] for r in rows):.3g}; "
@@ -145,9 +149,8 @@ def queries(out: Path, seeds, archs) -> list[dict]:
             o = owner(out / f"{arch}-s{seed}" / "n64", arch, seed, 64)
             for q in (128, 256, 512, 1000, 3250):
                 g = _grad(api.verify(o["onnx"], o["keys"], PASSPHRASE, queries=q))
-                rows.append({"arch": arch, "seed": seed, "budget": q, "queries": g.queries,
+                _record(rows, {"arch": arch, "seed": seed, "budget": q, "queries": g.queries,
                              "key_inputs": g.key_inputs, "bit_errors": g.bit_errors, "p": g.p_value})
-                print(json.dumps(rows[-1]), flush=True)
     print("\n| arch | queries (key inputs) | bit errors of 64 per seed | p-values |")
     print("|---|---|---|---|")
     for arch in archs:
@@ -181,20 +184,18 @@ def robustness(out: Path, seeds, archs) -> list[dict]:
                     int8 = out / f"{arch}-s{seed}" / "int8.onnx"
                     rep = api.attack("quantize", o["marked"], int8, force=True, seed=seed, device="cpu")
                     g = _grad(api.verify(int8, o["keys"], PASSPHRASE))
-                    rows.append({"arch": arch, "seed": seed, "attack": "int8", "value": 8,
+                    _record(rows, {"arch": arch, "seed": seed, "attack": "int8", "value": 8,
                                  "accuracy": rep.accuracy_after, "bit_errors": g.bit_errors, "p": g.p_value,
                                  "detected": g.detected})
-                    print(json.dumps(rows[-1]), flush=True)
                     continue
                 report = api.sweep(name, model, param, values, o["keys"], PASSPHRASE, options=options, seed=seed,
                                    device="cpu", force=True)
                 label = name + ("+ft10" if options else "")
                 for row in report.rows:
                     g = _grad(row.verify if row.verify is not None else row.extract)
-                    rows.append({"arch": arch, "seed": seed, "attack": label, "value": row.value,
+                    _record(rows, {"arch": arch, "seed": seed, "attack": label, "value": row.value,
                                  "accuracy": row.accuracy, "bit_errors": g.bit_errors, "p": g.p_value,
                                  "detected": g.detected})
-                    print(json.dumps(rows[-1]), flush=True)
     print("\n| arch | attack | strength | accuracy per seed | bit errors of 64 (detected at 1e-9) |")
     print("|---|---|---|---|---|")
     for arch in archs:

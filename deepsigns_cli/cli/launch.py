@@ -16,6 +16,7 @@ import sys
 
 import click
 
+from ..api import PRECISIONS
 from ..errors import InputError
 from .common import EXIT_BAD_INPUT
 
@@ -35,7 +36,7 @@ def workers_option(fn):
 
 
 def precision_option(fn):
-    return click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
                         show_default=True,
                         help="Autocast the forward pass to bf16 or fp16 (fp16: CUDA only, with loss scaling).")(fn)
 
