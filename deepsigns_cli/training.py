@@ -95,9 +95,19 @@ class Processes:
 
         if self.world_size == 1 or not _grouped():
             return flag
-        t = torch.tensor([int(flag)])
+        t = torch.tensor([int(flag)], device=_collective_device())  # (nccl reduces on the GPU only)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over every process of the run (t itself in a run of one)."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not _grouped():
+            return t
+        out = t.to(_collective_device() or t.device)
+        dist.all_reduce(out)
+        return out.to(t.device)
 
     def share_rows(self, fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
         """fn(x) for a fn that gives one output row per row of x, each process computing its
@@ -111,12 +121,18 @@ class Processes:
         bounds = np.linspace(0, len(x), world + 1).astype(int)
         sizes = np.diff(bounds)
         mine = torch.as_tensor(np.ascontiguousarray(fn(x[bounds[self.rank]: bounds[self.rank + 1]])))
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        padded = torch.zeros((int(sizes.max()), *mine.shape[1:]), dtype=mine.dtype, device=device)
+        padded = torch.zeros((int(sizes.max()), *mine.shape[1:]), dtype=mine.dtype, device=_collective_device())
         padded[: len(mine)] = mine.to(padded.device)
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)
         return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).cpu().numpy()
+
+
+def _collective_device() -> torch.device | None:
+    """Where a collective's tensors must be: this process's GPU under nccl (None: anywhere)."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
 
 def _grouped() -> bool:
@@ -203,6 +219,7 @@ class Batch:
     n_train: int  # rows [0, n_train) are the ordinary training batch
     model: nn.Module  # the unwrapped model
     own: slice = field(default_factory=lambda: slice(0, 0))  # this objective's rows (set per objective)
+    rows: torch.Tensor | None = None  # the training batch's row numbers in the training set (on the CPU)
 
     def input_grad(self, outputs: torch.Tensor, *, create_graph: bool = True) -> torch.Tensor:
         """d outputs / d x (every row), kept in the graph for double back-propagation.
@@ -224,8 +241,8 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.y)
 
     def __getitem__(self, idx):
-        idx = np.asarray(idx)
-        return torch.as_tensor(np.asarray(self.x[idx]), dtype=torch.float32), self.y[torch.as_tensor(idx)]
+        idx = torch.as_tensor(np.asarray(idx))
+        return torch.as_tensor(np.asarray(self.x[idx.numpy()]), dtype=torch.float32), self.y[idx], idx
 
 
 def _epoch_batches(order: np.ndarray, cfg: TrainConfig, procs: Processes) -> list[np.ndarray]:
@@ -299,7 +316,7 @@ def fit(
             loader = torch.utils.data.DataLoader(
                 rows, sampler=batches, batch_size=None, num_workers=cfg.workers,
                 pin_memory=device.type == "cuda", persistent_workers=False)
-            for xs, ys in loader:
+            for xs, ys, index in loader:
                 # 2. the batch, with every objective's own rows mixed in after it
                 parts, own, at = [(xs, ys)], [], len(xs)
                 for obj in objectives:
@@ -321,7 +338,7 @@ def fit(
                 with autocast():
                     logits = runner(xb)
                     loss = loss_fn(logits[: len(xs)], yb[: len(xs)])
-                    batch = Batch(xb, yb, logits, len(xs), net)
+                    batch = Batch(xb, yb, logits, len(xs), net, rows=index)
                     for obj, own_rows in zip(objectives, own, strict=True):
                         batch.own = own_rows
                         term = obj.loss(batch)

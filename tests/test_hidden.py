@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import MESSAGE, SEEDS, assert_one_error_line, run_cli, run_json
+from helpers import MESSAGE, PASSPHRASE, SEEDS, assert_one_error_line, run_cli, run_json
 from torch import nn
 
 from deepsigns_cli.defaults import DEFAULT_ALPHA as ALPHA
@@ -188,3 +188,83 @@ def test_too_few_bits_for_alpha_is_reported(marked, tmp_path):
     r = hidden(extract(marked.base, keys, code=1))
     assert r["n_bits"] == 8 * CLASSES and r["max_bit_errors"] == -1  # 2^-24 > 1e-9: no match is enough
     assert "cannot reach alpha" in r["warning"]
+
+
+# ----------------------------------------------------------------------------- the rows of a step
+
+
+def _objective(path, keys_path, data, **params):
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.checkpoint import load_checkpoint
+    from deepsigns_cli.registry import load_scheme
+
+    scheme = load_scheme("hidden")
+    model, info = load_checkpoint(path)
+    keys = scheme.check(open_bundle(keys_path, PASSPHRASE).schemes["hidden"])
+    if params:
+        keys = type(keys)("hidden", {**keys.params, **params}, keys.arrays)
+    return model, keys, scheme.objective(model, info, data, keys)
+
+
+def test_new_keys_add_no_rows_to_a_step_and_older_keys_still_embed(marked, digits, tmp_path):
+    """Keys made now teach the bits on the batch's own rows and add none to a step; keys made
+    before own_rows mix in trigger and probe rows, and still embed."""
+    import numpy as np
+
+    from deepsigns_cli import api
+    from deepsigns_cli.bundle import open_bundle, write_bundle
+
+    _, keys, objective = _objective(marked.base, marked.keys, digits)
+    assert keys.params["own_rows"] is True and objective.extra_batch(np.random.default_rng(0)) is None
+    bundle = open_bundle(marked.keys, PASSPHRASE)
+    older = {k: v for k, v in keys.params.items() if k != "own_rows"}
+    arrays = {k: v for k, v in keys.arrays.items() if not k.endswith("_rows")}
+    bundle.put(type(keys)("hidden", older, arrays))
+    old_keys = tmp_path / "older.dskey"
+    write_bundle(bundle, old_keys, PASSPHRASE)
+    _, _, objective = _objective(marked.base, old_keys, digits)
+    rows, _ = objective.extra_batch(np.random.default_rng(0))
+    assert len(rows) == DEFAULTS["trigger_batch"] + DEFAULTS["pin_batch"] and objective.watch is None
+    report = api.embed(marked.base, old_keys, PASSPHRASE, tmp_path / "m.safetensors", seed=0, device="cpu")
+    assert report.schemes["hidden"]["took"] and report.schemes["hidden"]["read_back"].startswith("0/")
+
+
+def test_an_epoch_reads_the_probes_and_trigger_samples_as_it_passes_them(marked, digits, monkeypatch):
+    """With the model held still (lr 0), what the epoch saw of the probes and the trigger
+    samples is what a pass of their own gives, and the epoch made no such pass."""
+    import numpy as np
+
+    from deepsigns_cli.schemes import hidden as scheme
+    from deepsigns_cli.training import TrainConfig, fit
+    from deepsigns_cli.zoo import activations
+
+    model, keys, objective = _objective(marked.base, marked.keys, digits)
+    assert objective.watch is not None
+    seen, passes = [], []
+    collect = objective.watch.collect
+    monkeypatch.setattr(objective.watch, "collect", lambda: seen.append(collect()) or seen[-1])
+    monkeypatch.setattr(scheme, "activations", lambda *a: passes.append(1) or activations(*a))
+    fit(model, digits.x_train, digits.y_train, TrainConfig(epochs=2, lr=0.0, seed=0, device="cpu"), [objective])
+    assert len(passes) == 1  # the one before the first step (the line-up to start from)
+    check = np.concatenate([keys.arrays["probe_x"], keys.arrays["trigger_x"]])
+    expected = activations(model, keys.params["layer"], check).numpy()
+    assert len(seen) == 2 and all(np.allclose(s, expected, atol=1e-5) for s in seen)
+
+
+def test_data_other_than_the_keys_are_read_by_a_pass_of_their_own(marked, digits):
+    """Training rows in another order than keygen saw: the keys' row numbers no longer point
+    at the probes, so the end of an epoch reads them itself (and the embedding still takes)."""
+    import dataclasses
+
+    import numpy as np
+
+    from deepsigns_cli.training import TrainConfig, fit
+
+    order = np.random.default_rng(0).permutation(len(digits.y_train))
+    shuffled = dataclasses.replace(digits, x_train=digits.x_train[order], y_train=digits.y_train[order])
+    model, keys, objective = _objective(marked.base, marked.keys, shuffled)
+    assert objective.watch is None
+    objective.stop_when_read = True
+    history = fit(model, shuffled.x_train, shuffled.y_train, TrainConfig(epochs=40, lr=1e-3, seed=0, device="cpu"),
+                  [objective])
+    assert history["epochs"] < 40  # it stopped because every bit read back

@@ -43,10 +43,13 @@ DEFAULTS = {
     # (0.5, not 1.0: a non-negative (ReLU) carrier cannot give every bit 1.0 past ~64 bits;
     # a hinge, not cross-entropy: once a bit has its margin the embed stops pushing, which
     # leaves the rest of the layer, another owner's mark included, alone)
-    "trigger_batch": 32,  # trigger samples mixed into every step
+    "own_rows": True,  # a step teaches the bits on its own rows of the target classes and pins
+    # its own rows of the other classes: no rows are added to it, so an embedding step costs about
+    # what a plain one does (keys made before mix in the trigger_batch and pin_batch rows below)
+    "trigger_batch": 32,  # trigger samples mixed into every step (keys made before own_rows)
     "probes": 256,  # training samples whose activations line a suspect's units up with ours
-    "lambda3": 1.0,  # pin: the units keep their responses to the probes (so they can be lined up)
-    "pin_batch": 32,  # probe samples mixed into every step
+    "lambda3": 1.0,  # pin: the units keep their responses to training samples (so they can be lined up)
+    "pin_batch": 32,  # probe samples mixed into every step (keys made before own_rows)
 }
 ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apart weigh e^3 apart
 _DEAD = 1e-6  # a unit whose scale is below this is off: it carries nothing
@@ -87,14 +90,16 @@ class HiddenScheme(Scheme):
             take = min(int(opts["trigger_per_class"]), len(members))
             trig_idx.append(rng.choice(members, size=take, replace=False))
         trig_idx = np.concatenate(trig_idx)
-        probe_idx = rng.choice(len(data.x_train), size=min(int(opts["probes"]), len(data.x_train)), replace=False)
-        probe_x = data.x_train[np.sort(probe_idx)].astype(np.float32)
+        probe_idx = np.sort(rng.choice(len(data.x_train), size=min(int(opts["probes"]), len(data.x_train)),
+                                       replace=False))
+        probe_x = data.x_train[probe_idx].astype(np.float32)
         params = {
             "layer": layer,
             "width": width,
             "n_bits": n_bits,
             "message": message or None,
             **{k: opts[k] for k in ("lambda1", "lambda2", "lambda3", "margin", "trigger_batch", "pin_batch")},
+            "own_rows": bool(opts["own_rows"]),
         }
         arrays = {
             # one independent projection per target class (columns k*N .. (k+1)*N - 1): the bits
@@ -108,8 +113,12 @@ class HiddenScheme(Scheme):
             # the unmarked model's units on random training samples: what a suspect's units are
             # lined up against (a reference drawn before the bits, so it tells nothing of them)
             "probe_x": probe_x,
-            "probe_y": data.y_train[np.sort(probe_idx)].astype(np.int64),
+            "probe_y": data.y_train[probe_idx].astype(np.int64),
             "probe_ref": activations(model, layer, probe_x).numpy().astype(np.float32),
+            # where the probes and the trigger samples are in the training set: an embedding
+            # on the same data reads them as the epoch passes them (no pass of its own)
+            "probe_rows": probe_idx.astype(np.int64),
+            "trigger_rows": trig_idx.astype(np.int64),
         }
         return SchemeKeys(self.name, params, arrays)
 
@@ -130,6 +139,10 @@ class HiddenScheme(Scheme):
                                     "probe_ref": 2})
             fits = fits and a["probe_ref"].shape == (len(a["probe_x"]), p["width"]) \
                 and len(a["probe_y"]) == len(a["probe_x"]) and a["probe_x"].shape[1:] == tx.shape[1:]
+        for rows, of in (("probe_rows", "probe_x"), ("trigger_rows", "trigger_x")):
+            if rows in a:  # (bundles since own_rows)
+                self.require(keys, {}, {rows: 1, of: tx.ndim if isinstance(tx, np.ndarray) else 2})
+                fits = fits and a[rows].dtype.kind in "iu" and len(a[rows]) == len(a[of]) and a[rows].min() >= 0
         if not fits:
             self.damaged("shapes that do not fit together")
         return keys
@@ -182,13 +195,17 @@ class HiddenScheme(Scheme):
         )
 
 
-def read_bits(trig: np.ndarray, probe: np.ndarray | None, arrays: dict) -> np.ndarray:
+def read_bits(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
+              weights: np.ndarray | None = None) -> np.ndarray:
     """The signature, (s, N), from the carrier's activations on the trigger set (and on the
-    probes: the units are then lined up with the unmarked model's, each over its own scale):
-    the mean at each target class through that class's own columns of A."""
+    probes: the units are then lined up with the unmarked model's, each over its own scale, by
+    `weights` when they are already known): the mean at each target class through that class's
+    own columns of A."""
     if probe is not None:
-        free = _free_probes(arrays)
-        trig = _over_scale(trig, unit_rms(probe)) @ line_up(arrays["probe_ref"][free], probe[free]).T
+        if weights is None:
+            free = _free_probes(arrays)
+            weights = line_up(arrays["probe_ref"][free], probe[free])
+        trig = _over_scale(trig, unit_rms(probe)) @ weights.T
     ty = arrays["trigger_y"]
     means = np.stack([trig[ty == c].mean(0) for c in arrays["classes"]])
     n_each = arrays["bits"].shape[1]
@@ -238,6 +255,41 @@ def _majority(found: np.ndarray) -> np.ndarray:
     return np.where(votes == 0, found[0], votes > 0).astype(np.uint8)
 
 
+class _Watch:
+    """The carrier's activations on chosen training rows, taken as an epoch's steps pass them
+    (each row once an epoch; under torchrun each process its share, summed at the epoch's end)."""
+
+    def __init__(self, rows: np.ndarray, width: int):
+        self.unique, self.inverse = np.unique(rows, return_inverse=True)  # (a row may be asked twice)
+        self.width = width
+        self.sums = self.counts = None
+
+    def start(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(self.unique), self.width, device=device)
+        self.counts = torch.zeros(len(self.unique), device=device)
+
+    def see(self, act: torch.Tensor, rows: np.ndarray) -> None:
+        """The activations `act` of training rows `rows` (one step's)."""
+        at = np.searchsorted(self.unique, rows).clip(max=len(self.unique) - 1)
+        hit = self.unique[at] == rows
+        if hit.any():
+            to = torch.as_tensor(at[hit], device=act.device)
+            self.sums.index_add_(0, to, act[torch.as_tensor(np.flatnonzero(hit), device=act.device)].detach().float())
+            self.counts.index_add_(0, to, torch.ones(len(to), device=act.device))
+
+    def collect(self) -> np.ndarray | None:
+        """Every row's activation this epoch (by every process), in the order asked; None when
+        the epoch did not pass them all. The next epoch starts afresh."""
+        from ..training import Processes
+
+        procs = Processes.current()
+        sums, counts = procs.total(self.sums), procs.total(self.counts)
+        self.start(sums.device)
+        if bool((counts == 0).any()):
+            return None
+        return (sums / counts[:, None]).cpu().numpy()[self.inverse]
+
+
 class _HiddenState(nn.Module):
     """The objective's tensors: trainable class centres and the fixed key material."""
 
@@ -246,7 +298,10 @@ class _HiddenState(nn.Module):
         self.centres = nn.Parameter(centres)
         self.register_buffer("classes", classes)
         self.register_buffer("signs", signs)
-        self.register_buffer("A", A)
+        k, n = signs.shape
+        blocks = A.view(A.shape[0], k, n)  # class j's own projection: columns j*n .. (j+1)*n - 1
+        # each column over its norm, times sqrt(M): a unit-norm mean projects to ~N(0, 1)
+        self.register_buffer("A_unit", blocks / blocks.norm(dim=0) * (A.shape[0] ** 0.5))
         self.register_buffer("unit_rms", unit_rms)  # each unit's scale on training data (running)
         # the model's units lined up with the unmarked model's, as the read-out does it
         self.register_buffer("align", torch.eye(len(unit_rms)))
@@ -265,7 +320,7 @@ class HiddenObjective(Objective):
         # on at most STAT_ROWS training samples (a fixed subsample of a larger set: memory stays
         # bounded however large the data set)
         rows = bounded_rows(len(data.x_train))
-        acts = activations(model, self.layer, take(data.x_train, rows))
+        acts = activations(model, self.layer, take(data.x_train, rows))  # (also the pin's reference)
         if acts.shape[1] != params["width"]:
             raise SchemeError(
                 f"layer '{self.layer}' has {acts.shape[1]} units in this model, the keys expect "
@@ -293,15 +348,44 @@ class HiddenObjective(Objective):
             free = _free_probes(arrays)
             self.pin = tuple(torch.as_tensor(arrays[k][free]) for k in ("probe_x", "probe_y", "probe_ref"))
         self._n_trig, self._pin_rows = 0, None
+        # keys since own_rows: the pin holds the batch's own rows of the other classes where the
+        # model had them when the embedding began, on the training rows the centres were taken on
+        # (at most STAT_ROWS of them: on a larger set, the batch rows among them are pinned)
+        self.own_rows = bool(params.get("own_rows", False)) and self.pin is not None
+        if self.own_rows:
+            self.pool = np.arange(len(data.x_train))[rows]  # sorted
+            self.pool_pinned = ~np.isin(data.y_train[self.pool], arrays["classes"])
+            self.pool_ref = acts
+        self.watch = self._watch(arrays, data) if self.own_rows else None
         self.stop_when_read = False  # propose to stop once every bit reads back, as extract reads it
         self._ctx = None
         self.store: dict = {}
+
+    def _watch(self, arrays: dict, data) -> _Watch | None:
+        """The probes and the trigger samples, watched as the epoch passes them, when the keys
+        know where they are in these training data (keys since own_rows, on the data of keygen);
+        None otherwise (the end of an epoch then reads them in a pass of its own)."""
+        if "probe_rows" not in arrays:
+            return None
+        rows = np.concatenate([arrays["probe_rows"], arrays["trigger_rows"]])
+        if rows.max() >= len(data.x_train):
+            return None
+        order = np.argsort(rows, kind="stable")  # (lazy data are read in order)
+        found = np.empty_like(self._check_x)
+        found[order] = np.asarray(data.x_train[rows[order]], dtype=np.float32)
+        if not np.allclose(found, self._check_x, atol=1e-5):
+            return None
+        return _Watch(rows, int(self.params["width"]))
 
     def setup(self, model):
         self._line_up(model)
         if self.pin is not None:  # the reference rows live where the activations are
             device = next(model.parameters()).device
+            if self.watch is not None:
+                self.watch.start(device)
             self.pin = (*self.pin[:2], self.pin[2].to(device))
+            if self.own_rows:
+                self.pool_ref = self.pool_ref.to(device)
         self._ctx = capture(model, self.layer)
         self.store = self._ctx.__enter__()
 
@@ -314,16 +398,28 @@ class HiddenObjective(Objective):
             return False
         from ..training import Processes
 
-        a = self.arrays
         # the probes and the trigger set in one pass, shared out among the processes of a run
         both = Processes.current().share_rows(lambda x: activations(model, self.layer, x).numpy(), self._check_x)
+        return self._align_on(both)
+
+    def _align_on(self, both: np.ndarray) -> bool:
+        """Line the units up on the carrier's activations on the probes and the trigger set (in
+        that order); returns whether both readings find every bit."""
+        a = self.arrays
         probe, trig = both[: len(a["probe_x"])], both[len(a["probe_x"]):]
         free = _free_probes(a)
         weights = line_up(a["probe_ref"][free], probe[free])
         self.state.align.copy_(torch.as_tensor(weights, dtype=torch.float32))
-        return all(bool((read_bits(trig, p, a) == a["bits"]).all()) for p in (None, probe))
+        readings = (read_bits(trig, None, a), read_bits(trig, probe, a, weights))
+        return all(bool((found == a["bits"]).all()) for found in readings)
 
     def end_epoch(self, model, epoch):
+        if self.watch is not None:
+            seen = self.watch.collect()
+            if seen is not None:  # the epoch passed every probe and trigger sample: no pass of our own
+                read_back = self._align_on(seen)
+                # the activations were taken as the epoch went: an exact read confirms a stop
+                return self.stop_when_read and read_back and self._line_up(model)
         read_back = self._line_up(model)
         return read_back and self.stop_when_read  # (not while it only keeps a mark embedded before)
 
@@ -333,6 +429,8 @@ class HiddenObjective(Objective):
             self._ctx = None
 
     def extra_batch(self, rng):
+        if self.own_rows:
+            return None
         per = int(self.params["trigger_batch"])
         idx = torch.as_tensor(rng.choice(len(self.tx), size=min(per, len(self.tx)), replace=False))
         self._n_trig = len(idx)
@@ -343,23 +441,26 @@ class HiddenObjective(Objective):
         self._pin_rows = torch.as_tensor(jdx)
         return torch.cat([self.tx[idx], px[jdx]]), torch.cat([self.ty[idx], py[jdx]])
 
-    def _bits_loss(self, views: torch.Tensor, trig_y: torch.Tensor) -> torch.Tensor:
-        """The hinge on every bit, at every target class present in the step, in every view
-        ((v, t, M) activations of the t trigger rows): the mean trigger activation of each class
-        through that class's own columns of A, over its norm, ~N(0, 1) for an unrelated mean.
-        All classes and views at once (a few tensor operations: on a small model, the per-step
-        cost of many small ones is what an embedding epoch pays for)."""
+    def _bits_loss(self, act: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The hinge on every bit, at every target class present in the step, in both readings
+        of extract (the units as they are, and lined up with the unmarked model's over their
+        scales): the mean activation of each target class's rows among (act, y) through that
+        class's own columns of A, over its norm, ~N(0, 1) for an unrelated mean. The readings
+        are linear in the mean, so they are taken of the (s, M) means, not of every row: a few
+        small tensor operations (on a small model, the per-step cost of many small ones is
+        what an embedding epoch pays for)."""
         s = self.state
-        k, n = s.signs.shape
-        onehot = (trig_y[:, None] == s.classes[None, :]).to(views.dtype)  # (t, s)
+        onehot = (y[:, None] == s.classes[None, :]).to(act.dtype)  # (t, s); other classes' rows: 0
         counts = onehot.sum(0)
         present = counts > 0  # a class with no row in the step has no term (and no NaN)
-        means = torch.einsum("ts,vtm->vsm", onehot, views) / counts.clamp_min(1)[None, :, None]
-        blocks = s.A.view(s.A.shape[0], k, n)  # class j's own projection: columns j*n .. (j+1)*n - 1
-        z = torch.einsum("vsm,msn->vsn", means, blocks) / blocks.norm(dim=0)
-        z = z / means.norm(dim=2, keepdim=True).clamp_min(1e-6) * (blocks.shape[0] ** 0.5)
+        means = (onehot.T @ act) / counts.clamp_min(1)[:, None]  # (s, M)
+        views = [means]
+        if self.arrays is not None:
+            views.append((means / s.unit_rms.clamp_min(_DEAD)) @ s.align.T)
+        means = torch.stack(views)  # (v, s, M)
+        z = torch.einsum("vsm,msn->vsn", means, s.A_unit) / means.norm(dim=2, keepdim=True).clamp_min(1e-6)
         hinge = torch.relu(float(self.params["margin"]) - s.signs[None] * z).mean(2)  # (v, s)
-        return hinge[:, present].mean() if bool(present.any()) else views.sum() * 0
+        return hinge[:, present].mean() if bool(present.any()) else act.sum() * 0
 
     def share(self, rows, rank, world):
         """The trigger rows and the pin rows, each shared out on its own."""
@@ -370,9 +471,21 @@ class HiddenObjective(Objective):
             self._pin_rows = self._pin_rows[rank::world]
         return torch.cat([x[trig], x[pins]]), torch.cat([y[trig], y[pins]])
 
+    def _pin_own(self, act: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The pin on the batch's rows of the other classes that are in the reference pool."""
+        rows = rows.numpy()  # (row numbers stay on the CPU: the look-up is numpy's)
+        at = np.searchsorted(self.pool, rows).clip(max=len(self.pool) - 1)
+        held = (self.pool[at] == rows) & self.pool_pinned[at]
+        if not held.any():
+            return act.sum() * 0
+        mine, ref = (torch.as_tensor(i, device=act.device) for i in (np.flatnonzero(held), at[held]))
+        return (act[mine] - self.pool_ref[ref]).pow(2).sum(1).mean() / self.scale
+
     def loss(self, batch):
         s, own = self.state, batch.own
         act, y, logits = self.store["act"], batch.y, batch.logits
+        if self.watch is not None:
+            self.watch.see(act[: batch.n_train], batch.rows.numpy())
         # loss1: pull every activation to its class centre; push target centres from the others
         # (trigger samples are training samples: they get cross-entropy here too)
         ce = nn.functional.cross_entropy(logits[own], y[own]) if own.stop > own.start else 0.0
@@ -383,21 +496,24 @@ class HiddenObjective(Objective):
         other[torch.arange(len(s.classes), device=d2.device), s.classes] = False
         push = torch.exp(-d2[other]).mean()  # bounded in (0, 1]: cannot diverge
         loss1 = pull + push
-        # pin: the probe rows keep the units' responses where the unmarked model had them, so
-        # that a suspect's units can be lined up with the unmarked model's
-        pin = act.sum() * 0
-        trig = slice(own.start, min(own.stop, own.start + self._n_trig))
-        if self.pin is not None and own.stop > trig.stop:
-            ref = self.pin[2][self._pin_rows.to(act.device)]
-            pin = (act[trig.stop:own.stop] - ref).pow(2).sum(1).mean() / self.scale
-        # loss2: the trigger samples (our rows of the batch) drive the extracted quantity itself
-        trig_act, trig_y = act[trig], y[trig]
-        views = [trig_act]  # both readings of extract: the units as they are...
-        if self.arrays is not None:  # ...and lined up with the unmarked model's, over their scales
+        # pin: rows of the other classes keep the units' responses where the model had them
+        # before the embedding, so that a suspect's units can be lined up with the unmarked model's
+        if self.own_rows:  # the batch's own rows: target classes teach the bits, the others are pinned
+            n = batch.n_train
+            trig_act, trig_y = act[:n], y[:n]  # (the other classes' rows weigh nothing in the means)
+            pin = self._pin_own(act[:n], batch.rows)
+        else:  # keys made before: the trigger rows and the probe rows mixed into the step
+            trig = slice(own.start, min(own.stop, own.start + self._n_trig))
+            pin = act.sum() * 0
+            if self.pin is not None and own.stop > trig.stop:
+                ref = self.pin[2][self._pin_rows.to(act.device)]
+                pin = (act[trig.stop:own.stop] - ref).pow(2).sum(1).mean() / self.scale
+            trig_act, trig_y = act[trig], y[trig]
+        if self.arrays is not None:  # each unit's scale, for the lined-up reading
             with torch.no_grad():
                 s.unit_rms.mul_(0.9).add_(0.1 * unit_rms(act[: batch.n_train]))
-            views.append((trig_act / s.unit_rms.clamp_min(_DEAD)) @ s.align.T)
-        loss2 = self._bits_loss(torch.stack(views), trig_y)
+        # loss2: the rows of the target classes drive the extracted quantity itself
+        loss2 = self._bits_loss(trig_act, trig_y)
         weight = (own.stop - own.start) / max(1, own.stop)  # their share of the batch, as before
         return (
             weight * ce
