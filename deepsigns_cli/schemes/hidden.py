@@ -300,8 +300,14 @@ class _HiddenState(nn.Module):
         self.register_buffer("signs", signs)
         k, n = signs.shape
         blocks = A.view(A.shape[0], k, n)  # class j's own projection: columns j*n .. (j+1)*n - 1
-        # each column over its norm, times sqrt(M): a unit-norm mean projects to ~N(0, 1)
-        self.register_buffer("A_unit", blocks / blocks.norm(dim=0) * (A.shape[0] ** 0.5))
+        # (s, M, N): each column over its norm, times sqrt(M), so that a unit-norm mean
+        # projects to ~N(0, 1); class by class, as a batched product takes it
+        unit = blocks / blocks.norm(dim=0) * (A.shape[0] ** 0.5)
+        self.register_buffer("A_unit", unit.permute(1, 0, 2).contiguous())
+        # where, in the (s, C) distances of the target centres to all centres, the other classes are
+        others = torch.ones(k, len(centres), dtype=torch.bool)
+        others[torch.arange(k), classes] = False
+        self.register_buffer("others", others.flatten().nonzero().flatten())
         self.register_buffer("unit_rms", unit_rms)  # each unit's scale on training data (running)
         # the model's units lined up with the unmarked model's, as the read-out does it
         self.register_buffer("align", torch.eye(len(unit_rms)))
@@ -453,14 +459,15 @@ class HiddenObjective(Objective):
         onehot = (y[:, None] == s.classes[None, :]).to(act.dtype)  # (t, s); other classes' rows: 0
         counts = onehot.sum(0)
         present = counts > 0  # a class with no row in the step has no term (and no NaN)
-        means = (onehot.T @ act) / counts.clamp_min(1)[:, None]  # (s, M)
+        means = (onehot.T @ act) / counts.clamp_min(1)[:, None]  # (s, M); an absent class's: 0
         views = [means]
         if self.arrays is not None:
             views.append((means / s.unit_rms.clamp_min(_DEAD)) @ s.align.T)
-        means = torch.stack(views)  # (v, s, M)
-        z = torch.einsum("vsm,msn->vsn", means, s.A_unit) / means.norm(dim=2, keepdim=True).clamp_min(1e-6)
-        hinge = torch.relu(float(self.params["margin"]) - s.signs[None] * z).mean(2)  # (v, s)
-        return hinge[:, present].mean() if bool(present.any()) else act.sum() * 0
+        means = torch.stack(views, 1)  # (s, v, M)
+        z = torch.bmm(means, s.A_unit) / means.norm(dim=2, keepdim=True).clamp_min(1e-6)  # (s, v, N)
+        hinge = torch.relu(float(self.params["margin"]) - s.signs[:, None] * z).mean(2)  # (s, v)
+        weight = present.to(hinge.dtype)[:, None]  # the mean over the classes present (0 if none)
+        return (hinge * weight).sum() / (weight.sum() * len(views)).clamp_min(1)
 
     def share(self, rows, rank, world):
         """The trigger rows and the pin rows, each shared out on its own."""
@@ -492,9 +499,7 @@ class HiddenObjective(Objective):
         pull = (act - s.centres[y]).pow(2).sum(1).mean() / self.scale
         tc = s.centres[s.classes]  # (s, M)
         d2 = torch.cdist(tc, s.centres).pow(2) / self.scale  # (s, C)
-        other = torch.ones_like(d2, dtype=torch.bool)
-        other[torch.arange(len(s.classes), device=d2.device), s.classes] = False
-        push = torch.exp(-d2[other]).mean()  # bounded in (0, 1]: cannot diverge
+        push = torch.exp(-d2.flatten()[s.others]).mean()  # bounded in (0, 1]: cannot diverge
         loss1 = pull + push
         # pin: rows of the other classes keep the units' responses where the model had them
         # before the embedding, so that a suspect's units can be lined up with the unmarked model's
