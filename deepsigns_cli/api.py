@@ -225,9 +225,10 @@ def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: 
 
 def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str | Path, *,
           data: str = "digits", onnx: str | Path | None = None, epochs: int | None = None,
-          lr: float | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
-          arch_kwargs: dict | None = None, force: bool = False, progress: Progress | None = None,
-          also_inputs: dict | None = None, workers: int = 0, precision: str = "fp32") -> EmbedReport:
+          lr: float | None = None, batch_size: int = 64, seed: int = 0, device: str = "auto",
+          arch: str | None = None, arch_kwargs: dict | None = None, force: bool = False,
+          progress: Progress | None = None, also_inputs: dict | None = None, workers: int = 0,
+          precision: str = "fp32") -> EmbedReport:
     """`deepsigns embed`: fine-tune with every watermark of the bundle; write the marked
     checkpoint (and ONNX), and update the bundle in place (final keys, fingerprint).
 
@@ -239,6 +240,7 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
     from .results import EmbedReport
 
     _check_int("epochs", epochs)
+    _check_int("batch_size", batch_size)
     _check_int("seed", seed)
     _check_positive("lr", lr)
     inputs = {"--model": model, "--keys": keys, "--data": data, **(also_inputs or {})}
@@ -252,8 +254,8 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         dataset = load_dataset(data, model)
         net, info = _load_model(model, arch, arch_kwargs, data=dataset)
         net, info, bundle, report = embed_keys(net, info, dataset, bundle, epochs=epochs, lr=lr,
-                                               seed=seed, device=device, progress=progress, workers=workers,
-                                               precision=precision)
+                                               batch_size=batch_size, seed=seed, device=device, progress=progress,
+                                               workers=workers, precision=precision)
         save_checkpoint(net, info, out_tmp)
         diff = None
         if onnx_tmp is not None:
@@ -888,7 +890,7 @@ def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options
 
 
 def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs: int | None = None,
-               lr: float | None = None, seed: int = 0, device: str = "auto",
+               lr: float | None = None, batch_size: int = 64, seed: int = 0, device: str = "auto",
                progress: Progress | None = None, workers: int = 0, precision: str = "fp32"):
     """Embed every scheme of the bundle in registry order; returns (model, info, bundle,
     report dict). The model is trained in place; objectives of the schemes already embedded
@@ -907,8 +909,8 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
     for name in embed_order(bundle.schemes):
         scheme, entry = load_scheme(name), scheme_entry(name)
         # --epochs, else the scheme's own default (a cap where it stops by itself)
-        cfg = TrainConfig(epochs=epochs or entry.default_epochs, lr=lr or info.lr, seed=seed,
-                          device=device, description=f"embed {name}", workers=workers,
+        cfg = TrainConfig(epochs=epochs or entry.default_epochs, lr=lr or info.lr, batch_size=batch_size,
+                          seed=seed, device=device, description=f"embed {name}", workers=workers,
                           precision=precision)
         keys, history = scheme.embed(model, info, data, scheme.check(bundle.schemes[name]), cfg,
                                      progress, tuple(embedded))

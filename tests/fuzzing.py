@@ -1500,8 +1500,10 @@ def gen_args(ctx: Ctx) -> Case:
         argv = ctx.keygen(ctx.copy("base.safetensors"), extra=extra, scheme=scheme)
         outputs = ["new.dskey"]
     elif cmd == "embed":
-        opt = ctx.pick({"--epochs": 1, "--lr": 3, "--seed": 2, "--passphrase-file": 1, "--arch-kwargs": 1})
-        value = ctx.choice({"--epochs": ["0", "-1", str(2**64), "x"], "--lr": LR_VALUES, "--seed": SEED_VALUES,
+        opt = ctx.pick({"--epochs": 1, "--batch-size": 1, "--lr": 3, "--seed": 2, "--passphrase-file": 1,
+                        "--arch-kwargs": 1})
+        value = ctx.choice({"--epochs": ["0", "-1", str(2**64), "x"], "--batch-size": INT_VALUES,
+                            "--lr": LR_VALUES, "--seed": SEED_VALUES,
                             "--arch-kwargs": [deep(), "[]", '{"hidden": [32, 32]}']}.get(opt, [None]))
         if opt == "--passphrase-file":
             value = _passphrase_file(ctx)

@@ -40,6 +40,7 @@ def test_debug_shows_the_traceback(marked, monkeypatch):
     (["train", "--arch", "mlp", "--out", "x", "--epochs", "0"], ["--epochs", "range"]),
     (["train", "--arch", "mlp", "--out", "x", "--epochs", str(2**63)], ["--epochs"]),
     (["train", "--arch", "mlp", "--out", "x", "--seed", "-1"], ["--seed"]),
+    (["embed", "--model", "m", "--keys", "k", "--out", "x", "--batch-size", "0"], ["--batch-size", "range"]),
     (["train", "--arch", "mlp", "--out", "x", "--seed", str(2**64)], ["--seed"]),
     (["keygen", "--model", "m", "--out", "k", "--bits", str(10**15)], ["--bits"]),
     (["keygen", "--model", "m", "--out", "k", "--key-size", str(2**63)], ["--key-size"]),

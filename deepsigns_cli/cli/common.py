@@ -128,6 +128,11 @@ def int_range(name: str):
     return click.IntRange(*LIMITS[name])
 
 
+def batch_size_option(fn):
+    return click.option("--batch-size", type=int_range("batch_size"), default=64, show_default=True,
+                        help="Samples per step (under --nproc / torchrun: in all, shared among the processes).")(fn)
+
+
 def device_option(fn):
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                         show_default=True, help="auto = CUDA when torch sees a GPU.")(fn)

@@ -3,6 +3,7 @@ import click
 from .. import api
 from . import render
 from .common import (
+    batch_size_option,
     common_options,
     data_option,
     device_option,
@@ -30,6 +31,7 @@ from .launch import is_main, nproc_option, precision_option, relaunch, workers_o
                    "itself once its mark reads back, see the README).")
 @click.option("--lr", type=float, default=None,
               help="Learning rate (default: the one the model's training ended with).")
+@batch_size_option
 @force_option
 @device_option
 @nproc_option
@@ -37,7 +39,7 @@ from .launch import is_main, nproc_option, precision_option, relaunch, workers_o
 @precision_option
 @common_options
 def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file, out, onnx_out,
-            epochs, lr, force, device, nproc, workers, precision, seed, json_):
+            epochs, lr, batch_size, force, device, nproc, workers, precision, seed, json_):
     """Embed the bundle's watermarks by fine-tuning a model.
 
     The bundle is updated in place (final keys, marked model's fingerprint), atomically, and
@@ -51,7 +53,8 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
         relaunch(nproc, device)
     with api.process_group(device), progress_bar() as progress:
         report = api.embed(model_path, keys_path, passphrase_from(passphrase_file), out,
-                           data=data_spec, onnx=onnx_out, epochs=epochs, lr=lr, seed=seed or 0,
+                           data=data_spec, onnx=onnx_out, epochs=epochs, lr=lr, batch_size=batch_size,
+                           seed=seed or 0,
                            device=device, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                            force=force, progress=progress,
                            also_inputs={"--passphrase-file": passphrase_file}, workers=workers,

@@ -200,14 +200,14 @@ def read_bits(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
     """The signature, (s, N), from the carrier's activations on the trigger set (and on the
     probes: the units are then lined up with the unmarked model's, each over its own scale, by
     `weights` when they are already known): the mean at each target class through that class's
-    own columns of A."""
+    own columns of A (the line-up is linear, so it is applied to the means)."""
+    ty = arrays["trigger_y"]
+    means = np.stack([trig[ty == c].mean(0) for c in arrays["classes"]])
     if probe is not None:
         if weights is None:
             free = _free_probes(arrays)
             weights = line_up(arrays["probe_ref"][free], probe[free])
-        trig = _over_scale(trig, unit_rms(probe)) @ weights.T
-    ty = arrays["trigger_y"]
-    means = np.stack([trig[ty == c].mean(0) for c in arrays["classes"]])
+        means = _over_scale(means, unit_rms(probe)) @ weights.T
     n_each = arrays["bits"].shape[1]
     proj = np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)])
     return (proj > 0).astype(np.uint8)
