@@ -499,7 +499,7 @@ class HiddenObjective(Objective):
         if self.watch is not None:
             self.watch.see(act[: batch.n_train], batch.rows.numpy())
         # loss1: pull every activation to its class centre; push target centres from the others
-        # (trigger samples are training samples: they get cross-entropy here too)
+        # (keys made before own_rows: the trigger rows mixed in get cross-entropy here too)
         ce = nn.functional.cross_entropy(logits[own], y[own]) if own.stop > own.start else 0.0
         pull = (act - s.centres[y]).pow(2).sum(1).mean() / self.scale
         tc = s.centres[s.classes]  # (s, M)
