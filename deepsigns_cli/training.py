@@ -85,6 +85,11 @@ class Processes:
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
     @property
+    def alone(self) -> bool:
+        """Whether this process works alone: no other process, or no process group joined."""
+        return self.world_size == 1 or not _grouped()
+
+    @property
     def is_main(self) -> bool:
         """Only the main process writes files and prints the report."""
         return self.rank == 0
@@ -93,7 +98,7 @@ class Processes:
         """One decision for every process: true when any process says so."""
         import torch.distributed as dist
 
-        if self.world_size == 1 or not _grouped():
+        if self.alone:
             return flag
         t = torch.tensor([int(flag)], device=_collective_device())  # (nccl reduces on the GPU only)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -103,7 +108,7 @@ class Processes:
         """t summed over every process of the run (t itself in a run of one)."""
         import torch.distributed as dist
 
-        if self.world_size == 1 or not _grouped():
+        if self.alone:
             return t
         out = t.to(_collective_device() or t.device)
         dist.all_reduce(out)
@@ -116,7 +121,7 @@ class Processes:
         import torch.distributed as dist
 
         world = self.world_size
-        if world == 1 or len(x) < world or not _grouped():
+        if self.alone or len(x) < world:
             return fn(x)
         bounds = np.linspace(0, len(x), world + 1).astype(int)
         sizes = np.diff(bounds)
@@ -260,7 +265,7 @@ def _epoch_batches(order: np.ndarray, cfg: TrainConfig, procs: Processes) -> lis
 def _sync_state_grads(states, procs: Processes) -> None:
     """The objectives' own parameters (class centres) take the mean gradient of all processes,
     as the model's do under DistributedDataParallel: they stay the same everywhere."""
-    if procs.world_size == 1:
+    if procs.alone:
         return
     import torch.distributed as dist
 
@@ -404,7 +409,7 @@ def _mixed_precision(precision: str, device: torch.device):
 def _parallel(net: nn.Module, device: torch.device, procs: Processes) -> nn.Module:
     """The module the loop runs: the model itself, or under torchrun the model wrapped in
     DistributedDataParallel (gradients averaged over the processes at every step)."""
-    if procs.world_size == 1 or not _grouped():
+    if procs.alone:
         return net
     ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None

@@ -168,13 +168,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started, body = time.perf_counter(), {}
+    figures = {"overhead": lambda: overhead(args.out, args.repeats),
+               "scaling": lambda: scaling(args.out, batch_size=args.batch_size),
+               "memory": lambda: memory(args.out)}
     for name in args.figures:
-        if name == "overhead":
-            body[name] = overhead(args.out, args.repeats)
-        elif name == "scaling":
-            body[name] = scaling(args.out, batch_size=args.batch_size)
-        else:
-            body[name] = globals()[name](args.out)
+        body[name] = figures[name]()
     (args.out / "bench.json").write_text(json.dumps(body, indent=1))
     print(f"[{time.perf_counter() - started:.0f} s] {json.dumps(body)}")
 

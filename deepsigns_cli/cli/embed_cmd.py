@@ -54,8 +54,7 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
     with api.process_group(device), progress_bar() as progress:
         report = api.embed(model_path, keys_path, passphrase_from(passphrase_file), out,
                            data=data_spec, onnx=onnx_out, epochs=epochs, lr=lr, batch_size=batch_size,
-                           seed=seed or 0,
-                           device=device, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                           seed=seed or 0, device=device, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                            force=force, progress=progress,
                            also_inputs={"--passphrase-file": passphrase_file}, workers=workers,
                            precision=precision)

@@ -260,6 +260,13 @@ def _majority(found: np.ndarray) -> np.ndarray:
     return np.where(votes == 0, found[0], votes > 0).astype(np.uint8)
 
 
+def _found(sorted_rows: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(where in `rows`, where in `sorted_rows`) of the row numbers `rows` that `sorted_rows` holds."""
+    at = np.searchsorted(sorted_rows, rows).clip(max=len(sorted_rows) - 1)
+    hit = sorted_rows[at] == rows
+    return np.flatnonzero(hit), at[hit]
+
+
 class _Watch:
     """The carrier's activations on chosen training rows, taken as an epoch's steps pass them
     (each row once an epoch; under torchrun each process its share, summed at the epoch's end)."""
@@ -275,12 +282,10 @@ class _Watch:
 
     def see(self, act: torch.Tensor, rows: np.ndarray) -> None:
         """The activations `act` of training rows `rows` (one step's)."""
-        at = np.searchsorted(self.unique, rows).clip(max=len(self.unique) - 1)
-        hit = self.unique[at] == rows
-        if hit.any():
-            to = torch.as_tensor(at[hit], device=act.device)
-            self.sums.index_add_(0, to, act[torch.as_tensor(np.flatnonzero(hit), device=act.device)].detach().float())
-            self.counts.index_add_(0, to, torch.ones(len(to), device=act.device))
+        mine, at = (torch.as_tensor(i, device=act.device) for i in _found(self.unique, rows))
+        if len(at):
+            self.sums.index_add_(0, at, act[mine].detach().float())
+            self.counts.index_add_(0, at, torch.ones(len(at), device=act.device))
 
     def collect(self) -> np.ndarray | None:
         """Every row's activation this epoch (by every process), in the order asked; None when
@@ -485,12 +490,11 @@ class HiddenObjective(Objective):
 
     def _pin_own(self, act: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The pin on the batch's rows of the other classes that are in the reference pool."""
-        rows = rows.numpy()  # (row numbers stay on the CPU: the look-up is numpy's)
-        at = np.searchsorted(self.pool, rows).clip(max=len(self.pool) - 1)
-        held = (self.pool[at] == rows) & self.pool_pinned[at]
+        mine, at = _found(self.pool, rows.numpy())  # (row numbers stay on the CPU: the look-up is numpy's)
+        held = self.pool_pinned[at]
         if not held.any():
             return act.sum() * 0
-        mine, ref = (torch.as_tensor(i, device=act.device) for i in (np.flatnonzero(held), at[held]))
+        mine, ref = (torch.as_tensor(i, device=act.device) for i in (mine[held], at[held]))
         return (act[mine] - self.pool_ref[ref]).pow(2).sum(1).mean() / self.scale
 
     def loss(self, batch):
