@@ -268,3 +268,16 @@ def test_data_other_than_the_keys_are_read_by_a_pass_of_their_own(marked, digits
     history = fit(model, shuffled.x_train, shuffled.y_train, TrainConfig(epochs=40, lr=1e-3, seed=0, device="cpu"),
                   [objective])
     assert history["epochs"] < 40  # it stopped because every bit read back
+
+
+def test_keys_with_half_of_their_row_numbers_are_refused_with_one_line(marked, tmp_path):
+    """A bundle that knows where its probes are but not its trigger samples is damaged: exit 2."""
+    from deepsigns_cli.bundle import open_bundle, write_bundle
+
+    bundle = open_bundle(marked.keys, PASSPHRASE)
+    keys = bundle.schemes["hidden"]
+    bundle.put(type(keys)("hidden", keys.params, {k: v for k, v in keys.arrays.items() if k != "trigger_rows"}))
+    damaged = tmp_path / "half.dskey"
+    write_bundle(bundle, damaged, PASSPHRASE)
+    result = run_cli("extract", "--model", marked.marked, "--keys", damaged, code=2)
+    assert_one_error_line(result.stderr, result.stdout, "damaged")

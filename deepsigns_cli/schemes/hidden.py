@@ -144,6 +144,7 @@ class HiddenScheme(Scheme):
                                     "probe_ref": 2})
             fits = fits and a["probe_ref"].shape == (len(a["probe_x"]), p["width"]) \
                 and len(a["probe_y"]) == len(a["probe_x"]) and a["probe_x"].shape[1:] == tx.shape[1:]
+        fits = fits and ("probe_rows" in a) == ("trigger_rows" in a)  # (both, or neither: older keys)
         for rows, of in (("probe_rows", "probe_x"), ("trigger_rows", "trigger_x")):
             if rows in a:  # (bundles since own_rows)
                 self.require(keys, {}, {rows: 1, of: tx.ndim if isinstance(tx, np.ndarray) else 2})
