@@ -70,7 +70,10 @@ def relaunch(nproc: int, device: str) -> None:
         sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines()
                                  if line.startswith("warning:")))
         sys.exit(0)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    # a process's own failure, not the interruption of the others that torchrun then stopped
+    # (this process was not interrupted: a Ctrl-C here would have ended it before this line)
+    errors = [line for line in proc.stderr.splitlines()
+              if line.startswith("error: ") and not line.startswith("error: interrupted")]
     first = errors[0][len("error: "):] if errors else \
         f"a process of the {nproc}-process run failed (exit {proc.returncode}); nothing was written"
     click.echo(f"error: {first}", err=True)
