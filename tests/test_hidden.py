@@ -206,6 +206,45 @@ def _objective(path, keys_path, data, **params):
     return model, keys, scheme.objective(model, info, data, keys)
 
 
+@pytest.mark.parametrize("lined", [True, False], ids=["both-readings", "older-keys-one-reading"])
+def test_the_steps_term_gives_the_gradient_of_its_value(marked, digits, lined):
+    """The embedding's term writes its gradients out (no autograd graph): along random directions
+    they match central finite differences of its value, in float64, with a target class absent
+    from the step, rows pinned, bits on both sides of their margin, and a non-trivial line-up."""
+    from deepsigns_cli.schemes.hidden import _WrittenOut
+
+    _, keys, objective = _objective(marked.base, marked.keys, digits)
+    if not lined:
+        objective.arrays = None  # keys made before the line-up: the units as they are only
+    state = objective.state.double()
+    gen = torch.Generator().manual_seed(0)
+    width, classes = keys.params["width"], keys.arrays["classes"].tolist()
+    with torch.no_grad():
+        state.align.copy_(torch.softmax(torch.randn(width, width, generator=gen, dtype=torch.float64) * 3, 1))
+    others = [c for c in range(10) if c not in classes]
+    y = torch.tensor([classes[0]] * 4 + [classes[1]] * 3 + others * 2)  # classes[2] is absent
+    pin = (torch.tensor([7, 9, 12]), torch.rand(3, width, generator=gen, dtype=torch.float64))
+    act = torch.rand(len(y), width, generator=gen, dtype=torch.float64).requires_grad_()
+    centres = (state.centres.detach() + 0.1 * torch.randn(state.centres.shape, generator=gen,
+                                                          dtype=torch.float64)).requires_grad_()
+
+    def term(a, c):
+        return _WrittenOut.apply(lambda a_, c_: objective._terms(a_, c_, y, slice(0, len(y)), pin, 0.7), a, c)
+
+    value = term(act, centres)
+    g_act, g_centres = torch.autograd.grad(value, (act, centres))
+    assert g_act[len(y) - 1].abs().sum() > 0 and g_centres[classes[2]].abs().sum() > 0  # pull and push
+    for _ in range(6):
+        d_act = torch.randn(act.shape, generator=gen, dtype=torch.float64)
+        d_centres = torch.randn(centres.shape, generator=gen, dtype=torch.float64)
+        h = 1e-6
+        with torch.no_grad():
+            numeric = (term(act + h * d_act, centres + h * d_centres)
+                       - term(act - h * d_act, centres - h * d_centres)) / (2 * h)
+        analytic = (g_act * d_act).sum() + (g_centres * d_centres).sum()
+        assert float(numeric) == pytest.approx(float(analytic), rel=1e-5, abs=1e-9)
+
+
 def test_new_keys_add_no_rows_to_a_step_and_older_keys_still_embed(marked, digits, tmp_path):
     """Keys made now teach the bits on the batch's own rows and add none to a step; keys made
     before own_rows mix in trigger and probe rows, and still embed."""

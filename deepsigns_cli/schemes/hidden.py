@@ -232,17 +232,20 @@ def line_up(reference: np.ndarray, acts: np.ndarray) -> np.ndarray:
     units (the function unchanged) gets the same reading as the unshuffled model, exactly; near
     twins among the units share the weight instead of being picked at random. A unit that is
     off (in either model) weighs nothing."""
-    r = reference - reference.mean(0)
-    a = acts - acts.mean(0)
-    rn, an = np.linalg.norm(r, axis=0), np.linalg.norm(a, axis=0)
+    r, a = (m - m.mean(0) for m in (reference, acts))
+    rn, an = (np.linalg.norm(m, axis=0) for m in (r, a))
     live_r, live_a = rn > _DEAD, an > _DEAD
-    corr = (r.T @ a) / np.where(live_r[:, None] & live_a[None, :], rn[:, None] * an[None, :], np.inf)
-    logits = np.where(live_a[None, :], corr / ALIGN_TEMPERATURE, -np.inf)
     if not live_a.any():
-        return np.zeros_like(corr)
-    weights = np.exp(logits - logits.max(1, keepdims=True))
+        return np.zeros((r.shape[1], a.shape[1]), np.result_type(r, a))
+    # each unit over its norm (one that is off: 0), so that one product gives the correlations
+    # (over the temperature), and the softmax in place: an epoch's line-up is a few passes
+    logits = (r * (live_r / np.where(live_r, rn * ALIGN_TEMPERATURE, 1))).T @ (a * (live_a / np.where(live_a, an, 1)))
+    logits[:, ~live_a] = -np.inf
+    logits -= logits.max(1, keepdims=True)
+    weights = np.exp(logits, out=logits)
     weights /= weights.sum(1, keepdims=True)
-    return np.where(live_r[:, None], weights, 0.0)
+    weights[~live_r] = 0.0
+    return weights
 
 
 def _over_scale(acts: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -252,7 +255,13 @@ def _over_scale(acts: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def unit_rms(acts):
     """Each unit's root mean square over the rows (numpy or torch, (n, M) -> (M,))."""
-    return (acts**2).mean(0) ** 0.5
+    return (acts * acts).mean(0) ** 0.5
+
+
+def _squares(t: torch.Tensor) -> torch.Tensor:
+    """The sum of t's squared entries, in one pass."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def _majority(found: np.ndarray) -> np.ndarray:
@@ -279,14 +288,14 @@ class _Watch:
 
     def start(self, device: torch.device) -> None:
         self.sums = torch.zeros(len(self.unique), self.width, device=device)
-        self.counts = torch.zeros(len(self.unique), device=device)
+        self.counts = np.zeros(len(self.unique), np.int64)
 
     def see(self, act: torch.Tensor, rows: np.ndarray) -> None:
         """The activations `act` of training rows `rows` (one step's)."""
-        mine, at = (torch.as_tensor(i, device=act.device) for i in _found(self.unique, rows))
+        mine, at = _found(self.unique, rows)
         if len(at):
-            self.sums.index_add_(0, at, act[mine].detach().float())
-            self.counts.index_add_(0, at, torch.ones(len(at), device=act.device))
+            mine, self.counts[at] = torch.as_tensor(mine, device=act.device), self.counts[at] + 1
+            self.sums.index_add_(0, torch.as_tensor(at, device=act.device), act.detach().index_select(0, mine).float())
 
     def collect(self) -> np.ndarray | None:
         """Every row's activation this epoch (by every process), in the order asked; None when
@@ -294,34 +303,63 @@ class _Watch:
         from ..training import Processes
 
         procs = Processes.current()
-        sums, counts = procs.total(self.sums), procs.total(self.counts)
+        sums, counts = procs.total(self.sums), procs.total(torch.as_tensor(self.counts)).numpy()
         self.start(sums.device)
-        if bool((counts == 0).any()):
+        if (counts == 0).any():
             return None
-        return (sums / counts[:, None]).cpu().numpy()[self.inverse]
+        return (sums.cpu().numpy() / counts[:, None].astype(np.float32))[self.inverse]
 
 
 class _HiddenState(nn.Module):
-    """The objective's tensors: trainable class centres and the fixed key material."""
+    """The objective's tensors: trainable class centres and the fixed key material, laid out
+    once as the step's term takes them."""
 
-    def __init__(self, centres, classes, signs, A, unit_rms):
+    def __init__(self, centres, classes, signs, A, unit_rms, margin: float):
         super().__init__()
         self.centres = nn.Parameter(centres)
         self.register_buffer("classes", classes)
-        self.register_buffer("signs", signs)
         k, n = signs.shape
+        self.register_buffer("neg_signs", -signs[:, None, :])  # (s, 1, N): -1 for a 1 bit, +1 for a 0 bit
+        self.register_buffer("margin", torch.tensor(float(margin)))
         blocks = A.view(A.shape[0], k, n)  # class j's own projection: columns j*n .. (j+1)*n - 1
         # (s, M, N): each column over its norm, times sqrt(M), so that a unit-norm mean
-        # projects to ~N(0, 1); class by class, as a batched product takes it
+        # projects to ~N(0, 1); class by class, as a batched product takes it (and its transpose)
         unit = blocks / blocks.norm(dim=0) * (A.shape[0] ** 0.5)
         self.register_buffer("A_unit", unit.permute(1, 0, 2).contiguous())
-        # where, in the (s, C) distances of the target centres to all centres, the other classes are
-        others = torch.ones(k, len(centres), dtype=torch.bool)
-        others[torch.arange(k), classes] = False
-        self.register_buffer("others", others.flatten().nonzero().flatten())
+        self.register_buffer("A_unit_T", unit.permute(1, 2, 0).contiguous())
+        # (C, s): row c says which target class c is (a row of zeros for the other classes)
+        self.register_buffer("member", (torch.arange(len(centres))[:, None] == classes[None, :]).float())
+        # 1 where, in the (s, C) distances of the target centres to all centres, the other classes are
+        self.register_buffer("others", 1.0 - self.member.T)
         self.register_buffer("unit_rms", unit_rms)  # each unit's scale on training data (running)
+        self.register_buffer("inv_rms", 1 / unit_rms.clamp_min(_DEAD))
         # the model's units lined up with the unmarked model's, as the read-out does it
         self.register_buffer("align", torch.eye(len(unit_rms)))
+
+    @torch.no_grad()
+    def see_scale(self, act: torch.Tensor) -> None:
+        """Each unit's scale, a running mean over the steps, from this step's activations."""
+        self.unit_rms.mul_(0.9).add_(unit_rms(act), alpha=0.1)
+        torch.reciprocal(self.unit_rms.clamp_min(_DEAD), out=self.inv_rms)
+
+
+class _WrittenOut(torch.autograd.Function):
+    """A loss term whose gradients come with its value (`terms(act, centres)` gives the value
+    and both gradients): autograd records one node for it, not one per operation. Computed in
+    fp32 at least (out of autocast), and its gradients handed back in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, terms, act, centres):
+        dtype = torch.promote_types(act.dtype, torch.float32)
+        with torch.autocast(act.device.type, enabled=False):
+            value, g_act, g_centres = terms(act.detach().to(dtype), centres.detach().to(dtype))
+        ctx.save_for_backward(g_act.to(act.dtype), g_centres.to(centres.dtype))
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_act, g_centres = ctx.saved_tensors
+        return None, grad * g_act, grad * g_centres
 
 
 class HiddenObjective(Objective):
@@ -355,6 +393,7 @@ class HiddenObjective(Objective):
             torch.as_tensor(arrays["bits"], dtype=torch.float32) * 2 - 1,  # (s, N) signs
             torch.as_tensor(arrays["A"], dtype=torch.float32),
             unit_rms(acts),
+            float(params["margin"]),
         )
         # bundles of keygen since the unit line-up keep probes; older ones are read as they were
         self.arrays = arrays if "probe_ref" in arrays else None
@@ -370,9 +409,9 @@ class HiddenObjective(Objective):
         # (at most STAT_ROWS of them: on a larger set, the batch rows among them are pinned)
         self.own_rows = bool(params.get("own_rows", False)) and self.pin is not None
         if self.own_rows:
-            self.pool = np.arange(len(data.x_train))[rows]  # sorted
-            self.pool_pinned = ~np.isin(data.y_train[self.pool], arrays["classes"])
-            self.pool_ref = acts
+            pool = np.arange(len(data.x_train))[rows]  # sorted
+            pinned = ~np.isin(data.y_train[pool], arrays["classes"])
+            self.pinned_rows, self.pinned_ref = pool[pinned], acts[torch.as_tensor(pinned)]
         self.watch = self._watch(arrays, data) if self.own_rows else None
         self.stop_when_read = False  # propose to stop once every bit reads back, as extract reads it
         self._ctx = None
@@ -402,7 +441,7 @@ class HiddenObjective(Objective):
                 self.watch.start(device)
             self.pin = (*self.pin[:2], self.pin[2].to(device))
             if self.own_rows:
-                self.pool_ref = self.pool_ref.to(device)
+                self.pinned_ref = self.pinned_ref.to(device)
         self._ctx = capture(model, self.layer)
         self.store = self._ctx.__enter__()
 
@@ -458,27 +497,58 @@ class HiddenObjective(Objective):
         self._pin_rows = torch.as_tensor(jdx)
         return torch.cat([self.tx[idx], px[jdx]]), torch.cat([self.ty[idx], py[jdx]])
 
-    def _bits_loss(self, act: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The hinge on every bit, at every target class present in the step, in both readings
-        of extract (the units as they are, and lined up with the unmarked model's over their
-        scales): the mean activation of each target class's rows among (act, y) through that
-        class's own columns of A, over its norm, ~N(0, 1) for an unrelated mean. The readings
-        are linear in the mean, so they are taken of the (s, M) means, not of every row: a few
-        small tensor operations (on a small model, the per-step cost of many small ones is
-        what an embedding epoch pays for)."""
-        s = self.state
-        onehot = (y[:, None] == s.classes[None, :]).to(act.dtype)  # (t, s); other classes' rows: 0
-        counts = onehot.sum(0)
-        present = counts > 0  # a class with no row in the step has no term (and no NaN)
-        means = (onehot.T @ act) / counts.clamp_min(1)[:, None]  # (s, M); an absent class's: 0
-        views = [means]
-        if self.arrays is not None:
-            views.append((means / s.unit_rms.clamp_min(_DEAD)) @ s.align.T)
-        means = torch.stack(views, 1)  # (s, v, M)
-        z = torch.bmm(means, s.A_unit) / means.norm(dim=2, keepdim=True).clamp_min(1e-6)  # (s, v, N)
-        hinge = torch.relu(float(self.params["margin"]) - s.signs[:, None] * z).mean(2)  # (s, v)
-        weight = present.to(hinge.dtype)[:, None]  # the mean over the classes present (0 if none)
-        return (hinge * weight).sum() / (weight.sum() * len(views)).clamp_min(1)
+    def _terms(self, act: torch.Tensor, centres: torch.Tensor, y: torch.Tensor, trig: slice,
+               pin: tuple[torch.Tensor, torch.Tensor], lambda3: float):
+        """lambda1 * loss1 + lambda2 * loss2 + lambda3 * pin, and its gradients with respect to
+        `act` (every row's carrier activations) and the class centres, written out: few tensor
+        operations and no graph (on a small model, each operation's fixed cost is what an
+        embedding step pays for, and autograd's doubled them). `trig`: the rows that teach the
+        bits; `pin`: (rows, their reference activations)."""
+        s, p = self.state, self.params
+        lambda1, lambda2, scale = float(p["lambda1"]), float(p["lambda2"]), self.scale
+        # loss1, pull: every activation towards its class centre
+        diff = act - centres.index_select(0, y)
+        value = _squares(diff) * (lambda1 / (len(act) * scale))
+        g_act = diff.mul_(2 * lambda1 / (len(act) * scale))
+        g_centres = torch.zeros_like(centres).index_add_(0, y, g_act, alpha=-1)
+        # loss1, push: the target centres away from the others, by exp(-d^2) (bounded in (0, 1]:
+        # cannot diverge); a centre and itself weigh 0
+        apart = centres.index_select(0, s.classes)[:, None, :] - centres  # (s, C, M)
+        near = torch.exp(apart.pow(2).sum(2) * (-1 / scale)).mul_(s.others)  # (s, C)
+        per = lambda1 / (s.others.numel() - len(s.classes))
+        g_apart = apart * near.mul(-2 * per / scale)[:, :, None]
+        g_centres.index_add_(0, s.classes, g_apart.sum(1)).sub_(g_apart.sum(0))
+        value += near.sum() * per
+        # pin: the rows of other classes keep their activations where the model had them before
+        # the embedding, so that a suspect's units can be lined up with the unmarked model's
+        at, ref = pin
+        if len(at):
+            off = act.index_select(0, at) - ref
+            value += _squares(off) * (lambda3 / (len(at) * scale))
+            g_act.index_add_(0, at, off, alpha=2 * lambda3 / (len(at) * scale))
+        # loss2: the hinge on every bit, at every target class present among the `trig` rows, in
+        # both readings of extract (the units as they are, and lined up with the unmarked
+        # model's over their scales): the class's mean activation through its own columns of
+        # A, over its norm (~N(0, 1) for an unrelated mean). The readings are linear in the
+        # mean, so they are taken of the (s, M) means, not of every row.
+        rows = s.member.index_select(0, y[trig])  # (t, s); other classes' rows: 0
+        counts = rows.sum(0)
+        present = counts.clamp(max=1)  # a class with no row in the step has no term (and no NaN)
+        rows /= counts.clamp_min(1)  # (each row's share of its class's mean)
+        means = rows.T @ act[trig]  # (s, M)
+        lined = self.arrays is not None
+        views = torch.stack([means, (means * s.inv_rms) @ s.align.T], 1) if lined else means[:, None]
+        inv_norm = views.norm(dim=2, keepdim=True).clamp_min_(1e-6).reciprocal_()  # (s, v, 1)
+        z = torch.bmm(views, s.A_unit).mul_(inv_norm)  # (s, v, N)
+        short = torch.addcmul(s.margin, s.neg_signs, z)  # margin - the signed projection
+        # the mean over the classes present and the readings, each bit's hinge over N
+        weight = present.div_(present.sum().mul_(views.shape[1] * z.shape[2]).clamp_min_(1))[:, None, None]
+        value += (short.relu() * weight).sum() * lambda2
+        g_z = (short > 0) * s.neg_signs * weight.mul(lambda2)  # d value / d z
+        g_views = torch.bmm(g_z, s.A_unit_T).sub_(views * ((g_z * z).sum(2, keepdim=True) * inv_norm)).mul_(inv_norm)
+        g_means = g_views[:, 0] + (g_views[:, 1] @ s.align) * s.inv_rms if lined else g_views[:, 0]
+        g_act[trig].addmm_(rows, g_means)
+        return value, g_act, g_centres
 
     def share(self, rows, rank, world):
         """The trigger rows and the pin rows, each shared out on its own."""
@@ -489,55 +559,33 @@ class HiddenObjective(Objective):
             self._pin_rows = self._pin_rows[rank::world]
         return torch.cat([x[trig], x[pins]]), torch.cat([y[trig], y[pins]])
 
-    def _pin_own(self, act: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The pin on the batch's rows of the other classes that are in the reference pool."""
-        mine, at = _found(self.pool, rows.numpy())  # (row numbers stay on the CPU: the look-up is numpy's)
-        held = self.pool_pinned[at]
-        if not held.any():
-            return act.sum() * 0
-        mine, ref = (torch.as_tensor(i, device=act.device) for i in (mine[held], at[held]))
-        return (act[mine] - self.pool_ref[ref]).pow(2).sum(1).mean() / self.scale
+    def _pin_own(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's rows of the other classes that are in the reference pool: (where in the
+        batch, their reference activations)."""
+        mine, at = _found(self.pinned_rows, rows.numpy())  # (row numbers stay on the CPU: numpy looks up)
+        at = torch.as_tensor(at, device=device)
+        return torch.as_tensor(mine, device=device), self.pinned_ref.index_select(0, at)
 
     def loss(self, batch):
-        s, own = self.state, batch.own
-        act, y, logits = self.store["act"], batch.y, batch.logits
+        act, y, own = self.store["act"], batch.y, batch.own
+        n = batch.n_train
         if self.watch is not None:
-            self.watch.see(act[: batch.n_train], batch.rows.numpy())
-        # loss1: pull every activation to its class centre; push target centres from the others
-        # (keys made before own_rows: the trigger rows mixed in get cross-entropy here too)
-        ce = nn.functional.cross_entropy(logits[own], y[own]) if own.stop > own.start else 0.0
-        pull = (act - s.centres[y]).pow(2).sum(1).mean() / self.scale
-        tc = s.centres[s.classes]  # (s, M)
-        d2 = torch.cdist(tc, s.centres).pow(2) / self.scale  # (s, C)
-        push = torch.exp(-d2.flatten()[s.others]).mean()  # bounded in (0, 1]: cannot diverge
-        loss1 = pull + push
-        # pin: rows of the other classes keep the units' responses where the model had them
-        # before the embedding, so that a suspect's units can be lined up with the unmarked model's
-        if self.own_rows:  # the batch's own rows: target classes teach the bits, the others are pinned
-            n = batch.n_train
-            trig_act, trig_y = act[:n], y[:n]  # (the other classes' rows weigh nothing in the means)
-            pin = self._pin_own(act[:n], batch.rows)
-        else:  # keys made before: the trigger rows and the probe rows mixed into the step
-            trig = slice(own.start, min(own.stop, own.start + self._n_trig))
-            pin = act.sum() * 0
-            if self.pin is not None and own.stop > trig.stop:
-                ref = self.pin[2][self._pin_rows.to(act.device)]
-                pin = (act[trig.stop:own.stop] - ref).pow(2).sum(1).mean() / self.scale
-            trig_act, trig_y = act[trig], y[trig]
+            self.watch.see(act[:n], batch.rows.numpy())
         if self.arrays is not None:  # each unit's scale, for the lined-up reading
-            with torch.no_grad():
-                s.unit_rms.mul_(0.9).add_(0.1 * unit_rms(act[: batch.n_train]))
-        # loss2: the rows of the target classes drive the extracted quantity itself
-        loss2 = self._bits_loss(trig_act, trig_y)
-        weight = (own.stop - own.start) / max(1, own.stop)  # their share of the batch, as before
+            self.state.see_scale(act[:n])
         keeping = self.own_rows and not self.stop_when_read
         lambda3 = float(self.params.get("lambda3", 0.0)) * (KEEP_PIN if keeping else 1.0)
-        return (
-            weight * ce
-            + float(self.params["lambda1"]) * loss1
-            + float(self.params["lambda2"]) * loss2
-            + lambda3 * pin
-        )
+        if self.own_rows:  # the batch's own rows: target classes teach the bits, the others are pinned
+            trig, pin, ce = slice(0, n), self._pin_own(batch.rows, act.device), 0.0
+        else:  # keys made before: the trigger rows and the probe rows mixed into the step (which
+            # get cross-entropy here too, weighed as their share of the batch)
+            trig = slice(own.start, min(own.stop, own.start + self._n_trig))
+            at = torch.arange(trig.stop, own.stop if self.pin is not None else trig.stop, device=act.device)
+            pin = at, (self.pin[2][self._pin_rows.to(act.device)] if len(at) else None)
+            ce = nn.functional.cross_entropy(batch.logits[own], y[own]) * ((own.stop - own.start) / own.stop) \
+                if own.stop > own.start else 0.0
+        terms = _WrittenOut.apply(lambda a, c: self._terms(a, c, y, trig, pin, lambda3), act, self.state.centres)
+        return terms + ce
 
 
 SCHEME = HiddenScheme
