@@ -314,7 +314,7 @@ class _HiddenState(nn.Module):
     """The objective's tensors: trainable class centres and the fixed key material, laid out
     once as the step's term takes them."""
 
-    def __init__(self, centres, classes, signs, A, unit_rms, margin: float):
+    def __init__(self, centres, classes, signs, A, margin: float):
         super().__init__()
         self.centres = nn.Parameter(centres)
         self.register_buffer("classes", classes)
@@ -331,16 +331,10 @@ class _HiddenState(nn.Module):
         self.register_buffer("member", (torch.arange(len(centres))[:, None] == classes[None, :]).float())
         # 1 where, in the (s, C) distances of the target centres to all centres, the other classes are
         self.register_buffer("others", 1.0 - self.member.T)
-        self.register_buffer("unit_rms", unit_rms)  # each unit's scale on training data (running)
-        self.register_buffer("inv_rms", 1 / unit_rms.clamp_min(_DEAD))
-        # the model's units lined up with the unmarked model's, as the read-out does it
-        self.register_buffer("align", torch.eye(len(unit_rms)))
-
-    @torch.no_grad()
-    def see_scale(self, act: torch.Tensor) -> None:
-        """Each unit's scale, a running mean over the steps, from this step's activations."""
-        self.unit_rms.mul_(0.9).add_(unit_rms(act), alpha=0.1)
-        torch.reciprocal(self.unit_rms.clamp_min(_DEAD), out=self.inv_rms)
+        # the model's units over their scales and lined up with the unmarked model's, as the
+        # read-out does it (both taken on the probes after every epoch)
+        self.register_buffer("inv_scale", torch.ones(A.shape[0]))
+        self.register_buffer("align", torch.eye(A.shape[0]))
 
 
 class _WrittenOut(torch.autograd.Function):
@@ -392,7 +386,6 @@ class HiddenObjective(Objective):
             torch.as_tensor(arrays["classes"]),
             torch.as_tensor(arrays["bits"], dtype=torch.float32) * 2 - 1,  # (s, N) signs
             torch.as_tensor(arrays["A"], dtype=torch.float32),
-            unit_rms(acts),
             float(params["margin"]),
         )
         # bundles of keygen since the unit line-up keep probes; older ones are read as they were
@@ -466,6 +459,7 @@ class HiddenObjective(Objective):
         free = _free_probes(a)
         weights = line_up(a["probe_ref"][free], probe[free])
         self.state.align.copy_(torch.as_tensor(weights, dtype=torch.float32))
+        self.state.inv_scale.copy_(torch.as_tensor(_over_scale(1.0, unit_rms(probe)), dtype=torch.float32))
         readings = (read_bits(trig, None, a), read_bits(trig, probe, a, weights))
         return all(bool((found == a["bits"]).all()) for found in readings)
 
@@ -537,7 +531,7 @@ class HiddenObjective(Objective):
         rows /= counts.clamp_min(1)  # (each row's share of its class's mean)
         means = rows.T @ act[trig]  # (s, M)
         lined = self.arrays is not None
-        views = torch.stack([means, (means * s.inv_rms) @ s.align.T], 1) if lined else means[:, None]
+        views = torch.stack([means, (means * s.inv_scale) @ s.align.T], 1) if lined else means[:, None]
         inv_norm = views.norm(dim=2, keepdim=True).clamp_min_(1e-6).reciprocal_()  # (s, v, 1)
         z = torch.bmm(views, s.A_unit).mul_(inv_norm)  # (s, v, N)
         short = torch.addcmul(s.margin, s.neg_signs, z)  # margin - the signed projection
@@ -546,7 +540,7 @@ class HiddenObjective(Objective):
         value += (short.relu() * weight).sum() * lambda2
         g_z = (short > 0) * s.neg_signs * weight.mul(lambda2)  # d value / d z
         g_views = torch.bmm(g_z, s.A_unit_T).sub_(views * ((g_z * z).sum(2, keepdim=True) * inv_norm)).mul_(inv_norm)
-        g_means = g_views[:, 0] + (g_views[:, 1] @ s.align) * s.inv_rms if lined else g_views[:, 0]
+        g_means = g_views[:, 0] + (g_views[:, 1] @ s.align) * s.inv_scale if lined else g_views[:, 0]
         g_act[trig].addmm_(rows, g_means)
         return value, g_act, g_centres
 
@@ -571,8 +565,6 @@ class HiddenObjective(Objective):
         n = batch.n_train
         if self.watch is not None:
             self.watch.see(act[:n], batch.rows.numpy())
-        if self.arrays is not None:  # each unit's scale, for the lined-up reading
-            self.state.see_scale(act[:n])
         keeping = self.own_rows and not self.stop_when_read
         lambda3 = float(self.params.get("lambda3", 0.0)) * (KEEP_PIN if keeping else 1.0)
         if self.own_rows:  # the batch's own rows: target classes teach the bits, the others are pinned
