@@ -1,10 +1,12 @@
 """`make bench`: what embedding costs at scale (issue 10), each figure from the code the CLI runs.
 
-    .venv/bin/python scripts/bench.py [overhead] [scaling] [memory] [--repeats 5] [--out figures/bench]
+    .venv/bin/python scripts/bench.py [overhead] [floor] [scaling] [memory] [--repeats 5] [--out figures/bench]
 
 - overhead: seconds per epoch of the hidden-layer embedding against plain fine-tuning of the
   same model, data and batch size, interleaved epoch by epoch in one process (medians): the
   digits MLP and CNN, and the ResNet on a generated 32x32 image folder.
+- floor (not run by default): the same for the MLP and the CNN, with a third side, the
+  objective with a term of zero: what the embedding costs before any loss is computed.
 - scaling: samples per second of `deepsigns embed` on the ResNet (32x32 images) with 1 and with
   2 processes (`--nproc 2`, one thread each), at --batch-size 128 (64 samples per process and
   step; also at the default 64 with `scaling --batch-size 64`).
@@ -62,7 +64,10 @@ def _owner(out: Path, arch: str, data: str, tag: str, epochs: int = 3) -> tuple[
     return base, keys
 
 
-def overhead(out: Path, repeats: int) -> dict:
+def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: bool = False) -> dict:
+    """With `floor`, a third side: the objective with a term of zero (its hook, its bookkeeping
+    of rows, its end-of-epoch line-up and its class centres in the optimiser, but no loss): what
+    the hidden embedding costs before its loss is computed at all."""
     import torch
 
     from deepsigns_cli import api
@@ -73,28 +78,35 @@ def overhead(out: Path, repeats: int) -> dict:
 
     torch.set_num_threads(1)
     result = {}
-    for arch, data_spec in (("mlp", "digits"), ("cnn", "digits"), ("resnet", str(_folder(out, 2000)))):
+    for arch in archs:
+        data_spec = str(_folder(out, 2000)) if arch == "resnet" else "digits"
         base, keys = _owner(out, arch, data_spec, f"overhead-{arch}")
         model, info = load_checkpoint(base, arch=None)
         data = api.load_dataset(data_spec, base)  # an image folder as the checkpoint recorded it
         bundle = open_bundle(keys, PASSPHRASE)
         scheme = load_scheme("hidden")
         keyset = scheme.check(bundle.schemes["hidden"])
-        plain_s, embed_s = [], []
+        sides = {"plain": [], "embed": [], **({"floor": []} if floor else {})}
         for i in range(repeats + 1):  # the first round warms up (allocator, kernels), not counted
-            order = ((plain_s, False), (embed_s, True))  # alternated: drifting load favours neither
-            for seconds, marked in order if i % 2 else order[::-1]:
+            names = list(sides)  # rotated: drifting load favours none
+            for name in names[i % len(names):] + names[: i % len(names)]:
                 net = copy.deepcopy(model)
-                objectives = [scheme.objective(net, info, data, keyset)] if marked else []
+                objectives = [] if name == "plain" else [scheme.objective(net, info, data, keyset)]
+                if name == "floor":
+                    objectives[0]._terms = lambda act, centres, *_: (act.new_zeros(()), torch.zeros_like(act),
+                                                                     torch.zeros_like(centres))
                 history = fit(net, data.x_train, data.y_train,
                               TrainConfig(epochs=1, lr=info.lr, seed=i, device="cpu"), objectives)
                 if i:
-                    seconds.append(history["epoch_seconds"][0])
-        plain, embed = float(np.median(plain_s)), float(np.median(embed_s))
+                    sides[name].append(history["epoch_seconds"][0])
+        plain, embed = float(np.median(sides["plain"])), float(np.median(sides["embed"]))
         result[arch] = {"plain_s_per_epoch": plain, "embed_s_per_epoch": embed, "ratio": embed / plain,
                         "samples": len(data.y_train)}
-        print(f"overhead {arch}: plain {plain:.3f} s/epoch, embed {embed:.3f} s/epoch, ratio {embed / plain:.2f}x",
-              flush=True)
+        line = f"overhead {arch}: plain {plain:.3f} s/epoch, embed {embed:.3f} s/epoch, ratio {embed / plain:.2f}x"
+        if floor:
+            result[arch]["floor_ratio"] = float(np.median(sides["floor"])) / plain
+            line += f"; with a term of zero {result[arch]['floor_ratio']:.2f}x"
+        print(line, flush=True)
     return result
 
 
@@ -169,6 +181,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started, body = time.perf_counter(), {}
     figures = {"overhead": lambda: overhead(args.out, args.repeats),
+               "floor": lambda: overhead(args.out, args.repeats, ("mlp", "cnn"), floor=True),
                "scaling": lambda: scaling(args.out, batch_size=args.batch_size),
                "memory": lambda: memory(args.out)}
     for name in args.figures:
