@@ -294,8 +294,9 @@ class _Watch:
         """The activations `act` of training rows `rows` (one step's)."""
         mine, at = _found(self.unique, rows)
         if len(at):
-            mine, self.counts[at] = torch.as_tensor(mine, device=act.device), self.counts[at] + 1
-            self.sums.index_add_(0, torch.as_tensor(at, device=act.device), act.detach().index_select(0, mine).float())
+            self.counts[at] += 1  # (a batch holds a row once)
+            mine, at = (torch.as_tensor(i, device=act.device) for i in (mine, at))
+            self.sums.index_add_(0, at, act.detach().index_select(0, mine).float())
 
     def collect(self) -> np.ndarray | None:
         """Every row's activation this epoch (by every process), in the order asked; None when
