@@ -221,6 +221,7 @@ def test_the_steps_term_gives_the_gradient_of_its_value(marked, digits, lined):
     width, classes = keys.params["width"], keys.arrays["classes"].tolist()
     with torch.no_grad():
         state.align.copy_(torch.softmax(torch.randn(width, width, generator=gen, dtype=torch.float64) * 3, 1))
+        state.inv_scale.uniform_(0.5, 1.5, generator=gen)  # units over scales other than 1
     others = [c for c in range(10) if c not in classes]
     y = torch.tensor([classes[0]] * 4 + [classes[1]] * 3 + others * 2)  # classes[2] is absent
     pin = (torch.tensor([7, 9, 12]), torch.rand(3, width, generator=gen, dtype=torch.float64))
