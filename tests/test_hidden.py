@@ -206,13 +206,20 @@ def _objective(path, keys_path, data, **params):
     return model, keys, scheme.objective(model, info, data, keys)
 
 
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
 @pytest.mark.parametrize("lined", [True, False], ids=["both-readings", "older-keys-one-reading"])
-def test_the_steps_term_gives_the_gradient_of_its_value(marked, digits, lined):
+def test_the_steps_term_gives_the_gradient_of_its_value(marked, digits, lined, arrays, monkeypatch):
     """The embedding's term writes its gradients out (no autograd graph): along random directions
     they match central finite differences of its value, in float64, with a target class absent
-    from the step, rows pinned, bits on both sides of their margin, and a non-trivial line-up."""
-    from deepsigns_cli.schemes.hidden import _WrittenOut
+    from the step, rows pinned, bits on both sides of their margin, and a non-trivial line-up.
+    In numpy (the CPU's) and in torch (every other device's, here on the CPU)."""
+    import numpy as np
 
+    from deepsigns_cli.schemes import hidden
+    from deepsigns_cli.schemes.hidden import written_out
+
+    if arrays == "torch":
+        monkeypatch.setattr(hidden, "HOST_DEVICES", set())
     _, keys, objective = _objective(marked.base, marked.keys, digits)
     if not lined:
         objective.arrays = None  # keys made before the line-up: the units as they are only
@@ -220,20 +227,27 @@ def test_the_steps_term_gives_the_gradient_of_its_value(marked, digits, lined):
     gen = torch.Generator().manual_seed(0)
     width, classes = keys.params["width"], keys.arrays["classes"].tolist()
     with torch.no_grad():
-        state.align.copy_(torch.softmax(torch.randn(width, width, generator=gen, dtype=torch.float64) * 3, 1))
-        state.inv_scale.uniform_(0.5, 1.5, generator=gen)  # units over scales other than 1
+        state.line_up(torch.softmax(torch.randn(width, width, generator=gen, dtype=torch.float64) * 3, 1),
+                      torch.empty(width, dtype=torch.float64).uniform_(0.5, 1.5, generator=gen))  # scales other than 1
     others = [c for c in range(10) if c not in classes]
     y = torch.tensor([classes[0]] * 4 + [classes[1]] * 3 + others * 2)  # classes[2] is absent
-    pin = (torch.tensor([7, 9, 12]), torch.rand(3, width, generator=gen, dtype=torch.float64))
+    pin = (np.array([7, 9, 12]), torch.rand(5, width, generator=gen, dtype=torch.float64), np.array([4, 0, 2]))
     act = torch.rand(len(y), width, generator=gen, dtype=torch.float64).requires_grad_()
     centres = (state.centres.detach() + 0.1 * torch.randn(state.centres.shape, generator=gen,
                                                           dtype=torch.float64)).requires_grad_()
 
     def term(a, c):
-        return _WrittenOut.apply(lambda a_, c_: objective._terms(a_, c_, y, slice(0, len(y)), pin, 0.7), a, c)
+        return written_out(lambda a_, c_: objective._terms(a_, c_, y, slice(0, len(y)), pin, 0.7), a, c)
 
     value = term(act, centres)
     g_act, g_centres = torch.autograd.grad(value, (act, centres))
+    if arrays == "torch":  # the same value and gradients as numpy's
+        monkeypatch.setattr(hidden, "HOST_DEVICES", {"cpu"})
+        in_numpy = term(act, centres)
+        assert in_numpy.item() == pytest.approx(value.item(), rel=1e-12)
+        for ours, theirs in zip(torch.autograd.grad(in_numpy, (act, centres)), (g_act, g_centres), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+        monkeypatch.setattr(hidden, "HOST_DEVICES", set())
     assert g_act[len(y) - 1].abs().sum() > 0 and g_centres[classes[2]].abs().sum() > 0  # pull and push
     for _ in range(6):
         d_act = torch.randn(act.shape, generator=gen, dtype=torch.float64)

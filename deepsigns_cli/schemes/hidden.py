@@ -16,6 +16,8 @@ with 16-22 of 192 bits wrong: that would claim models we never marked.)
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -51,6 +53,10 @@ DEFAULTS = {
     "lambda3": 1.0,  # pin: the units keep their responses to training samples (so they can be lined up)
     "pin_batch": 32,  # probe samples mixed into every step (keys made before own_rows)
 }
+# devices whose activations the step's term reads in place, as numpy arrays: there a small
+# array's operation costs a quarter of torch's (1.0 against 3.9 us for a 128-vector's product
+# on the 2-core machine), and the term is some 50 of them
+HOST_DEVICES = {"cpu"}
 ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apart weigh e^3 apart
 _DEAD = 1e-6  # a unit whose scale is below this is off: it carries nothing
 # the pin's weight, as a share of lambda3, while the objective only keeps a mark embedded before
@@ -258,12 +264,6 @@ def unit_rms(acts):
     return (acts * acts).mean(0) ** 0.5
 
 
-def _squares(t: torch.Tensor) -> torch.Tensor:
-    """The sum of t's squared entries, in one pass."""
-    flat = t.reshape(-1)
-    return torch.dot(flat, flat)
-
-
 def _majority(found: np.ndarray) -> np.ndarray:
     """The signature from its copies at the s class centres, bit by bit (ties: the first copy)."""
     votes = found.astype(np.int64).sum(0) * 2 - len(found)
@@ -295,8 +295,11 @@ class _Watch:
         mine, at = _found(self.unique, rows)
         if len(at):
             self.counts[at] += 1  # (a batch holds a row once)
-            mine, at = (torch.as_tensor(i, device=act.device) for i in (mine, at))
-            self.sums.index_add_(0, at, act.detach().index_select(0, mine).float())
+            if act.device.type == "cpu":  # (in numpy: a fraction of torch's cost on a few rows)
+                self.sums.numpy()[at] += act.detach().float().numpy()[mine]
+            else:
+                mine, at = (torch.as_tensor(i, device=act.device) for i in (mine, at))
+                self.sums.index_add_(0, at, act.detach().index_select(0, mine).float())
 
     def collect(self) -> np.ndarray | None:
         """Every row's activation this epoch (by every process), in the order asked; None when
@@ -315,46 +318,54 @@ class _HiddenState(nn.Module):
     """The objective's tensors: trainable class centres and the fixed key material, laid out
     once as the step's term takes them."""
 
-    def __init__(self, centres, classes, signs, A, margin: float):
+    def __init__(self, centres, classes, signs, A):
         super().__init__()
         self.centres = nn.Parameter(centres)
         self.register_buffer("classes", classes)
         k, n = signs.shape
         self.register_buffer("neg_signs", -signs[:, None, :])  # (s, 1, N): -1 for a 1 bit, +1 for a 0 bit
-        self.register_buffer("margin", torch.tensor(float(margin)))
         blocks = A.view(A.shape[0], k, n)  # class j's own projection: columns j*n .. (j+1)*n - 1
         # (s, M, N): each column over its norm, times sqrt(M), so that a unit-norm mean
         # projects to ~N(0, 1); class by class, as a batched product takes it (and its transpose)
         unit = blocks / blocks.norm(dim=0) * (A.shape[0] ** 0.5)
         self.register_buffer("A_unit", unit.permute(1, 0, 2).contiguous())
         self.register_buffer("A_unit_T", unit.permute(1, 2, 0).contiguous())
-        # (C, s): row c says which target class c is (a row of zeros for the other classes)
-        self.register_buffer("member", (torch.arange(len(centres))[:, None] == classes[None, :]).float())
         # 1 where, in the (s, C) distances of the target centres to all centres, the other classes are
-        self.register_buffer("others", 1.0 - self.member.T)
-        # the model's units over their scales and lined up with the unmarked model's, as the
-        # read-out does it (both taken on the probes after every epoch)
-        self.register_buffer("inv_scale", torch.ones(A.shape[0]))
-        self.register_buffer("align", torch.eye(A.shape[0]))
+        self.register_buffer("others", (torch.arange(len(centres))[None, :] != classes[:, None]).float())
+        # (ours, theirs): the model's units over their scales and lined up with the unmarked
+        # model's, as the read-out does it (both taken on the probes after every epoch)
+        self.register_buffer("lined", torch.eye(A.shape[0]))
+
+    def line_up(self, weights: torch.Tensor, inv_scale: torch.Tensor) -> None:
+        """The line-up `weights` (ours, theirs) of units over their scales (`inv_scale`: theirs)."""
+        self.lined.copy_(weights * inv_scale)
 
 
 class _WrittenOut(torch.autograd.Function):
-    """A loss term whose gradients come with its value (`terms(act, centres)` gives the value
-    and both gradients): autograd records one node for it, not one per operation. Computed in
-    fp32 at least (out of autocast), and its gradients handed back in the inputs' dtypes."""
+    """A loss term whose gradients were computed with its value: autograd records one node for
+    it, not one per operation."""
 
     @staticmethod
-    def forward(ctx, terms, act, centres):
-        dtype = torch.promote_types(act.dtype, torch.float32)
-        with torch.autocast(act.device.type, enabled=False):
-            value, g_act, g_centres = terms(act.detach().to(dtype), centres.detach().to(dtype))
-        ctx.save_for_backward(g_act.to(act.dtype), g_centres.to(centres.dtype))
+    def forward(ctx, value, act, centres, g_act, g_centres):
+        ctx.save_for_backward(g_act, g_centres)
         return value
 
     @staticmethod
     def backward(ctx, grad):
         g_act, g_centres = ctx.saved_tensors
-        return None, grad * g_act, grad * g_centres
+        return None, grad * g_act, grad * g_centres, None, None
+
+
+def written_out(terms, act: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """The value of `terms(act, centres)` (which gives the value and both gradients) as a loss
+    term that back-propagates those gradients. Computed in fp32 at least, out of autograd and
+    of autocast; its gradients go back in the inputs' dtypes."""
+    dtype = torch.promote_types(act.dtype, torch.float32)
+    device = act.device.type
+    exact = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+    with torch.no_grad(), exact:
+        value, g_act, g_centres = terms(act.detach().to(dtype), centres.detach().to(dtype))
+    return _WrittenOut.apply(value, act, centres, g_act.to(act.dtype), g_centres.to(centres.dtype))
 
 
 class HiddenObjective(Objective):
@@ -387,8 +398,12 @@ class HiddenObjective(Objective):
             torch.as_tensor(arrays["classes"]),
             torch.as_tensor(arrays["bits"], dtype=torch.float32) * 2 - 1,  # (s, N) signs
             torch.as_tensor(arrays["A"], dtype=torch.float32),
-            float(params["margin"]),
         )
+        # what a step's rows need, on the host: each class as a row of the identity, and which
+        # target class each class is (a row of zeros for the others)
+        self._onehot = np.eye(info.num_classes, dtype=np.float32)
+        self._member = self._onehot[:, arrays["classes"]]
+        self._neg_signs = self.state.neg_signs.numpy()
         # bundles of keygen since the unit line-up keep probes; older ones are read as they were
         self.arrays = arrays if "probe_ref" in arrays else None
         self.pin = None
@@ -459,8 +474,8 @@ class HiddenObjective(Objective):
         probe, trig = both[: len(a["probe_x"])], both[len(a["probe_x"]):]
         free = _free_probes(a)
         weights = line_up(a["probe_ref"][free], probe[free])
-        self.state.align.copy_(torch.as_tensor(weights, dtype=torch.float32))
-        self.state.inv_scale.copy_(torch.as_tensor(_over_scale(1.0, unit_rms(probe)), dtype=torch.float32))
+        inv_scale = torch.as_tensor(_over_scale(1.0, unit_rms(probe)), dtype=torch.float32)
+        self.state.line_up(torch.as_tensor(weights, dtype=torch.float32), inv_scale)
         readings = (read_bits(trig, None, a), read_bits(trig, probe, a, weights))
         return all(bool((found == a["bits"]).all()) for found in readings)
 
@@ -493,56 +508,81 @@ class HiddenObjective(Objective):
         return torch.cat([self.tx[idx], px[jdx]]), torch.cat([self.ty[idx], py[jdx]])
 
     def _terms(self, act: torch.Tensor, centres: torch.Tensor, y: torch.Tensor, trig: slice,
-               pin: tuple[torch.Tensor, torch.Tensor], lambda3: float):
+               pin: tuple[np.ndarray, torch.Tensor, np.ndarray], lambda3: float):
         """lambda1 * loss1 + lambda2 * loss2 + lambda3 * pin, and its gradients with respect to
-        `act` (every row's carrier activations) and the class centres, written out: few tensor
+        `act` (every row's carrier activations) and the class centres, written out: few array
         operations and no graph (on a small model, each operation's fixed cost is what an
-        embedding step pays for, and autograd's doubled them). `trig`: the rows that teach the
-        bits; `pin`: (rows, their reference activations)."""
+        embedding step pays for). On the CPU in numpy, whose operations on small arrays cost
+        a quarter of torch's; elsewhere in torch. `y`: every row's class; `trig`: the rows that
+        teach the bits; `pin`: (rows of `act`, a tensor of reference activations, their rows in it)."""
         s, p = self.state, self.params
         lambda1, lambda2, scale = float(p["lambda1"]), float(p["lambda2"]), self.scale
+        host = act.device.type in HOST_DEVICES
+        xp = np if host else torch
+
+        def mine(t: torch.Tensor):  # a tensor of ours as xp's array (no copy on the CPU)
+            return t.detach().numpy() if host else t
+
+        x, c, labels = mine(act), mine(centres), y.cpu().numpy()
+
+        def ours(a: np.ndarray):  # an array made on the host as xp's, in the activations' dtype
+            return a.astype(x.dtype, copy=False) if host else torch.as_tensor(a, dtype=x.dtype, device=x.device)
+
+        onehot = ours(self._onehot[labels])  # (n, C)
         # loss1, pull: every activation towards its class centre
-        diff = act - centres.index_select(0, y)
-        value = _squares(diff) * (lambda1 / (len(act) * scale))
-        g_act = diff.mul_(2 * lambda1 / (len(act) * scale))
-        g_centres = torch.zeros_like(centres).index_add_(0, y, g_act, alpha=-1)
+        diff = x - onehot @ c
+        g_act = diff * (2 * lambda1 / (len(x) * scale))
+        g_centres = -(onehot.T @ g_act)
+        value = (diff * diff).sum() * (lambda1 / (len(x) * scale))
         # loss1, push: the target centres away from the others, by exp(-d^2) (bounded in (0, 1]:
         # cannot diverge); a centre and itself weigh 0
-        apart = centres.index_select(0, s.classes)[:, None, :] - centres  # (s, C, M)
-        near = torch.exp(apart.pow(2).sum(2) * (-1 / scale)).mul_(s.others)  # (s, C)
-        per = lambda1 / (s.others.numel() - len(s.classes))
-        g_apart = apart * near.mul(-2 * per / scale)[:, :, None]
-        g_centres.index_add_(0, s.classes, g_apart.sum(1)).sub_(g_apart.sum(0))
+        classes, others = mine(s.classes), mine(s.others)
+        apart = c[classes][:, None, :] - c  # (s, C, M)
+        near = xp.exp((apart * apart).sum(2) * (-1 / scale)) * others  # (s, C)
+        per = lambda1 / (s.others.numel() - len(classes))
+        g_apart = apart * (near * (-2 * per / scale))[:, :, None]
+        g_centres[classes] += g_apart.sum(1)
+        g_centres -= g_apart.sum(0)
         value += near.sum() * per
         # pin: the rows of other classes keep their activations where the model had them before
         # the embedding, so that a suspect's units can be lined up with the unmarked model's
-        at, ref = pin
+        at, refs, ref_at = pin
         if len(at):
-            off = act.index_select(0, at) - ref
-            value += _squares(off) * (lambda3 / (len(at) * scale))
-            g_act.index_add_(0, at, off, alpha=2 * lambda3 / (len(at) * scale))
+            if not host:
+                at, ref_at = (torch.as_tensor(i, device=act.device) for i in (at, ref_at))
+            off = x[at] - mine(refs)[ref_at]
+            value += (off * off).sum() * (lambda3 / (len(at) * scale))
+            g_act[at] += off * (2 * lambda3 / (len(at) * scale))
         # loss2: the hinge on every bit, at every target class present among the `trig` rows, in
         # both readings of extract (the units as they are, and lined up with the unmarked
         # model's over their scales): the class's mean activation through its own columns of
         # A, over its norm (~N(0, 1) for an unrelated mean). The readings are linear in the
         # mean, so they are taken of the (s, M) means, not of every row.
-        rows = s.member.index_select(0, y[trig])  # (t, s); other classes' rows: 0
+        rows = self._member[labels[trig]]  # (t, s); other classes' rows: 0
         counts = rows.sum(0)
-        present = counts.clamp(max=1)  # a class with no row in the step has no term (and no NaN)
-        rows /= counts.clamp_min(1)  # (each row's share of its class's mean)
-        means = rows.T @ act[trig]  # (s, M)
-        lined = self.arrays is not None
-        views = torch.stack([means, (means * s.inv_scale) @ s.align.T], 1) if lined else means[:, None]
-        inv_norm = views.norm(dim=2, keepdim=True).clamp_min_(1e-6).reciprocal_()  # (s, v, 1)
-        z = torch.bmm(views, s.A_unit).mul_(inv_norm)  # (s, v, N)
-        short = torch.addcmul(s.margin, s.neg_signs, z)  # margin - the signed projection
+        present = np.minimum(counts, 1)  # a class with no row in the step has no term (and no NaN)
+        rows = ours(rows / np.maximum(counts, 1))  # (each row's share of its class's mean)
+        lined = s.lined if self.arrays is not None else None
+        readings = 1 if lined is None else 2
+
+        def through(a, t: torch.Tensor):  # a @ t, t a tensor (M, M): torch's product, faster than numpy's on it
+            return (torch.from_numpy(a) @ t).numpy() if host else a @ t
+
         # the mean over the classes present and the readings, each bit's hinge over N
-        weight = present.div_(present.sum().mul_(views.shape[1] * z.shape[2]).clamp_min_(1))[:, None, None]
-        value += (short.relu() * weight).sum() * lambda2
-        g_z = (short > 0) * s.neg_signs * weight.mul(lambda2)  # d value / d z
-        g_views = torch.bmm(g_z, s.A_unit_T).sub_(views * ((g_z * z).sum(2, keepdim=True) * inv_norm)).mul_(inv_norm)
-        g_means = g_views[:, 0] + (g_views[:, 1] @ s.align) * s.inv_scale if lined else g_views[:, 0]
-        g_act[trig].addmm_(rows, g_means)
+        weight = present * (lambda2 / max(present.sum() * readings * self._neg_signs.shape[2], 1))
+        means = rows.T @ x[trig]  # (s, M)
+        views = means[:, None] if lined is None else xp.stack([means, through(means, lined.T)], 1)  # (s, v, M)
+        inv_norm = 1 / xp.sqrt((views * views).sum(2, keepdims=True)).clip(min=1e-6)  # (s, v, 1)
+        unit = views * inv_norm
+        z = unit @ mine(s.A_unit)  # (s, v, N)
+        short = float(p["margin"]) + mine(s.neg_signs) * z  # margin - the signed projection
+        value += (short.clip(min=0).sum((1, 2)) * ours(weight)).sum()
+        g_z = (short > 0) * ours(self._neg_signs * weight[:, None, None])  # d value / d z
+        g_views = (g_z @ mine(s.A_unit_T) - unit * (g_z * z).sum(2, keepdims=True)) * inv_norm
+        g_means = g_views[:, 0] if lined is None else g_views[:, 0] + through(g_views[:, 1], lined)
+        g_act[trig] += rows @ g_means
+        if host:
+            return torch.as_tensor(value), torch.from_numpy(g_act), torch.from_numpy(g_centres)
         return value, g_act, g_centres
 
     def share(self, rows, rank, world):
@@ -554,12 +594,11 @@ class HiddenObjective(Objective):
             self._pin_rows = self._pin_rows[rank::world]
         return torch.cat([x[trig], x[pins]]), torch.cat([y[trig], y[pins]])
 
-    def _pin_own(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pin_own(self, rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
         """The batch's rows of the other classes that are in the reference pool: (where in the
-        batch, their reference activations)."""
+        batch, the pool's reference activations, where in the pool)."""
         mine, at = _found(self.pinned_rows, rows.numpy())  # (row numbers stay on the CPU: numpy looks up)
-        at = torch.as_tensor(at, device=device)
-        return torch.as_tensor(mine, device=device), self.pinned_ref.index_select(0, at)
+        return mine, self.pinned_ref, at
 
     def loss(self, batch):
         act, y, own = self.store["act"], batch.y, batch.own
@@ -569,16 +608,16 @@ class HiddenObjective(Objective):
         keeping = self.own_rows and not self.stop_when_read
         lambda3 = float(self.params.get("lambda3", 0.0)) * (KEEP_PIN if keeping else 1.0)
         if self.own_rows:  # the batch's own rows: target classes teach the bits, the others are pinned
-            trig, pin, ce = slice(0, n), self._pin_own(batch.rows, act.device), 0.0
-        else:  # keys made before: the trigger rows and the probe rows mixed into the step (which
-            # get cross-entropy here too, weighed as their share of the batch)
+            trig, pin = slice(0, n), self._pin_own(batch.rows)
+        else:  # keys made before: the trigger rows and the probe rows mixed into the step
             trig = slice(own.start, min(own.stop, own.start + self._n_trig))
-            at = torch.arange(trig.stop, own.stop if self.pin is not None else trig.stop, device=act.device)
-            pin = at, (self.pin[2][self._pin_rows.to(act.device)] if len(at) else None)
-            ce = nn.functional.cross_entropy(batch.logits[own], y[own]) * ((own.stop - own.start) / own.stop) \
-                if own.stop > own.start else 0.0
-        terms = _WrittenOut.apply(lambda a, c: self._terms(a, c, y, trig, pin, lambda3), act, self.state.centres)
-        return terms + ce
+            at = np.arange(trig.stop, own.stop if self.pin is not None else trig.stop)
+            pin = at, None if self.pin is None else self.pin[2], self._pin_rows.numpy() if len(at) else at
+        terms = written_out(lambda a, c: self._terms(a, c, y, trig, pin, lambda3), act, self.state.centres)
+        if self.own_rows or own.stop == own.start:
+            return terms
+        # (the mixed-in rows get cross-entropy here too, weighed as their share of the batch)
+        return terms + nn.functional.cross_entropy(batch.logits[own], y[own]) * ((own.stop - own.start) / own.stop)
 
 
 SCHEME = HiddenScheme
