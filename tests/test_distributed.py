@@ -5,9 +5,13 @@ run with one line and nothing written."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
-from helpers import PASSPHRASE, assert_one_error_line, partial_files, run_proc
+from helpers import NOT_A_TERMINAL, PASSPHRASE, assert_one_error_line, partial_files, run_proc
 
 from deepsigns_cli import api
 
@@ -36,6 +40,32 @@ def test_two_process_embed_marks_with_every_scheme(tmp_path):
     verdict = api.verify(tmp_path / "marked.onnx", keys, PASSPHRASE)
     assert [r.scheme for r in verdict.results] == ["output", "gradsigns"] and verdict.detected
     assert verdict.results[1].bit_errors == 0 and verdict.results[1].queries <= 1000
+    assert partial_files(tmp_path) == []
+
+
+def test_two_machines_meet_through_torchruns_rendezvous(tmp_path):
+    """Two torchrun launchers, one process each, meet as two machines do (torchrun's c10d
+    rendezvous at an address, not --standalone): the one that gets rank 0 reports and writes,
+    the other says nothing, and the mark reads back."""
+    base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
+    api.train("mlp", base, epochs=5, seed=0, device="cpu")
+    api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], options={"bits": 32}, seed=0)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in NOT_A_TERMINAL}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-machines",
+               "-m", "deepsigns_cli", "embed", "--model", str(base), "--data", "digits", "--keys", str(keys),
+               "--out", str(marked), "--device", "cpu", "--seed", "1", "--json"]
+    machines = [subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [machine.communicate(timeout=600) for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], [err for _, err in results]
+    reports = [json.loads(out) for out, _ in results if out.strip()]
+    assert len(reports) == 1 and reports[0]["schemes"]["hidden"]["read_back"].startswith("0/")
+    assert api.extract(marked, keys, PASSPHRASE).results[0].bit_errors == 0
     assert partial_files(tmp_path) == []
 
 
