@@ -335,3 +335,17 @@ def test_keys_with_half_of_their_row_numbers_are_refused_with_one_line(marked, t
     write_bundle(bundle, damaged, PASSPHRASE)
     result = run_cli("extract", "--model", marked.marked, "--keys", damaged, code=2)
     assert_one_error_line(result.stderr, result.stdout, "damaged")
+
+
+def test_bf16_autocast_on_the_cpu_embeds_the_mark(marked, tmp_path):
+    """--precision bf16 autocasts the forward pass on the CPU too: the hidden term is computed in
+    fp32 from bf16 activations, its gradients go back in bf16, and the mark reads back exactly."""
+    keys, out = tmp_path / "owner.dskey", tmp_path / "bf16.safetensors"
+    run_json("keygen", "--model", marked.base, "--data", "digits", "--scheme", "hidden", "--bits", 32,
+             "--seed", 3, "--out", keys)
+    report = run_json("embed", "--model", marked.base, "--data", "digits", "--keys", keys, "--out", out,
+                      "--precision", "bf16", "--seed", 3, "--device", "cpu")
+    assert report["schemes"]["hidden"]["read_back"].startswith("0/")
+    assert report["accuracy_after"] >= report["accuracy_before"] - 1.0
+    decision = run_json("extract", "--model", out, "--keys", keys)
+    assert decision["detected"] is True and decision["results"][0]["bit_errors"] == 0
