@@ -54,7 +54,7 @@ DEFAULTS = {
     "pin_batch": 32,  # probe samples mixed into every step (keys made before own_rows)
 }
 # devices whose activations the step's term reads in place, as numpy arrays: there a small
-# array's operation costs a quarter of torch's (1.0 against 3.9 us for a 128-vector's product
+# array's operation costs a quarter of torch's (1.0 against 3.9 us to scale a (3, 128) array
 # on the 2-core machine), and the term is some 50 of them
 HOST_DEVICES = {"cpu"}
 ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apart weigh e^3 apart
