@@ -1,6 +1,6 @@
 """`make bench`: what embedding costs at scale (issue 10), each figure from the code the CLI runs.
 
-    .venv/bin/python scripts/bench.py [overhead] [floor] [scaling] [memory] [--repeats 5] [--out figures/bench]
+    .venv/bin/python scripts/bench.py [overhead] [floor] [scaling] [memory] [--repeats 11] [--out figures/bench]
 
 - overhead: seconds per epoch of the hidden-layer embedding against plain fine-tuning of the
   same model, data and batch size, interleaved epoch by epoch in one process (medians): the
@@ -174,7 +174,7 @@ def memory(out: Path, epochs: int = 1) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("figures", nargs="*", default=["overhead", "scaling", "memory"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch-size", type=int, default=128, help="of the scaling figure")
     parser.add_argument("--out", type=Path, default=ROOT / "figures" / "bench")
     args = parser.parse_args()
