@@ -295,7 +295,7 @@ class _Watch:
         mine, at = _found(self.unique, rows)
         if len(at):
             self.counts[at] += 1  # (a batch holds a row once)
-            if act.device.type == "cpu":  # (in numpy: a fraction of torch's cost on a few rows)
+            if act.device.type in HOST_DEVICES:  # (in numpy: a fraction of torch's cost on a few rows)
                 self.sums.numpy()[at] += act.detach().float().numpy()[mine]
             else:
                 mine, at = (torch.as_tensor(i, device=act.device) for i in (mine, at))
@@ -403,7 +403,6 @@ class HiddenObjective(Objective):
         # target class each class is (a row of zeros for the others)
         self._onehot = np.eye(info.num_classes, dtype=np.float32)
         self._member = self._onehot[:, arrays["classes"]]
-        self._neg_signs = self.state.neg_signs.numpy()
         # bundles of keygen since the unit line-up keep probes; older ones are read as they were
         self.arrays = arrays if "probe_ref" in arrays else None
         self.pin = None
@@ -569,15 +568,17 @@ class HiddenObjective(Objective):
             return (torch.from_numpy(a) @ t).numpy() if host else a @ t
 
         # the mean over the classes present and the readings, each bit's hinge over N
-        weight = present * (lambda2 / max(present.sum() * readings * self._neg_signs.shape[2], 1))
+        neg_signs = mine(s.neg_signs)  # (s, 1, N)
+        weight = present * (lambda2 / max(present.sum() * readings * neg_signs.shape[2], 1))
         means = rows.T @ x[trig]  # (s, M)
         views = means[:, None] if lined is None else xp.stack([means, through(means, lined.T)], 1)  # (s, v, M)
         inv_norm = 1 / xp.sqrt((views * views).sum(2, keepdims=True)).clip(min=1e-6)  # (s, v, 1)
         unit = views * inv_norm
         z = unit @ mine(s.A_unit)  # (s, v, N)
-        short = float(p["margin"]) + mine(s.neg_signs) * z  # margin - the signed projection
-        value += (short.clip(min=0).sum((1, 2)) * ours(weight)).sum()
-        g_z = (short > 0) * ours(self._neg_signs * weight[:, None, None])  # d value / d z
+        short = float(p["margin"]) + neg_signs * z  # margin - the signed projection
+        weight = ours(weight)
+        value += (short.clip(min=0).sum((1, 2)) * weight).sum()
+        g_z = (short > 0) * (neg_signs * weight[:, None, None])  # d value / d z
         g_views = (g_z @ mine(s.A_unit_T) - unit * (g_z * z).sum(2, keepdims=True)) * inv_norm
         g_means = g_views[:, 0] if lined is None else g_views[:, 0] + through(g_views[:, 1], lined)
         g_act[trig] += rows @ g_means
