@@ -42,12 +42,13 @@ demo: setup
 	$(BIN)/deepsigns extract --model $(DEMO)/stolen.safetensors --keys $(DEMO)/owner.dskey
 	@echo "demo: all files are in $(DEMO)/"
 
-# two test processes (pytest-xdist), one per core; a file's tests stay in one process
+# two test processes (pytest-xdist), one per core; a file's tests stay in one process, and the
+# files go out in the order tests/conftest.py collects them (the longest first)
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # A long fuzz campaign: mutated inputs through every command (tests/fuzzing.py has the oracle).
 # A fresh seed each run (printed); FUZZ_SEED=N repeats one campaign, FUZZ_CASES=N sizes it.

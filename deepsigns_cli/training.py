@@ -206,11 +206,14 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free for callers (recorded, not used)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
+        # fused: one kernel updates every tensor. Torch's default on the CPU is a loop over the
+        # tensors, several operations each: one Adam step of the digits MLP took 2.4 ms of a
+        # 3.9 ms training step, fused 0.3 ms (`scripts/bench.py optimizer`)
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
-                                   weight_decay=self.weight_decay)
+                                   weight_decay=self.weight_decay, fused=True)
         raise InputError(f"unknown optimizer '{self.optimizer}': use {' or '.join(OPTIMIZERS)}")
 
 

@@ -1,15 +1,20 @@
 """`make bench`: what embedding costs at scale (issue 10), each figure from the code the CLI runs.
 
-    .venv/bin/python scripts/bench.py [overhead] [floor] [scaling] [memory] [--repeats 11] [--out figures/bench]
+    .venv/bin/python scripts/bench.py [overhead] [floor] [scaling] [memory] [optimizer] [--repeats 11]
+                                      [--out figures/bench]
 
 - overhead: seconds per epoch of the hidden-layer embedding against plain fine-tuning of the
   same model, data and batch size, interleaved epoch by epoch in one process (medians): the
-  digits MLP and CNN, and the ResNet on a generated 32x32 image folder.
+  digits MLP and CNN, and the ResNet on a generated 32x32 image folder. A third side is a step
+  in the style of the published PyTorch port (`PortStyle`: the paper's two terms on the
+  ordinary batch, through autograd), the loop the issue's target is set against.
 - floor (not run by default): the same for the MLP and the CNN, with a third side, the
   objective with a term of zero: what the embedding costs before any loss is computed.
 - scaling: samples per second of `deepsigns embed` on the ResNet (32x32 images) with 1 and with
   2 processes (`--nproc 2`, one thread each), at --batch-size 128 (64 samples per process and
   step; also at the default 64 with `scaling --batch-size 64`).
+- optimizer: one optimiser step of the digits MLP and CNN, torch's default (a loop over the
+  tensors on the CPU) against the fused kernel the training loop uses.
 - memory: peak RSS of one `deepsigns embed` process (the CNN, one epoch) on generated 32x32
   image folders of 2,000 and of 20,000 images (the larger must need less than 1.2x the smaller).
 """
@@ -64,10 +69,60 @@ def _owner(out: Path, arch: str, data: str, tag: str, epochs: int = 3) -> tuple[
     return base, keys
 
 
+def port_style(keys, objective):
+    """An objective in the style of the published PyTorch port of DeepSigns, as a yardstick: the
+    paper's two terms (eq. 3) on the ordinary batch, written as torch operations that autograd
+    differentiates: every activation pulled to its class centre, the target centres pushed from
+    the others, and each target class's mean activation in the batch through its columns of A
+    against the bits by binary cross-entropy. It has none of our own additions (the line-up
+    reading, the pin, the end-of-epoch line-up and read); it starts from `objective`'s centres
+    and scale, on the same keys."""
+    import torch
+    from torch import nn
+
+    from deepsigns_cli.objective import Objective
+    from deepsigns_cli.zoo import capture
+
+    params, arrays = keys.params, keys.arrays
+    classes, n = [int(c) for c in arrays["classes"]], int(params["n_bits"])
+
+    class PortStyle(Objective):
+        def __init__(self):
+            self.state = nn.Module()
+            self.state.centres = nn.Parameter(objective.state.centres.detach().clone())
+            self.state.register_buffer("A", torch.as_tensor(arrays["A"]))
+            self.state.register_buffer("bits", torch.as_tensor(arrays["bits"], dtype=torch.float32))
+            self._ctx = self.store = None
+
+        def setup(self, model):
+            self._ctx = capture(model, params["layer"])
+            self.store = self._ctx.__enter__()
+
+        def teardown(self):
+            self._ctx.__exit__(None, None, None)
+
+        def loss(self, batch):
+            act, y = self.store["act"][: batch.n_train], batch.y[: batch.n_train]
+            centres, scale = self.state.centres, objective.scale
+            pull = ((act - centres[y]) ** 2).sum(1).mean() / scale
+            push = torch.exp(-torch.cdist(centres[classes], centres) ** 2 / scale).mean()
+            project = act.new_zeros(())
+            for k, c in enumerate(classes):
+                mine = y == c
+                if mine.any():
+                    mean = act[mine].mean(0)
+                    project = project + nn.functional.binary_cross_entropy_with_logits(
+                        mean @ self.state.A[:, k * n: (k + 1) * n], self.state.bits[k])
+            return params["lambda1"] * (pull + push) + params["lambda2"] * project
+
+    return PortStyle()
+
+
 def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: bool = False) -> dict:
-    """With `floor`, a third side: the objective with a term of zero (its hook, its bookkeeping
-    of rows, its end-of-epoch line-up and its class centres in the optimiser, but no loss): what
-    the hidden embedding costs before its loss is computed at all."""
+    """Plain fine-tuning, our embedding and a step in the style of the published port
+    (`port_style`). With `floor`, a fourth side: the objective with a term of zero (its hook,
+    its bookkeeping of rows, its end-of-epoch line-up and its class centres in the optimiser,
+    but no loss): what the hidden embedding costs before its loss is computed at all."""
     import torch
 
     from deepsigns_cli import api
@@ -86,12 +141,14 @@ def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: boo
         bundle = open_bundle(keys, PASSPHRASE)
         scheme = load_scheme("hidden")
         keyset = scheme.check(bundle.schemes["hidden"])
-        sides = {"plain": [], "embed": [], **({"floor": []} if floor else {})}
+        sides = {"plain": [], "embed": [], "port": [], **({"floor": []} if floor else {})}
         for i in range(repeats + 1):  # the first round warms up (allocator, kernels), not counted
             names = list(sides)  # rotated: drifting load favours none
             for name in names[i % len(names):] + names[: i % len(names)]:
                 net = copy.deepcopy(model)
                 objectives = [] if name == "plain" else [scheme.objective(net, info, data, keyset)]
+                if name == "port":
+                    objectives = [port_style(keyset, objectives[0])]
                 if name == "floor":
                     objectives[0]._terms = lambda act, centres, *_: (act.new_zeros(()), torch.zeros_like(act),
                                                                      torch.zeros_like(centres))
@@ -99,10 +156,11 @@ def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: boo
                               TrainConfig(epochs=1, lr=info.lr, seed=i, device="cpu"), objectives)
                 if i:
                     sides[name].append(history["epoch_seconds"][0])
-        plain, embed = float(np.median(sides["plain"])), float(np.median(sides["embed"]))
+        plain, embed, port = (float(np.median(sides[k])) for k in ("plain", "embed", "port"))
         result[arch] = {"plain_s_per_epoch": plain, "embed_s_per_epoch": embed, "ratio": embed / plain,
-                        "samples": len(data.y_train)}
-        line = f"overhead {arch}: plain {plain:.3f} s/epoch, embed {embed:.3f} s/epoch, ratio {embed / plain:.2f}x"
+                        "port_style_ratio": port / plain, "samples": len(data.y_train)}
+        line = (f"overhead {arch}: plain {plain:.3f} s/epoch, embed {embed:.3f} s/epoch, ratio {embed / plain:.2f}x; "
+                f"the port's style {port / plain:.2f}x")
         if floor:
             result[arch]["floor_ratio"] = float(np.median(sides["floor"])) / plain
             line += f"; with a term of zero {result[arch]['floor_ratio']:.2f}x"
@@ -171,9 +229,41 @@ def memory(out: Path, epochs: int = 1) -> dict:
     return result
 
 
+def optimizer(repeats: int = 500) -> dict:
+    """Microseconds per optimiser step (Adam and SGD with momentum, every parameter with a
+    gradient), as torch does it by default and fused (TrainConfig.make_optimizer)."""
+    import torch
+
+    from deepsigns_cli.training import TrainConfig
+    from deepsigns_cli.zoo import build_model
+
+    torch.set_num_threads(1)
+    result = {}
+    for arch in ("mlp", "cnn"):
+        for name in ("adam", "sgd"):
+            params = list(build_model(arch, {}, (1, 8, 8), 10).parameters())
+            for p in params:
+                p.grad = torch.randn_like(p)
+            cfg = TrainConfig(optimizer=name, lr=1e-3)
+            default = (torch.optim.Adam(params, lr=1e-3) if name == "adam"
+                       else torch.optim.SGD(params, lr=1e-3, momentum=cfg.momentum))
+            micros = {}
+            for side, opt in (("default", default), ("fused", cfg.make_optimizer(params))):
+                for _ in range(20):  # (warm-up)
+                    opt.step()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    opt.step()
+                micros[side] = (time.perf_counter() - start) / repeats * 1e6
+            result[f"{arch} {name}"] = micros
+            print(f"optimizer {arch} {name}: default {micros['default']:.0f} us per step, "
+                  f"fused {micros['fused']:.0f} us", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("figures", nargs="*", default=["overhead", "scaling", "memory"])
+    parser.add_argument("figures", nargs="*", default=["overhead", "scaling", "memory", "optimizer"])
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch-size", type=int, default=128, help="of the scaling figure")
     parser.add_argument("--out", type=Path, default=ROOT / "figures" / "bench")
@@ -183,7 +273,8 @@ def main() -> None:
     figures = {"overhead": lambda: overhead(args.out, args.repeats),
                "floor": lambda: overhead(args.out, args.repeats, ("mlp", "cnn"), floor=True),
                "scaling": lambda: scaling(args.out, batch_size=args.batch_size),
-               "memory": lambda: memory(args.out)}
+               "memory": lambda: memory(args.out),
+               "optimizer": optimizer}
     for name in args.figures:
         body[name] = figures[name]()
     (args.out / "bench.json").write_text(json.dumps(body, indent=1))
