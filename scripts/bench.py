@@ -13,8 +13,9 @@
 - scaling: samples per second of `deepsigns embed` on the ResNet (32x32 images) with 1 and with
   2 processes (`--nproc 2`, one thread each), at --batch-size 128 (64 samples per process and
   step; also at the default 64 with `scaling --batch-size 64`).
-- optimizer: one optimiser step of the digits MLP and CNN, torch's default (a loop over the
-  tensors on the CPU) against the fused kernel the training loop uses.
+- optimizer: seconds per epoch of plain fine-tuning and of the embedding (the digits MLP and
+  CNN, Adam) with torch's default optimiser (a loop over the tensors on the CPU) and with the
+  fused one the loop uses, interleaved as above.
 - memory: peak RSS of one `deepsigns embed` process (the CNN, one epoch) on generated 32x32
   image folders of 2,000 and of 20,000 images (the larger must need less than 1.2x the smaller).
 """
@@ -118,11 +119,20 @@ def port_style(keys, objective):
     return PortStyle()
 
 
-def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: bool = False) -> dict:
-    """Plain fine-tuning, our embedding and a step in the style of the published port
-    (`port_style`). With `floor`, a fourth side: the objective with a term of zero (its hook,
-    its bookkeeping of rows, its end-of-epoch line-up and its class centres in the optimiser,
-    but no loss): what the hidden embedding costs before its loss is computed at all."""
+def _torch_default_optimizer(cfg, params):
+    """The optimiser as torch makes it by default (on the CPU: a loop over the tensors)."""
+    import torch
+
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _interleaved(out: Path, arch: str, repeats: int, sides: dict) -> tuple[dict, int]:
+    """({side: median seconds per epoch}, training samples): one epoch of fine-tuning a fresh
+    copy of the owner's `arch` model per side and round, in one process, the sides rotated
+    round by round (drifting load favours none). A side is (what its objectives are: none,
+    "embed", "port" or "floor"; torch's default optimiser instead of the loop's)."""
     import torch
 
     from deepsigns_cli import api
@@ -132,39 +142,71 @@ def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: boo
     from deepsigns_cli.training import TrainConfig, fit
 
     torch.set_num_threads(1)
-    result = {}
-    for arch in archs:
-        data_spec = str(_folder(out, 2000)) if arch == "resnet" else "digits"
-        base, keys = _owner(out, arch, data_spec, f"overhead-{arch}")
-        model, info = load_checkpoint(base, arch=None)
-        data = api.load_dataset(data_spec, base)  # an image folder as the checkpoint recorded it
-        bundle = open_bundle(keys, PASSPHRASE)
-        scheme = load_scheme("hidden")
-        keyset = scheme.check(bundle.schemes["hidden"])
-        sides = {"plain": [], "embed": [], "port": [], **({"floor": []} if floor else {})}
-        for i in range(repeats + 1):  # the first round warms up (allocator, kernels), not counted
-            names = list(sides)  # rotated: drifting load favours none
-            for name in names[i % len(names):] + names[: i % len(names)]:
-                net = copy.deepcopy(model)
-                objectives = [] if name == "plain" else [scheme.objective(net, info, data, keyset)]
-                if name == "port":
-                    objectives = [port_style(keyset, objectives[0])]
-                if name == "floor":
-                    objectives[0]._terms = lambda act, centres, *_: (act.new_zeros(()), torch.zeros_like(act),
-                                                                     torch.zeros_like(centres))
+    data_spec = str(_folder(out, 2000)) if arch == "resnet" else "digits"
+    base, keys = _owner(out, arch, data_spec, f"overhead-{arch}")
+    model, info = load_checkpoint(base, arch=None)
+    data = api.load_dataset(data_spec, base)  # an image folder as the checkpoint recorded it
+    scheme = load_scheme("hidden")
+    keyset = scheme.check(open_bundle(keys, PASSPHRASE).schemes["hidden"])
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    names, loops = list(sides), TrainConfig.make_optimizer
+    for i in range(repeats + 1):  # the first round warms up (allocator, kernels), not counted
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            kind, torch_default = sides[name]
+            net = copy.deepcopy(model)
+            objectives = [] if kind is None else [scheme.objective(net, info, data, keyset)]
+            if kind == "port":
+                objectives = [port_style(keyset, objectives[0])]
+            if kind == "floor":
+                objectives[0]._terms = lambda act, centres, *_: (act.new_zeros(()), torch.zeros_like(act),
+                                                                 torch.zeros_like(centres))
+            TrainConfig.make_optimizer = _torch_default_optimizer if torch_default else loops
+            try:
                 history = fit(net, data.x_train, data.y_train,
                               TrainConfig(epochs=1, lr=info.lr, seed=i, device="cpu"), objectives)
-                if i:
-                    sides[name].append(history["epoch_seconds"][0])
-        plain, embed, port = (float(np.median(sides[k])) for k in ("plain", "embed", "port"))
+            finally:
+                TrainConfig.make_optimizer = loops
+            if i:
+                seconds[name].append(history["epoch_seconds"][0])
+    return {name: float(np.median(values)) for name, values in seconds.items()}, len(data.y_train)
+
+
+def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: bool = False) -> dict:
+    """Plain fine-tuning, our embedding and a step in the style of the published port
+    (`port_style`). With `floor`, a fourth side: the objective with a term of zero (its hook,
+    its bookkeeping of rows, its end-of-epoch line-up and its class centres in the optimiser,
+    but no loss): what the hidden embedding costs before its loss is computed at all."""
+    result = {}
+    for arch in archs:
+        sides = {"plain": (None, False), "embed": ("embed", False), "port": ("port", False),
+                 **({"floor": ("floor", False)} if floor else {})}
+        median, samples = _interleaved(out, arch, repeats, sides)
+        plain, embed, port = median["plain"], median["embed"], median["port"]
         result[arch] = {"plain_s_per_epoch": plain, "embed_s_per_epoch": embed, "ratio": embed / plain,
-                        "port_style_ratio": port / plain, "samples": len(data.y_train)}
+                        "port_style_ratio": port / plain, "samples": samples}
         line = (f"overhead {arch}: plain {plain:.3f} s/epoch, embed {embed:.3f} s/epoch, ratio {embed / plain:.2f}x; "
                 f"the port's style {port / plain:.2f}x")
         if floor:
-            result[arch]["floor_ratio"] = float(np.median(sides["floor"])) / plain
+            result[arch]["floor_ratio"] = median["floor"] / plain
             line += f"; with a term of zero {result[arch]['floor_ratio']:.2f}x"
         print(line, flush=True)
+    return result
+
+
+def optimizer(out: Path, repeats: int) -> dict:
+    """Plain fine-tuning and our embedding of the digits MLP and CNN (Adam), each with torch's
+    default optimiser (on the CPU a loop over the tensors, several operations each) and with
+    the fused one the training loop uses (TrainConfig.make_optimizer), interleaved."""
+    result = {}
+    for arch in ("mlp", "cnn"):
+        sides = {f"{kind or 'plain'} {'default' if default else 'fused'}": (kind, default)
+                 for kind in (None, "embed") for default in (True, False)}
+        median, _ = _interleaved(out, arch, repeats, sides)
+        result[arch] = median
+        line = ", ".join(f"{name} {median[name]:.3f}" for name in sides)
+        print(f"optimizer {arch}, s/epoch: {line}; embed/plain: torch's default "
+              f"{median['embed default'] / median['plain default']:.2f}x, fused "
+              f"{median['embed fused'] / median['plain fused']:.2f}x", flush=True)
     return result
 
 
@@ -229,38 +271,6 @@ def memory(out: Path, epochs: int = 1) -> dict:
     return result
 
 
-def optimizer(repeats: int = 500) -> dict:
-    """Microseconds per optimiser step (Adam and SGD with momentum, every parameter with a
-    gradient), as torch does it by default and fused (TrainConfig.make_optimizer)."""
-    import torch
-
-    from deepsigns_cli.training import TrainConfig
-    from deepsigns_cli.zoo import build_model
-
-    torch.set_num_threads(1)
-    result = {}
-    for arch in ("mlp", "cnn"):
-        for name in ("adam", "sgd"):
-            params = list(build_model(arch, {}, (1, 8, 8), 10).parameters())
-            for p in params:
-                p.grad = torch.randn_like(p)
-            cfg = TrainConfig(optimizer=name, lr=1e-3)
-            default = (torch.optim.Adam(params, lr=1e-3) if name == "adam"
-                       else torch.optim.SGD(params, lr=1e-3, momentum=cfg.momentum))
-            micros = {}
-            for side, opt in (("default", default), ("fused", cfg.make_optimizer(params))):
-                for _ in range(20):  # (warm-up)
-                    opt.step()
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    opt.step()
-                micros[side] = (time.perf_counter() - start) / repeats * 1e6
-            result[f"{arch} {name}"] = micros
-            print(f"optimizer {arch} {name}: default {micros['default']:.0f} us per step, "
-                  f"fused {micros['fused']:.0f} us", flush=True)
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("figures", nargs="*", default=["overhead", "scaling", "memory", "optimizer"])
@@ -274,7 +284,7 @@ def main() -> None:
                "floor": lambda: overhead(args.out, args.repeats, ("mlp", "cnn"), floor=True),
                "scaling": lambda: scaling(args.out, batch_size=args.batch_size),
                "memory": lambda: memory(args.out),
-               "optimizer": optimizer}
+               "optimizer": lambda: optimizer(args.out, args.repeats)}
     for name in args.figures:
         body[name] = figures[name]()
     (args.out / "bench.json").write_text(json.dumps(body, indent=1))
