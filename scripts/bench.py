@@ -8,7 +8,7 @@
   digits MLP and CNN, and the ResNet on a generated 32x32 image folder. A third side is a step
   in the style of the published PyTorch port (`PortStyle`: the paper's two terms on the
   ordinary batch, through autograd), the loop the issue's target is set against.
-- floor (not run by default): the same for the MLP and the CNN, with a third side, the
+- floor (not run by default): the same for the MLP and the CNN, with a further side, the
   objective with a term of zero: what the embedding costs before any loss is computed.
 - scaling: samples per second of `deepsigns embed` on the ResNet (32x32 images) with 1 and with
   2 processes (`--nproc 2`, one thread each), at --batch-size 128 (64 samples per process and
@@ -72,7 +72,7 @@ def _owner(out: Path, arch: str, data: str, tag: str, epochs: int = 3) -> tuple[
 
 def port_style(keys, objective):
     """An objective in the style of the published PyTorch port of DeepSigns, as a yardstick: the
-    paper's two terms (eq. 3) on the ordinary batch, written as torch operations that autograd
+    paper's two terms (eqs. 2 and 3) on the ordinary batch, written as torch operations that autograd
     differentiates: every activation pulled to its class centre, the target centres pushed from
     the others, and each target class's mean activation in the batch through its columns of A
     against the bits by binary cross-entropy. It has none of our own additions (the line-up

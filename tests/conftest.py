@@ -23,7 +23,7 @@ BASE_EPOCHS = 15
 # first: `make test` runs two processes that each take a whole file (`--dist loadfile`) in the
 # order of this collection (`--no-loadscope-reorder`), so the two start on the longest files and
 # share the short ones out after, instead of one finishing the README's examples alone at the end
-# while the other idles (about 90 s of a 10-minute suite).
+# while the other idles (595 s against 530 s for the whole suite, the same code).
 LONGEST_FIRST = ("test_readme.py", "test_output.py", "test_calibration.py", "test_distributed.py",
                  "test_robust_output.py", "test_fuzz.py", "test_hidden.py")
 
