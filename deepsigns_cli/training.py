@@ -208,12 +208,16 @@ class TrainConfig:
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         # fused: one kernel updates every tensor. Torch's default on the CPU is a loop over the
         # tensors, several operations each: a fine-tuning epoch of the digits MLP with Adam took
-        # 0.078 s that way and 0.055 s fused (`scripts/bench.py optimizer`)
+        # 0.078 s that way and 0.055 s fused (`scripts/bench.py optimizer`). Only for fp32/fp64
+        # parameters: fused SGD on the CPU skips fp16/bf16 updates (pytorch/pytorch#191763; seen
+        # in torch 2.13: tests/test_seams.py::test_the_loops_optimiser_updates_every_weight)
+        params = list(params)
+        fused = bool(params) and all(p.dtype in (torch.float32, torch.float64) for p in params)
         if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
-                                   weight_decay=self.weight_decay, fused=True)
+                                   weight_decay=self.weight_decay, fused=fused)
         raise InputError(f"unknown optimizer '{self.optimizer}': use {' or '.join(OPTIMIZERS)}")
 
 

@@ -197,6 +197,17 @@ def test_soft_targets_and_sgd_distil_a_teacher(digits):
     assert agree.mean() > 0.85
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_loops_optimiser_updates_every_weight(optimizer, dtype):
+    """The loop's optimiser is fused where that is safe: torch's fused SGD on the CPU leaves the
+    first weights of each vector block of fp16/bf16 parameters as they were (pytorch#191763)."""
+    param = torch.nn.Parameter(torch.ones(100, dtype=dtype))
+    param.grad = torch.ones(100, dtype=dtype)
+    TrainConfig(optimizer=optimizer, lr=0.1).make_optimizer([param]).step()
+    assert (param.detach().float() < 0.95).all(), param  # every weight moved from 1 by about -0.1
+
+
 def test_a_diverging_loss_is_a_clear_error(digits):
     from deepsigns_cli.errors import TrainingError
 
