@@ -203,6 +203,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     workers: int = 0  # data-loading processes (0: batches are read in this process)
     precision: str = "fp32"  # fp32, or bf16 / fp16 autocast (fp16 on CUDA only, with loss scaling)
+    fused: bool = True  # optimiser steps in one kernel (fp32/fp64 parameters; see make_optimizer)
     extra: dict = field(default_factory=dict)  # free for callers (recorded, not used)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
@@ -212,7 +213,7 @@ class TrainConfig:
         # parameters: fused SGD on the CPU skips fp16/bf16 updates (pytorch/pytorch#191763; seen
         # in torch 2.13: tests/test_seams.py::test_the_loops_optimiser_updates_every_weight)
         params = list(params)
-        fused = bool(params) and all(p.dtype in (torch.float32, torch.float64) for p in params)
+        fused = self.fused and bool(params) and all(p.dtype in (torch.float32, torch.float64) for p in params)
         if self.optimizer == "adam":
             return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         if self.optimizer == "sgd":

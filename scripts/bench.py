@@ -119,15 +119,6 @@ def port_style(keys, objective):
     return PortStyle()
 
 
-def _torch_default_optimizer(cfg, params):
-    """The optimiser as torch makes it by default (on the CPU: a loop over the tensors)."""
-    import torch
-
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
 def _interleaved(out: Path, arch: str, repeats: int, sides: dict) -> tuple[dict, int]:
     """({side: median seconds per epoch}, training samples): one epoch of fine-tuning a fresh
     copy of the owner's `arch` model per side and round, in one process, the sides rotated
@@ -149,7 +140,7 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict) -> tuple[dict,
     scheme = load_scheme("hidden")
     keyset = scheme.check(open_bundle(keys, PASSPHRASE).schemes["hidden"])
     seconds: dict[str, list[float]] = {name: [] for name in sides}
-    names, loops = list(sides), TrainConfig.make_optimizer
+    names = list(sides)
     for i in range(repeats + 1):  # the first round warms up (allocator, kernels), not counted
         for name in names[i % len(names):] + names[: i % len(names)]:
             kind, torch_default = sides[name]
@@ -160,12 +151,8 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict) -> tuple[dict,
             if kind == "floor":
                 objectives[0]._terms = lambda act, centres, *_: (act.new_zeros(()), torch.zeros_like(act),
                                                                  torch.zeros_like(centres))
-            TrainConfig.make_optimizer = _torch_default_optimizer if torch_default else loops
-            try:
-                history = fit(net, data.x_train, data.y_train,
-                              TrainConfig(epochs=1, lr=info.lr, seed=i, device="cpu"), objectives)
-            finally:
-                TrainConfig.make_optimizer = loops
+            history = fit(net, data.x_train, data.y_train,
+                          TrainConfig(epochs=1, lr=info.lr, seed=i, device="cpu", fused=not torch_default), objectives)
             if i:
                 seconds[name].append(history["epoch_seconds"][0])
     return {name: float(np.median(values)) for name, values in seconds.items()}, len(data.y_train)
@@ -196,7 +183,7 @@ def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: boo
 def optimizer(out: Path, repeats: int) -> dict:
     """Plain fine-tuning and our embedding of the digits MLP and CNN (Adam), each with torch's
     default optimiser (on the CPU a loop over the tensors, several operations each) and with
-    the fused one the training loop uses (TrainConfig.make_optimizer), interleaved."""
+    the fused one the training loop uses (TrainConfig.fused), interleaved."""
     result = {}
     for arch in ("mlp", "cnn"):
         sides = {f"{kind or 'plain'} {'default' if default else 'fused'}": (kind, default)

@@ -67,12 +67,16 @@ def deepsigns_argv() -> list[str]:
     return [sys.executable, "-c", "from deepsigns_cli.cli.main import main; main()"]
 
 
+def process_env(env: dict | None = None) -> dict:
+    """The environment of a real deepsigns process: no terminal colours, the passphrase, and one
+    thread unless the caller's environment says otherwise (tiny models, small CI boxes)."""
+    full_env = {"OMP_NUM_THREADS": "1", **os.environ, **NOT_A_TERMINAL, **ENV, **(env or {})}
+    return {k: v for k, v in full_env.items() if v is not None}
+
+
 def run_proc(*args, env: dict | None = None, timeout: float = 300, cwd=None):
     """Run `deepsigns ARGS` as a real process with no terminal on stdin."""
-    # one thread unless the caller's environment says otherwise: tiny models, small CI boxes
-    full_env = {"OMP_NUM_THREADS": "1", **os.environ, **NOT_A_TERMINAL, **ENV, **(env or {})}
-    full_env = {k: v for k, v in full_env.items() if v is not None}
-    return subprocess.run([*deepsigns_argv(), *map(str, args)], env=full_env, cwd=cwd,
+    return subprocess.run([*deepsigns_argv(), *map(str, args)], env=process_env(env), cwd=cwd,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 

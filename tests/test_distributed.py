@@ -5,13 +5,12 @@ run with one line and nothing written."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import NOT_A_TERMINAL, PASSPHRASE, assert_one_error_line, partial_files, run_proc
+from helpers import PASSPHRASE, assert_one_error_line, partial_files, process_env, run_proc
 
 from deepsigns_cli import api
 
@@ -53,8 +52,7 @@ def test_two_machines_meet_through_torchruns_rendezvous(tmp_path):
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1"}
-    env = {k: v for k, v in env.items() if k not in NOT_A_TERMINAL}
+    env = process_env({**ENV, "OMP_NUM_THREADS": "1"})
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-machines",
                "-m", "deepsigns_cli", "embed", "--model", str(base), "--data", "digits", "--keys", str(keys),

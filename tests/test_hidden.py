@@ -227,7 +227,7 @@ def test_the_steps_term_gives_the_gradient_of_its_value(marked, digits, lined, a
     gen = torch.Generator().manual_seed(0)
     width, classes = keys.params["width"], keys.arrays["classes"].tolist()
     with torch.no_grad():
-        state.line_up(torch.softmax(torch.randn(width, width, generator=gen, dtype=torch.float64) * 3, 1),
+        state.set_line_up(torch.softmax(torch.randn(width, width, generator=gen, dtype=torch.float64) * 3, 1),
                       torch.empty(width, dtype=torch.float64).uniform_(0.5, 1.5, generator=gen))  # scales other than 1
     others = [c for c in range(10) if c not in classes]
     y = torch.tensor([classes[0]] * 4 + [classes[1]] * 3 + others * 2)  # classes[2] is absent

@@ -336,7 +336,7 @@ class _HiddenState(nn.Module):
         # model's, as the read-out does it (both taken on the probes after every epoch)
         self.register_buffer("lined", torch.eye(A.shape[0]))
 
-    def line_up(self, weights: torch.Tensor, inv_scale: torch.Tensor) -> None:
+    def set_line_up(self, weights: torch.Tensor, inv_scale: torch.Tensor) -> None:
         """The line-up `weights` (ours, theirs) of units over their scales (`inv_scale`: theirs)."""
         self.lined.copy_(weights * inv_scale)
 
@@ -474,7 +474,7 @@ class HiddenObjective(Objective):
         free = _free_probes(a)
         weights = line_up(a["probe_ref"][free], probe[free])
         inv_scale = torch.as_tensor(_over_scale(1.0, unit_rms(probe)), dtype=torch.float32)
-        self.state.line_up(torch.as_tensor(weights, dtype=torch.float32), inv_scale)
+        self.state.set_line_up(torch.as_tensor(weights, dtype=torch.float32), inv_scale)
         readings = (read_bits(trig, None, a), read_bits(trig, probe, a, weights))
         return all(bool((found == a["bits"]).all()) for found in readings)
 
