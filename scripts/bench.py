@@ -1,6 +1,6 @@
 """`make bench`: what embedding costs at scale (issue 10), each figure from the code the CLI runs.
 
-    .venv/bin/python scripts/bench.py [overhead] [floor] [every] [scaling] [memory] [optimizer] [--repeats 11]
+    .venv/bin/python scripts/bench.py [overhead] [floor] [every] [threads] [scaling] [memory] [optimizer] [--repeats 11]
                                       [--out figures/bench]
 
 - overhead: seconds per epoch of the hidden-layer embedding against plain fine-tuning of the
@@ -17,6 +17,9 @@
   as a way to the overhead target and not taken: seconds per epoch as in overhead (k = 1, 2, 4,
   8; the digits MLP and CNN), then on the digits MLP (30-epoch baselines, seeds 0-4) the epochs
   the embedding runs before it reads every bit back, its seconds, and its bit errors.
+- threads (not run by default): plain fine-tuning and the embedding (digits MLP and CNN) at
+  torch's default threads, with numpy's BLAS at its default and on one thread, as the loop
+  holds it (each in processes of its own): what the loop's BLAS limit is worth.
 - optimizer: seconds per epoch of plain fine-tuning and of the embedding (the digits MLP and
   CNN, Adam) with torch's default optimiser (a loop over the tensors on the CPU) and with the
   fused one the loop uses, interleaved as above.
@@ -141,11 +144,14 @@ def every_k(objective, k: int):
     return objective
 
 
-def _interleaved(out: Path, arch: str, repeats: int, sides: dict) -> tuple[dict, int]:
+def _interleaved(out: Path, arch: str, repeats: int, sides: dict, threads: int | None = 1,
+                 blas_threads: int | None = 1) -> tuple[dict, int]:
     """({side: median seconds per epoch}, training samples): one epoch of fine-tuning a fresh
     copy of the owner's `arch` model per side and round, in one process, the sides rotated
     round by round (drifting load favours none). A side is (what its objectives are: none,
-    "embed", "port", "floor" or "every<k>"; torch's default optimiser instead of the loop's)."""
+    "embed", "port", "floor" or "every<k>"; torch's default optimiser instead of the loop's).
+    torch on `threads` threads (None: its default), numpy's BLAS on `blas_threads` while the loop
+    runs (TrainConfig.blas_threads; None: numpy's default)."""
     import torch
 
     from deepsigns_cli import api
@@ -154,7 +160,8 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict) -> tuple[dict,
     from deepsigns_cli.registry import load_scheme
     from deepsigns_cli.training import TrainConfig, fit
 
-    torch.set_num_threads(1)
+    if threads is not None:
+        torch.set_num_threads(threads)
     data_spec = str(_folder(out, 2000)) if arch == "resnet" else "digits"
     base, keys = _owner(out, arch, data_spec, f"overhead-{arch}")
     model, info = load_checkpoint(base, arch=None)
@@ -176,7 +183,8 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict) -> tuple[dict,
             if kind is not None and kind.startswith("every"):
                 every_k(objectives[0], int(kind[len("every"):]))
             history = fit(net, data.x_train, data.y_train,
-                          TrainConfig(epochs=1, lr=info.lr, seed=i, device="cpu", fused=not torch_default), objectives)
+                          TrainConfig(epochs=1, lr=info.lr, seed=i, device="cpu", fused=not torch_default,
+                                      blas_threads=blas_threads), objectives)
             if i:
                 seconds[name].append(history["epoch_seconds"][0])
     return {name: float(np.median(values)) for name, values in seconds.items()}, len(data.y_train)
@@ -248,6 +256,47 @@ def every(out: Path, repeats: int, ks=(2, 4, 8), seeds=range(5)) -> dict:
               f"test accuracy {[round(r['accuracy'], 1) for r in runs]}", flush=True)
     result["mlp_stops"] = stops
     return result
+
+
+def threads(out: Path, repeats: int, rounds: int = 2) -> dict:
+    """Plain fine-tuning and the embedding of the digits MLP and CNN with torch's default threads
+    (one per core), as `deepsigns` runs when nothing is set, and numpy's BLAS at its own default
+    or on one thread, as the loop holds it (TrainConfig.blas_threads). Each BLAS setting runs in
+    processes of its own, `rounds` each, alternating: BLAS threads spin for a while after their
+    last product, so the two settings cannot share a process; within a process of numpy's default,
+    they spin into the plain epochs too, so plain fine-tuning (no numpy in its loop) is taken
+    from the processes of one thread. Medians over the rounds."""
+    limits = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in limits}
+    result = {}
+    for arch in ("mlp", "cnn"):
+        runs: dict[str, list[dict]] = {"default": [], "one": []}
+        for _ in range(rounds):
+            for blas in runs:
+                proc = subprocess.run([sys.executable, __file__, f"sides:{arch}:{blas}", "--repeats", str(repeats),
+                                       "--out", str(out)], capture_output=True, text=True, env=env, check=False)
+                if proc.returncode != 0:
+                    raise SystemExit(f"the {blas} side of {arch} failed:\n{proc.stderr}")
+                runs[blas].append(json.loads(proc.stdout.splitlines()[-1].split("] ", 1)[1])[f"sides:{arch}:{blas}"])
+        result[arch] = {blas: {side: float(np.median([r[side] for r in rs])) for side in ("plain", "embed", "threads")}
+                        for blas, rs in runs.items()}
+        m = result[arch]
+        plain = m["one"]["plain"]  # (beside the other side's embedding, plain epochs pay for its spinning threads)
+        print(f"threads {arch} (torch on {m['one']['threads']:.0f} threads): plain {plain * 1e3:.0f} ms/epoch; embed "
+              f"{m['default']['embed'] * 1e3:.0f} ms/epoch with numpy's BLAS at its default "
+              f"({m['default']['embed'] / plain:.2f}x), {m['one']['embed'] * 1e3:.0f} ms/epoch on one thread as the "
+              f"loop holds it ({m['one']['embed'] / plain:.2f}x); plain beside the former: "
+              f"{m['default']['plain'] * 1e3:.0f} ms/epoch", flush=True)
+    return result
+
+
+def _sides(out: Path, repeats: int, arch: str, blas: str) -> dict:
+    """One process of `threads`: plain and embedding epochs, interleaved, at torch's default threads."""
+    import torch
+
+    median, _ = _interleaved(out, arch, repeats, {"plain": (None, False), "embed": ("embed", False)}, threads=None,
+                             blas_threads=None if blas == "default" else 1)
+    return {**median, "threads": torch.get_num_threads()}
 
 
 def optimizer(out: Path, repeats: int) -> dict:
@@ -340,10 +389,14 @@ def main() -> None:
     figures = {"overhead": lambda: overhead(args.out, args.repeats),
                "floor": lambda: overhead(args.out, args.repeats, ("mlp", "cnn"), floor=True),
                "every": lambda: every(args.out, args.repeats),
+               "threads": lambda: threads(args.out, args.repeats),
                "scaling": lambda: scaling(args.out, batch_size=args.batch_size),
                "memory": lambda: memory(args.out),
                "optimizer": lambda: optimizer(args.out, args.repeats)}
     for name in args.figures:
+        if name.startswith("sides:"):  # (one process of `threads`)
+            body[name] = _sides(args.out, args.repeats, *name.split(":")[1:])
+            continue
         body[name] = figures[name]()
     (args.out / "bench.json").write_text(json.dumps(body, indent=1))
     print(f"[{time.perf_counter() - started:.0f} s] {json.dumps(body)}")
