@@ -299,11 +299,11 @@ def fit(
     (an initialised process group) the model is wrapped in DistributedDataParallel and each
     process trains on its share of every batch.
 
-    numpy's BLAS (OpenBLAS, MKL) works on one thread meanwhile (cfg.blas_threads). The objectives' numpy products
-    are small, and between them its idle threads spin on the cores that torch's threads train
-    on: with both libraries at their default of a thread per core, an embedding epoch of the
-    digits MLP on a 2-core machine took 168-187 ms, and 73 ms with numpy's BLAS on one thread
-    (plain fine-tuning: 41-46 ms either way)."""
+    numpy's BLAS (OpenBLAS, MKL) works on one thread meanwhile (cfg.blas_threads). The
+    objectives' numpy products are small, and between them its idle threads spin on the cores
+    that torch's threads train on: with both libraries at their default of a thread per core,
+    an embedding epoch of the digits MLP on a 2-core machine took 151-156 ms, and 67-87 ms with
+    numpy's BLAS on one thread (plain fine-tuning: 38-49 ms; `scripts/bench.py threads`)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
