@@ -208,6 +208,30 @@ def test_the_loops_optimiser_updates_every_weight(optimizer, dtype):
     assert (param.detach().float() < 0.95).all(), param  # every weight moved from 1 by about -0.1
 
 
+@pytest.mark.parametrize("limit", [1, None])
+def test_the_loop_holds_numpys_blas_to_its_limit_and_gives_it_back(digits, limit):
+    """numpy's BLAS threads spin on the cores torch trains on (`scripts/bench.py threads`): the
+    loop holds them to TrainConfig.blas_threads (None: as they were), and restores them after."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    seen = []
+
+    class Watch(Objective):
+        def loss(self, batch):
+            seen.append(blas_threads())
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        outside = blas_threads()
+        fit(_tiny(), digits.x_train[:128], digits.y_train[:128],
+            TrainConfig(epochs=1, device="cpu", blas_threads=limit), [Watch()])
+        after = blas_threads()
+    assert outside == after == {2}  # (numpy's BLAS is loaded: the suite imports numpy)
+    assert seen and all(s == ({1} if limit == 1 else {2}) for s in seen), seen
+
+
 def test_a_diverging_loss_is_a_clear_error(digits):
     from deepsigns_cli.errors import TrainingError
 
