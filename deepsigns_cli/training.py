@@ -310,7 +310,8 @@ def fit(
         return _fit(model, x, y, cfg, objectives, progress)
 
 
-def _fit(model, x, y, cfg: TrainConfig, objectives: Sequence[Objective], progress: Progress | None) -> dict:
+def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Sequence[Objective],
+         progress: Progress | None) -> dict:
     # 1. device, processes, the model and every objective's tensors on the device
     device = resolve_device(cfg.device)
     procs = Processes.current()

@@ -228,8 +228,8 @@ def test_the_loop_holds_numpys_blas_to_its_limit_and_gives_it_back(digits, limit
         fit(_tiny(), digits.x_train[:128], digits.y_train[:128],
             TrainConfig(epochs=1, device="cpu", blas_threads=limit), [Watch()])
         after = blas_threads()
-    assert outside == after == {2}  # (numpy's BLAS is loaded: the suite imports numpy)
-    assert seen and all(s == ({1} if limit == 1 else {2}) for s in seen), seen
+    assert outside and after == outside  # (numpy's BLAS is loaded; 2 threads here, fewer on a 1-core box)
+    assert seen and all(s == ({1} if limit == 1 else outside) for s in seen), seen
 
 
 def test_a_diverging_loss_is_a_clear_error(digits):
