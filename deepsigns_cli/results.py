@@ -80,6 +80,7 @@ class BitsResult(SchemeResult):
     # with its units lined up with ours (0: one per candidate)
     aligned: bool | None = None  # the best reading was the lined-up one (None: not tried)
     message: str | None = None
+    message_errors: int | None = None  # bits of that message that differ from the keys' (None: no message)
     max_bit_errors: int | None = None  # set by decide(): the most errors alpha allows
     warning: str | None = None
 
@@ -393,6 +394,6 @@ def to_json_dict(report) -> dict:
 
 def _result_dict(result: SchemeResult) -> dict:
     """A result's fields, without the empty optional ones (a 'warning' only when there is one)."""
-    optional = {"note", "message", "warning", "onnx_seconds"}
+    optional = {"note", "message", "message_errors", "warning", "onnx_seconds"}
     return {f.name: getattr(result, f.name) for f in fields(result)
             if not (f.name in optional and getattr(result, f.name) is None)}

@@ -134,7 +134,7 @@ def test_verify_reads_gradsigns_without_torch(owners):
 def test_message_round_trips(tmp_path):
     run = _owner(tmp_path, 3, message="ACME")
     result = _gradsigns(_verify(run, run["onnx"]))
-    assert result["message"] == "ACME" and result["bit_errors"] == 0
+    assert result["message"] == "ACME" and result["bit_errors"] == 0 and result["message_errors"] == 0
 
 
 def test_a_model_still_sure_of_its_key_inputs_gets_a_band_that_pulls(owners):

@@ -48,7 +48,7 @@ def test_marked_model_is_detected_with_no_bit_errors(seeded_run):
 
 def test_message_round_trips(seeded_run):
     r = hidden(extract(seeded_run.marked, seeded_run.keys, code=0))
-    assert r["message"] == MESSAGE
+    assert r["message"] == MESSAGE and r["message_errors"] == 0
     n = 8 * len(MESSAGE)
     for k in range(CLASSES):  # every class centre holds the whole signature
         assert int(r["bits"][k * n:(k + 1) * n], 2).to_bytes(len(MESSAGE), "big") == MESSAGE.encode()
@@ -98,6 +98,17 @@ def test_unmarked_baseline_is_not_detected(seeded_run):
     assert report["detected"] is False and r["detected"] is False
     assert r["p_value"] > ALPHA
     assert r["bit_errors"] > r["max_bit_errors"]
+
+
+def test_a_message_read_with_errors_says_so(seeded_run):
+    """The unmarked baseline's reading decodes to noise: the report gives the message as read,
+    and how many of its bits differ from the keys' (a garbled string alone would not say)."""
+    r = hidden(extract(seeded_run.base, seeded_run.keys, code=1))
+    assert r["message"] != MESSAGE and 0 < r["message_errors"] <= 8 * len(MESSAGE)
+    table = run_cli("extract", "--model", seeded_run.base, "--keys", seeded_run.keys, code=1).output
+    assert f"(read with {r['message_errors']} of its bits wrong)" in table
+    marked = run_cli("extract", "--model", seeded_run.marked, "--keys", seeded_run.keys, code=0).output
+    assert f"hidden message: {MESSAGE!r}\n" in marked  # (read right: nothing added)
 
 
 def test_plain_onnx_export_of_the_baseline_is_not_detected(seeded_run, tmp_path):

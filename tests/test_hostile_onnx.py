@@ -545,6 +545,37 @@ def test_control_characters_in_names_stay_on_one_line(owner, suspects):
     refused(owner, mutated(owner, suspects / "ctl.onnx", rename), "real-valued")
 
 
+def test_names_metadata_and_paths_are_printed_as_text(suspects):
+    """rich reads `[...]` as markup: a name `[/]` ended `inspect` with an internal error (exit
+    3), and `[red]` vanished. Every name, value and path is printed as it is."""
+    x = h.make_tensor_value_info("[/]in", T.FLOAT, [None, 64])
+    y = h.make_tensor_value_info("[bold]out", T.FLOAT, [None, 64])
+    graph = h.make_graph([h.make_node("Relu", ["[/]in"], ["[bold]out"])], "[/]graph", [x], [y])
+    model = h.make_model(graph, producer_name="[/]producer", opset_imports=[h.make_opsetid("", 17)])
+    h.set_model_props(model, {"[/]key": "[red]value"})
+    path = suspects / "[red]markup.onnx"
+    onnx.save(model, str(path))
+    output = run_cli("inspect", path).output
+    for text in ("[red]markup.onnx", "[/]producer", "[/]in", "[bold]out", "[/]key", "[red]value"):
+        assert text in output, text
+
+
+def test_a_message_and_a_note_read_from_a_suspect_are_printed_as_text():
+    """The message is decoded from a suspect's bits and a note may name its tensors: text too."""
+    from rich.console import Console
+
+    from deepsigns_cli.cli import render
+    from deepsigns_cli.results import BitsResult, Decision
+
+    result = BitsResult("hidden", 0.5, note="tensor [/]x", n_bits=8, bits="01011011", bit_errors=4, ber=0.5,
+                        message="a[/]b[bold]c", message_errors=4)
+    console = Console(record=True, width=200)
+    render.decision(console, Decision("extract", "m", "k", 1e-9, [result]))
+    output = console.export_text()
+    assert "hidden message: 'a[/]b[bold]c' (read with 4 of its bits wrong)" in output
+    assert "note: tensor [/]x" in output
+
+
 # ============================================================================= 3. NaN is data
 
 

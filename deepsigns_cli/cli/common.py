@@ -320,7 +320,9 @@ def models_option(help: str):
 
 
 def warn(message: str) -> None:
-    stderr_console().print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    stderr_console().print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @contextmanager

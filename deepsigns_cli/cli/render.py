@@ -11,13 +11,16 @@ def fmt_p(p: float) -> str:
 
 
 def kv_table(title: str, rows: list[tuple[str, object]]):
+    """A two-column table. Everything in it is text: escaped, since paths, names and metadata
+    read from a file may hold what rich takes for markup (`[/]` alone ends a run with an error)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=escape(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for k, v in rows:
-        table.add_row(k, str(v))
+        table.add_row(escape(str(k)), escape(str(v)))
     return table
 
 
@@ -28,7 +31,7 @@ def decision_table(report):
     verdict = "[bold green]DETECTED[/]" if report.detected else "[bold red]NOT DETECTED[/]"
     table = Table(title=f"{verdict}  p = {fmt_p(report.p_value)}  (alpha = {report.alpha:g})",
                   title_justify="left", caption_justify="left",
-                  caption=f"{report.meaning()}\nbundle commitment {report.commitment}")
+                  caption=f"{escape(report.meaning())}\nbundle commitment {report.commitment}")
     for col in ("scheme", "where", "evidence", "p-value", "decision"):
         table.add_column(col)
     for r in report.results:
@@ -39,16 +42,20 @@ def decision_table(report):
 
 
 def decision(c, r) -> None:
+    from rich.markup import escape
+
     c.print(decision_table(r))
     for res in r.results:
         # soft_wrap: a long bit string stays one line that can be copied whole
         if getattr(res, "bits", ""):
             c.print(f"{res.scheme} bits: {res.bits}", soft_wrap=True, highlight=False)
         if getattr(res, "message", None):
-            c.print(f"{res.scheme} message: {res.message!r}", soft_wrap=True)
+            wrong = getattr(res, "message_errors", None)  # (a garbled message is read as it is, and says so)
+            c.print(f"{res.scheme} message: {res.message!r}"  # (decoded from a suspect: not markup)
+                    + (f" (read with {wrong} of its bits wrong)" if wrong else ""), soft_wrap=True, markup=False)
         for key in ("warning", "note"):
             if getattr(res, key, None):
-                c.print(f"[yellow]{key}:[/] {getattr(res, key)}")
+                c.print(f"[yellow]{key}:[/] {escape(getattr(res, key))}")
 
 
 def scan(c, r) -> None:
@@ -160,7 +167,8 @@ def sweep(c, r) -> None:
     param = r.param.replace("_", "-")
     table = Table(title=f"attack {r.attack}, --{param} swept: what the owner's keys read (alpha = {r.alpha:g})",
                   title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption=f"bundle commitment {r.commitment[:16]}..." + (f"; plot: {r.plot}" if r.plot else ""))
+                  caption=f"bundle commitment {r.commitment[:16]}..."
+                  + (f"; plot: {escape(str(r.plot))}" if r.plot else ""))
     schemes = [x.scheme for x in r.rows[0].extract.results]
     header = [param, "acc"] + [f"{scheme} (p)" for scheme in schemes] + ["extract", "verify"]
     rows = []

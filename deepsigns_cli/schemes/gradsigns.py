@@ -157,7 +157,8 @@ class GradSignsScheme(Scheme):
         return GradResult(
             "gradsigns", stats.bits_p_value(errors, n), layer="input gradient", n_bits=n, bits=reading,
             bit_errors=errors, ber=errors / n, candidates=1,
-            message=bits_to_message(found) if params.get("message") else None, queries=queries,
+            message=bits_to_message(found) if params.get("message") else None,
+            message_errors=errors if params.get("message") else None, queries=queries,
             key_inputs=len(slopes), estimator=estimator,
             onnx_seconds=time.perf_counter() - start if exact is None else None,
         )

@@ -198,12 +198,14 @@ class HiddenScheme(Scheme):
         errors_of = [int((found != arrays["bits"]).sum()) for _, found in readings]
         best = int(np.argmin(errors_of))
         (name, found), errors, tries = readings[best], errors_of[best], len(readings)
+        message = _majority(found) if params.get("message") else None
         return BitsResult(
             "hidden", stats.bonferroni(stats.bits_p_value(errors, n), tries), layer=params["layer"],
             n_bits=n, bits="".join(map(str, found.reshape(-1))), bit_errors=errors, ber=errors / n,
             tensor=name, candidates=len(candidates), readings=tries,
             aligned=None if probes is None else bool(best % 2),
-            message=bits_to_message(_majority(found)) if params.get("message") else None,
+            message=None if message is None else bits_to_message(message),
+            message_errors=None if message is None else int((message != arrays["bits"][0]).sum()),
         )
 
 
