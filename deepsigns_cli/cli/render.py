@@ -49,9 +49,9 @@ def decision(c, r) -> None:
         # soft_wrap: a long bit string stays one line that can be copied whole
         if getattr(res, "bits", ""):
             c.print(f"{res.scheme} bits: {res.bits}", soft_wrap=True, highlight=False)
-        if getattr(res, "message", None):
-            wrong = getattr(res, "message_errors", None)  # (a garbled message is read as it is, and says so)
-            c.print(f"{res.scheme} message: {res.message!r}"  # (decoded from a suspect: not markup)
+        if getattr(res, "message", None):  # decoded from a suspect's bits: text, said to be garbled when it is
+            wrong = getattr(res, "message_errors", None)
+            c.print(f"{res.scheme} message: {res.message!r}"
                     + (f" (read with {wrong} of its bits wrong)" if wrong else ""), soft_wrap=True, markup=False)
         for key in ("warning", "note"):
             if getattr(res, key, None):
