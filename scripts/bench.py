@@ -214,9 +214,8 @@ def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: boo
 
 def every(out: Path, repeats: int, ks=(2, 4, 8), seeds=range(5)) -> dict:
     """A term every k steps (`every_k`): what an epoch costs, and what the embedding then needs
-    in epochs and seconds to read every bit back (both readings, as it decides to stop)."""
-    import torch
-
+    in epochs and seconds to read every bit back (both readings, as it decides to stop). torch
+    on one thread, as `_interleaved` left it."""
     from deepsigns_cli import api
     from deepsigns_cli.bundle import open_bundle
     from deepsigns_cli.checkpoint import load_checkpoint
@@ -232,7 +231,6 @@ def every(out: Path, repeats: int, ks=(2, 4, 8), seeds=range(5)) -> dict:
         result[arch] = {k: median[f"every{k}"] / median["plain"] for k in (1, *ks)}
         print(f"every {arch}: embed / plain, s/epoch: "
               + ", ".join(f"k={k} {ratio:.2f}x" for k, ratio in result[arch].items()), flush=True)
-    torch.set_num_threads(1)
     scheme, data = load_scheme("hidden"), api.load_dataset("digits", None)
     stops: dict = {k: [] for k in (1, *ks)}
     for seed in seeds:

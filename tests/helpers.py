@@ -68,9 +68,9 @@ def deepsigns_argv() -> list[str]:
 
 
 def process_env(env: dict | None = None) -> dict:
-    """The environment of a real deepsigns process: no terminal colours, the passphrase, and one
-    thread unless the caller's environment says otherwise (tiny models, small CI boxes)."""
-    full_env = {"OMP_NUM_THREADS": "1", **os.environ, **NOT_A_TERMINAL, **ENV, **(env or {})}
+    """The environment of a real deepsigns process: no terminal colours and the passphrase (one
+    thread comes with os.environ: tests/conftest.py sets it for every process of the suite)."""
+    full_env = {**os.environ, **NOT_A_TERMINAL, **ENV, **(env or {})}
     return {k: v for k, v in full_env.items() if v is not None}
 
 

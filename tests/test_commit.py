@@ -163,7 +163,7 @@ def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig
     SIGTERM (like SIGINT) ends the first cleanly: its own exit code, one line, nothing left."""
     base, keys = owner
     before = snapshot(tmp_path)
-    env = {"OMP_NUM_THREADS": "1", **os.environ, **ENV}
+    env = {**os.environ, **ENV}
     env.pop("FORCE_COLOR", None)
     proc = subprocess.Popen([*deepsigns_argv(), "embed", "--model", str(base), "--keys", str(keys),
                              "--out", str(tmp_path / "m.safetensors"), "--epochs", "100000",

@@ -509,7 +509,7 @@ def test_interrupted_embed_leaves_nothing_behind(tmp_path, marked):
     before = snapshot(tmp_path)
     # TTY_COMPATIBLE: rich draws its progress bar into the pipe as on a terminal, so we can
     # see training really run before we interrupt it
-    env = {"OMP_NUM_THREADS": "1", **os.environ, **ENV, "TTY_COMPATIBLE": "1", "COLUMNS": "120"}
+    env = {**os.environ, **ENV, "TTY_COMPATIBLE": "1", "COLUMNS": "120"}
     proc = subprocess.Popen(
         [*deepsigns_argv(), *map(str, case.with_model("embed", case.base)[:-2]),
          "--epochs", "100000", "--seed", "0"],

@@ -154,11 +154,12 @@ class GradSignsScheme(Scheme):
         wrong = (found != arrays["bits"]) | (mean == 0)  # no difference at all: no reading
         errors = int(wrong.sum())
         reading = "".join("?" if m == 0 else str(b) for b, m in zip(found, mean, strict=True))
+        has_message = bool(params.get("message"))
         return GradResult(
             "gradsigns", stats.bits_p_value(errors, n), layer="input gradient", n_bits=n, bits=reading,
             bit_errors=errors, ber=errors / n, candidates=1,
-            message=bits_to_message(found) if params.get("message") else None,
-            message_errors=errors if params.get("message") else None, queries=queries,
+            message=bits_to_message(found) if has_message else None,
+            message_errors=errors if has_message else None, queries=queries,
             key_inputs=len(slopes), estimator=estimator,
             onnx_seconds=time.perf_counter() - start if exact is None else None,
         )
