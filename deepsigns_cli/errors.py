@@ -21,7 +21,14 @@ __all__ = [
     "one_line",
     "shown",
     "Interrupted",
+    "USER_CODE_FAILURES",
+    "user_failure",
 ]
+
+#: what the user's own code (a --data or --arch factory, its module, its Dataset) may raise:
+#: anything at all, a sys.exit() included, and each is the user's to fix, not a bug of ours
+#: (Ctrl-C, a KeyboardInterrupt, is not among them)
+USER_CODE_FAILURES = (Exception, SystemExit)
 
 
 class DeepSignsError(Exception):
@@ -61,7 +68,9 @@ class TrainingError(DeepSignsError):
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# what a terminal takes for an instruction, not a character: C0 and C1 controls (ESC, and CSI
+# \x9b alone, start escape sequences) and the bidirectional overrides that reorder a line
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def one_line(text: object, limit: int = 200) -> str:
@@ -72,6 +81,13 @@ def one_line(text: object, limit: int = 200) -> str:
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     first = _CONTROL.sub(lambda m: repr(m.group())[1:-1], first)
     return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def user_failure(exc: BaseException) -> str:
+    """How the user's own code failed (one of USER_CODE_FAILURES), to quote in our message."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({one_line(repr(exc.code), 60)})"
+    return f"{type(exc).__name__}: {one_line(exc)}"
 
 
 def shown(path: object) -> str:

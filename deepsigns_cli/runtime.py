@@ -51,6 +51,10 @@ PROVIDERS = ("auto", "cpu", "cuda")
 
 MAX_FIXED_BATCH = 4096  # a model whose batch dimension is fixed above this is refused
 MAX_MODEL_BYTES = 2**31  # protobuf cannot hold more: bigger weights live in external data
+# the most nodes a file's graphs may hold in all (a ResNet-50 has some 120, a large transformer
+# tens of thousands): parsed and checked here, outside the worker's bounds, 4 million Identity
+# nodes in a 127 MB file took a minute and 3 GB before the checker refused them
+MAX_NODES = 250_000
 MEMORY_LIMIT: int | None = None  # bytes a worker may map beyond what it maps at start; None: half of RAM
 MAX_REPLY_BYTES = 2**30  # outputs a worker may send back for one query
 _MAX_THREADS = 8  # onnxruntime threads in a worker (each reserves stack and malloc arenas)
@@ -152,7 +156,12 @@ def make_session(model: bytes, provider: str = "auto"):
 def _graphs(proto):
     """Every graph and function body of a model, subgraphs included (iterative: a deeply
     nested file cannot exhaust Python's recursion limit here)."""
-    stack = [proto.graph, *proto.functions]
+    return _within(proto.graph, *proto.functions)
+
+
+def _within(*roots):
+    """The graphs (or function bodies) `roots` and every subgraph of their nodes."""
+    stack = list(roots)
     while stack:
         graph = stack.pop()
         yield graph
@@ -192,10 +201,12 @@ def _tensor_name(tensor) -> str:
     return one_line(name if isinstance(name, str) else repr(name), 80)
 
 
-def _check_external_data(proto, folder: Path) -> None:
+def _check_external_data(proto, folder: Path, budget: int) -> None:
     """Refuse external-data references that leave the model's folder (or are absolute), or
-    whose offset or length is not a byte range of a regular file there."""
+    whose offset or length is not a byte range of a regular file there, or that would read
+    more than `budget` bytes in all (a sparse file beside the model costs its maker nothing)."""
     root = folder.resolve()
+    total = 0
     for tensor in _tensors(proto):
         if not _is_external(tensor):
             continue
@@ -237,6 +248,10 @@ def _check_external_data(proto, folder: Path) -> None:
         if offset + numbers.get("length", 0) > size:
             raise OnnxError(f"ONNX tensor '{name}' asks for bytes beyond the end of its external data "
                             f"'{shown_location}' ({size} bytes): the file is malformed or truncated")
+        total += numbers.get("length", size - offset)
+        if total > budget:
+            raise OnnxError(f"ONNX tensor '{name}' brings the model's external data beyond the {MAX_MODEL_BYTES >> 20} "
+                            "MiB that onnxruntime takes with the graph: deepsigns does not load it")
 
 
 # what onnx.checker and onnx's external-data loader raise besides ValidationError: a name
@@ -268,7 +283,12 @@ def load_onnx(path: str | Path):
     del data
     if not proto.graph.node or not proto.graph.output:
         raise OnnxError(f"{p} is not an ONNX model (no graph): check the file")
-    _check_external_data(proto, path.parent)
+    nodes = sum(len(graph.node) for graph in _graphs(proto))
+    if nodes > MAX_NODES:
+        raise OnnxError(f"{p} holds {nodes} nodes, more than deepsigns checks and runs ({MAX_NODES}): it is "
+                        "not a model deepsigns can read")
+    # (the graph and its external data go to onnxruntime as one protobuf: 2 GiB in all)
+    _check_external_data(proto, path.parent, MAX_MODEL_BYTES - size)
     import warnings
 
     try:
@@ -281,7 +301,60 @@ def load_onnx(path: str | Path):
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, DecodeError, EncodeError, *_CHECKER_ERRORS) as exc:
         raise OnnxError(f"{p} fails the ONNX checker ({one_line(exc)}): it is malformed") from None
-    return proto
+    return _inlined(proto)
+
+
+def _function_sizes(functions: dict) -> dict | None:
+    """(domain, name) -> the nodes of that function once inlined (at most MAX_NODES + 1); None
+    when a function calls itself. Depth first without recursion: a chain of calls may be long."""
+    size: dict = {}
+    state: dict = {}  # 1: being sized (on the path), 2: sized
+
+    def callees(key):
+        return iter(dict.fromkeys((n.domain, n.op_type) for n in functions[key].node
+                                  if (n.domain, n.op_type) in functions))
+
+    for root in functions:
+        if root in state:
+            continue
+        state[root], path = 1, [(root, callees(root))]
+        while path:
+            key, pending = path[-1]
+            callee = next(pending, None)
+            if callee is None:
+                size[key] = min(sum(size.get((n.domain, n.op_type), 1) for n in functions[key].node), MAX_NODES + 1)
+                state[key] = 2
+                path.pop()
+            elif state.get(callee) == 1:
+                return None
+            elif callee not in state:
+                state[callee] = 1
+                path.append((callee, callees(callee)))
+    return size
+
+
+def _inlined(proto):
+    """The model with its local functions inlined, when it has any and that stays within
+    MAX_NODES; else as it is. The same computation, but every tensor it computes is then a
+    tensor of the graph: one a white-box reading can ask for (exporters write a module as a
+    function; a thief can wrap the whole network in one)."""
+    import onnx.inliner
+
+    if not proto.functions:
+        return proto
+    functions = {(f.domain, f.name): f for f in proto.functions}
+    if any(sum(1 for _ in _within(f)) > 1 for f in proto.functions):
+        return proto  # (a subgraph in a function: copied at every call, its size is not bounded here)
+    size = _function_sizes(functions)
+    if size is None:
+        return proto  # a function that calls itself: onnxruntime refuses the model
+    nodes = sum(size.get((n.domain, n.op_type), 1) for graph in _within(proto.graph) for n in graph.node)
+    if nodes > MAX_NODES:
+        return proto
+    try:
+        return onnx.inliner.inline_local_functions(proto)
+    except _CHECKER_ERRORS:
+        return proto
 
 
 # --------------------------------------------------------------------------- the worker's side
@@ -1076,6 +1149,9 @@ class OnnxModel:
         if scores.shape[1] == 0:
             raise OnnxError(f"{where} holds no scores (shape {list(value.shape)}): export the "
                             "classifier's scores")
+        if scores.shape[1] == 1:  # (declared with more: the file's shapes are data, its answers decide)
+            raise OnnxError(f"{where} holds one number per input (shape {list(value.shape)}), not class scores: "
+                            "export the classifier's scores, probabilities or labels")
         if scores.dtype.kind in "iu":
             scores = scores.astype(np.float64)
         return scores, name, kind

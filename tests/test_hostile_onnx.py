@@ -290,6 +290,36 @@ def test_bad_timeout_is_an_input_error(owner, bad):
         OnnxModel(owner["onnx"], provider="cpu", timeout=bad)
 
 
+
+def test_attack_is_bounded_too(suspects):
+    """attack runs the victim ONNX to measure its accuracy: it had no time limit at all."""
+    path = loop_model(suspects / "loop.onnx")
+    result = run_cli("attack", "label-only", "--model", path, "--out", suspects / "out.onnx", "--timeout", 2,
+                     code=None)
+    assert_bad_input(result, "did not answer within 2 s")
+    assert not (suspects / "out.onnx").exists()
+
+
+def test_external_data_beyond_what_onnxruntime_takes_is_refused_unread(owner, suspects):
+    """A sparse file beside the model costs its maker nothing: 3 GiB of it, all loaded in our own
+    process before the checker, took 12 GB of memory there."""
+    model = onnx.load(str(owner["onnx"]))
+    huge = model.graph.initializer.add(name="unused", data_type=T.FLOAT, dims=[3 * 2**28])
+    huge.data_location = T.EXTERNAL
+    for key, value in {"location": "huge.data", "offset": "0", "length": str(3 * 2**30)}.items():
+        huge.external_data.add(key=key, value=value)
+    with open(suspects / "huge.data", "wb") as fh:
+        fh.truncate(3 * 2**30)
+    onnx.save(model, str(suspects / "huge.onnx"))
+    refused(owner, suspects / "huge.onnx", "'unused'", "beyond the 2048 MiB")
+
+
+def test_a_graph_of_too_many_nodes_is_refused_before_the_checker(owner, monkeypatch):
+    """Parsed and checked in our own process, 4 million Identity nodes (127 MB) took a minute."""
+    monkeypatch.setattr(runtime, "MAX_NODES", 3)
+    refused(owner, owner["onnx"], "nodes, more than deepsigns checks and runs (3)")
+
+
 @pytest.mark.parametrize("op", ["ConstantOfShape", "Expand"])
 def test_huge_tensor_is_an_error_not_an_oom_kill(owner, suspects, op):
     path = allocating_model(suspects / f"{op}.onnx", 2**40, op)
@@ -479,6 +509,14 @@ def test_unusable_first_output_is_refused(owner, suspects, kind):
     refused(owner, mutated(owner, suspects / f"{kind}.onnx", change), "first output")
 
 
+def test_one_number_per_input_under_a_declared_row_of_scores_is_refused(owner, suspects):
+    """Declared (batch, 10), it answers (batch, 1): read as one class's scores, every answer was
+    class 0 and the verdict "not detected" (exit 1); declared as it is, it was refused."""
+    change = with_output([h.make_node("ReduceSum", ["logits", "a1"], ["r"], keepdims=1)], "r",
+                         inits=[nh.from_array(np.array([1]), "a1")])
+    refused(owner, mutated(owner, suspects / "one.onnx", change), "one number per input", "not class scores")
+
+
 def test_run_time_failure_is_an_onnx_error(owner, suspects):
     change = with_output([h.make_node("Reshape", ["logits", "shape"], ["r"])], "r", shape=(7, 13),
                          inits=[nh.from_array(np.array([7, 13], np.int64), "shape")])
@@ -560,6 +598,20 @@ def test_names_metadata_and_paths_are_printed_as_text(suspects):
         assert text in output, text
 
 
+def test_control_characters_from_a_file_are_printed_escaped(suspects):
+    """A terminal takes ESC (and C1's CSI, and the bidirectional overrides) for instructions:
+    a producer name could retitle the window, clear the screen or forge a line of the table."""
+    x = h.make_tensor_value_info("in", T.FLOAT, [None, 64])
+    y = h.make_tensor_value_info("out", T.FLOAT, [None, 64])
+    graph = h.make_graph([h.make_node("Relu", ["in"], ["out"])], "g", [x], [y])
+    hostile = "\x1b]0;owned\x07\x1b[2J\nforged line\r\x9b31m\u202eevil"
+    model = h.make_model(graph, producer_name=hostile, opset_imports=[h.make_opsetid("", 17)])
+    onnx.save(model, str(suspects / "ctl.onnx"))
+    output = run_cli("inspect", suspects / "ctl.onnx").output
+    assert not any(c in output for c in "\x1b\x07\r\x9b\u202e"), repr(output)
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\nforged line\\r\\x9b31m\\u202eevil" in output
+
+
 def test_a_message_and_a_note_read_from_a_suspect_are_printed_as_text():
     """The message is decoded from a suspect's bits and a note may name its tensors: text too."""
     from rich.console import Console
@@ -625,6 +677,49 @@ def test_a_decoy_carrier_name_cannot_hide_the_hidden_mark(marked, suspects):
     assert decoy["bit_errors"] == honest["bit_errors"] == 0 and decoy["tensor"] == carrier
     assert decoy["candidates"] == honest["candidates"] + 1
     assert decoy["p_value"] == pytest.approx(min(1.0, 0.5 ** decoy["n_bits"] * decoy["candidates"]))
+
+
+def _as_function(proto, name: str = "Net"):
+    """The whole graph moved into one local function, called once: the same computation, and a
+    graph whose only tensors are its input and output."""
+    params = [t.name for t in proto.graph.initializer]
+    inputs = [i.name for i in proto.graph.input if i.name not in params] + params
+    body = h.make_function("com.thief", name, inputs, [o.name for o in proto.graph.output], list(proto.graph.node),
+                           [h.make_opsetid("", proto.opset_import[0].version)])
+    del proto.graph.node[:]
+    proto.graph.node.append(h.make_node(name, inputs, [o.name for o in proto.graph.output], domain="com.thief"))
+    proto.functions.append(body)
+    proto.opset_import.append(h.make_opsetid("com.thief", 1))
+    return proto
+
+
+def test_a_network_wrapped_in_a_function_is_still_read(marked, suspects):
+    """Exporters write modules as local functions, and a thief can wrap the whole network in one:
+    its tensors were out of reach, and the hidden mark read as "not our architecture"."""
+    path = save(_as_function(onnx.load(str(marked.onnx))), suspects / "function.onnx")
+    found = _hidden(run_json("extract", "--model", path, "--keys", marked.keys, code=0))
+    assert found["bit_errors"] == 0 and found["p_value"] < 1e-9
+
+
+def test_functions_that_would_inline_to_too_many_nodes_are_left_as_they_are(marked, suspects):
+    """Each function calls the next twice, 40 deep: inlined, 2**40 nodes. Our process leaves it as
+    it is; onnxruntime, which inlines it, is stopped at the timeout."""
+    proto = onnx.load(str(marked.onnx))
+    opset = [h.make_opsetid("", proto.opset_import[0].version), h.make_opsetid("com.thief", 1)]
+    for depth in range(40):
+        nodes = [h.make_node("Identity", ["a"], ["b"])] if depth == 39 else \
+            [h.make_node(f"F{depth + 1}", ["a"], ["m"], domain="com.thief"),
+             h.make_node(f"F{depth + 1}", ["m"], ["b"], domain="com.thief")]
+        proto.functions.append(h.make_function("com.thief", f"F{depth}", ["a"], ["b"], nodes, opset))
+    out = proto.graph.output[0].name
+    for node in proto.graph.node:
+        node.output[:] = ["pre" if name == out else name for name in node.output]
+    proto.graph.node.append(h.make_node("F0", ["pre"], [out], domain="com.thief"))
+    proto.opset_import.append(h.make_opsetid("com.thief", 1))
+    assert runtime._inlined(proto) is proto
+    result = run_cli("extract", "--model", save(proto, suspects / "chain.onnx"), "--keys", marked.keys,
+                     "--timeout", CLI_TIMEOUT, code=None)
+    assert_bad_input(result, f"did not answer within {CLI_TIMEOUT} s")
 
 
 def test_the_marked_export_carries_no_trace_of_the_tool(marked):

@@ -6,43 +6,50 @@ __all__ = ["kv_table", "decision_table", "train", "keygen", "embed", "export", "
            "scan", "dispute"]
 
 
+def _text(value: object) -> str:
+    """What a file or a suspect holds (a path, a name, metadata, a note quoting them), as text to
+    print: control characters escaped (a newline or a terminal escape sequence in a name stays
+    inert and on one line) and rich markup escaped (`[/]` alone ends a run with an error)."""
+    from rich.markup import escape
+
+    from ..errors import shown
+
+    return escape(shown(value))
+
+
 def fmt_p(p: float) -> str:
     return f"{p:.3g}"
 
 
 def kv_table(title: str, rows: list[tuple[str, object]]):
-    """A two-column table. Everything in it is text: escaped, since paths, names and metadata
-    read from a file may hold what rich takes for markup (`[/]` alone ends a run with an error)."""
-    from rich.markup import escape
+    """A two-column table. Everything in it is text (`_text`): paths, names and metadata read
+    from a file."""
     from rich.table import Table
 
-    table = Table(title=escape(title), show_header=False, title_justify="left")
+    table = Table(title=_text(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for k, v in rows:
-        table.add_row(escape(str(k)), escape(str(v)))
+        table.add_row(_text(k), _text(v))
     return table
 
 
 def decision_table(report):
-    from rich.markup import escape
     from rich.table import Table
 
     verdict = "[bold green]DETECTED[/]" if report.detected else "[bold red]NOT DETECTED[/]"
     table = Table(title=f"{verdict}  p = {fmt_p(report.p_value)}  (alpha = {report.alpha:g})",
                   title_justify="left", caption_justify="left",
-                  caption=f"{escape(report.meaning())}\nbundle commitment {report.commitment}")
+                  caption=f"{_text(report.meaning())}\nbundle commitment {report.commitment}")
     for col in ("scheme", "where", "evidence", "p-value", "decision"):
         table.add_column(col)
     for r in report.results:
-        # escaped: names read from a suspect file may hold what rich takes for markup
-        table.add_row(r.scheme, *map(escape, r.evidence()), fmt_p(r.p_value),
+        table.add_row(r.scheme, *map(_text, r.evidence()), fmt_p(r.p_value),
                       "detected" if r.detected else "not detected")
     return table
 
 
 def decision(c, r) -> None:
-    from rich.markup import escape
 
     c.print(decision_table(r))
     for res in r.results:
@@ -55,12 +62,11 @@ def decision(c, r) -> None:
                     + (f" (read with {wrong} of its bits wrong)" if wrong else ""), soft_wrap=True, markup=False)
         for key in ("warning", "note"):
             if getattr(res, key, None):
-                c.print(f"[yellow]{key}:[/] {escape(getattr(res, key))}")
+                c.print(f"[yellow]{key}:[/] {_text(getattr(res, key))}")
 
 
 def scan(c, r) -> None:
     """One row per suspect: its verdict and evidence, or why it could not be read."""
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{r.command}: {len(r.detected)} of {len(r.rows)} suspects detected "
@@ -73,31 +79,30 @@ def scan(c, r) -> None:
     for row in r.rows:
         d = row.decision
         if d is None:
-            table.add_row(escape(row.model), "[bold yellow]ERROR[/]", "-", escape(row.error or ""))
+            table.add_row(_text(row.model), "[bold yellow]ERROR[/]", "-", _text(row.error or ""))
             continue
         evidence = "; ".join(f"{x.scheme}: {x.evidence()[1]}" for x in d.results)
-        table.add_row(escape(row.model), _verdict(d),
-                      fmt_p(d.p_value), escape(evidence))
+        table.add_row(_text(row.model), _verdict(d),
+                      fmt_p(d.p_value), _text(evidence))
     c.print(table)
 
 
 def dispute(c, r) -> None:
     """The cross matrix (rows: whose keys; columns: whose model), the commitments, the reading."""
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"dispute: whose keys detect whose model (alpha = {r.alpha:g})", title_justify="left")
     table.add_column("keys of \\ model of", style="bold")
     for p in r.parties:
-        table.add_column(f"{escape(p.name)}: {escape(p.model)}")
+        table.add_column(f"{_text(p.name)}: {_text(p.model)}")
     for p, row in zip(r.parties, r.matrix, strict=True):
-        table.add_row(escape(p.name), *[
+        table.add_row(_text(p.name), *[
             f"{_verdict(d)}  p = {fmt_p(d.p_value)}"
             for d in row])
     c.print(table)
     for p in r.parties:
-        c.print(f"{escape(p.name)}: keys {escape(p.keys)}, commitment {p.commitment}", highlight=False)
-    c.print(f"[bold]{escape(r.reading)}[/]")
+        c.print(f"{_text(p.name)}: keys {_text(p.keys)}, commitment {p.commitment}", highlight=False)
+    c.print(f"[bold]{_text(r.reading)}[/]")
     c.print("a claim counts only if its commitment was published before the dispute (keygen and "
             "embed print the claim record to publish)", highlight=False)
 
@@ -160,7 +165,6 @@ def _verdict(decision, short: bool = False) -> str:
 def sweep(c, r) -> None:
     """One row per strength (the victim first): accuracy, each scheme's evidence, the verdicts."""
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
@@ -168,7 +172,7 @@ def sweep(c, r) -> None:
     table = Table(title=f"attack {r.attack}, --{param} swept: what the owner's keys read (alpha = {r.alpha:g})",
                   title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   caption=f"bundle commitment {r.commitment[:16]}..."
-                  + (f"; plot: {escape(str(r.plot))}" if r.plot else ""))
+                  + (f"; plot: {_text(r.plot)}" if r.plot else ""))
     schemes = [x.scheme for x in r.rows[0].extract.results]
     header = [param, "acc"] + [f"{scheme} (p)" for scheme in schemes] + ["extract", "verify"]
     rows = []
@@ -176,7 +180,7 @@ def sweep(c, r) -> None:
         cells = ["victim" if row.value is None else str(row.value), f"{row.accuracy:.1f}%"]
         for scheme in schemes:
             res = next(x for x in row.extract.results if x.scheme == scheme)
-            cells.append(f"{escape(res.brief())} ({res.p_value:.2g})")
+            cells.append(f"{_text(res.brief())} ({res.p_value:.2g})")
         rows.append(cells + [_verdict(row.extract, short=True), _verdict(row.verify, short=True)])
     for i, name in enumerate(header):  # every cell whole: the widths the cells need
         width = max(len(name), *(len(Text.from_markup(cells[i]).plain) for cells in rows))
