@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, InputError, one_line, shown
+from .errors import USER_CODE_FAILURES, DataError, InputError, one_line, shown, user_failure
 
 __all__ = [
     "Dataset",
@@ -48,6 +48,10 @@ _TEST_FRACTION = 0.25
 MAX_INPUT_SIZE = 2**24  # features per sample (product of the sample shape)
 MAX_INPUT_DIMS = 4  # dimensions per sample
 MAX_CLASSES = 100_000
+#: the most memory the arrays of an .npz may take in all once loaded (float32 samples, int64
+#: labels): an .npz is held in memory whole, and a small compressed file can claim gigabytes of
+#: zeros; larger data sets are image folders or factories, read as training goes
+MAX_NPZ_BYTES = 2**31
 #: the most rows a statistic over a whole split reads (class centres, value range, reference
 #: activations): a fixed, seeded subsample of larger splits, all rows of smaller ones
 STAT_ROWS = 4096
@@ -163,6 +167,15 @@ def _npz(path: Path) -> Dataset:
     if not head.startswith(_ZIP_MAGICS):
         raise DataError(f"cannot read {where} as .npz (it is not a zip archive of arrays): {_FIX}")
     try:
+        return _npz_dataset(path, _npz_arrays(path, where), where)
+    except MemoryError:  # (each array is bounded, but the machine may have less to spare)
+        raise DataError(f"{where} does not fit in this machine's memory as float32: give a smaller data set, "
+                        "or an image folder or a package.module:factory, which are read as training goes") from None
+
+
+def _npz_arrays(path: Path, where: str) -> dict[str, np.ndarray]:
+    """The splits' arrays of an .npz (x_train, y_train, x_test, y_test, or x, y), as stored."""
+    try:
         # our own file object: numpy leaves its own open when the archive is refused
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as arrays:
             keys = set(arrays.files)
@@ -176,11 +189,16 @@ def _npz(path: Path) -> Dataset:
                     f"{where} holds {shown_keys}: an .npz needs x_train, y_train, x_test, y_test "
                     "(or x, y to split)"
                 )
-            loaded = {name: _member(arrays, name, where) for name in names}
+            held = [0]  # (bytes the arrays read so far take once loaded)
+            return {name: _member(arrays, name, where, held) for name in names}
     # zlib.error: a damaged compressed record; NotImplementedError: a compression zipfile lacks
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
         raise DataError(f"cannot read {where} as .npz ({one_line(exc, 160)}): {_FIX}") from None
-    if names == ("x", "y"):
+
+
+def _npz_dataset(path: Path, loaded: dict[str, np.ndarray], where: str) -> Dataset:
+    """The arrays checked and made a Dataset (x, y are split into train and test)."""
+    if "x" in loaded:
         x, y = _features(loaded["x"], "x", where), _labels(loaded["y"], "y", where)
         _same_length(x, y, "x", "y", where)
         xtr, ytr, xte, yte = _split(x, y)
@@ -202,9 +220,10 @@ def _npz(path: Path) -> Dataset:
     return _classified(path.stem, xtr, ytr, xte, yte, where)
 
 
-def _member(arrays, name: str, where: str) -> np.ndarray:
+def _member(arrays, name: str, where: str, held: list[int]) -> np.ndarray:
     """One array of an .npz, its header checked before its data is read: a header that claims
-    terabytes, or a dtype we cannot use, costs nothing."""
+    terabytes, or a dtype we cannot use, costs nothing. `held`: what the arrays read before it
+    take once loaded, in bytes (this one's is added)."""
     member = f"{name}.npy" if f"{name}.npy" in arrays.zip.namelist() else name
     with arrays.zip.open(member) as fh:
         try:
@@ -233,12 +252,14 @@ def _member(arrays, name: str, where: str) -> np.ndarray:
             f"{where}: array {name} claims shape {list(shape)} but the file holds less data (truncated "
             f"or damaged): {_FIX}"
         )
-    try:
-        return arrays[name]
-    except MemoryError:
+    held[0] += math.prod(shape) * (4 if name.startswith("x") else 8)
+    if held[0] > MAX_NPZ_BYTES:
         raise DataError(
-            f"{where}: array {name} of shape {list(shape)} does not fit in memory: give a smaller data set"
-        ) from None
+            f"{where}: with array {name} of shape {list(shape)} its arrays would take {held[0] / 2**30:.1f} GiB "
+            f"in memory, more than an .npz may ({MAX_NPZ_BYTES / 2**30:.0f} GiB): give a data set that large as an "
+            "image folder or a package.module:factory, which are read as training goes"
+        )
+    return arrays[name]
 
 
 def _features(x: np.ndarray, name: str, where: str) -> np.ndarray:
@@ -460,6 +481,12 @@ _MEAN_STD_IMAGES = 512  # training images the per-channel mean and std are compu
 _MAX_RECORD = 60_000  # characters of the preprocessing record: a checkpoint field holds 64 KiB
 _FOLDER_FIX = "an image folder holds DIR/train/<class>/*.png|jpg|jpeg and DIR/test/<class>/*"
 _GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+# grayscale modes wider than 8 bits, and the value of white in each (a 16-bit PNG opens as I;16
+# or I): converted to 8-bit "L", Pillow clips them at 255, and every pixel above it turns white
+_WIDE_MODES = {"I": 65535.0, "I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "F": 1.0}
+#: the most pixels an image may declare: its header alone sets what decoding it takes (a 140 KB
+#: PNG can claim 12000 x 12000), and Pillow only warns below 179 million
+MAX_IMAGE_PIXELS = 2**25  # (a 32-megapixel photograph)
 
 
 def _check_image_size(size) -> int:
@@ -521,13 +548,28 @@ def _decode(path: str, size: int, channels: int) -> np.ndarray:
     image = _pil()
     try:
         with image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+            _check_pixels(im, path)
+            white = _WIDE_MODES.get(im.mode)
+            if white is not None:  # its own range scaled to [0, 1], in float (mode F)
+                im = image.fromarray((np.asarray(im, dtype=np.float32) / white).clip(0.0, 1.0))
+            else:
+                im = im.convert("L" if channels == 1 else "RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), image.Resampling.BILINEAR)
-            pixels = np.asarray(im, dtype=np.float32) / 255.0
+            pixels = np.asarray(im, dtype=np.float32) / (1.0 if white is not None else 255.0)
     except _image_errors(image) as exc:
         raise _unreadable(path, exc) from None
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+    if pixels.ndim == 2:  # grayscale: one channel, or the same three
+        return np.repeat(pixels[None], channels, 0)
+    return pixels.transpose(2, 0, 1)
+
+
+def _check_pixels(im, path: str) -> None:
+    """Refuse an image whose header declares more than MAX_IMAGE_PIXELS, before it is decoded."""
+    width, height = im.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"image {shown(path)} is {width}x{height}, more than {MAX_IMAGE_PIXELS} pixels: deepsigns "
+                        "refuses it rather than decode it; shrink or remove the file")
 
 
 def _visible(entries) -> list[os.DirEntry]:
@@ -610,6 +652,7 @@ def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[i
             path = os.path.join(root, name)
             try:
                 with image.open(path) as im:
+                    _check_pixels(im, path)
                     if first is None:
                         first = (im.mode, im.size)
                     im.verify()
@@ -694,17 +737,16 @@ def _factory_data(source: str) -> Dataset:
     module_name, _, attr = source.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    # SyntaxError: the user's module; ValueError/TypeError: names importlib refuses
-    except (ImportError, AttributeError, SyntaxError, ValueError, TypeError) as exc:
-        raise DataError(f"cannot load data '{source}' ({one_line(exc)}): check that the module is importable "
+    except USER_CODE_FAILURES as exc:  # (importing runs the module's code)
+        raise DataError(f"cannot load data '{source}' ({user_failure(exc)}): check that the module is importable "
                         "(on PYTHONPATH) and defines that factory") from None
     want = f"data factory '{source}' must return two torch Datasets (train, test)"
     if not callable(factory):
         raise DataError(f"'{source}' is a {type(factory).__name__}, not a factory: {want}")
     try:
         made = factory()
-    except (TypeError, ValueError, RuntimeError, OSError) as exc:
-        raise DataError(f"data factory '{source}' failed ({one_line(exc)}): it is called without "
+    except USER_CODE_FAILURES as exc:
+        raise DataError(f"data factory '{source}' failed ({user_failure(exc)}): it is called without "
                         "arguments and must return two torch Datasets (train, test)") from None
 
     def usable(d) -> bool:
@@ -757,13 +799,17 @@ class _DatasetItems:
     def item(self, i: int) -> tuple[np.ndarray, object]:
         try:
             item = self.dataset[i]
-        except (IndexError, KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
-            raise DataError(f"{self.where}: the {self.split} Dataset failed on item {i} ({one_line(exc)}): "
+        except USER_CODE_FAILURES as exc:
+            raise DataError(f"{self.where}: the {self.split} Dataset failed on item {i} ({user_failure(exc)}): "
                             "fix its __getitem__") from None
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise DataError(f"{self.where}: {self.split} item {i} is a {type(item).__name__}, not a (sample, "
                             "label) pair: return (x, y) from the Dataset's __getitem__")
-        x = _as_sample(item[0])
+        try:
+            x = _as_sample(item[0])
+        except USER_CODE_FAILURES as exc:  # (a tensor subclass or array-like of the user's)
+            raise DataError(f"{self.where}: {self.split} sample {i} cannot be read as numbers ({user_failure(exc)}): "
+                            "return plain tensors or arrays") from None
         if x is None:
             raise DataError(f"{self.where}: {self.split} sample {i} is a {type(item[0]).__name__}, not a tensor "
                             "or array of real numbers: return tensors (e.g. transforms.ToTensor())")
@@ -803,8 +849,8 @@ def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]
     where = f"data factory '{source}'"
     try:
         n = len(dataset)
-    except (TypeError, NotImplementedError) as exc:
-        raise DataError(f"{where}: the {split} Dataset has no length ({one_line(exc)}): give a map-style "
+    except USER_CODE_FAILURES as exc:
+        raise DataError(f"{where}: the {split} Dataset has no length ({user_failure(exc)}): give a map-style "
                         "Dataset with __len__") from None
     if n == 0:
         raise DataError(f"{where}: the {split} Dataset is empty: give at least one sample in each split")
@@ -813,7 +859,11 @@ def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]
     if problem:
         raise DataError(f"{where}: {problem}")
     items = _DatasetItems(dataset, split, where, first.shape)
-    targets = getattr(dataset, "targets", None)
+    try:
+        targets = getattr(dataset, "targets", None)
+    except USER_CODE_FAILURES as exc:  # (a property: the user's code)
+        raise DataError(f"{where}: the {split} Dataset's .targets failed ({user_failure(exc)}): fix it, or "
+                        "leave it out (labels are then read from the items)") from None
     if targets is not None:
         labels = _targets(targets, n, split, where)
     else:
@@ -835,8 +885,8 @@ def _targets(targets, n: int, split: str, where: str) -> np.ndarray:
         targets = targets.detach().cpu().numpy()
     try:
         y = np.asarray(targets)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{where}: the {split} Dataset's .targets is not an array ({one_line(exc)}): give "
+    except USER_CODE_FAILURES as exc:  # (a sequence of the user's, read by its own code)
+        raise DataError(f"{where}: the {split} Dataset's .targets is not an array ({user_failure(exc)}): give "
                         "integer class indices") from None
     if y.shape != (n,):
         raise DataError(f"{where}: the {split} Dataset's .targets has shape {list(y.shape)} for {n} items: give "

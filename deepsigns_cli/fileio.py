@@ -67,6 +67,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` lies in the folder `folder` (an image folder given as --data), at any depth."""
+    try:
+        return folder.is_dir() and path.resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError, RuntimeError):  # (a loop of links)
+        return False
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -75,15 +83,16 @@ def _umask() -> int:
 
 def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path | None] | None = None,
                  option: str = "--out", update: bool = False) -> Path:
-    """Refuse an output that would replace an input, an existing file without --force, a
-    folder, or a path in a folder that does not exist; fail early, before any work."""
+    """Refuse an output that would replace an input or lie in an input folder, an existing file
+    without --force, a folder or anything else that is not a regular file, or a path in a folder
+    that does not exist; fail early, before any work."""
     if "\x00" in str(path):
         raise InputError(f"{option} {shown(path)} holds a NUL byte: choose another path")
     if str(path).endswith(("/", os.sep)):
         raise InputError(f"{option} {shown(path)} names a folder: give a file path for the output")
     try:
         path = Path(path)
-        exists, is_dir = path.exists(), path.is_dir()
+        exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
         parent_exists, parent_dir = path.parent.exists(), path.parent.is_dir()
     except (ValueError, OSError) as exc:
         raise InputError(f"{option} {shown(path)} is not a usable path ({exc}): choose another") from None
@@ -95,8 +104,14 @@ def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path 
                 f"{shown(path)} is also the {name} input: inputs are never overwritten; "
                 "choose another output path"
             )
+        if other is not None and _inside(path, Path(other)):
+            raise InputError(f"{shown(path)} is inside the {name} folder: inputs are never written to; choose "
+                             "an output path outside it")
     if is_dir:
         raise InputError(f"{shown(path)} is a directory: give a file path for the output")
+    if exists and not is_file:  # replaced by rename, a device would be gone; opened, a FIFO would block
+        raise InputError(f"{shown(path)} is not a regular file (a device, a FIFO or a socket): give a file "
+                         "path for the output")
     if exists and not force and not update:
         raise OutputExistsError(f"{shown(path)} exists: pass --force to replace it, or choose another {option}")
     if not parent_exists:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import MAX_CLASSES, MAX_INPUT_DIMS, MAX_INPUT_SIZE
-from .errors import CheckpointError, InputError, one_line, shown
+from .errors import USER_CODE_FAILURES, CheckpointError, InputError, one_line, shown, user_failure
 
 __all__ = [
     "ZOO",
@@ -230,10 +230,9 @@ def _resolve_factory(arch: str) -> tuple[Callable[..., nn.Module], bool]:
     module_name, _, attr = arch.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    # SyntaxError: the user's module; ValueError/TypeError: names importlib refuses
-    except (ImportError, AttributeError, SyntaxError, ValueError, TypeError) as exc:
+    except USER_CODE_FAILURES as exc:  # (importing runs the module's code)
         raise InputError(
-            f"cannot load architecture '{arch}' ({one_line(exc)}): check that the module is importable "
+            f"cannot load architecture '{arch}' ({user_failure(exc)}): check that the module is importable "
             "(on PYTHONPATH) and defines that factory"
         ) from None
     if not callable(factory):
@@ -313,10 +312,12 @@ def build_model(
     for name, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
         if builtin or name in params:
             kwargs.setdefault(name, value)
+    # a built-in architecture fails on bad arguments alone; the user's code may fail in any way
+    failures = (TypeError, ValueError, RuntimeError) if builtin else USER_CODE_FAILURES
     try:
         model = factory(**kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise _failure(arch, arch_kwargs, one_line(exc), origin) from None
+    except failures as exc:
+        raise _failure(arch, arch_kwargs, one_line(exc) if builtin else user_failure(exc), origin) from None
     if not isinstance(model, nn.Module):
         raise InputError(f"factory '{shown(arch)}' returned {type(model).__name__}, not a torch module")
     return model

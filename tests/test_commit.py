@@ -6,12 +6,24 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from helpers import ENV, PASSPHRASE, assert_bad_input, copy, deepsigns_argv, default_sigint, partial_files, run_cli
+from helpers import (
+    ENV,
+    PASSPHRASE,
+    assert_bad_input,
+    assert_one_error_line,
+    copy,
+    deepsigns_argv,
+    default_sigint,
+    partial_files,
+    run_cli,
+    run_proc,
+)
 from test_errors import snapshot
 
 from deepsigns_cli import api, fileio
@@ -37,6 +49,23 @@ def test_an_output_named_like_a_folder_is_refused_before_any_work(tmp_path, owne
                      "--epochs", 1, code=None)
     assert_bad_input(result, "names a folder")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_output_that_is_not_a_regular_file_is_refused_even_with_force(tmp_path, owner, kind):
+    """A FIFO (opened to be locked, it blocked forever) or a device node (replaced by rename: as
+    root, `--out /dev/null --force` once deleted /dev/null) is never an output."""
+    special = tmp_path / "special"
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        os.mknod(special, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers (we run as root)
+    before = snapshot(tmp_path)
+    result = run_proc("export", owner[0], "--out", special, "--force", timeout=120)  # (a hang fails)
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stderr, result.stdout, "special", "not a regular file")
+    assert snapshot(tmp_path) == before
+    assert stat.S_ISFIFO(special.lstat().st_mode) if kind == "fifo" else stat.S_ISCHR(special.lstat().st_mode)
 
 
 def test_same_path_for_two_outputs_is_refused_before_any_work(tmp_path, owner):

@@ -32,6 +32,8 @@ from helpers import (
     run_proc,
 )
 
+from deepsigns_cli.data import load_data
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -221,6 +223,15 @@ def test_passphrase_file_that_is_not_text(tmp_path, marked):
                     "pw.bin", "UTF-8")
 
 
+@pytest.mark.parametrize("command", ["extract", "keygen"])
+def test_passphrase_variable_that_is_not_text(tmp_path, marked, command):
+    """Bytes that are not UTF-8 (they reach Python as surrogates): keygen ended with an internal
+    error, extract blamed the bundle's KDF parameters."""
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model(command, case.base), "DEEPSIGNS_PASSPHRASE is not UTF-8",
+                    env={"DEEPSIGNS_PASSPHRASE": "a\udcff\udcfeb"})
+
+
 def test_missing_passphrase_file(tmp_path, marked):
     case = Case(tmp_path, marked)
     check_bad_input(tmp_path, case.with_model("extract", case.base, "--passphrase-file",
@@ -350,6 +361,19 @@ def test_test_labels_beyond_the_model_classes(tmp_path, marked):
              y_test=np.arange(20) % 13)
     args = case.with_model("keygen", case.base, "--data", tmp_path / "labels.npz")
     check_bad_input(tmp_path, args, "labels up to 12", "10 classes")
+
+
+def test_embed_on_data_without_the_keys_target_classes(tmp_path, marked):
+    """The hidden mark is taught on the batches' own samples of the keys' target classes: data
+    without them ran every epoch, rewrote the bundle and wrote a model that reads as unmarked."""
+    case = Case(tmp_path, marked)
+    data = load_data("digits")
+    two = tmp_path / "two-classes.npz"
+    keep_train, keep_test = data.y_train < 2, data.y_test < 2  # (the keys hold 3 target classes)
+    np.savez(two, x_train=data.x_train[keep_train], y_train=data.y_train[keep_train],
+             x_test=data.x_test[keep_test], y_test=data.y_test[keep_test])
+    check_bad_input(tmp_path, case.with_model("embed", case.base, "--data", two), "hold no sample of class",
+                    "the data the keys were made with")
 
 
 def test_npz_without_the_expected_arrays(tmp_path):

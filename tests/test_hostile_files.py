@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import pickle
 import shlex
 import struct
@@ -182,7 +183,10 @@ def test_user_factory_runs_only_when_the_user_names_it(tmp_path, marked, monkeyp
     (".relative:make", ["not spelt package.module:factory"]),
     ("os:sep", ["not a factory"]),
     ("no_such_module_xyz:make", ["cannot load architecture", "PYTHONPATH"]),
-], ids=["empty-module", "relative-module", "not-callable", "missing-module"])
+    # the user's code may fail in any way (an exit, a KeyError): theirs to fix, not a bug of ours
+    ("sys:exit", ["cannot build 'sys:exit'", "it called sys.exit(None)"]),
+    ("test_image_data:missing_column", ["cannot build 'test_image_data:missing_column'", "KeyError: 'label'"]),
+], ids=["empty-module", "relative-module", "not-callable", "missing-module", "exits", "raises"])
 def test_bad_user_architecture_on_the_command_line(tmp_path, arch, needles):
     check_bad_input(tmp_path, ["train", "--arch", arch, "--epochs", 1,
                                "--out", tmp_path / "m.safetensors"], *needles)
@@ -537,6 +541,25 @@ def _lying_npz(shape: tuple, dtype: str = "<f4") -> bytes:
     return buf.getvalue()
 
 
+def _bomb_npz(rows: int, features: int = 16, labels: bool = False) -> bytes:
+    """x.npy of (rows, features) int8 zeros, deflated (2.3 MB of file for 512 MiB, 2 GiB as
+    float32); with `labels`, y.npy too, (rows,) int8 zeros (int64 once loaded)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for name, shape in (("x", (rows, features)), ("y", (rows,) if labels else None)):
+            if shape is None:
+                z.writestr("y.npy", _npy(Y))
+                continue
+            head = io.BytesIO()
+            np.lib.format.write_array_header_1_0(head, {"descr": "|i1", "fortran_order": False, "shape": shape})
+            with z.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                fh.write(head.getvalue())
+                zeros, size = bytes(1 << 24), math.prod(shape)
+                for start in range(0, size, len(zeros)):
+                    fh.write(zeros[: size - start])
+    return buf.getvalue()
+
+
 def _with_value(arr, index, value):
     arr = arr.astype(np.float64).copy()
     arr[index] = value
@@ -567,6 +590,11 @@ BAD_DATA = {
                          ["too large for float32"]),
     "x-huge-sample": (lambda: _lying_npz((1, 4097, 4097)), ["samples of shape [4097, 4097]"]),
     "x-lying-header": (lambda: _lying_npz((10**6, 10**6)), ["claims shape", "holds less data"]),
+    "x-zip-bomb": (lambda: _bomb_npz(2**25 + 1), ["array x of shape [33554433, 16]", "2.0 GiB in memory",
+                                                  "image folder"]),
+    # each array under the limit, the two together over it (x 1 GiB as float32, y 2 GiB as int64)
+    "xy-zip-bomb": (lambda: _bomb_npz(2**28, 1, labels=True), ["array y of shape [268435456]",
+                                                               "3.0 GiB in memory"]),
     "shapes-differ": (lambda: _npz(x_train=X, y_train=Y, x_test=X[:10, :, :4], y_test=Y[:10]),
                       ["x_train has samples of shape [1, 8, 8]", "x_test of shape [1, 4, 8]"]),
     "labels-huge": (lambda: _npz(x=X, y=np.full(40, 10**12)), ["label 1000000000000"]),

@@ -185,6 +185,42 @@ def not_a_pair():
     return TensorDataset(*_digits_split(10))
 
 
+def missing_column():  # the user's code may fail in any way: it is theirs to fix, not a bug of ours
+    return {}["label"]
+
+
+def exits():  # a data module written as a script (argparse at import) ends in sys.exit
+    raise SystemExit(0)
+
+
+class _Broken(TorchDataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return 1 / 0
+
+
+def broken_items():
+    return _Broken(), _Broken()
+
+
+class _BadTargets(TorchDataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.zeros(4), i % 2
+
+    @property
+    def targets(self):
+        raise KeyError("labels are loaded lazily")
+
+
+def bad_targets():
+    return _BadTargets(), _BadTargets()
+
+
 def test_factory_data_trains(tmp_path):
     data = load_data("test_image_data:tiny_digits")
     assert isinstance(data.x_train, Samples) and data.x_train.shape == (300, 1, 8, 8)
@@ -226,6 +262,13 @@ def _no_images(d: Path) -> None:
         p.unlink()
 
 
+def _bomb(d: Path) -> None:
+    """A PNG of 12 KB whose header claims 6000 x 6000 pixels (Pillow itself only warns)."""
+    from PIL import Image
+
+    Image.new("L", (6000, 6000)).save(d / "train" / "4" / "zz-bomb.png", optimize=True)
+
+
 def _one_class(d: Path) -> None:
     for c in range(1, 10):
         shutil.rmtree(d / "train" / str(c))
@@ -240,7 +283,25 @@ BAD_FOLDERS = {
     "not-an-image": (_not_an_image, ["notes.jpg", "rather than skip", "repair or remove"]),
     "no-images": (_no_images, ["no images at all"]),
     "one-class": (_one_class, ["1 class", "at least 2"]),
+    "pixel-bomb": (_bomb, ["zz-bomb.png", "6000x6000", "more than 33554432 pixels"]),
 }
+
+
+def test_sixteen_bit_images_read_as_their_eight_bit_twins(folder, tmp_path):
+    """A 16-bit grayscale PNG (scans, medical images) is scaled from its own range: converted to
+    8 bits, Pillow clipped it at 255 of 65535, and every such image turned white."""
+    from PIL import Image
+
+    narrow, wide = (Path(shutil.copytree(folder, tmp_path / name)) for name in ("narrow", "wide"))
+    for path in sorted((narrow / "train").rglob("*.png"))[::40]:  # one image in 40, every class
+        gray = np.asarray(Image.open(path).convert("L"), np.uint16)
+        Image.fromarray(gray.astype(np.uint8)).save(path)  # 8 bits (mode L)
+        twin = wide / path.relative_to(narrow)
+        Image.fromarray(gray * 257).save(twin)  # the same picture in 16 bits
+        assert Image.open(twin).mode in ("I;16", "I")
+    ours = load_data(str(narrow))
+    theirs = load_data(str(wide), preprocess=ours.preprocess)  # (normalised alike)
+    assert np.abs(theirs.x_train[:] - ours.x_train[:]).max() < 1e-4
 
 
 def _check_bad(tmp_path: Path, args: list, *needles: str) -> str:
@@ -260,6 +321,16 @@ def test_bad_image_folders(folder, tmp_path, case):
                           "--out", tmp_path / "m.safetensors"], *needles)
 
 
+def test_an_output_inside_the_image_folder_is_refused(folder, tmp_path):
+    """--force replaced a training image with the model, and every later use of the folder failed."""
+    imgs = _copy(folder, tmp_path)
+    image = next((imgs / "train" / "0").iterdir())
+    before = image.read_bytes()
+    _check_bad(tmp_path, ["train", "--arch", "cnn", "--data", imgs, "--epochs", 1, "--out", image, "--force"],
+               "is inside the --data folder")
+    assert image.read_bytes() == before
+
+
 @pytest.mark.parametrize("size", [1, 5000])
 def test_image_size_out_of_range(folder, tmp_path, size):
     _check_bad(tmp_path, ["train", "--arch", "cnn", "--data", folder, "--image-size", size,
@@ -275,6 +346,10 @@ def test_image_size_applies_to_image_folders_only(tmp_path):
     ("test_image_data:not_a_pair", ["must return two torch Datasets (train, test)", "TensorDataset"]),
     ("test_image_data:no_such_factory", ["cannot load data", "no_such_factory"]),
     ("no_such_module.data:make", ["cannot load data", "no_such_module"]),
+    ("test_image_data:missing_column", ["data factory", "failed (KeyError: 'label')"]),
+    ("test_image_data:exits", ["data factory", "failed (it called sys.exit(0))"]),
+    ("test_image_data:broken_items", ["the train Dataset failed on item 0", "ZeroDivisionError"]),
+    ("test_image_data:bad_targets", ["the train Dataset's .targets failed", "labels are loaded lazily"]),
 ])
 def test_bad_factories(tmp_path, spec, needles):
     _check_bad(tmp_path, ["train", "--arch", "cnn", "--data", spec, "--out", tmp_path / "m.safetensors"],

@@ -258,6 +258,11 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False) -> str
         return text
     env = os.environ.get(PASSPHRASE_ENV)
     if env:
+        try:  # (bytes that are not UTF-8 reach us as surrogates, which no key can be derived from)
+            env.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{PASSPHRASE_ENV} is not UTF-8 text: set it to the passphrase as text, or pass "
+                             "--passphrase-file") from None
         return env
     if sys.stdin.isatty():
         return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
@@ -322,7 +327,9 @@ def models_option(help: str):
 def warn(message: str) -> None:
     from rich.markup import escape
 
-    stderr_console().print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    from ..errors import shown
+
+    stderr_console().print(f"[yellow]warning:[/] {escape(shown(message))}", highlight=False, soft_wrap=True)
 
 
 @contextmanager

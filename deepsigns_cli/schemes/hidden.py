@@ -419,6 +419,13 @@ class HiddenObjective(Objective):
         # (at most STAT_ROWS of them: on a larger set, the batch rows among them are pinned)
         self.own_rows = bool(params.get("own_rows", False)) and self.pin is not None
         if self.own_rows:
+            missing = np.setdiff1d(arrays["classes"], data.y_train)
+            if len(missing):  # (no epoch count could teach those copies of the bits)
+                raise SchemeError(
+                    f"the training data hold no sample of class{'es' if len(missing) > 1 else ''} "
+                    f"{', '.join(map(str, missing))}, on whose samples "
+                    "the keys teach the watermark: embed with the data the keys were made with"
+                )
             pool = np.arange(len(data.x_train))[rows]  # sorted
             pinned = ~np.isin(data.y_train[pool], arrays["classes"])
             self.pinned_rows, self.pinned_ref = pool[pinned], acts[torch.as_tensor(pinned)]
