@@ -104,6 +104,19 @@ class Processes:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def differ(self, facts: Sequence[int]) -> list[list[int]] | None:
+        """Every process's `facts` (numbers of the same length in every process), when they
+        are not the same in all of them; None when they are (or this process is alone)."""
+        import torch.distributed as dist
+
+        if self.alone:
+            return None
+        mine = torch.tensor(list(facts), dtype=torch.int64, device=_collective_device())
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine)
+        every = [part.tolist() for part in parts]
+        return None if all(f == every[0] for f in every) else every
+
     def total(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over every process of the run (t itself in a run of one)."""
         import torch.distributed as dist
@@ -131,6 +144,23 @@ class Processes:
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)
         return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).cpu().numpy()
+
+
+def _check_same_everywhere(procs: Processes, net: nn.Module, x, y: np.ndarray) -> None:
+    """Every process of a run must train the same model on the same data (each takes its share
+    of the rows): a --data factory that gives each process its own data fails here, with one
+    line, instead of deep in DistributedDataParallel or as a collective left waiting."""
+    from .errors import DataError
+
+    facts = [len(y), int(y.max(initial=-1)), *x.shape[1:], *[0] * (4 - len(x.shape[1:])),
+             sum(p.numel() for p in net.parameters())]
+    every = procs.differ(facts)
+    if every is not None:
+        other = next(rank for rank, f in enumerate(every) if f != every[0])
+        brief = ", ".join(f"process {r}: {f[0]} samples of shape {[d for d in f[2:-1] if d]}, labels up to {f[1]}, "
+                          f"{f[-1]} weights" for r in (0, other) for f in [every[r]])
+        raise DataError(f"the processes of this run do not train the same model on the same data ({brief}): "
+                        "every process must load the same --data")
 
 
 def _collective_device() -> torch.device | None:
@@ -328,6 +358,7 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
         state.to(device)
     for obj in objectives:
         obj.setup(net)
+    _check_same_everywhere(procs, net, x, y)
     runner = _parallel(net, device, procs)
     params = list(net.parameters()) + [p for s in states for p in s.parameters()]
     optimizer = cfg.make_optimizer(params)

@@ -1,4 +1,4 @@
-"""A model for tests/test_distributed.py: an MLP whose process dies (SIGKILL) on RANK 1 after a
+"""A model and a data factory for tests/test_distributed.py: an MLP whose process dies (SIGKILL) on RANK 1 after a
 few steps when DEEPSIGNS_TEST_DIE is set, as a worker that runs out of memory would."""
 
 from __future__ import annotations
@@ -24,3 +24,15 @@ class Net(nn.Module):
         if os.environ.get("DEEPSIGNS_TEST_DIE") and os.environ.get("RANK") == "1" and self.calls > 20:
             os.kill(os.getpid(), signal.SIGKILL)
         return self.head(self.body(x))
+
+
+def ranked_data():
+    """A --data factory that gives each process of a run its own data (RANK 1: five more classes),
+    as a factory that reads a per-process shard would."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(300, 16, generator=g), torch.arange(300) % 10
+    extra = 5 if os.environ.get("RANK") == "1" else 0
+    return TensorDataset(x[:240], y[:240] + extra), TensorDataset(x[240:], y[240:])

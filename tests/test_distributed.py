@@ -5,12 +5,14 @@ run with one line and nothing written."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from helpers import PASSPHRASE, assert_one_error_line, partial_files, process_env, run_proc
+from helpers import PASSPHRASE, assert_one_error_line, deepsigns_argv, partial_files, process_env, run_proc
 
 from deepsigns_cli import api
 
@@ -87,3 +89,38 @@ def test_a_process_that_dies_fails_the_run_and_nothing_is_written(tmp_path):
     assert_one_error_line(proc.stderr, proc.stdout, "nothing was written")
     assert not marked.exists() and not (tmp_path / "marked.onnx").exists()
     assert keys.read_bytes() == sealed and partial_files(tmp_path) == []
+
+
+def test_processes_that_load_different_data_fail_with_one_line(tmp_path):
+    """Each process of a run must see the same data (each takes its share of the rows): one that
+    saw more classes ended in DistributedDataParallel's "appears not to match" as an internal
+    error, which --nproc then reported with exit 2."""
+    out = tmp_path / "m.safetensors"
+    proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", "dying_model:ranked_data", "--epochs", 1,
+                    "--out", out, "--device", "cpu", env=ENV, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "do not train the same model on the same data",
+                          "process 1: 240 samples of shape [16], labels up to 14")
+    assert not out.exists() and partial_files(tmp_path) == []
+
+
+def test_sigterm_to_the_command_alone_stops_every_process_and_nothing_is_written(tmp_path):
+    """`kill PID` (a service manager's stop) reaches the command, not its processes: it killed
+    the launcher outright, said "no output was written", and the orphaned processes trained on
+    and a minute later wrote the model and rewrote the bundle."""
+    base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
+    api.train("mlp", base, epochs=3, seed=0, device="cpu")
+    api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], seed=0)
+    sealed = keys.read_bytes()
+    proc = subprocess.Popen([*deepsigns_argv(), "embed", "--nproc", "2", "--model", str(base), "--keys", str(keys),
+                             "--out", str(marked), "--epochs", "500", "--device", "cpu"], env=process_env(ENV),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(12)  # (the processes have started and are training: 500 epochs take minutes)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert_one_error_line(err, out, "interrupted: no output was written")
+    left = subprocess.run(["pgrep", "-f", str(marked)], capture_output=True, text=True).stdout.split()
+    assert left == [], "the run's processes outlived the command"
+    time.sleep(3)
+    assert not marked.exists() and keys.read_bytes() == sealed and partial_files(tmp_path) == []

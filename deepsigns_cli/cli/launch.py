@@ -4,23 +4,27 @@
 process group (`training.distributed`), trains on its share of every epoch, and only the
 first (RANK 0) writes files and prints the report. `deepsigns embed --nproc N ...` launches
 the same through `torch.distributed.run` on this machine, and reports as one command: the
-first process's report, or one error line and exit 2 when any process failed (nothing is
-written then: the first process writes only after every process has finished training).
+first process's report, or one error line and exit 2 when any process failed (3 when it was
+an internal error; nothing is written then: the first process writes only after every process
+has finished training).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import click
 
 from ..api import PRECISIONS
-from ..errors import InputError
-from .common import EXIT_BAD_INPUT
+from ..errors import InputError, Interrupted
+from .common import EXIT_BAD_INPUT, EXIT_INTERNAL
 
 __all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "relaunch"]
+
+_STOP_SECONDS = 60  # what an interrupted run's launcher is given to stop its processes
 
 
 def nproc_option(fn):
@@ -64,7 +68,7 @@ def relaunch(nproc: int, device: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "deepsigns_cli", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=env, text=True, check=False)
+    proc = _run_to_the_end(command, env)
     if proc.returncode == 0:
         sys.stdout.write(proc.stdout)
         sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines()
@@ -72,12 +76,58 @@ def relaunch(nproc: int, device: str) -> None:
         sys.exit(0)
     # a process's own failure, not the interruption of the others that torchrun then stopped
     # (this process was not interrupted: a Ctrl-C here would have ended it before this line)
-    errors = [line for line in proc.stderr.splitlines()
+    errors = [line[len("error: "):] for line in proc.stderr.splitlines()
               if line.startswith("error: ") and not line.startswith("error: interrupted")]
-    first = errors[0][len("error: "):] if errors else \
+    # the cause before its echoes (the others' "another process of this run failed")
+    errors.sort(key=lambda line: "another process of this run failed" in line)
+    first = errors[0] if errors else \
         f"a process of the {nproc}-process run failed (exit {proc.returncode}); nothing was written"
     click.echo(f"error: {first}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(EXIT_INTERNAL if first.startswith("internal error") else EXIT_BAD_INPUT)
+
+
+def _run_to_the_end(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run torch.distributed.run to its end. Interrupted (Ctrl-C, or SIGTERM to this process
+    alone, as `kill` or a service manager sends it), it is asked to stop its processes (SIGTERM,
+    which it passes on to them) and waited for: killed at once, as subprocess.run kills it, it
+    left them training, and the first wrote its outputs later. The interruption then names the
+    outputs the run had written by then (they are complete: each is renamed into place whole)."""
+    before = _outputs(command)
+    launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, text=True)
+    try:
+        out, err = launcher.communicate()
+    except BaseException as exc:
+        launcher.send_signal(signal.SIGTERM)
+        try:  # (it gives its processes 30 s to end, then kills them)
+            launcher.wait(timeout=_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+        written = tuple(path for path, seen in before.items() if _identity(path) != seen)
+        if written and isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(getattr(exc, "signum", signal.SIGINT), written) from None
+        raise
+    return subprocess.CompletedProcess(command, launcher.returncode, out, err)
+
+
+def _outputs(command: list[str]) -> dict[str, tuple[int, int] | None]:
+    """The files the command names as outputs (--out, --onnx, and --keys, which embed updates),
+    each with its identity now."""
+    options = ("--out", "--onnx", "--keys")
+    paths = [value for option, value in zip(command, command[1:], strict=False) if option in options]
+    paths += [arg.split("=", 1)[1] for arg in command if arg.startswith(tuple(f"{o}=" for o in options))]
+    return {path: _identity(path) for path in paths}
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(inode, modification time) of a file; None where there is none. An output is renamed
+    into place: a new inode."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _without_nproc(args: list[str]) -> list[str]:
