@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_TIMEOUT, LIMITS, PRECISIONS
-from .errors import InputError, SchemeError
+from .errors import InputError, SchemeError, one_line, shown
 from .registry import (
     ATTACKS,
     DEFAULT_SCHEMES,
@@ -392,8 +392,6 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
     for keys, _, model in parties:  # cheap checks for both parties before any passphrase
         check_keys(keys)
         if not Path(model).is_file():
-            from .errors import shown
-
             raise InputError(f"model not found: {shown(model)}: check --party")
     readers = [_Reader("extract", keys, passphrase, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
                        provider=provider, timeout=timeout) for keys, passphrase, _ in parties]
@@ -432,8 +430,6 @@ _SUFFIXES = {"verify": (".onnx",), "extract": (".onnx", ".safetensors", ".pt", "
 def suspect_files(models: list[str | Path], command: str) -> list[Path]:
     """The suspect files named: each path a file, or a folder whose files of the command's
     kinds (directly inside it, sorted) are taken. Missing paths and empty folders fail."""
-    from .errors import shown
-
     if isinstance(models, (str, Path)):
         models = [models]
     files: list[Path] = []
@@ -458,8 +454,6 @@ def suspect_files(models: list[str | Path], command: str) -> list[Path]:
 
 
 def _check_onnx_path(model: str | Path) -> None:
-    from .errors import shown
-
     if not str(model).lower().endswith(".onnx"):
         raise InputError(f"{shown(model)}: verify reads ONNX models; export a checkpoint first "
                          "with 'deepsigns export', or use 'deepsigns extract'")
@@ -623,7 +617,11 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     verify_reader = _Reader("verify", keys, secret, alpha=alpha, timeout=timeout) if blackbox else None
     rows = []
     if keep is not None:  # (after the bundle opened: a failed start leaves no folder behind)
-        Path(keep).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as exc:  # (a file of that name, a folder that cannot be written)
+            raise InputError(f"--out {shown(keep)} cannot be the folder --sweep keeps the attacked models in "
+                             f"({one_line(exc)}): give a folder path") from None
     with tempfile.TemporaryDirectory(prefix="deepsigns-sweep-") as scratch:
         folder = Path(keep) if keep is not None else Path(scratch)
         read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,

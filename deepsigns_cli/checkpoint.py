@@ -403,9 +403,12 @@ def export_onnx(
     *,
     check_inputs: np.ndarray | None = None,
     atol: float = 1e-4,
+    rtol: float = 1e-5,
 ) -> dict:
     """A plain `torch.onnx.export` (input "input", output "logits", a dynamic batch), checked
-    with onnx.checker and for parity with torch.
+    with onnx.checker and for parity with torch: within `atol` plus `rtol` of the largest
+    output (float32 sums drift with the size of what they add: a noised model's logits reach
+    the thousands).
 
     The file carries no trace of deepsigns: no metadata of ours, no extra outputs, no named
     layers, the exporter's own producer name. Nothing in it tells a thief where a watermark
@@ -429,16 +432,18 @@ def export_onnx(
         )
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto, full_check=True)
-        parity = _parity(model, proto, info, check_inputs)
-        if parity > atol:
+        parity, largest = _parity(model, proto, info, check_inputs)
+        allowed = atol + rtol * largest
+        if not parity <= allowed:
             raise CheckpointError(
-                f"ONNX export differs from torch by {parity:.2e} (> {atol}): this architecture "
-                "uses an operation the exporter does not reproduce; report it"
+                f"ONNX export differs from torch by {parity:.2e} (> {allowed:.2e}, for outputs up to "
+                f"{largest:.2e}): this architecture uses an operation the exporter does not reproduce; report it"
             )
     return {"max_abs_diff": parity, "opset": ONNX_OPSET}
 
 
-def _parity(model: nn.Module, proto, info: ModelInfo, inputs: np.ndarray | None) -> float:
+def _parity(model: nn.Module, proto, info: ModelInfo, inputs: np.ndarray | None) -> tuple[float, float]:
+    """(the largest difference between the ONNX model's outputs and torch's, the largest |output|)."""
     from .runtime import make_session
 
     if inputs is None:
@@ -449,4 +454,7 @@ def _parity(model: nn.Module, proto, info: ModelInfo, inputs: np.ndarray | None)
     model.eval()
     with torch.no_grad():
         torch_out = model(torch.from_numpy(inputs)).numpy()
-    return float(np.abs(onnx_out - torch_out).max())
+    if not np.isfinite(torch_out).all():  # (a difference of NaNs compares as nothing)
+        raise CheckpointError("the model's outputs are not all finite numbers (its weights hold NaN or infinite "
+                              "values, or overflow): it cannot be exported and checked")
+    return float(np.abs(onnx_out - torch_out).max()), float(np.abs(torch_out).max())

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .defaults import DEFAULT_TIMEOUT
-from .errors import InputError
+from .errors import InputError, SchemeError, shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,12 +59,23 @@ class TorchSuspect(Suspect):
     """A model in memory. `shared`: its queries are shared out among the processes of a run
     (each answers its share of the rows; every process must ask the same)."""
 
-    def __init__(self, model: nn.Module, name: str = "model", *, shared: bool = False):
+    def __init__(self, model: nn.Module, name: str = "model", *, shared: bool = False,
+                 input_shape: tuple[int, ...] | None = None):
         self.model, self.name, self.shared = model, name, shared
+        self.input_shape = None if input_shape is None else tuple(input_shape)  # (a checkpoint's, when known)
+
+    def _fit(self, x: np.ndarray) -> np.ndarray:
+        """The keys' inputs, when they are samples of the model's input shape (a bundle is sealed,
+        but who sealed it may be the other side of a dispute)."""
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise SchemeError(f"{shown(self.name)} takes inputs of shape {list(self.input_shape)} but the keys are "
+                              f"samples of shape {list(x.shape[1:])}: this model cannot be queried with these keys")
+        return x
 
     def scores(self, x):
         from .training import Processes, predict
 
+        x = self._fit(x)
         if self.shared:
             return Processes.current().share_rows(lambda rows: predict(self.model, rows), x)
         return predict(self.model, x)
@@ -79,13 +90,13 @@ class TorchSuspect(Suspect):
     def loss_gradient(self, x, target):
         from .training import loss_gradient
 
-        return loss_gradient(self.model, x, target)
+        return loss_gradient(self.model, self._fit(x), target)
 
     def carriers(self, x, layer, width):
         from .zoo import activations
 
         try:
-            acts = activations(self.model, layer, x).numpy()
+            acts = activations(self.model, layer, self._fit(x)).numpy()
         except InputError:  # no such layer in this model
             return {}, f"no layer '{layer}' in this model: not the architecture the keys were made for"
         if acts.shape[1] != width:
@@ -139,6 +150,6 @@ def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None
     from .checkpoint import load_checkpoint
 
     input_shape, num_classes = shapes if shapes else (None, None)
-    model, _ = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs,
-                               input_shape=input_shape, num_classes=num_classes)
-    return TorchSuspect(model, str(path))
+    model, info = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs,
+                                  input_shape=input_shape, num_classes=num_classes)
+    return TorchSuspect(model, str(path), input_shape=info.input_shape)

@@ -201,6 +201,28 @@ def test_export_report_and_inspect(marked, tmp_path):
     assert isinstance(facts["inputs"][0]["shape"][0], str)  # symbolic batch
 
 
+@pytest.mark.parametrize("sigma", [5.0, 10.0])
+def test_a_heavily_noised_model_exports_within_a_tolerance_of_its_scale(marked, tmp_path, sigma):
+    """Logits in the thousands differ from torch's by float32 rounding of that size: under a
+    fixed 1e-4 the export was refused as an operation the exporter does not reproduce."""
+    out = tmp_path / "noised.onnx"
+    report = run_json("attack", "noise", "--model", marked.marked, "--sigma", sigma, "--seed", 0, "--out", out)
+    assert out.exists() and report["attack"] == "noise"
+
+
+def test_a_model_with_nan_weights_is_not_exported(marked, tmp_path):
+    """NaN - NaN > 1e-4 is false: a model of NaN weights exported 'with parity' and answered NaN."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(marked.marked))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    broken = tmp_path / "nan.safetensors"
+    save_file(state, str(broken), metadata=metadata(marked.marked))
+    result = run_cli("export", broken, "--out", tmp_path / "nan.onnx", code=2)
+    assert "not all finite" in result.stderr and not (tmp_path / "nan.onnx").exists()
+
+
 # ----------------------------------------------------------------------------- .npz data
 
 

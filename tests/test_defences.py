@@ -107,6 +107,7 @@ def test_a_sweep_verifies_black_box_marks_from_onnx(blackbox):
     (["--sweep", "rate=0.5"], "--keys"),
     (["--keys", "{keys}", "--out", "{tmp}/x.safetensors"], "--sweep"),
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--plot", "{tmp}/x.jpg"], ".png"),
+    (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{keys}"], "cannot be the folder --sweep keeps"),
 ])
 def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
     args = [a.format(keys=marked.keys, tmp=tmp_path) for a in args]

@@ -660,6 +660,23 @@ def test_num_classes_counts_classes_without_samples(tmp_path):
     assert load_data(str(path)).num_classes == 6
 
 
+def test_keys_of_another_input_shape_in_a_sealed_bundle(blackbox, tmp_path):
+    """A bundle is sealed, but in a dispute the other side seals theirs: output keys of shape
+    (3, 8, 8) for a (1, 8, 8) model ended extract with a matrix product's error, exit 3."""
+    import dataclasses
+
+    from deepsigns_cli.bundle import seal
+
+    bundle = blackbox["bundle"]
+    keys = bundle.schemes["output"]
+    wrong = dataclasses.replace(keys, arrays={**keys.arrays, "x": np.zeros((len(keys.arrays["x"]), 3, 8, 8),
+                                                                          np.float32)})
+    forged = tmp_path / "forged.dskey"
+    forged.write_bytes(seal(dataclasses.replace(bundle, schemes={"output": wrong}, header={}), PASSPHRASE))
+    result = run_cli("extract", "--model", blackbox["marked_path"], "--keys", forged, code=None)
+    assert_bad_input(result, "takes inputs of shape [1, 8, 8]", "keys are samples of shape [3, 8, 8]")
+
+
 def test_base64_helper_matches_what_keygen_writes(marked):
     """The header check accepts every salt keygen writes (16 random bytes, base64)."""
     from deepsigns_cli.bundle import read_header
