@@ -46,11 +46,13 @@ def _checkpoint(path: Path) -> dict:
 
     state, meta = _read_safetensors(path)
     info = ModelInfo.from_metadata(meta, path)
-    # the file's own extra fields first: none of them can stand in for a fact we report
-    return {**info.extra, "kind": "checkpoint", "path": str(path), "arch": info.arch,
-            "arch_kwargs": info.arch_kwargs, "input_shape": list(info.input_shape),
-            "num_classes": info.num_classes, "lr": info.lr,
-            "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values()))}
+    facts = {"kind": "checkpoint", "path": str(path), "arch": info.arch,
+             "arch_kwargs": info.arch_kwargs, "input_shape": list(info.input_shape),
+             "num_classes": info.num_classes, "lr": info.lr,
+             "tensors": len(state), "parameters": int(sum(t.numel() for t in state.values()))}
+    # then the file's own extra fields, by name: none of them can stand in for a fact we report,
+    # nor push one out of the table's first rows
+    return {**facts, **{k: v for k, v in sorted(info.extra.items()) if k not in facts}}
 
 
 def _onnx(path: Path) -> dict:

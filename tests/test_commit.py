@@ -219,3 +219,28 @@ def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig
     assert err.strip().splitlines()[-1].startswith("error: interrupted: no output was written")
     assert snapshot(tmp_path) == before
     assert partial_files(tmp_path) == []
+
+
+def test_a_thread_that_dies_while_sigterm_stops_the_command_prints_nothing(capsys):
+    """SIGTERM to `train --workers 2` ended with its one line, then, one run in three, with the
+    traceback of multiprocessing's resource sharer thread (a handshake with a stopped worker)."""
+    import threading
+
+    from deepsigns_cli.cli import main
+
+    def a_thread_dies():
+        thread = threading.Thread(target=lambda: 1 / 0)
+        thread.start()
+        thread.join()
+
+    previous = threading.excepthook
+    threading.excepthook = main._thread_failed
+    try:
+        a_thread_dies()
+        assert "ZeroDivisionError" in capsys.readouterr().err  # (any other time: shown, as Python shows it)
+        main._STOPPING.set()
+        a_thread_dies()
+        assert capsys.readouterr().err == ""
+    finally:
+        main._STOPPING.clear()
+        threading.excepthook = previous

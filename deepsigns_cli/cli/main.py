@@ -27,8 +27,20 @@ COMMANDS = {
 }
 
 
+_STOPPING = threading.Event()  # set once SIGTERM came
+
+
 def _terminate(signum, frame):
+    _STOPPING.set()
     raise Interrupted(signum)  # SIGTERM cleans up like Ctrl-C: no partial output
+
+
+def _thread_failed(args) -> None:
+    """A thread's uncaught exception, printed as Python prints it, except while SIGTERM stops
+    the command: then a thread of the loader's processes (multiprocessing's resource sharer,
+    mid-handshake with a worker that was just stopped) dies of it, which is no news."""
+    if not _STOPPING.is_set():
+        threading.__excepthook__(args)
 
 
 class LazyGroup(click.Group):
@@ -51,6 +63,7 @@ class LazyGroup(click.Group):
         State.quiet = State.debug = False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)
+            threading.excepthook = _thread_failed
         with warnings.catch_warnings():
             # torch/numpy warnings are not ours to show: a report or one error line, nothing else
             warnings.simplefilter("ignore")

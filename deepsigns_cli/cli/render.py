@@ -29,9 +29,18 @@ def kv_table(title: str, rows: list[tuple[str, object]]):
     table = Table(title=_text(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    for k, v in rows:
-        table.add_row(_text(k), _text(v))
+    for k, v in rows[:_MAX_ROWS]:
+        table.add_row(_text(k), _text(_brief(str(v))))
+    if len(rows) > _MAX_ROWS:  # (a file may hold 300,000 metadata fields: rich took minutes on them)
+        table.add_row("...", f"{len(rows) - _MAX_ROWS} more (every one in --json)")
     return table
+
+
+_MAX_ROWS, _MAX_CELL = 200, 2000  # what a table shows of what a file holds
+
+
+def _brief(text: str) -> str:
+    return text if len(text) <= _MAX_CELL else f"{text[:_MAX_CELL]}... ({len(text)} characters: every one in --json)"
 
 
 def decision_table(report):
