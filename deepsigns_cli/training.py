@@ -152,7 +152,9 @@ def _check_same_everywhere(procs: Processes, net: nn.Module, x, y: np.ndarray) -
     line, instead of deep in DistributedDataParallel or as a collective left waiting."""
     from .errors import DataError
 
-    facts = [len(y), int(y.max(initial=-1)), *x.shape[1:], *[0] * (4 - len(x.shape[1:])),
+    if procs.alone:
+        return
+    facts = [len(y), int(np.asarray(y).max(initial=-1)), *x.shape[1:], *[0] * (4 - len(x.shape[1:])),
              sum(p.numel() for p in net.parameters())]
     every = procs.differ(facts)
     if every is not None:

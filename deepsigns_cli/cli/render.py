@@ -59,7 +59,6 @@ def decision_table(report):
 
 
 def decision(c, r) -> None:
-
     c.print(decision_table(r))
     for res in r.results:
         # soft_wrap: a long bit string stays one line that can be copied whole
