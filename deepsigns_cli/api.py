@@ -382,6 +382,7 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
     (white-box, as `extract`) from every party's model. The reading: a party whose mark is in
     the other's model while the other's mark is not in theirs marked first (the other model
     was made from theirs). Each party's own keys must detect their own model to be heard."""
+    from .fileio import sha256_file
     from .results import DisputeParty, DisputeReport
 
     if len(parties) != 2:
@@ -393,6 +394,8 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
         check_keys(keys)
         if not Path(model).is_file():
             raise InputError(f"model not found: {shown(model)}: check --party")
+    if sha256_file(parties[0][0]) == sha256_file(parties[1][0]):  # (each would read its own mark twice)
+        raise InputError("the two parties give the same key bundle: a dispute is between two owners' bundles")
     readers = [_Reader("extract", keys, passphrase, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
                        provider=provider, timeout=timeout) for keys, passphrase, _ in parties]
     matrix = [[reader.read(model) for _, _, model in parties] for reader in readers]

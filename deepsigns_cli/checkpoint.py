@@ -119,7 +119,9 @@ def _parse_metadata(meta) -> ModelInfo:
     lr = DEFAULT_LR
     if "lr" in meta:
         lr_text = _field_text(meta, "lr")
-        try:
+        try:  # (float() also reads "1_0" as 10, and " 1e-3 ")
+            if "_" in lr_text or lr_text != lr_text.strip():
+                raise ValueError
             lr = float(lr_text)
         except ValueError:
             raise ValueError(f"'lr' is not a number: {one_line(lr_text, 40)}") from None

@@ -713,8 +713,8 @@ def check_preprocess(value) -> dict:
         if (not isinstance(numbers, list) or len(numbers) != channels
                 or not all(type(v) in (int, float) and math.isfinite(v) and abs(v) < 1e6 for v in numbers)):
             raise ValueError(f"'preprocess' {key} must be {channels} finite numbers")
-    if not all(v > 1e-9 for v in value["std"]):
-        raise ValueError("'preprocess' std must be above 0")
+    if not all(v >= 1e-6 for v in value["std"]):  # (train records 1 for a constant channel)
+        raise ValueError("'preprocess' std must be at least 1e-6")
     classes = value["classes"]
     if (not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES
             or not all(isinstance(c, str) and c not in ("", ".", "..") and len(c) <= 255 and "/" not in c

@@ -48,6 +48,14 @@ def test_the_same_model_twice_is_undecided(overwritten):
     assert report["first"] is None and report["reading"].startswith("undecided")
 
 
+def test_the_same_bundle_twice_is_refused(overwritten):
+    """One bundle as both parties' read as a dispute its owner cannot settle (exit 1)."""
+    folder, marked, thief = overwritten
+    result = run_cli("dispute", "--party", marked.keys, folder / "owner.pass", marked.marked,
+                     "--party", marked.keys, folder / "owner.pass", thief, code=2)
+    assert result.stderr.count("\n") == 1 and "the same key bundle" in result.stderr
+
+
 @pytest.mark.parametrize("extra, needle", [((), "--party twice"), (("--name", "x"), "one --name per --party")])
 def test_a_dispute_needs_two_parties(overwritten, extra, needle):
     folder, marked, thief = overwritten

@@ -348,6 +348,27 @@ def test_keys_with_half_of_their_row_numbers_are_refused_with_one_line(marked, t
     assert_one_error_line(result.stderr, result.stdout, "damaged")
 
 
+def test_keys_whose_bits_are_not_bits_are_refused_with_one_line(marked, tmp_path):
+    """A signature bit of 2 in a sealed bundle read as a bit that never matches (p-values off)."""
+    from deepsigns_cli.bundle import open_bundle, write_bundle
+
+    bundle = open_bundle(marked.keys, PASSPHRASE)
+    keys = bundle.schemes["hidden"]
+    bits = keys.arrays["bits"].copy()
+    bits[0, 0] = 2
+    bundle.put(type(keys)("hidden", keys.params, {**keys.arrays, "bits": bits}))
+    damaged = tmp_path / "two.dskey"
+    write_bundle(bundle, damaged, PASSPHRASE)
+    result = run_cli("extract", "--model", marked.marked, "--keys", damaged, code=2)
+    assert_one_error_line(result.stderr, result.stdout, "hidden keys are damaged")
+
+
+def test_an_empty_layer_name_is_refused(marked, tmp_path):
+    result = run_cli("keygen", "--model", marked.base, "--scheme", "hidden", "--layer", "", "--out",
+                     tmp_path / "k.dskey", code=2)
+    assert_one_error_line(result.stderr, result.stdout, "--layer is empty")
+
+
 def test_bf16_autocast_on_the_cpu_embeds_the_mark(marked, tmp_path):
     """--precision bf16 autocasts the forward pass on the CPU too: the hidden term is computed in
     fp32 from bf16 activations, its gradients go back in bf16, and the mark reads back exactly."""

@@ -230,6 +230,7 @@ BAD_METADATA = {
     "lr-negative": ({"lr": "-0.001"}, ["'lr' must be a finite number above 0"]),
     "lr-zero": ({"lr": "0"}, ["'lr' must be a finite number above 0"]),
     "lr-text": ({"lr": "fast"}, ["'lr' is not a number"]),
+    "lr-underscore": ({"lr": "1_0"}, ["'lr' is not a number: 1_0"]),  # (float() reads it as 10)
     "extra-not-json": ({"producer": "{oops"}, ["'producer' is not JSON"]),
     "extra-deep": ({"producer": DEEP}, ["nested too deeply"]),
 }

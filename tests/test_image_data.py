@@ -356,7 +356,8 @@ def test_bad_factories(tmp_path, spec, needles):
                *needles)
 
 
-def test_damaged_preprocessing_record(trained, folder, tmp_path):
+@pytest.mark.parametrize("std", [[0, 1, 1], [1e-8, 1, 1]])  # (train records 1 for a constant channel)
+def test_damaged_preprocessing_record(trained, folder, tmp_path, std):
     """A checkpoint's record is data from a file: checked field by field before it is used."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -365,6 +366,6 @@ def test_damaged_preprocessing_record(trained, folder, tmp_path):
         meta, state = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     record = json.loads(meta["preprocess"])
     bad = tmp_path / "bad.safetensors"
-    save_file(state, str(bad), metadata={**meta, "preprocess": json.dumps({**record, "std": [0, 1, 1]})})
+    save_file(state, str(bad), metadata={**meta, "preprocess": json.dumps({**record, "std": std})})
     _check_bad(tmp_path, ["keygen", "--model", bad, "--data", folder, "--out", tmp_path / "k.dskey"],
                "bad.safetensors", "image preprocessing", "std")

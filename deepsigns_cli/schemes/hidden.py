@@ -72,6 +72,8 @@ class HiddenScheme(Scheme):
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:
         opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+        if opts.get("layer") is not None and not opts["layer"].strip():
+            raise SchemeError("--layer is empty: name a layer, or leave --layer out for the default carrier")
         layer = opts.get("layer") or default_layer(model)
         width = layer_width(model, layer, info.input_shape)
         message = opts.get("message")
@@ -141,7 +143,7 @@ class HiddenScheme(Scheme):
         tx = a.get("trigger_x")
         fits = (p["width"] >= 1 and p["n_bits"] >= 1 and p["trigger_batch"] >= 1
                 and a["A"].shape == (p["width"], p["n_bits"] * len(a["classes"])) and a["A"].dtype.kind == "f"
-                and a["bits"].shape[1] == p["n_bits"]
+                and a["bits"].shape[1] == p["n_bits"] and np.isin(a["bits"], (0, 1)).all()
                 and len(a["bits"]) == len(a["classes"]) and isinstance(tx, np.ndarray)
                 and tx.dtype.kind == "f" and len(tx) == len(a["trigger_y"]) and np.isfinite(tx).all()
                 and all((a["trigger_y"] == c).any() for c in a["classes"]))
