@@ -343,6 +343,8 @@ def _inlined(proto):
     if not proto.functions:
         return proto
     functions = {(f.domain, f.name): f for f in proto.functions}
+    if len(functions) != len(proto.functions):
+        return proto  # (overloads of one name: sized as one, one could hide a chain of calls)
     if any(sum(1 for _ in _within(f)) > 1 for f in proto.functions):
         return proto  # (a subgraph in a function: copied at every call, its size is not bounded here)
     size = _function_sizes(functions)
