@@ -263,7 +263,7 @@ def _no_images(d: Path) -> None:
 
 
 def _bomb(d: Path) -> None:
-    """A PNG of 12 KB whose header claims 6000 x 6000 pixels (Pillow itself only warns)."""
+    """A PNG of a few kilobytes whose header claims 6000 x 6000 pixels (Pillow itself accepts it)."""
     from PIL import Image
 
     Image.new("L", (6000, 6000)).save(d / "train" / "4" / "zz-bomb.png", optimize=True)
