@@ -278,6 +278,9 @@ def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, 
 
     with Outputs(force=force, inputs={"CHECKPOINT": checkpoint, "--data": data}) as outs:
         tmp = outs.add(out, "--out")
+        if not str(out).lower().endswith(".onnx"):  # (an ONNX file named .safetensors reads as a broken checkpoint)
+            raise InputError(f"--out {shown(out)} must end in .onnx: deepsigns tells an ONNX model from a "
+                             "checkpoint by its name")
         dataset = load_dataset(data, checkpoint) if data else None
         net, info = _load_model(checkpoint, arch, arch_kwargs, data=dataset)
         if dataset is not None:

@@ -191,6 +191,12 @@ def test_export_matches_torch_on_real_inputs(marked, digits, batch):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
+def test_export_writes_onnx_under_an_onnx_name_only(marked, tmp_path):
+    """Written as x.safetensors, an ONNX file then read as a damaged checkpoint everywhere."""
+    result = run_cli("export", marked.marked, "--out", tmp_path / "x.safetensors", code=2)
+    assert "must end in .onnx" in result.stderr and not list(tmp_path.iterdir())
+
+
 def test_export_report_and_inspect(marked, tmp_path):
     out = tmp_path / "again.onnx"
     report = run_json("export", marked.marked, "--data", "digits", "--out", out)

@@ -55,7 +55,7 @@ def test_an_output_named_like_a_folder_is_refused_before_any_work(tmp_path, owne
 def test_an_output_that_is_not_a_regular_file_is_refused_even_with_force(tmp_path, owner, kind):
     """A FIFO (opened to be locked, it blocked forever) or a device node (replaced by rename: as
     root, `--out /dev/null --force` once deleted /dev/null) is never an output."""
-    special = tmp_path / "special"
+    special = tmp_path / "special.onnx"
     if kind == "fifo":
         os.mkfifo(special)
     else:
@@ -63,7 +63,7 @@ def test_an_output_that_is_not_a_regular_file_is_refused_even_with_force(tmp_pat
     before = snapshot(tmp_path)
     result = run_proc("export", owner[0], "--out", special, "--force", timeout=120)  # (a hang fails)
     assert result.returncode == 2, result.stderr
-    assert_one_error_line(result.stderr, result.stdout, "special", "not a regular file")
+    assert_one_error_line(result.stderr, result.stdout, "special.onnx", "not a regular file")
     assert snapshot(tmp_path) == before
     assert stat.S_ISFIFO(special.lstat().st_mode) if kind == "fifo" else stat.S_ISCHR(special.lstat().st_mode)
 
