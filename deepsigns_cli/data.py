@@ -189,8 +189,18 @@ def _npz_arrays(path: Path, where: str) -> dict[str, np.ndarray]:
                     f"{where} holds {shown_keys}: an .npz needs x_train, y_train, x_test, y_test "
                     "(or x, y to split)"
                 )
-            held = [0]  # (bytes the arrays read so far take once loaded)
-            return {name: _member(arrays, name, where, held) for name in names}
+            held = 0  # bytes the arrays take once loaded: every header is checked before any data is read
+            for name in names:
+                shape = _member_shape(arrays, name, where)
+                held += math.prod(shape) * (4 if name.startswith("x") else 8)
+                if held > MAX_NPZ_BYTES:
+                    raise DataError(
+                        f"{where}: with array {name} of shape {list(shape)} its arrays would take "
+                        f"{held / 2**30:.1f} GiB in memory, more than an .npz may ({MAX_NPZ_BYTES / 2**30:.0f} GiB): "
+                        "give a data set that large as an image folder or a package.module:factory, which are "
+                        "read as training goes"
+                    )
+            return {name: arrays[name] for name in names}
     # zlib.error: a damaged compressed record; NotImplementedError: a compression zipfile lacks
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
         raise DataError(f"cannot read {where} as .npz ({one_line(exc, 160)}): {_FIX}") from None
@@ -220,10 +230,9 @@ def _npz_dataset(path: Path, loaded: dict[str, np.ndarray], where: str) -> Datas
     return _classified(path.stem, xtr, ytr, xte, yte, where)
 
 
-def _member(arrays, name: str, where: str, held: list[int]) -> np.ndarray:
-    """One array of an .npz, its header checked before its data is read: a header that claims
-    terabytes, or a dtype we cannot use, costs nothing. `held`: what the arrays read before it
-    take once loaded, in bytes (this one's is added)."""
+def _member_shape(arrays, name: str, where: str) -> tuple[int, ...]:
+    """The shape of one array of an .npz, from its header, checked before its data is read: a
+    header that claims terabytes, or a dtype we cannot use, costs nothing."""
     member = f"{name}.npy" if f"{name}.npy" in arrays.zip.namelist() else name
     with arrays.zip.open(member) as fh:
         try:
@@ -252,14 +261,7 @@ def _member(arrays, name: str, where: str, held: list[int]) -> np.ndarray:
             f"{where}: array {name} claims shape {list(shape)} but the file holds less data (truncated "
             f"or damaged): {_FIX}"
         )
-    held[0] += math.prod(shape) * (4 if name.startswith("x") else 8)
-    if held[0] > MAX_NPZ_BYTES:
-        raise DataError(
-            f"{where}: with array {name} of shape {list(shape)} its arrays would take {held[0] / 2**30:.1f} GiB "
-            f"in memory, more than an .npz may ({MAX_NPZ_BYTES / 2**30:.0f} GiB): give a data set that large as an "
-            "image folder or a package.module:factory, which are read as training goes"
-        )
-    return arrays[name]
+    return shape
 
 
 def _features(x: np.ndarray, name: str, where: str) -> np.ndarray:

@@ -150,17 +150,17 @@ def _check_same_everywhere(procs: Processes, net: nn.Module, x, y: np.ndarray) -
     """Every process of a run must train the same model on the same data (each takes its share
     of the rows): a --data factory that gives each process its own data fails here, with one
     line, instead of deep in DistributedDataParallel or as a collective left waiting."""
+    from .data import MAX_INPUT_DIMS
     from .errors import DataError
 
-    if procs.alone:
-        return
-    facts = [len(y), int(np.asarray(y).max(initial=-1)), *x.shape[1:], *[0] * (4 - len(x.shape[1:])),
-             sum(p.numel() for p in net.parameters())]
-    every = procs.differ(facts)
+    # (samples, largest label, weights, then the sample shape, padded to the most dimensions)
+    facts = [len(y), int(np.asarray(y).max(initial=-1)), sum(p.numel() for p in net.parameters()),
+             *x.shape[1:], *[0] * (MAX_INPUT_DIMS - len(x.shape[1:]))]
+    every = procs.differ(facts)  # (None alone)
     if every is not None:
         other = next(rank for rank, f in enumerate(every) if f != every[0])
-        brief = ", ".join(f"process {r}: {f[0]} samples of shape {[d for d in f[2:-1] if d]}, labels up to {f[1]}, "
-                          f"{f[-1]} weights" for r in (0, other) for f in [every[r]])
+        brief = ", ".join(f"process {r}: {f[0]} samples of shape {[d for d in f[3:] if d]}, labels up to {f[1]}, "
+                          f"{f[2]} weights" for r in (0, other) for f in [every[r]])
         raise DataError(f"the processes of this run do not train the same model on the same data ({brief}): "
                         "every process must load the same --data")
 

@@ -325,11 +325,9 @@ def models_option(help: str):
 
 
 def warn(message: str) -> None:
-    from rich.markup import escape
+    from .render import text
 
-    from ..errors import shown
-
-    stderr_console().print(f"[yellow]warning:[/] {escape(shown(message))}", highlight=False, soft_wrap=True)
+    stderr_console().print(f"[yellow]warning:[/] {text(message)}", highlight=False, soft_wrap=True)
 
 
 @contextmanager

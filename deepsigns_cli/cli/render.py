@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["kv_table", "decision_table", "train", "keygen", "embed", "export", "attack", "inspect", "decision",
+__all__ = ["text", "kv_table", "decision_table", "train", "keygen", "embed", "export", "attack", "inspect", "decision",
            "scan", "dispute"]
 
 
-def _text(value: object) -> str:
+def text(value: object) -> str:
     """What a file or a suspect holds (a path, a name, metadata, a note quoting them), as text to
     print: control characters escaped (a newline or a terminal escape sequence in a name stays
     inert and on one line) and rich markup escaped (`[/]` alone ends a run with an error)."""
@@ -22,15 +22,15 @@ def fmt_p(p: float) -> str:
 
 
 def kv_table(title: str, rows: list[tuple[str, object]]):
-    """A two-column table. Everything in it is text (`_text`): paths, names and metadata read
+    """A two-column table. Everything in it is `text`: paths, names and metadata read
     from a file."""
     from rich.table import Table
 
-    table = Table(title=_text(title), show_header=False, title_justify="left")
+    table = Table(title=text(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for k, v in rows[:_MAX_ROWS]:
-        table.add_row(_text(k), _text(_brief(str(v))))
+        table.add_row(text(k), text(_brief(str(v))))
     if len(rows) > _MAX_ROWS:  # (a file may hold 300,000 metadata fields: rich took minutes on them)
         table.add_row("...", f"{len(rows) - _MAX_ROWS} more (every one in --json)")
     return table
@@ -49,11 +49,11 @@ def decision_table(report):
     verdict = "[bold green]DETECTED[/]" if report.detected else "[bold red]NOT DETECTED[/]"
     table = Table(title=f"{verdict}  p = {fmt_p(report.p_value)}  (alpha = {report.alpha:g})",
                   title_justify="left", caption_justify="left",
-                  caption=f"{_text(report.meaning())}\nbundle commitment {report.commitment}")
+                  caption=f"{text(report.meaning())}\nbundle commitment {report.commitment}")
     for col in ("scheme", "where", "evidence", "p-value", "decision"):
         table.add_column(col)
     for r in report.results:
-        table.add_row(r.scheme, *map(_text, r.evidence()), fmt_p(r.p_value),
+        table.add_row(r.scheme, *map(text, r.evidence()), fmt_p(r.p_value),
                       "detected" if r.detected else "not detected")
     return table
 
@@ -70,7 +70,7 @@ def decision(c, r) -> None:
                     + (f" (read with {wrong} of its bits wrong)" if wrong else ""), soft_wrap=True, markup=False)
         for key in ("warning", "note"):
             if getattr(res, key, None):
-                c.print(f"[yellow]{key}:[/] {_text(getattr(res, key))}")
+                c.print(f"[yellow]{key}:[/] {text(getattr(res, key))}")
 
 
 def scan(c, r) -> None:
@@ -87,11 +87,11 @@ def scan(c, r) -> None:
     for row in r.rows:
         d = row.decision
         if d is None:
-            table.add_row(_text(row.model), "[bold yellow]ERROR[/]", "-", _text(row.error or ""))
+            table.add_row(text(row.model), "[bold yellow]ERROR[/]", "-", text(row.error or ""))
             continue
         evidence = "; ".join(f"{x.scheme}: {x.evidence()[1]}" for x in d.results)
-        table.add_row(_text(row.model), _verdict(d),
-                      fmt_p(d.p_value), _text(evidence))
+        table.add_row(text(row.model), _verdict(d),
+                      fmt_p(d.p_value), text(evidence))
     c.print(table)
 
 
@@ -102,15 +102,15 @@ def dispute(c, r) -> None:
     table = Table(title=f"dispute: whose keys detect whose model (alpha = {r.alpha:g})", title_justify="left")
     table.add_column("keys of \\ model of", style="bold")
     for p in r.parties:
-        table.add_column(f"{_text(p.name)}: {_text(p.model)}")
+        table.add_column(f"{text(p.name)}: {text(p.model)}")
     for p, row in zip(r.parties, r.matrix, strict=True):
-        table.add_row(_text(p.name), *[
+        table.add_row(text(p.name), *[
             f"{_verdict(d)}  p = {fmt_p(d.p_value)}"
             for d in row])
     c.print(table)
     for p in r.parties:
-        c.print(f"{_text(p.name)}: keys {_text(p.keys)}, commitment {p.commitment}", highlight=False)
-    c.print(f"[bold]{_text(r.reading)}[/]")
+        c.print(f"{text(p.name)}: keys {text(p.keys)}, commitment {p.commitment}", highlight=False)
+    c.print(f"[bold]{text(r.reading)}[/]")
     c.print("a claim counts only if its commitment was published before the dispute (keygen and "
             "embed print the claim record to publish)", highlight=False)
 
@@ -180,7 +180,7 @@ def sweep(c, r) -> None:
     table = Table(title=f"attack {r.attack}, --{param} swept: what the owner's keys read (alpha = {r.alpha:g})",
                   title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   caption=f"bundle commitment {r.commitment[:16]}..."
-                  + (f"; plot: {_text(r.plot)}" if r.plot else ""))
+                  + (f"; plot: {text(r.plot)}" if r.plot else ""))
     schemes = [x.scheme for x in r.rows[0].extract.results]
     header = [param, "acc"] + [f"{scheme} (p)" for scheme in schemes] + ["extract", "verify"]
     rows = []
@@ -188,7 +188,7 @@ def sweep(c, r) -> None:
         cells = ["victim" if row.value is None else str(row.value), f"{row.accuracy:.1f}%"]
         for scheme in schemes:
             res = next(x for x in row.extract.results if x.scheme == scheme)
-            cells.append(f"{_text(res.brief())} ({res.p_value:.2g})")
+            cells.append(f"{text(res.brief())} ({res.p_value:.2g})")
         rows.append(cells + [_verdict(row.extract, short=True), _verdict(row.verify, short=True)])
     for i, name in enumerate(header):  # every cell whole: the widths the cells need
         width = max(len(name), *(len(Text.from_markup(cells[i]).plain) for cells in rows))
