@@ -110,11 +110,12 @@ def _check_int(name: str, value: int | None) -> int | None:
 def _check_positive(name: str, value: float | None) -> float | None:
     if value is None:
         return None
-    _, hi = LIMITS[name]
+    lo, hi = LIMITS[name]  # (lo excluded when it is 0)
     flag = "--" + name.replace("_", "-")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value <= hi:
-        raise InputError(f"{flag} must be a number above 0 and at most {hi:g}, got {value!r}")
+            or not (0 < value if lo == 0 else lo <= value) or value > hi:
+        bounds = f"above 0 and at most {hi:g}" if lo == 0 else f"from {lo:g} to {hi:g}"
+        raise InputError(f"{flag} must be a number {bounds}, got {value!r}")
     return float(value)
 
 
@@ -185,7 +186,7 @@ def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict
         _check_int(name, value)
     _check_positive("lr", lr)
     with Outputs(force=force, inputs={"--data": data}) as outs:
-        tmp = outs.add(out, "--out")
+        tmp = outs.add(out, "--out", model="checkpoint")
         dataset = load_data(data)
         model, info, report = train_model(arch, dataset, arch_kwargs=arch_kwargs, epochs=epochs, lr=lr,
                                           batch_size=batch_size, seed=seed, device=device,
@@ -247,8 +248,8 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
     with Outputs(force=force, inputs=inputs) as outs:
         check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
         keys_tmp = outs.add(keys, "--keys", mode=BUNDLE_MODE, update=True)  # locked from here
-        out_tmp = outs.add(out, "--out")
-        onnx_tmp = outs.add(onnx, "--onnx") if onnx else None
+        out_tmp = outs.add(out, "--out", model="checkpoint")
+        onnx_tmp = outs.add(onnx, "--onnx", model="onnx") if onnx else None
         secret = _passphrase(passphrase)
         bundle = open_bundle(keys, secret)
         dataset = load_dataset(data, model)
@@ -277,10 +278,7 @@ def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, 
     from .results import ExportReport
 
     with Outputs(force=force, inputs={"CHECKPOINT": checkpoint, "--data": data}) as outs:
-        tmp = outs.add(out, "--out")
-        if not str(out).lower().endswith(".onnx"):  # (an ONNX file named .safetensors reads as a broken checkpoint)
-            raise InputError(f"--out {shown(out)} must end in .onnx: deepsigns tells an ONNX model from a "
-                             "checkpoint by its name")
+        tmp = outs.add(out, "--out", model="onnx")  # (an ONNX file named .safetensors reads as a broken checkpoint)
         dataset = load_dataset(data, checkpoint) if data else None
         net, info = _load_model(checkpoint, arch, arch_kwargs, data=dataset)
         if dataset is not None:
@@ -691,12 +689,13 @@ def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: 
 
 
 def _attack_out_kind(name: str, out: str | Path, writes: tuple[str, ...]) -> str:
-    suffix = Path(out).suffix.lower()
-    kind = {".safetensors": "checkpoint", ".onnx": "onnx"}.get(suffix)
+    from .fileio import MODEL_SUFFIXES
+
+    kind = {suffix: kind for kind, suffix in MODEL_SUFFIXES.items()}.get(Path(out).suffix.lower())
     if kind is None:
         raise InputError(f"--out must end in .safetensors (a checkpoint) or .onnx, got {Path(out).name!r}")
     if kind not in writes:
-        want = " or ".join({"checkpoint": ".safetensors", "onnx": ".onnx"}[w] for w in writes)
+        want = " or ".join(MODEL_SUFFIXES[w] for w in writes)
         raise InputError(f"attack {name} writes {want} files: give --out a {want} name")
     return kind
 

@@ -15,7 +15,7 @@ LIMITS = {
     "epochs": (1, 100_000),
     "batch_size": (1, 65_536),
     "seed": (0, 2**32 - 1),
-    "lr": (0.0, 10.0),  # exclusive of 0
+    "lr": (1e-12, 10.0),  # (below, no step moves a float32 weight: 1e-320 ran as training)
     "timeout": (0.0, 86_400.0),  # exclusive of 0
     "queries": (1, 10_000_000),  # a black-box GradSigns reading's budget
     "image_size": (2, 2048),  # --image-size: pixels per side of an image folder's samples

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from .errors import InputError, Interrupted, OutputExistsError, shown
 
-__all__ = ["Outputs", "check_output", "require_file", "held_signals", "sha256_file", "is_main_process"]
+__all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "sha256_file",
+           "is_main_process"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -170,6 +171,10 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
+#: the name's ending of each kind of model file a command writes
+MODEL_SUFFIXES = {"checkpoint": ".safetensors", "onnx": ".onnx"}
+
+
 class Outputs:
     """A command's outputs, checked first and committed together (see the module's text)."""
 
@@ -184,11 +189,16 @@ class Outputs:
         self._scratch: list[Path] = []
 
     def add(self, path: str | Path, option: str = "--out", *, mode: int | None = None,
-            update: bool = False) -> Path:
+            update: bool = False, model: str | None = None) -> Path:
         """Declare an output; returns the temporary path to write it to.
 
-        `update=True`: the file is an input updated in place (it must exist); it is locked."""
+        `update=True`: the file is an input updated in place (it must exist); it is locked.
+        `model`: the output is a model of this kind ("checkpoint" or "onnx"), whose name must
+        end as every command that reads it expects (a kind is told by the name)."""
         target = check_output(path, self.force, inputs=self.inputs, option=option, update=update)
+        if model is not None and target.suffix.lower() != MODEL_SUFFIXES[model]:
+            raise InputError(f"{option} {shown(path)} must end in {MODEL_SUFFIXES[model]}: deepsigns tells an ONNX "
+                             "model from a checkpoint by its name")
         if not self.write:
             return self.scratch(target.suffix)
         for other, _, _ in self._entries:

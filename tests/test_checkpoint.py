@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import run_cli, run_json, run_proc
+from helpers import copy, run_cli, run_json, run_proc
 
 
 def extract(model, keys, *extra, code=0) -> dict:
@@ -195,6 +195,23 @@ def test_export_writes_onnx_under_an_onnx_name_only(marked, tmp_path):
     """Written as x.safetensors, an ONNX file then read as a damaged checkpoint everywhere."""
     result = run_cli("export", marked.marked, "--out", tmp_path / "x.safetensors", code=2)
     assert "must end in .onnx" in result.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("command", "name", "want"), [
+    ("train", "x.onnx", ".safetensors"), ("train", "x.bin", ".safetensors"),
+    ("embed", "x.onnx", ".safetensors"), ("embed --onnx", "x.safetensors", ".onnx"),
+])
+def test_models_are_written_under_names_that_tell_their_kind(marked, tmp_path, command, name, want):
+    """A checkpoint written as x.onnx was read as a broken ONNX file by every later command
+    (x.bin: as no model at all)."""
+    keys = copy(marked.keys, tmp_path / "k.dskey")
+    argv = {"train": ["train", "--arch", "mlp", "--epochs", 1, "--out", tmp_path / name],
+            "embed": ["embed", "--model", marked.base, "--keys", keys, "--epochs", 1, "--out", tmp_path / name],
+            "embed --onnx": ["embed", "--model", marked.base, "--keys", keys, "--epochs", 1,
+                             "--out", tmp_path / "m.safetensors", "--onnx", tmp_path / name]}[command]
+    result = run_cli(*argv, code=2)
+    assert f"must end in {want}" in result.stderr and name in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.dskey"]
 
 
 def test_export_report_and_inspect(marked, tmp_path):

@@ -59,7 +59,7 @@ def test_alpha_must_be_a_probability(marked, alpha):
                              code=None), "--alpha")
 
 
-@pytest.mark.parametrize("lr", ["nan", "inf", "1e308", "-1", "0"])
+@pytest.mark.parametrize("lr", ["nan", "inf", "1e308", "-1", "0", "1e-320"])
 def test_learning_rate_must_be_sane(tmp_path, lr):
     before = snapshot(tmp_path)
     assert_bad_input(run_cli("train", "--arch", "mlp", "--epochs", 1, "--lr", lr,
