@@ -602,6 +602,9 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     if not values:
         raise InputError(f"--sweep {param}=...: give at least one value")
     values = [option.check(v) for v in values]
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:  # (each strength's model has one name: the second would be refused mid-sweep)
+        raise InputError(f"--sweep {param}=...: {twice} is given twice; give each value once")
     given = {k: v for k, v in (options or {}).items() if v is not None and v is not False}
     if option.key in given:
         raise InputError(f"--{param} is swept: leave it out of the attack's own options")
@@ -620,37 +623,47 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     blackbox = any(scheme_entry(n).blackbox for n in bundle.schemes)
     verify_reader = _Reader("verify", keys, secret, alpha=alpha, timeout=timeout) if blackbox else None
     rows = []
-    if keep is not None:  # (after the bundle opened: a failed start leaves no folder behind)
-        try:
-            Path(keep).mkdir(parents=True, exist_ok=True)
-        except (OSError, ValueError) as exc:  # (a file of that name, a folder that cannot be written)
-            raise InputError(f"--out {shown(keep)} cannot be the folder --sweep keeps the attacked models in "
-                             f"({one_line(exc)}): give a folder path") from None
-    with tempfile.TemporaryDirectory(prefix="deepsigns-sweep-") as scratch:
-        folder = Path(keep) if keep is not None else Path(scratch)
-        read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,
-                                 scratch=scratch, arch=arch, arch_kwargs=arch_kwargs)
-        rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs, timeout), 0.0))
-        for i, value in enumerate(values):
+    made: list[Path] = []  # what this sweep wrote into `keep` (and `keep` itself, first, when it made it)
+    try:
+        if keep is not None and not Path(keep).is_dir():  # (after the bundle opened: a failed start leaves none)
+            try:
+                missing = [p for p in (Path(keep), *Path(keep).parents) if not p.exists()]
+                Path(keep).mkdir(parents=True)
+            except (OSError, ValueError) as exc:  # (a file of that name, a folder that cannot be written)
+                raise InputError(f"--out {shown(keep)} cannot be the folder --sweep keeps the attacked models "
+                                 f"in ({one_line(exc)}): give a folder path") from None
+            made.extend(reversed(missing))
+        with tempfile.TemporaryDirectory(prefix="deepsigns-sweep-") as scratch:
+            folder = Path(keep) if keep is not None else Path(scratch)
+            read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,
+                                     scratch=scratch, arch=arch, arch_kwargs=arch_kwargs)
+            rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs, timeout), 0.0))
+            for i, value in enumerate(values):
+                if progress is not None:
+                    progress(i, len(values), f"{name} {param}={value}")
+                out = folder / f"{name}-{param}-{value}{suffix}"
+                run_options = {**given, option.key: value}
+                if entry.passphrase:  # the attacker's own bundle, one per strength, beside the model
+                    run_options["attacker_keys"] = str(folder / f"{name}-{param}-{value}.attacker.dskey")
+                report = attack(name, model, out, data=data, options=run_options, seed=seed, device=device,
+                                arch=arch, arch_kwargs=arch_kwargs, force=force or keep is None,
+                                passphrase=attacker_passphrase if entry.passphrase else None, timeout=timeout,
+                                progress=progress)
+                made.extend(Path(p) for p in (out, run_options.get("attacker_keys")) if p and keep is not None)
+                rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None))
             if progress is not None:
-                progress(i, len(values), f"{name} {param}={value}")
-            out = folder / f"{name}-{param}-{value}{suffix}"
-            run_options = {**given, option.key: value}
-            if entry.passphrase:  # the attacker's own bundle, one per strength, beside the model
-                run_options["attacker_keys"] = str(folder / f"{name}-{param}-{value}.attacker.dskey")
-            report = attack(name, model, out, data=data, options=run_options, seed=seed, device=device,
-                            arch=arch, arch_kwargs=arch_kwargs, force=force or keep is None,
-                            passphrase=attacker_passphrase if entry.passphrase else None, timeout=timeout,
-                            progress=progress)
-            rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None))
-        if progress is not None:
-            progress(len(values), len(values), f"{name} {param}")
-    result = SweepReport(name, option.key, given, extract_reader.alpha, bundle.key_id,
-                         extract_reader.published, rows, str(plot) if plot else None)
-    if plot is not None:
-        from .plots import sweep_plot
+                progress(len(values), len(values), f"{name} {param}")
+        result = SweepReport(name, option.key, given, extract_reader.alpha, bundle.key_id,
+                             extract_reader.published, rows, str(plot) if plot else None)
+        if plot is not None:
+            from .plots import sweep_plot
 
-        sweep_plot(result, plot, force=force)
+            sweep_plot(result, plot, force=force)
+    except BaseException:  # a failure or an interruption: the sweep leaves no output, as no command does
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+        raise
     return result
 
 

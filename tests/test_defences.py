@@ -4,9 +4,12 @@ before the hidden mark is read, and a sweep reads the owner's keys at every stre
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 
 import pytest
-from helpers import SEEDS, assert_one_error_line, run_cli, run_json
+from helpers import SEEDS, assert_one_error_line, deepsigns_argv, process_env, run_cli, run_json
 
 
 def hidden(report: dict) -> dict:
@@ -108,6 +111,7 @@ def test_a_sweep_verifies_black_box_marks_from_onnx(blackbox):
     (["--keys", "{keys}", "--out", "{tmp}/x.safetensors"], "--sweep"),
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--plot", "{tmp}/x.jpg"], ".png"),
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{keys}"], "cannot be the folder --sweep keeps"),
+    (["--sweep", "rate=0.5,0.2,0.50", "--keys", "{keys}", "--out", "{tmp}/kept"], "0.5 is given twice"),
 ])
 def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
     args = [a.format(keys=marked.keys, tmp=tmp_path) for a in args]
@@ -120,3 +124,29 @@ def test_a_sweep_report_is_json(prune_sweep):
     report, _ = prune_sweep
     json.dumps(report, allow_nan=False)
     assert report["command"] == "attack" and report["attack"] == "prune"
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_leaves_nothing_behind(marked, tmp_path):
+    """SIGTERM once the first strength's model is kept: exit 143, and the folder the sweep made
+    is gone with the models it kept, as any command's outputs are."""
+    kept = tmp_path / "a" / "kept"
+    proc = subprocess.Popen(
+        [*deepsigns_argv(), "attack", "finetune", "--model", str(marked.marked), "--keys", str(marked.keys),
+         "--sweep", "epochs=1,100000", "--device", "cpu", "--out", str(kept)],
+        env=process_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not (kept / "finetune-epochs-1.safetensors").exists():
+            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")
+            assert time.monotonic() < deadline, "the sweep never kept its first model"
+            time.sleep(0.1)
+        time.sleep(1.0)  # (into the second strength's training)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 143, proc.stderr.read().decode(errors="replace")
+    assert list(tmp_path.iterdir()) == []
