@@ -94,6 +94,7 @@ def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path 
     try:
         path = Path(path)
         exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
+        dead_link = not exists and path.is_symlink()  # (to nothing, or to itself: the name is still taken)
         parent_exists, parent_dir = path.parent.exists(), path.parent.is_dir()
     except (ValueError, OSError) as exc:
         raise InputError(f"{option} {shown(path)} is not a usable path ({exc}): choose another") from None
@@ -115,6 +116,9 @@ def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path 
                          "path for the output")
     if exists and not force and not update:
         raise OutputExistsError(f"{shown(path)} exists: pass --force to replace it, or choose another {option}")
+    if dead_link and not force:
+        raise OutputExistsError(f"{shown(path)} is a symbolic link that leads to no file: pass --force to replace "
+                                f"the link, or choose another {option}")
     if not parent_exists:
         raise InputError(f"folder {shown(path.parent)} does not exist: create it first")
     if not parent_dir:

@@ -185,6 +185,18 @@ def test_an_output_whose_parent_is_a_file(tmp_path):
         fileio.check_output(tmp_path / "f" / "out.onnx", False)
 
 
+@pytest.mark.parametrize("target", ["nowhere.safetensors", "m.safetensors"], ids=["to nothing", "to itself"])
+def test_a_link_that_leads_nowhere_is_replaced_only_with_force(tmp_path, target):
+    """Its name is taken, as a file's is (a dead link had been replaced without a word)."""
+    link = tmp_path / "m.safetensors"
+    link.symlink_to(target)
+    result = run_cli("train", "--arch", "mlp", "--epochs", 1, "--out", link, code=2)
+    assert_one_error_line(result.stderr, result.stdout, "symbolic link", "--force")
+    assert link.is_symlink() and os.readlink(link) == target
+    run_cli("train", "--arch", "mlp", "--epochs", 1, "--out", link, "--force", code=0)
+    assert link.is_file() and not link.is_symlink()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig):
