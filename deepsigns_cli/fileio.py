@@ -7,10 +7,10 @@ training. The command then writes each temporary file, and leaving the `with` bl
 them into place, in the order they were added.
 
 Failure modes, stated:
-- an error, Ctrl-C or SIGTERM before the commit removes every temporary file; every target
+- an error, Ctrl-C, SIGTERM or SIGHUP before the commit removes every temporary file; every target
   is as it was;
-- during the commit (renames in the targets' own folders, microseconds) SIGINT and SIGTERM are
-  held until the last rename, then reported as `errors.Interrupted` naming what was written;
+- during the commit (renames in the targets' own folders, microseconds) SIGINT, SIGTERM and
+  SIGHUP are held until the last rename, then reported as `errors.Interrupted` naming what was written;
 - a rename that fails (a disk pulled mid-commit) leaves the earlier renames done, so callers
   add their most precious output first (embed: the key bundle, then the checkpoint, then ONNX);
 - a file updated in place (the key bundle) is locked from the moment it is added until the
@@ -153,13 +153,13 @@ class _Lock:
 
 @contextlib.contextmanager
 def held_signals() -> Iterator[list[int]]:
-    """Hold SIGINT and SIGTERM for the duration (main thread only); yields the signals that
+    """Hold SIGINT, SIGTERM and SIGHUP for the duration (main thread only); yields the signals that
     came meanwhile, which the caller reports once its work is done."""
     came: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield came
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for s in previous:
         signal.signal(s, lambda signum, frame: came.append(signum))
     try:
@@ -239,7 +239,7 @@ class Outputs:
         self._locks.clear()
 
     def commit(self) -> list[str]:
-        """Rename every temporary file into place, in order, with SIGINT/SIGTERM held."""
+        """Rename every temporary file into place, in order, with SIGINT/SIGTERM/SIGHUP held."""
         written: list[str] = []
         with held_signals() as came:
             try:

@@ -198,10 +198,10 @@ def test_a_link_that_leads_nowhere_is_replaced_only_with_force(tmp_path, target)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig):
     """A real process: a second embed on the same bundle is refused while the first runs;
-    SIGTERM (like SIGINT) ends the first cleanly: its own exit code, one line, nothing left."""
+    SIGTERM and SIGHUP (like SIGINT) end the first cleanly: its own exit code, one line, nothing left."""
     base, keys = owner
     before = snapshot(tmp_path)
     env = {**os.environ, **ENV}

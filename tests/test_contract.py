@@ -26,6 +26,33 @@ def test_an_internal_error_is_exit_3_never_a_verdict(marked, monkeypatch, comman
     assert "frame 1" not in line
 
 
+@pytest.mark.parametrize(("stdout", "json_"), [("a reader that went away", []), ("a reader that went away", ["--json"]),
+                                               ("closed", []), ("a full disk", ["--json"])])
+def test_a_report_that_cannot_be_printed_is_never_a_verdict(marked, tmp_path, stdout, json_):
+    """A detected model's report into a pipe whose reader is gone had exited 1 ("not detected",
+    rich's own answer to a broken pipe) or 3 (with --json): now 141, as a shell reports a process
+    a closed pipe stopped, and 2 on a full disk; the line says the files written are complete."""
+    import os
+    import subprocess
+
+    from helpers import deepsigns_argv, process_env
+
+    argv = [*deepsigns_argv(), "export", str(marked.marked), "--out", str(tmp_path / "m.onnx"), *json_]
+    read, write = os.pipe()
+    os.close(read)
+    sink = {"a reader that went away": write, "closed": None, "a full disk": os.open("/dev/full", os.O_WRONLY)}[stdout]
+    try:
+        proc = subprocess.run(argv, env=process_env(), stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.PIPE,
+                              text=True, timeout=300, preexec_fn=(lambda: os.close(1)) if sink is None else None)
+    finally:
+        os.close(write)
+        if stdout == "a full disk":
+            os.close(sink)
+    assert proc.returncode == (2 if stdout == "a full disk" else 141), proc.stderr
+    assert_one_error_line(proc.stderr, "", "stdout", "is complete")
+    assert (tmp_path / "m.onnx").is_file()
+
+
 def test_debug_shows_the_traceback(marked, monkeypatch):
     monkeypatch.setattr(api, "verify", _boom)
     for args, env in ((["--debug"], {}), ([], {"DEEPSIGNS_DEBUG": "1"})):

@@ -21,6 +21,7 @@ from ..api import LIMITS
 from ..errors import DeepSignsError, InputError, Interrupted, one_line, shown
 
 EXIT_OK, EXIT_NOT_DETECTED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that a closed pipe stopped
 PASSPHRASE_ENV = "DEEPSIGNS_PASSPHRASE"
 DEBUG_ENV = "DEEPSIGNS_DEBUG"
 
@@ -34,10 +35,21 @@ def debugging() -> bool:
     return State.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def stderr_console():
+def _console(**kwargs):
+    """A rich Console whose output, closed, raises BrokenPipeError: rich's own answer to a
+    closed pipe is exit 1, which a pipeline reads as "not detected"."""
     from rich.console import Console
 
-    return Console(stderr=True, quiet=State.quiet)
+    class Closable(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError(32, "Broken pipe")
+
+    return Closable(**kwargs)
+
+
+def stderr_console():
+    return _console(stderr=True, quiet=State.quiet)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
@@ -276,12 +288,22 @@ def emit(report, json_: bool, render) -> None:
     """JSON on stdout for machines (always valid JSON), or a rich rendering for people."""
     from ..api import report_json
 
-    if json_:
-        click.echo(json.dumps(report_json(report), indent=2, allow_nan=False))
-        return
-    from rich.console import Console
-
-    render(Console(), report)
+    try:
+        if sys.stdout is None:  # (started with stdout closed: Python gives None)
+            raise BrokenPipeError(32, "stdout is closed")
+        if json_:
+            click.echo(json.dumps(report_json(report), indent=2, allow_nan=False))
+        else:
+            render(_console(), report)
+        sys.stdout.flush()
+    except OSError as exc:  # never exit 0 or 1 when the report is lost: those read as a verdict
+        if sys.stdout is not None:  # (Python's last flush at exit would fail again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(exc, BrokenPipeError):
+            fail("stdout was closed before the report was printed; any file the command wrote is "
+                 "complete: keep the reader open, or send the report to a file", EXIT_BROKEN_PIPE)
+        fail(f"cannot print the report on stdout ({exc.strerror or exc}); any file the command wrote is "
+             "complete: send the report somewhere it can be written")
 
 
 def emit_decision(report, json_: bool, render) -> None:

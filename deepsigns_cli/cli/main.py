@@ -27,12 +27,12 @@ COMMANDS = {
 }
 
 
-_STOPPING = threading.Event()  # set once SIGTERM came
+_STOPPING = threading.Event()  # set once SIGTERM (or SIGHUP) came
 
 
 def _terminate(signum, frame):
     _STOPPING.set()
-    raise Interrupted(signum)  # SIGTERM cleans up like Ctrl-C: no partial output
+    raise Interrupted(signum)  # SIGTERM and SIGHUP clean up like Ctrl-C: no partial output
 
 
 def _thread_failed(args) -> None:
@@ -62,7 +62,8 @@ class LazyGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         State.quiet = State.debug = False
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate)
+            for signum in (signal.SIGTERM, signal.SIGHUP):  # (SIGHUP: the terminal or the ssh link went)
+                signal.signal(signum, _terminate)
             threading.excepthook = _thread_failed
         with warnings.catch_warnings():
             # torch/numpy warnings are not ours to show: a report or one error line, nothing else
@@ -92,7 +93,7 @@ def cli():
     """Watermark neural networks and prove ownership later.
 
     Exit codes: 0 success or watermark detected, 1 not detected, 2 bad input,
-    3 internal error (a bug), 130 interrupted.
+    3 internal error (a bug), 129/130/143 interrupted (SIGHUP, Ctrl-C, SIGTERM), 141 stdout closed.
     """
 
 
