@@ -54,6 +54,37 @@ def test_message_round_trips(seeded_run):
         assert int(r["bits"][k * n:(k + 1) * n], 2).to_bytes(len(MESSAGE), "big") == MESSAGE.encode()
 
 
+@pytest.mark.parametrize("carrier", ["zeros", "the same for every input"])
+def test_a_carrier_that_reads_nothing_claims_nothing(seeded_run, tmp_path, carrier):
+    """An innocent hand-built model whose only tensor of the carrier's width is zeros, or the
+    same for every input (no unit to line up), projects every bit to exactly 0. Read as 0, those
+    bits matched the 0 bits of the owner's --message, which are most of a text's bits: 64
+    characters claimed such a model at p = 7e-17. Such a bit now reads nothing and counts as wrong."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    width = 512  # the digits MLP's carrier
+    bias = np.zeros(width, np.float32) if carrier == "zeros" else rng.uniform(0, 1, width).astype(np.float32)
+    graph = h.make_graph(
+        [h.make_node("Flatten", ["input"], ["flat"], axis=1), h.make_node("MatMul", ["flat", "w1"], ["z"]),
+         h.make_node("Add", ["z", "b1"], ["carrier"]), h.make_node("Gemm", ["carrier", "w2", "b2"], ["scores"])],
+        "constant", [h.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [h.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 10])],
+        [nh.from_array(np.zeros((64, width), np.float32), "w1"), nh.from_array(bias, "b1"),
+         nh.from_array(rng.standard_normal((width, 10)).astype(np.float32), "w2"),
+         nh.from_array(rng.standard_normal(10).astype(np.float32), "b2")])
+    path = tmp_path / "constant.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
+    r = hidden(extract(path, seeded_run.keys, code=1))
+    assert not r["detected"] and r["p_value"] > 0.01
+    if carrier == "zeros":  # (the other reads its units as they are: a fair coin, nothing to state)
+        assert r["bit_errors"] == r["n_bits"] and set(r["bits"]) == {"?"}
+
+
 def test_onnx_export_gives_identical_bits(seeded_run):
     from_checkpoint = hidden(extract(seeded_run.marked, seeded_run.keys, code=0))
     from_onnx = hidden(extract(seeded_run.onnx, seeded_run.keys, code=0))

@@ -194,16 +194,21 @@ class HiddenScheme(Scheme):
             return BitsResult("hidden", 1.0, note=why, layer=params["layer"], n_bits=n)
         # every candidate tensor read as it is and (bundles with probes) with its units lined up
         # with the unmarked model's: every reading counted in p
-        readings = [(name, read_bits(acts[: len(tx)], probe, arrays))
+        readings = [(name, projections(acts[: len(tx)], probe, arrays))
                     for name, acts in candidates.items()
                     for probe in ([None] if probes is None else [None, acts[len(tx):]])]
-        errors_of = [int((found != arrays["bits"]).sum()) for _, found in readings]
+        # a bit whose projection is exactly 0 was not read: it counts as wrong (all of them read
+        # as 0 would match the 0 bits of a --message, which are most of a text's bits)
+        errors_of = [int((((proj > 0) != arrays["bits"]) | (proj == 0)).sum()) for _, proj in readings]
         best = int(np.argmin(errors_of))
-        (name, found), errors, tries = readings[best], errors_of[best], len(readings)
+        (name, proj), errors, tries = readings[best], errors_of[best], len(readings)
+        found = (proj > 0).astype(np.uint8)
         message = _majority(found) if params.get("message") else None
         return BitsResult(
             "hidden", stats.bonferroni(stats.bits_p_value(errors, n), tries), layer=params["layer"],
-            n_bits=n, bits="".join(map(str, found.reshape(-1))), bit_errors=errors, ber=errors / n,
+            n_bits=n, bits="".join("?" if v == 0 else str(b) for b, v in zip(found.reshape(-1), proj.reshape(-1),
+                                                                              strict=True)),
+            bit_errors=errors, ber=errors / n,
             tensor=name, candidates=len(candidates), readings=tries,
             aligned=None if probes is None else bool(best % 2),
             message=None if message is None else bits_to_message(message),
@@ -215,8 +220,15 @@ def read_bits(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
               weights: np.ndarray | None = None) -> np.ndarray:
     """The signature, (s, N), from the carrier's activations on the trigger set (and on the
     probes: the units are then lined up with the unmarked model's, each over its own scale, by
-    `weights` when they are already known): the mean at each target class through that class's
-    own columns of A (the line-up is linear, so it is applied to the means)."""
+    `weights` when they are already known): the sign of each bit's projection (`projections`)."""
+    return (projections(trig, probe, arrays, weights) > 0).astype(np.uint8)
+
+
+def projections(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
+                weights: np.ndarray | None = None) -> np.ndarray:
+    """Each bit's projection, (s, N), as `read_bits` reads it: the mean at each target class
+    through that class's own columns of A (the line-up is linear, so it is applied to the means).
+    A projection of exactly 0 (a mean of zeros, or no unit left to line up) reads no bit."""
     ty = arrays["trigger_y"]
     means = np.stack([trig[ty == c].mean(0) for c in arrays["classes"]])
     if probe is not None:
@@ -225,8 +237,7 @@ def read_bits(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
             weights = line_up(arrays["probe_ref"][free], probe[free])
         means = _over_scale(means, unit_rms(probe)) @ weights.T
     n_each = arrays["bits"].shape[1]
-    proj = np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)])
-    return (proj > 0).astype(np.uint8)
+    return np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)])
 
 
 def _free_probes(arrays: dict) -> np.ndarray:
