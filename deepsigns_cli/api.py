@@ -335,8 +335,8 @@ def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
            output: str | None = None, queries: int | None = None) -> Decision:
     """`deepsigns verify`: black-box, only the suspect ONNX model's outputs to the keys.
     `commitment`: the published one; any other bundle is refused. `output`: the graph output
-    to read (None: the first scores or probabilities, else the first labels; the result says
-    which was read). `queries`: the most queries the GradSigns reading may make (None: 1000)."""
+    to read (None: every output that can be read, the best kept and all counted in p; the
+    result says which was read). `queries`: the most queries the GradSigns reading may make (None: 1000)."""
     _check_onnx_path(model)
     reader = _Reader("verify", keys, passphrase, alpha=alpha, commitment=commitment,
                      provider=provider, timeout=timeout, output=output, queries=queries)

@@ -122,6 +122,7 @@ class MatchResult(SchemeResult):
     onnx_seconds: float | None = None
     output: str | None = None  # the model's output the answers were read from
     output_kind: str | None = None  # its kind: scores, probabilities or labels
+    outputs: int = 1  # the model's outputs read, the best kept: all counted in the p-value
 
     def __post_init__(self):
         if not self.labels and self.num_classes >= 2:  # a key's label avoids the unmarked model's
@@ -129,12 +130,13 @@ class MatchResult(SchemeResult):
 
     def apply(self, alpha: float) -> None:
         super().apply(alpha)
-        self.max_mismatches = stats.max_mismatches(self.keys, max(1, self.labels), alpha)
+        self.max_mismatches = stats.max_mismatches(self.keys, max(1, self.labels), alpha / max(1, self.outputs))
 
     def evidence(self) -> tuple[str, str]:
         from .errors import one_line
 
-        read = f" ({self.output_kind} from '{one_line(self.output, 60)}')" if self.output is not None else ""
+        best = f", best of {self.outputs} outputs" if self.outputs > 1 else ""
+        read = f" ({self.output_kind} from '{one_line(self.output, 60)}'{best})" if self.output is not None else ""
         return (f"{self.queries} queries{read}",
                 f"{self.matches}/{self.keys} keys match; {self.mismatches} mismatches "
                 f"(at most {self.max_mismatches} allowed)")
@@ -154,7 +156,8 @@ class GradResult(BitsResult):
 
     def evidence(self) -> tuple[str, str]:
         where, evidence = super().evidence()
-        return f"{self.queries} queries ({self.estimator})", evidence
+        best = f", best of {self.readings} outputs" if self.readings > 1 else ""
+        return f"{self.queries} queries ({self.estimator}{best})", evidence
 
 
 RESULT_KINDS = {"bits": BitsResult, "matches": MatchResult, "gradient": GradResult}

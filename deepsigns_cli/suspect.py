@@ -30,10 +30,16 @@ class Suspect:
     answer_classes: int | None = None  # classes scored by the last answers() (None: it read labels)
     query_budget: int | None = None  # the most queries one black-box reading may make (None: its default)
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
+    def outputs(self) -> list[str | None]:
+        """The outputs a black-box reading reads, one reading each, all counted in the p-value:
+        every usable output of an ONNX model (a thief can put a decoy before the real answer)
+        unless one was chosen; [None], the model's one answer, otherwise."""
+        return [None]
+
+    def scores(self, x: np.ndarray, output: str | None = None) -> np.ndarray:
         raise NotImplementedError
 
-    def answers(self, x: np.ndarray) -> tuple[np.ndarray, str, str]:
+    def answers(self, x: np.ndarray, output: str | None = None) -> tuple[np.ndarray, str, str]:
         """(the predicted label of each input, int64 (n,), -1 for no answer; the output read;
         its kind: scores, probabilities or labels)."""
         raise NotImplementedError
@@ -42,7 +48,7 @@ class Suspect:
         """(candidate name -> (n, width) activations, why there are none when empty)."""
         raise NotImplementedError
 
-    def answer_kind(self) -> str:
+    def answer_kind(self, output: str | None = None) -> str:
         """What the suspect answers with: "scores", "probabilities" or "labels"."""
         return "scores"
 
@@ -72,7 +78,7 @@ class TorchSuspect(Suspect):
                               f"samples of shape {list(x.shape[1:])}: this model cannot be queried with these keys")
         return x
 
-    def scores(self, x):
+    def scores(self, x, output=None):
         from .training import Processes, predict
 
         x = self._fit(x)
@@ -80,7 +86,7 @@ class TorchSuspect(Suspect):
             return Processes.current().share_rows(lambda rows: predict(self.model, rows), x)
         return predict(self.model, x)
 
-    def answers(self, x):
+    def answers(self, x, output=None):
         from .runtime import answers_from_scores
 
         scores = self.scores(x)
@@ -112,16 +118,25 @@ class OnnxSuspect(Suspect):
         if output is not None:
             model.choose_output(output)  # an unknown name fails now, before any query
 
-    def scores(self, x):
-        return self.onnx.scores(x, output=self.output)
+    def outputs(self):
+        if self.output is not None:
+            return [self.output]
+        return [name for name, (kind, _) in self.onnx.outputs.items() if kind] or [None]  # (None: none can be
+        # read, and a reading says why)
 
-    def answers(self, x):
-        got = self.onnx.answers(x, self.output)
+    def _chosen(self, output: str | None) -> str | None:
+        return self.output if output is None else output
+
+    def scores(self, x, output=None):
+        return self.onnx.scores(x, output=self._chosen(output))
+
+    def answers(self, x, output=None):
+        got = self.onnx.answers(x, self._chosen(output))
         self.answer_classes = self.onnx.answer_classes
         return got
 
-    def answer_kind(self):
-        return self.onnx.choose_output(self.output)[1]
+    def answer_kind(self, output=None):
+        return self.onnx.choose_output(self._chosen(output))[1]
 
     def close(self):
         self.onnx.close()

@@ -197,6 +197,28 @@ def test_null_readings_are_fair_coins(digits, tmp_path):
     assert max(p) > 0.5
 
 
+def test_a_decoy_output_before_the_scores_hides_nothing(owners, tmp_path):
+    """Another output of 10 numbers per input, listed first: every output that gives scores is
+    read, the best kept, and the p-value counts both readings."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    run = owners[0]
+    model = onnx.load(run["onnx"])
+    graph, given = model.graph, model.graph.input[0].name
+    graph.initializer.extend([numpy_helper.from_array(np.array([5], np.int64), "d_start"),
+                              numpy_helper.from_array(np.array([15], np.int64), "d_end"),
+                              numpy_helper.from_array(np.array([1], np.int64), "d_axis")])
+    graph.node.extend([helper.make_node("Flatten", [given], ["d_flat"]),
+                       helper.make_node("Slice", ["d_flat", "d_start", "d_end", "d_axis"], ["aux"])])
+    graph.output.insert(0, helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["n", 10]))
+    path = tmp_path / "decoy.onnx"
+    onnx.save(model, path)
+    result = _gradsigns(_verify(run, path))
+    assert result["detected"] and result["bit_errors"] == 0 and result["readings"] == 2
+    assert result["p_value"] == pytest.approx(2 * 2.0**-BITS)
+
+
 # ------------------------------------------------------------------ bad input
 def test_labels_only_suspect_is_refused(owners, tmp_path):
     run = owners[0]

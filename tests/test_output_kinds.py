@@ -64,7 +64,7 @@ class Heads(torch.nn.Module):
 
     def forward(self, x):
         logits = self.model(x)
-        heads = {"labels": logits.argmax(1), "scores": logits}
+        heads = {"labels": logits.argmax(1), "scores": logits, "decoy": x.flatten(1)[:, 10:20] * 3}
         out = tuple(heads[k] for k in self.order)
         return out[0] if len(out) == 1 else out
 
@@ -116,12 +116,23 @@ def test_table_says_which_output_was_read(owner, argmax_onnx):
 # ----------------------------------------------------------------------------- (b) (c) several outputs
 
 
-def test_scores_are_preferred_and_labels_can_be_chosen(owner, two_heads):
+def test_every_output_is_read_and_one_can_be_chosen(owner, two_heads):
     default = verdict(owner, two_heads, code=0)
-    assert (default["output"], default["output_kind"]) == ("logits", "scores")
+    assert (default["output"], default["output_kind"], default["outputs"]) == ("logits", "scores", 2)
     chosen = verdict(owner, two_heads, "--output", "label", code=0)
-    assert (chosen["output"], chosen["output_kind"]) == ("label", "labels")
+    assert (chosen["output"], chosen["output_kind"], chosen["outputs"]) == ("label", "labels", 1)
     assert chosen["matches"] == default["matches"] == len(key_labels(owner))
+    assert default["p_value"] == pytest.approx(2 * chosen["p_value"])  # both readings counted
+
+
+def test_a_decoy_output_before_the_answer_hides_nothing(owner, tmp_path):
+    """A thief adds an output of other scores before the model's own: verify had read the first
+    one (12 of 100 keys) and exited 1. Every output is now read, the best kept, both counted."""
+    decoy = export_heads(owner, tmp_path / "decoy.onnx", ["decoy", "scores"], ["aux", "logits"])
+    out = verdict(owner, decoy, code=0)
+    assert (out["output"], out["outputs"]) == ("logits", 2) and out["matches"] == len(key_labels(owner))
+    alone = verdict(owner, decoy, "--output", "aux", code=1)
+    assert alone["matches"] < len(key_labels(owner)) // 2
 
 
 def test_unknown_output_lists_the_outputs(owner, two_heads):

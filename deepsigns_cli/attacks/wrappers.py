@@ -5,8 +5,8 @@ only). The weights are never touched, so these attacks take and write ONNX only.
 The victim may come from anywhere (a torch export, scikit-learn through skl2onnx, a hostile
 file), so its names are data: every tensor name of its graphs is given a prefix that none of
 the names we keep or add can start with, and our own nodes use another. The output to wrap
-is found as the reader finds it (`runtime.output_kind` on each graph output: the first scores
-or probabilities). skl2onnx's ZipMap output (a sequence of maps) is unwrapped to the
+is the first scores or probabilities output (`runtime.output_kind` on each graph output).
+skl2onnx's ZipMap output (a sequence of maps) is unwrapped to the
 probability tensor the ZipMap node reads, when its classes are 0 .. C-1 in order.
 
 One module serves four registry rows: `ATTACKS` maps each row's name to its class.

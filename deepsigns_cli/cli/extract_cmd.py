@@ -20,7 +20,7 @@ from .common import (
 @click.command("extract")
 @models_option("Suspect: .safetensors, .pt (with --arch) or .onnx.")
 @click.option("--output", "output_name", default=None, metavar="NAME",
-              help="ONNX output to read (default: scores or probabilities if the model has them, else labels).")
+              help="ONNX output to read (default: every output it can, the best kept, each counted in p).")
 @arch_options
 @keys_option
 @commitment_option

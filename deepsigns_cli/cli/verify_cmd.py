@@ -18,7 +18,7 @@ from .common import (
 @click.command("verify")
 @models_option("Suspect ONNX model (only its outputs are used).")
 @click.option("--output", "output_name", default=None, metavar="NAME",
-              help="ONNX output to read (default: scores or probabilities if the model has them, else labels).")
+              help="ONNX output to read (default: every output it can, the best kept, each counted in p).")
 @keys_option
 @commitment_option
 @alpha_option

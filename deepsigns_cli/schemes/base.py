@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from ..suspect import Suspect
     from ..training import Progress, TrainConfig
 
-__all__ = ["Scheme", "get_scheme"]
+__all__ = ["Scheme", "get_scheme", "each_output"]
 
 
 class Scheme:
@@ -78,6 +79,25 @@ class Scheme:
     def read(self, suspect: Suspect, keys: SchemeKeys) -> SchemeResult:
         """The evidence in a suspect (torch or ONNX); alpha is applied by results.decide."""
         raise NotImplementedError
+
+
+def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> list:
+    """read(output) for every output the suspect offers (`Suspect.outputs`): the readings, in
+    order. An output that cannot be read (not class scores, answers NaN, ...) is left out and
+    is no reading, unless no output can be read: then the first one's error stands."""
+    from ..errors import DeepSignsError
+
+    outputs, readings, first = suspect.outputs(), [], None
+    for output in outputs:
+        try:
+            readings.append(read(output))
+        except DeepSignsError as exc:
+            if len(outputs) == 1:
+                raise
+            first = first or exc
+    if not readings:
+        raise first
+    return readings
 
 
 def get_scheme(name: str) -> Scheme:

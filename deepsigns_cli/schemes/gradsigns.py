@@ -31,7 +31,7 @@ from .. import stats
 from ..errors import InputError, SchemeError, shown
 from ..objective import Objective
 from ..results import GradResult, SchemeKeys
-from .base import Scheme
+from .base import Scheme, each_output
 from .signature import bits_to_message, check_message, message_to_bits
 
 __all__ = ["GradSignsScheme", "SCHEME", "DEFAULT_QUERIES"]
@@ -141,25 +141,33 @@ class GradSignsScheme(Scheme):
         exact = suspect.loss_gradient(arrays["x"], target)
         if exact is not None:  # white-box: the exact gradient at every key input
             slopes = exact.reshape(len(exact), -1)[:, arrays["carriers"]] @ _unit_rows(arrays["K"]).T
-            queries, estimator = len(exact), "exact gradients"
-        elif suspect.answer_kind() == "labels":
-            raise SchemeError(f"{shown(suspect.name)} answers with labels only: GradSigns reads its bits from "
-                              "the class scores (or probabilities); query an output that gives them")
-        else:
+            readings, estimator = [(slopes, len(exact), None)], "exact gradients"
+        else:  # every output that gives scores is read (each reading counted in p), the best kept
             budget = suspect.query_budget or DEFAULT_QUERIES
-            slopes, queries = central_differences(suspect, arrays, target, float(params["step"]), budget)
+
+            def one(output):
+                if suspect.answer_kind(output) == "labels":
+                    raise SchemeError(f"{shown(suspect.name)} answers with labels only: GradSigns reads its bits "
+                                      "from the class scores (or probabilities); query an output that gives them")
+                return (*central_differences(suspect, arrays, target, float(params["step"]), budget, output), output)
+
+            readings = each_output(suspect, one)
             estimator = f"central differences along the key's {n} directions"
-        mean = slopes.mean(0)
+
+        def wrong(slopes):
+            mean = slopes.mean(0)
+            return ((mean > 0) != arrays["bits"]) | (mean == 0)  # no difference at all: no reading
+
+        slopes, _, output = min(readings, key=lambda r: int(wrong(r[0]).sum()))
+        mean, errors = slopes.mean(0), int(wrong(slopes).sum())
         found = (mean > 0).astype(np.uint8)
-        wrong = (found != arrays["bits"]) | (mean == 0)  # no difference at all: no reading
-        errors = int(wrong.sum())
         reading = "".join("?" if m == 0 else str(b) for b, m in zip(found, mean, strict=True))
         has_message = bool(params.get("message"))
         return GradResult(
-            "gradsigns", stats.bits_p_value(errors, n), layer="input gradient", n_bits=n, bits=reading,
-            bit_errors=errors, ber=errors / n, candidates=1,
-            message=bits_to_message(found) if has_message else None,
-            message_errors=errors if has_message else None, queries=queries,
+            "gradsigns", stats.bonferroni(stats.bits_p_value(errors, n), len(readings)), layer="input gradient",
+            n_bits=n, bits=reading, bit_errors=errors, ber=errors / n, tensor=output, candidates=len(readings),
+            readings=len(readings), message=bits_to_message(found) if has_message else None,
+            message_errors=errors if has_message else None, queries=sum(r[1] for r in readings),
             key_inputs=len(slopes), estimator=estimator,
             onnx_seconds=time.perf_counter() - start if exact is None else None,
         )
@@ -207,10 +215,11 @@ def cross_entropy(scores: np.ndarray, target: int) -> np.ndarray:
     return np.log(np.exp(z).sum(1)) - z[:, target]
 
 
-def central_differences(suspect, arrays: dict, target: int, step: float, budget: int) -> tuple[np.ndarray, int]:
+def central_differences(suspect, arrays: dict, target: int, step: float, budget: int,
+                        output: str | None = None) -> tuple[np.ndarray, int]:
     """(the slope of the cross-entropy along each of K's rows at each key input read, (S, N);
     the queries made): 2 queries per bit and key input, as many key inputs as the budget
-    allows, all in one batch."""
+    allows, all in one batch, read from the suspect's `output` (None: its answer)."""
     x, K, carriers = arrays["x"], arrays["K"], arrays["carriers"]
     n = len(K)
     if budget < 2 * n:
@@ -221,7 +230,7 @@ def central_differences(suspect, arrays: dict, target: int, step: float, budget:
     dirs = np.zeros((n, flat.shape[1]), np.float32)
     dirs[:, carriers] = _unit_rows(K) * step
     batch = np.concatenate([flat[:, None, :] + dirs[None], flat[:, None, :] - dirs[None]], axis=1)
-    scores = suspect.scores(batch.reshape(s * 2 * n, *x.shape[1:]))
+    scores = suspect.scores(batch.reshape(s * 2 * n, *x.shape[1:]), output)
     if scores.ndim != 2 or target >= scores.shape[1]:
         raise InputError(f"the suspect gives {scores.shape[-1] if scores.ndim else 0} scores per input, the "
                          f"GradSigns keys need class {target}: not the model the keys were made for")
