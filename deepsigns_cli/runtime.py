@@ -451,15 +451,18 @@ class _Evaluator:
         self.sessions[extra] = session
         return session
 
-    def run(self, names: list[str], extra: bool, x: np.ndarray, step: int,
-            batch: int | None, width: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    def run(self, names: list[str], extra: bool, x: np.ndarray, step: int, batch: int | None,
+            width: int | None = None, units: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Outputs `names` for inputs x, fed `step` at a time (padded to `batch` when the
         model's batch is fixed): (usable arrays (n, ...), why the others are not). With
-        `width`, only tensors of that many values per sample are kept (and sent back)."""
+        `width`, only tensors of that many values per sample are kept (and sent back); with
+        `units`, float tensors in the order of `names` while their values per sample add up to
+        at most that many. Tensors of the graph (`extra`) may hold the batch on another axis
+        (a graph that computes (units, batch)): it is moved first when exactly one axis fits."""
         session = self._session(tuple(names) if extra else ())
         parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
         problems: dict[str, str] = {}
-        total = 0
+        total, taken = 0, 0
         try:
             for start in range(0, len(x), step):
                 chunk = x[start : start + step]
@@ -476,11 +479,21 @@ class _Evaluator:
                             problems[name] = value
                             parts[name] = []
                             continue
+                    if extra and isinstance(value, np.ndarray) and value.ndim > 1 and value.shape[0] != len(chunk):
+                        axes = [i for i, d in enumerate(value.shape) if d == len(chunk)]
+                        if len(axes) == 1:
+                            value = np.moveaxis(value, axes[0], 0)
                     problem = _output_problem(value, len(chunk))
                     if problem is None and parts[name] and value.shape[1:] != parts[name][0].shape[1:]:
                         problem = "changes shape from one batch of inputs to the next"
                     if problem is None and width is not None and math.prod(value.shape[1:]) != width:
                         problem = f"has {math.prod(value.shape[1:])} values per sample, not {width}"
+                    if problem is None and units is not None and not parts[name]:  # (decided on the first batch)
+                        size = math.prod(value.shape[1:])
+                        if value.dtype.kind != "f" or taken + size > units:
+                            problem = f"is not among the first {units} float values per sample"
+                        else:
+                            taken += size
                     if problem is not None:
                         problems[name] = problem
                         parts[name] = []
@@ -717,7 +730,7 @@ def _serve(evaluator: _Evaluator, rfd: int, wfd: int) -> None:
             limited = True
         try:
             out, problems = evaluator.run(header["names"], header["extra"], arrays[0],
-                                          header["step"], header["batch"], header.get("width"))
+                                          header["step"], header["batch"], header.get("width"), header.get("units"))
             names = list(out)
             reply = _pack({"ok": True, "names": names, "problems": problems}, [out[n] for n in names])
         except _Failure as failure:
@@ -975,15 +988,15 @@ class OnnxModel:
 
     # ------------------------------------------------------------------ evaluation
     def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int,
-               width: int | None = None) -> tuple[dict, dict]:
-        """Run the model on x for outputs `names` (with `width`: only those of that many values
-        per sample): (arrays (n, ...), why others are unusable)."""
+               width: int | None = None, units: int | None = None) -> tuple[dict, dict]:
+        """Run the model on x for outputs `names` (with `width` or `units`: only those
+        `_Evaluator.run` keeps): (arrays (n, ...), why others are unusable)."""
         if len(x) == 0:
             raise InputError("no samples to query the model with")
         batch = self._batch()
         x = self._feed(x)
         header = {"names": names, "extra": extra, "step": batch or max(1, step), "batch": batch,
-                  "width": width}
+                  "width": width, "units": units}
         if self._broken is not None:
             raise OnnxError(self._broken)
         start = time.monotonic()
@@ -1044,7 +1057,7 @@ class OnnxModel:
             timer.start()
         try:
             out, problems = evaluator.run(header["names"], header["extra"], x, header["step"], header["batch"],
-                                          header.get("width"))
+                                          header.get("width"), header.get("units"))
         except _Failure as failure:
             if self._left is not None and time.monotonic() - start >= self._left:
                 self._broken = str(self._timed_out())
@@ -1178,15 +1191,18 @@ class OnnxModel:
             return value, name, kind
         return answers_from_scores(value), name, kind
 
-    def intermediates(self, x: np.ndarray, width: int | None = None) -> dict[str, np.ndarray]:
+    def intermediates(self, x: np.ndarray, width: int | None = None,
+                      units: int | None = None) -> dict[str, np.ndarray]:
         """Every tensor the graph computes (graph outputs included; with `width`, only those of
-        that many values per sample) for inputs x, flattened per sample. Names are not looked
-        at: a suspect's names are data, and a hostile file can point any name anywhere."""
+        that many values per sample; with `units`, those in the graph's order while they hold
+        at most that many in all) for inputs x, flattened per sample, in the graph's order.
+        Names are not looked at: a suspect's names are data, and a hostile file can point any
+        name anywhere."""
         produced = [o for n in self.proto.graph.node for o in n.output if o and isinstance(o, str)]
         wanted = list(dict.fromkeys(produced))
         if not wanted:  # (session.run with no names would return every graph output instead)
             return {}
-        out, _ = self._query(wanted, True, x, max(1, len(x)), width)
+        out, _ = self._query(wanted, True, x, max(1, len(x)), width, units)
         return {name: value.reshape(len(x), -1) for name, value in out.items()
                 if name in wanted and np.issubdtype(value.dtype, np.floating)
                 and value.ndim >= 1 and value.shape[0] == len(x)}

@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 
     from .runtime import OnnxModel
 
-__all__ = ["Suspect", "TorchSuspect", "OnnxSuspect", "open_suspect"]
+__all__ = ["Suspect", "TorchSuspect", "OnnxSuspect", "open_suspect", "MAX_UNITS"]
+
+# the units of an ONNX graph read side by side (`Suspect.units`), in the graph's order: with
+# the keys' 448 inputs, 56 MiB of activations and a line-up of 512 x 32768
+MAX_UNITS = 1 << 15
 
 
 class Suspect:
@@ -47,6 +51,12 @@ class Suspect:
     def carriers(self, x: np.ndarray, layer: str, width: int) -> tuple[dict[str, np.ndarray], str]:
         """(candidate name -> (n, width) activations, why there are none when empty)."""
         raise NotImplementedError
+
+    def units(self, x: np.ndarray) -> np.ndarray | None:
+        """Every unit the model computes for inputs x, side by side (n, U), where the carrier
+        may have been rebuilt (an ONNX graph: padded, split, laid out otherwise); None where the
+        carrier is known (a checkpoint's layer) or nothing is found."""
+        return None
 
     def answer_kind(self, output: str | None = None) -> str:
         """What the suspect answers with: "scores", "probabilities" or "labels"."""
@@ -146,6 +156,10 @@ class OnnxSuspect(Suspect):
         # can give the carrier's name to a decoy); the read-out counts the candidates in p
         found = self.onnx.intermediates(x, width)
         return found, ("" if found else f"no tensor of width {width} in this model: not our architecture")
+
+    def units(self, x):
+        found = self.onnx.intermediates(x, units=MAX_UNITS)
+        return np.concatenate(list(found.values()), axis=1) if found else None
 
 
 def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None = None,

@@ -68,6 +68,75 @@ def test_an_unrelated_permuted_model_is_not_claimed(marked_runs, tmp_path):
         assert not r["detected"] and r["bit_errors"] > r["max_bit_errors"] + 20
 
 
+def _rebuilt(marked_path, how: str, path):
+    """The marked MLP as an ONNX graph built by hand that computes what it computes, with its
+    carrier (fc2's output) rebuilt as a thief may: padded with a dead unit, computed as two
+    halves, or laid out as (units, batch)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    w = {k: v.numpy() for k, v in load_checkpoint(marked_path)[0].state_dict().items()}
+    w1, b1, w2, b2, w3, b3 = (w[f"{layer}.{p}"] for layer in ("fc1", "fc2", "head") for p in ("weight", "bias"))
+    inits = {"w1": w1, "b1": b1, "b3": b3}
+    nodes = [h.make_node("Flatten", ["input"], ["flat"], axis=1)]
+    if how == "padded":  # a 513th unit that nothing reads
+        inits.update(w2=np.concatenate([w2, np.zeros((1, 512), np.float32)]), b2=np.append(b2, 0).astype(np.float32),
+                     w3=np.concatenate([w3, np.zeros((10, 1), np.float32)], 1))
+        how_nodes = [h.make_node("Gemm", ["h1", "w2", "b2"], ["z2"], transB=1), h.make_node("Relu", ["z2"], ["h2"]),
+                     h.make_node("Gemm", ["h2", "w3", "b3"], ["logits"], transB=1)]
+    elif how == "halves":  # 256 units twice, the head a sum of two products
+        how_nodes = []
+        for k, part in enumerate((slice(0, 256), slice(256, 512))):
+            inits.update({f"w2{k}": w2[part], f"b2{k}": b2[part], f"w3{k}": np.ascontiguousarray(w3[:, part].T)})
+            how_nodes += [h.make_node("Gemm", ["h1", f"w2{k}", f"b2{k}"], [f"z2{k}"], transB=1),
+                          h.make_node("Relu", [f"z2{k}"], [f"h2{k}"]),
+                          h.make_node("MatMul", [f"h2{k}", f"w3{k}"], [f"o{k}"])]
+        how_nodes += [h.make_node("Add", ["o0", "o1"], ["s"]), h.make_node("Add", ["s", "b3"], ["logits"])]
+    else:  # "transposed": every hidden tensor (units, batch)
+        inits.update(w2=w2, b2=b2[:, None], w3=np.ascontiguousarray(w3.T))
+        how_nodes = [h.make_node("Gemm", ["w2", "h1", "b2"], ["z2"]), h.make_node("Relu", ["z2"], ["h2"]),
+                     h.make_node("Gemm", ["h2", "w3", "b3"], ["logits"], transA=1)]
+    first = ([h.make_node("Gemm", ["w1", "flat", "b1"], ["z1"], transB=1)] if how == "transposed" else
+             [h.make_node("Gemm", ["flat", "w1", "b1"], ["z1"], transB=1)])
+    if how == "transposed":
+        inits["b1"] = b1[:, None]
+    graph = h.make_graph(nodes + first + [h.make_node("Relu", ["z1"], ["h1"])] + how_nodes, how,
+                         [h.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+                         [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                         [nh.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["padded", "halves", "transposed"])
+def test_a_carrier_rebuilt_in_the_graph_is_still_read(marked_runs, tmp_path, how):
+    """Graph surgery that keeps the function but leaves no tensor of the carrier's width with
+    the batch first had hidden the mark (90 of 192 bits wrong, or no carrier at all): the
+    batch axis is now found wherever it is, and one more reading lines every unit of the
+    graph up with ours at once. Three seeds; an unmarked model rebuilt so is not claimed."""
+    import numpy as np
+    import onnxruntime as ort
+
+    for seed in SEEDS:
+        run = marked_runs(seed)
+        for model, marked in ((run.marked, True), (run.base, False)):
+            path = _rebuilt(model, how, tmp_path / f"{how}-{seed}-{marked}.onnx")
+            if marked:  # the same function as the marked model's own export
+                x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+                got, want = (ort.InferenceSession(str(p)).run(None, {"input": x})[0] for p in (path, run.onnx))
+                np.testing.assert_allclose(got, want, atol=1e-4)
+            r = hidden(run_json("extract", "--model", path, "--keys", run.keys, code=0 if marked else 1))
+            if marked:
+                assert r["detected"] and r["bit_errors"] <= r["max_bit_errors"] // 2, r
+            else:
+                assert not r["detected"] and r["bit_errors"] > r["max_bit_errors"] + 20, r
+
+
 # ---------------------------------------------------------------------------- the sweep
 
 

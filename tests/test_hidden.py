@@ -81,8 +81,17 @@ def test_a_carrier_that_reads_nothing_claims_nothing(seeded_run, tmp_path, carri
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
     r = hidden(extract(path, seeded_run.keys, code=1))
     assert not r["detected"] and r["p_value"] > 0.01
-    if carrier == "zeros":  # (the other reads its units as they are: a fair coin, nothing to state)
-        assert r["bit_errors"] == r["n_bits"] and set(r["bits"]) == {"?"}
+    if carrier == "zeros":  # the carrier's own reading, alone (the file's other units read as a fair coin)
+        from deepsigns_cli.bundle import open_bundle
+        from deepsigns_cli.schemes.hidden import HiddenScheme
+        from deepsigns_cli.suspect import Suspect
+
+        class Zeros(Suspect):
+            def carriers(self, x, layer, width):
+                return {"carrier": np.zeros((len(x), width), np.float32)}, ""
+
+        alone = HiddenScheme().read(Zeros(), open_bundle(seeded_run.keys, PASSPHRASE).schemes["hidden"])
+        assert alone.bit_errors == alone.n_bits and set(alone.bits) == {"?"} and alone.p_value == 1.0
 
 
 def test_onnx_export_gives_identical_bits(seeded_run):
@@ -163,7 +172,8 @@ def test_cnn_onnx_with_mlp_keys_is_not_detected(marked, cnn):
     r = hidden(report)
     assert report["detected"] is False and r["detected"] is False
     assert r["candidates"] == 0  # no tensor of the carrier's width in a CNN
-    assert r["p_value"] == 1.0
+    assert r["readings"] == 1 and r["tensor"] == "every unit"  # its units, lined up with ours: chance
+    assert r["bit_errors"] > r["max_bit_errors"] + 20 and r["p_value"] > 1e-3
 
 
 def test_cnn_checkpoint_with_mlp_keys_is_not_claimed(marked, cnn):

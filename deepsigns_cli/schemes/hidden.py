@@ -59,6 +59,7 @@ DEFAULTS = {
 HOST_DEVICES = {"cpu"}
 ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apart weigh e^3 apart
 _DEAD = 1e-6  # a unit whose scale is below this is off: it carries nothing
+EVERY_UNIT = "every unit"  # the reading of all the units an ONNX graph computes, lined up at once
 # the pin's weight, as a share of lambda3, while the objective only keeps a mark embedded before
 # (another scheme embeds; keys since own_rows): held as hard as while the mark went in, it left
 # the output mark learnt meanwhile weaker against fine-tuning (29-56 keys of 100 left after the
@@ -189,19 +190,23 @@ class HiddenScheme(Scheme):
         probes = arrays.get("probe_x") if "probe_ref" in arrays else None
         x = tx if probes is None else np.concatenate([tx, probes.astype(tx.dtype)])
         candidates, why = suspect.carriers(x, params["layer"], int(params["width"]))
-        if not candidates:
-            # another architecture, so not ours: no bit counts (not "every bit wrong"), p = 1
-            return BitsResult("hidden", 1.0, note=why, layer=params["layer"], n_bits=n)
         # every candidate tensor read as it is and (bundles with probes) with its units lined up
         # with the unmarked model's: every reading counted in p
-        readings = [(name, projections(acts[: len(tx)], probe, arrays))
+        readings = [(name, projections(acts[: len(tx)], probe, arrays), probe is not None)
                     for name, acts in candidates.items()
                     for probe in ([None] if probes is None else [None, acts[len(tx):]])]
+        every = None if probes is None else suspect.units(x)
+        if every is not None:  # one more: every unit the graph computes, lined up with ours at once
+            # (a carrier padded with units, split in parts or otherwise rebuilt still lines up)
+            readings.append((EVERY_UNIT, projections(every[: len(tx)], every[len(tx):], arrays), True))
+        if not readings:
+            # another architecture, so not ours: no bit counts (not "every bit wrong"), p = 1
+            return BitsResult("hidden", 1.0, note=why, layer=params["layer"], n_bits=n)
         # a bit whose projection is exactly 0 was not read: it counts as wrong (all of them read
         # as 0 would match the 0 bits of a --message, which are most of a text's bits)
-        errors_of = [int((((proj > 0) != arrays["bits"]) | (proj == 0)).sum()) for _, proj in readings]
+        errors_of = [int((((proj > 0) != arrays["bits"]) | (proj == 0)).sum()) for _, proj, _ in readings]
         best = int(np.argmin(errors_of))
-        (name, proj), errors, tries = readings[best], errors_of[best], len(readings)
+        (name, proj, lined), errors, tries = readings[best], errors_of[best], len(readings)
         found = (proj > 0).astype(np.uint8)
         message = _majority(found) if params.get("message") else None
         return BitsResult(
@@ -210,7 +215,7 @@ class HiddenScheme(Scheme):
                                                                               strict=True)),
             bit_errors=errors, ber=errors / n,
             tensor=name, candidates=len(candidates), readings=tries,
-            aligned=None if probes is None else bool(best % 2),
+            aligned=None if probes is None else lined,
             message=None if message is None else bits_to_message(message),
             message_errors=None if message is None else int((message != arrays["bits"][0]).sum()),
         )
