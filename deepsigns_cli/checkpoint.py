@@ -416,23 +416,26 @@ def export_onnx(
     layers, the exporter's own producer name. Nothing in it tells a thief where a watermark
     sits or that there is one; `extract` finds the carrier among all tensors of its width.
     """
+    import io
+
     import onnx
 
     model = model.cpu().eval()
     example = torch.zeros(2, *info.input_shape)
+    exported = io.BytesIO()  # (the exporter takes only a name it can encode as UTF-8: Python writes the file)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             (example,),
-            str(path),  # written as it is: callers give a temporary file of fileio.Outputs
+            exported,
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-        proto = onnx.load(str(path))
+        proto = onnx.load_from_string(exported.getvalue())
         onnx.checker.check_model(proto, full_check=True)
         parity, largest = _parity(model, proto, info, check_inputs)
         allowed = atol + rtol * largest
@@ -441,6 +444,7 @@ def export_onnx(
                 f"ONNX export differs from torch by {parity:.2e} (> {allowed:.2e}, for outputs up to "
                 f"{largest:.2e}): this architecture uses an operation the exporter does not reproduce; report it"
             )
+    Path(path).write_bytes(exported.getvalue())  # written as it is: callers give a temporary file of fileio.Outputs
     return {"max_abs_diff": parity, "opset": ONNX_OPSET}
 
 

@@ -21,6 +21,7 @@ Failure modes, stated:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import tempfile
@@ -175,6 +176,48 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
+_TEMP_NAME = 200  # at most this much of an output's name starts its temporary file's (of 255 a name may have)
+# what the machine, not deepsigns, makes a write fail with: (errno, its text as libraries quote it)
+_MACHINE = [(errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+            (errno.EFBIG, "File too large"), (errno.EROFS, "Read-only file system")]
+
+
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}  # (a file system's refusal)
+
+
+def _place(tmp: Path, target: Path) -> None:
+    """Put tmp at target, which was not there when the command began: never over a file that
+    another command wrote there meanwhile (a hard link fails where a name is taken; a file
+    system without hard links gets a rename after one more look)."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass --force "
+                                "to replace it, or choose another path") from None
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        if os.path.lexists(target):
+            raise OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass "
+                                    "--force to replace it, or choose another path") from None
+        os.replace(tmp, target)
+
+
+def _write_failure(exc: BaseException, entries) -> InputError | None:
+    """One line for a failure to write the outputs that the machine caused (a full disk, a
+    file-size limit, a folder removed meanwhile), which is no bug of ours; None for any other."""
+    gone = next((tmp.parent for _, tmp, _, _ in entries if not tmp.parent.is_dir()), None)
+    if gone is not None:
+        return InputError(f"folder {shown(gone)} was removed while the command ran: nothing was written; "
+                          "create it and run the command again")
+    code, text = getattr(exc, "errno", None), str(exc)
+    reason = next((why for number, why in _MACHINE if code == number or why in text), None)
+    if reason is None:
+        return None
+    return InputError(f"cannot write the outputs ({reason}): nothing was written; free some space, raise the "
+                      "limit or choose a folder on another disk, then run the command again")
+
+
 #: the name's ending of each kind of model file a command writes
 MODEL_SUFFIXES = {"checkpoint": ".safetensors", "onnx": ".onnx"}
 
@@ -188,7 +231,8 @@ class Outputs:
         # private scratch files, removed at the end
         self.write = is_main_process()
         self.inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
-        self._entries: list[tuple[Path, Path, int | None]] = []  # (target, temp, mode)
+        # (target, temp, mode, whether it was not there: then it must not be by the commit either)
+        self._entries: list[tuple[Path, Path, int | None, bool]] = []
         self._locks: list[_Lock] = []
         self._scratch: list[Path] = []
 
@@ -200,25 +244,26 @@ class Outputs:
         `model`: the output is a model of this kind ("checkpoint" or "onnx"), whose name must
         end as every command that reads it expects (a kind is told by the name)."""
         target = check_output(path, self.force, inputs=self.inputs, option=option, update=update)
+        for other, _, _, _ in self._entries:
+            if other.resolve() == target.resolve():
+                raise InputError(f"{shown(target)} is given for two outputs: choose another {option}")
         if model is not None and target.suffix.lower() != MODEL_SUFFIXES[model]:
             raise InputError(f"{option} {shown(path)} must end in {MODEL_SUFFIXES[model]}: deepsigns tells an ONNX "
                              "model from a checkpoint by its name")
         if not self.write:
             return self.scratch(target.suffix)
-        for other, _, _ in self._entries:
-            if other.resolve() == target.resolve():
-                raise InputError(f"{shown(target)} is given for two outputs: choose another {option}")
+        fresh = not (target.exists() or target.is_symlink())  # (then it stays so: another command's is not replaced)
         if target.exists():
             self._locks.append(_Lock(target, option))
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        try:  # (the name cut short: a legal long name leaves room for the temporary's ends)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:_TEMP_NAME]}.", suffix=".part", dir=target.parent)
             os.close(fd)
         except (OSError, ValueError) as exc:
             raise InputError(
                 f"cannot write in folder {shown(target.parent)} ({getattr(exc, 'strerror', None) or exc}): choose "
                 f"another {option} in a folder you can write"
             ) from None
-        self._entries.append((target, Path(tmp), mode))
+        self._entries.append((target, Path(tmp), mode, fresh and not self.force))
         return Path(tmp)
 
     def scratch(self, suffix: str = "") -> Path:
@@ -229,7 +274,7 @@ class Outputs:
         return Path(tmp)
 
     def discard(self) -> None:
-        for _, tmp, _ in self._entries:
+        for _, tmp, _, _ in self._entries:
             tmp.unlink(missing_ok=True)
         self._release()
 
@@ -243,13 +288,20 @@ class Outputs:
         written: list[str] = []
         with held_signals() as came:
             try:
-                for target, tmp, mode in self._entries:
+                for target, tmp, mode, fresh in self._entries:
                     # temp files are 0600; outputs get the usual mode unless asked otherwise
                     os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
-                    os.replace(tmp, target)
+                    if fresh:
+                        try:
+                            _place(tmp, target)
+                        except OutputExistsError as exc:
+                            done = f" ({', '.join(map(shown, written))} written before it)" if written else ""
+                            raise OutputExistsError(f"{exc}{done}") from None
+                    else:
+                        os.replace(tmp, target)
                     written.append(str(target))
             finally:
-                for _, tmp, _ in self._entries:
+                for _, tmp, _, _ in self._entries:
                     tmp.unlink(missing_ok=True)  # what is left after a failed rename
                 self._entries.clear()
                 self._release()
@@ -263,9 +315,17 @@ class Outputs:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self.commit()
+                entries = list(self._entries)
+                try:
+                    self.commit()
+                except OSError as failure:
+                    raise _write_failure(failure, entries) or failure from None
             else:  # KeyboardInterrupt included: never leave a partial file
+                entries = list(self._entries)
                 self.discard()
+                failure = _write_failure(exc, entries) if isinstance(exc, Exception) else None
+                if failure is not None:
+                    raise failure from None
         finally:
             for path in self._scratch:
                 path.unlink(missing_ok=True)

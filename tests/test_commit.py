@@ -5,6 +5,7 @@ being updated is locked."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -27,7 +28,7 @@ from helpers import (
 from test_errors import snapshot
 
 from deepsigns_cli import api, fileio
-from deepsigns_cli.errors import InputError, Interrupted
+from deepsigns_cli.errors import InputError, Interrupted, OutputExistsError
 
 
 @pytest.fixture
@@ -132,16 +133,18 @@ def test_the_bundle_is_committed_first(tmp_path, owner, monkeypatch):
     """A rename that fails mid-commit leaves the bundle (the proof) written, never a marked
     model without its keys."""
     base, keys = owner
-    real = os.replace
     seen = []
 
-    def replace(src, dst):
-        seen.append(Path(dst).name)
-        if Path(dst).suffix == ".safetensors":
-            raise OSError(5, "Input/output error")
-        return real(src, dst)
+    def failing(real):  # (the bundle is replaced; the new model linked into place)
+        def place(src, dst):
+            seen.append(Path(dst).name)
+            if Path(dst).suffix == ".safetensors":
+                raise OSError(5, "Input/output error")
+            return real(src, dst)
+        return place
 
-    monkeypatch.setattr(fileio.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "replace", failing(os.replace))
+    monkeypatch.setattr(fileio.os, "link", failing(os.link))
     with pytest.raises(OSError):
         api.embed(base, keys, PASSPHRASE, tmp_path / "m.safetensors", epochs=1, device="cpu")
     assert seen == ["k.dskey", "m.safetensors"]
@@ -165,18 +168,67 @@ def test_signals_are_held_during_the_commit(tmp_path, monkeypatch):
     outs = fileio.Outputs(force=False)
     a, b = outs.add(tmp_path / "a.bin"), outs.add(tmp_path / "b.bin")
     a.write_bytes(b"a"), b.write_bytes(b"b")
-    real = os.replace
+    real = os.link  # (new outputs are linked into place: never over another command's file)
 
-    def replace(src, dst):
+    def link(src, dst):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the commit
         return real(src, dst)
 
-    monkeypatch.setattr(fileio.os, "replace", replace)
+    monkeypatch.setattr(fileio.os, "link", link)
     with pytest.raises(Interrupted) as caught:
         outs.commit()
     assert caught.value.written == (str(tmp_path / "a.bin"), str(tmp_path / "b.bin"))
     assert (tmp_path / "a.bin").read_bytes() == b"a" and (tmp_path / "b.bin").read_bytes() == b"b"
     assert partial_files(tmp_path) == []
+
+
+def test_a_file_another_command_wrote_meanwhile_is_not_replaced(tmp_path):
+    """Two commands with one --out, neither with --force: both had passed the check at their
+    start, and the later one replaced the earlier one's file (two keygens each printed a
+    commitment, one of which matched no file)."""
+    with pytest.raises(OutputExistsError, match="written by another command while this one ran"):
+        with fileio.Outputs(force=False) as outs:
+            outs.add(tmp_path / "k.dskey").write_bytes(b"mine")
+            (tmp_path / "k.dskey").write_bytes(b"theirs")  # the other command commits first
+    assert (tmp_path / "k.dskey").read_bytes() == b"theirs" and partial_files(tmp_path) == []
+    with fileio.Outputs(force=True) as outs:  # --force: replacing is what was asked
+        outs.add(tmp_path / "m.bin").write_bytes(b"mine")
+        (tmp_path / "m.bin").write_bytes(b"theirs")
+    assert (tmp_path / "m.bin").read_bytes() == b"mine"
+
+
+def test_a_folder_removed_meanwhile_is_one_line(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(InputError, match="was removed while the command ran"):
+        with fileio.Outputs(force=False) as outs:
+            outs.add(folder / "m.safetensors")
+            folder.joinpath(".keep").write_bytes(b"")
+            shutil.rmtree(folder)
+            raise FileNotFoundError(2, "No such file or directory")  # as the writer meets it
+
+
+def test_a_full_disk_is_one_line_and_exit_2(marked, tmp_path):
+    """A file-size limit (a full disk reads the same): 'a bug in deepsigns', exit 3, before."""
+    import resource
+
+    def small():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run([*deepsigns_argv(), "export", str(marked.marked), "--out", str(tmp_path / "m.onnx")],
+                          env={**os.environ, **ENV}, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          preexec_fn=small, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "cannot write the outputs", "File too large")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_legal_name_is_written(tmp_path):
+    """A 245-character name: its temporary file's name had been too long for the file system."""
+    name = "m" * 233 + ".safetensors"
+    with fileio.Outputs(force=False) as outs:
+        outs.add(tmp_path / name).write_bytes(b"x")
+    assert (tmp_path / name).read_bytes() == b"x"
 
 
 def test_an_output_whose_parent_is_a_file(tmp_path):
