@@ -214,6 +214,20 @@ def test_models_are_written_under_names_that_tell_their_kind(marked, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.dskey"]
 
 
+def test_an_onnx_name_that_is_not_utf8_is_written(marked, tmp_path):
+    """The exporter takes only names it can encode as UTF-8: such a name had passed every check
+    and failed after the work (exit 3; for embed --onnx, after the whole embedding)."""
+    import subprocess
+
+    from helpers import deepsigns_argv, process_env
+
+    out = os.fsencode(tmp_path) + b"/\xff.onnx"
+    proc = subprocess.run([*map(os.fsencode, deepsigns_argv()), b"export", os.fsencode(marked.marked), b"--out", out],
+                          env=process_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert onnx.load(os.fsdecode(out)).graph.output[0].name == "logits"
+
+
 def test_export_report_and_inspect(marked, tmp_path):
     out = tmp_path / "again.onnx"
     report = run_json("export", marked.marked, "--data", "digits", "--out", out)
