@@ -238,6 +238,37 @@ def test_missing_passphrase_file(tmp_path, marked):
                                               tmp_path / "pw.txt"), "pw.txt", "--passphrase-file")
 
 
+@pytest.mark.parametrize("kind", ["a folder", "a FIFO", "a huge file"])
+def test_a_passphrase_file_that_is_no_such_file(tmp_path, marked, kind):
+    """A folder or a FIFO had been reported as 'not found'; a 2 GiB file was read whole (6 GB of
+    memory, then an internal error)."""
+    import tempfile
+
+    case = Case(tmp_path, marked)
+    with tempfile.TemporaryDirectory() as elsewhere:  # (not in tmp_path, whose files the check reads)
+        pw = Path(elsewhere) / "pw"
+        if kind == "a folder":
+            pw.mkdir()
+        elif kind == "a FIFO":
+            os.mkfifo(pw)
+        else:
+            with pw.open("wb") as f:  # (sparse: it costs nothing on disk)
+                f.truncate(2**31)
+        needle = {"a folder": "not a regular file", "a FIFO": "not a regular file", "a huge file": "64 KiB"}[kind]
+        check_bad_input(tmp_path, case.with_model("extract", case.base, "--passphrase-file", pw),
+                        "pw", needle, "--passphrase-file", env={"DEEPSIGNS_PASSPHRASE": None})
+
+
+def test_no_passphrase_with_stdin_closed(tmp_path, marked):
+    """No passphrase and no stdin at all (Python's sys.stdin is None): exit 3 before."""
+    case = Case(tmp_path, marked)
+    proc = subprocess.run([*deepsigns_argv(), *map(str, case.with_model("extract", case.base))],
+                          env={k: v for k, v in {**os.environ, **ENV}.items() if k != "DEEPSIGNS_PASSPHRASE"},
+                          capture_output=True, text=True, preexec_fn=lambda: os.close(0), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "no passphrase")
+
+
 def _header_offsets(path: Path) -> dict[str, int]:
     """Byte offsets (in the sealed file) of places inside the public header."""
     data = path.read_bytes()

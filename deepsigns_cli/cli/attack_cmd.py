@@ -43,7 +43,8 @@ def _attack_command(name: str) -> click.Command:
 
     def run(model_path, arch, arch_kwargs, data_spec, out, force, device, seed, json_, sweep, keys_path,
             passphrase_file, alpha, plot, timeout, attacker_passphrase_file=None, **options):
-        attacker = passphrase_from(attacker_passphrase_file, confirm=True) if entry.passphrase else None
+        attacker = passphrase_from(attacker_passphrase_file, confirm=True,
+                                   option="--attacker-passphrase-file") if entry.passphrase else None
         kwargs = dict(data=data_spec, options=options, seed=seed or 0, device=device, arch=arch,
                       arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force, timeout=timeout)
         if sweep is None:

@@ -247,24 +247,35 @@ def parse_arch_kwargs(text: str | None) -> dict | None:
 # ------------------------------------------------------------------ passphrases
 
 
-def passphrase_from(passphrase_file: str | None, *, confirm: bool = False):
+MAX_PASSPHRASE_BYTES = 1 << 16  # a passphrase file holds a line or a few, not gigabytes
+
+
+def passphrase_from(passphrase_file: str | None, *, confirm: bool = False, option: str = "--passphrase-file"):
     """The passphrase, resolved when the api asks (after its cheap checks have passed)."""
-    return lambda: get_passphrase(passphrase_file, confirm=confirm)
+    return lambda: get_passphrase(passphrase_file, confirm=confirm, option=option)
 
 
-def get_passphrase(passphrase_file: str | None, *, confirm: bool = False) -> str:
+def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option: str = "--passphrase-file") -> str:
     if passphrase_file:
         path = Path(passphrase_file)
         try:
+            if not path.exists():
+                raise InputError(f"passphrase file not found: {shown(path)}: check {option}")
             if not path.is_file():
-                raise InputError(f"passphrase file not found: {shown(path)}: check --passphrase-file")
-            text = path.read_text(encoding="utf-8").rstrip("\r\n")
+                raise InputError(f"passphrase file {shown(path)} is not a regular file (a folder, a device or a FIFO): "
+                                 f"check {option}")
+            with path.open("rb") as f:  # (at most a little more than any passphrase file holds)
+                data = f.read(MAX_PASSPHRASE_BYTES + 1)
+            if len(data) > MAX_PASSPHRASE_BYTES:
+                raise InputError(f"passphrase file {shown(path)} holds more than {MAX_PASSPHRASE_BYTES >> 10} KiB: "
+                                 f"it is not a passphrase file; check {option}")
+            text = data.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
             raise InputError(f"passphrase file {shown(path)} is not UTF-8 text: write the passphrase "
                              "into it as text") from None
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read passphrase file {shown(path)} ({one_line(exc)}): check "
-                             "--passphrase-file") from None
+                             f"{option}") from None
         if not text:
             raise InputError(f"passphrase file {shown(path)} is empty: write the passphrase into it")
         return text
@@ -276,7 +287,7 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False) -> str
             raise InputError(f"{PASSPHRASE_ENV} is not UTF-8 text: set it to the passphrase as text, or pass "
                              "--passphrase-file") from None
         return env
-    if sys.stdin.isatty():
+    if sys.stdin is not None and sys.stdin.isatty():  # (stdin closed: Python gives None)
         return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
     raise InputError(f"no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
 
