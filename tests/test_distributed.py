@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import PASSPHRASE, assert_one_error_line, deepsigns_argv, partial_files, process_env, run_proc
 
 from deepsigns_cli import api
@@ -104,10 +105,12 @@ def test_processes_that_load_different_data_fail_with_one_line(tmp_path):
     assert not out.exists() and partial_files(tmp_path) == []
 
 
-def test_sigterm_to_the_command_alone_stops_every_process_and_nothing_is_written(tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM twice", "SIGKILL"])
+def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(tmp_path, how):
     """`kill PID` (a service manager's stop) reaches the command, not its processes: it killed
     the launcher outright, said "no output was written", and the orphaned processes trained on
-    and a minute later wrote the model and rewrote the bundle."""
+    and a minute later wrote the model and rewrote the bundle. A second SIGTERM ended the
+    command's wait for them; SIGKILL left them running, and they wrote after it was gone."""
     base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
     api.train("mlp", base, epochs=3, seed=0, device="cpu")
     api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], seed=0)
@@ -116,11 +119,23 @@ def test_sigterm_to_the_command_alone_stops_every_process_and_nothing_is_written
                              "--out", str(marked), "--epochs", "500", "--device", "cpu"], env=process_env(ENV),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(12)  # (the processes have started and are training: 500 epochs take minutes)
-    proc.send_signal(signal.SIGTERM)
+    if how == "SIGKILL":
+        proc.kill()
+    else:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert_one_error_line(err, out, "interrupted: no output was written")
-    left = subprocess.run(["pgrep", "-f", str(marked)], capture_output=True, text=True).stdout.split()
-    assert left == [], "the run's processes outlived the command"
+    if how == "SIGKILL":  # (nothing of it can speak: its processes are stopped for it, within a minute)
+        assert proc.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 60
+        while subprocess.run(["pgrep", "-f", str(marked)], capture_output=True).returncode == 0:
+            assert time.monotonic() < deadline, "the run's processes outlived the command"
+            time.sleep(0.5)
+    else:
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert_one_error_line(err, out, "interrupted: no output was written")
+        left = subprocess.run(["pgrep", "-f", str(marked)], capture_output=True, text=True).stdout.split()
+        assert left == [], "the run's processes outlived the command"
     time.sleep(3)
     assert not marked.exists() and keys.read_bytes() == sealed and partial_files(tmp_path) == []

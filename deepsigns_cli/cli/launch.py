@@ -92,23 +92,44 @@ def _run_to_the_end(command: list[str], env: dict) -> subprocess.CompletedProces
     which it passes on to them) and waited for: killed at once, as subprocess.run kills it, it
     left them training, and the first wrote its outputs later. The interruption then names the
     outputs the run had written by then (they are complete: each is renamed into place whole)."""
+    from ..fileio import held_signals
+
     before = _outputs(command)
     launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, text=True)
+                                env=env, text=True, preexec_fn=_stop_with_parent(os.getpid()))
     try:
         out, err = launcher.communicate()
     except BaseException as exc:
-        launcher.send_signal(signal.SIGTERM)
-        try:  # (it gives its processes 30 s to end, then kills them)
-            launcher.wait(timeout=_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
+        with held_signals():  # (a second Ctrl-C or SIGTERM must not end this wait: the run is stopping)
+            launcher.send_signal(signal.SIGTERM)
+            try:  # (it gives its processes 30 s to end, then kills them)
+                launcher.wait(timeout=_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                launcher.wait()
         written = tuple(path for path, seen in before.items() if _identity(path) != seen)
         if written and isinstance(exc, KeyboardInterrupt):
             raise Interrupted(getattr(exc, "signum", signal.SIGINT), written) from None
         raise
     return subprocess.CompletedProcess(command, launcher.returncode, out, err)
+
+
+def _stop_with_parent(parent: int):
+    """preexec_fn: the launcher gets SIGTERM when this process dies, however it dies (SIGKILL
+    included), and stops its processes as on Ctrl-C: killed alone, this process had left them
+    training, and the first wrote its outputs after the command had ended (Linux; elsewhere
+    nothing is asked)."""
+    def ask() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
+            if os.getppid() != parent:  # (gone before prctl)
+                os.kill(os.getpid(), signal.SIGTERM)
+    return ask
 
 
 def _outputs(command: list[str]) -> dict[str, tuple[int, int] | None]:
