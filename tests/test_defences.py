@@ -189,6 +189,25 @@ def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_sweep_table_is_never_cropped(marked):
+    """Drawn for 80 columns (a pipe, a file, a terminal), a three-scheme table lost its p-values
+    and both verdict columns without a mark: every column is drawn whole, whatever the width."""
+    import io
+
+    from helpers import PASSPHRASE
+    from rich.console import Console
+
+    from deepsigns_cli import api
+    from deepsigns_cli.cli import render
+
+    report = api.sweep("noise", marked.marked, "sigma", [0.0, 0.5], marked.keys, PASSPHRASE, device="cpu")
+    out = io.StringIO()
+    render.sweep(Console(file=out, width=30, force_terminal=False), report)
+    header = next(line for line in out.getvalue().splitlines() if "sigma" in line and "acc" in line)
+    assert header.split()[-2:] == ["extract", "verify"], out.getvalue()
+    assert sum(line.split()[-2] == "yes" for line in out.getvalue().splitlines() if line.split()[:1] == ["victim"]) == 1
+
+
 def test_a_sweep_report_is_json(prune_sweep):
     report, _ = prune_sweep
     json.dumps(report, allow_nan=False)

@@ -45,7 +45,12 @@ def _console(**kwargs):
             self.quiet = True
             raise BrokenPipeError(32, "Broken pipe")
 
-    return Closable(**kwargs)
+    console = Closable(**kwargs)
+    console.width = max(console.width, _LEAST_WIDTH)  # (COLUMNS=5 drew tables of empty cells)
+    return console
+
+
+_LEAST_WIDTH = 60  # columns a report is drawn in, however narrow the terminal says it is
 
 
 def stderr_console():

@@ -190,12 +190,15 @@ def sweep(c, r) -> None:
             res = next(x for x in row.extract.results if x.scheme == scheme)
             cells.append(f"{text(res.brief())} ({res.p_value:.2g})")
         rows.append(cells + [_verdict(row.extract, short=True), _verdict(row.verify, short=True)])
+    widths = []
     for i, name in enumerate(header):  # every cell whole: the widths the cells need
-        width = max(len(name), *(len(Text.from_markup(cells[i]).plain) for cells in rows))
-        table.add_column(name, no_wrap=True, min_width=width, justify="right" if i == 1 else "left")
+        widths.append(max(len(name), *(len(Text.from_markup(cells[i]).plain) for cells in rows)))
+        table.add_column(name, no_wrap=True, min_width=widths[-1], justify="right" if i == 1 else "left")
     for cells in rows:
         table.add_row(*cells)
-    c.print(table)
+    # as wide as its columns, even past the terminal's edge (which then wraps the lines): cropped
+    # to 80 columns, a three-scheme table lost its verdicts without a mark
+    c.print(table, width=max(c.width, sum(widths) + 2 * len(widths) + 2), crop=False)
 
 
 def inspect(c, r) -> None:
