@@ -135,16 +135,27 @@ def _passphrase(passphrase: Passphrase) -> str:
 
 def _load_model(path, arch: str | None, arch_kwargs: dict | None, *, data: Dataset | None = None,
                 bundle: Bundle | None = None):
-    """A checkpoint named by the user; a .pt's shapes come from the data or the keys."""
+    """A checkpoint named by the user to work on (keygen, embed, export, attack: never a
+    suspect, whose weights are what they are); a .pt's shapes come from the data or the keys.
+    Weights that are not all finite numbers are refused here, once: the commands had each
+    failed their own way (exit 3, "lower --lr", or a NaN model written with exit 0)."""
+    import torch
+
     from .checkpoint import load_checkpoint
+    from .errors import CheckpointError
 
     shape = classes = None
     if data is not None:
         shape, classes = data.input_shape, data.num_classes
     elif bundle is not None:
         shape, classes = bundle.shapes
-    return load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, input_shape=shape,
-                           num_classes=classes)
+    net, info = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, input_shape=shape, num_classes=classes)
+    bad = next((name for name, t in net.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{shown(path)} holds weights that are not finite numbers (NaN or infinite, in "
+                              f"'{one_line(bad, 60)}'): it is damaged; use a trained model")
+    return net, info
 
 
 def data_spec(source: str, *, image_size: int | None = None) -> DataSpec:
@@ -550,13 +561,13 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
     for key, value in given.items():
         if key not in known:
             raise InputError(f"--{key.replace('_', '-')} is not an option of attack {name}")
-        known[key].check(value)
+        given[key] = known[key].check(value)  # (as the check gives it: -0.0 as 0.0)
     _check_int("seed", seed)
     _check_positive("timeout", timeout)
     out_kind = _attack_out_kind(name, out, entry.writes)
     victim_onnx = str(model).lower().endswith(".onnx")
     if victim_onnx and entry.takes == "torch":
-        raise InputError(f"attack {name} changes the weights: give the checkpoint (.safetensors, or "
+        raise InputError(f"attack {name} works on the model in torch: give the checkpoint (.safetensors, or "
                          ".pt with --arch), not an ONNX file")
     if entry.passphrase and passphrase is None:
         raise InputError(f"attack {name} seals a bundle of its own: it needs a passphrase")
@@ -614,6 +625,11 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
         if not str(plot).lower().endswith(".png"):
             raise InputError(f"--plot must name a .png file, got {Path(plot).name!r}")
         check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
+    from .fileio import MODEL_SUFFIXES
+
+    if keep is not None and Path(keep).suffix.lower() in MODEL_SUFFIXES.values():
+        raise InputError(f"--out {shown(keep)} names a model, but a sweep keeps its models in a folder: give a folder "
+                         "path (every command tells a model's kind by its name)")
     suffix = ".onnx" if entry.writes == ("onnx",) else ".safetensors"
     check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
     secret = _passphrase(passphrase)  # asked once for both readers
@@ -826,7 +842,18 @@ def _split_options(names: list[str], options: dict) -> dict[str, dict]:
 
 
 def _keygen_warnings(bundle: Bundle) -> list[str]:
-    return [w for name, keys in bundle.schemes.items() for w in load_scheme(name).warnings(keys)]
+    """What keygen tells the owner: each scheme's own warnings, and keys that no reading can
+    bring to the default alpha (they would mark a model that nothing can then claim)."""
+    found = []
+    for name, keys in bundle.schemes.items():
+        scheme = load_scheme(name)
+        found += scheme.warnings(keys)
+        best = scheme.best_p_value(keys)
+        if best is not None and best > DEFAULT_ALPHA:
+            found.append(f"{name}: these keys give at best p = {best:.2g}, above the default alpha of "
+                         f"{DEFAULT_ALPHA:g}: no model can be detected with them at that alpha; make more of them "
+                         "(--bits, a longer --message, or --key-size)")
+    return found
 
 
 def train_model(arch: str, data: Dataset, *, arch_kwargs: dict | None = None, epochs: int = 30,

@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 
+TINY = 1e-30  # the smallest size other than 0 a float option takes (float32 holds down to about 1e-38)
+
+
 @dataclass(frozen=True)
 class Option:
     """A command-line option of a scheme or an attack (`--bits` -> key "bits")."""
@@ -69,6 +72,11 @@ class Option:
             if self.low is not None and self.high is not None:
                 what += f" from {self.low:g} to {self.high:g}"
             raise InputError(f"{self.flag} must be {what}, got {value!r}")
+        if self.kind == "float":
+            if value != 0 and abs(value) < TINY:  # (0 in float32, where weights and scores live: 1e-50
+                # built a graph that onnxruntime aborted on)
+                raise InputError(f"{self.flag} {value!r} cannot be told from 0 in float32: give 0 or at least {TINY:g}")
+            return float(value) + 0.0  # (-0.0 is 0)
         return value
 
 

@@ -247,8 +247,12 @@ def test_a_heavily_noised_model_exports_within_a_tolerance_of_its_scale(marked, 
     assert out.exists() and report["attack"] == "noise"
 
 
-def test_a_model_with_nan_weights_is_not_exported(marked, tmp_path):
-    """NaN - NaN > 1e-4 is false: a model of NaN weights exported 'with parity' and answered NaN."""
+@pytest.mark.parametrize("command", ["export", "keygen", "embed", "noise", "prune", "quantize", "permute",
+                                     "finetune", "distill"])
+def test_a_model_with_nan_weights_is_refused_by_every_command_that_works_on_it(marked, tmp_path, command):
+    """NaN - NaN > 1e-4 is false: a model of NaN weights exported 'with parity' and answered NaN.
+    The attacks had each failed their own way: exit 3 (distill, permute), 'lower --lr'
+    (finetune), or a NaN model written with exit 0 (noise, prune, quantize)."""
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(marked.marked))
@@ -256,8 +260,13 @@ def test_a_model_with_nan_weights_is_not_exported(marked, tmp_path):
     state[name] = torch.full_like(state[name], float("nan"))
     broken = tmp_path / "nan.safetensors"
     save_file(state, str(broken), metadata=metadata(marked.marked))
-    result = run_cli("export", broken, "--out", tmp_path / "nan.onnx", code=2)
-    assert "not all finite" in result.stderr and not (tmp_path / "nan.onnx").exists()
+    keys = copy(marked.keys, tmp_path / "k.dskey")
+    out = tmp_path / ("out.onnx" if command == "export" else "k2.dskey" if command == "keygen" else "out.safetensors")
+    argv = {"export": ["export", broken], "keygen": ["keygen", "--model", broken],
+            "embed": ["embed", "--model", broken, "--keys", keys, "--epochs", 1]}.get(
+        command, ["attack", command, "--model", broken])
+    result = run_cli(*argv, "--out", out, code=2)
+    assert "not finite numbers" in result.stderr and name in result.stderr and not out.exists()
 
 
 def test_inspect_shows_a_table_of_what_a_file_holds_within_bounds(marked, tmp_path):

@@ -94,6 +94,19 @@ def test_learning_rate_must_be_sane(tmp_path, lr):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize(("scheme", "size"), [("hidden", ("--bits", 8)), ("gradsigns", ("--bits", 8)),
+                                             ("output", ("--key-size", 5))])
+def test_keys_that_can_never_reach_alpha_are_warned_of(tmp_path, marked, scheme, size):
+    """keygen and embed had taken them without a word; only extract, on the marked model, said
+    that no reading could reach alpha (and exited 1)."""
+    result = run_cli("keygen", "--model", marked.base, "--scheme", scheme, *size, "--out", tmp_path / "k.dskey",
+                     code=0)
+    assert f"warning: {scheme}: these keys give at best p = " in result.stderr, result.stderr
+    assert "above the default alpha" in result.stderr
+    default = run_cli("keygen", "--model", marked.base, "--scheme", scheme, "--out", tmp_path / "d.dskey", code=0)
+    assert "at best p" not in default.stderr
+
+
 def test_message_with_a_lone_surrogate(tmp_path, marked):
     result = run_cli("keygen", "--model", marked.base, "--message", "bad \ud800 text",
                      "--out", tmp_path / "k.dskey", code=None)

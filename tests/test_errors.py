@@ -151,6 +151,8 @@ def test_safetensors_without_our_metadata(tmp_path, marked, meta):
     save_file({"w": torch.zeros(3)}, str(path), metadata=meta)
     check_bad_input(tmp_path, case.with_model("extract", path), "foreign.safetensors",
                     "without deepsigns metadata", "--arch")
+    line = check_bad_input(tmp_path, ["inspect", path], "foreign.safetensors", "without deepsigns metadata")
+    assert "--arch" not in line  # (inspect has none to offer)
 
 
 def test_random_bytes_named_onnx(tmp_path, marked):

@@ -6,6 +6,7 @@ import click
 from .. import api
 from . import render
 from .common import (
+    OnceGroup,
     alpha_option,
     arch_options,
     common_options,
@@ -95,7 +96,7 @@ def _attack_command(name: str) -> click.Command:
                          short_help=entry.summary)(run)
 
 
-class AttackGroup(click.Group):
+class AttackGroup(OnceGroup):
     def list_commands(self, ctx):
         return list(api.ATTACKS)
 

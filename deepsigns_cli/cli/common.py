@@ -104,6 +104,31 @@ def handle_errors(fn):
 # ------------------------------------------------------------------ shared options
 
 
+class OnceGroup(click.Group):
+    """A group whose commands refuse an option that takes one value, given twice (click keeps
+    the last without a word: `--sweep sigma=0.1 --sweep sigma=0.2` swept 0.2 alone)."""
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not isinstance(command, click.Group):
+            _refuse_repeats(command, rest)
+        return name, command, rest
+
+
+def _refuse_repeats(command: click.Command, args: list[str]) -> None:
+    takes_one = {name: option.name for option in command.params if isinstance(option, click.Option)
+                 and not (option.multiple or option.is_flag or option.count) for name in option.opts}
+    seen, i = set(), 0
+    while i < len(args) and args[i] != "--":
+        name = args[i].split("=", 1)[0]
+        if name in takes_one:
+            if takes_one[name] in seen:
+                raise click.UsageError(f"{name} is given twice: give it once")
+            seen.add(takes_one[name])
+            i += "=" not in args[i]  # (its value is the next word)
+        i += 1
+
+
 def common_options(fn):
     """--json, --quiet, --seed, --debug: on every command."""
 

@@ -12,7 +12,7 @@ import click
 
 from .. import __version__
 from ..errors import Interrupted, one_line
-from .common import EXIT_BAD_INPUT, State, fail, internal_error, interrupted
+from .common import EXIT_BAD_INPUT, OnceGroup, State, fail, internal_error, interrupted
 
 COMMANDS = {
     "train": "Train a plain (unmarked) baseline model.",
@@ -43,7 +43,7 @@ def _thread_failed(args) -> None:
         threading.__excepthook__(args)
 
 
-class LazyGroup(click.Group):
+class LazyGroup(OnceGroup):
     def list_commands(self, ctx):
         return list(COMMANDS)
 

@@ -76,6 +76,11 @@ class Scheme:
         """What keygen should tell the owner about these keys (none by default)."""
         return []
 
+    def best_p_value(self, keys: SchemeKeys) -> float | None:
+        """The smallest p-value these keys can give (every bit or key read right, the fewest
+        readings counted); None where it cannot be told at keygen."""
+        return None
+
     def read(self, suspect: Suspect, keys: SchemeKeys) -> SchemeResult:
         """The evidence in a suspect (torch or ONNX); alpha is applied by results.decide."""
         raise NotImplementedError

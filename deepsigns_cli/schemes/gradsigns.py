@@ -123,6 +123,9 @@ class GradSignsScheme(Scheme):
     def objective(self, model, info, data, keys) -> Objective:
         return GradObjective(keys)
 
+    def best_p_value(self, keys):
+        return stats.smallest_bits_p_value(int(keys.params["n_bits"]))
+
     def embed(self, model, info, data, keys, cfg, progress, also=()):
         from ..training import fit
 

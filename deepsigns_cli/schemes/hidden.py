@@ -170,6 +170,10 @@ class HiddenScheme(Scheme):
                 "the width) some bits may not embed error-free; detection still holds while BER "
                 "stays low"]
 
+    def best_p_value(self, keys):
+        readings = 2 if "probe_ref" in keys.arrays else 1  # (as it is, and lined up)
+        return stats.bonferroni(stats.smallest_bits_p_value(int(keys.arrays["bits"].size)), readings)
+
     # ------------------------------------------------------------------ embed
     def objective(self, model, info, data, keys) -> Objective:
         return HiddenObjective(keys, model, info, data)

@@ -203,7 +203,7 @@ class OutputScheme(Scheme):
         if len(good) < key_size:
             raise SchemeError(
                 f"only {len(good)} keys were learnt by the model (needed {key_size}) after "
-                f"{history['epochs']} epochs: raise --epochs or lower --key-size"
+                f"{history['epochs']} epochs: raise --epochs (or make fewer keys: keygen's --key-size)"
             )
         # the keys that outlive a thief's fine-tuning of a copy, when there are enough of them
         lasting = self._lasting(model, data, cfg, x, y, good, int(params.get("robust_epochs", 0)), progress)
@@ -236,6 +236,10 @@ class OutputScheme(Scheme):
         return good[predict(thief, x[good]).argmax(1) == y[good]]
 
     # ------------------------------------------------------------------ read
+    def best_p_value(self, keys):
+        k, c = int(keys.params["key_size"]), int(keys.params["num_classes"])
+        return stats.matches_p_value(k, k, c - 1)
+
     def read(self, suspect, keys) -> MatchResult:
         params, arrays = keys.params, keys.arrays
         if not params.get("embedded"):
