@@ -623,7 +623,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
         from .fileio import check_output
 
         if not str(plot).lower().endswith(".png"):
-            raise InputError(f"--plot must name a .png file, got {Path(plot).name!r}")
+            raise InputError(f"--plot must name a .png file, got {shown(plot)}")
         check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
     from .fileio import MODEL_SUFFIXES
 
@@ -722,7 +722,7 @@ def _attack_out_kind(name: str, out: str | Path, writes: tuple[str, ...]) -> str
 
     kind = {suffix: kind for kind, suffix in MODEL_SUFFIXES.items()}.get(Path(out).suffix.lower())
     if kind is None:
-        raise InputError(f"--out must end in .safetensors (a checkpoint) or .onnx, got {Path(out).name!r}")
+        raise InputError(f"--out must end in .safetensors (a checkpoint) or .onnx, got {shown(out)}")
     if kind not in writes:
         want = " or ".join(MODEL_SUFFIXES[w] for w in writes)
         raise InputError(f"attack {name} writes {want} files: give --out a {want} name")

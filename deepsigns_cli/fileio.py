@@ -36,6 +36,8 @@ __all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_si
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
+    if not str(path):  # (Path("") is ".", the current folder)
+        raise InputError(f"the {what} path is empty: give a file path")
     try:
         if "\x00" in str(path):
             raise ValueError("embedded null byte")
