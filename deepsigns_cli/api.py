@@ -389,11 +389,16 @@ def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: P
 
 def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: float = DEFAULT_ALPHA,
             arch: str | None = None, arch_kwargs: dict | None = None, provider: str = "auto",
-            timeout: float | None = DEFAULT_TIMEOUT, names: list[str] | None = None) -> DisputeReport:
+            timeout: float | None = DEFAULT_TIMEOUT, names: list[str] | None = None,
+            controls: list[str | Path] = ()) -> DisputeReport:
     """`deepsigns dispute`: two parties' (bundle, passphrase, model); every party's keys read
     (white-box, as `extract`) from every party's model. The reading: a party whose mark is in
     the other's model while the other's mark is not in theirs marked first (the other model
-    was made from theirs). Each party's own keys must detect their own model to be heard."""
+    was made from theirs). Each party's own keys must detect their own model to be heard, and
+    must detect none of the `controls`: models that neither party made. (A bundle is sealed by
+    whoever holds its passphrase, and nothing in it proves that keygen drew its keys: keys
+    sealed by hand, real samples under their true labels, claim every good classifier, the
+    controls too; keygen's claim none they were not embedded in.)"""
     from .fileio import sha256_file
     from .results import DisputeParty, DisputeReport
 
@@ -406,20 +411,32 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
         check_keys(keys)
         if not Path(model).is_file():
             raise InputError(f"model not found: {shown(model)}: check --party")
+    for control in controls:
+        if not Path(control).is_file():
+            raise InputError(f"model not found: {shown(control)}: check --control")
+        if any(Path(control).resolve() == Path(model).resolve() for _, _, model in parties):
+            raise InputError(f"{shown(control)} is a party's model: a control is a model neither party made")
     if sha256_file(parties[0][0]) == sha256_file(parties[1][0]):  # (each would read its own mark twice)
         raise InputError("the two parties give the same key bundle: a dispute is between two owners' bundles")
     readers = [_Reader("extract", keys, passphrase, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
                        provider=provider, timeout=timeout) for keys, passphrase, _ in parties]
     matrix = [[reader.read(model) for _, _, model in parties] for reader in readers]
+    checked = [[reader.read(control) for control in controls] for reader in readers]
     who = [DisputeParty(name, str(keys), str(model), reader.published, reader.bundle.key_id)
            for name, (keys, _, model), reader in zip(names, parties, readers, strict=True)]
-    first, reading = _dispute_reading(names, matrix)
-    return DisputeReport(who, matrix, readers[0].alpha, first, reading)
+    first, reading = _dispute_reading(names, matrix, checked, [str(c) for c in controls])
+    return DisputeReport(who, matrix, readers[0].alpha, first, reading, [str(c) for c in controls], checked)
 
 
-def _dispute_reading(names: list[str], matrix) -> tuple[str | None, str]:
+def _dispute_reading(names: list[str], matrix, checked=((), ()), controls=()) -> tuple[str | None, str]:
     """(the party that marked first, or None; the reading in words)."""
     a, b = names
+    claims = [[c for c, d in zip(controls, row, strict=True) if d.detected] for row in checked]
+    if any(claims):
+        who = " and ".join(f"{n}'s keys also detect {shown(found[0])}" for n, found in zip(names, claims, strict=True)
+                           if found)
+        return None, (f"undecided: {who}, a model neither party made: such keys prove nothing (keys that keygen "
+                      "drew detect no model they were not embedded in), so that claim is void")
     own = [matrix[0][0].detected, matrix[1][1].detected]
     if not all(own):
         void = [n for n, ok in zip(names, own, strict=True) if not ok]

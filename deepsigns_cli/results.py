@@ -335,6 +335,8 @@ class DisputeReport:
     alpha: float
     first: str | None  # the party that marked first, None when undecided
     reading: str
+    controls: list[str] = field(default_factory=list)  # models neither party made
+    checked: list[list[Decision]] = field(default_factory=list)  # checked[i][j] = keys i on control j
     command: str = "dispute"
 
     @property
@@ -376,13 +378,17 @@ def to_json_dict(report) -> dict:
                 "results": [_result_dict(r) for r in report.results]}
         return _plain(body)
     if isinstance(report, DisputeReport):
-        cells = [{"keys_of": report.parties[i].name, "model_of": report.parties[j].name,
-                  "detected": d.detected, "p_value": d.p_value, "forger_key_sets": d.forger_key_sets,
-                  "results": [_result_dict(r) for r in d.results]}
+        def cell(i: int, of: dict, d: Decision) -> dict:
+            return {"keys_of": report.parties[i].name, **of, "detected": d.detected, "p_value": d.p_value,
+                    "forger_key_sets": d.forger_key_sets, "results": [_result_dict(r) for r in d.results]}
+
+        cells = [cell(i, {"model_of": report.parties[j].name}, d)
                  for i, row in enumerate(report.matrix) for j, d in enumerate(row)]
+        checked = [cell(i, {"control": report.controls[j]}, d)
+                   for i, row in enumerate(report.checked) for j, d in enumerate(row)]
         return _plain({"command": "dispute", "alpha": report.alpha, "first": report.first,
                        "reading": report.reading, "parties": [asdict(p) for p in report.parties],
-                       "matrix": cells})
+                       "matrix": cells, "controls": checked})
     if isinstance(report, ScanReport):
         rows = [{"model": r.model, "error": r.error} if r.decision is None
                 else {k: v for k, v in to_json_dict(r.decision).items()

@@ -64,3 +64,39 @@ def test_a_dispute_needs_two_parties(overwritten, extra, needle):
                      *extra, code=2)
     assert result.stderr.count("\n") == 1 and needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_keys_sealed_by_hand_that_claim_any_model_are_voided_by_a_control(blackbox, tmp_path):
+    """A bundle is sealed by whoever holds its passphrase, and nothing in it proves keygen drew its
+    keys: a forger sealed real digits under their true labels as output keys, which every good
+    classifier answers, and `dispute` named the forger first (their keys 'in' the owner's model,
+    the owner's not in the forger's own, unrelated model). A control, a model neither party made,
+    voids such keys; the owner's keys detect no control."""
+    import copy
+
+    import numpy as np
+
+    from deepsigns_cli import api
+    from deepsigns_cli.bundle import write_bundle
+    from deepsigns_cli.data import load_data
+
+    digits = load_data("digits")
+    forged = copy.deepcopy(blackbox["bundle"])  # (its structure a real bundle's; the shared one untouched)
+    keys = forged.schemes["output"]
+    rows = np.random.default_rng(0).choice(len(digits.x_test), len(keys.arrays["y"]), replace=False)
+    keys.arrays["x"], keys.arrays["y"] = digits.x_test[rows], digits.y_test[rows].astype(np.int64)
+    write_bundle(forged, tmp_path / "forger.dskey", "forger")
+    (tmp_path / "forger.pass").write_text("forger\n")
+    (tmp_path / "owner.pass").write_text(PASSPHRASE + "\n")
+    theirs, control = tmp_path / "theirs.safetensors", tmp_path / "control.safetensors"
+    for path, seed in ((theirs, 11), (control, 12)):  # models the forger never touched
+        api.train("mlp", path, arch_kwargs={"hidden": [128, 128]}, epochs=15, seed=seed, device="cpu")
+    args = ["dispute", "--party", blackbox["keys"], tmp_path / "owner.pass", blackbox["marked_path"],
+            "--party", tmp_path / "forger.dskey", tmp_path / "forger.pass", theirs, "--name", "owner",
+            "--name", "forger"]
+    assert run_json(*args, code=0)["first"] == "forger"  # what the p-values alone say
+    report = run_json(*args, "--control", control, code=1)
+    assert report["first"] is None and "forger's keys also detect" in report["reading"]
+    assert "claim is void" in report["reading"]
+    checked = {c["keys_of"]: c for c in report["controls"]}
+    assert checked["forger"]["detected"] and not checked["owner"]["detected"]

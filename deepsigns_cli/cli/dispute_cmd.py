@@ -22,12 +22,15 @@ from .common import (
               help="One party: their bundle, the file holding its passphrase, and their model "
                    "(checkpoint or ONNX). Give it twice.")
 @click.option("--name", "names", multiple=True, help="The parties' names, in order (default A, B).")
+@click.option("--control", "controls", multiple=True, metavar="MODEL",
+              help="A model neither party made (e.g. one you train): keys that detect it prove nothing, "
+                   "and that party's claim is void. May be given more than once.")
 @arch_options
 @alpha_option
 @provider_option
 @timeout_option
 @common_options
-def command(parties, names, arch, arch_kwargs, alpha, provider, timeout, seed, json_):
+def command(parties, names, controls, arch, arch_kwargs, alpha, provider, timeout, seed, json_):
     """Two parties claim one model: every party's keys are read (white-box) from every
     party's model, and the matrix says who marked first.
 
@@ -44,6 +47,6 @@ def command(parties, names, arch, arch_kwargs, alpha, provider, timeout, seed, j
         raise click.BadParameter(f"give one --name per --party ({len(parties)}), or none", param_hint="--name")
     report = api.dispute([(keys, passphrase_from(pfile), model) for keys, pfile, model in parties],
                          alpha=alpha, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                         provider=provider, timeout=timeout, names=list(names) or None)
+                         provider=provider, timeout=timeout, names=list(names) or None, controls=list(controls))
     emit(report, json_, render.dispute)
     sys.exit(EXIT_OK if report.detected else EXIT_NOT_DETECTED)

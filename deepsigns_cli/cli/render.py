@@ -103,10 +103,12 @@ def dispute(c, r) -> None:
     table.add_column("keys of \\ model of", style="bold")
     for p in r.parties:
         table.add_column(f"{text(p.name)}: {text(p.model)}")
-    for p, row in zip(r.parties, r.matrix, strict=True):
+    for control in r.controls:
+        table.add_column(f"control: {text(control)}")
+    for p, row, checks in zip(r.parties, r.matrix, r.checked or [[] for _ in r.parties], strict=True):
         table.add_row(text(p.name), *[
             f"{_verdict(d)}  p = {fmt_p(d.p_value)}"
-            for d in row])
+            for d in [*row, *checks]])
     c.print(table)
     for p in r.parties:
         c.print(f"{text(p.name)}: keys {text(p.keys)}, commitment {p.commitment}", highlight=False)
