@@ -92,6 +92,7 @@ __all__ = [
     "process_group",
     "parallel_slots",
     "is_main_process",
+    "held_signals",
 ]
 
 #: the passphrase, or a function that asks for it once the cheap checks have passed
@@ -912,6 +913,13 @@ def process_group(device: str = "auto"):
 
     with distributed(device):
         yield
+
+
+def held_signals():
+    """A context that holds Ctrl-C, SIGTERM and SIGHUP until it ends (fileio.held_signals)."""
+    from .fileio import held_signals as held
+
+    return held()
 
 
 def is_main_process() -> bool:

@@ -92,7 +92,7 @@ def _run_to_the_end(command: list[str], env: dict) -> subprocess.CompletedProces
     which it passes on to them) and waited for: killed at once, as subprocess.run kills it, it
     left them training, and the first wrote its outputs later. The interruption then names the
     outputs the run had written by then (they are complete: each is renamed into place whole)."""
-    from ..fileio import held_signals
+    from ..api import held_signals
 
     before = _outputs(command)
     launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
