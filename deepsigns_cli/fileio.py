@@ -205,19 +205,26 @@ def _place(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def _write_failure(exc: BaseException, entries) -> InputError | None:
+def _write_failure(exc: BaseException, entries, *, committing: bool = False) -> InputError | None:
     """One line for a failure to write the outputs that the machine caused (a full disk, a
-    file-size limit, a folder removed meanwhile), which is no bug of ours; None for any other."""
+    file-size limit, a folder removed meanwhile), which is no bug of ours; None for any other
+    (our own errors are one line already). `committing`: it came while the outputs were being
+    renamed into place, so the first of them may be written."""
+    from .errors import DeepSignsError
+
+    if isinstance(exc, DeepSignsError):
+        return None
+    done = "the outputs before it may be written" if committing else "nothing was written"
     gone = next((tmp.parent for _, tmp, _, _ in entries if not tmp.parent.is_dir()), None)
     if gone is not None:
-        return InputError(f"folder {shown(gone)} was removed while the command ran: nothing was written; "
+        return InputError(f"folder {shown(gone)} was removed while the command ran: {done}; "
                           "create it and run the command again")
     code, text = getattr(exc, "errno", None), str(exc)
     reason = next((why for number, why in _MACHINE if code == number or why in text), None)
     if reason is None:
         return None
-    return InputError(f"cannot write the outputs ({reason}): nothing was written; free some space, raise the "
-                      "limit or choose a folder on another disk, then run the command again")
+    return InputError(f"cannot write the outputs ({reason}): {done}; free some space, raise the limit or choose "
+                      "a folder on another disk, then run the command again")
 
 
 #: the name's ending of each kind of model file a command writes
@@ -321,7 +328,7 @@ class Outputs:
                 try:
                     self.commit()
                 except OSError as failure:
-                    raise _write_failure(failure, entries) or failure from None
+                    raise _write_failure(failure, entries, committing=True) or failure from None
             else:  # KeyboardInterrupt included: never leave a partial file
                 entries = list(self._entries)
                 self.discard()
