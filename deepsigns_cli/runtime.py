@@ -1116,6 +1116,12 @@ class OnnxModel:
                          "answer these queries; check that it is a classifier for this data")
 
     # ------------------------------------------------------------------ public queries
+    @property
+    def broken(self) -> bool:
+        """Whether the model failed as a whole (no answer in time, a crash, too much memory):
+        every further query fails the same way."""
+        return self._broken is not None
+
     def usable_outputs(self) -> str:
         """The outputs that can be read, with their kinds, as people read them."""
         usable = [f"'{one_line(n, 60)}' ({kind})" for n, (kind, _) in self.outputs.items() if kind]

@@ -52,6 +52,12 @@ class Suspect:
         """(candidate name -> (n, width) activations, why there are none when empty)."""
         raise NotImplementedError
 
+    @property
+    def broken(self) -> bool:
+        """Whether the suspect failed as a whole (an ONNX model that did not answer in time or
+        crashed): a reading then fails, rather than going on with its other outputs."""
+        return False
+
     def units(self, x: np.ndarray) -> np.ndarray | None:
         """Every unit the model computes for inputs x, side by side (n, U), where the carrier
         may have been rebuilt (an ONNX graph: padded, split, laid out otherwise); None where the
@@ -127,6 +133,10 @@ class OnnxSuspect(Suspect):
         self.output = output  # the graph output to read; None: chosen by kind
         if output is not None:
             model.choose_output(output)  # an unknown name fails now, before any query
+
+    @property
+    def broken(self):
+        return self.onnx.broken
 
     def outputs(self):
         if self.output is not None:

@@ -54,7 +54,7 @@ def test_message_round_trips(seeded_run):
         assert int(r["bits"][k * n:(k + 1) * n], 2).to_bytes(len(MESSAGE), "big") == MESSAGE.encode()
 
 
-@pytest.mark.parametrize("carrier", ["zeros", "the same for every input"])
+@pytest.mark.parametrize("carrier", ["zeros", "the same for every input", "NaN"])
 def test_a_carrier_that_reads_nothing_claims_nothing(seeded_run, tmp_path, carrier):
     """An innocent hand-built model whose only tensor of the carrier's width is zeros, or the
     same for every input (no unit to line up), projects every bit to exactly 0. Read as 0, those
@@ -68,7 +68,8 @@ def test_a_carrier_that_reads_nothing_claims_nothing(seeded_run, tmp_path, carri
 
     rng = np.random.default_rng(0)
     width = 512  # the digits MLP's carrier
-    bias = np.zeros(width, np.float32) if carrier == "zeros" else rng.uniform(0, 1, width).astype(np.float32)
+    bias = {"zeros": np.zeros(width, np.float32), "NaN": np.full(width, np.nan, np.float32),
+            "the same for every input": rng.uniform(0, 1, width).astype(np.float32)}[carrier]
     graph = h.make_graph(
         [h.make_node("Flatten", ["input"], ["flat"], axis=1), h.make_node("MatMul", ["flat", "w1"], ["z"]),
          h.make_node("Add", ["z", "b1"], ["carrier"]), h.make_node("Gemm", ["carrier", "w2", "b2"], ["scores"])],
@@ -81,16 +82,17 @@ def test_a_carrier_that_reads_nothing_claims_nothing(seeded_run, tmp_path, carri
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
     r = hidden(extract(path, seeded_run.keys, code=1))
     assert not r["detected"] and r["p_value"] > 0.01
-    if carrier == "zeros":  # the carrier's own reading, alone (the file's other units read as a fair coin)
+    if carrier != "the same for every input":  # the carrier's own reading, alone (the file's other units
+        # read as a fair coin)
         from deepsigns_cli.bundle import open_bundle
         from deepsigns_cli.schemes.hidden import HiddenScheme
         from deepsigns_cli.suspect import Suspect
 
-        class Zeros(Suspect):
+        class Constant(Suspect):
             def carriers(self, x, layer, width):
-                return {"carrier": np.zeros((len(x), width), np.float32)}, ""
+                return {"carrier": np.broadcast_to(bias, (len(x), width)).copy()}, ""
 
-        alone = HiddenScheme().read(Zeros(), open_bundle(seeded_run.keys, PASSPHRASE).schemes["hidden"])
+        alone = HiddenScheme().read(Constant(), open_bundle(seeded_run.keys, PASSPHRASE).schemes["hidden"])
         assert alone.bit_errors == alone.n_bits and set(alone.bits) == {"?"} and alone.p_value == 1.0
 
 

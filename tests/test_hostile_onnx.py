@@ -233,6 +233,39 @@ def test_loop_for_ever_ends_with_timeout_error(owner, suspects):
     assert time.monotonic() - start < CLI_TIMEOUT + 10, line
 
 
+def test_an_output_that_fails_the_model_as_a_whole_fails_the_reading():
+    """Every output is read and one that cannot be read is left out, but not one that stops
+    the model as a whole (no answer in time, a crash): that had been left out too, and the
+    verdict came from the outputs read before it (3,000 decoy outputs ahead of the real one).
+    (A real file cannot show it reliably: what onnxruntime runs for one output varies.)"""
+    from deepsigns_cli.schemes.base import each_output
+    from deepsigns_cli.suspect import Suspect
+
+    class Stops(Suspect):
+        broken = False
+
+        def outputs(self):
+            return ["decoy", "slow", "logits"]
+
+    def read(output):
+        if output == "slow":
+            suspect.broken = True
+            raise OnnxError("did not answer within 3 s")
+        return output
+
+    suspect = Stops()
+    with pytest.raises(OnnxError, match="did not answer"):
+        each_output(suspect, read)
+
+    def no_scores(output):  # an output that cannot be read, the model still answering: left out
+        if output == "decoy":
+            raise OnnxError("holds no scores")
+        return output
+
+    suspect.broken = False
+    assert each_output(suspect, no_scores) == ["slow", "logits"]
+
+
 def test_extract_is_bounded_too(marked, suspects):
     path = loop_model(suspects / "loop.onnx")
     result = run_cli("extract", "--model", path, "--keys", marked.keys, "--timeout", 2, code=None)

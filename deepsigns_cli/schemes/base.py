@@ -89,7 +89,9 @@ class Scheme:
 def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> list:
     """read(output) for every output the suspect offers (`Suspect.outputs`): the readings, in
     order. An output that cannot be read (not class scores, answers NaN, ...) is left out and
-    is no reading, unless no output can be read: then the first one's error stands."""
+    is no reading, unless no output can be read: then the first one's error stands. A suspect
+    that fails as a whole (no answer in time, a crash) fails the reading: a verdict from the
+    outputs it gave before would hide that it was not read."""
     from ..errors import DeepSignsError
 
     outputs, readings, first = suspect.outputs(), [], None
@@ -97,7 +99,7 @@ def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> list:
         try:
             readings.append(read(output))
         except DeepSignsError as exc:
-            if len(outputs) == 1:
+            if len(outputs) == 1 or suspect.broken:
                 raise
             first = first or exc
     if not readings:

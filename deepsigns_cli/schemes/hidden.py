@@ -206,17 +206,18 @@ class HiddenScheme(Scheme):
         if not readings:
             # another architecture, so not ours: no bit counts (not "every bit wrong"), p = 1
             return BitsResult("hidden", 1.0, note=why, layer=params["layer"], n_bits=n)
-        # a bit whose projection is exactly 0 was not read: it counts as wrong (all of them read
-        # as 0 would match the 0 bits of a --message, which are most of a text's bits)
-        errors_of = [int((((proj > 0) != arrays["bits"]) | (proj == 0)).sum()) for _, proj, _ in readings]
+        # a bit whose projection is exactly 0 or not a number was not read: it counts as wrong
+        # (all of them read as 0 would match the 0 bits of a --message, most of a text's bits)
+        errors_of = [int((((proj > 0) != arrays["bits"]) | _unread(proj)).sum()) for _, proj, _ in readings]
         best = int(np.argmin(errors_of))
         (name, proj, lined), errors, tries = readings[best], errors_of[best], len(readings)
         found = (proj > 0).astype(np.uint8)
         message = _majority(found) if params.get("message") else None
         return BitsResult(
             "hidden", stats.bonferroni(stats.bits_p_value(errors, n), tries), layer=params["layer"],
-            n_bits=n, bits="".join("?" if v == 0 else str(b) for b, v in zip(found.reshape(-1), proj.reshape(-1),
-                                                                              strict=True)),
+            n_bits=n, bits="".join("?" if unread else str(b) for b, unread in zip(found.reshape(-1),
+                                                                                  _unread(proj).reshape(-1),
+                                                                                  strict=True)),
             bit_errors=errors, ber=errors / n,
             tensor=name, candidates=len(candidates), readings=tries,
             aligned=None if probes is None else lined,
@@ -247,6 +248,12 @@ def projections(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
         means = _over_scale(means, unit_rms(probe)) @ weights.T
     n_each = arrays["bits"].shape[1]
     return np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)])
+
+
+def _unread(proj: np.ndarray) -> np.ndarray:
+    """The bits a projection does not read: exactly 0 (a mean of zeros, no unit lined up) or
+    not a number (a carrier of NaN)."""
+    return ~np.isfinite(proj) | (proj == 0)
 
 
 def _free_probes(arrays: dict) -> np.ndarray:
