@@ -59,6 +59,10 @@ class OnnxError(DeepSignsError):
     """An ONNX file that is malformed, unsafe, or does not fit the keys."""
 
 
+class OnnxTooMuch(OnnxError):
+    """An ONNX model whose answer to one query is more data than deepsigns reads."""
+
+
 class OutputExistsError(DeepSignsError):
     """An output path exists and --force was not given."""
 

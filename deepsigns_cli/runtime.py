@@ -26,6 +26,7 @@ evaluated in this process, bounded in time between kernels only.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .defaults import DEFAULT_TIMEOUT
-from .errors import InputError, OnnxError, one_line, shown
+from .errors import InputError, OnnxError, OnnxTooMuch, one_line, shown
 from .fileio import require_file
 
 __all__ = ["resolve_provider", "make_session", "OnnxModel", "load_onnx", "DEFAULT_TIMEOUT"]
@@ -463,6 +464,7 @@ class _Evaluator:
         parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
         problems: dict[str, str] = {}
         total, taken = 0, 0
+        seen: dict[bytes, str] = {}  # a tensor's values (a digest) -> the first tensor that held them
         try:
             for start in range(0, len(x), step):
                 chunk = x[start : start + step]
@@ -488,6 +490,10 @@ class _Evaluator:
                         problem = "changes shape from one batch of inputs to the next"
                     if problem is None and width is not None and math.prod(value.shape[1:]) != width:
                         problem = f"has {math.prod(value.shape[1:])} values per sample, not {width}"
+                    if problem is None and extra and not parts[name] and start == 0:  # (decided on the first batch)
+                        digest = hashlib.blake2b(np.ascontiguousarray(value).view(np.uint8), digest_size=16).digest()
+                        problem = f"holds the same values as '{seen[digest]}'" if digest in seen else None
+                        seen.setdefault(digest, name)
                     if problem is None and units is not None and not parts[name]:  # (decided on the first batch)
                         size = math.prod(value.shape[1:])
                         if value.dtype.kind != "f" or taken + size > units:
@@ -1110,8 +1116,8 @@ class OnnxModel:
             return OnnxError(f"{p} needs more memory than the {amount} deepsigns allows a suspect "
                              f"model ({why}): the file is hostile or too large to verify on this machine")
         if kind == "size":
-            return OnnxError(f"{p} answers with more data than deepsigns reads ({why}): "
-                             "it is not a classifier's scores; check the file")
+            return OnnxTooMuch(f"{p} answers with more data than deepsigns reads ({why}): "
+                               "it is not a classifier's scores; check the file")
         return OnnxError(f"onnxruntime failed evaluating {p} on the keys ({why}): the model cannot "
                          "answer these queries; check that it is a classifier for this data")
 

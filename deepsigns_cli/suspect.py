@@ -164,12 +164,27 @@ class OnnxSuspect(Suspect):
     def carriers(self, x, layer, width):
         # every tensor of the carrier's width is a candidate, whatever its name (a hostile file
         # can give the carrier's name to a decoy); the read-out counts the candidates in p
-        found = self.onnx.intermediates(x, width)
+        from .errors import OnnxTooMuch
+
+        try:
+            found = self.onnx.intermediates(x, width)
+        except OnnxTooMuch as exc:  # (the other schemes are still read)
+            return {}, f"not read: {exc}"
         return found, ("" if found else f"no tensor of width {width} in this model: not our architecture")
 
     def units(self, x):
-        found = self.onnx.intermediates(x, units=MAX_UNITS)
-        return np.concatenate(list(found.values()), axis=1) if found else None
+        from .errors import OnnxTooMuch
+
+        try:
+            found = self.onnx.intermediates(x, units=MAX_UNITS)
+        except OnnxTooMuch:
+            return None
+        if not found:
+            return None
+        # and each unit negated: the line-up follows units that rise with ours, and a carrier
+        # negated (its ReLU turned to a Min at 0, the next layer negated) falls with them
+        every = np.concatenate(list(found.values()), axis=1)
+        return np.concatenate([every, -every], axis=1)
 
 
 def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None = None,

@@ -266,6 +266,20 @@ def test_an_output_that_fails_the_model_as_a_whole_fails_the_reading():
     assert each_output(suspect, no_scores) == ["slow", "logits"]
 
 
+def test_more_tensors_than_deepsigns_reads_leave_the_hidden_scheme_unread_not_the_command(marked, monkeypatch):
+    """The carrier's tensors are more data than a worker may send back (1,300 distinct copies of
+    a 512-wide carrier pass 1 GiB; here the limit is lowered instead): the hidden scheme says it
+    was not read, and the command still reads the other schemes and gives its verdict."""
+    from helpers import PASSPHRASE
+
+    from deepsigns_cli import api
+
+    monkeypatch.setattr(runtime, "MAX_REPLY_BYTES", 1 << 19)  # (the worker is forked after this)
+    report = api.extract(marked.onnx, marked.keys, PASSPHRASE)
+    (hidden,) = report.results
+    assert hidden.p_value == 1.0 and hidden.note.startswith("not read:") and "more data" in hidden.note
+
+
 def test_extract_is_bounded_too(marked, suspects):
     path = loop_model(suspects / "loop.onnx")
     result = run_cli("extract", "--model", path, "--keys", marked.keys, "--timeout", 2, code=None)
