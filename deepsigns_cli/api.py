@@ -412,10 +412,11 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
         check_keys(keys)
         if not Path(model).is_file():
             raise InputError(f"model not found: {shown(model)}: check --party")
+    theirs = {sha256_file(model) for _, _, model in parties}
     for control in controls:
         if not Path(control).is_file():
             raise InputError(f"model not found: {shown(control)}: check --control")
-        if any(Path(control).resolve() == Path(model).resolve() for _, _, model in parties):
+        if sha256_file(control) in theirs:  # (the same bytes: a copy, a link)
             raise InputError(f"{shown(control)} is a party's model: a control is a model neither party made")
     if sha256_file(parties[0][0]) == sha256_file(parties[1][0]):  # (each would read its own mark twice)
         raise InputError("the two parties give the same key bundle: a dispute is between two owners' bundles")

@@ -178,7 +178,7 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-_TEMP_NAME = 200  # at most this much of an output's name starts its temporary file's (of 255 a name may have)
+_TEMP_NAME = 200  # at most this many bytes of an output's name start its temporary file's (of 255)
 # what the machine, not deepsigns, makes a write fail with: (errno, its text as libraries quote it)
 _MACHINE = [(errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
             (errno.EFBIG, "File too large"), (errno.EROFS, "Read-only file system")]
@@ -239,7 +239,7 @@ class Outputs:
         # under torchrun only the main process writes: the others write their copies to
         # private scratch files, removed at the end
         self.write = is_main_process()
-        self.inputs = {k: v for k, v in (inputs or {}).items() if v is not None}
+        self.inputs = {k: v for k, v in (inputs or {}).items() if v is not None and str(v) != ""}
         # (target, temp, mode, whether it was not there: then it must not be by the commit either)
         self._entries: list[tuple[Path, Path, int | None, bool]] = []
         self._locks: list[_Lock] = []
@@ -265,7 +265,8 @@ class Outputs:
         if target.exists():
             self._locks.append(_Lock(target, option))
         try:  # (the name cut short: a legal long name leaves room for the temporary's ends)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:_TEMP_NAME]}.", suffix=".part", dir=target.parent)
+            short = os.fsencode(target.name)[:_TEMP_NAME].decode("utf-8", "ignore")  # (bytes count, not characters)
+            fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".part", dir=target.parent)
             os.close(fd)
         except (OSError, ValueError) as exc:
             raise InputError(

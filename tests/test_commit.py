@@ -223,9 +223,12 @@ def test_a_full_disk_is_one_line_and_exit_2(marked, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_long_legal_name_is_written(tmp_path):
-    """A 245-character name: its temporary file's name had been too long for the file system."""
-    name = "m" * 233 + ".safetensors"
+@pytest.mark.parametrize("letter", ["m", "\u00e9", "\u6f22"], ids=["1 byte", "2 bytes", "3 bytes"])
+def test_a_long_legal_name_is_written(tmp_path, letter):
+    """A name of up to 255 bytes: its temporary file's name had been too long for the file system
+    (first for 245 one-byte characters, then for 80 three-byte ones: the cut counted characters)."""
+    name = letter * (243 // len(letter.encode())) + ".safetensors"
+    assert len(name.encode()) <= 255
     with fileio.Outputs(force=False) as outs:
         outs.add(tmp_path / name).write_bytes(b"x")
     assert (tmp_path / name).read_bytes() == b"x"

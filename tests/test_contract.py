@@ -7,7 +7,7 @@ import json
 import warnings
 
 import pytest
-from helpers import assert_bad_input, assert_one_error_line, run_cli, run_proc
+from helpers import assert_bad_input, assert_one_error_line, run_cli, run_json, run_proc
 from test_errors import snapshot
 
 from deepsigns_cli import api
@@ -105,6 +105,43 @@ def test_keys_that_can_never_reach_alpha_are_warned_of(tmp_path, marked, scheme,
     assert "above the default alpha" in result.stderr
     default = run_cli("keygen", "--model", marked.base, "--scheme", scheme, "--out", tmp_path / "d.dskey", code=0)
     assert "at best p" not in default.stderr
+
+
+@pytest.mark.parametrize("where", ["stderr", "help", "version"])
+def test_a_full_disk_never_reads_as_a_verdict_or_a_bug(marked, tmp_path, where):
+    """stderr on a full disk: a bad-input error had exited 1 ("not detected"); --help or --version
+    to a full disk had exited 3 ("a bug")."""
+    import os
+    import subprocess
+
+    from helpers import deepsigns_argv, process_env
+
+    argv = {"stderr": ["extract", "--model", str(tmp_path / "nowhere.onnx"), "--keys", str(marked.keys)],
+            "help": ["--help"], "version": ["--version"]}[where]
+    full = os.open("/dev/full", os.O_WRONLY)
+    streams = {"stdout": subprocess.PIPE, "stderr": full} if where == "stderr" else \
+        {"stdout": full, "stderr": subprocess.PIPE}
+    try:
+        proc = subprocess.run([*deepsigns_argv(), *argv], env=process_env(), stdin=subprocess.DEVNULL, timeout=120,
+                              **streams)
+    finally:
+        os.close(full)
+    assert proc.returncode == 2, proc
+
+
+def test_an_option_given_twice_is_refused_and_values_that_look_like_options_are_not(marked, tmp_path):
+    """click keeps the last of an option given twice without a word (`--sweep` twice swept the
+    last alone); the check must not take a value for an option (a file named --keys)."""
+    result = run_cli("export", marked.marked, "--out", tmp_path / "a.onnx", "--out", tmp_path / "b.onnx", code=2)
+    assert_one_error_line(result.stderr, result.stdout, "--out is given twice", " export --help")
+    # a message that reads "--out", then --out: one --out (the message's word is its value)
+    run_json("keygen", "--model", marked.base, "--message", "--out", "--out", tmp_path / "k.dskey", code=0)
+    # a suspect named "--keys" (--model may be given many times): the file, not an option, is missing
+    result = run_cli("extract", "--keys", marked.keys, "--model", "--keys", code=2)
+    assert "given twice" not in result.stderr and "--keys" in result.stderr
+    result = run_cli("attack", "noise", "--model", marked.marked, "--sigma", 1, "--sigma", 2,
+                     "--out", tmp_path / "n.safetensors", code=2)
+    assert_one_error_line(result.stderr, result.stdout, "--sigma is given twice", "attack noise --help")
 
 
 def test_message_with_a_lone_surrogate(tmp_path, marked):

@@ -205,23 +205,45 @@ def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_sweep_table_is_never_cropped(marked):
+@pytest.mark.parametrize("columns", ["20", "60", "80"])
+def test_a_sweep_table_is_never_cropped(blackbox, tmp_path, columns):
     """Drawn for 80 columns (a pipe, a file, a terminal), a three-scheme table lost its p-values
-    and both verdict columns without a mark: every column is drawn whole, whatever the width."""
+    and both verdict columns without a mark; for fewer, rich dropped whole columns: every column
+    is drawn whole, whatever the width."""
+    result = run_cli("attack", "noise", "--model", blackbox["marked_path"], "--sweep", "sigma=0,0.5",
+                     "--keys", blackbox["keys"], "--quiet", env={"COLUMNS": columns}, code=0)
+    header = next(line for line in result.stdout.splitlines() if "acc" in line)
+    assert header.split() == ["sigma", "acc", "output", "(p)", "extract", "verify"], result.stdout
+    victim = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["victim"])
+    assert victim.split()[-2:] == ["yes", "yes"], result.stdout
+
+
+@pytest.mark.parametrize("width", [20, 60, 80])
+def test_a_wide_sweep_table_keeps_every_column(width):
+    """Three schemes' columns and both verdicts (the report as a sweep of a three-scheme bundle
+    gives it): below their width rich had dropped whole columns (the strength, the accuracy,
+    a verdict) without a mark."""
     import io
 
-    from helpers import PASSPHRASE
     from rich.console import Console
 
-    from deepsigns_cli import api
     from deepsigns_cli.cli import render
+    from deepsigns_cli.results import BitsResult, GradResult, MatchResult, SweepReport, SweepRow, decide
 
-    report = api.sweep("noise", marked.marked, "sigma", [0.0, 0.5], marked.keys, PASSPHRASE, device="cpu")
+    def decision(errors: int) -> object:
+        results = [BitsResult("hidden", 1e-58, n_bits=192, bits="0" * 192, bit_errors=errors, ber=errors / 192),
+                   MatchResult("output", 1e-37, keys=100, matches=65, num_classes=10),
+                   GradResult("gradsigns", 1e-9, n_bits=64, bits="0" * 64, bit_errors=9, ber=9 / 64)]
+        return decide(results, 1e-9, command="extract", model="m", key_id="k")
+
+    rows = [SweepRow(value, 97.5, decision(0), decide([MatchResult("output", 1e-37, keys=100, matches=65,
+                                                                   num_classes=10)], 1e-9, command="verify",
+                                                      model="m", key_id="k"), 0.1) for value in (None, 0.5)]
     out = io.StringIO()
-    render.sweep(Console(file=out, width=30, force_terminal=False), report)
-    header = next(line for line in out.getvalue().splitlines() if "sigma" in line and "acc" in line)
-    assert header.split()[-2:] == ["extract", "verify"], out.getvalue()
-    assert sum(line.split()[-2] == "yes" for line in out.getvalue().splitlines() if line.split()[:1] == ["victim"]) == 1
+    render.sweep(Console(file=out, width=width), SweepReport("noise", "sigma", {}, 1e-9, "k", "c" * 64, rows))
+    header = next(line for line in out.getvalue().splitlines() if "acc" in line)
+    assert header.split() == ["sigma", "acc", "hidden", "(p)", "output", "(p)", "gradsigns", "(p)", "extract",
+                              "verify"], out.getvalue()
 
 
 def test_a_sweep_report_is_json(prune_sweep):

@@ -100,3 +100,7 @@ def test_keys_sealed_by_hand_that_claim_any_model_are_voided_by_a_control(blackb
     assert "claim is void" in report["reading"]
     checked = {c["keys_of"]: c for c in report["controls"]}
     assert checked["forger"]["detected"] and not checked["owner"]["detected"]
+    import shutil
+
+    shutil.copyfile(blackbox["marked_path"], tmp_path / "copy.safetensors")  # a party's model is no control
+    assert "is a party's model" in run_cli(*args, "--control", tmp_path / "copy.safetensors", code=2).stderr

@@ -261,6 +261,15 @@ def test_a_passphrase_file_that_is_no_such_file(tmp_path, marked, kind):
                         "pw", needle, "--passphrase-file", env={"DEEPSIGNS_PASSPHRASE": None})
 
 
+@pytest.mark.parametrize("command", ["extract", "keygen"])
+def test_an_empty_passphrase_file_path_is_named(tmp_path, marked, command):
+    """`--passphrase-file "$UNSET"`: extract had opened the bundle with DEEPSIGNS_PASSPHRASE instead,
+    keygen had refused its output as 'inside the --passphrase-file folder' (the path '.')."""
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model(command, case.base, "--passphrase-file", ""),
+                    "--passphrase-file is empty")
+
+
 def test_no_passphrase_with_stdin_closed(tmp_path, marked):
     """No passphrase and no stdin at all (Python's sys.stdin is None): exit 3 before."""
     case = Case(tmp_path, marked)

@@ -58,8 +58,12 @@ def stderr_console():
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
-    """One line on stderr (a newline inside the message cannot split it), then exit."""
-    click.echo(f"error: {shown(message)}", err=True)
+    """One line on stderr (a newline inside the message cannot split it), then exit with
+    `code` even where stderr cannot be written (a full disk): the code must not be lost."""
+    try:
+        click.echo(f"error: {shown(message)}", err=True)
+    except OSError:
+        pass
     sys.exit(code)
 
 
@@ -111,21 +115,23 @@ class OnceGroup(click.Group):
     def resolve_command(self, ctx, args):
         name, command, rest = super().resolve_command(ctx, args)
         if command is not None and not isinstance(command, click.Group):
-            _refuse_repeats(command, rest)
+            _refuse_repeats(command, rest, click.Context(command, info_name=name, parent=ctx))
         return name, command, rest
 
 
-def _refuse_repeats(command: click.Command, args: list[str]) -> None:
-    takes_one = {name: option.name for option in command.params if isinstance(option, click.Option)
-                 and not (option.multiple or option.is_flag or option.count) for name in option.opts}
+def _refuse_repeats(command: click.Command, args: list[str], ctx: click.Context) -> None:
+    takes = {name: option for option in command.params if isinstance(option, click.Option)
+             and not (option.is_flag or option.count) for name in option.opts}
     seen, i = set(), 0
     while i < len(args) and args[i] != "--":
         name = args[i].split("=", 1)[0]
-        if name in takes_one:
-            if takes_one[name] in seen:
-                raise click.UsageError(f"{name} is given twice: give it once")
-            seen.add(takes_one[name])
-            i += "=" not in args[i]  # (its value is the next word)
+        option = takes.get(name)
+        if option is not None:
+            if not option.multiple:
+                if option.name in seen:
+                    raise click.UsageError(f"{name} is given twice: give it once", ctx=ctx)
+                seen.add(option.name)
+            i += 0 if "=" in args[i] else option.nargs  # (its values are the next words, whatever they look like)
         i += 1
 
 
@@ -286,6 +292,8 @@ def passphrase_from(passphrase_file: str | None, *, confirm: bool = False, optio
 
 
 def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option: str = "--passphrase-file") -> str:
+    if passphrase_file == "":  # (an unset variable: not "no file", which would fall back on the environment)
+        raise InputError(f"{option} is empty: name the file that holds the passphrase")
     if passphrase_file:
         path = Path(passphrase_file)
         try:

@@ -200,7 +200,8 @@ def sweep(c, r) -> None:
         table.add_row(*cells)
     # as wide as its columns, even past the terminal's edge (which then wraps the lines): cropped
     # to 80 columns, a three-scheme table lost its verdicts without a mark
-    c.print(table, width=max(c.width, sum(widths) + 2 * len(widths) + 2), crop=False)
+    c.width = max(c.width, sum(widths) + 3 * len(widths) + 2)  # (print's own width may not pass the console's)
+    c.print(table, crop=False)
 
 
 def inspect(c, r) -> None:
