@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["Suspect", "TorchSuspect", "OnnxSuspect", "open_suspect", "MAX_UNITS"]
 
 # the units of an ONNX graph read side by side (`Suspect.units`), in the graph's order: with
-# the keys' 448 inputs, 56 MiB of activations and a line-up of 512 x 32768
+# the keys' 448 inputs, 56 MiB of activations, and a line-up of 512 x 65,536 (each unit also negated)
 MAX_UNITS = 1 << 15
 
 
