@@ -56,10 +56,11 @@ def test_message_round_trips(seeded_run):
 
 @pytest.mark.parametrize("carrier", ["zeros", "the same for every input", "NaN"])
 def test_a_carrier_that_reads_nothing_claims_nothing(seeded_run, tmp_path, carrier):
-    """An innocent hand-built model whose only tensor of the carrier's width is zeros, or the
-    same for every input (no unit to line up), projects every bit to exactly 0. Read as 0, those
-    bits matched the 0 bits of the owner's --message, which are most of a text's bits: 64
-    characters claimed such a model at p = 7e-17. Such a bit now reads nothing and counts as wrong."""
+    """An innocent hand-built model whose only tensor of the carrier's width is zeros, the same
+    for every input (no unit to line up) or NaN projects every bit to exactly 0 or NaN. Read as
+    0, those bits matched the 0 bits of the owner's --message, which are most of a text's bits:
+    64 characters claimed such a model at p = 7e-17 (NaN: 6e-12). Such a bit now reads nothing
+    and counts as wrong."""
     import numpy as np
     import onnx
     from onnx import TensorProto
