@@ -57,16 +57,16 @@ class ModelInfo:
         return meta
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], path: Path) -> ModelInfo:
+    def from_metadata(cls, meta: dict[str, str], path: Path,
+                      advice: str = "load its tensors with --arch, or re-save it with 'deepsigns train'") -> ModelInfo:
         """Parse and check a checkpoint's metadata. It is data from a file that may be hostile:
         every field is checked for type and range; the architecture it names is NOT trusted
-        here (load_checkpoint decides whether it may be built)."""
+        here (load_checkpoint decides whether it may be built). `advice` ends the error."""
         try:
             return _parse_metadata(meta)
         except ValueError as exc:
             raise CheckpointError(
-                f"{shown(path)} is a safetensors file without deepsigns metadata we can use ({exc}): "
-                "load its tensors with --arch, or re-save it with 'deepsigns train'"
+                f"{shown(path)} is a safetensors file without deepsigns metadata we can use ({exc}): {advice}"
             ) from None
 
 

@@ -42,15 +42,11 @@ def _bundle(path: Path) -> dict:
 
 
 def _checkpoint(path: Path) -> dict:
-    from .checkpoint import _parse_metadata, _read_safetensors
-    from .errors import CheckpointError, shown
+    from .checkpoint import ModelInfo, _read_safetensors
 
     state, meta = _read_safetensors(path)
-    try:
-        info = _parse_metadata(meta)
-    except ValueError as exc:  # (inspect has no --arch to offer, as the other commands do)
-        raise CheckpointError(f"{shown(path)} is a safetensors file without deepsigns metadata ({exc}): inspect shows "
-                              "the checkpoints deepsigns writes (train, embed, attack)") from None
+    # (inspect has no --arch to offer, as the other commands do)
+    info = ModelInfo.from_metadata(meta, path, "inspect shows the checkpoints deepsigns writes (train, embed, attack)")
     facts = {"kind": "checkpoint", "path": str(path), "arch": info.arch,
              "arch_kwargs": info.arch_kwargs, "input_shape": list(info.input_shape),
              "num_classes": info.num_classes, "lr": info.lr,

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InputError, Interrupted, OutputExistsError, shown
+from .errors import DeepSignsError, InputError, Interrupted, OutputExistsError, shown
 
 __all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "sha256_file",
            "is_main_process"]
@@ -193,16 +193,17 @@ def _place(tmp: Path, target: Path) -> None:
     system without hard links gets a rename after one more look)."""
     try:
         os.link(tmp, target)
+        return
     except FileExistsError:
-        raise OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass --force "
-                                "to replace it, or choose another path") from None
+        pass
     except OSError as exc:
         if exc.errno not in _NO_LINKS:
             raise
-        if os.path.lexists(target):
-            raise OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass "
-                                    "--force to replace it, or choose another path") from None
-        os.replace(tmp, target)
+        if not os.path.lexists(target):
+            os.replace(tmp, target)
+            return
+    raise OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass --force "
+                            "to replace it, or choose another path")
 
 
 def _write_failure(exc: BaseException, entries, *, committing: bool = False) -> InputError | None:
@@ -210,8 +211,6 @@ def _write_failure(exc: BaseException, entries, *, committing: bool = False) -> 
     file-size limit, a folder removed meanwhile), which is no bug of ours; None for any other
     (our own errors are one line already). `committing`: it came while the outputs were being
     renamed into place, so the first of them may be written."""
-    from .errors import DeepSignsError
-
     if isinstance(exc, DeepSignsError):
         return None
     done = "the outputs before it may be written" if committing else "nothing was written"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .defaults import DEFAULT_TIMEOUT
-from .errors import InputError, SchemeError, shown
+from .errors import InputError, OnnxTooMuch, SchemeError, shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -164,8 +164,6 @@ class OnnxSuspect(Suspect):
     def carriers(self, x, layer, width):
         # every tensor of the carrier's width is a candidate, whatever its name (a hostile file
         # can give the carrier's name to a decoy); the read-out counts the candidates in p
-        from .errors import OnnxTooMuch
-
         try:
             found = self.onnx.intermediates(x, width)
         except OnnxTooMuch as exc:  # (the other schemes are still read)
@@ -173,8 +171,6 @@ class OnnxSuspect(Suspect):
         return found, ("" if found else f"no tensor of width {width} in this model: not our architecture")
 
     def units(self, x):
-        from .errors import OnnxTooMuch
-
         try:
             found = self.onnx.intermediates(x, units=MAX_UNITS)
         except OnnxTooMuch:

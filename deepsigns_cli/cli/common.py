@@ -346,13 +346,19 @@ def emit(report, json_: bool, render) -> None:
             render(_console(), report)
         sys.stdout.flush()
     except OSError as exc:  # never exit 0 or 1 when the report is lost: those read as a verdict
-        if sys.stdout is not None:  # (Python's last flush at exit would fail again)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        if isinstance(exc, BrokenPipeError):
-            fail("stdout was closed before the report was printed; any file the command wrote is "
-                 "complete: keep the reader open, or send the report to a file", EXIT_BROKEN_PIPE)
-        fail(f"cannot print the report on stdout ({exc.strerror or exc}); any file the command wrote is "
-             "complete: send the report somewhere it can be written")
+        stdout_failed(exc, "the report", "; any file the command wrote is complete")
+
+
+def stdout_failed(exc: OSError, what: str, written: str = "") -> None:
+    """Exit for `what` that stdout did not take: 141 when it was closed (its reader gone), 2
+    otherwise (a full disk); `written` says what stands of the command's work."""
+    if sys.stdout is not None:  # (Python's last flush at exit would fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if isinstance(exc, BrokenPipeError):
+        fail(f"stdout was closed before {what} was printed{written}: keep the reader open, or send {what} "
+             "to a file", EXIT_BROKEN_PIPE)
+    fail(f"cannot print {what} on stdout ({exc.strerror or exc}){written}: send {what} somewhere it can be "
+         "written")
 
 
 def emit_decision(report, json_: bool, render) -> None:

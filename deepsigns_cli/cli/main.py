@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import signal
 import sys
 import threading
@@ -13,7 +12,7 @@ import click
 
 from .. import __version__
 from ..errors import Interrupted, one_line
-from .common import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, OnceGroup, State, fail, internal_error, interrupted
+from .common import EXIT_BAD_INPUT, OnceGroup, State, fail, internal_error, interrupted, stdout_failed
 
 COMMANDS = {
     "train": "Train a plain (unmarked) baseline model.",
@@ -81,11 +80,7 @@ class LazyGroup(OnceGroup):
             except (SystemExit, click.exceptions.Exit):
                 raise
             except OSError as exc:  # click's own printing (--help, --version) to a closed or full stdout
-                if sys.stdout is not None:
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush)
-                if isinstance(exc, BrokenPipeError):
-                    fail("stdout was closed before the text was printed", EXIT_BROKEN_PIPE)
-                fail(f"cannot print on stdout ({exc.strerror or exc}): send it somewhere it can be written")
+                stdout_failed(exc, "the text")
             except Exception as exc:  # a bug outside any command (parsing, loading)
                 internal_error(exc)
         sys.exit(code if isinstance(code, int) else 0)

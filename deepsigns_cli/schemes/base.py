@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import BundleError
+from ..errors import BundleError, DeepSignsError
 from ..registry import load_scheme, scheme_entry
 from ..results import SchemeKeys, SchemeResult
 
@@ -92,8 +92,6 @@ def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> list:
     is no reading, unless no output can be read: then the first one's error stands. A suspect
     that fails as a whole (no answer in time, a crash) fails the reading: a verdict from the
     outputs it gave before would hide that it was not read."""
-    from ..errors import DeepSignsError
-
     outputs, readings, first = suspect.outputs(), [], None
     for output in outputs:
         try:
