@@ -1,6 +1,7 @@
 """`make bench`: what embedding costs at scale (issue 10), each figure from the code the CLI runs.
 
-    .venv/bin/python scripts/bench.py [overhead] [floor] [every] [threads] [scaling] [memory] [optimizer] [--repeats 11]
+    .venv/bin/python scripts/bench.py [overhead] [floor] [every] [threads] [scaling] [memory] [optimizer] [gpu]
+                                      [--repeats 11]
                                       [--out figures/bench]
 
 - overhead: seconds per epoch of the hidden-layer embedding against plain fine-tuning of the
@@ -23,6 +24,8 @@
 - optimizer: seconds per epoch of plain fine-tuning and of the embedding (the digits MLP and
   CNN, Adam) with torch's default optimiser (a loop over the tensors on the CPU) and with the
   fused one the loop uses, interleaved as above.
+- gpu (not run by default; needs CUDA): samples per second of plain fine-tuning, the embedding
+  and the port-style step on the GPU, fp32 and bf16, interleaved as in overhead (`gpu`).
 - memory: peak RSS of one `deepsigns embed` process (the CNN, one epoch) on generated 32x32
   image folders of 2,000 and of 20,000 images (the larger must need less than 1.2x the smaller).
 """
@@ -67,10 +70,11 @@ def _cli(*args, env=None) -> dict:
     return json.loads(proc.stdout)
 
 
-def _owner(out: Path, arch: str, data: str, tag: str, epochs: int = 3, seed: int = 0) -> tuple[Path, Path]:
+def _owner(out: Path, arch: str, data: str, tag: str, epochs: int = 3, seed: int = 0,
+           device: str = "cpu") -> tuple[Path, Path]:
     base, keys = out / f"{tag}-base.safetensors", out / f"{tag}.dskey"
     if not base.exists():
-        _cli("train", "--arch", arch, "--data", data, "--epochs", epochs, "--seed", seed, "--device", "cpu",
+        _cli("train", "--arch", arch, "--data", data, "--epochs", epochs, "--seed", seed, "--device", device,
              "--out", base, "--force")
     if not keys.exists():
         _cli("keygen", "--model", base, "--data", data, "--scheme", "hidden", "--seed", seed, "--out", keys,
@@ -145,13 +149,16 @@ def every_k(objective, k: int):
 
 
 def _interleaved(out: Path, arch: str, repeats: int, sides: dict, threads: int | None = 1,
-                 blas_threads: int | None = 1) -> tuple[dict, int]:
+                 blas_threads: int | None = 1, device: str = "cpu", precision: str = "fp32", batch_size: int = 64,
+                 copies: int = 1) -> tuple[dict, int]:
     """({side: median seconds per epoch}, training samples): one epoch of fine-tuning a fresh
     copy of the owner's `arch` model per side and round, in one process, the sides rotated
     round by round (drifting load favours none). A side is (what its objectives are: none,
     "embed", "port", "floor" or "every<k>"; torch's default optimiser instead of the loop's).
     torch on `threads` threads (None: its default), numpy's BLAS on `blas_threads` while the loop
-    runs (TrainConfig.blas_threads; None: numpy's default)."""
+    runs (TrainConfig.blas_threads; None: numpy's default). On `device` at `precision` and
+    `batch_size`; `copies` > 1: the training set decoded into memory and repeated that many times
+    (epochs long enough to time on a GPU; the keys' rows are those of the first copy)."""
     import torch
 
     from deepsigns_cli import api
@@ -163,9 +170,12 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict, threads: int |
     if threads is not None:
         torch.set_num_threads(threads)
     data_spec = str(_folder(out, 2000)) if arch == "resnet" else "digits"
-    base, keys = _owner(out, arch, data_spec, f"overhead-{arch}")
+    base, keys = _owner(out, arch, data_spec, f"overhead-{arch}", device=device)
     model, info = load_checkpoint(base, arch=None)
     data = api.load_dataset(data_spec, base)  # an image folder as the checkpoint recorded it
+    x, y = data.x_train, data.y_train
+    if copies > 1:
+        x, y = np.concatenate([np.asarray(x)] * copies), np.concatenate([y] * copies)
     scheme = load_scheme("hidden")
     keyset = scheme.check(open_bundle(keys, PASSPHRASE).schemes["hidden"])
     seconds: dict[str, list[float]] = {name: [] for name in sides}
@@ -182,12 +192,12 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict, threads: int |
                                                                  torch.zeros_like(centres))
             if kind is not None and kind.startswith("every"):
                 every_k(objectives[0], int(kind[len("every"):]))
-            history = fit(net, data.x_train, data.y_train,
-                          TrainConfig(epochs=1, lr=info.lr, seed=i, device="cpu", fused=not torch_default,
-                                      blas_threads=blas_threads), objectives)
+            history = fit(net, x, y, TrainConfig(epochs=1, batch_size=batch_size, lr=info.lr, seed=i, device=device,
+                                                 precision=precision, fused=not torch_default,
+                                                 blas_threads=blas_threads), objectives)
             if i:
                 seconds[name].append(history["epoch_seconds"][0])
-    return {name: float(np.median(values)) for name, values in seconds.items()}, len(data.y_train)
+    return {name: float(np.median(values)) for name, values in seconds.items()}, len(y)
 
 
 def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: bool = False) -> dict:
@@ -209,6 +219,34 @@ def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: boo
             result[arch]["floor_ratio"] = median["floor"] / plain
             line += f"; with a term of zero {result[arch]['floor_ratio']:.2f}x"
         print(line, flush=True)
+    return result
+
+
+def gpu(out: Path, repeats: int, device: str = "cuda") -> dict:
+    """On CUDA: samples per second of plain fine-tuning, of our embedding and of the port-style
+    step, interleaved as in overhead, at fp32 and under bf16 autocast: the digits MLP and CNN
+    (1,437 rows, batches of 64) and the ResNet (the 2,000 generated 32x32 images, decoded once
+    and repeated 5 times: 10,000 rows an epoch; batches of 64 and of 256). (`device` cpu: a
+    rehearsal of the figure, scripts/device_check.sh's)"""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench gpu: torch sees no GPU here")
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    result = {"device": name, "torch": torch.__version__}
+    sides = {"plain": (None, False), "embed": ("embed", False), "port": ("port", False)}
+    for arch, batch_size, copies in (("mlp", 64, 1), ("cnn", 64, 1), ("resnet", 64, 5), ("resnet", 256, 5)):
+        for precision in ("fp32", "bf16") if device == "cuda" else ("fp32",):
+            median, samples = _interleaved(out, arch, repeats, sides, threads=None, device=device,
+                                           precision=precision, batch_size=batch_size, copies=copies)
+            rates = {side: samples / s for side, s in median.items()}
+            result[f"{arch} {batch_size} {precision}"] = {"samples_per_second": rates,
+                                                          "ratio": median["embed"] / median["plain"],
+                                                          "port_style_ratio": median["port"] / median["plain"]}
+            print(f"gpu ({name}) {arch} --batch-size {batch_size} {precision}: samples/s plain "
+                  f"{rates['plain']:.0f}, embed {rates['embed']:.0f}, port style {rates['port']:.0f}; embed / plain "
+                  f"{median['embed'] / median['plain']:.2f}x, port style {median['port'] / median['plain']:.2f}x",
+                  flush=True)
     return result
 
 
@@ -381,12 +419,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch-size", type=int, default=128, help="of the scaling figure")
     parser.add_argument("--out", type=Path, default=ROOT / "figures" / "bench")
+    parser.add_argument("--device", default="cuda", help="of the gpu figure")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started, body = time.perf_counter(), {}
     figures = {"overhead": lambda: overhead(args.out, args.repeats),
                "floor": lambda: overhead(args.out, args.repeats, ("mlp", "cnn"), floor=True),
                "every": lambda: every(args.out, args.repeats),
+               "gpu": lambda: gpu(args.out, args.repeats, args.device),
                "threads": lambda: threads(args.out, args.repeats),
                "scaling": lambda: scaling(args.out, batch_size=args.batch_size),
                "memory": lambda: memory(args.out),
