@@ -129,6 +129,20 @@ def test_a_full_disk_never_reads_as_a_verdict_or_a_bug(marked, tmp_path, where):
     assert proc.returncode == 2, proc
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["keygen", "--help"]])
+def test_help_into_a_closed_stdout_is_not_success(argv):
+    """With stdout closed, Python has no sys.stdout and click printed --help nowhere, exit 0."""
+    import os
+    import subprocess
+
+    from helpers import deepsigns_argv, process_env
+
+    proc = subprocess.run([*deepsigns_argv(), *argv], env=process_env(), stdin=subprocess.DEVNULL, timeout=120,
+                          stdout=None, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 141, proc
+    assert_one_error_line(proc.stderr, "", "stdout was closed before the text was printed")
+
+
 def test_an_option_given_twice_is_refused_and_values_that_look_like_options_are_not(marked, tmp_path):
     """click keeps the last of an option given twice without a word (`--sweep` twice swept the
     last alone); the check must not take a value for an option (a file named --keys)."""

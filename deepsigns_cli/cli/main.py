@@ -83,6 +83,9 @@ class LazyGroup(OnceGroup):
                 stdout_failed(exc, "the text")
             except Exception as exc:  # a bug outside any command (parsing, loading)
                 internal_error(exc)
+            if sys.stdout is None:  # (stdout closed at start: click printed --help or --version nowhere; a
+                # command's report had already failed in emit)
+                stdout_failed(BrokenPipeError(32, "stdout is closed"), "the text")
         sys.exit(code if isinstance(code, int) else 0)
 
 
