@@ -140,6 +140,7 @@ def seal(bundle: Bundle, passphrase: str) -> bytes:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     kdf = dict(_SCRYPT, salt=base64.b64encode(os.urandom(16)).decode())
+    plain = _plaintext(bundle)
     header = {
         "format": "deepsigns-keys",
         "version": BUNDLE_VERSION,
@@ -150,16 +151,20 @@ def seal(bundle: Bundle, passphrase: str) -> bytes:
         "kdf": kdf,
         "cipher": "AES-256-GCM",
         "key_id": bundle.header.get("key_id") or _secrets.token_hex(8),
+        # what follows the header (nonce, ciphertext, tag): a file cut short or added to is
+        # told apart from a wrong passphrase, and inspect shows no commitment of it
+        "sealed_bytes": _NONCE + len(plain) + _TAG,
     }
     head = json.dumps(header, sort_keys=True).encode()
     prefix = MAGIC + struct.pack(">I", len(head)) + head
-    nonce = os.urandom(12)
-    cipher = AESGCM(_derive(passphrase, kdf)).encrypt(nonce, _plaintext(bundle), prefix)
+    nonce = os.urandom(_NONCE)
+    cipher = AESGCM(_derive(passphrase, kdf)).encrypt(nonce, plain, prefix)
     bundle.header = header
     return prefix + nonce + cipher
 
 
 _MAX_HEADER = 64 * 1024  # bytes: keygen writes about 400
+_NONCE, _TAG = 12, 16  # AES-GCM's, in bytes
 _KEY_ID = re.compile(r"[0-9a-f]{8,64}")
 _SCHEME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
@@ -195,6 +200,9 @@ def _header_problem(header) -> str | None:
         return "'cipher' is not AES-256-GCM"
     if not isinstance(header.get("key_id"), str) or not _KEY_ID.fullmatch(header["key_id"]):
         return "'key_id' is not a hexadecimal key id"
+    sealed = header.get("sealed_bytes", _NONCE + _TAG)  # (bundles before it have none)
+    if type(sealed) is not int or sealed < _NONCE + _TAG:
+        return "'sealed_bytes' is not a size"
     return None
 
 
@@ -253,13 +261,23 @@ def _parse_header(data: bytes, path: Path) -> tuple[int, dict]:
     return end, header
 
 
-def _split(data: bytes, path: Path) -> tuple[bytes, dict, bytes]:
-    end, header = _parse_header(data, path)
-    if end + 12 + 16 > len(data):
+def _check_size(header: dict, end: int, size: int, path: Path) -> None:
+    """BundleError unless the file's `size` is what its header (ending at `end`) says."""
+    if end + _NONCE + _TAG > size:
         raise BundleError(
             f"{shown(path)} is not a deepsigns key bundle (or it is damaged: it ends before its "
             "sealed payload): give the .dskey that keygen wrote"
         )
+    if "sealed_bytes" in header and end + header["sealed_bytes"] != size:
+        raise BundleError(
+            f"{shown(path)} is damaged: its header says {end + header['sealed_bytes']} bytes, the file has {size} "
+            "(cut short or added to): give the .dskey that keygen wrote, copied whole"
+        )
+
+
+def _split(data: bytes, path: Path) -> tuple[bytes, dict, bytes]:
+    end, header = _parse_header(data, path)
+    _check_size(header, end, len(data), path)
     return data[:end], header, data[end:]
 
 
@@ -276,11 +294,7 @@ def read_header(path: str | Path) -> dict:
     except OSError as exc:
         raise BundleError(f"cannot read {shown(path)} ({one_line(exc)}): check the file's permissions") from None
     end, header = _parse_header(head, path)
-    if end + 12 + 16 > size:
-        raise BundleError(
-            f"{shown(path)} is not a deepsigns key bundle (or it is damaged: it ends before its "
-            "sealed payload): give the .dskey that keygen wrote"
-        )
+    _check_size(header, end, size, path)
     return header
 
 
@@ -327,7 +341,7 @@ def _open(path: Path, prefix: bytes, header: dict, body: bytes, passphrase: str)
 
     try:
         key = _derive(passphrase, header["kdf"])
-        plain = AESGCM(key).decrypt(body[:12], body[12:], prefix)
+        plain = AESGCM(key).decrypt(body[:_NONCE], body[_NONCE:], prefix)
     except InvalidTag:
         raise BundleError(f"cannot open {shown(path)}: wrong passphrase or tampered bundle; {_FIX}") from None
     except (KeyError, TypeError, ValueError, OverflowError):

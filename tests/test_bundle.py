@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from helpers import MESSAGE, PASSPHRASE, run_cli, run_json
 
-PUBLIC_HEADER = {"format", "version", "schemes", "created", "updated", "kdf", "cipher", "key_id"}
+# (sealed_bytes: the size of what follows the header, which the file's size shows anyway)
+PUBLIC_HEADER = {"format", "version", "schemes", "created", "updated", "kdf", "cipher", "key_id", "sealed_bytes"}
 
 
 def sha256(path) -> str:
@@ -85,6 +86,21 @@ def test_wrong_passphrase_fails_closed(tmp_path, sample_bundle):
     write_bundle(sample_bundle, path, PASSPHRASE)
     with pytest.raises(BundleError, match="wrong passphrase or tampered"):
         open_bundle(path, PASSPHRASE + "!")
+
+
+@pytest.mark.parametrize("damage", ["cut short", "added to"])
+def test_a_bundle_cut_short_or_added_to_is_told_apart(tmp_path, marked, damage):
+    """A bundle cut short after its header had shown a commitment in inspect (of the damaged
+    file) and read as "wrong passphrase or tampered" everywhere else."""
+    data = marked.keys.read_bytes()
+    path = tmp_path / "copy.dskey"
+    path.write_bytes(data[: len(data) // 2] if damage == "cut short" else data + b"\n")
+    for args in (["inspect", path], ["extract", "--model", marked.marked, "--keys", path]):
+        result = run_cli(*args, code=2)
+        assert "is damaged: its header says" in result.stderr and "(cut short or added to)" in result.stderr
+        assert "commitment" not in result.output
+    path.write_bytes(data)  # whole again
+    assert json.loads(run_cli("inspect", path, "--json").stdout)["commitment"] == sha256(marked.keys)
 
 
 def test_header_is_public_and_holds_no_secret(marked):

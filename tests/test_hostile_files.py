@@ -483,8 +483,11 @@ def _sealed_with_payload(keys: Path, plaintext: bytes) -> bytes:
 
     data = keys.read_bytes()
     (n,) = struct.unpack(">I", data[8:12])
-    prefix = data[:12 + n]
-    key = _derive(PASSPHRASE, json.loads(data[12:12 + n])["kdf"])
+    header = json.loads(data[12:12 + n])
+    header["sealed_bytes"] = 12 + len(plaintext) + 16
+    head = json.dumps(header).encode()
+    prefix = data[:8] + struct.pack(">I", len(head)) + head
+    key = _derive(PASSPHRASE, header["kdf"])
     nonce = b"\0" * 12
     return prefix + nonce + AESGCM(key).encrypt(nonce, plaintext, prefix)
 
