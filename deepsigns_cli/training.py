@@ -391,8 +391,10 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
                         parts.append(extra)
                     own.append(slice(at, at + n))
                     at += n
-                xb = torch.cat([p[0].float() for p in parts]).to(device, non_blocking=True)
-                yb = torch.cat([p[1].to(yt.dtype) for p in parts]).to(device, non_blocking=True)
+                # (each part to the device first: the loader's batch is pinned on CUDA, and a
+                # tensor joined on the host would not be, which makes its copy a blocking one)
+                xb = torch.cat([p[0].to(device, non_blocking=True).float() for p in parts])
+                yb = torch.cat([p[1].to(device, non_blocking=True).to(yt.dtype) for p in parts])
                 if need_grad:
                     xb.requires_grad_(True)
                 # 3. one forward pass: the loss on the training batch, plus each objective's term
