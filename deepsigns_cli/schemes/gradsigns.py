@@ -22,6 +22,7 @@ exactly zero (scores rounded flat) is no reading and counts as a wrong bit.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
@@ -233,12 +234,25 @@ def central_differences(suspect, arrays: dict, target: int, step: float, budget:
     dirs = np.zeros((n, flat.shape[1]), np.float32)
     dirs[:, carriers] = _unit_rows(K) * step
     batch = np.concatenate([flat[:, None, :] + dirs[None], flat[:, None, :] - dirs[None]], axis=1)
-    scores = suspect.scores(batch.reshape(s * 2 * n, *x.shape[1:]), output)
-    if scores.ndim != 2 or target >= scores.shape[1]:
-        raise InputError(f"the suspect gives {scores.shape[-1] if scores.ndim else 0} scores per input, the "
+    # the queries go in an order the suspect cannot know: a graph can read a row's place in
+    # its batch (Shape, Range, Mod), and in the layout above the place tells which bit and
+    # which side of it the row asks for; with a known --message, an untrained graph that
+    # answered by place had read every bit (p = 1e-19). The order comes from K, a secret.
+    order = _secret_order(K, s * 2 * n)
+    asked = suspect.scores(batch.reshape(s * 2 * n, *x.shape[1:])[order], output)
+    if asked.ndim != 2 or target >= asked.shape[1]:
+        raise InputError(f"the suspect gives {asked.shape[-1] if asked.ndim else 0} scores per input, the "
                          f"GradSigns keys need class {target}: not the model the keys were made for")
+    scores = np.empty_like(asked)
+    scores[order] = asked
     ce = cross_entropy(scores, target).reshape(s, 2, n)
     return (ce[:, 0] - ce[:, 1]) / (2 * step), s * 2 * n
+
+
+def _secret_order(K: np.ndarray, count: int) -> np.ndarray:
+    """A permutation of `count` rows drawn from the secret K: the same for the same keys."""
+    seed = np.frombuffer(hashlib.sha256(np.ascontiguousarray(K, np.float32).tobytes()).digest(), np.uint32)
+    return np.random.default_rng(seed).permutation(count)
 
 
 class GradObjective(Objective):
