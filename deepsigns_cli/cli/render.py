@@ -114,7 +114,8 @@ def dispute(c, r) -> None:
         c.print(f"{text(p.name)}: keys {text(p.keys)}, commitment {p.commitment}", highlight=False)
     c.print(f"[bold]{text(r.reading)}[/]")
     c.print("a claim counts only if its commitment was published before the dispute (keygen and "
-            "embed print the claim record to publish)", highlight=False)
+            "embed print the claim record to publish); keys can be fitted to a model one holds, so of two "
+            "commitments the one published first decides, whatever this reading says", highlight=False)
 
 
 def train(c, r) -> None:
