@@ -479,6 +479,9 @@ class Samples:
 # ============================================================================ image folders
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# the only decoders Pillow may try, whatever a file's name: left to guess, it recognises an
+# EPS file named x.png and runs Ghostscript (an external program) on the adversary's file
+IMAGE_FORMATS = ("PNG", "JPEG")
 _MEAN_STD_IMAGES = 512  # training images the per-channel mean and std are computed on
 _MAX_RECORD = 60_000  # characters of the preprocessing record: a checkpoint field holds 64 KiB
 _FOLDER_FIX = "an image folder holds DIR/train/<class>/*.png|jpg|jpeg and DIR/test/<class>/*"
@@ -509,6 +512,9 @@ def _pil():
 
 
 def _unreadable(path: str, exc: BaseException) -> DataError:
+    if type(exc).__name__ == "UnidentifiedImageError":  # (PIL's: no decoder of IMAGE_FORMATS takes it)
+        return DataError(f"image {shown(path)} is not a PNG or JPEG file: deepsigns decodes no other format, "
+                         "whatever the file's name, and fails rather than skip it; convert or remove the file")
     return DataError(f"cannot read image {shown(path)} ({one_line(exc, 120)}): deepsigns fails on an "
                      "unreadable image rather than skip it; repair or remove the file")
 
@@ -549,7 +555,7 @@ class _ImageFiles:
 def _decode(path: str, size: int, channels: int) -> np.ndarray:
     image = _pil()
     try:
-        with image.open(path) as im:
+        with image.open(path, formats=IMAGE_FORMATS) as im:
             _check_pixels(im, path)
             white = _WIDE_MODES.get(im.mode)
             if white is not None:  # its own range scaled to [0, 1], in float (mode F)
@@ -653,7 +659,7 @@ def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[i
         for name in names[split]:
             path = os.path.join(root, name)
             try:
-                with image.open(path) as im:
+                with image.open(path, formats=IMAGE_FORMATS) as im:
                     _check_pixels(im, path)
                     if first is None:
                         first = (im.mode, im.size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bad_input, partial_files, run_cli, run_json
+from helpers import assert_bad_input, assert_one_error_line, partial_files, run_cli, run_json, run_proc
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import TensorDataset
 
@@ -310,6 +311,29 @@ def _check_bad(tmp_path: Path, args: list, *needles: str) -> str:
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before, "a failed command wrote a file"
     assert partial_files(tmp_path) == []
     return line
+
+
+def test_a_file_of_another_format_under_an_image_name_runs_nothing(folder, tmp_path):
+    """An EPS file named .png: Pillow, left to guess the format, ran Ghostscript (an external
+    program, here a stand-in that leaves a mark) on the adversary's file. Only the PNG and JPEG
+    decoders are tried now, so it is refused like any unreadable image, as is a BMP named .png."""
+    from PIL import Image
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ran = tmp_path / "ghostscript-ran"
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    for name, write in {"zz-page.png": lambda p: p.write_bytes(
+                            b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n"),
+                        "zz-bitmap.png": lambda p: Image.new("L", (8, 8)).save(p, format="BMP")}.items():
+        imgs = _copy(folder, tmp_path / name)
+        write(imgs / "train" / "4" / name)
+        proc = run_proc("train", "--arch", "cnn", "--data", imgs, "--epochs", 1, "--out", tmp_path / "m.safetensors",
+                        env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        assert proc.returncode == 2, proc.stderr
+        assert_one_error_line(proc.stderr, proc.stdout, name, "is not a PNG or JPEG file", "convert or remove")
+        assert not ran.exists() and not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.mark.parametrize("case", list(BAD_FOLDERS))
