@@ -907,7 +907,9 @@ def train_model(arch: str, data: Dataset, *, arch_kwargs: dict | None = None, ep
 def process_group(device: str = "auto"):
     """The run's process group when torchrun started this process (nothing otherwise): a
     data-parallel `train` or `embed` runs inside it."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+    from .fileio import run_place
+
+    if run_place()[1] == 1:
         yield
         return
     from .training import distributed

@@ -29,10 +29,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DeepSignsError, InputError, Interrupted, OutputExistsError, shown
+from .errors import DeepSignsError, InputError, Interrupted, OutputExistsError, one_line, shown
 
 __all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "sha256_file",
-           "is_main_process"]
+           "is_main_process", "run_place"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -175,7 +175,38 @@ def held_signals() -> Iterator[list[int]]:
 def is_main_process() -> bool:
     """Whether this process writes files and prints the report: the only one, or under torchrun
     the first (RANK 0)."""
-    return os.environ.get("RANK", "0") in ("", "0")
+    return run_place()[0] == 0
+
+
+def run_place() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) where neither is set. InputError for a
+    torch.distributed environment that is incomplete or wrong: a stray RANK=1 had made a plain
+    `keygen` report a bundle it never wrote (a process not the first writes nothing), a stray
+    WORLD_SIZE=2 waited 10 minutes for a rendezvous, and a word in either was an internal error."""
+    env = os.environ
+
+    def wrong(given: str, expected: str) -> InputError:
+        return InputError(f"this process's torch.distributed settings are wrong ({given}, where torchrun sets "
+                          f"{expected}): run under torchrun or with --nproc N, or unset RANK, WORLD_SIZE, "
+                          "MASTER_ADDR and MASTER_PORT")
+
+    def number(name: str, low: int, high: int, default: int | None = None, expected: str = "") -> int:
+        text = env.get(name, "")
+        if not text and default is not None:
+            return default
+        if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+            raise wrong(f"{name}={one_line(repr(text), 40)}" if text else f"no {name}", expected or f"{low} to {high}")
+        return int(text)
+
+    world = number("WORLD_SIZE", 1, 1 << 20, default=1)
+    rank = number("RANK", 0, world - 1, default=None if world > 1 else 0,
+                  expected=f"0 to WORLD_SIZE - 1, and WORLD_SIZE is {env.get('WORLD_SIZE') and world or 'not set'}")
+    if world > 1:
+        number("MASTER_PORT", 1, 65535)
+        number("LOCAL_RANK", 0, world - 1, default=0)
+        if not env.get("MASTER_ADDR"):
+            raise wrong("no MASTER_ADDR", "the first process's host")
+    return rank, world
 
 
 _TEMP_NAME = 200  # at most this many bytes of an output's name start its temporary file's (of 255)

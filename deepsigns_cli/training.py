@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -80,9 +82,11 @@ class Processes:
     def current(cls) -> Processes:
         import torch.distributed as dist
 
+        from .fileio import run_place
+
         if _grouped():
             return cls(dist.get_rank(), dist.get_world_size())
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        return cls(*run_place())
 
     @property
     def alone(self) -> bool:
@@ -187,14 +191,26 @@ def distributed(device: str = "auto"):
     another process ends this one with one line, and nothing is written."""
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from .fileio import run_place
+
+    world = run_place()[1]
     if world == 1 or _grouped():
         yield
         return
     use_cuda = resolve_device(device).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    # the rendezvous waits in C++ (up to the timeout, for machines that start late), where a
+    # Python handler never runs: Ctrl-C, SIGTERM and SIGHUP end the process at once meanwhile
+    # (nothing is written yet), instead of 10 minutes later
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers = {s: signal.signal(s, signal.SIG_DFL) for s in stops} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     try:
         yield
     except RuntimeError as exc:  # a collective whose peer is gone (gloo, nccl); a bug goes on up

@@ -139,3 +139,46 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
         assert left == [], "the run's processes outlived the command"
     time.sleep(3)
     assert not marked.exists() and keys.read_bytes() == sealed and partial_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("stray", [{"RANK": "1"}, {"WORLD_SIZE": "2"}, {"RANK": "first"},
+                                   {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                    "MASTER_PORT": "99999"}],
+                         ids=["rank-alone", "world-alone", "rank-a-word", "port-out-of-range"])
+def test_a_stray_distributed_environment_is_one_line_and_nothing_else(tmp_path, stray):
+    """A plain command run where torch.distributed variables are left over: RANK=1 made keygen
+    report a sealed bundle it never wrote (exit 0; a process not the first writes nothing),
+    WORLD_SIZE=2 waited 10 minutes for a rendezvous, a word or a bad port was an internal error."""
+    sample = TESTS.parent / "sample_models" / "digits-mlp.safetensors"
+    for args in (["keygen", "--model", sample, "--out", tmp_path / "k.dskey"],
+                 ["train", "--arch", "mlp", "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors"]):
+        proc = run_proc(*args, env={**ENV, **stray}, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert_one_error_line(proc.stderr, proc.stdout, "torch.distributed settings are wrong", "unset RANK")
+        assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_ends_a_rendezvous_that_never_completes(tmp_path):
+    """Rank 0 of 2, its peer never started: it waits in C++ for the rendezvous, where no Python
+    handler runs, and SIGTERM had gone unheard until the 10-minute timeout. It ends at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = process_env({**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    out = tmp_path / "m.safetensors"
+    proc = subprocess.Popen([*deepsigns_argv(), "train", "--arch", "mlp", "--epochs", "1", "--device", "cpu",
+                             "--out", str(out)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:  # rank 0 serves the rendezvous's store at MASTER_PORT once it waits there
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+        with socket.socket() as knock:
+            if knock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    assert not out.exists() and partial_files(tmp_path) == []
