@@ -128,8 +128,8 @@ def test_inspect_shows_the_commitment_and_no_secret(marked):
     for needle in (MESSAGE, "trigger", "head:input", secrets.info["marked_fingerprint"],
                    f"{a[0, 0]:.5f}", f"{a[1, 1]:.5f}"):
         assert needle not in result.output
-    human = run_cli("inspect", marked.keys).output
-    assert report["commitment"][:20] in human and MESSAGE not in human
+    human = run_cli("inspect", marked.keys, env={"COLUMNS": "80"}).output
+    assert f"commitment (SHA-256): {report['commitment']}\n" in human and MESSAGE not in human  # (whole at 80 columns)
 
 
 def test_bundle_bytes_hold_no_plaintext(marked):

@@ -28,7 +28,7 @@ def kv_table(title: str, rows: list[tuple[str, object]]):
 
     table = Table(title=text(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # (a long word, as a commitment, on two lines: never cut with "...")
     for k, v in rows[:_MAX_ROWS]:
         table.add_row(text(k), text(_brief(str(v))))
     if len(rows) > _MAX_ROWS:  # (a file may hold 300,000 metadata fields: rich took minutes on them)
@@ -133,10 +133,16 @@ def claim(c, record: dict) -> None:
     c.print(json.dumps(record, sort_keys=True), soft_wrap=True, highlight=False, markup=False)
 
 
+def commitment(c, value: str, label: str = "commitment (SHA-256)") -> None:
+    """A commitment on a line of its own, never wrapped nor cut: it is copied to be published
+    (inside a table of 80 columns it had been cut short with "...")."""
+    c.print(f"{label}: {value}", soft_wrap=True, highlight=False, markup=False)
+
+
 def keygen(c, r) -> None:
     c.print(kv_table("key bundle sealed", [
-        ("schemes", ", ".join(r.schemes)), ("key id", r.key_id), ("written", r.out),
-        ("commitment (SHA-256)", r.commitment)]))
+        ("schemes", ", ".join(r.schemes)), ("key id", r.key_id), ("written", r.out)]))
+    commitment(c, r.commitment)
     claim(c, r.claim)
 
 
@@ -146,8 +152,9 @@ def embed(c, r) -> None:
     for name, s in r.schemes.items():
         rows += [(f"{name}: epochs", s["epochs"]), (f"{name}: read back", s.get("read_back", "-"))]
     rows += [("written", r.out)] + ([("ONNX", r.onnx)] if r.onnx else [])
-    rows += [("keys updated", r.keys), ("new commitment", r.commitment)]
+    rows += [("keys updated", r.keys)]
     c.print(kv_table("watermark embedded", rows))
+    commitment(c, r.commitment, "new commitment (SHA-256)")
     claim(c, r.claim)
 
 
@@ -182,7 +189,7 @@ def sweep(c, r) -> None:
     param = r.param.replace("_", "-")
     table = Table(title=f"attack {r.attack}, --{param} swept: what the owner's keys read (alpha = {r.alpha:g})",
                   title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption=f"bundle commitment {r.commitment[:16]}..."
+                  caption=f"bundle commitment {r.commitment}"
                   + (f"; plot: {text(r.plot)}" if r.plot else ""))
     schemes = [x.scheme for x in r.rows[0].extract.results]
     header = [param, "acc"] + [f"{scheme} (p)" for scheme in schemes] + ["extract", "verify"]
@@ -206,4 +213,8 @@ def sweep(c, r) -> None:
 
 
 def inspect(c, r) -> None:
-    c.print(kv_table(f"{r.kind}: {r.path}", list(r.facts.items())))
+    facts = dict(r.facts)
+    value = facts.pop("commitment", None) if r.kind == "key bundle" else None
+    c.print(kv_table(f"{r.kind}: {r.path}", list(facts.items())))
+    if value is not None:
+        commitment(c, value)
