@@ -320,7 +320,29 @@ def build_model(
         raise _failure(arch, arch_kwargs, one_line(exc) if builtin else user_failure(exc), origin) from None
     if not isinstance(model, nn.Module):
         raise InputError(f"factory '{shown(arch)}' returned {type(model).__name__}, not a torch module")
+    if not builtin:
+        _try_forward(model, arch, input_shape, num_classes)
     return model
+
+
+def _try_forward(model: nn.Module, arch: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """A user factory's model answers a batch of two inputs with one tensor of scores per input,
+    or fails here with one line that names it: its forward is the user's code, which had failed
+    deep in training as a bug of ours (exit 3), and a tuple (logits, features) likewise."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros((2, *input_shape)))
+    except USER_CODE_FAILURES as exc:
+        raise InputError(f"the model of factory '{shown(arch)}' fails on a batch of inputs of shape "
+                         f"{list(input_shape)} ({user_failure(exc)}): fix its forward") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = f"a tensor of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"the model of factory '{shown(arch)}' answers a batch of 2 inputs with {got}: deepsigns "
+                         f"needs one tensor of {num_classes} scores per input, [2, {num_classes}] (the data's "
+                         "classes); make its forward return that alone")
 
 
 def layer_names(model: nn.Module) -> list[str]:

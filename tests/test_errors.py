@@ -477,6 +477,46 @@ def test_user_architecture_module_with_a_syntax_error(tmp_path, monkeypatch):
                     "broken_arch_mod:make", "invalid syntax")
 
 
+USER_MODELS = """
+import torch
+from torch import nn
+
+class Scores(nn.Module):
+    def __init__(self, input_shape, num_classes, width=None, fail=False, pair=False):
+        super().__init__()
+        self.fc = nn.Linear(64, width or num_classes)
+        self.fail, self.pair = fail, pair
+
+    def forward(self, x):
+        if self.fail:
+            raise ValueError("boom")
+        out = self.fc(x.flatten(1))
+        return (out, x) if self.pair else out
+
+def boom(input_shape, num_classes):
+    return Scores(input_shape, num_classes, fail=True)
+
+def pair(input_shape, num_classes):
+    return Scores(input_shape, num_classes, pair=True)
+
+def seven(input_shape, num_classes):
+    return Scores(input_shape, num_classes, width=7)
+"""
+
+
+@pytest.mark.parametrize(("factory", "needles"), [
+    ("boom", ["fails on a batch of inputs of shape [1, 8, 8]", "ValueError: boom", "fix its forward"]),
+    ("pair", ["answers a batch of 2 inputs with tuple", "10 scores per input"]),
+    ("seven", ["a tensor of shape [2, 7]", "[2, 10]"])])
+def test_a_user_model_that_misbehaves_is_the_users_to_fix(tmp_path, monkeypatch, factory, needles):
+    """Its forward raising, giving a tuple (logits, features) or the wrong number of scores had
+    failed deep in training as an internal error of deepsigns (exit 3)."""
+    (tmp_path / "user_models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check_bad_input(tmp_path, ["train", "--arch", f"user_models:{factory}", "--epochs", 1,
+                               "--out", tmp_path / "m.safetensors"], f"user_models:{factory}", *needles)
+
+
 def test_arch_kwargs_that_are_not_json(tmp_path):
     check_bad_input(tmp_path, ["train", "--arch", "mlp", "--arch-kwargs", "{hidden: 3}",
                                "--epochs", 1, "--out", tmp_path / "m.safetensors"],
