@@ -851,6 +851,9 @@ def _as_label(y) -> int | None:
     return y if type(y) is int else None
 
 
+MAX_ITEMS = 10**8  # items of a --data factory's Dataset (ImageNet's training set holds 1.3 million)
+
+
 def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]:
     """A torch Dataset as (Samples, labels): labels from its `.targets` when it has them, else
     from one pass over its items (which checks every sample's shape too)."""
@@ -862,6 +865,9 @@ def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]
                         "Dataset with __len__") from None
     if n == 0:
         raise DataError(f"{where}: the {split} Dataset is empty: give at least one sample in each split")
+    if type(n) is not int or n > MAX_ITEMS:  # (its labels alone are 8 bytes an item: 10**12 wanted 7 TiB)
+        raise DataError(f"{where}: the {split} Dataset claims {one_line(repr(n), 40)} items, more than "
+                        f"{MAX_ITEMS:,}: give a Dataset of at most that many (a shard of a larger set)")
     first, _ = _DatasetItems(dataset, split, where, ()).item(0)
     problem = _sample_problem((n, *first.shape), f"the {split} Dataset")
     if problem:
@@ -879,9 +885,9 @@ def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]
         for i in range(n):
             _, y = items.checked(i)
             label = _as_label(y)
-            if label is None:
+            if label is None or not 0 <= label < MAX_CLASSES:  # (2**70 does not fit the labels' int64)
                 raise DataError(f"{where}: {split} item {i} has label {one_line(repr(y), 40)}: labels must be "
-                                "integer class indices")
+                                f"integer class indices from 0 to {MAX_CLASSES - 1}")
             labels[i] = label
     return Samples(items, first.shape), _labels(labels, f"{split} labels", where)
 

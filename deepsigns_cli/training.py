@@ -454,6 +454,8 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
         if text.startswith("Caught ") and "Original Traceback" in text:
             raise type(exc)(text.splitlines()[-1].split(": ", 1)[-1]) from None
         raise
+    except (RuntimeError, MemoryError) as exc:  # what the machine did, not a bug of ours: one line
+        raise _machine_failure(exc, cfg) or exc from None
     finally:
         for obj in objectives:
             obj.teardown()
@@ -462,6 +464,23 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
             state.to(home)
         net.eval()
     return {"epoch_seconds": epoch_seconds, "epochs": len(epoch_seconds), "lr": cfg.lr}
+
+
+def _machine_failure(exc: BaseException, cfg: TrainConfig) -> TrainingError | None:
+    """The error for a run that the machine stopped: a loader process that died (the kernel's
+    out-of-memory killer, a signal, its Dataset ending the process) or memory that ran out,
+    each of which had been an internal error (exit 3); None for anything else."""
+    from .errors import one_line
+
+    text = str(exc)
+    if "DataLoader worker" in text:
+        return TrainingError(f"a data-loading process (--workers {cfg.workers}) ended without finishing its batch "
+                             f"({one_line(text, 120)}): out of memory, a signal, or its Dataset ended the process; "
+                             "nothing was written: run again with fewer --workers, or --workers 0 to see the cause")
+    if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return TrainingError(f"out of memory while training ({one_line(text, 120)}); nothing was written: lower "
+                             "--batch-size (or --image-size, --workers)")
+    return None
 
 
 def _mixed_precision(precision: str, device: torch.device):

@@ -222,6 +222,58 @@ def bad_targets():
     return _BadTargets(), _BadTargets()
 
 
+class _Odd(TorchDataset):
+    """Ten items, or as many as `claimed`; labels `label` (an int too large for int64, say)."""
+
+    def __init__(self, claimed=10, label=0):
+        self.claimed, self.label = claimed, label
+
+    def __len__(self):
+        return self.claimed
+
+    def __getitem__(self, i):
+        return torch.zeros(4), self.label
+
+
+def huge_label():
+    return _Odd(label=2**70), _Odd()
+
+
+def huge_length():
+    return _Odd(claimed=10**12), _Odd()
+
+
+class _DiesInAWorker(TorchDataset):
+    """Digits whose loader process is killed (SIGKILL, as the kernel's out-of-memory killer
+    does) when it reads item 50; read in the main process, it is whole."""
+
+    def __init__(self):
+        self.x, self.y = _digits_split(300)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        import os
+        import signal
+
+        if i == 50 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.x[i], self.y[i]
+
+
+def dies_in_a_worker():
+    return _DiesInAWorker(), TensorDataset(*_digits_split(80, offset=300))
+
+
+def test_a_loader_process_that_dies_is_one_line_not_a_bug(tmp_path):
+    """It had been an internal error of deepsigns (exit 3, torch's "DataLoader worker exited
+    unexpectedly")."""
+    _check_bad(tmp_path, ["train", "--arch", "mlp", "--data", "test_image_data:dies_in_a_worker", "--workers", 1,
+                          "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors"],
+               "a data-loading process (--workers 1) ended", "nothing was written", "fewer --workers")
+
+
 def test_factory_data_trains(tmp_path):
     data = load_data("test_image_data:tiny_digits")
     assert isinstance(data.x_train, Samples) and data.x_train.shape == (300, 1, 8, 8)
@@ -374,6 +426,8 @@ def test_image_size_applies_to_image_folders_only(tmp_path):
     ("test_image_data:exits", ["data factory", "failed (it called sys.exit(0))"]),
     ("test_image_data:broken_items", ["the train Dataset failed on item 0", "ZeroDivisionError"]),
     ("test_image_data:bad_targets", ["the train Dataset's .targets failed", "labels are loaded lazily"]),
+    ("test_image_data:huge_label", ["train item 0 has label 1180591620717411303424", "from 0 to"]),  # (exit 3)
+    ("test_image_data:huge_length", ["claims 1000000000000 items", "at most that many"]),  # (exit 3: 7 TiB)
 ])
 def test_bad_factories(tmp_path, spec, needles):
     _check_bad(tmp_path, ["train", "--arch", "cnn", "--data", spec, "--out", tmp_path / "m.safetensors"],
