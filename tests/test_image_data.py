@@ -333,7 +333,7 @@ BAD_FOLDERS = {
     "empty-class": (_empty_class, ["train/3", "holds no image"]),
     "unknown-test-class": (_unknown_test_class, ["test/cat", "not among train/'s classes"]),
     "corrupt-image": (_corrupt_image, ["000595.png", "fails on an unreadable image rather than skip"]),
-    "not-an-image": (_not_an_image, ["notes.jpg", "rather than skip", "repair or remove"]),
+    "not-an-image": (_not_an_image, ["notes.jpg", "is not a PNG or JPEG file", "convert or remove"]),
     "no-images": (_no_images, ["no images at all"]),
     "one-class": (_one_class, ["1 class", "at least 2"]),
     "pixel-bomb": (_bomb, ["zz-bomb.png", "6000x6000", "more than 33554432 pixels"]),
