@@ -92,16 +92,19 @@ def test_a_process_that_dies_fails_the_run_and_nothing_is_written(tmp_path):
     assert keys.read_bytes() == sealed and partial_files(tmp_path) == []
 
 
-def test_processes_that_load_different_data_fail_with_one_line(tmp_path):
+@pytest.mark.parametrize(("factory", "needle"), [
+    ("ranked_data", "process 1: 240 samples of shape [16], labels up to 14"),
+    ("sharded_data", "the same counts and shapes, but other samples or labels in process 1 than in process 0")])
+def test_processes_that_load_different_data_fail_with_one_line(tmp_path, factory, needle):
     """Each process of a run must see the same data (each takes its share of the rows): one that
     saw more classes ended in DistributedDataParallel's "appears not to match" as an internal
-    error, which --nproc then reported with exit 2."""
+    error, which --nproc then reported with exit 2; shards of one size (data[rank::2]) were
+    taken, and each process trained on its share of its own shard."""
     out = tmp_path / "m.safetensors"
-    proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", "dying_model:ranked_data", "--epochs", 1,
+    proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", f"dying_model:{factory}", "--epochs", 1,
                     "--out", out, "--device", "cpu", env=ENV, timeout=600)
     assert proc.returncode == 2, proc.stderr
-    assert_one_error_line(proc.stderr, proc.stdout, "do not train the same model on the same data",
-                          "process 1: 240 samples of shape [16], labels up to 14")
+    assert_one_error_line(proc.stderr, proc.stdout, "do not train the same model on the same data", needle)
     assert not out.exists() and partial_files(tmp_path) == []
 
 
