@@ -32,6 +32,7 @@ from helpers import (
     run_proc,
 )
 
+from deepsigns_cli import api
 from deepsigns_cli.data import load_data
 
 # ----------------------------------------------------------------------------- helpers
@@ -462,6 +463,17 @@ def test_message_longer_than_the_layer_carries(tmp_path, marked):
     case = Case(tmp_path, marked)
     check_bad_input(tmp_path, case.with_model("keygen", case.base, "--message", "x" * 65),
                     "520 bits", "--message")
+
+
+def test_the_default_classes_on_a_model_of_three_classes(tmp_path):
+    """The default of 3 target classes on a 3-class model was refused as "--classes must be
+    between 1 and 2, got 3", an option the user never gave."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "three.npz", x=rng.random((90, 8), dtype=np.float32), y=np.arange(90) % 3)
+    api.train("mlp", tmp_path / "m.safetensors", data=str(tmp_path / "three.npz"), epochs=1, seed=0, device="cpu")
+    check_bad_input(tmp_path, ["keygen", "--model", tmp_path / "m.safetensors", "--data", tmp_path / "three.npz",
+                               "--out", tmp_path / "k.dskey"],
+                    "--classes (default 3) must be between 1 and 2 for a model of 3 classes", "--classes 2 or fewer")
 
 
 def test_unknown_architecture(tmp_path):

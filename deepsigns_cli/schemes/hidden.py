@@ -92,7 +92,9 @@ class HiddenScheme(Scheme):
             bits = rng.integers(0, 2, n_bits).astype(np.uint8)
         s = int(opts["classes"])
         if not 1 <= s < info.num_classes:
-            raise SchemeError(f"--classes must be between 1 and {info.num_classes - 1}, got {s}")
+            given = "--classes" if options.get("classes") is not None else f"--classes (default {s})"
+            raise SchemeError(f"{given} must be between 1 and {info.num_classes - 1} for a model of "
+                              f"{info.num_classes} classes, got {s}: give --classes {info.num_classes - 1} or fewer")
         present = np.unique(data.y_train)
         if len(present) <= s:
             raise SchemeError(f"the training data hold {len(present)} classes: too few to pick "
