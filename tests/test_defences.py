@@ -191,7 +191,10 @@ def test_a_sweep_verifies_black_box_marks_from_onnx(blackbox):
     (["--sweep", "rate=1.5", "--keys", "{keys}"], "--rate"),
     (["--sweep", "rate=", "--keys", "{keys}"], "PARAM=v1"),
     (["--sweep", "rate=0.5"], "--keys"),
-    (["--keys", "{keys}", "--out", "{tmp}/x.safetensors"], "--sweep"),
+    (["--keys", "{keys}", "--out", "{tmp}/x.safetensors"], "--keys goes with --sweep"),
+    # (without --sweep, these two had been taken and ignored: an --alpha of 5 too)
+    (["--alpha", "5", "--out", "{tmp}/x.safetensors"], "--alpha goes with --sweep"),
+    (["--passphrase-file", "{keys}", "--out", "{tmp}/x.safetensors"], "--passphrase-file goes with --sweep"),
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--plot", "{tmp}/x.jpg"], ".png"),
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{keys}"], "cannot be the folder --sweep keeps"),
     (["--sweep", "rate=0.5,0.2,0.50", "--keys", "{keys}", "--out", "{tmp}/kept"], "0.5 is given twice"),

@@ -48,10 +48,13 @@ def _attack_command(name: str) -> click.Command:
                                    option="--attacker-passphrase-file") if entry.passphrase else None
         kwargs = dict(data=data_spec, options=options, seed=seed or 0, device=device, arch=arch,
                       arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force, timeout=timeout)
-        if sweep is None:
-            for flag, given in (("--keys", keys_path), ("--plot", plot)):
-                if given is not None:
-                    raise click.UsageError(f"{flag} goes with --sweep (the owner's keys read in each attacked model)")
+        if sweep is None:  # (--alpha 5 or a passphrase file had been taken and ignored)
+            ctx = click.get_current_context()
+            for flag, param in (("--keys", "keys_path"), ("--plot", "plot"), ("--passphrase-file", "passphrase_file"),
+                                ("--alpha", "alpha")):
+                if ctx.get_parameter_source(param) not in (None, click.core.ParameterSource.DEFAULT):
+                    raise click.UsageError(f"{flag} goes with --sweep (the owner's keys read in each attacked "
+                                           "model); without it, attack only writes the attacked model")
             if out is None:
                 raise click.UsageError("give --out, the attacked model to write (or --sweep with --keys)")
             with progress_bar() as progress:
