@@ -871,7 +871,7 @@ def _keygen_warnings(bundle: Bundle) -> list[str]:
         if best is not None and best > DEFAULT_ALPHA:
             found.append(f"{name}: these keys give at best p = {best:.2g}, above the default alpha of "
                          f"{DEFAULT_ALPHA:g}: no model can be detected with them at that alpha; make more of them "
-                         "(--bits, a longer --message, or --key-size)")
+                         f"({scheme.more_evidence})")
     return found
 
 

@@ -94,15 +94,17 @@ def test_learning_rate_must_be_sane(tmp_path, lr):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize(("scheme", "size"), [("hidden", ("--bits", 8)), ("gradsigns", ("--bits", 8)),
-                                             ("output", ("--key-size", 5))])
-def test_keys_that_can_never_reach_alpha_are_warned_of(tmp_path, marked, scheme, size):
+@pytest.mark.parametrize(("scheme", "size", "advice"), [
+    ("hidden", ("--bits", 8), "(--bits, a longer --message, or more --classes)"),
+    ("gradsigns", ("--bits", 8), "(--bits, or a longer --message)"),
+    ("output", ("--key-size", 5), "(a larger --key-size)")])  # (each scheme its own: --bits is no output option)
+def test_keys_that_can_never_reach_alpha_are_warned_of(tmp_path, marked, scheme, size, advice):
     """keygen and embed had taken them without a word; only extract, on the marked model, said
     that no reading could reach alpha (and exited 1)."""
     result = run_cli("keygen", "--model", marked.base, "--scheme", scheme, *size, "--out", tmp_path / "k.dskey",
                      code=0)
     assert f"warning: {scheme}: these keys give at best p = " in result.stderr, result.stderr
-    assert "above the default alpha" in result.stderr
+    assert "above the default alpha" in result.stderr and advice in result.stderr
     default = run_cli("keygen", "--model", marked.base, "--scheme", scheme, "--out", tmp_path / "d.dskey", code=0)
     assert "at best p" not in default.stderr
 

@@ -27,6 +27,7 @@ class Scheme:
     """One watermark method. Its registry row (`registry.SCHEMES[name]`) says the rest."""
 
     name: str = ""
+    more_evidence: str = ""  # the keygen options that give keys more bits or keys (keygen's warning)
 
     @property
     def entry(self):

@@ -59,6 +59,7 @@ RESCUE_AFTER = 8  # ...if it still has after this many epochs (most key sets sta
 
 class GradSignsScheme(Scheme):
     name = "gradsigns"
+    more_evidence = "--bits, or a longer --message"
 
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:

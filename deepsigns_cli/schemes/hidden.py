@@ -69,6 +69,7 @@ KEEP_PIN = 0.25
 
 class HiddenScheme(Scheme):
     name = "hidden"
+    more_evidence = "--bits, a longer --message, or more --classes"
 
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:

@@ -101,6 +101,7 @@ class RareRegions:
 
 class OutputScheme(Scheme):
     name = "output"
+    more_evidence = "a larger --key-size"
 
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:
