@@ -560,11 +560,13 @@ class _Reader:
 def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits",
            options: dict | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
            arch_kwargs: dict | None = None, force: bool = False, passphrase: Passphrase | None = None,
-           timeout: float | None = DEFAULT_TIMEOUT, progress: Progress | None = None) -> AttackReport:
+           timeout: float | None = DEFAULT_TIMEOUT, progress: Progress | None = None,
+           provider: str = "auto") -> AttackReport:
     """`deepsigns attack NAME`: the attacked model, written to `out` (never the input): a
     checkpoint (.safetensors) or an ONNX file (.onnx), as the attack's registry row allows.
     `passphrase`: for the attacks that seal a bundle of their own (overwrite). `timeout`: the
-    seconds an ONNX model (the victim, the attacked model) may take to answer the test set."""
+    seconds an ONNX model (the victim, the attacked model) may take to answer the test set, on
+    onnxruntime's `provider`."""
     import time
 
     import numpy as np
@@ -595,7 +597,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         dataset = load_dataset(data, model)
         net, info = _load_victim(model, arch, arch_kwargs, dataset)
         check_device(device)  # --device cuda without a GPU fails before any work
-        before = _accuracy(model if victim_onnx else net, dataset, timeout)
+        before = _accuracy(model if victim_onnx else net, dataset, timeout, provider)
         if entry.takes == "onnx" and not victim_onnx:
             net = _as_onnx(net, info, dataset, outs)
         ctx = AttackContext(info=info, data=dataset, options=given, rng=np.random.default_rng(seed),
@@ -606,7 +608,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         started = time.perf_counter()
         attacked, params = load_attack(name).run(net, ctx)
         seconds = time.perf_counter() - started
-        after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout)
+        after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider)
     return AttackReport(name, before, after, params, seconds, str(out))
 
 
@@ -615,7 +617,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
           arch: str | None = None, arch_kwargs: dict | None = None, alpha: float = DEFAULT_ALPHA,
           keep: str | Path | None = None, plot: str | Path | None = None, force: bool = False,
           attacker_passphrase: Passphrase | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-          progress: Progress | None = None) -> SweepReport:
+          progress: Progress | None = None, provider: str = "auto") -> SweepReport:
     """`deepsigns attack NAME --sweep PARAM=v1,v2,...`: the attack at each strength, then the
     owner's keys read in the result (extract: every scheme; verify: the black-box schemes from
     the ONNX answers, a checkpoint exported first). `keep`: a folder for the attacked models
@@ -653,10 +655,11 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
     secret = _passphrase(passphrase)  # asked once for both readers
     extract_reader = _Reader("extract", keys, secret, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
-                             timeout=timeout)
+                             timeout=timeout, provider=provider)
     bundle = extract_reader.bundle
     blackbox = any(scheme_entry(n).blackbox for n in bundle.schemes)
-    verify_reader = _Reader("verify", keys, secret, alpha=alpha, timeout=timeout) if blackbox else None
+    verify_reader = _Reader("verify", keys, secret, alpha=alpha, timeout=timeout, provider=provider) \
+        if blackbox else None
     rows = []
     made: list[Path] = []  # what this sweep wrote into `keep` (and `keep` itself, first, when it made it)
     try:
@@ -672,7 +675,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
             folder = Path(keep) if keep is not None else Path(scratch)
             read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,
                                      scratch=scratch, arch=arch, arch_kwargs=arch_kwargs)
-            rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs, timeout), 0.0))
+            rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs, timeout, provider), 0.0))
             for i, value in enumerate(values):
                 if progress is not None:
                     progress(i, len(values), f"{name} {param}={value}")
@@ -683,6 +686,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                 report = attack(name, model, out, data=data, options=run_options, seed=seed, device=device,
                                 arch=arch, arch_kwargs=arch_kwargs, force=force or keep is None,
                                 passphrase=attacker_passphrase if entry.passphrase else None, timeout=timeout,
+                                provider=provider,
                                 progress=progress)
                 made.extend(Path(p) for p in (out, run_options.get("attacker_keys")) if p and keep is not None)
                 rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None))
@@ -714,10 +718,10 @@ def _load_victim(model, arch, arch_kwargs, dataset: Dataset):
     return net, info
 
 
-def _victim_accuracy(model, data: str, arch, arch_kwargs, timeout: float | None) -> float:
+def _victim_accuracy(model, data: str, arch, arch_kwargs, timeout: float | None, provider: str) -> float:
     dataset = load_dataset(data, model)
     net, _ = _load_victim(model, arch, arch_kwargs, dataset)
-    return _accuracy(model if str(model).lower().endswith(".onnx") else net, dataset, timeout)
+    return _accuracy(model if str(model).lower().endswith(".onnx") else net, dataset, timeout, provider)
 
 
 def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: _Reader,
@@ -758,7 +762,7 @@ def _as_onnx(net, info, dataset: Dataset, outs):
     return load_onnx(path)
 
 
-def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT) -> float:
+def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, provider: str = "auto") -> float:
     """Top-1 test accuracy of a torch model, or of an ONNX file (a path; run by onnxruntime,
     from its answers: scores, probabilities or labels, within `timeout` seconds in all)."""
     from .training import evaluate
@@ -769,7 +773,7 @@ def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT) 
 
     from .runtime import OnnxModel
 
-    onnx_model = OnnxModel(model, timeout=timeout)
+    onnx_model = OnnxModel(model, provider=provider, timeout=timeout)
     try:  # in chunks: a lazy test split (an image folder) is decoded a chunk at a time
         x, chunk = dataset.x_test, 1024
         labels = [onnx_model.answers(x[i: i + chunk])[0] for i in range(0, len(x), chunk)]
@@ -780,7 +784,8 @@ def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT) 
     return float((np.concatenate(labels) == dataset.y_test).mean() * 100.0)
 
 
-def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, timeout: float | None) -> float:
+def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, timeout: float | None,
+                    provider: str) -> float:
     """Write the attacked model as --out asks; its accuracy. A model of another architecture
     than the victim's (a distilled student) carries its own facts in `deepsigns_info`."""
     from .checkpoint import export_onnx, save_checkpoint
@@ -790,7 +795,7 @@ def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, 
         if out_kind == "checkpoint":  # (the registry row said it writes ONNX only: refused before)
             raise InputError("this attack gives an ONNX model: give --out a .onnx name")
         Path(tmp).write_bytes(attacked.SerializeToString())
-        return _accuracy(tmp, dataset, timeout)
+        return _accuracy(tmp, dataset, timeout, provider)
     accuracy = _accuracy(attacked, dataset)
     if out_kind == "checkpoint":
         attack = {"attacked": True, "test_accuracy": round(accuracy, 4)}

@@ -305,6 +305,11 @@ def test_cuda_provider_refused_cleanly_without_cuda(owner):
     result = run("verify", "--model", owner["dir"] / "marked.onnx", "--keys",
                  owner["dir"] / "owner.dskey", "--provider", "cuda")
     assert result.exit_code == 2 and "CUDA is not usable" in result.stderr
+    # attack runs ONNX too (the victim's and the attacked model's accuracy): it takes the option
+    attacked = run("attack", "label-only", "--model", owner["dir"] / "marked.onnx", "--out",
+                   owner["dir"] / "labels.onnx", "--provider", "cuda")
+    assert attacked.exit_code == 2 and "CUDA is not usable" in attacked.stderr
+    assert not (owner["dir"] / "labels.onnx").exists()
 
 
 def test_auto_provider_is_quiet_on_cpu(owner, tmp_path):

@@ -17,6 +17,7 @@ from .common import (
     parse_arch_kwargs,
     passphrase_from,
     progress_bar,
+    provider_option,
     registry_option,
     timeout_option,
 )
@@ -43,11 +44,11 @@ def _attack_command(name: str) -> click.Command:
     entry = api.ATTACKS[name]
 
     def run(model_path, arch, arch_kwargs, data_spec, out, force, device, seed, json_, sweep, keys_path,
-            passphrase_file, alpha, plot, timeout, attacker_passphrase_file=None, **options):
+            passphrase_file, alpha, plot, provider, timeout, attacker_passphrase_file=None, **options):
         attacker = passphrase_from(attacker_passphrase_file, confirm=True,
                                    option="--attacker-passphrase-file") if entry.passphrase else None
         kwargs = dict(data=data_spec, options=options, seed=seed or 0, device=device, arch=arch,
-                      arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force, timeout=timeout)
+                      arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force, timeout=timeout, provider=provider)
         if sweep is None:  # (--alpha 5 or a passphrase file had been taken and ignored)
             ctx = click.get_current_context()
             for flag, param in (("--keys", "keys_path"), ("--plot", "plot"), ("--passphrase-file", "passphrase_file"),
@@ -71,7 +72,7 @@ def _attack_command(name: str) -> click.Command:
         emit(report, json_, render.sweep)
 
     # applied bottom-up: the options appear in the help as listed from the last line up
-    run = timeout_option(force_option(device_option(common_options(run))))
+    run = provider_option(timeout_option(force_option(device_option(common_options(run)))))
     run = click.option("--plot", default=None, help="With --sweep: a PNG of accuracy and the watermarks' "
                        "evidence against strength.")(run)
     run = alpha_option(run)
