@@ -274,6 +274,28 @@ def test_a_loader_process_that_dies_is_one_line_not_a_bug(tmp_path):
                "a data-loading process (--workers 1) ended", "nothing was written", "fewer --workers")
 
 
+class _Chatty(TensorDataset):
+    def __getitem__(self, i):
+        print(f"reading item {i}")  # (in a loader process too)
+        return super().__getitem__(i)
+
+
+def chatty_digits():
+    print("loading the digits...")
+    return _Chatty(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
+
+
+def test_what_the_users_code_prints_never_breaks_the_report(tmp_path):
+    """A factory that prints (research code does) had put its lines into the --json report on
+    stdout, which no longer parsed; they go to stderr now, and stdout holds the report alone."""
+    proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:chatty_digits", "--workers", 1,
+                    "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors", "--json",
+                    env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["data"] == "test_image_data:chatty_digits"
+    assert "loading the digits..." in proc.stderr and "reading item 0" in proc.stderr
+
+
 def test_factory_data_trains(tmp_path):
     data = load_data("test_image_data:tiny_digits")
     assert isinstance(data.x_train, Samples) and data.x_train.shape == (300, 1, 8, 8)

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import click
@@ -26,9 +26,20 @@ PASSPHRASE_ENV = "DEEPSIGNS_PASSPHRASE"
 DEBUG_ENV = "DEEPSIGNS_DEBUG"
 
 
+_UNSET = object()
+
+
 class State:
     quiet = False
     debug = False
+    report = _UNSET  # where the report goes while a command runs (report_stream)
+
+
+def report_stream():
+    """stdout as the command found it: the report's alone. While a command runs, anything else
+    printed to stdout (a --data or --arch factory's print(), a library's) goes to stderr, so
+    that it cannot break a --json report (`handle_errors`). None: stdout was closed."""
+    return sys.stdout if State.report is _UNSET else State.report
 
 
 def debugging() -> bool:
@@ -91,8 +102,10 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        State.report = sys.stdout
         try:
-            return fn(*args, **kwargs)
+            with redirect_stdout(sys.stderr):
+                return fn(*args, **kwargs)
         except DeepSignsError as exc:
             fail(str(exc))
         except KeyboardInterrupt as exc:
@@ -101,6 +114,8 @@ def handle_errors(fn):
             raise
         except Exception as exc:  # the one place that catches everything: a bug, exit 3
             internal_error(exc)
+        finally:
+            State.report = _UNSET
 
     return wrapper
 
@@ -337,14 +352,15 @@ def emit(report, json_: bool, render) -> None:
     """JSON on stdout for machines (always valid JSON), or a rich rendering for people."""
     from ..api import report_json
 
+    stream = report_stream()
     try:
-        if sys.stdout is None:  # (started with stdout closed: Python gives None)
+        if stream is None:  # (started with stdout closed: Python gives None)
             raise BrokenPipeError(32, "stdout is closed")
         if json_:
-            click.echo(json.dumps(report_json(report), indent=2, allow_nan=False))
+            click.echo(json.dumps(report_json(report), indent=2, allow_nan=False), file=stream)
         else:
-            render(_console(), report)
-        sys.stdout.flush()
+            render(_console(file=stream), report)
+        stream.flush()
     except OSError as exc:  # never exit 0 or 1 when the report is lost: those read as a verdict
         stdout_failed(exc, "the report", "; any file the command wrote is complete")
 
@@ -352,8 +368,9 @@ def emit(report, json_: bool, render) -> None:
 def stdout_failed(exc: OSError, what: str, written: str = "") -> None:
     """Exit for `what` that stdout did not take: 141 when it was closed (its reader gone), 2
     otherwise (a full disk); `written` says what stands of the command's work."""
-    if sys.stdout is not None:  # (Python's last flush at exit would fail again)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    stream = report_stream()
+    if stream is not None:  # (Python's last flush at exit would fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     if isinstance(exc, BrokenPipeError):
         fail(f"stdout was closed before {what} was printed{written}: keep the reader open, or send {what} "
              "to a file", EXIT_BROKEN_PIPE)
