@@ -352,14 +352,26 @@ def emit(report, json_: bool, render) -> None:
     """JSON on stdout for machines (always valid JSON), or a rich rendering for people."""
     from ..api import report_json
 
-    stream = report_stream()
-    try:
-        if stream is None:  # (started with stdout closed: Python gives None)
-            raise BrokenPipeError(32, "stdout is closed")
+    def write(stream) -> None:
         if json_:
             click.echo(json.dumps(report_json(report), indent=2, allow_nan=False), file=stream)
         else:
             render(_console(file=stream), report)
+
+    _to_report(write)
+
+
+def relay_report(text: str) -> None:
+    """Print a report that another process made (--nproc: the first process's)."""
+    _to_report(lambda stream: stream.write(text))
+
+
+def _to_report(write) -> None:
+    stream = report_stream()
+    try:
+        if stream is None:  # (started with stdout closed: Python gives None)
+            raise BrokenPipeError(32, "stdout is closed")
+        write(stream)
         stream.flush()
     except OSError as exc:  # never exit 0 or 1 when the report is lost: those read as a verdict
         stdout_failed(exc, "the report", "; any file the command wrote is complete")

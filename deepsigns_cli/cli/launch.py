@@ -20,7 +20,7 @@ import click
 
 from ..api import PRECISIONS
 from ..errors import InputError, Interrupted
-from .common import EXIT_BAD_INPUT, EXIT_INTERNAL, report_stream
+from .common import EXIT_BAD_INPUT, EXIT_INTERNAL, relay_report
 
 __all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "relaunch"]
 
@@ -70,7 +70,7 @@ def relaunch(nproc: int, device: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = _run_to_the_end(command, env)
     if proc.returncode == 0:
-        report_stream().write(proc.stdout)  # (the first process's report)
+        relay_report(proc.stdout)
         sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines()
                                  if line.startswith("warning:")))
         sys.exit(0)
