@@ -159,29 +159,29 @@ def _check_same_everywhere(procs: Processes, net: nn.Module, x, y: np.ndarray) -
 
     if procs.alone:
         return
-    # (samples, largest label, weights, a digest of the labels and of a few samples, then the
-    # sample shape, padded to the most dimensions): a factory that gives each process its own
-    # shard of one size differs in the digest alone
+    # (samples, largest label, weights, a digest of every label, then the sample shape, padded
+    # to the most dimensions): a factory that gives each process its own shard of one size
+    # differs in the labels' digest alone. The samples themselves are not compared: a Dataset
+    # may augment them with an RNG of each process's own, and machines may decode an image a
+    # bit apart
     facts = [len(y), int(np.asarray(y).max(initial=-1)), sum(p.numel() for p in net.parameters()),
-             _data_digest(x, y), *x.shape[1:], *[0] * (MAX_INPUT_DIMS - len(x.shape[1:]))]
+             _labels_digest(y), *x.shape[1:], *[0] * (MAX_INPUT_DIMS - len(x.shape[1:]))]
     every = procs.differ(facts)
     if every is not None:
         other = next(rank for rank, f in enumerate(every) if f != every[0])
         brief = ", ".join(f"process {r}: {f[0]} samples of shape {[d for d in f[4:] if d]}, labels up to {f[1]}, "
                           f"{f[2]} weights" for r in (0, other) for f in [every[r]])
         if every[other][:3] + every[other][4:] == every[0][:3] + every[0][4:]:
-            brief = f"the same counts and shapes, but other samples or labels in process {other} than in process 0"
+            brief = f"the same counts and shapes, but other labels in process {other} than in process 0"
         raise DataError(f"the processes of this run do not train the same model on the same data ({brief}): "
                         "every process must load the same --data")
 
 
-def _data_digest(x, y: np.ndarray) -> int:
-    """63 bits of a digest of every label and of five samples spread over the set."""
+def _labels_digest(y: np.ndarray) -> int:
+    """63 bits of a digest of every label, in order."""
     import hashlib
 
     digest = hashlib.blake2b(np.ascontiguousarray(y, np.int64).tobytes(), digest_size=8)
-    rows = np.unique(np.linspace(0, len(y) - 1, 5).astype(np.int64))
-    digest.update(np.ascontiguousarray(np.asarray(x[rows]), np.float32).tobytes())
     return int.from_bytes(digest.digest(), "little") >> 1
 
 
@@ -219,9 +219,11 @@ def distributed(device: str = "auto"):
     # the rendezvous waits in C++ (up to the timeout, for machines that start late), where a
     # Python handler never runs: Ctrl-C, SIGTERM and SIGHUP end the process at once meanwhile
     # (nothing is written yet), instead of 10 minutes later
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    handlers = {s: signal.signal(s, signal.SIG_DFL) for s in stops} \
-        if threading.current_thread() is threading.main_thread() else {}
+    # (a signal the process was started to ignore, as a shell's background job ignores SIGINT,
+    # stays ignored)
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN] \
+        if threading.current_thread() is threading.main_thread() else []
+    handlers = {s: signal.signal(s, signal.SIG_DFL) for s in stops}
     try:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     finally:
@@ -408,7 +410,8 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
             batches = _epoch_batches(rng.permutation(len(y)), cfg, procs)
             loader = torch.utils.data.DataLoader(
                 rows, sampler=batches, batch_size=None, num_workers=cfg.workers,
-                pin_memory=device.type == "cuda", persistent_workers=False)
+                pin_memory=device.type == "cuda", persistent_workers=False,
+                worker_init_fn=_stdout_to_stderr if cfg.workers else None)
             for xs, ys, index in loader:
                 # 2. the batch, with every objective's own rows mixed in after it
                 parts, own, at = [(xs, ys)], [], len(xs)
@@ -480,6 +483,15 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
             state.to(home)
         net.eval()
     return {"epoch_seconds": epoch_seconds, "epochs": len(epoch_seconds), "lr": cfg.lr}
+
+
+def _stdout_to_stderr(worker_id: int) -> None:
+    """A loader process's prints go to stderr: stdout holds the report alone (a forked process
+    inherits the command's redirection; one started by forkserver or spawn, Python 3.14's
+    default on Linux, would not)."""
+    import sys
+
+    sys.stdout = sys.stderr
 
 
 def _machine_failure(exc: BaseException, cfg: TrainConfig) -> TrainingError | None:

@@ -330,19 +330,21 @@ def _try_forward(model: nn.Module, arch: str, input_shape: tuple[int, ...], num_
     or fails here with one line that names it: its forward is the user's code, which had failed
     deep in training as a bug of ours (exit 3), and a tuple (logits, features) likewise."""
     was_training = model.training
+    where = next(model.parameters(), torch.empty(0)).device  # (a factory may give a model on a GPU)
     try:
         with torch.no_grad():
-            out = model.eval()(torch.zeros((2, *input_shape)))
+            out = model.eval()(torch.zeros((2, *input_shape), device=where))
     except USER_CODE_FAILURES as exc:
         raise InputError(f"the model of factory '{shown(arch)}' fails on a batch of inputs of shape "
                          f"{list(input_shape)} ({user_failure(exc)}): fix its forward") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+    # (more scores than the data's classes train and read as before: a head of 1000 on 10 classes)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2 or out.shape[1] < num_classes:
         got = f"a tensor of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise InputError(f"the model of factory '{shown(arch)}' answers a batch of 2 inputs with {got}: deepsigns "
-                         f"needs one tensor of {num_classes} scores per input, [2, {num_classes}] (the data's "
-                         "classes); make its forward return that alone")
+                         f"needs one tensor of at least {num_classes} scores per input, [2, {num_classes}] for the "
+                         "data's classes; make its forward return that alone")
 
 
 def layer_names(model: nn.Module) -> list[str]:

@@ -40,11 +40,11 @@ def ranked_data():
 
 def sharded_data():
     """A --data factory that gives each process its own shard of one size (data[rank::2]), the
-    usual way to split a data set by hand: the counts, labels and shapes agree, the rows do not."""
+    usual way to split a data set by hand: the counts, classes and shapes agree, the rows do not."""
     import torch
     from torch.utils.data import TensorDataset
 
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(600, 16, generator=g), (torch.arange(600) // 2) % 10  # (both shards: the same labels)
+    x, y = torch.rand(600, 16, generator=g), torch.randint(0, 10, (600,), generator=g)
     rank = int(os.environ.get("RANK", "0"))
     return TensorDataset(x[rank:480:2], y[rank:480:2]), TensorDataset(x[480:], y[480:])

@@ -94,7 +94,7 @@ def test_a_process_that_dies_fails_the_run_and_nothing_is_written(tmp_path):
 
 @pytest.mark.parametrize(("factory", "needle"), [
     ("ranked_data", "process 1: 240 samples of shape [16], labels up to 14"),
-    ("sharded_data", "the same counts and shapes, but other samples or labels in process 1 than in process 0")])
+    ("sharded_data", "the same counts and shapes, but other labels in process 1 than in process 0")])
 def test_processes_that_load_different_data_fail_with_one_line(tmp_path, factory, needle):
     """Each process of a run must see the same data (each takes its share of the rows): one that
     saw more classes ended in DistributedDataParallel's "appears not to match" as an internal
@@ -164,7 +164,8 @@ def test_a_stray_distributed_environment_is_one_line_and_nothing_else(tmp_path, 
 
 def test_a_signal_ends_a_rendezvous_that_never_completes(tmp_path):
     """Rank 0 of 2, its peer never started: it waits in C++ for the rendezvous, where no Python
-    handler runs, and SIGTERM had gone unheard until the 10-minute timeout. It ends at once."""
+    handler runs, and SIGTERM had gone unheard until the 10-minute timeout. It ends at once,
+    and a signal it was started to ignore (SIGINT, as a shell's background job) stays ignored."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -173,7 +174,8 @@ def test_a_signal_ends_a_rendezvous_that_never_completes(tmp_path):
     out = tmp_path / "m.safetensors"
     proc = subprocess.Popen([*deepsigns_argv(), "train", "--arch", "mlp", "--epochs", "1", "--device", "cpu",
                              "--out", str(out)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 120
     while True:  # rank 0 serves the rendezvous's store at MASTER_PORT once it waits there
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
@@ -181,6 +183,9 @@ def test_a_signal_ends_a_rendezvous_that_never_completes(tmp_path):
             if knock.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert proc.poll() is None, "an ignored SIGINT ended the rendezvous"
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGTERM

@@ -29,6 +29,7 @@ from helpers import (
     default_sigint,
     partial_files,
     run_cli,
+    run_json,
     run_proc,
 )
 
@@ -513,6 +514,9 @@ def pair(input_shape, num_classes):
 
 def seven(input_shape, num_classes):
     return Scores(input_shape, num_classes, width=7)
+
+def twelve(input_shape, num_classes):
+    return Scores(input_shape, num_classes, width=12)
 """
 
 
@@ -527,6 +531,16 @@ def test_a_user_model_that_misbehaves_is_the_users_to_fix(tmp_path, monkeypatch,
     monkeypatch.syspath_prepend(str(tmp_path))
     check_bad_input(tmp_path, ["train", "--arch", f"user_models:{factory}", "--epochs", 1,
                                "--out", tmp_path / "m.safetensors"], f"user_models:{factory}", *needles)
+
+
+def test_a_user_model_with_more_scores_than_classes_still_trains(tmp_path, monkeypatch):
+    """A head wider than the data's classes (a factory that keeps its 1000-class head) trains
+    and reads as it did before the probe of a factory's model."""
+    (tmp_path / "user_models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    report = run_json("train", "--arch", "user_models:twelve", "--epochs", 1, "--device", "cpu",
+                      "--out", tmp_path / "m.safetensors")
+    assert report["test_accuracy"] > 0 and (tmp_path / "m.safetensors").is_file()
 
 
 def test_arch_kwargs_that_are_not_json(tmp_path):
