@@ -473,7 +473,7 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
         if text.startswith("Caught ") and "Original Traceback" in text:
             raise type(exc)(text.splitlines()[-1].split(": ", 1)[-1]) from None
         raise
-    except (RuntimeError, MemoryError) as exc:  # what the machine did, not a bug of ours: one line
+    except (RuntimeError, MemoryError, OSError, EOFError) as exc:  # what the machine did, not a bug of ours
         raise _machine_failure(exc, cfg) or exc from None
     finally:
         for obj in objectives:
@@ -500,7 +500,13 @@ def _machine_failure(exc: BaseException, cfg: TrainConfig) -> TrainingError | No
     each of which had been an internal error (exit 3); None for anything else."""
     from .errors import one_line
 
-    text = str(exc)
+    # (a worker's death may surface as the error met while it was being read from, a
+    # ConnectionResetError, with torch's own "DataLoader worker ... killed" as its context)
+    chain, link = [], exc
+    while link is not None and len(chain) < 8:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    text = next((str(e) for e in chain if "DataLoader worker" in str(e)), str(exc))
     if "DataLoader worker" in text:
         return TrainingError(f"a data-loading process (--workers {cfg.workers}) ended without finishing its batch "
                              f"({one_line(text, 120)}): out of memory, a signal, or its Dataset ended the process; "

@@ -296,6 +296,23 @@ def test_what_the_users_code_prints_never_breaks_the_report(tmp_path):
     assert "loading the digits..." in proc.stderr and "reading item 0" in proc.stderr
 
 
+def test_a_loader_death_met_while_reading_its_batch_is_still_one_line():
+    """Under load the same death surfaced once as ConnectionResetError (the batch being read
+    from the dead process), with torch's "DataLoader worker ... killed" as its context: exit 3."""
+    from deepsigns_cli.errors import TrainingError
+    from deepsigns_cli.training import TrainConfig, _machine_failure
+
+    try:
+        try:
+            raise RuntimeError("DataLoader worker (pid 17531) is killed by signal: Killed.")
+        except RuntimeError:
+            raise ConnectionResetError(104, "Connection reset by peer")  # noqa: B904  (its context, as torch's)
+    except ConnectionResetError as met:
+        failure = _machine_failure(met, TrainConfig(workers=2))
+    assert isinstance(failure, TrainingError) and "a data-loading process (--workers 2) ended" in str(failure)
+    assert _machine_failure(ConnectionResetError(104, "Connection reset by peer"), TrainConfig()) is None
+
+
 def test_factory_data_trains(tmp_path):
     data = load_data("test_image_data:tiny_digits")
     assert isinstance(data.x_train, Samples) and data.x_train.shape == (300, 1, 8, 8)
