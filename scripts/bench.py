@@ -225,7 +225,7 @@ def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: boo
 def gpu(out: Path, repeats: int, device: str = "cuda") -> dict:
     """On CUDA: samples per second of plain fine-tuning, of our embedding and of the port-style
     step, interleaved as in overhead, at fp32 and under bf16 autocast: the digits MLP and CNN
-    (1,437 rows, batches of 64) and the ResNet (the 2,000 generated 32x32 images, decoded once
+    (1,348 training rows, batches of 64) and the ResNet (the 2,000 generated 32x32 images, decoded once
     and repeated 5 times: 10,000 rows an epoch; batches of 64 and of 256). (`device` cpu: a
     rehearsal of the figure, scripts/device_check.sh's)"""
     import torch

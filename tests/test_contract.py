@@ -133,7 +133,8 @@ def test_a_full_disk_never_reads_as_a_verdict_or_a_bug(marked, tmp_path, where):
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["keygen", "--help"]])
 def test_help_into_a_closed_stdout_is_not_success(argv):
-    """With stdout closed, Python has no sys.stdout and click printed --help nowhere, exit 0."""
+    """With stdout closed, Python has no sys.stdout, and click had printed --help nowhere and
+    exited 0."""
     import os
     import subprocess
 
