@@ -413,6 +413,7 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
         if not Path(model).is_file():
             raise InputError(f"model not found: {shown(model)}: check --party")
     theirs = {sha256_file(model) for _, _, model in parties}
+    controls = [str(c) for c in controls]
     for control in controls:
         if not Path(control).is_file():
             raise InputError(f"model not found: {shown(control)}: check --control")
@@ -426,8 +427,8 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
     checked = [[reader.read(control) for control in controls] for reader in readers]
     who = [DisputeParty(name, str(keys), str(model), reader.published, reader.bundle.key_id)
            for name, (keys, _, model), reader in zip(names, parties, readers, strict=True)]
-    first, reading = _dispute_reading(names, matrix, checked, [str(c) for c in controls])
-    return DisputeReport(who, matrix, readers[0].alpha, first, reading, [str(c) for c in controls], checked)
+    first, reading = _dispute_reading(names, matrix, checked, controls)
+    return DisputeReport(who, matrix, readers[0].alpha, first, reading, controls, checked)
 
 
 def _dispute_reading(names: list[str], matrix, checked=((), ()), controls=()) -> tuple[str | None, str]:

@@ -214,13 +214,11 @@ class HiddenScheme(Scheme):
         errors_of = [int((((proj > 0) != arrays["bits"]) | _unread(proj)).sum()) for _, proj, _ in readings]
         best = int(np.argmin(errors_of))
         (name, proj, lined), errors, tries = readings[best], errors_of[best], len(readings)
-        found = (proj > 0).astype(np.uint8)
+        found, unread = (proj > 0).astype(np.uint8), _unread(proj)
         message = _majority(found) if params.get("message") else None
         return BitsResult(
             "hidden", stats.bonferroni(stats.bits_p_value(errors, n), tries), layer=params["layer"],
-            n_bits=n, bits="".join("?" if unread else str(b) for b, unread in zip(found.reshape(-1),
-                                                                                  _unread(proj).reshape(-1),
-                                                                                  strict=True)),
+            n_bits=n, bits="".join(np.where(unread, "?", found.astype(str)).reshape(-1)),
             bit_errors=errors, ber=errors / n,
             tensor=name, candidates=len(candidates), readings=tries,
             aligned=None if probes is None else lined,
