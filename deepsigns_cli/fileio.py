@@ -14,18 +14,25 @@ Failure modes, stated:
 - a rename that fails (a disk pulled mid-commit) leaves the earlier renames done, so callers
   add their most precious output first (embed: the key bundle, then the checkpoint, then ONNX);
 - a file updated in place (the key bundle) is locked from the moment it is added until the
-  commit, so that two commands cannot both read it and lose one update; SIGKILL leaves a
-  `.NAME.*.part` file behind, nothing else.
+  commit, so that two commands cannot both read it and lose one update;
+- SIGKILL (or the kernel's out-of-memory killer) leaves a `.NAME.*.part` file behind, and a
+  process of a torchrun run other than the first its private scratch files in the temporary
+  folder, nothing else. Each temporary file is locked (flock) by the process that made it for
+  as long as it lives, so the next command that writes the same output, or makes a scratch
+  file, removes the ones no process holds (`_sweep`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import signal
+import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,6 +222,51 @@ _MACHINE = [(errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quot
             (errno.EFBIG, "File too large"), (errno.EROFS, "Read-only file system")]
 
 
+#: the temporary folder's scratch files of deepsigns commands (`Outputs.scratch`)
+_SCRATCH = "deepsigns-scratch-"
+_RANDOM = "?" * 8  # (the random part of a name tempfile.mkstemp makes)
+_STALE_SECONDS = 60  # a temporary file younger than this is never swept (it may be about to be locked)
+
+
+def _held_temp(held: list[int], prefix: str, suffix: str, folder: Path | None = None) -> Path:
+    """A new temporary file (0600), locked by this process for as long as the descriptor it
+    appends to `held` stays open: one that a command killed outright left is unlocked."""
+    import fcntl
+
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    held.append(fd)
+    with contextlib.suppress(OSError):  # (a file system without locks: nothing is swept there)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return Path(tmp)
+
+
+def _sweep(folder: Path, pattern: str) -> None:
+    """Remove the files named by `pattern` in `folder` that commands killed outright left: this
+    user's, regular, over a minute old, and locked by no process."""
+    import fcntl
+
+    try:
+        found = list(folder.glob(pattern))
+    except OSError:
+        return
+    for path in found:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+                    and time.time() - info.st_mtime > _STALE_SECONDS):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held: its command still runs)
+                if os.lstat(path).st_ino == info.st_ino:
+                    path.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}  # (a file system's refusal)
 
 
@@ -274,6 +326,7 @@ class Outputs:
         self._entries: list[tuple[Path, Path, int | None, bool]] = []
         self._locks: list[_Lock] = []
         self._scratch: list[Path] = []
+        self._held: list[int] = []  # (descriptors that hold the temporary files' locks)
 
     def add(self, path: str | Path, option: str = "--out", *, mode: int | None = None,
             update: bool = False, model: str | None = None) -> Path:
@@ -296,22 +349,23 @@ class Outputs:
             self._locks.append(_Lock(target, option))
         try:  # (the name cut short: a legal long name leaves room for the temporary's ends)
             short = os.fsencode(target.name)[:_TEMP_NAME].decode("utf-8", "ignore")  # (bytes count, not characters)
-            fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".part", dir=target.parent)
-            os.close(fd)
+            _sweep(target.parent, f"{glob.escape(f'.{short}.')}{_RANDOM}.part")
+            tmp = _held_temp(self._held, f".{short}.", ".part", target.parent)
         except (OSError, ValueError) as exc:
             raise InputError(
                 f"cannot write in folder {shown(target.parent)} ({getattr(exc, 'strerror', None) or exc}): choose "
                 f"another {option} in a folder you can write"
             ) from None
-        self._entries.append((target, Path(tmp), mode, fresh and not self.force))
-        return Path(tmp)
+        self._entries.append((target, tmp, mode, fresh and not self.force))
+        return tmp
 
     def scratch(self, suffix: str = "") -> Path:
         """A private temporary file for the command's own use, removed when it ends."""
-        fd, tmp = tempfile.mkstemp(prefix="deepsigns-", suffix=suffix)
-        os.close(fd)
-        self._scratch.append(Path(tmp))
-        return Path(tmp)
+        folder = Path(tempfile.gettempdir())
+        _sweep(folder, f"{_SCRATCH}{_RANDOM}{glob.escape(suffix)}")
+        tmp = _held_temp(self._held, _SCRATCH, suffix, folder)
+        self._scratch.append(tmp)
+        return tmp
 
     def discard(self) -> None:
         for _, tmp, _, _ in self._entries:
@@ -322,6 +376,9 @@ class Outputs:
         for lock in self._locks:
             lock.release()
         self._locks.clear()
+        for fd in self._held:
+            os.close(fd)
+        self._held.clear()
 
     def commit(self) -> list[str]:
         """Rename every temporary file into place, in order, with SIGINT/SIGTERM/SIGHUP held."""

@@ -9,6 +9,8 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -311,3 +313,49 @@ def test_a_thread_that_dies_while_sigterm_stops_the_command_prints_nothing(capsy
     finally:
         main._STOPPING.clear()
         threading.excepthook = previous
+
+
+_HOLDER = """
+import sys, time
+from deepsigns_cli import fileio
+outs = fileio.Outputs(force=False)
+print(outs.add(sys.argv[1]), outs.scratch(".onnx"), flush=True)
+time.sleep(600)
+"""
+
+
+def test_what_a_killed_command_left_is_removed_by_the_next_one_and_what_a_live_one_holds_is_not(tmp_path,
+                                                                                              monkeypatch):
+    """SIGKILL (the out-of-memory killer) gives a command no chance to clean up: every run of
+    `--nproc 2` whose second process was killed left that process's scratch files in /tmp (187
+    of them here), and a killed first process its `.part` file next to the output."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    target = tmp_path / "m.safetensors"
+
+    def holder():
+        proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(target)], env={**ENV, "TMPDIR": str(scratch)},
+                                stdout=subprocess.PIPE, text=True)
+        return proc, [Path(p) for p in proc.stdout.readline().split()]
+
+    killed, left = holder()
+    killed.kill()
+    killed.wait()
+    live, held = holder()
+    try:
+        with pytest.raises(KeyError), fileio.Outputs(force=False) as young:  # (a file less than a minute
+            young.add(target), young.scratch(".onnx")                        # old may be about to be locked)
+            raise KeyError
+        assert all(p.exists() for p in left + held)
+        for path in left + held:
+            os.utime(path, (time.time() - 120,) * 2)
+        with fileio.Outputs(force=False) as outs:
+            outs.add(target).write_bytes(b"mine")
+            outs.scratch(".onnx")
+        assert not any(p.exists() for p in left) and all(p.exists() for p in held)
+        assert target.read_bytes() == b"mine"
+    finally:
+        live.kill()
+        live.wait()
+    assert partial_files(tmp_path) == [held[0].name] and os.listdir(scratch) == [held[1].name]
