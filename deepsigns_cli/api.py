@@ -508,8 +508,11 @@ class _Reader:
         self.command, self.alpha = command, _check_alpha(alpha)
         _check_positive("timeout", timeout)
         self.queries = _check_int("queries", queries)
-        self.published = check_commitment(keys, commitment)
+        self.published = check_commitment(keys, commitment)  # (before a prompt for the passphrase)
         self._unlocked = unlock(keys, _passphrase(passphrase))  # scrypt runs while a suspect loads
+        if self._unlocked.commitment != self.published:  # (the bytes opened are the ones checked)
+            raise InputError(f"{shown(keys)} changed while the command read it (it was replaced or "
+                             "updated meanwhile): run the command again")
         self._bundle: Bundle | None = None
         self._arch = (arch, arch_kwargs)
         self.provider, self.timeout, self.output = provider, timeout, output

@@ -306,7 +306,8 @@ def unlock(path: str | Path, passphrase: str) -> Callable[[], Bundle]:
     """Open the bundle in the background: the file and its public header are read and checked
     now (their errors raised here); the key derivation (scrypt, which releases the GIL) and the
     decryption run in a thread. The returned function waits for them and gives the bundle, or
-    raises the BundleError they met. A caller does other work (loading a suspect) meanwhile."""
+    raises the BundleError they met. A caller does other work (loading a suspect) meanwhile.
+    The function's `commitment` is that of the bytes read here, the ones it opens."""
     import threading
 
     path = require_file(path, "key bundle")
@@ -332,6 +333,7 @@ def unlock(path: str | Path, passphrase: str) -> Callable[[], Bundle]:
             raise outcome[0]
         return outcome[0]
 
+    wait.commitment = hashlib.sha256(data).hexdigest()
     return wait
 
 

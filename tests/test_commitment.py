@@ -8,7 +8,10 @@ import hashlib
 import json
 
 import pytest
-from helpers import assert_bad_input, copy, run_cli, run_json
+from helpers import PASSPHRASE, assert_bad_input, copy, run_cli, run_json
+
+from deepsigns_cli import api
+from deepsigns_cli.errors import InputError
 
 
 def sha256(path) -> str:
@@ -66,3 +69,18 @@ def test_keygen_and_embed_print_the_claim_record(marked, tmp_path):
                     "--epochs", 1).stdout
     line = next(ln for ln in shown.splitlines() if ln.startswith('{"commitment"'))
     assert json.loads(line)["commitment"] == sha256(keys)
+
+
+def test_the_bundle_opened_is_the_bundle_checked(blackbox, marked, tmp_path):
+    """The commitment was checked on one read of the file and the keys came from a second one,
+    after the passphrase prompt: a bundle swapped while the prompt waited was used under the
+    published commitment (another owner's keys reported as the published ones, detected)."""
+    keys = copy(blackbox["keys"], tmp_path / "k.dskey")
+    published = sha256(keys)
+
+    def prompt():  # the file is replaced while the prompt waits
+        copy(marked.keys, tmp_path / "other.dskey").replace(keys)
+        return PASSPHRASE
+
+    with pytest.raises(InputError, match="changed while the command read it"):
+        api.extract(blackbox["onnx"], keys, prompt, commitment=published)
