@@ -9,7 +9,7 @@ import stat
 
 import numpy as np
 import pytest
-from helpers import MESSAGE, PASSPHRASE, run_cli, run_json
+from helpers import MESSAGE, PASSPHRASE, assert_bad_input, run_cli, run_json
 
 # (sealed_bytes: the size of what follows the header, which the file's size shows anyway)
 PUBLIC_HEADER = {"format", "version", "schemes", "created", "updated", "kdf", "cipher", "key_id", "sealed_bytes"}
@@ -160,6 +160,15 @@ def test_keygen_reports_the_commitment_of_the_file(marked, tmp_path):
     report = run_json("keygen", "--model", marked.base, "--seed", 3, "--out", keys)
     assert report["commitment"] == sha256(keys)
     assert report["key_id"] == json.loads(run_cli("inspect", keys, "--json").stdout)["key_id"]
+
+
+@pytest.mark.parametrize("name", ["k.safetensors", "k.ONNX", "k.pt"])
+def test_keygen_refuses_a_model_s_name_for_the_bundle(marked, tmp_path, name):
+    """A bundle written as `k.safetensors` was read back by every command as a broken checkpoint
+    (a folder scan listed it among the suspects)."""
+    assert_bad_input(run_cli("keygen", "--model", marked.base, "--out", tmp_path / name, code=None),
+                     "names a model", ".dskey")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_embed_records_the_marked_model_and_a_new_commitment(marked):

@@ -41,10 +41,11 @@ def test_readme_examples_run(tmp_path):
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("DEEPSIGNS_PASSPHRASE", None)  # the README sets it itself
     shutil.copytree(ROOT / "sample_models", tmp_path / "sample_models")
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")  # (an example runs one of them)
     proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, check=False, timeout=900)
     assert proc.returncode == 0, f"README examples failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "DETECTED" in proc.stdout and "not detected" in proc.stdout
     for made in ("base.safetensors", "owner.dskey", "marked.safetensors", "marked.onnx",
-                 "bb-marked.onnx"):
+                 "bb-marked.onnx", "bb-guarded.onnx", "gs-guarded.onnx"):
         assert (tmp_path / made).is_file(), made
