@@ -592,8 +592,13 @@ def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
         found = {}
         for folder in folders:
             with os.scandir(folder.path) as it:
-                found[folder.name] = [e.name for e in _visible(it)
-                                      if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file()]
+                named = [e for e in _visible(it) if e.name.lower().endswith(IMAGE_SUFFIXES)]
+            for e in named:  # (skipped, a link that leads nowhere had trained the model on less, unsaid)
+                if not e.is_file():
+                    raise DataError(f"{where}/{split.name}/{shown(folder.name)}/{shown(e.name)} is named like an "
+                                    "image but is no file (a folder, a link that leads nowhere, a FIFO or a "
+                                    "device): rename or remove it")
+            found[folder.name] = [e.name for e in named]
     except OSError as exc:
         raise DataError(f"cannot list {shown(split)} ({one_line(exc)}): check the folder's permissions") from None
     if not folders:

@@ -366,6 +366,14 @@ def _bomb(d: Path) -> None:
     Image.new("L", (6000, 6000)).save(d / "train" / "4" / "zz-bomb.png", optimize=True)
 
 
+def _dangling_link(d: Path) -> None:
+    (d / "train" / "6" / "zz-gone.png").symlink_to(d / "nowhere.png")
+
+
+def _fifo(d: Path) -> None:
+    os.mkfifo(d / "test" / "7" / "zz-pipe.jpg")
+
+
 def _one_class(d: Path) -> None:
     for c in range(1, 10):
         shutil.rmtree(d / "train" / str(c))
@@ -380,6 +388,8 @@ BAD_FOLDERS = {
     "not-an-image": (_not_an_image, ["notes.jpg", "is not a PNG or JPEG file", "convert or remove"]),
     "no-images": (_no_images, ["no images at all"]),
     "one-class": (_one_class, ["1 class", "at least 2"]),
+    "dangling-link": (_dangling_link, ["train/6/zz-gone.png", "is no file", "a link that leads nowhere"]),
+    "fifo": (_fifo, ["test/7/zz-pipe.jpg", "is no file"]),
     "pixel-bomb": (_bomb, ["zz-bomb.png", "6000x6000", "more than 33554432 pixels"]),
 }
 
