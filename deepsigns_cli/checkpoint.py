@@ -196,7 +196,15 @@ def _safe_open(path: Path):
 
     with open(path, "rb") as raw:
         _check_header(path, raw)
-        with safe_open(str(path), framework="pt") as fh:
+        name = str(path)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # (safetensors takes only a UTF-8 name: it reads the file opened here)
+            if not Path("/dev/fd").is_dir():
+                raise CheckpointError(f"{shown(path)}: a name that is not UTF-8 can be read only where "
+                                      "/dev/fd exists; rename the file") from None
+            name = f"/dev/fd/{raw.fileno()}"
+        with safe_open(name, framework="pt") as fh:
             yield fh
 
 
