@@ -748,6 +748,45 @@ def test_a_network_wrapped_in_a_function_is_still_read(marked, suspects):
     assert found["bit_errors"] == 0 and found["p_value"] < 1e-9
 
 
+def test_a_network_wrapped_in_a_function_that_holds_an_if_is_still_read(marked, suspects):
+    """A function with an If (or Loop) inside was left as it was: every tensor it computes out of
+    reach, the hidden mark read as a fair coin (97/192 bits wrong) with no word. It is inlined
+    now; the If stays, with only its own body out of reach."""
+    proto = _as_function(onnx.load(str(marked.onnx)))
+    body, out = proto.functions[0], proto.graph.output[0].name
+    for node in body.node:
+        node.output[:] = ["pre" if name == out else name for name in node.output]
+    then, other = (h.make_graph([h.make_node("Identity", ["pre"], [f"y{i}"])], f"b{i}", [],
+                                [h.make_tensor_value_info(f"y{i}", T.FLOAT, None)]) for i in range(2))
+    body.node.extend([h.make_node("Constant", [], ["cond"], value=nh.from_array(np.array(True))),
+                      h.make_node("If", ["cond"], [out], then_branch=then, else_branch=other)])
+    assert runtime._inlined(proto) is not proto
+    path = save(proto, suspects / "function-if.onnx")
+    found = _hidden(run_json("extract", "--model", path, "--keys", marked.keys, code=0))
+    assert found["bit_errors"] == 0 and found["p_value"] < 1e-9
+
+
+def test_calls_inside_a_functions_if_count_in_its_size():
+    """Each function's If calls the next function twice in each branch, 40 deep: inlined, 4**40
+    nodes. Sized with its subgraphs, it is left as it is."""
+    opset = [h.make_opsetid("", 17), h.make_opsetid("com.thief", 1)]
+    functions = []
+    for depth in range(40):
+        if depth == 39:
+            nodes = [h.make_node("Identity", ["a"], ["b"])]
+        else:
+            call = [h.make_node(f"F{depth + 1}", ["a"], ["m"], domain="com.thief"),
+                    h.make_node(f"F{depth + 1}", ["m"], ["y"], domain="com.thief")]
+            branch = h.make_graph(call, "branch", [], [h.make_tensor_value_info("y", T.FLOAT, None)])
+            nodes = [h.make_node("Constant", [], ["c"], value=nh.from_array(np.array(True))),
+                     h.make_node("If", ["c"], ["b"], then_branch=branch, else_branch=branch)]
+        functions.append(h.make_function("com.thief", f"F{depth}", ["a"], ["b"], nodes, opset))
+    x, y = (h.make_tensor_value_info(name, T.FLOAT, [1, 4]) for name in "xy")
+    graph = h.make_graph([h.make_node("F0", ["x"], ["y"], domain="com.thief")], "g", [x], [y])
+    proto = h.make_model(graph, opset_imports=opset, functions=functions)
+    assert runtime._inlined(proto) is proto
+
+
 def test_functions_that_would_inline_to_too_many_nodes_are_left_as_they_are(marked, suspects):
     """Each function calls the next twice, 40 deep: inlined, 2**40 nodes. Our process leaves it as
     it is; onnxruntime, which inlines it, is stopped at the timeout."""
