@@ -1070,5 +1070,11 @@ def read_keys(suspect: Suspect, bundle: Bundle, names: list[str], *, alpha: floa
     schemes = {n: load_scheme(n) for n in names}
     keys = {n: schemes[n].check(bundle.schemes[n]) for n in names}  # all checked before any query
     results = [schemes[n].read(suspect, keys[n]) for n in names]
-    return decide(results, alpha, command=command, model=suspect.name, key_id=bundle.key_id,
-                  commitment=commitment)
+    decision = decide(results, alpha, command=command, model=suspect.name, key_id=bundle.key_id,
+                      commitment=commitment)
+    if not decision.detected and all(r.unread for r in results):  # (as an output that cannot be read)
+        from .errors import OnnxError
+
+        why = "; ".join(f"{r.scheme}: {r.note}" for r in results)
+        raise OnnxError(f"{shown(suspect.name)} could not be read ({why}): no verdict either way")
+    return decision

@@ -266,18 +266,34 @@ def test_an_output_that_fails_the_model_as_a_whole_fails_the_reading():
     assert each_output(suspect, no_scores) == ["slow", "logits"]
 
 
-def test_more_tensors_than_deepsigns_reads_leave_the_hidden_scheme_unread_not_the_command(marked, monkeypatch):
+@pytest.mark.parametrize("units", [None, 64], ids=["nothing-read", "units-read"])
+def test_more_tensors_than_deepsigns_reads_leave_the_hidden_scheme_unread(marked, monkeypatch, units):
     """The carrier's tensors are more data than a worker may send back (1,300 distinct copies of
     a 512-wide carrier pass 1 GiB; here the limit is lowered instead): the hidden scheme says it
-    was not read, and the command still reads the other schemes and gives its verdict."""
+    was not read, and a bundle with no other scheme could not be read (exit 2), never "not
+    detected". units-read: the reading of every unit still fits (a thief's decoys fill it first);
+    it had dropped the note, and the suspect read as "not detected"."""
     from helpers import PASSPHRASE
 
-    from deepsigns_cli import api
+    from deepsigns_cli import api, suspect
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.schemes import hidden
 
-    monkeypatch.setattr(runtime, "MAX_REPLY_BYTES", 1 << 19)  # (the worker is forked after this)
-    report = api.extract(marked.onnx, marked.keys, PASSPHRASE)
-    (hidden,) = report.results
-    assert hidden.p_value == 1.0 and hidden.note.startswith("not read:") and "more data" in hidden.note
+    monkeypatch.setattr(runtime, "MAX_REPLY_BYTES", 1 << 17)  # (the worker is forked after this)
+    if units is not None:
+        monkeypatch.setattr(suspect, "MAX_UNITS", units)
+    keys = open_bundle(marked.keys, PASSPHRASE).schemes["hidden"]
+    model = OnnxModel(marked.onnx, provider="cpu")
+    try:
+        result = hidden.SCHEME().read(suspect.OnnxSuspect(model), keys)
+    finally:
+        model.close()
+    assert result.unread and result.note.startswith("not read:") and "more data" in result.note
+    assert (result.readings == 1) is (units is not None)
+    with pytest.raises(OnnxError, match="could not be read .hidden: not read: .* more data"):
+        api.extract(marked.onnx, marked.keys, PASSPHRASE)
+    result = run_cli("extract", "--model", marked.onnx, "--keys", marked.keys, code=None)
+    assert_bad_input(result, "could not be read", "more data")
 
 
 def test_extract_is_bounded_too(marked, suspects):
