@@ -372,15 +372,17 @@ def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: P
 
     if command not in ("extract", "verify"):
         raise InputError(f"scan runs extract or verify, not {command!r}")
-    files = suspect_files(models, command)
+    files = _suspects(models, command)
     started = time.perf_counter()
     reader = _Reader(command, keys, passphrase, alpha=alpha, commitment=commitment, arch=arch,
                      arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output,
                      queries=queries)
     _ = reader.bundle  # a bundle that cannot be opened fails the scan, not one row
     rows = []
-    for i, path in enumerate(files):
+    for i, (path, problem) in enumerate(files.items()):
         try:
+            if problem is not None:  # (a FIFO would block the read, a device never end it)
+                raise InputError(problem)
             rows.append(ScanRow(str(path), reader.read(path)))
         except DeepSignsError as exc:
             rows.append(ScanRow(str(path), error=str(exc)))
@@ -465,29 +467,56 @@ _SUFFIXES = {"verify": (".onnx",), "extract": (".onnx", ".safetensors", ".pt", "
 
 
 def suspect_files(models: list[str | Path], command: str) -> list[Path]:
-    """The suspect files named: each path a file, or a folder whose files of the command's
-    kinds (directly inside it, sorted) are taken. Missing paths and empty folders fail."""
+    """The suspect files named: each path a file, or a folder whose entries named like the
+    command's kinds (directly inside it, sorted) are taken. Missing paths and empty folders fail."""
+    return list(_suspects(models, command))
+
+
+def _suspects(models: list[str | Path], command: str) -> dict[Path, str | None]:
+    """`suspect_files`, each with why it cannot be read (None: it can). An entry of a folder
+    that is not a regular file inside it is not read, but it is a suspect: a scan that skipped
+    it would say "not detected" of a folder it did not read whole."""
     if isinstance(models, (str, Path)):
         models = [models]
-    files: list[Path] = []
+    files: dict[Path, str | None] = {}
     for given in models:
         path = Path(given)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir()
-                           if p.suffix.lower() in _SUFFIXES[command] and p.is_file())
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in _SUFFIXES[command])
             if not found:
                 raise InputError(f"folder {shown(path)} holds no {' or '.join(_SUFFIXES[command])} "
                                  f"file to {command}")
-            files.extend(found)
+            for entry in found:
+                files.setdefault(entry, _entry_problem(entry, path))
         elif path.is_file():
             if command == "verify":
                 _check_onnx_path(path)
-            files.append(path)
+            files.setdefault(path, None)
         else:
             raise InputError(f"suspect not found: {shown(path)}: check --model")
     if not files:
         raise InputError("no suspect given: use --model FILE (repeat it, or give a folder)")
-    return list(dict.fromkeys(files))
+    return files
+
+
+def _entry_problem(entry: Path, folder: Path) -> str | None:
+    """Why a folder's entry named like a suspect is not read (None: it is a regular file in the
+    folder). A symbolic link is followed only to a file inside the folder: one that leads
+    elsewhere (the owner's own marked model, /dev/zero) is not the folder's to offer."""
+    import stat
+
+    try:
+        mode = entry.stat().st_mode
+    except OSError as exc:  # (a link that leads nowhere, or to itself)
+        return f"{shown(entry)} cannot be read ({exc.strerror or type(exc).__name__}): remove it or repair it"
+    if entry.is_symlink() and not Path(os.path.realpath(entry)).is_relative_to(os.path.realpath(folder)):
+        return (f"{shown(entry)} is a symbolic link that leads outside folder {shown(folder)}: a folder's "
+                "links are read only within it; give the file it leads to with --model")
+    if stat.S_ISDIR(mode):
+        return f"{shown(entry)} is a folder, not a model file: a folder's folders are not read; give it with --model"
+    if not stat.S_ISREG(mode):
+        return f"{shown(entry)} is not a regular file (a FIFO, a socket or a device): not a model to read"
+    return None
 
 
 def _check_onnx_path(model: str | Path) -> None:
@@ -1046,5 +1075,11 @@ def read_keys(suspect: Suspect, bundle: Bundle, names: list[str], *, alpha: floa
     schemes = {n: load_scheme(n) for n in names}
     keys = {n: schemes[n].check(bundle.schemes[n]) for n in names}  # all checked before any query
     results = [schemes[n].read(suspect, keys[n]) for n in names]
-    return decide(results, alpha, command=command, model=suspect.name, key_id=bundle.key_id,
-                  commitment=commitment)
+    decision = decide(results, alpha, command=command, model=suspect.name, key_id=bundle.key_id,
+                      commitment=commitment)
+    if not decision.detected and all(r.unread for r in results):  # (as an output that cannot be read)
+        from .errors import OnnxError
+
+        why = "; ".join(f"{r.scheme}: {r.note}" for r in results)
+        raise OnnxError(f"{shown(suspect.name)} could not be read ({why}): no verdict either way")
+    return decision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -150,11 +151,68 @@ def save_checkpoint(model: nn.Module, info: ModelInfo, path: str | Path) -> None
     save_file(state, str(path), metadata=info.to_metadata())
 
 
+_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's bytes
+
+
+class _Twice(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_twice(pairs: list) -> dict:
+    """A JSON object of the header, refused when it names a key twice."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Twice(key)
+        seen[key] = value
+    return seen
+
+
+def _check_header(path: Path, fh) -> None:
+    """A header that names a tensor (or a metadata field) twice is refused: readers differ on
+    which copy they keep (a thief's file could show one model to deepsigns and another to the
+    world). Any other fault of the header is left to safetensors, which says what it is."""
+    head = fh.read(8)
+    size = int.from_bytes(head, "little") if len(head) == 8 else _MAX_HEADER + 1
+    if size > _MAX_HEADER:
+        return
+    try:
+        json.loads(fh.read(size), object_pairs_hook=_no_twice)
+    except _Twice as twice:
+        raise CheckpointError(
+            f"{shown(path)} names {_name(twice.key)} twice in its header: readers differ on which "
+            "copy they keep, so deepsigns reads neither; re-export it"
+        ) from None
+    except (ValueError, RecursionError):  # (UnicodeDecodeError too: safetensors says what is wrong)
+        return
+
+
+@contextlib.contextmanager
+def _safe_open(path: Path):
+    """safetensors' safe_open on a checkpoint whose header was checked (`_check_header`)."""
+    from safetensors import safe_open
+
+    with open(path, "rb") as raw:
+        _check_header(path, raw)
+        name = str(path)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # (safetensors takes only a UTF-8 name: it reads the file opened here)
+            if not Path("/dev/fd").is_dir():
+                raise CheckpointError(f"{shown(path)}: a name that is not UTF-8 can be read only where "
+                                      "/dev/fd exists; rename the file") from None
+            name = f"/dev/fd/{raw.fileno()}"
+        with safe_open(name, framework="pt") as fh:
+            yield fh
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with _safe_open(path) as fh:
             meta = fh.metadata() or {}
             state = {k: fh.get_tensor(k) for k in fh.keys()}
     # TypeError/RuntimeError: a dtype that torch cannot hold; MemoryError: more than we have
@@ -353,7 +411,7 @@ def recorded_preprocess(path: str | Path) -> dict | None:
     """The image-folder preprocessing `train` recorded in a .safetensors checkpoint (only its
     header is read), checked field by field; None for any other file, a checkpoint without
     that record, or one that cannot be read (loading it says why)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     from .data import check_preprocess
 
@@ -361,7 +419,7 @@ def recorded_preprocess(path: str | Path) -> dict | None:
     try:
         if path.suffix.lower() != ".safetensors" or not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as fh:
+        with _safe_open(path) as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, MemoryError):
         return None

@@ -74,7 +74,14 @@ class TrainingError(DeepSignsError):
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # what a terminal takes for an instruction, not a character: C0 and C1 controls (ESC, and CSI
 # \x9b alone, start escape sequences) and the bidirectional overrides that reorder a line
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
+
+
+def _escaped(match: re.Match) -> str:
+    """A control character as Python writes it; a byte of a name that is not UTF-8 (a lone
+    surrogate, as Python decodes such a name) as that byte: \\xff."""
+    char = match.group()
+    return f"\\x{ord(char) - 0xdc00:02x}" if "\udc80" <= char <= "\udcff" else repr(char)[1:-1]
 
 
 def one_line(text: object, limit: int = 200) -> str:
@@ -83,7 +90,7 @@ def one_line(text: object, limit: int = 200) -> str:
     A C++ stack dump below the first line is dropped."""
     text = _ANSI.sub("", str(text))
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    first = _CONTROL.sub(lambda m: repr(m.group())[1:-1], first)
+    first = _CONTROL.sub(_escaped, first)
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
@@ -98,7 +105,7 @@ def shown(path: object) -> str:
     """A path as it can be printed on one line: control characters (a newline in a file name)
     are escaped, so that a message about the file stays one line."""
     text = str(path)
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    return _CONTROL.sub(_escaped, text)
 
 
 class Interrupted(KeyboardInterrupt):

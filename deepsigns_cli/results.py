@@ -52,6 +52,7 @@ class SchemeResult:
     p_value: float  # counts every search the read-out made
     detected: bool = False  # set by decide()
     note: str | None = None
+    unread: bool = False  # the suspect was not read whole (the note says why): not detected is no verdict
 
     def apply(self, alpha: float) -> None:
         self.detected = self.p_value <= alpha
@@ -405,4 +406,4 @@ def _result_dict(result: SchemeResult) -> dict:
     """A result's fields, without the empty optional ones (a 'warning' only when there is one)."""
     optional = {"note", "message", "message_errors", "warning", "onnx_seconds"}
     return {f.name: getattr(result, f.name) for f in fields(result)
-            if not (f.name in optional and getattr(result, f.name) is None)}
+            if not (f.name in optional and getattr(result, f.name) is None or f.name == "unread" and not result.unread)}

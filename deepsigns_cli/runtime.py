@@ -311,9 +311,11 @@ def _function_sizes(functions: dict) -> dict | None:
     size: dict = {}
     state: dict = {}  # 1: being sized (on the path), 2: sized
 
+    def nodes(key):  # (a subgraph's nodes too: an If or Loop body is copied at every call)
+        return (n for graph in _within(functions[key]) for n in graph.node)
+
     def callees(key):
-        return iter(dict.fromkeys((n.domain, n.op_type) for n in functions[key].node
-                                  if (n.domain, n.op_type) in functions))
+        return iter(dict.fromkeys((n.domain, n.op_type) for n in nodes(key) if (n.domain, n.op_type) in functions))
 
     for root in functions:
         if root in state:
@@ -323,7 +325,7 @@ def _function_sizes(functions: dict) -> dict | None:
             key, pending = path[-1]
             callee = next(pending, None)
             if callee is None:
-                size[key] = min(sum(size.get((n.domain, n.op_type), 1) for n in functions[key].node), MAX_NODES + 1)
+                size[key] = min(sum(size.get((n.domain, n.op_type), 1) for n in nodes(key)), MAX_NODES + 1)
                 state[key] = 2
                 path.pop()
             elif state.get(callee) == 1:
@@ -346,8 +348,6 @@ def _inlined(proto):
     functions = {(f.domain, f.name): f for f in proto.functions}
     if len(functions) != len(proto.functions):
         return proto  # (overloads of one name: sized as one, one could hide a chain of calls)
-    if any(sum(1 for _ in _within(f)) > 1 for f in proto.functions):
-        return proto  # (a subgraph in a function: copied at every call, its size is not bounded here)
     size = _function_sizes(functions)
     if size is None:
         return proto  # a function that calls itself: onnxruntime refuses the model

@@ -228,6 +228,22 @@ def test_an_onnx_name_that_is_not_utf8_is_written(marked, tmp_path):
     assert onnx.load(os.fsdecode(out)).graph.output[0].name == "logits"
 
 
+def test_a_checkpoint_whose_name_is_not_utf8_is_read(marked, tmp_path):
+    """safetensors opens only names it can encode as UTF-8: such a checkpoint, written by train
+    or embed, was refused by every command that reads it, as "not a readable .safetensors file"."""
+    folder = tmp_path / "suspects"
+    folder.mkdir()
+    model = copy(marked.marked, folder / os.fsdecode(b"bad\xff\xfe.safetensors"))
+    want = extract(marked.marked, marked.keys)["results"][0]["bits"]
+    assert extract(model, marked.keys)["results"][0]["bits"] == want
+    (row,) = extract(folder, marked.keys)["rows"]
+    assert row["results"][0]["bits"] == want
+    assert run_json("inspect", model)["arch"] == "mlp"
+    run_json("export", model, "--out", tmp_path / "out.onnx")
+    line = run_cli("inspect", tmp_path / os.fsdecode(b"gone\xff.safetensors"), code=2).stderr
+    assert "gone\\xff.safetensors" in line, line
+
+
 def test_export_report_and_inspect(marked, tmp_path):
     out = tmp_path / "again.onnx"
     report = run_json("export", marked.marked, "--data", "digits", "--out", out)

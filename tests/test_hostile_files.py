@@ -263,6 +263,24 @@ def test_metadata_values_that_are_not_strings(tmp_path, marked):
                     "not a readable .safetensors")
 
 
+@pytest.mark.parametrize("command", ["extract", "export"])
+def test_a_tensor_named_twice_in_the_header_is_refused(tmp_path, marked, command):
+    """Readers differ on which copy of a name they keep (safetensors keeps the last): neither is read."""
+    case = Case(tmp_path, marked)
+    tensors = {k: v.contiguous() for k, v in case.tensors.items()}
+    entries, offset = [], 0
+    for key, value in [*tensors.items(), ("fc1.bias", torch.zeros_like(tensors["fc1.bias"]))]:
+        size = value.numel() * 4
+        entry = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [offset, offset + size]}
+        entries.append(f'"{key}": {json.dumps(entry)}')
+        offset += size
+    head = ("{" + ", ".join([f'"__metadata__": {json.dumps(case.meta)}', *entries]) + "}").encode()
+    body = b"".join(v.float().numpy().tobytes() for v in [*tensors.values(), torch.zeros_like(tensors["fc1.bias"])])
+    model = case.dir / "twice.safetensors"
+    model.write_bytes(struct.pack("<Q", len(head)) + head + body)
+    check_bad_input(tmp_path, case.with_model(command, model), "twice.safetensors", "names fc1.bias twice")
+
+
 # a built-in architecture's arguments, from the file: refused on the meta device, before any
 # memory is taken (a hidden size of 10**12 would be terabytes)
 BAD_KWARGS = {

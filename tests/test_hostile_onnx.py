@@ -266,18 +266,34 @@ def test_an_output_that_fails_the_model_as_a_whole_fails_the_reading():
     assert each_output(suspect, no_scores) == ["slow", "logits"]
 
 
-def test_more_tensors_than_deepsigns_reads_leave_the_hidden_scheme_unread_not_the_command(marked, monkeypatch):
+@pytest.mark.parametrize("units", [None, 64], ids=["nothing-read", "units-read"])
+def test_more_tensors_than_deepsigns_reads_leave_the_hidden_scheme_unread(marked, monkeypatch, units):
     """The carrier's tensors are more data than a worker may send back (1,300 distinct copies of
     a 512-wide carrier pass 1 GiB; here the limit is lowered instead): the hidden scheme says it
-    was not read, and the command still reads the other schemes and gives its verdict."""
+    was not read, and a bundle with no other scheme could not be read (exit 2), never "not
+    detected". units-read: the reading of every unit still fits (a thief's decoys fill it first);
+    it had dropped the note, and the suspect read as "not detected"."""
     from helpers import PASSPHRASE
 
-    from deepsigns_cli import api
+    from deepsigns_cli import api, suspect
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.schemes import hidden
 
-    monkeypatch.setattr(runtime, "MAX_REPLY_BYTES", 1 << 19)  # (the worker is forked after this)
-    report = api.extract(marked.onnx, marked.keys, PASSPHRASE)
-    (hidden,) = report.results
-    assert hidden.p_value == 1.0 and hidden.note.startswith("not read:") and "more data" in hidden.note
+    monkeypatch.setattr(runtime, "MAX_REPLY_BYTES", 1 << 17)  # (the worker is forked after this)
+    if units is not None:
+        monkeypatch.setattr(suspect, "MAX_UNITS", units)
+    keys = open_bundle(marked.keys, PASSPHRASE).schemes["hidden"]
+    model = OnnxModel(marked.onnx, provider="cpu")
+    try:
+        result = hidden.SCHEME().read(suspect.OnnxSuspect(model), keys)
+    finally:
+        model.close()
+    assert result.unread and result.note.startswith("not read:") and "more data" in result.note
+    assert (result.readings == 1) is (units is not None)
+    with pytest.raises(OnnxError, match="could not be read .hidden: not read: .* more data"):
+        api.extract(marked.onnx, marked.keys, PASSPHRASE)
+    result = run_cli("extract", "--model", marked.onnx, "--keys", marked.keys, code=None)
+    assert_bad_input(result, "could not be read", "more data")
 
 
 def test_extract_is_bounded_too(marked, suspects):
@@ -746,6 +762,45 @@ def test_a_network_wrapped_in_a_function_is_still_read(marked, suspects):
     path = save(_as_function(onnx.load(str(marked.onnx))), suspects / "function.onnx")
     found = _hidden(run_json("extract", "--model", path, "--keys", marked.keys, code=0))
     assert found["bit_errors"] == 0 and found["p_value"] < 1e-9
+
+
+def test_a_network_wrapped_in_a_function_that_holds_an_if_is_still_read(marked, suspects):
+    """A function with an If (or Loop) inside was left as it was: every tensor it computes out of
+    reach, the hidden mark read as a fair coin (97/192 bits wrong) with no word. It is inlined
+    now; the If stays, with only its own body out of reach."""
+    proto = _as_function(onnx.load(str(marked.onnx)))
+    body, out = proto.functions[0], proto.graph.output[0].name
+    for node in body.node:
+        node.output[:] = ["pre" if name == out else name for name in node.output]
+    then, other = (h.make_graph([h.make_node("Identity", ["pre"], [f"y{i}"])], f"b{i}", [],
+                                [h.make_tensor_value_info(f"y{i}", T.FLOAT, None)]) for i in range(2))
+    body.node.extend([h.make_node("Constant", [], ["cond"], value=nh.from_array(np.array(True))),
+                      h.make_node("If", ["cond"], [out], then_branch=then, else_branch=other)])
+    assert runtime._inlined(proto) is not proto
+    path = save(proto, suspects / "function-if.onnx")
+    found = _hidden(run_json("extract", "--model", path, "--keys", marked.keys, code=0))
+    assert found["bit_errors"] == 0 and found["p_value"] < 1e-9
+
+
+def test_calls_inside_a_functions_if_count_in_its_size():
+    """Each function's If calls the next function twice in each branch, 40 deep: inlined, 4**40
+    nodes. Sized with its subgraphs, it is left as it is."""
+    opset = [h.make_opsetid("", 17), h.make_opsetid("com.thief", 1)]
+    functions = []
+    for depth in range(40):
+        if depth == 39:
+            nodes = [h.make_node("Identity", ["a"], ["b"])]
+        else:
+            call = [h.make_node(f"F{depth + 1}", ["a"], ["m"], domain="com.thief"),
+                    h.make_node(f"F{depth + 1}", ["m"], ["y"], domain="com.thief")]
+            branch = h.make_graph(call, "branch", [], [h.make_tensor_value_info("y", T.FLOAT, None)])
+            nodes = [h.make_node("Constant", [], ["c"], value=nh.from_array(np.array(True))),
+                     h.make_node("If", ["c"], ["b"], then_branch=branch, else_branch=branch)]
+        functions.append(h.make_function("com.thief", f"F{depth}", ["a"], ["b"], nodes, opset))
+    x, y = (h.make_tensor_value_info(name, T.FLOAT, [1, 4]) for name in "xy")
+    graph = h.make_graph([h.make_node("F0", ["x"], ["y"], domain="com.thief")], "g", [x], [y])
+    proto = h.make_model(graph, opset_imports=opset, functions=functions)
+    assert runtime._inlined(proto) is proto
 
 
 def test_functions_that_would_inline_to_too_many_nodes_are_left_as_they_are(marked, suspects):

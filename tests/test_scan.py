@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import pytest
@@ -76,3 +78,38 @@ def test_a_scan_prints_a_table(blackbox, suspects):
     # wide enough for the longest temporary path (a test worker's folder names are long)
     out = run_cli("verify", "--model", suspects, "--keys", blackbox["keys"], code=0, env={"COLUMNS": "300"}).stdout
     assert "2 of 3 suspects detected" in out and "c-unmarked.onnx" in out
+
+
+ENTRIES = {  # an entry named like a suspect that is not a regular file inside the folder
+    "fifo": lambda e, d: os.mkfifo(e),
+    "folder": lambda e, d: e.mkdir(),
+    "link-to-nothing": lambda e, d: e.symlink_to("/nonexistent/gone.onnx"),
+    "link-loop": lambda e, d: e.symlink_to(e.name),
+    "link-to-a-device": lambda e, d: e.symlink_to("/dev/zero"),
+    "link-outside": lambda e, d: e.symlink_to(d["onnx"]),  # (the owner's own marked model)
+}
+
+
+@pytest.mark.parametrize("command", ["verify", "extract"])
+@pytest.mark.parametrize("kind", list(ENTRIES))
+def test_an_entry_that_is_not_a_file_in_the_folder_is_an_error_row(blackbox, tmp_path, kind, command):
+    """Each was left out of the scan without a word: a folder of one unmarked model and one of
+    these read as "not detected" (exit 1), or, for a link to the owner's model, as detected."""
+    folder = tmp_path / "suspects"
+    folder.mkdir()
+    shutil.copy(blackbox["dir"] / "base.onnx", folder / "a-unmarked.onnx")
+    ENTRIES[kind](folder / "b.onnx", blackbox)
+    result = run_cli(command, "--model", folder, "--keys", blackbox["keys"], "--json", code=2)
+    got = rows(json.loads(result.stdout))
+    assert sorted(got) == ["a-unmarked.onnx", "b.onnx"]
+    assert got["a-unmarked.onnx"]["detected"] is False and "b.onnx" in got["b.onnx"]["error"]
+    assert result.stderr.count("error: ") == 1 and "b.onnx" in result.stderr
+
+
+def test_a_link_to_a_file_in_the_folder_is_read(blackbox, tmp_path):
+    folder = tmp_path / "suspects"
+    folder.mkdir()
+    shutil.copy(blackbox["onnx"], folder / "a-marked.onnx")
+    (folder / "b-link.onnx").symlink_to("a-marked.onnx")
+    report = run_json("verify", "--model", folder, "--keys", blackbox["keys"], code=0)
+    assert len(report["detected"]) == 2 and report["errors"] == []

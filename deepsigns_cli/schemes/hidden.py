@@ -202,23 +202,27 @@ class HiddenScheme(Scheme):
         readings = [(name, projections(acts[: len(tx)], probe, arrays), probe is not None)
                     for name, acts in candidates.items()
                     for probe in ([None] if probes is None else [None, acts[len(tx):]])]
+        # (tensors of the carrier's width that were not read: the units' reading below reads at
+        # most MAX_UNITS of the graph's units, which a thief can fill with decoys first)
+        unread = not candidates and why.startswith("not read:")
         every = None if probes is None else suspect.units(x)
         if every is not None:  # one more: every unit the graph computes, lined up with ours at once
             # (a carrier padded with units, split in parts or otherwise rebuilt still lines up)
             readings.append((EVERY_UNIT, projections(every[: len(tx)], every[len(tx):], arrays), True))
         if not readings:
             # another architecture, so not ours: no bit counts (not "every bit wrong"), p = 1
-            return BitsResult("hidden", 1.0, note=why, layer=params["layer"], n_bits=n)
+            return BitsResult("hidden", 1.0, note=why, unread=unread, layer=params["layer"], n_bits=n)
         # a bit whose projection is exactly 0 or not a number was not read: it counts as wrong
         # (all of them read as 0 would match the 0 bits of a --message, most of a text's bits)
         errors_of = [int((((proj > 0) != arrays["bits"]) | _unread(proj)).sum()) for _, proj, _ in readings]
         best = int(np.argmin(errors_of))
         (name, proj, lined), errors, tries = readings[best], errors_of[best], len(readings)
-        found, unread = (proj > 0).astype(np.uint8), _unread(proj)
+        found, unread_bits = (proj > 0).astype(np.uint8), _unread(proj)
         message = _majority(found) if params.get("message") else None
         return BitsResult(
             "hidden", stats.bonferroni(stats.bits_p_value(errors, n), tries), layer=params["layer"],
-            n_bits=n, bits="".join(np.where(unread, "?", found.astype(str)).reshape(-1)),
+            n_bits=n, bits="".join(np.where(unread_bits, "?", found.astype(str)).reshape(-1)),
+            note=why if unread else None, unread=unread,
             bit_errors=errors, ber=errors / n,
             tensor=name, candidates=len(candidates), readings=tries,
             aligned=None if probes is None else lined,
