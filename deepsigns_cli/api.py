@@ -610,7 +610,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         attacked, params = load_attack(name).run(net, ctx)
         seconds = time.perf_counter() - started
         after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider)
-    return AttackReport(name, before, after, params, seconds, str(out))
+    return AttackReport(name, before, after, params, seconds, str(out), str(model), str(data), seed)
 
 
 def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Path, passphrase: Passphrase, *,

@@ -252,9 +252,12 @@ class AttackReport:
     attack: str
     accuracy_before: float
     accuracy_after: float
-    params: dict
+    params: dict  # every parameter the attack used, defaults filled in, and its own results
     seconds: float
     out: str
+    model: str  # the victim (--model)
+    data: str  # the attacker's data (--data)
+    seed: int
     command: str = "attack"
 
 

@@ -59,11 +59,12 @@ RUNS = {
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_an_attack_writes_a_loadable_checkpoint_and_its_params(name, attacked, victim, digits):
+def test_an_attack_writes_a_loadable_checkpoint_and_its_params(name, attacked, victim, digits, marked):
     args, want = RUNS[name]
     report, state = attacked(name, *args)
     model, info, original = victim
     assert report["attack"] == name
+    assert (report["model"], report["data"], report["seed"]) == (str(marked.marked), "digits", 0)
     assert report["params"] == {k: info.lr if v is VICTIM_LR else v for k, v in want.items()}
     assert report["accuracy_before"] == pytest.approx(evaluate(model, digits.x_test, digits.y_test))
     assert set(state) == set(original) and any(not torch.equal(state[k], original[k]) for k in state)

@@ -165,7 +165,8 @@ def export(c, r) -> None:
 
 
 def attack(c, r) -> None:
-    rows = [("attack", r.attack), ("accuracy before", f"{r.accuracy_before:.2f}%"),
+    rows = [("attack", r.attack), ("model", r.model), ("data", r.data), ("seed", r.seed),
+            ("accuracy before", f"{r.accuracy_before:.2f}%"),
             ("accuracy after", f"{r.accuracy_after:.2f}%")]
     rows += [(k, v) for k, v in r.params.items()]
     rows += [("seconds", f"{r.seconds:.2f}"), ("written", r.out)]
