@@ -661,6 +661,10 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     blackbox = any(scheme_entry(n).blackbox for n in bundle.schemes)
     verify_reader = _Reader("verify", keys, secret, alpha=alpha, timeout=timeout, provider=provider) \
         if blackbox else None
+    # the report's parameters: the attack's options but the ones each strength sets; the rest of
+    # what the attack reports (sparsity, samples, ...) is its own result at that strength
+    settings = {o.key for o in entry.options} - {option.key, "attacker_keys"}
+    params: dict = {}
     rows = []
     made: list[Path] = []  # what this sweep wrote into `keep` (and `keep` itself, first, when it made it)
     try:
@@ -690,11 +694,15 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                                 provider=provider,
                                 progress=progress)
                 made.extend(Path(p) for p in (out, run_options.get("attacker_keys")) if p and keep is not None)
-                rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None))
+                params = params or {k: v for k, v in report.params.items() if k in settings}
+                results = {k: v for k, v in report.params.items() if k not in settings and k != option.key
+                           and not (k == "attacker_keys" and keep is None)}  # (not kept: gone)
+                rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None,
+                                 results=results))
             if progress is not None:
                 progress(len(values), len(values), f"{name} {param}")
-        result = SweepReport(name, option.key, given, extract_reader.alpha, bundle.key_id,
-                             extract_reader.published, rows, str(plot) if plot else None)
+        result = SweepReport(name, option.key, params, str(model), str(data), seed, extract_reader.alpha,
+                             bundle.key_id, extract_reader.published, rows, str(plot) if plot else None)
         if plot is not None:
             from .plots import sweep_plot
 
@@ -726,8 +734,10 @@ def _victim_accuracy(model, data: str, arch, arch_kwargs, timeout: float | None,
 
 
 def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: _Reader,
-               verify_reader: _Reader | None, scratch: str, arch, arch_kwargs, kept: bool = False) -> SweepRow:
-    """Read the owner's keys in one attacked model: extract as it is, verify from ONNX."""
+               verify_reader: _Reader | None, scratch: str, arch, arch_kwargs, kept: bool = False,
+               results: dict | None = None) -> SweepRow:
+    """Read the owner's keys in one attacked model: extract as it is, verify from ONNX.
+    `results`: what the attack reported of its own at this strength."""
     from .results import SweepRow
 
     decision = extract_reader.read(path)
@@ -738,7 +748,7 @@ def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: 
             onnx_path = Path(scratch) / (Path(path).stem + ".onnx")
             export(path, onnx_path, arch=arch, arch_kwargs=arch_kwargs, force=True)
         checked = verify_reader.read(onnx_path)
-    return SweepRow(value, accuracy, decision, checked, seconds, str(path) if kept else None)
+    return SweepRow(value, accuracy, decision, checked, seconds, str(path) if kept else None, results or {})
 
 
 def _attack_out_kind(name: str, out: str | Path, writes: tuple[str, ...]) -> str:

@@ -11,6 +11,8 @@ import time
 import pytest
 from helpers import SEEDS, assert_one_error_line, deepsigns_argv, process_env, run_cli, run_json
 
+from deepsigns_cli.checkpoint import load_checkpoint
+
 
 def hidden(report: dict) -> dict:
     return next(r for r in report["results"] if r["scheme"] == "hidden")
@@ -177,6 +179,18 @@ def test_a_sweep_reads_the_owners_keys_at_every_strength(prune_sweep, marked):
     assert (folder / "prune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_sweep_reports_every_parameter_and_each_strengths_results(prune_sweep, marked):
+    """As a single attack's report: the parameters with their defaults, the seed, the data and
+    the input model once; each strength's own results (here the sparsity) in its row."""
+    report, _ = prune_sweep
+    lr = load_checkpoint(marked.marked)[1].lr
+    assert report["params"] == {"scope": "global", "finetune_epochs": 0, "lr": lr, "optimizer": "adam",
+                                "data_fraction": 1.0}
+    assert (report["model"], report["data"], report["seed"]) == (str(marked.marked), "digits", 0)
+    assert [r["results"] for r in report["rows"]] == [{}, {"sparsity": pytest.approx(0.2, abs=1e-4)},
+                                                      {"sparsity": pytest.approx(0.97, abs=1e-4)}]
+
+
 def test_a_sweep_verifies_black_box_marks_from_onnx(blackbox):
     report = run_json("attack", "noise", "--model", blackbox["marked_path"], "--sweep", "sigma=0,2",
                       "--keys", blackbox["keys"])
@@ -241,12 +255,16 @@ def test_a_wide_sweep_table_keeps_every_column(width):
 
     rows = [SweepRow(value, 97.5, decision(0), decide([MatchResult("output", 1e-37, keys=100, matches=65,
                                                                    num_classes=10)], 1e-9, command="verify",
-                                                      model="m", key_id="k"), 0.1) for value in (None, 0.5)]
+                                                      model="m", key_id="k"), 0.1,
+                     results={} if value is None else {"sparsity": 0.5}) for value in (None, 0.5)]
     out = io.StringIO()
-    render.sweep(Console(file=out, width=width), SweepReport("noise", "sigma", {}, 1e-9, "k", "c" * 64, rows))
+    render.sweep(Console(file=out, width=width),
+                 SweepReport("prune", "rate", {"scope": "layer"}, "v.safetensors", "digits", 7, 1e-9, "k", "c" * 64,
+                             rows))
     header = next(line for line in out.getvalue().splitlines() if "acc" in line)
-    assert header.split() == ["sigma", "acc", "hidden", "(p)", "output", "(p)", "gradsigns", "(p)", "extract",
-                              "verify"], out.getvalue()
+    assert header.split() == ["rate", "acc", "sparsity", "hidden", "(p)", "output", "(p)", "gradsigns", "(p)",
+                              "extract", "verify"], out.getvalue()
+    assert "v.safetensors, data digits, seed 7; scope layer" in out.getvalue()
 
 
 def test_a_sweep_report_is_json(prune_sweep):
