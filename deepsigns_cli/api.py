@@ -609,7 +609,8 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         started = time.perf_counter()
         attacked, params = load_attack(name).run(net, ctx)
         seconds = time.perf_counter() - started
-        after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider)
+        after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider,
+                                record={"name": name, "params": params, "seed": seed})
     return AttackReport(name, before, after, params, seconds, str(out), str(model), str(data), seed)
 
 
@@ -796,9 +797,10 @@ def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, 
 
 
 def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, timeout: float | None,
-                    provider: str) -> float:
+                    provider: str, record: dict) -> float:
     """Write the attacked model as --out asks; its accuracy. A model of another architecture
-    than the victim's (a distilled student) carries its own facts in `deepsigns_info`."""
+    than the victim's (a distilled student) carries its own facts in `deepsigns_info`. A
+    checkpoint records the attack (`record`: its name, parameters and seed) in its metadata."""
     from .checkpoint import export_onnx, save_checkpoint
 
     info = getattr(attacked, "deepsigns_info", info)
@@ -809,7 +811,7 @@ def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, 
         return _accuracy(tmp, dataset, timeout, provider)
     accuracy = _accuracy(attacked, dataset)
     if out_kind == "checkpoint":
-        attack = {"attacked": True, "test_accuracy": round(accuracy, 4)}
+        attack = {"attacked": True, "attack": record, "test_accuracy": round(accuracy, 4)}
         save_checkpoint(attacked, replace(info, extra={**info.extra, **attack}), tmp)
     else:
         export_onnx(attacked, info, tmp, check_inputs=dataset.x_test[:64])

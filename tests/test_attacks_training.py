@@ -208,3 +208,15 @@ def test_an_option_out_of_range_exits_2_with_one_line(name, flag, value, tmp_pat
     result = run_cli("attack", name, "--model", marked.marked, flag, value, "--out", out, code=2)
     assert_bad_input(result, str(value) if flag == "--student" else flag)
     assert not out.exists()
+
+
+def test_an_attacked_checkpoint_records_the_attack_and_a_seed_gives_the_same_bytes(marked, tmp_path):
+    """The metadata had described the victim alone (its seed, its rate), and came out in a hash
+    map's order, new in every run: it records the attack, sorted, and a seeded run repeats."""
+    outs = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    reports = [run_json("attack", "finetune", "--model", marked.marked, "--epochs", 1, "--seed", 5,
+                        "--device", "cpu", "--out", out) for out in outs]
+    assert reports[0]["seed"] == 5
+    assert load_checkpoint(outs[0])[1].extra["attack"] == {"name": "finetune", "params": reports[0]["params"],
+                                                          "seed": 5}
+    assert outs[0].read_bytes() == outs[1].read_bytes()
