@@ -648,9 +648,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
         if not str(plot).lower().endswith(".png"):
             raise InputError(f"--plot must name a .png file, got {shown(plot)}")
         check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
-    from .fileio import MODEL_SUFFIXES
-
-    if keep is not None and Path(keep).suffix.lower() in MODEL_SUFFIXES.values():
+    if keep is not None and Path(keep).suffix.lower() in _SUFFIXES["extract"]:  # (every model file we read)
         raise InputError(f"--out {shown(keep)} names a model, but a sweep keeps its models in a folder: give a folder "
                          "path (every command tells a model's kind by its name)")
     suffix = ".onnx" if entry.writes == ("onnx",) else ".safetensors"

@@ -213,6 +213,8 @@ def test_a_sweep_verifies_black_box_marks_from_onnx(blackbox):
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{keys}"], "cannot be the folder --sweep keeps"),
     (["--sweep", "rate=0.5,0.2,0.50", "--keys", "{keys}", "--out", "{tmp}/kept"], "0.5 is given twice"),
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{tmp}/kept.onnx"], "keeps its models in a folder"),
+    (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{tmp}/kept.pt"], "keeps its models in a folder"),
+    (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{tmp}/kept.PTH"], "keeps its models in a folder"),
     (["--sweep", "rate=0.5", "--sweep", "rate=0.2", "--keys", "{keys}"], "--sweep is given twice"),
 ])
 def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
