@@ -652,6 +652,23 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
         raise InputError(f"--out {shown(keep)} names a model, but a sweep keeps its models in a folder: give a folder "
                          "path (every command tells a model's kind by its name)")
     suffix = ".onnx" if entry.writes == ("onnx",) else ".safetensors"
+
+    def kept(folder: Path, value) -> tuple[Path, Path | None]:
+        """One strength's model, and the attacker's bundle beside it (attacks that seal one)."""
+        stem = f"{name}-{param}-{value}"
+        return folder / f"{stem}{suffix}", folder / f"{stem}.attacker.dskey" if entry.passphrase else None
+
+    if keep is not None:  # every output checked before the first attack: a clash fails at once
+        from .fileio import check_output
+
+        if plot is not None and os.path.abspath(plot) == os.path.abspath(keep):
+            raise InputError(f"--plot {shown(plot)} is also --out, the folder the sweep keeps its models in: "
+                             "give the plot another path")
+        if Path(keep).is_dir():
+            for value in values:
+                for path, flag in zip(kept(Path(keep), value), ("--out", "--attacker-keys"), strict=True):
+                    if path is not None:
+                        check_output(path, force, inputs={"--model": model, "--data": data}, option=flag)
     check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
     secret = _passphrase(passphrase)  # asked once for both readers
     extract_reader = _Reader("extract", keys, secret, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
@@ -683,10 +700,10 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
             for i, value in enumerate(values):
                 if progress is not None:
                     progress(i, len(values), f"{name} {param}={value}")
-                out = folder / f"{name}-{param}-{value}{suffix}"
+                out, attacker_keys = kept(folder, value)
                 run_options = {**given, option.key: value}
-                if entry.passphrase:  # the attacker's own bundle, one per strength, beside the model
-                    run_options["attacker_keys"] = str(folder / f"{name}-{param}-{value}.attacker.dskey")
+                if attacker_keys is not None:  # the attacker's own bundle, one per strength, beside the model
+                    run_options["attacker_keys"] = str(attacker_keys)
                 report = attack(name, model, out, data=data, options=run_options, seed=seed, device=device,
                                 arch=arch, arch_kwargs=arch_kwargs, force=force or keep is None,
                                 passphrase=attacker_passphrase if entry.passphrase else None, timeout=timeout,

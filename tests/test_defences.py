@@ -224,6 +224,28 @@ def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--out", "{tmp}/kept"], "kept/prune-rate-0.9.safetensors exists: pass --force"),
+    (["--out", "{tmp}/p.png", "--plot", "{tmp}/p.png"], "--plot"),
+])
+def test_a_sweeps_outputs_are_checked_before_the_first_attack(marked, tmp_path, monkeypatch, args, needle):
+    """A kept model of a later strength, or --plot naming the folder, had failed the sweep only
+    once the attacks were done (after minutes of training): now before any runs."""
+    from deepsigns_cli import api
+
+    def ran(*args, **kwargs):
+        raise AssertionError("an attack ran")
+
+    monkeypatch.setattr(api, "attack", ran)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "prune-rate-0.9.safetensors").write_bytes(b"kept before")
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = run_cli("attack", "prune", "--model", marked.marked, "--keys", marked.keys, "--sweep", "rate=0.5,0.9",
+                     *args, code=2)
+    assert_one_error_line(result.stderr, result.stdout, needle)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "prune-rate-0.9.safetensors"]
+
+
 @pytest.mark.parametrize("columns", ["20", "60", "80"])
 def test_a_sweep_table_is_never_cropped(blackbox, tmp_path, columns):
     """Drawn for 80 columns (a pipe, a file, a terminal), a three-scheme table lost its p-values
