@@ -643,8 +643,9 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         started = time.perf_counter()
         attacked, params = load_attack(name).run(net, ctx)
         seconds = time.perf_counter() - started
-        after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider)
-    return AttackReport(name, before, after, params, seconds, str(out))
+        after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider,
+                                record={"name": name, "params": params, "seed": seed})
+    return AttackReport(name, before, after, params, seconds, str(out), str(model), str(data), seed)
 
 
 def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Path, passphrase: Passphrase, *,
@@ -681,12 +682,27 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
         if not str(plot).lower().endswith(".png"):
             raise InputError(f"--plot must name a .png file, got {shown(plot)}")
         check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
-    from .fileio import MODEL_SUFFIXES
-
-    if keep is not None and Path(keep).suffix.lower() in MODEL_SUFFIXES.values():
+    if keep is not None and Path(keep).suffix.lower() in _SUFFIXES["extract"]:  # (every model file we read)
         raise InputError(f"--out {shown(keep)} names a model, but a sweep keeps its models in a folder: give a folder "
                          "path (every command tells a model's kind by its name)")
     suffix = ".onnx" if entry.writes == ("onnx",) else ".safetensors"
+
+    def kept(folder: Path, value) -> tuple[Path, Path | None]:
+        """One strength's model, and the attacker's bundle beside it (attacks that seal one)."""
+        stem = f"{name}-{param}-{value}"
+        return folder / f"{stem}{suffix}", folder / f"{stem}.attacker.dskey" if entry.passphrase else None
+
+    if keep is not None:  # every output checked before the first attack: a clash fails at once
+        from .fileio import check_output
+
+        if plot is not None and os.path.abspath(plot) == os.path.abspath(keep):
+            raise InputError(f"--plot {shown(plot)} is also --out, the folder the sweep keeps its models in: "
+                             "give the plot another path")
+        if Path(keep).is_dir():
+            for value in values:
+                for path, flag in zip(kept(Path(keep), value), ("--out", "--attacker-keys"), strict=True):
+                    if path is not None:
+                        check_output(path, force, inputs={"--model": model, "--data": data}, option=flag)
     check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
     secret = _passphrase(passphrase)  # asked once for both readers
     extract_reader = _Reader("extract", keys, secret, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
@@ -695,6 +711,10 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     blackbox = any(scheme_entry(n).blackbox for n in bundle.schemes)
     verify_reader = _Reader("verify", keys, secret, alpha=alpha, timeout=timeout, provider=provider) \
         if blackbox else None
+    # the report's parameters: the attack's options but the ones each strength sets; the rest of
+    # what the attack reports (sparsity, samples, ...) is its own result at that strength
+    settings = {o.key for o in entry.options} - {option.key, "attacker_keys"}
+    params: dict = {}
     rows = []
     made: list[Path] = []  # what this sweep wrote into `keep` (and `keep` itself, first, when it made it)
     try:
@@ -714,21 +734,25 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
             for i, value in enumerate(values):
                 if progress is not None:
                     progress(i, len(values), f"{name} {param}={value}")
-                out = folder / f"{name}-{param}-{value}{suffix}"
+                out, attacker_keys = kept(folder, value)
                 run_options = {**given, option.key: value}
-                if entry.passphrase:  # the attacker's own bundle, one per strength, beside the model
-                    run_options["attacker_keys"] = str(folder / f"{name}-{param}-{value}.attacker.dskey")
+                if attacker_keys is not None:  # the attacker's own bundle, one per strength, beside the model
+                    run_options["attacker_keys"] = str(attacker_keys)
                 report = attack(name, model, out, data=data, options=run_options, seed=seed, device=device,
                                 arch=arch, arch_kwargs=arch_kwargs, force=force or keep is None,
                                 passphrase=attacker_passphrase if entry.passphrase else None, timeout=timeout,
                                 provider=provider,
                                 progress=progress)
                 made.extend(Path(p) for p in (out, run_options.get("attacker_keys")) if p and keep is not None)
-                rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None))
+                params = params or {k: v for k, v in report.params.items() if k in settings}
+                results = {k: v for k, v in report.params.items() if k not in settings and k != option.key
+                           and not (k == "attacker_keys" and keep is None)}  # (not kept: gone)
+                rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None,
+                                 results=results))
             if progress is not None:
                 progress(len(values), len(values), f"{name} {param}")
-        result = SweepReport(name, option.key, given, extract_reader.alpha, bundle.key_id,
-                             extract_reader.published, rows, str(plot) if plot else None)
+        result = SweepReport(name, option.key, params, str(model), str(data), seed, extract_reader.alpha,
+                             bundle.key_id, extract_reader.published, rows, str(plot) if plot else None)
         if plot is not None:
             from .plots import sweep_plot
 
@@ -760,8 +784,10 @@ def _victim_accuracy(model, data: str, arch, arch_kwargs, timeout: float | None,
 
 
 def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: _Reader,
-               verify_reader: _Reader | None, scratch: str, arch, arch_kwargs, kept: bool = False) -> SweepRow:
-    """Read the owner's keys in one attacked model: extract as it is, verify from ONNX."""
+               verify_reader: _Reader | None, scratch: str, arch, arch_kwargs, kept: bool = False,
+               results: dict | None = None) -> SweepRow:
+    """Read the owner's keys in one attacked model: extract as it is, verify from ONNX.
+    `results`: what the attack reported of its own at this strength."""
     from .results import SweepRow
 
     decision = extract_reader.read(path)
@@ -772,7 +798,7 @@ def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: 
             onnx_path = Path(scratch) / (Path(path).stem + ".onnx")
             export(path, onnx_path, arch=arch, arch_kwargs=arch_kwargs, force=True)
         checked = verify_reader.read(onnx_path)
-    return SweepRow(value, accuracy, decision, checked, seconds, str(path) if kept else None)
+    return SweepRow(value, accuracy, decision, checked, seconds, str(path) if kept else None, results or {})
 
 
 def _attack_out_kind(name: str, out: str | Path, writes: tuple[str, ...]) -> str:
@@ -820,9 +846,10 @@ def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, 
 
 
 def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, timeout: float | None,
-                    provider: str) -> float:
+                    provider: str, record: dict) -> float:
     """Write the attacked model as --out asks; its accuracy. A model of another architecture
-    than the victim's (a distilled student) carries its own facts in `deepsigns_info`."""
+    than the victim's (a distilled student) carries its own facts in `deepsigns_info`. A
+    checkpoint records the attack (`record`: its name, parameters and seed) in its metadata."""
     from .checkpoint import export_onnx, save_checkpoint
 
     info = getattr(attacked, "deepsigns_info", info)
@@ -833,7 +860,7 @@ def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, 
         return _accuracy(tmp, dataset, timeout, provider)
     accuracy = _accuracy(attacked, dataset)
     if out_kind == "checkpoint":
-        attack = {"attacked": True, "test_accuracy": round(accuracy, 4)}
+        attack = {"attacked": True, "attack": record, "test_accuracy": round(accuracy, 4)}
         save_checkpoint(attacked, replace(info, extra={**info.extra, **attack}), tmp)
     else:
         export_onnx(attacked, info, tmp, check_inputs=dataset.x_test[:64])

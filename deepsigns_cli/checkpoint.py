@@ -149,6 +149,26 @@ def save_checkpoint(model: nn.Module, info: ModelInfo, path: str | Path) -> None
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=info.to_metadata())
+    _sort_header(path)
+
+
+def _sort_header(path: str | Path) -> None:
+    """safetensors writes its header from a hash map, in an order new in every process: the
+    header rewritten in place with its keys sorted (the same JSON reordered: the same length),
+    so that equal checkpoints are equal bytes."""
+    import struct
+
+    with open(path, "r+b") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        meta = header.pop("__metadata__", None)
+        ordered = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+        ordered.update(sorted(header.items()))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # (never: serde_json and json write the same text; then left as it was)
+            return
+        fh.seek(8)
+        fh.write(text.ljust(size))  # (safetensors pads its header with spaces too)
 
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit on a header's bytes

@@ -253,9 +253,12 @@ class AttackReport:
     attack: str
     accuracy_before: float
     accuracy_after: float
-    params: dict
+    params: dict  # every parameter the attack used, defaults filled in, and its own results
     seconds: float
     out: str
+    model: str  # the victim (--model)
+    data: str  # the attacker's data (--data)
+    seed: int
     command: str = "attack"
 
 
@@ -300,6 +303,7 @@ class SweepRow:
     verify: Decision | None  # None: the bundle has no black-box scheme
     seconds: float  # the attack's own run time
     model: str | None = None  # where the attacked model was kept (None: not kept)
+    results: dict = field(default_factory=dict)  # the attack's own results (sparsity, ...); none for the victim
 
 
 @dataclass
@@ -309,7 +313,10 @@ class SweepReport:
 
     attack: str
     param: str
-    options: dict  # the attack's other options, as given
+    params: dict  # every other parameter the attack used, defaults filled in
+    model: str  # the victim (--model)
+    data: str  # the attacker's data (--data)
+    seed: int
     alpha: float
     key_id: str
     commitment: str

@@ -146,7 +146,7 @@ def main() -> None:
                                             f"output {output.brief()} ({'Y' if output.detected else 'n'})"})
     for name, per_seed in table.items():
         first = next(iter(per_seed.values()))
-        print(f"\n### {name} (--{first.param.replace('_', '-')} swept; options {first.options})\n")
+        print(f"\n### {name} (--{first.param.replace('_', '-')} swept; parameters {first.params})\n")
         print("| " + " | ".join(["value"] + [f"seed {s}" for s in per_seed]) + " |")
         print("| " + " | ".join(["---"] * (len(per_seed) + 1)) + " |")
         for i, row in enumerate(first.rows):

@@ -59,11 +59,12 @@ RUNS = {
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_an_attack_writes_a_loadable_checkpoint_and_its_params(name, attacked, victim, digits):
+def test_an_attack_writes_a_loadable_checkpoint_and_its_params(name, attacked, victim, digits, marked):
     args, want = RUNS[name]
     report, state = attacked(name, *args)
     model, info, original = victim
     assert report["attack"] == name
+    assert (report["model"], report["data"], report["seed"]) == (str(marked.marked), "digits", 0)
     assert report["params"] == {k: info.lr if v is VICTIM_LR else v for k, v in want.items()}
     assert report["accuracy_before"] == pytest.approx(evaluate(model, digits.x_test, digits.y_test))
     assert set(state) == set(original) and any(not torch.equal(state[k], original[k]) for k in state)
@@ -207,3 +208,15 @@ def test_an_option_out_of_range_exits_2_with_one_line(name, flag, value, tmp_pat
     result = run_cli("attack", name, "--model", marked.marked, flag, value, "--out", out, code=2)
     assert_bad_input(result, str(value) if flag == "--student" else flag)
     assert not out.exists()
+
+
+def test_an_attacked_checkpoint_records_the_attack_and_a_seed_gives_the_same_bytes(marked, tmp_path):
+    """The metadata had described the victim alone (its seed, its rate), and came out in a hash
+    map's order, new in every run: it records the attack, sorted, and a seeded run repeats."""
+    outs = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    reports = [run_json("attack", "finetune", "--model", marked.marked, "--epochs", 1, "--seed", 5,
+                        "--device", "cpu", "--out", out) for out in outs]
+    assert reports[0]["seed"] == 5
+    assert load_checkpoint(outs[0])[1].extra["attack"] == {"name": "finetune", "params": reports[0]["params"],
+                                                          "seed": 5}
+    assert outs[0].read_bytes() == outs[1].read_bytes()

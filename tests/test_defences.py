@@ -11,6 +11,8 @@ import time
 import pytest
 from helpers import SEEDS, assert_one_error_line, deepsigns_argv, process_env, run_cli, run_json
 
+from deepsigns_cli.checkpoint import load_checkpoint
+
 
 def hidden(report: dict) -> dict:
     return next(r for r in report["results"] if r["scheme"] == "hidden")
@@ -177,6 +179,18 @@ def test_a_sweep_reads_the_owners_keys_at_every_strength(prune_sweep, marked):
     assert (folder / "prune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_sweep_reports_every_parameter_and_each_strengths_results(prune_sweep, marked):
+    """As a single attack's report: the parameters with their defaults, the seed, the data and
+    the input model once; each strength's own results (here the sparsity) in its row."""
+    report, _ = prune_sweep
+    lr = load_checkpoint(marked.marked)[1].lr
+    assert report["params"] == {"scope": "global", "finetune_epochs": 0, "lr": lr, "optimizer": "adam",
+                                "data_fraction": 1.0}
+    assert (report["model"], report["data"], report["seed"]) == (str(marked.marked), "digits", 0)
+    assert [r["results"] for r in report["rows"]] == [{}, {"sparsity": pytest.approx(0.2, abs=1e-4)},
+                                                      {"sparsity": pytest.approx(0.97, abs=1e-4)}]
+
+
 def test_a_sweep_verifies_black_box_marks_from_onnx(blackbox):
     report = run_json("attack", "noise", "--model", blackbox["marked_path"], "--sweep", "sigma=0,2",
                       "--keys", blackbox["keys"])
@@ -199,6 +213,8 @@ def test_a_sweep_verifies_black_box_marks_from_onnx(blackbox):
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{keys}"], "cannot be the folder --sweep keeps"),
     (["--sweep", "rate=0.5,0.2,0.50", "--keys", "{keys}", "--out", "{tmp}/kept"], "0.5 is given twice"),
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{tmp}/kept.onnx"], "keeps its models in a folder"),
+    (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{tmp}/kept.pt"], "keeps its models in a folder"),
+    (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{tmp}/kept.PTH"], "keeps its models in a folder"),
     (["--sweep", "rate=0.5", "--sweep", "rate=0.2", "--keys", "{keys}"], "--sweep is given twice"),
 ])
 def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
@@ -206,6 +222,28 @@ def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
     result = run_cli("attack", "prune", "--model", marked.marked, *args, code=2)
     assert_one_error_line(result.stderr, result.stdout, needle)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--out", "{tmp}/kept"], "kept/prune-rate-0.9.safetensors exists: pass --force"),
+    (["--out", "{tmp}/p.png", "--plot", "{tmp}/p.png"], "--plot"),
+])
+def test_a_sweeps_outputs_are_checked_before_the_first_attack(marked, tmp_path, monkeypatch, args, needle):
+    """A kept model of a later strength, or --plot naming the folder, had failed the sweep only
+    once the attacks were done (after minutes of training): now before any runs."""
+    from deepsigns_cli import api
+
+    def ran(*args, **kwargs):
+        raise AssertionError("an attack ran")
+
+    monkeypatch.setattr(api, "attack", ran)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "prune-rate-0.9.safetensors").write_bytes(b"kept before")
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = run_cli("attack", "prune", "--model", marked.marked, "--keys", marked.keys, "--sweep", "rate=0.5,0.9",
+                     *args, code=2)
+    assert_one_error_line(result.stderr, result.stdout, needle)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "prune-rate-0.9.safetensors"]
 
 
 @pytest.mark.parametrize("columns", ["20", "60", "80"])
@@ -241,12 +279,16 @@ def test_a_wide_sweep_table_keeps_every_column(width):
 
     rows = [SweepRow(value, 97.5, decision(0), decide([MatchResult("output", 1e-37, keys=100, matches=65,
                                                                    num_classes=10)], 1e-9, command="verify",
-                                                      model="m", key_id="k"), 0.1) for value in (None, 0.5)]
+                                                      model="m", key_id="k"), 0.1,
+                     results={} if value is None else {"sparsity": 0.5}) for value in (None, 0.5)]
     out = io.StringIO()
-    render.sweep(Console(file=out, width=width), SweepReport("noise", "sigma", {}, 1e-9, "k", "c" * 64, rows))
+    render.sweep(Console(file=out, width=width),
+                 SweepReport("prune", "rate", {"scope": "layer"}, "v.safetensors", "digits", 7, 1e-9, "k", "c" * 64,
+                             rows))
     header = next(line for line in out.getvalue().splitlines() if "acc" in line)
-    assert header.split() == ["sigma", "acc", "hidden", "(p)", "output", "(p)", "gradsigns", "(p)", "extract",
-                              "verify"], out.getvalue()
+    assert header.split() == ["rate", "acc", "sparsity", "hidden", "(p)", "output", "(p)", "gradsigns", "(p)",
+                              "extract", "verify"], out.getvalue()
+    assert "v.safetensors, data digits, seed 7; scope layer" in out.getvalue()
 
 
 def test_a_sweep_report_is_json(prune_sweep):

@@ -165,7 +165,8 @@ def export(c, r) -> None:
 
 
 def attack(c, r) -> None:
-    rows = [("attack", r.attack), ("accuracy before", f"{r.accuracy_before:.2f}%"),
+    rows = [("attack", r.attack), ("model", r.model), ("data", r.data), ("seed", r.seed),
+            ("accuracy before", f"{r.accuracy_before:.2f}%"),
             ("accuracy after", f"{r.accuracy_after:.2f}%")]
     rows += [(k, v) for k, v in r.params.items()]
     rows += [("seconds", f"{r.seconds:.2f}"), ("written", r.out)]
@@ -187,15 +188,22 @@ def sweep(c, r) -> None:
     from rich.text import Text
 
     param = r.param.replace("_", "-")
+    settings = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in r.params.items())
     table = Table(title=f"attack {r.attack}, --{param} swept: what the owner's keys read (alpha = {r.alpha:g})",
                   title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption=f"bundle commitment {r.commitment}"
-                  + (f"; plot: {text(r.plot)}" if r.plot else ""))
+                  caption=f"{text(r.model)}, data {text(r.data)}, seed {r.seed}"
+                  + (f"; {text(settings)}" if settings else "")
+                  + f"\nbundle commitment {r.commitment}" + (f"; plot: {text(r.plot)}" if r.plot else ""))
     schemes = [x.scheme for x in r.rows[0].extract.results]
-    header = [param, "acc"] + [f"{scheme} (p)" for scheme in schemes] + ["extract", "verify"]
+    # the attack's own results that are numbers (sparsity, samples, ...), one column each
+    numbers = [k for k, v in (r.rows[-1].results if len(r.rows) > 1 else {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    header = [param, "acc"] + [k.replace("_", " ") for k in numbers] + [f"{scheme} (p)" for scheme in schemes] \
+        + ["extract", "verify"]
     rows = []
     for row in r.rows:
         cells = ["victim" if row.value is None else str(row.value), f"{row.accuracy:.1f}%"]
+        cells += ["-" if k not in row.results else f"{row.results[k]:.4g}" for k in numbers]
         for scheme in schemes:
             res = next(x for x in row.extract.results if x.scheme == scheme)
             cells.append(f"{text(res.brief())} ({res.p_value:.2g})")
@@ -203,7 +211,8 @@ def sweep(c, r) -> None:
     widths = []
     for i, name in enumerate(header):  # every cell whole: the widths the cells need
         widths.append(max(len(name), *(len(Text.from_markup(cells[i]).plain) for cells in rows)))
-        table.add_column(name, no_wrap=True, min_width=widths[-1], justify="right" if i == 1 else "left")
+        table.add_column(name, no_wrap=True, min_width=widths[-1],
+                         justify="right" if 1 <= i <= len(numbers) + 1 else "left")
     for cells in rows:
         table.add_row(*cells)
     # as wide as its columns, even past the terminal's edge (which then wraps the lines): cropped
