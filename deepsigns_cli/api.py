@@ -222,11 +222,11 @@ def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: 
     names = _scheme_list(schemes)
     per_scheme = _split_options(names, options or {})
     _check_int("seed", seed)
-    if Path(out).suffix.lower() in _SUFFIXES["extract"]:  # (read back as a broken model by every command)
-        raise InputError(f"--out {shown(out)} names a model: a key bundle's name ends in .dskey")
     inputs = {"--model": model, "--data": data, **(also_inputs or {})}
     with Outputs(force=force, inputs=inputs) as outs:
         tmp = outs.add(out, "--out", mode=BUNDLE_MODE)
+        if Path(out).suffix.lower() in _SUFFIXES["extract"]:  # (read back as a broken model by every command)
+            raise InputError(f"--out {shown(out)} names a model: a key bundle's name ends in .dskey")
         secret = _passphrase(passphrase)
         dataset = load_dataset(data, model)
         net, info = _load_model(model, arch, arch_kwargs, data=dataset)
