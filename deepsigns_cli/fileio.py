@@ -11,6 +11,7 @@ Failure modes, stated:
   is as it was;
 - during the commit (renames in the targets' own folders, microseconds) SIGINT, SIGTERM and
   SIGHUP are held until the last rename, then reported as `errors.Interrupted` naming what was written;
+  inside the CLI's `held_after_commit` they stay held until the command's report is printed;
 - a rename that fails (a disk pulled mid-commit) leaves the earlier renames done, so callers
   add their most precious output first (embed: the key bundle, then the checkpoint, then ONNX);
 - a file updated in place (the key bundle) is locked from the moment it is added until the
@@ -38,8 +39,8 @@ from pathlib import Path
 
 from .errors import DeepSignsError, InputError, Interrupted, OutputExistsError, one_line, shown
 
-__all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "sha256_file",
-           "is_main_process", "run_place"]
+__all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "held_after_commit",
+           "outputs_written", "not_final", "sha256_file", "is_main_process", "run_place"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -177,6 +178,79 @@ def held_signals() -> Iterator[list[int]]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Late:
+    """The signals held from a command's commit to its end (`held_after_commit`)."""
+
+    def __init__(self) -> None:
+        self.came: list[int] = []
+        self.written: list[str] = []
+        self.previous: dict | None = None  # (the handlers before the first commit)
+        self.suspended = 0  # (inside `not_final`)
+
+    def engage(self, written: list[str]) -> None:
+        if self.previous is None:
+            self.previous = {s: signal.getsignal(s) for s in _SIGNALS}
+            for s in _SIGNALS:
+                signal.signal(s, lambda signum, frame: self.came.append(signum))
+        self.written.extend(w for w in written if w not in self.written)
+
+
+_late: _Late | None = None
+
+
+def _open_late() -> _Late | None:
+    """The CLI's window, where this thread's commits hold signals to the command's end."""
+    if _late is None or _late.suspended or threading.current_thread() is not threading.main_thread():
+        return None
+    return _late
+
+
+@contextlib.contextmanager
+def held_after_commit(*, restore: bool = True) -> Iterator[_Late]:
+    """Around a whole command (the CLI's): from a commit on, SIGINT, SIGTERM and SIGHUP are
+    held until the block ends, the report printed; the caller reports `came` and `written`. A
+    signal there had cut the report short, and the command said that no output was written.
+    `restore=False` (the process ends with the block): the signals are ignored from then on, so
+    that one in the interpreter's teardown neither kills it (exit -15) nor prints a traceback."""
+    global _late
+    late = _late = _Late()
+    try:
+        yield late
+    finally:
+        _late = None
+        if not restore and threading.current_thread() is threading.main_thread():
+            for s in _SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+        elif late.previous is not None:
+            for s, handler in late.previous.items():
+                signal.signal(s, handler)
+
+
+def outputs_written(written: list[str]) -> None:
+    """The command's outputs are written (by another process: --nproc): signals are held from
+    now to the end of `held_after_commit`, as after a commit."""
+    late = _open_late()
+    if late is not None:
+        late.engage(written)
+
+
+@contextlib.contextmanager
+def not_final() -> Iterator[None]:
+    """Commits inside are not the command's last (a sweep's attacks): signals still stop it
+    after them."""
+    late = _late
+    if late is not None:
+        late.suspended += 1
+    try:
+        yield
+    finally:
+        if late is not None:
+            late.suspended -= 1
 
 
 def is_main_process() -> bool:
@@ -383,7 +457,10 @@ class Outputs:
     def commit(self) -> list[str]:
         """Rename every temporary file into place, in order, with SIGINT/SIGTERM/SIGHUP held."""
         written: list[str] = []
-        with held_signals() as came:
+        late = _open_late()
+        if late is not None:
+            late.engage([])
+        with held_signals() if late is None else contextlib.nullcontext(late.came) as came:
             try:
                 for target, tmp, mode, fresh in self._entries:
                     # temp files are 0600; outputs get the usual mode unless asked otherwise
@@ -402,7 +479,9 @@ class Outputs:
                     tmp.unlink(missing_ok=True)  # what is left after a failed rename
                 self._entries.clear()
                 self._release()
-        if came:
+                if late is not None:
+                    late.engage(written)
+        if came and late is None:
             raise Interrupted(came[0], tuple(written))
         return written
 

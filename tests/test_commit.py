@@ -4,6 +4,7 @@ being updated is locked."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -359,3 +360,32 @@ def test_what_a_killed_command_left_is_removed_by_the_next_one_and_what_a_live_o
         live.kill()
         live.wait()
     assert partial_files(tmp_path) == [held[0].name] and os.listdir(scratch) == [held[1].name]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05], ids=["while printing", "in teardown"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_once_the_outputs_are_written_never_says_nothing_was(tmp_path, marked, sig, delay):
+    """A signal while keygen printed its report said "no output was written" (exit 143), the
+    bundle written and the report cut short; a little later, in the interpreter's teardown, it
+    killed the process (exit -15) or printed a traceback after exit 0."""
+    keys = tmp_path / "k.dskey"
+    proc = subprocess.Popen([*deepsigns_argv(), "keygen", "--model", str(marked.base), "--out", str(keys),
+                             "--json"], env={**os.environ, **ENV}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0, preexec_fn=default_sigint)
+    try:
+        first = proc.stdout.readline()  # the report has begun: the bundle is written
+        time.sleep(delay)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err.decode()
+    assert proc.returncode in (0, 128 + sig), err
+    assert "Traceback" not in err and "no output was written" not in err, err
+    if proc.returncode:
+        assert_one_error_line(err, "", "interrupted after every output was written", "k.dskey")
+    report = json.loads(first + out)  # printed whole
+    assert report["commitment"] == api.check_commitment(keys)
+    assert keys.is_file() and partial_files(tmp_path) == []

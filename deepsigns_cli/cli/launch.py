@@ -92,13 +92,15 @@ def _run_to_the_end(command: list[str], env: dict) -> subprocess.CompletedProces
     which it passes on to them) and waited for: killed at once, as subprocess.run kills it, it
     left them training, and the first wrote its outputs later. The interruption then names the
     outputs the run had written by then (they are complete: each is renamed into place whole)."""
-    from ..api import held_signals
+    from ..api import held_signals, outputs_written
 
     before = _outputs(command)
     launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, text=True, preexec_fn=_stop_with_parent(os.getpid()))
     try:
         out, err = launcher.communicate()
+        if launcher.returncode == 0:  # (a signal from now is held until the report is relayed)
+            outputs_written([path for path, seen in before.items() if _identity(path) != seen])
     except BaseException as exc:
         with held_signals():  # (a second Ctrl-C or SIGTERM must not end this wait: the run is stopping)
             launcher.send_signal(signal.SIGTERM)
