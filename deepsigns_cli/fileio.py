@@ -14,6 +14,7 @@ Failure modes, stated:
   inside the CLI's `held_after_commit` they stay held until the command's report is printed;
 - a rename that fails (a disk pulled mid-commit) leaves the earlier renames done, so callers
   add their most precious output first (embed: the key bundle, then the checkpoint, then ONNX);
+  a new output's name that another command took meanwhile fails the commit before the first;
 - a file updated in place (the key bundle) is locked from the moment it is added until the
   commit, so that two commands cannot both read it and lose one update;
 - SIGKILL (or the kernel's out-of-memory killer) leaves a `.NAME.*.part` file behind, and a
@@ -359,8 +360,12 @@ def _place(tmp: Path, target: Path) -> None:
         if not os.path.lexists(target):
             os.replace(tmp, target)
             return
-    raise OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass --force "
-                            "to replace it, or choose another path")
+    raise _taken(target)
+
+
+def _taken(target: Path) -> OutputExistsError:
+    return OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass --force "
+                             "to replace it, or choose another path")
 
 
 def _write_failure(exc: BaseException, entries, *, committing: bool = False) -> InputError | None:
@@ -462,6 +467,11 @@ class Outputs:
             late.engage([])
         with held_signals() if late is None else contextlib.nullcontext(late.came) as came:
             try:
+                # a name another command took meanwhile fails the commit before the first rename
+                # (the bundle had been replaced for a model that was then never written)
+                taken = next((t for t, _, _, fresh in self._entries if fresh and os.path.lexists(t)), None)
+                if taken is not None:
+                    raise _taken(taken)
                 for target, tmp, mode, fresh in self._entries:
                     # temp files are 0600; outputs get the usual mode unless asked otherwise
                     os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())

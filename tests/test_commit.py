@@ -200,6 +200,24 @@ def test_a_file_another_command_wrote_meanwhile_is_not_replaced(tmp_path):
     assert (tmp_path / "m.bin").read_bytes() == b"mine"
 
 
+def test_a_new_output_taken_meanwhile_fails_embed_before_the_bundle_is_replaced(tmp_path, owner):
+    """Two embeds with one new --out: the second failed at the checkpoint's name, but had
+    replaced its bundle first, with the fingerprint of a model it never wrote."""
+    base, keys = owner
+    out = tmp_path / "m.safetensors"
+    before = keys.read_bytes()
+
+    def another_command_commits(done, total, description):
+        if not out.exists():
+            out.write_bytes(b"theirs")
+
+    with pytest.raises(OutputExistsError, match="written by another command while this one ran") as caught:
+        api.embed(base, keys, PASSPHRASE, out, epochs=1, device="cpu", progress=another_command_commits)
+    assert "written before it" not in str(caught.value)
+    assert keys.read_bytes() == before and out.read_bytes() == b"theirs"
+    assert partial_files(tmp_path) == []
+
+
 def test_a_folder_removed_meanwhile_is_one_line(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
