@@ -411,10 +411,13 @@ class Outputs:
             update: bool = False, model: str | None = None) -> Path:
         """Declare an output; returns the temporary path to write it to.
 
-        `update=True`: the file is an input updated in place (it must exist); it is locked.
+        `update=True`: the file is an input updated in place (it must exist); it is locked. A
+        symbolic link is followed: the file it leads to is the one updated and locked.
         `model`: the output is a model of this kind ("checkpoint" or "onnx"), whose name must
         end as every command that reads it expects (a kind is told by the name)."""
         target = check_output(path, self.force, inputs=self.inputs, option=option, update=update)
+        if update and target.is_symlink():  # the file it leads to is updated (the link had been replaced by
+            target = Path(os.path.realpath(target))  # a copy, the file it led to left as it was)
         for other, _, _, _ in self._entries:
             if other.resolve() == target.resolve():
                 raise InputError(f"{shown(target)} is given for two outputs: choose another {option}")

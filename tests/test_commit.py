@@ -154,6 +154,21 @@ def test_the_bundle_is_committed_first(tmp_path, owner, monkeypatch):
     assert partial_files(tmp_path) == []
 
 
+def test_a_bundle_given_as_a_link_is_updated_where_it_leads(tmp_path, owner):
+    """embed --keys link.dskey replaced the link by a file holding the new bundle, and the
+    bundle it led to (vault/real.dskey) kept its old contents."""
+    base, keys = owner
+    (tmp_path / "vault").mkdir()
+    real = keys.rename(tmp_path / "vault" / "real.dskey")
+    link = tmp_path / "link.dskey"
+    link.symlink_to(Path("vault") / "real.dskey")
+    before = real.read_bytes()
+    report = api.embed(base, link, PASSPHRASE, tmp_path / "m.safetensors", epochs=1, device="cpu")
+    assert link.is_symlink() and os.readlink(link) == str(Path("vault") / "real.dskey")
+    assert real.read_bytes() != before and report.commitment == api.check_commitment(real)
+    assert partial_files(tmp_path) == [] and partial_files(tmp_path / "vault") == []
+
+
 def test_a_locked_bundle_is_refused(tmp_path, owner):
     base, keys = owner
     lock = fileio._Lock(keys, "--keys")
