@@ -108,6 +108,19 @@ def test_processes_that_load_different_data_fail_with_one_line(tmp_path, factory
     assert not out.exists() and partial_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("data", ["digits", "dying_model:ranked_data"], ids=["success", "failure"])
+def test_a_run_leaves_nothing_in_the_temporary_folder(tmp_path, data):
+    """Every --nproc run, whatever its end, left an empty torchelastic_* folder there (the
+    launcher's log folder); torch's per-user inductor cache is torch's own."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", data, "--epochs", 1,
+                    "--out", tmp_path / "m.safetensors", "--device", "cpu", env={**ENV, "TMPDIR": str(scratch)},
+                    timeout=600)
+    assert proc.returncode == (0 if data == "digits" else 2), proc.stderr
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
 @pytest.mark.parametrize("how", ["SIGTERM twice", "SIGKILL"])
 def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(tmp_path, how):
     """`kill PID` (a service manager's stop) reaches the command, not its processes: it killed

@@ -65,8 +65,9 @@ def relaunch(nproc: int, device: str) -> None:
     if nproc > available:
         raise InputError(f"--nproc {nproc} is more than the {available} {what} here: use at most {available}")
     argv = _without_nproc(sys.argv[1:])
+    # (no --log-dir: the launcher made an empty torchelastic_* folder in the temporary folder, every run)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "deepsigns_cli", *argv]
+               f"--log-dir={os.devnull}", "-m", "deepsigns_cli", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = _run_to_the_end(command, env)
     if proc.returncode == 0:
