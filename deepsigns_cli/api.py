@@ -93,6 +93,8 @@ __all__ = [
     "parallel_slots",
     "is_main_process",
     "held_signals",
+    "held_after_commit",
+    "outputs_written",
 ]
 
 #: the passphrase, or a function that asks for it once the cheap checks have passed
@@ -682,6 +684,8 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
         if not str(plot).lower().endswith(".png"):
             raise InputError(f"--plot must name a .png file, got {shown(plot)}")
         check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
+    from .fileio import not_final
+
     if keep is not None and Path(keep).suffix.lower() in _SUFFIXES["extract"]:  # (every model file we read)
         raise InputError(f"--out {shown(keep)} names a model, but a sweep keeps its models in a folder: give a folder "
                          "path (every command tells a model's kind by its name)")
@@ -726,7 +730,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                 raise InputError(f"--out {shown(keep)} cannot be the folder --sweep keeps the attacked models "
                                  f"in ({one_line(exc)}): give a folder path") from None
             made.extend(reversed(missing))
-        with tempfile.TemporaryDirectory(prefix="deepsigns-sweep-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="deepsigns-sweep-") as scratch, not_final():
             folder = Path(keep) if keep is not None else Path(scratch)
             read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,
                                      scratch=scratch, arch=arch, arch_kwargs=arch_kwargs)
@@ -990,6 +994,21 @@ def held_signals():
     from .fileio import held_signals as held
 
     return held()
+
+
+def held_after_commit(*, restore: bool = True):
+    """A context around a whole command: from a commit on, Ctrl-C, SIGTERM and SIGHUP are held
+    until it ends (fileio.held_after_commit)."""
+    from .fileio import held_after_commit as held
+
+    return held(restore=restore)
+
+
+def outputs_written(written: list[str]) -> None:
+    """Another process wrote the command's outputs: signals are held as after a commit."""
+    from .fileio import outputs_written as done
+
+    done(written)
 
 
 def is_main_process() -> bool:

@@ -11,8 +11,10 @@ Failure modes, stated:
   is as it was;
 - during the commit (renames in the targets' own folders, microseconds) SIGINT, SIGTERM and
   SIGHUP are held until the last rename, then reported as `errors.Interrupted` naming what was written;
+  inside the CLI's `held_after_commit` they stay held until the command's report is printed;
 - a rename that fails (a disk pulled mid-commit) leaves the earlier renames done, so callers
   add their most precious output first (embed: the key bundle, then the checkpoint, then ONNX);
+  a new output's name that another command took meanwhile fails the commit before the first;
 - a file updated in place (the key bundle) is locked from the moment it is added until the
   commit, so that two commands cannot both read it and lose one update;
 - SIGKILL (or the kernel's out-of-memory killer) leaves a `.NAME.*.part` file behind, and a
@@ -38,8 +40,8 @@ from pathlib import Path
 
 from .errors import DeepSignsError, InputError, Interrupted, OutputExistsError, one_line, shown
 
-__all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "sha256_file",
-           "is_main_process", "run_place"]
+__all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "held_after_commit",
+           "outputs_written", "not_final", "sha256_file", "is_main_process", "run_place"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -179,6 +181,79 @@ def held_signals() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Late:
+    """The signals held from a command's commit to its end (`held_after_commit`)."""
+
+    def __init__(self) -> None:
+        self.came: list[int] = []
+        self.written: list[str] = []
+        self.previous: dict | None = None  # (the handlers before the first commit)
+        self.suspended = 0  # (inside `not_final`)
+
+    def engage(self, written: list[str]) -> None:
+        if self.previous is None:
+            self.previous = {s: signal.getsignal(s) for s in _SIGNALS}
+            for s in _SIGNALS:
+                signal.signal(s, lambda signum, frame: self.came.append(signum))
+        self.written.extend(w for w in written if w not in self.written)
+
+
+_late: _Late | None = None
+
+
+def _open_late() -> _Late | None:
+    """The CLI's window, where this thread's commits hold signals to the command's end."""
+    if _late is None or _late.suspended or threading.current_thread() is not threading.main_thread():
+        return None
+    return _late
+
+
+@contextlib.contextmanager
+def held_after_commit(*, restore: bool = True) -> Iterator[_Late]:
+    """Around a whole command (the CLI's): from a commit on, SIGINT, SIGTERM and SIGHUP are
+    held until the block ends, the report printed; the caller reports `came` and `written`. A
+    signal there had cut the report short, and the command said that no output was written.
+    `restore=False` (the process ends with the block): the signals are ignored from then on, so
+    that one in the interpreter's teardown neither kills it (exit -15) nor prints a traceback."""
+    global _late
+    late = _late = _Late()
+    try:
+        yield late
+    finally:
+        _late = None
+        if not restore and threading.current_thread() is threading.main_thread():
+            for s in _SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+        elif late.previous is not None:
+            for s, handler in late.previous.items():
+                signal.signal(s, handler)
+
+
+def outputs_written(written: list[str]) -> None:
+    """The command's outputs are written (by another process: --nproc): signals are held from
+    now to the end of `held_after_commit`, as after a commit."""
+    late = _open_late()
+    if late is not None:
+        late.engage(written)
+
+
+@contextlib.contextmanager
+def not_final() -> Iterator[None]:
+    """Commits inside are not the command's last (a sweep's attacks): signals still stop it
+    after them."""
+    late = _late
+    if late is not None:
+        late.suspended += 1
+    try:
+        yield
+    finally:
+        if late is not None:
+            late.suspended -= 1
+
+
 def is_main_process() -> bool:
     """Whether this process writes files and prints the report: the only one, or under torchrun
     the first (RANK 0)."""
@@ -285,8 +360,12 @@ def _place(tmp: Path, target: Path) -> None:
         if not os.path.lexists(target):
             os.replace(tmp, target)
             return
-    raise OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass --force "
-                            "to replace it, or choose another path")
+    raise _taken(target)
+
+
+def _taken(target: Path) -> OutputExistsError:
+    return OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass --force "
+                             "to replace it, or choose another path")
 
 
 def _write_failure(exc: BaseException, entries, *, committing: bool = False) -> InputError | None:
@@ -332,10 +411,13 @@ class Outputs:
             update: bool = False, model: str | None = None) -> Path:
         """Declare an output; returns the temporary path to write it to.
 
-        `update=True`: the file is an input updated in place (it must exist); it is locked.
+        `update=True`: the file is an input updated in place (it must exist); it is locked. A
+        symbolic link is followed: the file it leads to is the one updated and locked.
         `model`: the output is a model of this kind ("checkpoint" or "onnx"), whose name must
         end as every command that reads it expects (a kind is told by the name)."""
         target = check_output(path, self.force, inputs=self.inputs, option=option, update=update)
+        if update and target.is_symlink():  # the file it leads to is updated (the link had been replaced by
+            target = Path(os.path.realpath(target))  # a copy, the file it led to left as it was)
         for other, _, _, _ in self._entries:
             if other.resolve() == target.resolve():
                 raise InputError(f"{shown(target)} is given for two outputs: choose another {option}")
@@ -383,8 +465,16 @@ class Outputs:
     def commit(self) -> list[str]:
         """Rename every temporary file into place, in order, with SIGINT/SIGTERM/SIGHUP held."""
         written: list[str] = []
-        with held_signals() as came:
+        late = _open_late()
+        if late is not None:
+            late.engage([])
+        with held_signals() if late is None else contextlib.nullcontext(late.came) as came:
             try:
+                # a name another command took meanwhile fails the commit before the first rename
+                # (the bundle had been replaced for a model that was then never written)
+                taken = next((t for t, _, _, fresh in self._entries if fresh and os.path.lexists(t)), None)
+                if taken is not None:
+                    raise _taken(taken)
                 for target, tmp, mode, fresh in self._entries:
                     # temp files are 0600; outputs get the usual mode unless asked otherwise
                     os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
@@ -402,7 +492,9 @@ class Outputs:
                     tmp.unlink(missing_ok=True)  # what is left after a failed rename
                 self._entries.clear()
                 self._release()
-        if came:
+                if late is not None:
+                    late.engage(written)
+        if came and late is None:
             raise Interrupted(came[0], tuple(written))
         return written
 

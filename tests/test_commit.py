@@ -4,6 +4,7 @@ being updated is locked."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -153,6 +154,21 @@ def test_the_bundle_is_committed_first(tmp_path, owner, monkeypatch):
     assert partial_files(tmp_path) == []
 
 
+def test_a_bundle_given_as_a_link_is_updated_where_it_leads(tmp_path, owner):
+    """embed --keys link.dskey replaced the link by a file holding the new bundle, and the
+    bundle it led to (vault/real.dskey) kept its old contents."""
+    base, keys = owner
+    (tmp_path / "vault").mkdir()
+    real = keys.rename(tmp_path / "vault" / "real.dskey")
+    link = tmp_path / "link.dskey"
+    link.symlink_to(Path("vault") / "real.dskey")
+    before = real.read_bytes()
+    report = api.embed(base, link, PASSPHRASE, tmp_path / "m.safetensors", epochs=1, device="cpu")
+    assert link.is_symlink() and os.readlink(link) == str(Path("vault") / "real.dskey")
+    assert real.read_bytes() != before and report.commitment == api.check_commitment(real)
+    assert partial_files(tmp_path) == [] and partial_files(tmp_path / "vault") == []
+
+
 def test_a_locked_bundle_is_refused(tmp_path, owner):
     base, keys = owner
     lock = fileio._Lock(keys, "--keys")
@@ -197,6 +213,24 @@ def test_a_file_another_command_wrote_meanwhile_is_not_replaced(tmp_path):
         outs.add(tmp_path / "m.bin").write_bytes(b"mine")
         (tmp_path / "m.bin").write_bytes(b"theirs")
     assert (tmp_path / "m.bin").read_bytes() == b"mine"
+
+
+def test_a_new_output_taken_meanwhile_fails_embed_before_the_bundle_is_replaced(tmp_path, owner):
+    """Two embeds with one new --out: the second failed at the checkpoint's name, but had
+    replaced its bundle first, with the fingerprint of a model it never wrote."""
+    base, keys = owner
+    out = tmp_path / "m.safetensors"
+    before = keys.read_bytes()
+
+    def another_command_commits(done, total, description):
+        if not out.exists():
+            out.write_bytes(b"theirs")
+
+    with pytest.raises(OutputExistsError, match="written by another command while this one ran") as caught:
+        api.embed(base, keys, PASSPHRASE, out, epochs=1, device="cpu", progress=another_command_commits)
+    assert "written before it" not in str(caught.value)
+    assert keys.read_bytes() == before and out.read_bytes() == b"theirs"
+    assert partial_files(tmp_path) == []
 
 
 def test_a_folder_removed_meanwhile_is_one_line(tmp_path):
@@ -359,3 +393,32 @@ def test_what_a_killed_command_left_is_removed_by_the_next_one_and_what_a_live_o
         live.kill()
         live.wait()
     assert partial_files(tmp_path) == [held[0].name] and os.listdir(scratch) == [held[1].name]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05], ids=["while printing", "in teardown"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_once_the_outputs_are_written_never_says_nothing_was(tmp_path, marked, sig, delay):
+    """A signal while keygen printed its report said "no output was written" (exit 143), the
+    bundle written and the report cut short; a little later, in the interpreter's teardown, it
+    killed the process (exit -15) or printed a traceback after exit 0."""
+    keys = tmp_path / "k.dskey"
+    proc = subprocess.Popen([*deepsigns_argv(), "keygen", "--model", str(marked.base), "--out", str(keys),
+                             "--json"], env={**os.environ, **ENV}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0, preexec_fn=default_sigint)
+    try:
+        first = proc.stdout.readline()  # the report has begun: the bundle is written
+        time.sleep(delay)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err.decode()
+    assert proc.returncode in (0, 128 + sig), err
+    assert "Traceback" not in err and "no output was written" not in err, err
+    if proc.returncode:
+        assert_one_error_line(err, "", "interrupted after every output was written", "k.dskey")
+    report = json.loads(first + out)  # printed whole
+    assert report["commitment"] == api.check_commitment(keys)
+    assert keys.is_file() and partial_files(tmp_path) == []

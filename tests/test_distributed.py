@@ -108,6 +108,39 @@ def test_processes_that_load_different_data_fail_with_one_line(tmp_path, factory
     assert not out.exists() and partial_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("data", ["digits", "dying_model:ranked_data"], ids=["success", "failure"])
+def test_a_run_leaves_nothing_in_the_temporary_folder(tmp_path, data):
+    """Every --nproc run, whatever its end, left an empty torchelastic_* folder there (the
+    launcher's log folder); torch's per-user inductor cache is torch's own."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", data, "--epochs", 1,
+                    "--out", tmp_path / "m.safetensors", "--device", "cpu", env={**ENV, "TMPDIR": str(scratch)},
+                    timeout=600)
+    assert proc.returncode == (0 if data == "digits" else 2), proc.stderr
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def test_nproc_at_a_terminal_without_a_passphrase_says_it_cannot_ask(tmp_path):
+    """Its processes get no terminal: they failed "no passphrase" after loading, without asking."""
+    import os
+
+    base, keys = tmp_path / "base.safetensors", tmp_path / "owner.dskey"
+    api.train("mlp", base, epochs=1, seed=0, device="cpu")
+    api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], seed=0)
+    terminal, pty = os.openpty()
+    try:
+        proc = subprocess.run([*deepsigns_argv(), "embed", "--nproc", "2", "--model", str(base), "--keys", str(keys),
+                               "--out", str(tmp_path / "m.safetensors"), "--device", "cpu"],
+                              env=process_env({"DEEPSIGNS_PASSPHRASE": None}), stdin=pty, capture_output=True,
+                              text=True, timeout=600)
+    finally:
+        os.close(terminal), os.close(pty)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "--nproc cannot ask for the passphrase",
+                          "DEEPSIGNS_PASSPHRASE", "--passphrase-file")
+
+
 @pytest.mark.parametrize("how", ["SIGTERM twice", "SIGKILL"])
 def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(tmp_path, how):
     """`kill PID` (a service manager's stop) reaches the command, not its processes: it killed

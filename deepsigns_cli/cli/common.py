@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from ..api import LIMITS
+from ..api import LIMITS, held_after_commit
 from ..errors import DeepSignsError, InputError, Interrupted, one_line, shown
 
 EXIT_OK, EXIT_NOT_DETECTED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -33,6 +33,7 @@ class State:
     quiet = False
     debug = False
     report = _UNSET  # where the report goes while a command runs (report_stream)
+    process = False  # the command is the process's own (main()): it ends when the command does
 
 
 def report_stream():
@@ -104,8 +105,18 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         State.report = sys.stdout
         try:
-            with redirect_stdout(sys.stderr):
-                return fn(*args, **kwargs)
+            # a signal once the outputs are written is held until the report is printed, then
+            # reported with them (it had cut the report short, saying that nothing was written)
+            with held_after_commit(restore=not State.process) as late:
+                try:
+                    with redirect_stdout(sys.stderr):
+                        result = fn(*args, **kwargs)
+                except SystemExit as exc:  # (a verdict, 0 or 1, is replaced; a failure is not)
+                    if not late.came or exc.code not in (EXIT_OK, EXIT_NOT_DETECTED, None):
+                        raise
+                if late.came:
+                    raise Interrupted(late.came[0], tuple(late.written))
+                return result
         except DeepSignsError as exc:
             fail(str(exc))
         except KeyboardInterrupt as exc:

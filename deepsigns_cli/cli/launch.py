@@ -20,7 +20,7 @@ import click
 
 from ..api import PRECISIONS
 from ..errors import InputError, Interrupted
-from .common import EXIT_BAD_INPUT, EXIT_INTERNAL, relay_report
+from .common import EXIT_BAD_INPUT, EXIT_INTERNAL, PASSPHRASE_ENV, relay_report
 
 __all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "relaunch"]
 
@@ -52,21 +52,27 @@ def is_main() -> bool:
     return api.is_main_process()
 
 
-def relaunch(nproc: int, device: str) -> None:
+def relaunch(nproc: int, device: str, *, prompts: bool = False) -> None:
     """Run this very command again in `nproc` processes under torch.distributed.run, without
-    --nproc; exit as it exits, its failures reported as one line."""
+    --nproc; exit as it exits, its failures reported as one line. `prompts`: the command would
+    ask for the passphrase at a terminal (no --passphrase-file), which its processes have not."""
     if os.environ.get("WORLD_SIZE"):
         raise InputError("--nproc inside a torchrun process: give one or the other")
     if nproc < 1:
         raise InputError(f"--nproc must be at least 1, got {nproc}")
+    if prompts and not os.environ.get(PASSPHRASE_ENV) and sys.stdin is not None and sys.stdin.isatty():
+        # (their stdin is /dev/null: they said "no passphrase" without asking)
+        raise InputError(f"--nproc cannot ask for the passphrase (its processes have no terminal): set "
+                         f"{PASSPHRASE_ENV} or pass --passphrase-file")
     from .. import api
 
     available, what = api.parallel_slots(device)
     if nproc > available:
         raise InputError(f"--nproc {nproc} is more than the {available} {what} here: use at most {available}")
     argv = _without_nproc(sys.argv[1:])
+    # (no --log-dir: the launcher made an empty torchelastic_* folder in the temporary folder, every run)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "deepsigns_cli", *argv]
+               f"--log-dir={os.devnull}", "-m", "deepsigns_cli", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = _run_to_the_end(command, env)
     if proc.returncode == 0:
@@ -92,13 +98,15 @@ def _run_to_the_end(command: list[str], env: dict) -> subprocess.CompletedProces
     which it passes on to them) and waited for: killed at once, as subprocess.run kills it, it
     left them training, and the first wrote its outputs later. The interruption then names the
     outputs the run had written by then (they are complete: each is renamed into place whole)."""
-    from ..api import held_signals
+    from ..api import held_signals, outputs_written
 
     before = _outputs(command)
     launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, text=True, preexec_fn=_stop_with_parent(os.getpid()))
     try:
         out, err = launcher.communicate()
+        if launcher.returncode == 0:  # (a signal from now is held until the report is relayed)
+            outputs_written([path for path, seen in before.items() if _identity(path) != seen])
     except BaseException as exc:
         with held_signals():  # (a second Ctrl-C or SIGTERM must not end this wait: the run is stopping)
             launcher.send_signal(signal.SIGTERM)

@@ -103,4 +103,5 @@ def cli():
 
 
 def main():
+    State.process = True  # (signals are ignored once the command has ended: teardown is not stopped)
     cli(prog_name="deepsigns")
