@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -72,6 +73,18 @@ def process_env(env: dict | None = None) -> dict:
     thread comes with os.environ: tests/conftest.py sets it for every process of the suite)."""
     full_env = {**os.environ, **NOT_A_TERMINAL, **ENV, **(env or {})}
     return {k: v for k, v in full_env.items() if v is not None}
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """The block's process, killed and waited for if it is still running when the block ends
+    (a failed assertion included)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def run_proc(*args, env: dict | None = None, timeout: float = 300, cwd=None):

@@ -25,6 +25,7 @@ from helpers import (
     deepsigns_argv,
     default_sigint,
     partial_files,
+    reaped,
     run_cli,
     run_proc,
 )
@@ -302,7 +303,7 @@ def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig
                              "--device", "cpu"],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-    try:
+    with reaped(proc):
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".m.safetensors.*.part")):  # its outputs are declared
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
@@ -313,10 +314,6 @@ def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig
         assert_bad_input(second, "being written by another deepsigns command")
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 128 + sig, err
     assert out == "" and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: interrupted: no output was written")
@@ -405,15 +402,11 @@ def test_a_signal_once_the_outputs_are_written_never_says_nothing_was(tmp_path, 
     proc = subprocess.Popen([*deepsigns_argv(), "keygen", "--model", str(marked.base), "--out", str(keys),
                              "--json"], env={**os.environ, **ENV}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, bufsize=0, preexec_fn=default_sigint)
-    try:
+    with reaped(proc):
         first = proc.stdout.readline()  # the report has begun: the bundle is written
         time.sleep(delay)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = err.decode()
     assert proc.returncode in (0, 128 + sig), err
     assert "Traceback" not in err and "no output was written" not in err, err

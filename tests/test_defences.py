@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import SEEDS, assert_one_error_line, deepsigns_argv, process_env, run_cli, run_json
+from helpers import SEEDS, assert_one_error_line, deepsigns_argv, process_env, reaped, run_cli, run_json
 
 from deepsigns_cli.checkpoint import load_checkpoint
 
@@ -306,7 +306,7 @@ def test_an_interrupted_sweep_leaves_nothing_behind(marked, tmp_path):
         [*deepsigns_argv(), "attack", "finetune", "--model", str(marked.marked), "--keys", str(marked.keys),
          "--sweep", "epochs=1,100000", "--device", "cpu", "--out", str(kept)],
         env=process_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with reaped(proc):
         deadline = time.monotonic() + 180
         while not (kept / "finetune-epochs-1.safetensors").exists():
             assert proc.poll() is None, proc.stderr.read().decode(errors="replace")
@@ -315,9 +315,5 @@ def test_an_interrupted_sweep_leaves_nothing_behind(marked, tmp_path):
         time.sleep(1.0)  # (into the second strength's training)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert code == 143, proc.stderr.read().decode(errors="replace")
     assert list(tmp_path.iterdir()) == []

@@ -28,6 +28,7 @@ from helpers import (
     deepsigns_argv,
     default_sigint,
     partial_files,
+    reaped,
     run_cli,
     run_json,
     run_proc,
@@ -654,7 +655,7 @@ def test_interrupted_embed_leaves_nothing_behind(tmp_path, marked):
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    try:
+    with reaped(proc):
         deadline = time.monotonic() + 180
         # a full epoch done: it is training. Any epoch from 2 on: the bar redraws ~10 times a
         # second and an epoch takes ~0.1 s, so it may skip straight from epoch 1 to epoch 3
@@ -665,10 +666,6 @@ def test_interrupted_embed_leaves_nothing_behind(tmp_path, marked):
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
         stdout = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     reader.join(timeout=10)
     stderr = _ANSI.sub("", b"".join(chunks).decode(errors="replace"))
     assert code == 130, stderr
