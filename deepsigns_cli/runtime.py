@@ -341,6 +341,7 @@ def _inlined(proto):
     MAX_NODES; else as it is. The same computation, but every tensor it computes is then a
     tensor of the graph: one a white-box reading can ask for (exporters write a module as a
     function; a thief can wrap the whole network in one)."""
+    import onnx
     import onnx.inliner
 
     if not proto.functions:
@@ -348,6 +349,9 @@ def _inlined(proto):
     functions = {(f.domain, f.name): f for f in proto.functions}
     if len(functions) != len(proto.functions):
         return proto  # (overloads of one name: sized as one, one could hide a chain of calls)
+    if any(attr.ref_attr_name and attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for graph in _within(*proto.functions) for n in graph.node for attr in n.attribute):
+        return proto  # (a graph passed by reference is copied at every use: its size is the caller's, unbounded here)
     size = _function_sizes(functions)
     if size is None:
         return proto  # a function that calls itself: onnxruntime refuses the model
