@@ -172,6 +172,9 @@ def _sort_header(path: str | Path) -> None:
 
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit on a header's bytes
+#: a header's bytes that deepsigns parses at most: the tensors' names, shapes and offsets and our
+#: metadata take kilobytes (safetensors took 2 s and 1.4 GB to refuse a 32 MB header of junk)
+MAX_HEADER_BYTES = 16 << 20
 
 
 class _Twice(ValueError):
@@ -211,20 +214,28 @@ def _check_header(path: Path, fh) -> None:
 
 @contextlib.contextmanager
 def _safe_open(path: Path):
-    """safetensors' safe_open on a checkpoint whose header was checked (`_check_header`)."""
+    """safetensors' safe_open on a checkpoint, then its header checked (`_check_header`: after
+    safetensors' own typed parse has refused any header of another shape, at no cost), both on
+    the file opened here (where /dev/fd exists: a file put in its place meanwhile is not read)."""
     from safetensors import safe_open
 
     with open(path, "rb") as raw:
-        _check_header(path, raw)
         name = str(path)
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:  # (safetensors takes only a UTF-8 name: it reads the file opened here)
-            if not Path("/dev/fd").is_dir():
+        if Path("/dev/fd").is_dir():
+            name = f"/dev/fd/{raw.fileno()}"
+        else:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # (safetensors takes only a UTF-8 name)
                 raise CheckpointError(f"{shown(path)}: a name that is not UTF-8 can be read only where "
                                       "/dev/fd exists; rename the file") from None
-            name = f"/dev/fd/{raw.fileno()}"
+        claimed = int.from_bytes(raw.read(8), "little")
+        if claimed > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{shown(path)}'s header claims {claimed} bytes, more than the "
+                                  f"{MAX_HEADER_BYTES >> 20} MiB any checkpoint needs: deepsigns does not parse it")
+        raw.seek(0)
         with safe_open(name, framework="pt") as fh:
+            _check_header(path, raw)
             yield fh
 
 
