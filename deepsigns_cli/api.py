@@ -72,6 +72,7 @@ __all__ = [
     "inspect",
     "check_keys",
     "check_commitment",
+    "check_bundle_name",
     "claim_record",
     "report_json",
     "SCHEMES",
@@ -227,8 +228,7 @@ def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: 
     inputs = {"--model": model, "--data": data, **(also_inputs or {})}
     with Outputs(force=force, inputs=inputs) as outs:
         tmp = outs.add(out, "--out", mode=BUNDLE_MODE)
-        if Path(out).suffix.lower() in _SUFFIXES["extract"]:  # (read back as a broken model by every command)
-            raise InputError(f"--out {shown(out)} names a model: a key bundle's name ends in .dskey")
+        check_bundle_name(out, "--out")
         secret = _passphrase(passphrase)
         dataset = load_dataset(data, model)
         net, info = _load_model(model, arch, arch_kwargs, data=dataset)
@@ -309,6 +309,12 @@ def check_keys(keys: str | Path) -> dict:
     from .bundle import read_header
 
     return read_header(keys)
+
+
+def check_bundle_name(path: str | Path, option: str) -> None:
+    """A key bundle may not be named like a model: every command would read it as a broken one."""
+    if Path(path).suffix.lower() in _SUFFIXES["extract"]:
+        raise InputError(f"{option} {shown(path)} names a model: a key bundle's name ends in .dskey")
 
 
 def check_commitment(keys: str | Path, published: str | None = None) -> str:
@@ -470,8 +476,9 @@ _SUFFIXES = {"verify": (".onnx",), "extract": (".onnx", ".safetensors", ".pt", "
 
 def suspect_files(models: list[str | Path], command: str) -> list[Path]:
     """The suspect files named: each path a file, or a folder whose entries named like the
-    command's kinds (directly inside it, sorted) are taken. Missing paths and empty folders fail."""
-    return list(_suspects(models, command))
+    command's kinds (directly inside it, sorted) are taken, those that can be read (a scan
+    reports the others as rows). Missing paths and empty folders fail."""
+    return [path for path, problem in _suspects(models, command).items() if problem is None]
 
 
 def _suspects(models: list[str | Path], command: str) -> dict[Path, str | None]:

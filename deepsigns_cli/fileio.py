@@ -444,7 +444,7 @@ class Outputs:
     def scratch(self, suffix: str = "") -> Path:
         """A private temporary file for the command's own use, removed when it ends."""
         folder = Path(tempfile.gettempdir())
-        _sweep(folder, f"{_SCRATCH}{_RANDOM}{glob.escape(suffix)}")
+        _sweep(folder, f"{_SCRATCH}{_RANDOM}*")
         tmp = _held_temp(self._held, _SCRATCH, suffix, folder)
         self._scratch.append(tmp)
         return tmp

@@ -167,6 +167,14 @@ def test_overwrite_embeds_the_attackers_own_mark(marked, tmp_path):
     assert baseline["detected"] is False
 
 
+def test_overwrite_refuses_a_model_s_name_for_the_attacker_s_bundle(marked, tmp_path):
+    out = tmp_path / "overwritten.safetensors"
+    result = run_cli("attack", "overwrite", "--model", marked.marked, "--data", "digits", "--epochs", 1,
+                     "--attacker-keys", tmp_path / "thief.safetensors", "--out", out, code=2)
+    assert_bad_input(result, "--attacker-keys", "names a model", ".dskey")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwrite_needs_attacker_keys(marked, tmp_path):
     out = tmp_path / "overwritten.safetensors"
     result = run_cli("attack", "overwrite", "--model", marked.marked, "--data", "digits", "--epochs", 1,

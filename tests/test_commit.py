@@ -383,7 +383,7 @@ def test_what_a_killed_command_left_is_removed_by_the_next_one_and_what_a_live_o
             os.utime(path, (time.time() - 120,) * 2)
         with fileio.Outputs(force=False) as outs:
             outs.add(target).write_bytes(b"mine")
-            outs.scratch(".onnx")
+            outs.scratch(".safetensors")  # (any scratch file: what is left is removed whatever its kind)
         assert not any(p.exists() for p in left) and all(p.exists() for p in held)
         assert target.read_bytes() == b"mine"
     finally:

@@ -226,7 +226,7 @@ def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
 
 @pytest.mark.parametrize("args, needle", [
     (["--out", "{tmp}/kept"], "kept/prune-rate-0.9.safetensors exists: pass --force"),
-    (["--out", "{tmp}/p.png", "--plot", "{tmp}/p.png"], "--plot"),
+    (["--out", "{tmp}/p.png", "--plot", "{tmp}/p.png"], "is also --out"),
 ])
 def test_a_sweeps_outputs_are_checked_before_the_first_attack(marked, tmp_path, monkeypatch, args, needle):
     """A kept model of a later strength, or --plot naming the folder, had failed the sweep only

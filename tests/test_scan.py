@@ -9,6 +9,8 @@ import shutil
 import pytest
 from helpers import run_cli, run_json
 
+from deepsigns_cli import api
+
 
 @pytest.fixture(scope="module")
 def suspects(blackbox, tmp_path_factory):
@@ -104,6 +106,8 @@ def test_an_entry_that_is_not_a_file_in_the_folder_is_an_error_row(blackbox, tmp
     assert sorted(got) == ["a-unmarked.onnx", "b.onnx"]
     assert got["a-unmarked.onnx"]["detected"] is False and "b.onnx" in got["b.onnx"]["error"]
     assert result.stderr.count("error: ") == 1 and "b.onnx" in result.stderr
+    # the library's list of suspects holds only what can be read (a FIFO would block its reader)
+    assert api.suspect_files([folder], command) == [folder / "a-unmarked.onnx"]
 
 
 def test_a_link_to_a_file_in_the_folder_is_read(blackbox, tmp_path):

@@ -41,6 +41,7 @@ class OverwriteAttack(Attack):
         epochs = ctx.option("epochs", None)
         if ctx.passphrase is None:  # (api.attack gives one to every row with passphrase=True)
             raise InputError("attack overwrite seals the attacker's bundle: it needs a passphrase")
+        api.check_bundle_name(target, "--attacker-keys")
         tmp = ctx.add_output(target, "--attacker-keys", mode=BUNDLE_MODE)
         secret = ctx.passphrase()
 
