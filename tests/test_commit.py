@@ -346,6 +346,20 @@ def test_a_thread_that_dies_while_sigterm_stops_the_command_prints_nothing(capsy
         threading.excepthook = previous
 
 
+def test_a_linked_bundle_that_leads_into_an_input_folder_is_refused(tmp_path):
+    """Where a link leads is what is checked (a bundle updated where the link leads must not be
+    written into the --data folder: inputs are never written to)."""
+    data = tmp_path / "images"
+    data.mkdir()
+    (data / "k.dskey").write_bytes(b"sealed")
+    (tmp_path / "link.dskey").symlink_to(data / "k.dskey")
+    outs = fileio.Outputs(force=False, inputs={"--data": data})
+    with pytest.raises(InputError, match="inside the --data folder"):
+        outs.add(tmp_path / "link.dskey", "--keys", update=True)
+    outs.discard()
+    assert (data / "k.dskey").read_bytes() == b"sealed" and partial_files(data) == []
+
+
 _HOLDER = """
 import sys, time
 from deepsigns_cli import fileio
