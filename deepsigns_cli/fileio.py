@@ -192,13 +192,21 @@ class _Late:
         self.written: list[str] = []
         self.previous: dict | None = None  # (the handlers before the first commit)
         self.suspended = 0  # (inside `not_final`)
+        self.committing = False  # (renames under way: every signal waits for them)
 
     def engage(self, written: list[str]) -> None:
         if self.previous is None:
             self.previous = {s: signal.getsignal(s) for s in _SIGNALS}
             for s in _SIGNALS:
-                signal.signal(s, lambda signum, frame: self.came.append(signum))
+                signal.signal(s, self._hold)
         self.written.extend(w for w in written if w not in self.written)
+
+    def _hold(self, signum: int, frame) -> None:
+        """The first signal waits for the report; a second ends the command at once, once no
+        rename is under way (a report stuck on a pipe nobody reads had left only SIGKILL)."""
+        self.came.append(signum)
+        if len(self.came) > 1 and not self.committing:
+            raise Interrupted(signum, tuple(self.written))
 
 
 _late: _Late | None = None
@@ -468,6 +476,7 @@ class Outputs:
         late = _open_late()
         if late is not None:
             late.engage([])
+            late.committing = True
         with held_signals() if late is None else contextlib.nullcontext(late.came) as came:
             try:
                 # a name another command took meanwhile fails the commit before the first rename
@@ -494,6 +503,7 @@ class Outputs:
                 self._release()
                 if late is not None:
                     late.engage(written)
+                    late.committing = False
         if came and late is None:
             raise Interrupted(came[0], tuple(written))
         return written

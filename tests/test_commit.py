@@ -4,6 +4,7 @@ being updated is locked."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -358,6 +359,39 @@ def test_a_linked_bundle_that_leads_into_an_input_folder_is_refused(tmp_path):
         outs.add(tmp_path / "link.dskey", "--keys", update=True)
     outs.discard()
     assert (data / "k.dskey").read_bytes() == b"sealed" and partial_files(data) == []
+
+
+def test_a_second_signal_ends_a_command_whose_report_cannot_be_written(tmp_path, marked):
+    """Signals are held from the commit until the report is printed; a report stuck on a pipe
+    that nobody reads (full) had left the command unstoppable but by SIGKILL."""
+    import fcntl
+
+    keys = tmp_path / "k.dskey"
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETFL, os.O_NONBLOCK)
+    with contextlib.suppress(BlockingIOError):  # the pipe full before the command writes to it
+        while True:
+            os.write(write_end, b"x" * 4096)
+    fcntl.fcntl(write_end, fcntl.F_SETFL, 0)
+    proc = subprocess.Popen([*deepsigns_argv(), "keygen", "--model", str(marked.base), "--out", str(keys), "--json"],
+                            env={**os.environ, **ENV}, stdin=subprocess.DEVNULL, stdout=write_end,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    try:
+        with reaped(proc):
+            deadline = time.monotonic() + 120
+            while not keys.exists():  # committed: the report is being written, and blocks
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.05)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            err = proc.communicate(timeout=30)[1]
+    finally:
+        os.close(read_end)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert_one_error_line(err, "", "interrupted after every output was written", "k.dskey")
 
 
 _HOLDER = """
