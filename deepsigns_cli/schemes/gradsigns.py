@@ -37,6 +37,8 @@ from .signature import bits_to_message, check_message, message_to_bits
 
 __all__ = ["GradSignsScheme", "SCHEME", "DEFAULT_QUERIES"]
 
+MAX_INPUT = 1e6  # the largest key input value and difference step a bundle may hold (data lie near 1)
+
 DEFAULTS = {
     "bits": 64,
     "carriers": 64,  # input coordinates that carry the signature (all of them when fewer)
@@ -74,6 +76,8 @@ class GradSignsScheme(Scheme):
         check_message(message)
         bits = message_to_bits(message) if message else None
         n_bits = len(bits) if message else int(opts["bits"])
+        if n_bits > stats.MAX_BITS:
+            raise SchemeError(f"{n_bits} bits are more than the {stats.MAX_BITS} deepsigns reads: use fewer --bits")
         if not 1 <= n_bits <= n_carriers:
             raise SchemeError(f"{n_bits} bits do not fit {n_carriers} carriers: use at most {n_carriers} bits "
                               "(a shorter --message or smaller --bits) or more --carriers")
@@ -110,7 +114,9 @@ class GradSignsScheme(Scheme):
         p, a = keys.params, keys.arrays
         x = a.get("x")
         fits = (isinstance(x, np.ndarray) and x.ndim >= 2 and len(x) >= 1 and x.dtype.kind == "f"
-                and np.isfinite(x).all() and p["n_bits"] >= 1 and p["key_batch"] >= 1
+                and np.isfinite(x).all() and 1 <= p["n_bits"] <= stats.MAX_BITS and p["key_batch"] >= 1
+                and a["carriers"].dtype.kind in "iu" and np.abs(x).max() <= MAX_INPUT
+                and p["step"] <= MAX_INPUT
                 and a["K"].shape == (p["n_bits"], p["n_carriers"]) and a["bits"].shape == (p["n_bits"],)
                 and len(a["carriers"]) == p["n_carriers"] and p["step"] > 0 and math.isfinite(p["step"])
                 and p["target"] >= 0)
@@ -160,13 +166,13 @@ class GradSignsScheme(Scheme):
             estimator = f"central differences along the key's {n} directions"
 
         def wrong(slopes):
-            mean = slopes.mean(0)
-            return ((mean > 0) != arrays["bits"]) | (mean == 0)  # no difference at all: no reading
+            mean = slopes.mean(0)  # no difference at all, or not a number: no reading
+            return ((mean > 0) != arrays["bits"]) | (mean == 0) | ~np.isfinite(mean)
 
         slopes, _, output = min(readings, key=lambda r: int(wrong(r[0]).sum()))
         mean, errors = slopes.mean(0), int(wrong(slopes).sum())
         found = (mean > 0).astype(np.uint8)
-        reading = "".join("?" if m == 0 else str(b) for b, m in zip(found, mean, strict=True))
+        reading = "".join("?" if m == 0 or not np.isfinite(m) else str(b) for b, m in zip(found, mean, strict=True))
         has_message = bool(params.get("message"))
         return GradResult(
             "gradsigns", stats.bonferroni(stats.bits_p_value(errors, n), len(readings)), layer="input gradient",

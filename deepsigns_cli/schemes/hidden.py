@@ -100,6 +100,9 @@ class HiddenScheme(Scheme):
         if len(present) <= s:
             raise SchemeError(f"the training data hold {len(present)} classes: too few to pick "
                               f"{s} secret target class(es) among them; give more data")
+        if n_bits * s > stats.MAX_BITS:
+            raise SchemeError(f"{n_bits} bits at {s} classes are {n_bits * s} bits of evidence, more than the "
+                              f"{stats.MAX_BITS} deepsigns reads: use fewer --bits or --classes")
         classes = np.sort(rng.choice(present, size=s, replace=False))
         trig_idx = []
         for c in classes:
@@ -146,6 +149,7 @@ class HiddenScheme(Scheme):
         p, a = keys.params, keys.arrays
         tx = a.get("trigger_x")
         fits = (p["width"] >= 1 and p["n_bits"] >= 1 and p["trigger_batch"] >= 1
+                and p["n_bits"] * len(a["classes"]) <= stats.MAX_BITS
                 and a["A"].shape == (p["width"], p["n_bits"] * len(a["classes"])) and a["A"].dtype.kind == "f"
                 and a["bits"].shape[1] == p["n_bits"] and np.isin(a["bits"], (0, 1)).all()
                 and len(a["bits"]) == len(a["classes"]) and isinstance(tx, np.ndarray)

@@ -174,7 +174,8 @@ class OutputScheme(Scheme):
         if not (isinstance(xs, np.ndarray) and xs.dtype.kind == "f" and len(xs) == len(ys)
                 and np.isfinite(xs).all() and keys.params["num_classes"] >= 3
                 and keys.params["key_batch"] >= 1 and 1 <= keys.params["key_size"] <= MAX_KEY_SIZE
-                and ys.min() >= 0 and ys.max() < keys.params["num_classes"]):
+                and ys.min() >= 0 and ys.max() < keys.params["num_classes"]
+                and len(ys) <= (keys.params["key_size"] if keys.params.get("embedded") else 4 * MAX_KEY_SIZE)):
             self.damaged("keys that do not fit their labels")
         return keys
 
@@ -258,14 +259,18 @@ class OutputScheme(Scheme):
                 note = f"the model gives {width} scores, the keys have {c} classes"
             elif width is None and (answers >= c).any():  # such a label never matches a key
                 note = f"the model answers label {int(answers.max())}, the keys have {c} classes"
-            return int((answers == arrays["y"]).sum()), name, kind, note
+            # chance among the classes both sides can name, never more than the keys' C (keys that
+            # claim a million classes and label only ten had claimed every model, at p = 1e-37)
+            classes = min(c, int(arrays["y"].max()) + 1, c if width is None else width)
+            matches = int((answers == arrays["y"]).sum())
+            return matches, name, kind, note, classes, stats.matches_p_value(matches, k, max(classes - 1, 1))
 
         # every output the model gives is read (each reading counted in p), the best kept
         readings = each_output(suspect, one)
-        matches, output, kind, note = max(readings, key=lambda r: (r[0], r[2] != "labels"))  # (ties: scores)
-        return MatchResult("output", stats.bonferroni(stats.matches_p_value(matches, k, c - 1), len(readings)),
+        matches, output, kind, note, classes, p = min(readings, key=lambda r: (r[5], -r[0], r[2] == "labels"))
+        return MatchResult("output", stats.bonferroni(p, len(readings)),
                            note=note, keys=k, queries=k * len(readings), matches=matches, mismatches=k - matches,
-                           num_classes=c, labels=c - 1,
+                           num_classes=classes, labels=max(classes - 1, 1),
                            onnx_seconds=time.perf_counter() - start if suspect.blackbox_only else None,
                            output=output, output_kind=kind, outputs=len(readings))
 
