@@ -231,8 +231,9 @@ def _safe_open(path: Path):
                                       "/dev/fd exists; rename the file") from None
         claimed = int.from_bytes(raw.read(8), "little")
         if claimed > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{shown(path)}'s header claims {claimed} bytes, more than the "
-                                  f"{MAX_HEADER_BYTES >> 20} MiB any checkpoint needs: deepsigns does not parse it")
+            raise CheckpointError(f"{shown(path)} is not a readable .safetensors file (its header claims {claimed} "
+                                  f"bytes, more than the {MAX_HEADER_BYTES >> 20} MiB any checkpoint needs): it may "
+                                  "be truncated or not a checkpoint; re-export it")
         raw.seek(0)
         with safe_open(name, framework="pt") as fh:
             _check_header(path, raw)

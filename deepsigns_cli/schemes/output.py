@@ -259,9 +259,10 @@ class OutputScheme(Scheme):
                 note = f"the model gives {width} scores, the keys have {c} classes"
             elif width is None and (answers >= c).any():  # such a label never matches a key
                 note = f"the model answers label {int(answers.max())}, the keys have {c} classes"
-            # chance among the classes both sides can name, never more than the keys' C (keys that
-            # claim a million classes and label only ten had claimed every model, at p = 1e-37)
-            classes = min(c, int(arrays["y"].max()) + 1, c if width is None else width)
+            # chance among the classes the suspect answers, never more than the keys' C (keys that
+            # claim a million classes and label ten had claimed every model, at p = 1e-37); of a
+            # label output, those it gave (a larger one only makes its own p-value smaller)
+            classes = min(c, int(answers.max(initial=-1)) + 1 if width is None else width)
             matches = int((answers == arrays["y"]).sum())
             return matches, name, kind, note, classes, stats.matches_p_value(matches, k, max(classes - 1, 1))
 
