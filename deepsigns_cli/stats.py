@@ -17,8 +17,8 @@ __all__ = [
 ]
 
 
-#: the bits a reading counts at most, and keys of the output scheme (its MAX_KEY_SIZE is lower):
-#: the exact tail over 4,096 takes about a second, over 16,384 half a minute, outside any bound
+#: the bits a reading counts at most (the output scheme's keys have their own, lower bound): the
+#: exact tail over 4,096 takes about a second, over 16,384 half a minute, outside any bound
 MAX_BITS = 4096
 
 
