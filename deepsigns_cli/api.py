@@ -669,6 +669,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     (else they are removed); `plot`: a PNG of accuracy and evidence against strength."""
     import tempfile
 
+    from .fileio import check_output, not_final
     from .results import SweepReport
 
     entry = attack_entry(name)
@@ -686,13 +687,9 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     if option.key in given:
         raise InputError(f"--{param} is swept: leave it out of the attack's own options")
     if plot is not None:
-        from .fileio import check_output
-
         if not str(plot).lower().endswith(".png"):
             raise InputError(f"--plot must name a .png file, got {shown(plot)}")
         check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
-    from .fileio import not_final
-
     if keep is not None and Path(keep).suffix.lower() in _SUFFIXES["extract"]:  # (every model file we read)
         raise InputError(f"--out {shown(keep)} names a model, but a sweep keeps its models in a folder: give a folder "
                          "path (every command tells a model's kind by its name)")
@@ -704,8 +701,6 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
         return folder / f"{stem}{suffix}", folder / f"{stem}.attacker.dskey" if entry.passphrase else None
 
     if keep is not None:  # every output checked before the first attack: a clash fails at once
-        from .fileio import check_output
-
         if plot is not None and os.path.abspath(plot) == os.path.abspath(keep):
             raise InputError(f"--plot {shown(plot)} is also --out, the folder the sweep keeps its models in: "
                              "give the plot another path")

@@ -171,7 +171,6 @@ def _sort_header(path: str | Path) -> None:
         fh.write(text.ljust(size))  # (safetensors pads its header with spaces too)
 
 
-_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's bytes
 #: a header's bytes that deepsigns parses at most: the tensors' names, shapes and offsets and our
 #: metadata take kilobytes (safetensors took 2 s and 1.4 GB to refuse a 32 MB header of junk)
 MAX_HEADER_BYTES = 16 << 20
@@ -193,16 +192,12 @@ def _no_twice(pairs: list) -> dict:
     return seen
 
 
-def _check_header(path: Path, fh) -> None:
+def _check_header(path: Path, header: bytes) -> None:
     """A header that names a tensor (or a metadata field) twice is refused: readers differ on
     which copy they keep (a thief's file could show one model to deepsigns and another to the
     world). Any other fault of the header is left to safetensors, which says what it is."""
-    head = fh.read(8)
-    size = int.from_bytes(head, "little") if len(head) == 8 else _MAX_HEADER + 1
-    if size > _MAX_HEADER:
-        return
     try:
-        json.loads(fh.read(size), object_pairs_hook=_no_twice)
+        json.loads(header, object_pairs_hook=_no_twice)
     except _Twice as twice:
         raise CheckpointError(
             f"{shown(path)} names {_name(twice.key)} twice in its header: readers differ on which "
@@ -234,9 +229,8 @@ def _safe_open(path: Path):
             raise CheckpointError(f"{shown(path)} is not a readable .safetensors file (its header claims {claimed} "
                                   f"bytes, more than the {MAX_HEADER_BYTES >> 20} MiB any checkpoint needs): it may "
                                   "be truncated or not a checkpoint; re-export it")
-        raw.seek(0)
-        with safe_open(name, framework="pt") as fh:
-            _check_header(path, raw)
+        with safe_open(name, framework="pt") as fh:  # (which reads the file through a descriptor of its own)
+            _check_header(path, raw.read(claimed))
             yield fh
 
 

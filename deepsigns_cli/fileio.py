@@ -163,6 +163,8 @@ class _Lock:
         os.close(self.fd)
 
 
+#: the signals that stop a command (Ctrl-C, `kill`, a closed terminal)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 @contextlib.contextmanager
 def held_signals() -> Iterator[list[int]]:
     """Hold SIGINT, SIGTERM and SIGHUP for the duration (main thread only); yields the signals that
@@ -171,7 +173,7 @@ def held_signals() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():
         yield came
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in previous:
         signal.signal(s, lambda signum, frame: came.append(signum))
     try:
@@ -179,9 +181,6 @@ def held_signals() -> Iterator[list[int]]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class _Late:
@@ -196,8 +195,8 @@ class _Late:
 
     def engage(self, written: list[str]) -> None:
         if self.previous is None:
-            self.previous = {s: signal.getsignal(s) for s in _SIGNALS}
-            for s in _SIGNALS:
+            self.previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+            for s in STOP_SIGNALS:
                 signal.signal(s, self._hold)
         self.written.extend(w for w in written if w not in self.written)
 
@@ -233,7 +232,7 @@ def held_after_commit(*, restore: bool = True) -> Iterator[_Late]:
     finally:
         _late = None
         if not restore and threading.current_thread() is threading.main_thread():
-            for s in _SIGNALS:
+            for s in STOP_SIGNALS:
                 signal.signal(s, signal.SIG_IGN)
         elif late.previous is not None:
             for s, handler in late.previous.items():

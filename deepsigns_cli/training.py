@@ -207,7 +207,7 @@ def distributed(device: str = "auto"):
     another process ends this one with one line, and nothing is written."""
     import torch.distributed as dist
 
-    from .fileio import run_place
+    from .fileio import STOP_SIGNALS, run_place
 
     world = run_place()[1]
     if world == 1 or _grouped():
@@ -221,7 +221,7 @@ def distributed(device: str = "auto"):
     # (nothing is written yet), instead of 10 minutes later
     # (a signal the process was started to ignore, as a shell's background job ignores SIGINT,
     # stays ignored)
-    stops = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN] \
+    stops = [s for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN] \
         if threading.current_thread() is threading.main_thread() else []
     handlers = {s: signal.signal(s, signal.SIG_DFL) for s in stops}
     try:

@@ -317,6 +317,12 @@ def passphrase_from(passphrase_file: str | None, *, confirm: bool = False, optio
     return lambda: get_passphrase(passphrase_file, confirm=confirm, option=option)
 
 
+def asks_passphrase(passphrase_file: str | None) -> bool:
+    """Whether `get_passphrase` would ask at the terminal: no file, no variable, stdin a terminal."""
+    return (passphrase_file is None and not os.environ.get(PASSPHRASE_ENV)
+            and sys.stdin is not None and sys.stdin.isatty())  # (stdin closed: Python gives None)
+
+
 def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option: str = "--passphrase-file") -> str:
     if passphrase_file == "":  # (an unset variable: not "no file", which would fall back on the environment)
         raise InputError(f"{option} is empty: name the file that holds the passphrase")
@@ -351,7 +357,7 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option
             raise InputError(f"{PASSPHRASE_ENV} is not UTF-8 text: set it to the passphrase as text, or pass "
                              "--passphrase-file") from None
         return env
-    if sys.stdin is not None and sys.stdin.isatty():  # (stdin closed: Python gives None)
+    if asks_passphrase(None):
         return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
     raise InputError(f"no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
 

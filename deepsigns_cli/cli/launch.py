@@ -52,15 +52,15 @@ def is_main() -> bool:
     return api.is_main_process()
 
 
-def relaunch(nproc: int, device: str, *, prompts: bool = False) -> None:
+def relaunch(nproc: int, device: str, *, asks: bool = False) -> None:
     """Run this very command again in `nproc` processes under torch.distributed.run, without
-    --nproc; exit as it exits, its failures reported as one line. `prompts`: the command would
-    ask for the passphrase at a terminal (no --passphrase-file), which its processes have not."""
+    --nproc; exit as it exits, its failures reported as one line. `asks`: the command would
+    ask for the passphrase at the terminal (`asks_passphrase`), which its processes have not."""
     if os.environ.get("WORLD_SIZE"):
         raise InputError("--nproc inside a torchrun process: give one or the other")
     if nproc < 1:
         raise InputError(f"--nproc must be at least 1, got {nproc}")
-    if prompts and not os.environ.get(PASSPHRASE_ENV) and sys.stdin is not None and sys.stdin.isatty():
+    if asks:
         # (their stdin is /dev/null: they said "no passphrase" without asking)
         raise InputError(f"--nproc cannot ask for the passphrase (its processes have no terminal): set "
                          f"{PASSPHRASE_ENV} or pass --passphrase-file")
