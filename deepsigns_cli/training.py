@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -403,6 +403,7 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
     rows = _Rows(x, yt)
     steps_per_epoch = len(_epoch_batches(np.arange(len(y)), cfg, procs))
     total, done, epoch_seconds = cfg.epochs * steps_per_epoch, 0, []
+    batches_read = None  # (the epoch's loader, as it is read)
     try:
         for epoch in range(cfg.epochs):
             runner.train()
@@ -412,7 +413,8 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
                 rows, sampler=batches, batch_size=None, num_workers=cfg.workers,
                 pin_memory=device.type == "cuda", persistent_workers=False,
                 worker_init_fn=_stdout_to_stderr if cfg.workers else None)
-            for xs, ys, index in loader:
+            batches_read = iter(loader)
+            for xs, ys, index in batches_read:
                 # 2. the batch, with every objective's own rows mixed in after it
                 parts, own, at = [(xs, ys)], [], len(xs)
                 for obj in objectives:
@@ -474,6 +476,7 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
             raise type(exc)(text.splitlines()[-1].split(": ", 1)[-1]) from None
         raise
     except (RuntimeError, MemoryError, OSError, EOFError) as exc:  # what the machine did, not a bug of ours
+        _stop_loader(batches_read)
         raise _machine_failure(exc, cfg) or exc from None
     finally:
         for obj in objectives:
@@ -494,6 +497,15 @@ def _stdout_to_stderr(worker_id: int) -> None:
     sys.stdout = sys.stderr
 
 
+def _stop_loader(batches_read) -> None:
+    """The loader processes stopped and forgotten now: a dead one's SIGCHLD would otherwise
+    raise torch's "DataLoader worker ... killed" later, anywhere (while the error is reported)."""
+    stop = getattr(batches_read, "_shutdown_workers", None)  # (no public way; none without workers)
+    if stop is not None:
+        with suppress(RuntimeError):  # (the handler may still raise while they stop)
+            stop()
+
+
 def _machine_failure(exc: BaseException, cfg: TrainConfig) -> TrainingError | None:
     """The error for a run that the machine stopped: a loader process that died (the kernel's
     out-of-memory killer, a signal, its Dataset ending the process) or memory that ran out,
@@ -507,7 +519,9 @@ def _machine_failure(exc: BaseException, cfg: TrainConfig) -> TrainingError | No
         chain.append(link)
         link = link.__cause__ or link.__context__
     text = next((str(e) for e in chain if "DataLoader worker" in str(e)), str(exc))
-    if "DataLoader worker" in text:
+    # (or as the connection to it lost, when a batch it had sent was being read)
+    lost = cfg.workers and any(isinstance(e, (ConnectionError, EOFError)) for e in chain)
+    if "DataLoader worker" in text or lost:
         return TrainingError(f"a data-loading process (--workers {cfg.workers}) ended without finishing its batch "
                              f"({one_line(text, 120)}): out of memory, a signal, or its Dataset ended the process; "
                              "nothing was written: run again with fewer --workers, or --workers 0 to see the cause")

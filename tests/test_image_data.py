@@ -501,3 +501,17 @@ def test_damaged_preprocessing_record(trained, folder, tmp_path, std):
     save_file(state, str(bad), metadata={**meta, "preprocess": json.dumps({**record, "std": std})})
     _check_bad(tmp_path, ["keygen", "--model", bad, "--data", folder, "--out", tmp_path / "k.dskey"],
                "bad.safetensors", "image preprocessing", "std")
+
+
+@pytest.mark.parametrize("lost", [ConnectionResetError(104, "Connection reset by peer"), EOFError()],
+                         ids=["reset", "eof"])
+def test_a_lost_connection_to_a_loader_process_is_its_death(lost):
+    """Under load, a loader process killed after it had sent a batch surfaced as the connection
+    to it lost (the batch's shared memory is fetched from the process that made it): exit 3, an
+    internal error, with torch's own "DataLoader worker ... killed" as a second line. Without
+    loader processes, such an error is not theirs."""
+    from deepsigns_cli.training import TrainConfig, _machine_failure
+
+    err = _machine_failure(lost, TrainConfig(workers=1))
+    assert err is not None and "a data-loading process (--workers 1) ended" in str(err)
+    assert _machine_failure(lost, TrainConfig(workers=0)) is None
