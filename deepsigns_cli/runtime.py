@@ -60,6 +60,7 @@ MEMORY_LIMIT: int | None = None  # bytes a worker may map beyond what it maps at
 MAX_REPLY_BYTES = 2**30  # outputs a worker may send back for one query
 _MAX_THREADS = 8  # onnxruntime threads in a worker (each reserves stack and malloc arenas)
 _MIN_OPSET = 7  # the oldest default-domain opset onnxruntime runs
+_EXTRA_SESSIONS = 2  # sessions with a graph's own tensors as outputs a worker keeps (one per set asked for)
 
 _FLOAT_INPUTS = {1: np.float32, 10: np.float16, 11: np.float64}  # TensorProto FLOAT, FLOAT16, DOUBLE
 _ORT_ERROR_NAMES = (
@@ -438,6 +439,10 @@ class _Evaluator:
         if extra in self.sessions:
             return self.sessions[extra]
         self.prepare()
+        if extra:  # (each holds the model's weights: at most _EXTRA_SESSIONS of them, the oldest let go)
+            kept = [key for key in self.sessions if key]
+            for key in kept[: max(0, len(kept) - _EXTRA_SESSIONS + 1)]:
+                del self.sessions[key]
         proto = self.proto
         if extra:
             import onnx
@@ -457,16 +462,19 @@ class _Evaluator:
         return session
 
     def run(self, names: list[str], extra: bool, x: np.ndarray, step: int, batch: int | None,
-            width: int | None = None, units: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+            width: int | None = None, units: int | None = None,
+            ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, int]]:
         """Outputs `names` for inputs x, fed `step` at a time (padded to `batch` when the
-        model's batch is fixed): (usable arrays (n, ...), why the others are not). With
-        `width`, only tensors of that many values per sample are kept (and sent back); with
-        `units`, float tensors in the order of `names` while their values per sample add up to
-        at most that many. Tensors of the graph (`extra`) may hold the batch on another axis
-        (a graph that computes (units, batch)): it is moved first when exactly one axis fits."""
+        model's batch is fixed): (usable arrays (n, ...), why the others are not, the float
+        tensors `units` left out -> their values per sample). With `width`, only tensors of that
+        many values per sample are kept (and sent back); with `units`, float tensors in the
+        order of `names` while their values per sample add up to at most that many. Tensors of
+        the graph (`extra`) may hold the batch on another axis (a graph that computes (units,
+        batch)): it is moved first when exactly one axis fits."""
         session = self._session(tuple(names) if extra else ())
         parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
         problems: dict[str, str] = {}
+        left_out: dict[str, int] = {}
         total, taken = 0, 0
         seen: dict[bytes, str] = {}  # a tensor's values (a digest) -> the first tensor that held them
         try:
@@ -502,6 +510,8 @@ class _Evaluator:
                         size = math.prod(value.shape[1:])
                         if value.dtype.kind != "f" or taken + size > units:
                             problem = f"is not among the first {units} float values per sample"
+                            if value.dtype.kind == "f":
+                                left_out[name] = size
                         else:
                             taken += size
                     if problem is not None:
@@ -518,7 +528,7 @@ class _Evaluator:
         except _ort_errors() as exc:
             raise _Failure(_kind(exc, "run"), _ort_text(exc)) from None
         out = {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks and name not in problems}
-        return out, problems
+        return out, problems, {name: size for name, size in left_out.items() if name in problems}
 
 
 def _ort_text(exc: BaseException) -> str:
@@ -739,10 +749,11 @@ def _serve(evaluator: _Evaluator, rfd: int, wfd: int) -> None:
             _limit_memory(evaluator.providers)
             limited = True
         try:
-            out, problems = evaluator.run(header["names"], header["extra"], arrays[0],
-                                          header["step"], header["batch"], header.get("width"), header.get("units"))
+            out, problems, left_out = evaluator.run(header["names"], header["extra"], arrays[0], header["step"],
+                                                    header["batch"], header.get("width"), header.get("units"))
             names = list(out)
-            reply = _pack({"ok": True, "names": names, "problems": problems}, [out[n] for n in names])
+            reply = _pack({"ok": True, "names": names, "problems": problems, "left_out": left_out},
+                          [out[n] for n in names])
         except _Failure as failure:
             reply = _pack({"ok": False, "kind": failure.kind, "message": failure.message}, [])
         except MemoryError:
@@ -998,9 +1009,10 @@ class OnnxModel:
 
     # ------------------------------------------------------------------ evaluation
     def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int,
-               width: int | None = None, units: int | None = None) -> tuple[dict, dict]:
+               width: int | None = None, units: int | None = None) -> tuple[dict, dict, dict[str, int]]:
         """Run the model on x for outputs `names` (with `width` or `units`: only those
-        `_Evaluator.run` keeps): (arrays (n, ...), why others are unusable)."""
+        `_Evaluator.run` keeps): (arrays (n, ...), why others are unusable, the float tensors
+        `units` left out -> their values per sample)."""
         if len(x) == 0:
             raise InputError("no samples to query the model with")
         batch = self._batch()
@@ -1022,11 +1034,13 @@ class OnnxModel:
         if not header.get("ok"):
             raise self._failed(str(header.get("kind")), str(header.get("message")))
         got = header.get("names")
-        problems = header.get("problems")
-        if not isinstance(got, list) or len(got) != len(arrays) or not isinstance(problems, dict):
+        problems, left_out = header.get("problems"), header.get("left_out", {})
+        if not isinstance(got, list) or len(got) != len(arrays) or not isinstance(problems, dict) \
+                or not isinstance(left_out, dict) or not all(type(v) is int and v >= 0 for v in left_out.values()):
             raise self._crashed("it sent a malformed answer")
         return ({str(n): a for n, a in zip(got, arrays, strict=True)},
-                {str(k): str(v) for k, v in problems.items()})
+                {str(k): str(v) for k, v in problems.items()},
+                {str(k): v for k, v in left_out.items() if k in names})
 
     def _ask_worker(self, header: dict, x: np.ndarray, start: float):
         deadline = None if self._left is None else start + self._left
@@ -1066,8 +1080,8 @@ class OnnxModel:
             timer = threading.Timer(self._left, terminate)
             timer.start()
         try:
-            out, problems = evaluator.run(header["names"], header["extra"], x, header["step"], header["batch"],
-                                          header.get("width"), header.get("units"))
+            out, problems, left_out = evaluator.run(header["names"], header["extra"], x, header["step"],
+                                                    header["batch"], header.get("width"), header.get("units"))
         except _Failure as failure:
             if self._left is not None and time.monotonic() - start >= self._left:
                 self._broken = str(self._timed_out())
@@ -1077,7 +1091,7 @@ class OnnxModel:
             if timer is not None:
                 timer.cancel()
         names = list(out)
-        return {"ok": True, "names": names, "problems": problems}, [out[n] for n in names]
+        return {"ok": True, "names": names, "problems": problems, "left_out": left_out}, [out[n] for n in names]
 
     def _stop(self, grace: float = 0.0) -> str:
         how = ""
@@ -1163,7 +1177,7 @@ class OnnxModel:
     def _read(self, x: np.ndarray, output: str | None, batch_size: int) -> tuple[np.ndarray, str, str]:
         """(the chosen output for inputs x: (n, classes) for scores, (n,) for labels; name; kind)."""
         name, kind = self.choose_output(output)
-        out, problems = self._query([name], False, x, batch_size)
+        out, problems, _ = self._query([name], False, x, batch_size)
         where = self._where(name)
         if name in problems:
             raise OnnxError(f"{where} {problems[name]}: verify needs the class scores, probabilities or "
@@ -1207,21 +1221,49 @@ class OnnxModel:
             return value, name, kind
         return answers_from_scores(value), name, kind
 
-    def intermediates(self, x: np.ndarray, width: int | None = None,
-                      units: int | None = None) -> dict[str, np.ndarray]:
+    def intermediates(self, x: np.ndarray, width: int | None = None, units: int | None = None,
+                      names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Every tensor the graph computes (graph outputs included; with `width`, only those of
         that many values per sample; with `units`, those in the graph's order while they hold
-        at most that many in all) for inputs x, flattened per sample, in the graph's order.
-        Names are not looked at: a suspect's names are data, and a hostile file can point any
-        name anywhere."""
+        at most that many in all; with `names`, those) for inputs x, flattened per sample, in
+        the graph's order. Names are not looked at: a suspect's names are data, and a hostile
+        file can point any name anywhere. Tensors computed inside a subgraph (an If's branch, a
+        Loop's body) or a function left as it is are out of reach (`out_of_reach` says so)."""
+        return self.unit_tensors(x, width, units, names)[0]
+
+    def unit_tensors(self, x: np.ndarray, width: int | None = None, units: int | None = None,
+                     names: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """(`intermediates(x, width, units, names)`; the float tensors `units` left out -> their
+        values per sample, in the graph's order)."""
         produced = [o for n in self.proto.graph.node for o in n.output if o and isinstance(o, str)]
         wanted = list(dict.fromkeys(produced))
+        if names is not None:
+            wanted = [name for name in wanted if name in set(names)]
         if not wanted:  # (session.run with no names would return every graph output instead)
-            return {}
-        out, _ = self._query(wanted, True, x, max(1, len(x)), width, units)
-        return {name: value.reshape(len(x), -1) for name, value in out.items()
-                if name in wanted and np.issubdtype(value.dtype, np.floating)
-                and value.ndim >= 1 and value.shape[0] == len(x)}
+            return {}, {}
+        out, _, left_out = self._query(wanted, True, x, max(1, len(x)), width, units)
+        return ({name: value.reshape(len(x), -1) for name, value in out.items()
+                 if name in wanted and np.issubdtype(value.dtype, np.floating)
+                 and value.ndim >= 1 and value.shape[0] == len(x)},
+                {name: left_out[name] for name in wanted if name in left_out})
+
+    def out_of_reach(self) -> str:
+        """Why some tensors the model computes cannot be asked for ('' when every one can): a
+        graph output is a tensor of the main graph, and onnxruntime gives none of those computed
+        inside a subgraph (the branches of an If, the body of a Loop or Scan) or a local function
+        left as it is (`_inlined`)."""
+        functions = {(f.domain, f.name) for f in self.proto.functions}
+        ops = []
+        for node in self.proto.graph.node:
+            if (node.domain, node.op_type) in functions:
+                ops.append(f"function {one_line(node.op_type, 40)}")
+            elif any(attr.HasField("g") or attr.graphs for attr in node.attribute):
+                ops.append(one_line(node.op_type, 40))
+        if not ops:
+            return ""
+        kinds = list(dict.fromkeys(ops))
+        listed = ", ".join(kinds[:3]) + (", ..." if len(kinds) > 3 else "")
+        return f"it computes tensors inside a subgraph or function ({listed}), which no reading can ask for"
 
 
 def answers_from_scores(scores: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ written against this interface (no torch import here: `verify` runs on onnxrunti
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,11 +22,21 @@ if TYPE_CHECKING:
 
     from .runtime import OnnxModel
 
-__all__ = ["Suspect", "TorchSuspect", "OnnxSuspect", "open_suspect", "MAX_UNITS"]
+__all__ = ["Suspect", "TorchSuspect", "OnnxSuspect", "open_suspect", "MAX_UNITS", "MAX_SET_UNITS", "MAX_SETS",
+           "EVERY_UNIT"]
+
+EVERY_UNIT = "every unit"  # the reading of the units an ONNX graph computes, lined up with ours at once
 
 # the units of an ONNX graph read side by side (`Suspect.units`), in the graph's order: with
-# the keys' 448 inputs, 56 MiB of activations, and a line-up of 512 x 65,536 (each unit also negated)
+# the keys' 448 inputs, 56 MiB of activations, lined up with ours a block of units at a time
 MAX_UNITS = 1 << 15
+# the float tensors that reading left out (wider than what was left of it: a thief can widen the
+# carrier with junk units, or put decoys first) are read in further sets, in the graph's order, of
+# at most this many values per sample (a CNN's feature maps on 64x64 images; with the keys' 448
+# inputs, 448 MiB of float32 activations, held one set at a time) and MAX_SET_BYTES in all
+MAX_SET_UNITS = 1 << 18
+MAX_SET_BYTES = 1 << 29
+MAX_SETS = 8  # further sets read, each one more query of the model and one more reading counted in p
 
 
 class Suspect:
@@ -58,11 +69,18 @@ class Suspect:
         crashed): a reading then fails, rather than going on with its other outputs."""
         return False
 
-    def units(self, x: np.ndarray) -> np.ndarray | None:
-        """Every unit the model computes for inputs x, side by side (n, U), where the carrier
-        may have been rebuilt (an ONNX graph: padded, split, laid out otherwise); None where the
-        carrier is known (a checkpoint's layer) or nothing is found."""
-        return None
+    def units(self, x: np.ndarray, missed: list[str]) -> Iterator[tuple[str, list[np.ndarray]]]:
+        """Every unit the model computes for inputs x, in sets of units side by side ((name, its
+        tensors (n, u) in order), one set at a time: each is a reading of its own), where the
+        carrier may have been rebuilt (an ONNX graph: padded, split, laid out otherwise); none
+        where the carrier is known (a checkpoint's layer). `missed` gains why units were out of
+        reach ("not read: ..."): a reading that found nothing then is no verdict."""
+        return iter(())
+
+    def out_of_reach(self) -> str:
+        """Why some tensors the model computes can be read by no reading ('' when none): an ONNX
+        graph's subgraphs (an If's branches, a Loop's body)."""
+        return ""
 
     def answer_kind(self, output: str | None = None) -> str:
         """What the suspect answers with: "scores", "probabilities" or "labels"."""
@@ -170,17 +188,47 @@ class OnnxSuspect(Suspect):
             return {}, f"not read: {exc}"
         return found, ("" if found else f"no tensor of width {width} in this model: not our architecture")
 
-    def units(self, x):
+    def out_of_reach(self):
+        return self.onnx.out_of_reach()
+
+    def units(self, x, missed):
         try:
-            found = self.onnx.intermediates(x, units=MAX_UNITS)
-        except OnnxTooMuch:
-            return None
-        if not found:
-            return None
-        # and each unit negated: the line-up follows units that rise with ours, and a carrier
-        # negated (its ReLU turned to a Min at 0, the next layer negated) falls with them
-        every = np.concatenate(list(found.values()), axis=1)
-        return np.concatenate([every, -every], axis=1)
+            found, rest = self.onnx.unit_tensors(x, units=MAX_UNITS)
+        except OnnxTooMuch as exc:
+            missed.append(f"not read: {exc}")
+            return
+        if found:
+            yield EVERY_UNIT, list(found.values())
+        del found  # (a set's activations are let go before the next is asked for)
+        # the float tensors left out, in further sets, each tensor whole in one of them
+        cap = max(1, min(MAX_SET_UNITS, MAX_SET_BYTES // (4 * len(x))))
+        sets: list[list[str]] = []
+        size = cap
+        for name, values in rest.items():
+            if values > cap:
+                missed.append(f"not read: a tensor holds {values} values per sample, more than the {cap} "
+                              "deepsigns reads side by side")
+                continue
+            if size + values > cap:
+                sets.append([])
+                size = 0
+            sets[-1].append(name)
+            size += values
+        if len(sets) > MAX_SETS:
+            missed.append(f"not read: its units past the first {MAX_UNITS} per sample fill {len(sets)} sets of "
+                          f"{cap}, more than the {MAX_SETS} deepsigns reads")
+        for k, names in enumerate(sets[:MAX_SETS], start=2):
+            try:
+                found = self.onnx.intermediates(x, names=names)
+            except OnnxTooMuch as exc:
+                missed.append(f"not read: {exc}")
+                continue
+            values = sum(a.shape[1] for a in found.values())
+            if len(found) < len(names) or values > cap:  # (a tensor that answered otherwise this time)
+                missed.append(f"not read: set {k} of its units did not answer as it had")
+                continue
+            yield f"{EVERY_UNIT}, set {k}", list(found.values())
+            del found
 
 
 def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None = None,

@@ -11,7 +11,11 @@ import time
 import pytest
 from helpers import SEEDS, assert_one_error_line, deepsigns_argv, process_env, reaped, run_cli, run_json
 
+from deepsigns_cli import stats
 from deepsigns_cli.checkpoint import load_checkpoint
+from deepsigns_cli.suspect import MAX_UNITS
+
+WIDE = 40_000  # units of the "wide" carrier: more than the 32,768 values per sample of the reading of every unit
 
 
 def hidden(report: dict) -> dict:
@@ -70,10 +74,11 @@ def test_an_unrelated_permuted_model_is_not_claimed(marked_runs, tmp_path):
         assert not r["detected"] and r["bit_errors"] > r["max_bit_errors"] + 20
 
 
-def _rebuilt(marked_path, how: str, path):
+def _rebuilt(marked_path, how: str, path, wide: int = WIDE):
     """The marked MLP as an ONNX graph built by hand that computes what it computes, with its
-    carrier (fc2's output) rebuilt as a thief may: padded with a dead unit, computed as two
-    halves, laid out as (units, batch), negated, or copied many times over."""
+    carrier (fc2's output) rebuilt as a thief may: padded with a dead unit or with `wide` - 512 live
+    ones, computed as two halves or inside an If, laid out as (units, batch), negated, or copied
+    many times over."""
     import numpy as np
     import onnx
     from onnx import TensorProto
@@ -91,6 +96,21 @@ def _rebuilt(marked_path, how: str, path):
                      w3=np.concatenate([w3, np.zeros((10, 1), np.float32)], 1))
         how_nodes = [h.make_node("Gemm", ["h1", "w2", "b2"], ["z2"], transB=1), h.make_node("Relu", ["z2"], ["h2"]),
                      h.make_node("Gemm", ["h2", "w3", "b3"], ["logits"], transB=1)]
+    elif how == "wide":  # `wide` units, all but 512 of them junk that nothing reads (no tensor of 512 units)
+        junk = np.random.default_rng(0).normal(0, 0.1, (wide - 512, 512)).astype(np.float32)
+        inits.update(w2=np.concatenate([w2, junk]), b2=np.concatenate([b2, np.full(wide - 512, 0.1, np.float32)]),
+                     w3=np.concatenate([w3, np.zeros((10, wide - 512), np.float32)], 1))
+        how_nodes = [h.make_node("Gemm", ["h1", "w2", "b2"], ["z2"], transB=1), h.make_node("Relu", ["z2"], ["h2"]),
+                     h.make_node("Gemm", ["h2", "w3", "b3"], ["logits"], transB=1)]
+    elif how == "if":  # the carrier computed only inside the branches of an If, on a condition always true
+        inits.update(w2=w2, b2=b2, w3=w3, low=np.float32(-1e30))
+        body = [h.make_node("Gemm", ["h1", "w2", "b2"], ["z2"], transB=1), h.make_node("Relu", ["z2"], ["h2"]),
+                h.make_node("Gemm", ["h2", "w3", "b3"], ["out"], transB=1)]
+        branches = [h.make_graph(body, name, [], [h.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+                    for name in ("then", "else")]
+        how_nodes = [h.make_node("ReduceSum", ["flat"], ["total"], keepdims=0),
+                     h.make_node("Greater", ["total", "low"], ["cond"]),
+                     h.make_node("If", ["cond"], ["logits"], then_branch=branches[0], else_branch=branches[1])]
     elif how == "halves":  # 256 units twice, the head a sum of two products
         how_nodes = []
         for k, part in enumerate((slice(0, 256), slice(256, 512))):
@@ -152,6 +172,65 @@ def test_a_carrier_rebuilt_in_the_graph_is_still_read(marked_runs, tmp_path, how
             else:
                 assert not r["detected"] and r["bit_errors"] > r["max_bit_errors"] + 20, r
 
+
+
+def _same_function(path, onnx_path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    got, want = (ort.InferenceSession(str(p)).run(None, {"input": x})[0] for p in (path, onnx_path))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("wide", [10_000, WIDE])
+def test_a_carrier_padded_with_many_units_is_still_read(marked, tmp_path, wide):
+    """fc2 widened with junk units that the head reads with weights of 0: no tensor has the
+    carrier's 512 units. At 40,000, the only one that holds them is wider than the 32,768 values
+    per sample the reading of every unit took: it skipped them, and the model read as "not
+    detected" (exit 1, 101/216 bits wrong, p = 0.94). The units past that reading are now read in
+    sets of their own. The junk units all but drown ours in the line-up (at 10,000, 53/216 bits
+    wrong, 62 allowed; at 40,000, 83 in fc2's set): each set is also lined up at a sharper
+    temperature (none wrong). Every reading is counted in p; the unmarked model padded so reads
+    as chance (exit 1)."""
+    path = _rebuilt(marked.marked, "wide", tmp_path / "wide.onnx", wide)
+    _same_function(path, marked.onnx)
+    r = hidden(run_json("extract", "--model", path, "--keys", marked.keys, code=0))
+    sets = 1 if wide < MAX_UNITS // 2 else 2
+    assert r["bit_errors"] <= r["max_bit_errors"] // 2 and r["tensor"].endswith("sharp line-up"), r
+    # every reading counted in p: the tensors of 512 units (fc1's) as they are and lined up, and
+    # each set of units at two temperatures (the first set, and at 40,000 the one that holds fc2's)
+    assert r["readings"] == 2 * r["candidates"] + 2 * sets
+    assert r["p_value"] == pytest.approx(stats.bonferroni(stats.bits_p_value(r["bit_errors"], r["n_bits"]),
+                                                          r["readings"]))
+    base = hidden(run_json("extract", "--model", _rebuilt(marked.base, "wide", tmp_path / "base-wide.onnx", wide),
+                           "--keys", marked.keys, code=1))
+    assert not base.get("unread") and base["bit_errors"] > base["max_bit_errors"] + 20 and base["p_value"] > 1e-3
+
+
+def test_units_beyond_every_reading_leave_the_hidden_scheme_unread(marked, tmp_path, monkeypatch):
+    """A tensor wider than any set of units deepsigns reads (here the set is made smaller than
+    the padded carrier): what was not read is no verdict, so the model could not be read (exit 2),
+    never "not detected"."""
+    from deepsigns_cli import suspect
+
+    monkeypatch.setattr(suspect, "MAX_SET_UNITS", WIDE // 2)  # (read in this process: run_cli is in-process)
+    path = _rebuilt(marked.marked, "wide", tmp_path / "wide.onnx")
+    result = run_cli("extract", "--model", path, "--keys", marked.keys, "--json", code=2)
+    assert_one_error_line(result.stderr, result.stdout, "could not be read", f"{WIDE} values per sample")
+
+
+def test_a_carrier_inside_an_if_leaves_the_hidden_scheme_unread(marked, tmp_path):
+    """The carrier computed only inside an If's branches (on a condition that is always true but
+    not a constant): no tensor of a subgraph can be asked for, and the model read as "not
+    detected" (exit 1) from the units outside it. What a subgraph computes is out of reach: the
+    model could not be read (exit 2)."""
+    path = _rebuilt(marked.marked, "if", tmp_path / "if.onnx")
+    _same_function(path, marked.onnx)
+    result = run_cli("extract", "--model", path, "--keys", marked.keys, "--json", code=2)
+    assert_one_error_line(result.stderr, result.stdout, "could not be read", "inside a subgraph or function (If)")
+    ours = hidden(run_json("extract", "--model", marked.onnx, "--keys", marked.keys, code=0))  # (no subgraph)
+    assert not ours.get("unread")
 
 # ---------------------------------------------------------------------------- the sweep
 

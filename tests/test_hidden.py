@@ -175,7 +175,8 @@ def test_cnn_onnx_with_mlp_keys_is_not_detected(marked, cnn):
     r = hidden(report)
     assert report["detected"] is False and r["detected"] is False
     assert r["candidates"] == 0  # no tensor of the carrier's width in a CNN
-    assert r["readings"] == 1 and r["tensor"] == "every unit"  # its units, lined up with ours: chance
+    assert r["readings"] == 2 and r["tensor"].startswith("every unit")  # its units, lined up with ours (at
+    # two temperatures): chance
     assert r["bit_errors"] > r["max_bit_errors"] + 20 and r["p_value"] > 1e-3
 
 
@@ -425,3 +426,34 @@ def test_bf16_autocast_on_the_cpu_embeds_the_mark(marked, tmp_path):
     assert report["accuracy_after"] >= report["accuracy_before"] - 1.0
     decision = run_json("extract", "--model", out, "--keys", keys)
     assert decision["detected"] is True and decision["results"][0]["bit_errors"] == 0
+
+
+def test_every_unit_read_a_block_at_a_time_reads_as_the_units_side_by_side(monkeypatch):
+    """The reading of every unit lines the units up a block at a time (memory stays a block's,
+    however wide the sets of units): the same projections as the units side by side, each also
+    negated, lined up at once. Units that are off (in the suspect or in ours) included."""
+    import numpy as np
+
+    from deepsigns_cli.schemes import hidden as scheme
+
+    rng = np.random.default_rng(0)
+    width, units, classes, n_bits = 24, 300, np.array([1, 3]), 16
+    ty = np.repeat(classes, 20)
+    arrays = {"trigger_y": ty, "classes": classes, "probe_y": rng.integers(0, 5, 60),
+              "probe_ref": rng.normal(size=(60, width)).astype(np.float32),
+              "bits": rng.integers(0, 2, (2, n_bits)), "A": rng.normal(size=(width, 2 * n_bits)).astype(np.float32)}
+    arrays["probe_ref"][:, 5] = 1.0  # one of our units off
+    acts = (rng.normal(size=(len(ty) + 60, units)) * rng.uniform(0.1, 3, units)).astype(np.float32)
+    acts[:, [7, 250]] = 0.5  # two of theirs
+    both = np.concatenate([acts, -acts], axis=1)
+    temperatures = (scheme.ALIGN_TEMPERATURE, scheme.SHARP_TEMPERATURE)
+    want = []
+    for t in temperatures:
+        monkeypatch.setattr(scheme, "ALIGN_TEMPERATURE", t)
+        want.append(scheme.projections(both[: len(ty)], both[len(ty):], arrays))
+    monkeypatch.setattr(scheme, "UNIT_BLOCK", 64)
+    got = scheme.every_unit_projections([acts[:, :100], acts[:, 100:]], len(ty), arrays, temperatures)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+    off = scheme.every_unit_projections([np.zeros_like(acts)], len(ty), arrays)  # nothing to line up
+    assert len(off) == 1 and (off[0] == 0).all()
