@@ -111,14 +111,28 @@ def test_processes_that_load_different_data_fail_with_one_line(tmp_path, factory
 @pytest.mark.parametrize("data", ["digits", "dying_model:ranked_data"], ids=["success", "failure"])
 def test_a_run_leaves_nothing_in_the_temporary_folder(tmp_path, data):
     """Every --nproc run, whatever its end, left an empty torchelastic_* folder there (the
-    launcher's log folder); torch's per-user inductor cache is torch's own."""
-    scratch = tmp_path / "tmp"
+    launcher's log folder); torch's per-user inductor cache is torch's own. Run from a folder
+    that holds a click.py (a folder of downloaded files): python -m had put it first on the
+    path of the launcher and of every process, and it ran in place of click."""
+    scratch, here = tmp_path / "tmp", tmp_path / "downloads"
     scratch.mkdir()
+    here.mkdir()
+    (here / "click.py").write_text("open('RAN', 'w').close()\nraise SystemExit(7)\n")
     proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", data, "--epochs", 1,
                     "--out", tmp_path / "m.safetensors", "--device", "cpu", env={**ENV, "TMPDIR": str(scratch)},
-                    timeout=600)
+                    timeout=600, cwd=here)
     assert proc.returncode == (0 if data == "digits" else 2), proc.stderr
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+    assert sorted(p.name for p in here.iterdir()) == ["click.py"]
+
+
+def test_python_m_does_not_run_a_module_of_the_current_folder(tmp_path):
+    """`torchrun ... -m deepsigns_cli` (the README's multi-machine command) starts python -m."""
+    (tmp_path / "click.py").write_text("open('RAN', 'w').close()\nraise SystemExit(7)\n")
+    proc = subprocess.run([sys.executable, "-m", "deepsigns_cli", "--version"], cwd=tmp_path, env=process_env(ENV),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["click.py"]
 
 
 def test_nproc_at_a_terminal_without_a_passphrase_says_it_cannot_ask(tmp_path):
@@ -226,3 +240,15 @@ def test_a_signal_ends_a_rendezvous_that_never_completes(tmp_path):
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGTERM
     assert not out.exists() and partial_files(tmp_path) == []
+
+
+def test_a_command_that_runs_in_one_process_is_refused_under_torchrun(tmp_path):
+    """`torchrun ... -m deepsigns_cli extract` ran extract in every process: its report printed
+    once per process (two JSON objects on stdout with --json), keygen's warnings twice."""
+    torchrun = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    sample = TESTS.parent / "sample_models" / "digits-mlp.safetensors"
+    proc = run_proc("keygen", "--model", sample, "--data", "digits", "--out", tmp_path / "k.dskey", "--json",
+                    env={**ENV, **torchrun}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "'keygen' runs in one process", "without torchrun")
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []

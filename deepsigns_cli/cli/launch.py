@@ -73,7 +73,9 @@ def relaunch(nproc: int, device: str, *, asks: bool = False) -> None:
     # (no --log-dir: the launcher made an empty torchelastic_* folder in the temporary folder, every run)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--log-dir={os.devnull}", "-m", "deepsigns_cli", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # (PYTHONSAFEPATH: python -m puts the current folder first on sys.path, in the launcher and in
+    # every process it starts, where a click.py or numpy.py there would run in place of the library)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1"}
     proc = _run_to_the_end(command, env)
     if proc.returncode == 0:
         relay_report(proc.stdout)

@@ -27,6 +27,8 @@ COMMANDS = {
 }
 
 
+PARALLEL = ("train", "embed")  # the commands that run data-parallel under torchrun
+
 _STOPPING = threading.Event()  # set once SIGTERM (or SIGHUP) came
 
 
@@ -51,6 +53,22 @@ class LazyGroup(OnceGroup):
         if name not in COMMANDS:
             return None
         return importlib.import_module(f"deepsigns_cli.cli.{name}_cmd").command
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if name not in PARALLEL:  # (under torchrun, each process would run it: N reports, N files)
+            from ..errors import InputError
+            from ..fileio import run_place
+
+            try:
+                world = run_place()[1]
+            except InputError:  # (settings that are wrong: the command says so)
+                world = 1
+            if world > 1:
+                raise click.UsageError(f"'{name}' runs in one process, and this is one of the {world} processes "
+                                       f"of a torchrun run: only {' and '.join(PARALLEL)} run in several; run "
+                                       f"'deepsigns {name}' without torchrun")
+        return name, command, rest
 
     def format_commands(self, ctx, formatter):  # short help without importing every module
         with formatter.section("Commands"):
