@@ -32,6 +32,7 @@ import glob
 import os
 import signal
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -259,6 +260,22 @@ def not_final() -> Iterator[None]:
     finally:
         if late is not None:
             late.suspended -= 1
+
+
+def stop_with_parent(parent: int) -> None:
+    """Ask for SIGTERM when this process's parent (`parent`, its pid) dies, however it dies
+    (SIGKILL included): a process of a run outlives the process that started it otherwise
+    (Linux's PR_SET_PDEATHSIG; elsewhere nothing is asked)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # (gone before prctl)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def is_main_process() -> bool:

@@ -207,12 +207,17 @@ def distributed(device: str = "auto"):
     another process ends this one with one line, and nothing is written."""
     import torch.distributed as dist
 
-    from .fileio import STOP_SIGNALS, run_place
+    from .fileio import STOP_SIGNALS, run_place, stop_with_parent
 
     world = run_place()[1]
     if world == 1 or _grouped():
         yield
         return
+    # (torchrun's agent killed, its processes had trained on, and the first wrote its outputs
+    # after the command that started them had said "nothing was written")
+    parent = os.getppid()
+    stop_with_parent(parent)
+    _kill_when_orphaned(parent)
     use_cuda = resolve_device(device).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
@@ -241,6 +246,23 @@ def distributed(device: str = "auto"):
                             f"({one_line(exc, 120)}); nothing was written") from None
     finally:
         dist.destroy_process_group()
+
+
+_ORPHAN_GRACE_SECONDS = 30  # what torchrun's agent gives its processes between SIGTERM and SIGKILL
+
+
+def _kill_when_orphaned(parent: int) -> None:
+    """A thread that kills this process when the grace is over after its parent (torchrun's
+    agent) is gone: SIGTERM came then (`stop_with_parent`), but a process that waits in a
+    collective for peers that are gone cannot act on it (a Python handler runs between C++ calls),
+    and one had waited on its own, unseen."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        time.sleep(_ORPHAN_GRACE_SECONDS)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="deepsigns-orphan-watch", daemon=True).start()
 
 
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -48,3 +48,23 @@ def sharded_data():
     x, y = torch.rand(600, 16, generator=g), torch.randint(0, 10, (600,), generator=g)
     rank = int(os.environ.get("RANK", "0"))
     return TensorDataset(x[rank:480:2], y[rank:480:2]), TensorDataset(x[480:], y[480:])
+
+
+def fails_at_exit():
+    """A --data factory whose process of RANK 1 fails as it exits, once the run is over (its
+    atexit waits for the first to write, then ends the process with exit 5)."""
+    import atexit
+    import time
+
+    if os.environ.get("RANK") == "1":
+        atexit.register(lambda: (time.sleep(3), os._exit(5)))
+    return _same_data()
+
+
+def _same_data():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(300, 16, generator=g), torch.arange(300) % 10
+    return TensorDataset(x[:240], y[:240]), TensorDataset(x[240:], y[240:])

@@ -5,6 +5,7 @@ run with one line and nothing written."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -92,6 +93,19 @@ def test_a_process_that_dies_fails_the_run_and_nothing_is_written(tmp_path):
     assert keys.read_bytes() == sealed and partial_files(tmp_path) == []
 
 
+def test_a_process_that_fails_after_the_outputs_were_written_says_so(tmp_path):
+    """The launcher said "nothing was written" of a run whose first process had written its
+    outputs before another failed as it exited."""
+    out = tmp_path / "m.safetensors"
+    proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", "dying_model:fails_at_exit", "--epochs", 1,
+                    "--out", out, "--device", "cpu", env=ENV, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    line = assert_one_error_line(proc.stderr, proc.stdout, "after the first had written", "m.safetensors",
+                                 "each complete")
+    assert "nothing was written" not in line
+    assert api.inspect(out).kind == "checkpoint"
+
+
 @pytest.mark.parametrize(("factory", "needle"), [
     ("ranked_data", "process 1: 240 samples of shape [16], labels up to 14"),
     ("sharded_data", "the same counts and shapes, but other labels in process 1 than in process 0")])
@@ -155,12 +169,14 @@ def test_nproc_at_a_terminal_without_a_passphrase_says_it_cannot_ask(tmp_path):
                           "DEEPSIGNS_PASSPHRASE", "--passphrase-file")
 
 
-@pytest.mark.parametrize("how", ["SIGTERM twice", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGTERM twice", "SIGKILL", "SIGKILL to torchrun's agent"])
 def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(tmp_path, how):
     """`kill PID` (a service manager's stop) reaches the command, not its processes: it killed
     the launcher outright, said "no output was written", and the orphaned processes trained on
     and a minute later wrote the model and rewrote the bundle. A second SIGTERM ended the
-    command's wait for them; SIGKILL left them running, and they wrote after it was gone."""
+    command's wait for them; SIGKILL left them running, and they wrote after it was gone. The
+    agent between the command and its processes (torch.distributed.run) killed alone left them
+    training too, and the first wrote after the command had said "nothing was written"."""
     base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
     api.train("mlp", base, epochs=3, seed=0, device="cpu")
     api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], seed=0)
@@ -171,6 +187,11 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
     time.sleep(12)  # (the processes have started and are training: 500 epochs take minutes)
     if how == "SIGKILL":
         proc.kill()
+    elif how.endswith("agent"):
+        agent = subprocess.run(["pgrep", "-f", f"torch.distributed.run.*{marked}"], capture_output=True,
+                               text=True).stdout.split()
+        assert len(agent) == 1, agent
+        os.kill(int(agent[0]), signal.SIGKILL)
     else:
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -182,6 +203,11 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
         while subprocess.run(["pgrep", "-f", str(marked)], capture_output=True).returncode == 0:
             assert time.monotonic() < deadline, "the run's processes outlived the command"
             time.sleep(0.5)
+    elif how.endswith("agent"):  # (its processes go with it: the command waits for them, then says so)
+        assert proc.returncode == 2, err
+        assert_one_error_line(err, out, "failed (exit -9); nothing was written")
+        left = subprocess.run(["pgrep", "-f", str(marked)], capture_output=True, text=True).stdout.split()
+        assert left == [], "the run's processes outlived the command"
     else:
         assert proc.returncode == 128 + signal.SIGTERM, err
         assert_one_error_line(err, out, "interrupted: no output was written")

@@ -76,7 +76,7 @@ def relaunch(nproc: int, device: str, *, asks: bool = False) -> None:
     # (PYTHONSAFEPATH: python -m puts the current folder first on sys.path, in the launcher and in
     # every process it starts, where a click.py or numpy.py there would run in place of the library)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1"}
-    proc = _run_to_the_end(command, env)
+    proc, written = _run_to_the_end(command, env)
     if proc.returncode == 0:
         relay_report(proc.stdout)
         sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines()
@@ -90,16 +90,24 @@ def relaunch(nproc: int, device: str, *, asks: bool = False) -> None:
     errors.sort(key=lambda line: "another process of this run failed" in line)
     first = errors[0] if errors else \
         f"a process of the {nproc}-process run failed (exit {proc.returncode}); nothing was written"
+    if written:  # (a process that failed after the first had written: at its exit, say)
+        from ..errors import shown
+
+        cause = errors[0] if errors else f"exit {proc.returncode}, no error line"
+        first = (f"a process of the {nproc}-process run failed after the first had written "
+                 f"{', '.join(map(shown, written))}, each complete ({cause.split('; nothing was written')[0]}): "
+                 "check the run's processes before using them")
     click.echo(f"error: {first}", err=True)
     sys.exit(EXIT_INTERNAL if first.startswith("internal error") else EXIT_BAD_INPUT)
 
 
-def _run_to_the_end(command: list[str], env: dict) -> subprocess.CompletedProcess:
+def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, tuple[str, ...]]:
     """Run torch.distributed.run to its end. Interrupted (Ctrl-C, or SIGTERM to this process
     alone, as `kill` or a service manager sends it), it is asked to stop its processes (SIGTERM,
     which it passes on to them) and waited for: killed at once, as subprocess.run kills it, it
     left them training, and the first wrote its outputs later. The interruption then names the
-    outputs the run had written by then (they are complete: each is renamed into place whole)."""
+    outputs the run had written by then (they are complete: each is renamed into place whole).
+    Returns (the run, the outputs it wrote)."""
     from ..api import held_signals, outputs_written
 
     before = _outputs(command)
@@ -121,25 +129,18 @@ def _run_to_the_end(command: list[str], env: dict) -> subprocess.CompletedProces
         if written and isinstance(exc, KeyboardInterrupt):
             raise Interrupted(getattr(exc, "signum", signal.SIGINT), written) from None
         raise
-    return subprocess.CompletedProcess(command, launcher.returncode, out, err)
+    written = tuple(path for path, seen in before.items() if _identity(path) != seen)
+    return subprocess.CompletedProcess(command, launcher.returncode, out, err), written
 
 
 def _stop_with_parent(parent: int):
     """preexec_fn: the launcher gets SIGTERM when this process dies, however it dies (SIGKILL
     included), and stops its processes as on Ctrl-C: killed alone, this process had left them
-    training, and the first wrote its outputs after the command had ended (Linux; elsewhere
-    nothing is asked)."""
-    def ask() -> None:
-        if sys.platform.startswith("linux"):
-            import ctypes
+    training, and the first wrote its outputs after the command had ended (its processes ask the
+    same of the launcher: `training.distributed`)."""
+    from ..fileio import stop_with_parent
 
-            try:
-                ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-            except (OSError, AttributeError):
-                pass
-            if os.getppid() != parent:  # (gone before prctl)
-                os.kill(os.getpid(), signal.SIGTERM)
-    return ask
+    return lambda: stop_with_parent(parent)
 
 
 def _outputs(command: list[str]) -> dict[str, tuple[int, int] | None]:
