@@ -11,10 +11,10 @@ import threading
 import time
 
 import pytest
-from helpers import PASSPHRASE, assert_one_error_line, deepsigns_argv, process_env
+from helpers import PASSPHRASE, assert_bad_input, assert_one_error_line, deepsigns_argv, process_env, run_cli
 
 from deepsigns_cli import api
-from deepsigns_cli.bundle import open_bundle
+from deepsigns_cli.bundle import open_bundle, write_bundle
 from deepsigns_cli.cli import common
 from deepsigns_cli.errors import InputError
 
@@ -107,3 +107,36 @@ def test_a_folder_or_a_device_is_still_refused(path, tmp_path):
     path = tmp_path if path == "a folder" else path
     with pytest.raises(InputError, match="not a regular file nor a pipe"):
         common.get_passphrase(str(path))
+
+
+# ----------------------------------------------------------------------------- the variable's line ending
+
+
+def test_the_variables_line_ending_is_no_part_of_the_passphrase_as_a_files_is_not(marked, tmp_path):
+    """DEEPSIGNS_PASSPHRASE=$'pw\\n' was used as is, a file's pw\\n without its ending: a bundle
+    sealed with one could not be opened with the other."""
+    pw = tmp_path / "pw.txt"
+    pw.write_text(PASSPHRASE + "\n")
+    with_ending = {"DEEPSIGNS_PASSPHRASE": PASSPHRASE + "\r\n"}
+    run_cli("extract", "--model", marked.marked, "--keys", marked.keys, env=with_ending)  # sealed under a file's
+    keys = tmp_path / "k.dskey"
+    run_cli("keygen", "--model", marked.base, "--scheme", "hidden", "--out", keys, env=with_ending)
+    assert list(open_bundle(keys, PASSPHRASE).schemes) == ["hidden"]
+    run_cli("extract", "--model", marked.marked, "--keys", keys, "--passphrase-file", pw, env=NO_VARIABLE, code=1)
+
+
+def test_a_bundle_sealed_with_the_variables_line_ending_still_opens(marked, tmp_path):
+    """Sealed before the ending was dropped, with the variable as given: opened with it when the
+    passphrase alone fails, and sealed again by embed without it."""
+    keys = tmp_path / "k.dskey"
+    write_bundle(open_bundle(marked.keys, PASSPHRASE), keys, PASSPHRASE + "\n")
+    run_cli("extract", "--model", marked.marked, "--keys", keys, env={"DEEPSIGNS_PASSPHRASE": PASSPHRASE + "\n"})
+    assert_bad_input(run_cli("extract", "--model", marked.marked, "--keys", keys, code=None), "wrong passphrase")
+    run_cli("embed", "--model", marked.marked, "--keys", keys, "--out", tmp_path / "again.safetensors",
+            "--epochs", 1, "--device", "cpu", env={"DEEPSIGNS_PASSPHRASE": PASSPHRASE + "\n"})
+    assert open_bundle(keys, PASSPHRASE).schemes
+
+
+def test_a_variable_of_a_line_ending_alone_is_refused(marked):
+    assert_bad_input(run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=None,
+                             env={"DEEPSIGNS_PASSPHRASE": "\n"}), "DEEPSIGNS_PASSPHRASE", "line ending")

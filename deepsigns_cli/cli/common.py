@@ -329,7 +329,8 @@ def asks_passphrase(passphrase_file: str | None) -> bool:
 
 def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option: str = "--passphrase-file") -> str:
     """From the file (a regular file or a pipe, read once per command), else the variable, else
-    a prompt at the terminal. A file's trailing line ending is not part of the passphrase."""
+    a prompt at the terminal. The trailing line ending of a file or of the variable is no part of
+    the passphrase (`bundle.AsGiven` opens a bundle sealed with the variable's)."""
     if passphrase_file == "":  # (an unset variable: not "no file", which would fall back on the environment)
         raise InputError(f"{option} is empty: name the file that holds the passphrase")
     if passphrase_file:
@@ -343,7 +344,14 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option
         except UnicodeEncodeError:
             raise InputError(f"{PASSPHRASE_ENV} is not UTF-8 text: set it to the passphrase as text, or pass "
                              "--passphrase-file") from None
-        return env
+        text = env.rstrip("\r\n")  # (as a file's: $'pw\n' in the variable and pw\n in a file are one passphrase)
+        if not text:
+            raise InputError(f"{PASSPHRASE_ENV} holds only a line ending: set it to the passphrase")
+        if text == env:
+            return text
+        from ..bundle import AsGiven
+
+        return AsGiven(text, env)
     if asks_passphrase(None):
         return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
     raise InputError(f"no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
