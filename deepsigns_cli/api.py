@@ -667,9 +667,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     owner's keys read in the result (extract: every scheme; verify: the black-box schemes from
     the ONNX answers, a checkpoint exported first). `keep`: a folder for the attacked models
     (else they are removed); `plot`: a PNG of accuracy and evidence against strength."""
-    import tempfile
-
-    from .fileio import check_output, not_final
+    from .fileio import check_output, not_final, scratch_folder
     from .results import SweepReport
 
     entry = attack_entry(name)
@@ -732,7 +730,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                 raise InputError(f"--out {shown(keep)} cannot be the folder --sweep keeps the attacked models "
                                  f"in ({one_line(exc)}): give a folder path") from None
             made.extend(reversed(missing))
-        with tempfile.TemporaryDirectory(prefix="deepsigns-sweep-") as scratch, not_final():
+        with scratch_folder("deepsigns-sweep-") as scratch, not_final():
             folder = Path(keep) if keep is not None else Path(scratch)
             read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,
                                      scratch=scratch, arch=arch, arch_kwargs=arch_kwargs)
@@ -790,7 +788,7 @@ def _victim_accuracy(model, data: str, arch, arch_kwargs, timeout: float | None,
 
 
 def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: _Reader,
-               verify_reader: _Reader | None, scratch: str, arch, arch_kwargs, kept: bool = False,
+               verify_reader: _Reader | None, scratch: Path, arch, arch_kwargs, kept: bool = False,
                results: dict | None = None) -> SweepRow:
     """Read the owner's keys in one attacked model: extract as it is, verify from ONNX.
     `results`: what the attack reported of its own at this strength."""

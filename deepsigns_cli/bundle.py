@@ -28,7 +28,7 @@ from .errors import BundleError, one_line, shown
 from .fileio import require_file, sha256_file
 from .results import SchemeKeys
 
-__all__ = ["Bundle", "open_bundle", "read_header", "write_bundle", "commitment", "BUNDLE_VERSION"]
+__all__ = ["Bundle", "AsGiven", "open_bundle", "read_header", "write_bundle", "commitment", "BUNDLE_VERSION"]
 
 MAGIC = b"DSKEY\x00\x01\n"
 BUNDLE_VERSION = 1
@@ -337,18 +337,35 @@ def unlock(path: str | Path, passphrase: str) -> Callable[[], Bundle]:
     return wait
 
 
+class AsGiven(str):
+    """A passphrase given with a line ending that is no part of it (DEEPSIGNS_PASSPHRASE=$'pw\\n'
+    is pw, as a file's line ending is), which also remembers it as given: bundles sealed before
+    the ending was dropped were sealed with it, and are opened with it when the passphrase alone
+    fails (sealed again, as embed does, they are sealed with the passphrase alone)."""
+
+    given: str
+
+    def __new__(cls, text: str, given: str) -> AsGiven:
+        self = super().__new__(cls, text)
+        self.given = given
+        return self
+
+
 def _open(path: Path, prefix: bytes, header: dict, body: bytes, passphrase: str) -> Bundle:
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    try:
-        key = _derive(passphrase, header["kdf"])
-        plain = AESGCM(key).decrypt(body[:_NONCE], body[_NONCE:], prefix)
-    except InvalidTag:
-        raise BundleError(f"cannot open {shown(path)}: wrong passphrase or tampered bundle; {_FIX}") from None
-    except (KeyError, TypeError, ValueError, OverflowError):
-        raise BundleError(f"cannot open {shown(path)}: its KDF parameters are damaged; {_FIX}") from None
-    return _from_plaintext(plain, header)
+    tries = [passphrase, passphrase.given] if isinstance(passphrase, AsGiven) else [passphrase]
+    for secret in tries:
+        try:
+            key = _derive(secret, header["kdf"])
+            plain = AESGCM(key).decrypt(body[:_NONCE], body[_NONCE:], prefix)
+        except InvalidTag:
+            continue
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise BundleError(f"cannot open {shown(path)}: its KDF parameters are damaged; {_FIX}") from None
+        return _from_plaintext(plain, header)
+    raise BundleError(f"cannot open {shown(path)}: wrong passphrase or tampered bundle; {_FIX}")
 
 
 BUNDLE_MODE = 0o600  # sealed, but still the owner's only

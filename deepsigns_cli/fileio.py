@@ -17,11 +17,12 @@ Failure modes, stated:
   a new output's name that another command took meanwhile fails the commit before the first;
 - a file updated in place (the key bundle) is locked from the moment it is added until the
   commit, so that two commands cannot both read it and lose one update;
-- SIGKILL (or the kernel's out-of-memory killer) leaves a `.NAME.*.part` file behind, and a
+- SIGKILL (or the kernel's out-of-memory killer) leaves a `.NAME.*.part` file behind, a
   process of a torchrun run other than the first its private scratch files in the temporary
-  folder, nothing else. Each temporary file is locked (flock) by the process that made it for
-  as long as it lives, so the next command that writes the same output, or makes a scratch
-  file, removes the ones no process holds (`_sweep`).
+  folder, and an attack sweep or a quantize attack its scratch folder there (model copies),
+  nothing else. Each temporary file and scratch folder is locked (flock) by the process that
+  made it for as long as it lives, so the next command that writes the same output, or makes a
+  scratch file or folder, removes the ones no process holds (`_sweep`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 from .errors import DeepSignsError, InputError, Interrupted, OutputExistsError, one_line, shown
 
 __all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "held_after_commit",
-           "outputs_written", "not_final", "sha256_file", "is_main_process", "run_place"]
+           "outputs_written", "not_final", "scratch_folder", "sha256_file", "is_main_process", "run_place"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -323,7 +324,9 @@ _MACHINE = [(errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quot
 
 #: the temporary folder's scratch files of deepsigns commands (`Outputs.scratch`)
 _SCRATCH = "deepsigns-scratch-"
-_RANDOM = "?" * 8  # (the random part of a name tempfile.mkstemp makes)
+#: and its scratch folders (`scratch_folder`): an attack sweep's models, the quantize attack's ONNX files
+SCRATCH_FOLDERS = ("deepsigns-sweep-", "deepsigns-quantize-")
+_RANDOM = "?" * 8  # (the random part of a name tempfile.mkstemp or mkdtemp makes)
 _STALE_SECONDS = 60  # a temporary file younger than this is never swept (it may be about to be locked)
 
 
@@ -339,10 +342,12 @@ def _held_temp(held: list[int], prefix: str, suffix: str, folder: Path | None = 
     return Path(tmp)
 
 
-def _sweep(folder: Path, pattern: str) -> None:
+def _sweep(folder: Path, pattern: str, *, folders: bool = False) -> None:
     """Remove the files named by `pattern` in `folder` that commands killed outright left: this
-    user's, regular, over a minute old, and locked by no process."""
+    user's, regular, over a minute old, and locked by no process. `folders`: the folders so
+    named instead (`scratch_folder`), with what they hold."""
     import fcntl
+    import shutil
 
     try:
         found = list(folder.glob(pattern))
@@ -350,20 +355,51 @@ def _sweep(folder: Path, pattern: str) -> None:
         return
     for path in found:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_DIRECTORY if folders else 0))
         except OSError:
             continue
         try:
             info = os.fstat(fd)
-            if (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+            if ((stat.S_ISDIR if folders else stat.S_ISREG)(info.st_mode) and info.st_uid == os.getuid()
                     and time.time() - info.st_mtime > _STALE_SECONDS):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held: its command still runs)
                 if os.lstat(path).st_ino == info.st_ino:
-                    path.unlink()
+                    shutil.rmtree(path) if folders else path.unlink()
         except OSError:
             pass
         finally:
             os.close(fd)
+
+
+def _sweep_scratch(folder: Path) -> None:
+    """What commands killed outright left in the temporary folder: scratch files and folders."""
+    _sweep(folder, f"{_SCRATCH}{_RANDOM}*")
+    for prefix in SCRATCH_FOLDERS:
+        _sweep(folder, f"{prefix}{_RANDOM}", folders=True)
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str) -> Iterator[Path]:
+    """A private folder (0700) in the temporary folder, for the command's own use, removed with
+    what it holds when the block ends. It is locked (flock) while it lives: killed outright, the
+    command leaves it unlocked, and the next command that makes a scratch file or folder removes
+    it (`_sweep`); a live command's is never removed."""
+    import fcntl
+    import shutil
+
+    if prefix not in SCRATCH_FOLDERS:  # (only the names the sweep knows: any other would be left forever)
+        raise ValueError(f"a scratch folder's name starts with one of {SCRATCH_FOLDERS}, not {prefix!r}")
+    root = Path(tempfile.gettempdir())
+    _sweep_scratch(root)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):  # (a file system without locks: nothing is swept there)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # (removed before it is unlocked: never swept twice)
+        os.close(fd)
 
 
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}  # (a file system's refusal)
@@ -468,7 +504,7 @@ class Outputs:
     def scratch(self, suffix: str = "") -> Path:
         """A private temporary file for the command's own use, removed when it ends."""
         folder = Path(tempfile.gettempdir())
-        _sweep(folder, f"{_SCRATCH}{_RANDOM}*")
+        _sweep_scratch(folder)
         tmp = _held_temp(self._held, _SCRATCH, suffix, folder)
         self._scratch.append(tmp)
         return tmp

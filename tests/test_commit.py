@@ -28,6 +28,7 @@ from helpers import (
     partial_files,
     reaped,
     run_cli,
+    run_json,
     run_proc,
 )
 from test_errors import snapshot
@@ -438,6 +439,58 @@ def test_what_a_killed_command_left_is_removed_by_the_next_one_and_what_a_live_o
         live.kill()
         live.wait()
     assert partial_files(tmp_path) == [held[0].name] and os.listdir(scratch) == [held[1].name]
+
+
+_FOLDER_HOLDER = """
+import sys, time
+from deepsigns_cli import fileio
+with fileio.scratch_folder(sys.argv[1]) as folder:
+    (folder / "copy.onnx").write_bytes(b"a model's copy")
+    print(folder, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("command", [
+    ["attack", "quantize", "--out", "{tmp}/int8.onnx"],
+    ["attack", "prune", "--sweep", "rate=0.5", "--keys", "{keys}"]], ids=["quantize", "sweep"])
+def test_a_killed_commands_scratch_folder_is_removed_by_the_next_one_and_a_live_ones_is_not(tmp_path, monkeypatch,
+                                                                                           marked, command):
+    """An attack sweep (its models) and the quantize attack (its ONNX files) make a folder in the
+    temporary folder: killed outright, they left it there, never removed."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def holder(prefix: str) -> tuple[subprocess.Popen, Path]:
+        proc = subprocess.Popen([sys.executable, "-c", _FOLDER_HOLDER, prefix], env={**ENV, "TMPDIR": str(scratch)},
+                                stdout=subprocess.PIPE, text=True)
+        return proc, Path(proc.stdout.readline().strip())
+
+    left = []
+    for prefix in fileio.SCRATCH_FOLDERS:  # (whichever command left it)
+        killed, folder = holder(prefix)
+        killed.kill()
+        killed.wait()
+        killed.stdout.close()
+        left.append(folder)
+    live = [holder(prefix) for prefix in fileio.SCRATCH_FOLDERS]
+    held = [folder for _, folder in live]
+    try:
+        with fileio.scratch_folder(fileio.SCRATCH_FOLDERS[0]):  # (one less than a minute old may be about to be
+            pass                                                 # locked)
+        assert all((p / "copy.onnx").exists() for p in left + held)
+        for path in left + held:
+            os.utime(path, (time.time() - 120,) * 2)
+        args = [str(a).format(tmp=tmp_path, keys=marked.keys) for a in command]
+        run_json(*args, "--model", marked.marked)
+        assert not any(p.exists() for p in left) and all((p / "copy.onnx").exists() for p in held)
+    finally:
+        for proc, _ in live:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+    assert sorted(os.listdir(scratch)) == sorted(p.name for p in held)  # (the command's own: removed)
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05], ids=["while printing", "in teardown"])

@@ -169,6 +169,24 @@ def test_nproc_at_a_terminal_without_a_passphrase_says_it_cannot_ask(tmp_path):
                           "DEEPSIGNS_PASSPHRASE", "--passphrase-file")
 
 
+def test_nproc_hands_a_passphrase_from_a_pipe_to_its_processes(tmp_path):
+    """`--passphrase-file <(...)`: its processes inherit no /dev/fd/63 (they said 'not found'),
+    and a pipe is read once: the command reads it and hands it to them in their environment."""
+    import shlex
+
+    base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
+    api.train("mlp", base, epochs=1, seed=0, device="cpu")
+    api.keygen(base, keys, "from a pipe", schemes=["hidden"], options={"bits": 32}, seed=0)
+    deepsigns = " ".join(map(shlex.quote, deepsigns_argv()))
+    proc = subprocess.run(["bash", "-c", f"{deepsigns} embed --nproc 2 --model {base} --keys {keys} --out {marked} "
+                           "--device cpu --json --passphrase-file <(printf 'from a pipe\\n')"],
+                          env=process_env({**ENV, "DEEPSIGNS_PASSPHRASE": None}), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert list(json.loads(proc.stdout)["schemes"]) == ["hidden"]
+    assert api.extract(marked, keys, "from a pipe").detected
+
+
 @pytest.mark.parametrize("how", ["SIGTERM twice", "SIGKILL", "SIGKILL to torchrun's agent"])
 def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(tmp_path, how):
     """`kill PID` (a service manager's stop) reaches the command, not its processes: it killed

@@ -19,15 +19,14 @@ non-zero ones.
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import InputError
+from ..fileio import scratch_folder
 from .base import Attack
 
 __all__ = ["QuantizeAttack", "ATTACK", "round_to_levels"]
@@ -99,8 +98,8 @@ class QuantizeAttack(Attack):
 
         from ..checkpoint import export_onnx
 
-        with tempfile.TemporaryDirectory(prefix="deepsigns-quantize-") as folder:
-            plain, ready, quantized = (Path(folder) / n for n in ("plain.onnx", "pre.onnx", "int8.onnx"))
+        with scratch_folder("deepsigns-quantize-") as folder:  # (removed by the next command if this one is killed)
+            plain, ready, quantized = (folder / n for n in ("plain.onnx", "pre.onnx", "int8.onnx"))
             export_onnx(model, ctx.info, plain, check_inputs=ctx.data.x_test[:64])
             with _quiet_quantizer():
                 quant_pre_process(plain, ready)

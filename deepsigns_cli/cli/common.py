@@ -127,6 +127,7 @@ def handle_errors(fn):
             internal_error(exc)
         finally:
             State.report = _UNSET
+            forget_passphrases()
 
     return wrapper
 
@@ -310,6 +311,9 @@ def parse_arch_kwargs(text: str | None) -> dict | None:
 
 
 MAX_PASSPHRASE_BYTES = 1 << 16  # a passphrase file holds a line or a few, not gigabytes
+PIPE_WAIT_SECONDS = 10  # what a pipe (`<(pass show key)`) is given to write the passphrase and close
+
+_READ: dict[str, str] = {}  # the passphrase files the running command has read: a pipe can be read once
 
 
 def passphrase_from(passphrase_file: str | None, *, confirm: bool = False, option: str = "--passphrase-file"):
@@ -324,31 +328,15 @@ def asks_passphrase(passphrase_file: str | None) -> bool:
 
 
 def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option: str = "--passphrase-file") -> str:
+    """From the file (a regular file or a pipe, read once per command), else the variable, else
+    a prompt at the terminal. The trailing line ending of a file or of the variable is no part of
+    the passphrase (`bundle.AsGiven` opens a bundle sealed with the variable's)."""
     if passphrase_file == "":  # (an unset variable: not "no file", which would fall back on the environment)
         raise InputError(f"{option} is empty: name the file that holds the passphrase")
     if passphrase_file:
-        path = Path(passphrase_file)
-        try:
-            if not path.exists():
-                raise InputError(f"passphrase file not found: {shown(path)}: check {option}")
-            if not path.is_file():
-                raise InputError(f"passphrase file {shown(path)} is not a regular file (a folder, a device or a FIFO): "
-                                 f"check {option}")
-            with path.open("rb") as f:  # (at most a little more than any passphrase file holds)
-                data = f.read(MAX_PASSPHRASE_BYTES + 1)
-            if len(data) > MAX_PASSPHRASE_BYTES:
-                raise InputError(f"passphrase file {shown(path)} holds more than {MAX_PASSPHRASE_BYTES >> 10} KiB: "
-                                 f"it is not a passphrase file; check {option}")
-            text = data.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            raise InputError(f"passphrase file {shown(path)} is not UTF-8 text: write the passphrase "
-                             "into it as text") from None
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read passphrase file {shown(path)} ({one_line(exc)}): check "
-                             f"{option}") from None
-        if not text:
-            raise InputError(f"passphrase file {shown(path)} is empty: write the passphrase into it")
-        return text
+        if passphrase_file not in _READ:
+            _READ[passphrase_file] = _read_passphrase_file(Path(passphrase_file), option)
+        return _READ[passphrase_file]
     env = os.environ.get(PASSPHRASE_ENV)
     if env:
         try:  # (bytes that are not UTF-8 reach us as surrogates, which no key can be derived from)
@@ -356,10 +344,94 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option
         except UnicodeEncodeError:
             raise InputError(f"{PASSPHRASE_ENV} is not UTF-8 text: set it to the passphrase as text, or pass "
                              "--passphrase-file") from None
-        return env
+        text = env.rstrip("\r\n")  # (as a file's: $'pw\n' in the variable and pw\n in a file are one passphrase)
+        if not text:
+            raise InputError(f"{PASSPHRASE_ENV} holds only a line ending: set it to the passphrase")
+        if text == env:
+            return text
+        from ..bundle import AsGiven
+
+        return AsGiven(text, env)
     if asks_passphrase(None):
         return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
     raise InputError(f"no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
+
+
+def forget_passphrases() -> None:
+    """The command has ended: the passphrase files it read are read again by the next one."""
+    _READ.clear()
+
+
+def _read_passphrase_file(path: Path, option: str) -> str:
+    import stat
+
+    try:
+        try:
+            kind = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise InputError(f"passphrase file not found: {shown(path)}: check {option}") from None
+        if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind)):  # (opened, a device could block or never end)
+            raise InputError(f"passphrase file {shown(path)} is not a regular file nor a pipe (a folder, a device "
+                             f"or a socket): check {option}")
+        # never blocks: a FIFO that nothing writes to is waited for a bounded time (`_drain`)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                data = _drain(fd, path, option)
+            else:
+                with os.fdopen(os.dup(fd), "rb") as f:  # (at most a little more than any passphrase file holds)
+                    data = f.read(MAX_PASSPHRASE_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(data) > MAX_PASSPHRASE_BYTES:
+            raise InputError(f"passphrase file {shown(path)} holds more than {MAX_PASSPHRASE_BYTES >> 10} KiB: "
+                             f"it is not a passphrase file; check {option}")
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise InputError(f"passphrase file {shown(path)} is not UTF-8 text: write the passphrase "
+                         "into it as text") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read passphrase file {shown(path)} ({one_line(exc)}): check "
+                         f"{option}") from None
+    if not text:
+        raise InputError(f"passphrase file {shown(path)} is empty: write the passphrase into it")
+    return text
+
+
+def _drain(fd: int, path: Path, option: str) -> bytes:
+    """A pipe's bytes up to its end (every writer gone), waiting at most PIPE_WAIT_SECONDS in
+    all: a FIFO that nothing writes to, or a writer that never ends, is refused, never waited
+    for forever. (Before a writer opens the FIFO a read gives b"" as at the end: the end is the
+    one that follows some bytes.)"""
+    import select
+    import time
+
+    data = bytearray()
+    deadline = time.monotonic() + PIPE_WAIT_SECONDS
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    while len(data) <= MAX_PASSPHRASE_BYTES:
+        try:
+            chunk = os.read(fd, MAX_PASSPHRASE_BYTES + 1 - len(data))
+        except BlockingIOError:  # a writer is there, nothing more yet
+            chunk = None
+        if chunk:
+            data += chunk
+            continue
+        if chunk == b"" and data:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if data:
+                raise InputError(f"passphrase pipe {shown(path)} was not closed within {PIPE_WAIT_SECONDS} s: what "
+                                 f"writes the passphrase into it must end; check {option}")
+            raise InputError(f"no passphrase came through {shown(path)} within {PIPE_WAIT_SECONDS} s (a FIFO that "
+                             f"nothing writes to?): check {option}")
+        if chunk is None:  # (capped: a writer's end wakes no poll on Linux, when it was there before our open)
+            poll.poll(min(left, 0.1) * 1000)
+        else:  # (no writer yet, or one that ended without a byte: a poll would not wait)
+            time.sleep(min(left, 0.05))
+    return bytes(data)
 
 
 # ------------------------------------------------------------------ output

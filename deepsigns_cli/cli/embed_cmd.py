@@ -51,7 +51,7 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
     deepsigns embed --nproc 2 --model base.safetensors --data digits --keys owner.dskey --out marked.safetensors
     """
     if nproc is not None:
-        relaunch(nproc, device, asks=asks_passphrase(passphrase_file))
+        relaunch(nproc, device, asks=asks_passphrase(passphrase_file), passphrase_file=passphrase_file)
     with api.process_group(device), progress_bar() as progress:
         report = api.embed(model_path, keys_path, passphrase_from(passphrase_file), out,
                            data=data_spec, onnx=onnx_out, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -19,7 +19,7 @@ import sys
 import click
 
 from ..api import PRECISIONS
-from ..errors import InputError, Interrupted
+from ..errors import InputError, Interrupted, shown
 from .common import EXIT_BAD_INPUT, EXIT_INTERNAL, PASSPHRASE_ENV, relay_report
 
 __all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "relaunch"]
@@ -52,10 +52,14 @@ def is_main() -> bool:
     return api.is_main_process()
 
 
-def relaunch(nproc: int, device: str, *, asks: bool = False) -> None:
+def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: str | None = None) -> None:
     """Run this very command again in `nproc` processes under torch.distributed.run, without
     --nproc; exit as it exits, its failures reported as one line. `asks`: the command would
-    ask for the passphrase at the terminal (`asks_passphrase`), which its processes have not."""
+    ask for the passphrase at the terminal (`asks_passphrase`), which its processes have not.
+    `passphrase_file`: the command's --passphrase-file; one that its processes cannot read
+    themselves (a pipe, which is read once; a name of this process's own, as /dev/fd/N) is read
+    here and handed to them in their environment as DEEPSIGNS_PASSPHRASE (never on disk, nor on
+    a command line, which any user can see)."""
     if os.environ.get("WORLD_SIZE"):
         raise InputError("--nproc inside a torchrun process: give one or the other")
     if nproc < 1:
@@ -69,13 +73,16 @@ def relaunch(nproc: int, device: str, *, asks: bool = False) -> None:
     available, what = api.parallel_slots(device)
     if nproc > available:
         raise InputError(f"--nproc {nproc} is more than the {available} {what} here: use at most {available}")
-    argv = _without_nproc(sys.argv[1:])
-    # (no --log-dir: the launcher made an empty torchelastic_* folder in the temporary folder, every run)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               f"--log-dir={os.devnull}", "-m", "deepsigns_cli", *argv]
+    argv = _without(sys.argv[1:], "--nproc")
     # (PYTHONSAFEPATH: python -m puts the current folder first on sys.path, in the launcher and in
     # every process it starts, where a click.py or numpy.py there would run in place of the library)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1"}
+    if passphrase_file and not _theirs_too(passphrase_file):
+        env[PASSPHRASE_ENV] = _handed_over(passphrase_file)
+        argv = _without(argv, "--passphrase-file")
+    # (no --log-dir: the launcher made an empty torchelastic_* folder in the temporary folder, every run)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               f"--log-dir={os.devnull}", "-m", "deepsigns_cli", *argv]
     proc, written = _run_to_the_end(command, env)
     if proc.returncode == 0:
         relay_report(proc.stdout)
@@ -162,13 +169,37 @@ def _identity(path: str) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def _without_nproc(args: list[str]) -> list[str]:
+def _theirs_too(path: str) -> bool:
+    """Whether the run's processes can read the passphrase file themselves: a regular file by a
+    name that leads to it in every process (not /dev/stdin nor /dev/fd/N, whose descriptors they
+    do not inherit). A file that cannot be looked at is left to them, which say why."""
+    import stat
+
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return True
+    return regular and not os.path.abspath(path).startswith(("/dev/", "/proc/"))
+
+
+def _handed_over(path: str) -> str:
+    from .common import get_passphrase
+
+    secret = get_passphrase(path)
+    if "\x00" in secret:  # (an environment cannot hold it)
+        raise InputError(f"passphrase file {shown(path)} holds a NUL character, which --nproc cannot hand to its "
+                         "processes: run without --nproc, or take it out of the passphrase")
+    return secret
+
+
+def _without(args: list[str], option: str) -> list[str]:
+    """`args` without `option` and its value (`--option VALUE` or `--option=VALUE`)."""
     out, skip = [], False
     for arg in args:
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg == option:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not arg.startswith(f"{option}="):
             out.append(arg)
     return out

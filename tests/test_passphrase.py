@@ -1,0 +1,142 @@
+"""Where the passphrase comes from: a file, a pipe (`--passphrase-file <(pass show key)`, a
+FIFO), the variable. A pipe is read once per command, and one that nothing writes to is refused
+in bounded time, never waited for forever."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+import time
+
+import pytest
+from helpers import PASSPHRASE, assert_bad_input, assert_one_error_line, deepsigns_argv, process_env, run_cli
+
+from deepsigns_cli import api
+from deepsigns_cli.bundle import open_bundle, write_bundle
+from deepsigns_cli.cli import common
+from deepsigns_cli.errors import InputError
+
+NO_VARIABLE = {"DEEPSIGNS_PASSPHRASE": None}
+
+
+def bash(command: str, *, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`command` in bash, where `deepsigns` is the installed script: process substitution is bash's."""
+    deepsigns = " ".join(map(shlex.quote, deepsigns_argv()))
+    return subprocess.run(["bash", "-c", command.replace("deepsigns ", f"{deepsigns} ", 1)],
+                          env=process_env(NO_VARIABLE), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_passphrase_through_process_substitution_seals_and_opens(marked, tmp_path):
+    """`<(printf %s pw)` is a pipe at /dev/fd/N: it was refused as 'not a regular file'."""
+    keys = tmp_path / "k.dskey"
+    proc = bash(f"deepsigns keygen --model {marked.base} --scheme hidden --out {keys} "
+                "--passphrase-file <(printf %s 'from a pipe')")
+    assert proc.returncode == 0, proc.stderr
+    assert list(open_bundle(keys, "from a pipe").schemes) == ["hidden"]
+    proc = bash(f"deepsigns extract --model {marked.marked} --keys {marked.keys} "
+                f"--passphrase-file <(printf '%s\\n' {shlex.quote(PASSPHRASE)})")  # (its newline is no part of it)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_each_party_of_a_dispute_gives_its_passphrase_through_a_pipe(marked, tmp_path):
+    thief, thief_keys = tmp_path / "thief.safetensors", tmp_path / "thief.dskey"
+    api.keygen(marked.marked, thief_keys, "the thief's", schemes=["hidden"], seed=7)
+    api.embed(marked.marked, thief_keys, "the thief's", thief, epochs=3, seed=7, device="cpu")
+    owner = shlex.quote(PASSPHRASE)
+    proc = bash(f"deepsigns dispute --json --party {marked.keys} <(printf %s {owner}) {marked.marked} "
+                f"--party {thief_keys} <(printf %s \"the thief's\") {thief}")
+    assert proc.returncode in (0, 1) and proc.stdout.startswith("{"), proc.stderr
+
+
+def test_a_fifo_that_nothing_writes_to_is_refused_in_bounded_time(marked, tmp_path):
+    """Opened for reading, a FIFO with no writer blocks forever: the reason FIFOs had been
+    refused. Now it is waited for PIPE_WAIT_SECONDS, then refused with one line."""
+    fifo = tmp_path / "pw"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    proc = subprocess.run([*deepsigns_argv(), "extract", "--model", str(marked.marked), "--keys", str(marked.keys),
+                           "--passphrase-file", str(fifo)], env=process_env(NO_VARIABLE), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "no passphrase came through", "pw", "--passphrase-file")
+    assert common.PIPE_WAIT_SECONDS <= time.monotonic() - started < common.PIPE_WAIT_SECONDS + 60
+
+
+@pytest.fixture
+def short_wait(monkeypatch):
+    monkeypatch.setattr(common, "PIPE_WAIT_SECONDS", 1)
+
+
+def test_a_pipe_is_read_once_per_command(tmp_path, short_wait):
+    """A pipe gives its bytes once: a second reading in one command (two dispute parties with
+    one FIFO, a sweep's attacker passphrase at every strength) waited, then failed."""
+    fifo = tmp_path / "pw"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("once\r\n"))
+    writer.start()
+    try:
+        assert common.get_passphrase(str(fifo)) == "once"
+        assert common.get_passphrase(str(fifo)) == "once"
+    finally:
+        common.forget_passphrases()
+        writer.join(timeout=5)
+    with pytest.raises(InputError, match="no passphrase came through"):  # (the next command reads again)
+        common.get_passphrase(str(fifo))
+
+
+@pytest.mark.parametrize("writes, needle", [
+    ("printf pw; sleep 30", "was not closed within 1 s"),
+    ("yes", "more than 64 KiB")])
+def test_a_pipe_that_never_ends_is_refused(writes, needle, short_wait):
+    proc = subprocess.Popen(["bash", "-c", writes], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        with pytest.raises(InputError, match=needle):
+            common.get_passphrase(f"/dev/fd/{proc.stdout.fileno()}")
+    finally:
+        common.forget_passphrases()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("path", ["/dev/null", "/dev/zero", "a folder"])
+def test_a_folder_or_a_device_is_still_refused(path, tmp_path):
+    path = tmp_path if path == "a folder" else path
+    with pytest.raises(InputError, match="not a regular file nor a pipe"):
+        common.get_passphrase(str(path))
+
+
+# ----------------------------------------------------------------------------- the variable's line ending
+
+
+def test_the_variables_line_ending_is_no_part_of_the_passphrase_as_a_files_is_not(marked, tmp_path):
+    """DEEPSIGNS_PASSPHRASE=$'pw\\n' was used as is, a file's pw\\n without its ending: a bundle
+    sealed with one could not be opened with the other."""
+    pw = tmp_path / "pw.txt"
+    pw.write_text(PASSPHRASE + "\n")
+    with_ending = {"DEEPSIGNS_PASSPHRASE": PASSPHRASE + "\r\n"}
+    run_cli("extract", "--model", marked.marked, "--keys", marked.keys, env=with_ending)  # sealed under a file's
+    keys = tmp_path / "k.dskey"
+    run_cli("keygen", "--model", marked.base, "--scheme", "hidden", "--out", keys, env=with_ending)
+    assert list(open_bundle(keys, PASSPHRASE).schemes) == ["hidden"]
+    run_cli("extract", "--model", marked.marked, "--keys", keys, "--passphrase-file", pw, env=NO_VARIABLE, code=1)
+
+
+def test_a_bundle_sealed_with_the_variables_line_ending_still_opens(marked, tmp_path):
+    """Sealed before the ending was dropped, with the variable as given: opened with it when the
+    passphrase alone fails, and sealed again by embed without it."""
+    keys = tmp_path / "k.dskey"
+    write_bundle(open_bundle(marked.keys, PASSPHRASE), keys, PASSPHRASE + "\n")
+    run_cli("extract", "--model", marked.marked, "--keys", keys, env={"DEEPSIGNS_PASSPHRASE": PASSPHRASE + "\n"})
+    assert_bad_input(run_cli("extract", "--model", marked.marked, "--keys", keys, code=None), "wrong passphrase")
+    run_cli("embed", "--model", marked.marked, "--keys", keys, "--out", tmp_path / "again.safetensors",
+            "--epochs", 1, "--device", "cpu", env={"DEEPSIGNS_PASSPHRASE": PASSPHRASE + "\n"})
+    assert open_bundle(keys, PASSPHRASE).schemes
+
+
+def test_a_variable_of_a_line_ending_alone_is_refused(marked):
+    assert_bad_input(run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=None,
+                             env={"DEEPSIGNS_PASSPHRASE": "\n"}), "DEEPSIGNS_PASSPHRASE", "line ending")
