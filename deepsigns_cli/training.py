@@ -349,14 +349,15 @@ class _Rows(torch.utils.data.Dataset):
 
 def _epoch_batches(order: np.ndarray, cfg: TrainConfig, procs: Processes) -> list[np.ndarray]:
     """This process's batches of one epoch: the batches of one process, each split among the
-    processes (a global batch of cfg.batch_size; every process runs the same number of steps,
-    and a tail batch smaller than the processes is topped up from the epoch's start)."""
-    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    if procs.world_size == 1:
-        return batches
+    processes (a global batch of cfg.batch_size; every process runs the same number of steps).
+    A tail batch that would give a process a single row is topped up from the epoch's start to
+    two rows a process: a layer that normalises over the batch (BatchNorm) cannot train on one
+    (1,348 samples in batches of 449 left one; on two processes, a tail of 3 gave one of them 1)."""
     world = procs.world_size
-    return [(b if len(b) >= world else np.concatenate([b, order[: world - len(b)]]))[procs.rank :: world]
-            for b in batches]
+    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    least = 2 * world if cfg.batch_size >= 2 * world and len(order) >= 2 * world else world
+    batches = [b if len(b) >= least else np.concatenate([b, order[: least - len(b)]]) for b in batches]
+    return batches if world == 1 else [b[procs.rank :: world] for b in batches]
 
 
 def _sync_state_grads(states, procs: Processes) -> None:
@@ -500,6 +501,12 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
     except (RuntimeError, MemoryError, OSError, EOFError) as exc:  # what the machine did, not a bug of ours
         _stop_loader(batches_read)
         raise _machine_failure(exc, cfg) or exc from None
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" not in str(exc):
+            raise
+        raise TrainingError(f"the model normalises over the batch (BatchNorm), and a step had one sample per "
+                            f"channel to normalise (--batch-size {cfg.batch_size} on {procs.world_size} "
+                            f"process(es)): use a --batch-size of at least {2 * procs.world_size}") from None
     finally:
         for obj in objectives:
             obj.teardown()

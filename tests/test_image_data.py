@@ -19,6 +19,7 @@ from helpers import assert_bad_input, assert_one_error_line, partial_files, run_
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import TensorDataset
 
+from deepsigns_cli import api
 from deepsigns_cli.checkpoint import recorded_preprocess
 from deepsigns_cli.data import STAT_ROWS, DataSpec, Samples, bounded_rows, load_data, take
 
@@ -515,3 +516,26 @@ def test_a_lost_connection_to_a_loader_process_is_its_death(lost):
     err = _machine_failure(lost, TrainConfig(workers=1))
     assert err is not None and "a data-loading process (--workers 1) ended" in str(err)
     assert _machine_failure(lost, TrainConfig(workers=0)) is None
+
+
+def bn_net(input_shape, num_classes):
+    """An --arch that normalises over the batch (BatchNorm1d)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, num_classes))
+
+
+def test_a_tail_batch_of_one_sample_trains_a_batchnorm_model(tmp_path):
+    """The 1,348 training digits in batches of 449 left a last batch of one sample, which a
+    BatchNorm layer cannot train on: an internal error (exit 3). It is topped up to two."""
+    report = api.train("test_image_data:bn_net", tmp_path / "m.safetensors", epochs=1, batch_size=449, device="cpu")
+    assert report.epochs == 1 and api.inspect(tmp_path / "m.safetensors").kind == "checkpoint"
+
+
+def test_batches_of_one_sample_for_a_batchnorm_model_are_one_line(tmp_path):
+    proc = run_proc("train", "--arch", "test_image_data:bn_net", "--data", "digits", "--batch-size", 1, "--epochs", 1,
+                    "--device", "cpu", "--out", tmp_path / "m.safetensors",
+                    env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "normalises over the batch", "--batch-size of at least 2")
+    assert list(tmp_path.iterdir()) == []
