@@ -589,9 +589,12 @@ def _parallel(net: nn.Module, device: torch.device, procs: Processes) -> nn.Modu
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Logits for x, in eval mode, on the model's device; returns numpy."""
+    from .zoo import eval_rows
+
     model.eval()
     device = next(model.parameters()).device
     outs = []
+    batch_size = eval_rows(x, batch_size)
     for i in range(0, len(x), batch_size):
         xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device)
         outs.append(model(xb).float().cpu().numpy())
@@ -600,9 +603,12 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarr
 
 def loss_gradient(model: nn.Module, x: np.ndarray, target: int, batch_size: int = 1024) -> np.ndarray:
     """d cross-entropy(model(x), target) / dx for every row, in eval mode; returns numpy."""
+    from .zoo import eval_rows
+
     model.eval()
     device = next(model.parameters()).device
     outs = []
+    batch_size = eval_rows(x, batch_size)
     for i in range(0, len(x), batch_size):
         xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device).requires_grad_(True)
         logits = model(xb)

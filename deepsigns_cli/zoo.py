@@ -414,12 +414,25 @@ def layer_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> i
     return int(store["act"].shape[1])
 
 
+EVAL_VALUES = 1 << 21  # input values a forward pass outside training takes at once (8 MiB of float32)
+
+
+def eval_rows(x, most: int = 1024) -> int:
+    """Samples of x a forward pass outside training takes at once: at most `most`, and at most
+    EVAL_VALUES input values (a model's activations grow with its input: 300 test images at
+    96 x 96 taken at once had cost the CNN 1.7 GiB, whatever --batch-size said)."""
+    shape = getattr(x, "shape", None)
+    values = math.prod(shape[1:]) if shape is not None and len(shape) > 1 else 1
+    return max(1, min(most, EVAL_VALUES // max(1, int(values))))
+
+
 @torch.no_grad()
 def activations(model: nn.Module, layer: str, x, batch_size: int = 1024) -> torch.Tensor:
     """The activation at `layer` for every sample of x (numpy or tensor), as a CPU (n, M) tensor."""
     model.eval()
     device = next(model.parameters()).device
     outs = []
+    batch_size = eval_rows(x, batch_size)
     with capture(model, layer) as store:
         for i in range(0, len(x), batch_size):
             model(torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device))
