@@ -427,6 +427,13 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
     steps_per_epoch = len(_epoch_batches(np.arange(len(y)), cfg, procs))
     total, done, epoch_seconds = cfg.epochs * steps_per_epoch, 0, []
     batches_read = None  # (the epoch's loader, as it is read)
+    if cfg.workers:
+        # multiprocessing's temporary folder (pymp-*), made now, so that the loader processes
+        # share it instead of making their own, which one stopped on an error left behind
+        # (only the process that made one removes it, as it exits)
+        import multiprocessing.util
+
+        multiprocessing.util.get_temp_dir()
     try:
         for epoch in range(cfg.epochs):
             runner.train()

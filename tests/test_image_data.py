@@ -271,13 +271,48 @@ def test_a_loader_process_that_dies_is_one_line_not_a_bug(tmp_path):
     """It had been an internal error of deepsigns (exit 3, torch's "DataLoader worker exited
     unexpectedly"). A real process: torch's SIGCHLD handler, left behind in a test process,
     raised the worker's death later inside an unrelated test (and in pytest itself)."""
+    scratch = tmp_path.parent / f"{tmp_path.name}-tmp"
+    scratch.mkdir()
     proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:dies_in_a_worker", "--workers", 1,
                     "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors",
-                    env={"PYTHONPATH": str(Path(__file__).parent)})
+                    env={"PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(scratch)})
     assert proc.returncode == 2, proc.stderr
     assert_one_error_line(proc.stderr, proc.stdout, "a data-loading process (--workers 1) ended",
                           "nothing was written", "fewer --workers")
     assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+class _FailsAt(TorchDataset):
+    """Digits that fail at item 200, with their labels as `targets` (read without the items)."""
+
+    def __init__(self):
+        self.x, self.y = _digits_split(300)
+        self.targets = self.y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i == 200:
+            raise KeyError(i)
+        return self.x[i], self.y[i]
+
+
+def fails_at_item_200():
+    return _FailsAt(), TensorDataset(*_digits_split(80, offset=300))
+
+
+def test_a_dataset_that_fails_in_loader_processes_leaves_no_temporary_folder(tmp_path):
+    """Each of the loader processes, stopped on the error, left a pymp-* folder behind."""
+    scratch = tmp_path.parent / f"{tmp_path.name}-tmp"
+    scratch.mkdir()
+    proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:fails_at_item_200", "--workers", 2,
+                    "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors",
+                    env={"PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(scratch)})
+    assert proc.returncode == 2, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 class _Chatty(TensorDataset):
