@@ -657,9 +657,11 @@ def _image_folder(root: Path, image_size: int | None, preprocess: dict | None) -
 
 def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[int, int]]:
     """Every file's header read and verified (the first failure names the file); the first
-    training image's (mode, size)."""
+    training image's (mode, size), its mode "RGB" when it is grayscale and another training
+    image is not (one grayscale image that sorted first had made a colour set train on one
+    channel)."""
     image = _pil()
-    first = None
+    first, colour = None, False
     for split in ("train", "test"):
         for name in names[split]:
             path = os.path.join(root, name)
@@ -668,10 +670,11 @@ def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[i
                     _check_pixels(im, path)
                     if first is None:
                         first = (im.mode, im.size)
+                    colour = colour or (split == "train" and im.mode not in _GRAYSCALE_MODES)
                     im.verify()
             except _image_errors(image) as exc:
                 raise _unreadable(path, exc) from None
-    return first
+    return ("RGB", first[1]) if colour else first
 
 
 def _fresh_preprocess(root: Path, train: list[str], first: tuple[str, tuple[int, int]],

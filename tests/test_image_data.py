@@ -89,6 +89,20 @@ def test_folder_loads_lazily_with_its_preprocessing(folder):
     assert load_data(DataSpec(str(folder), image_size=8)).x_train.shape == (N_TRAIN, 3, 8, 8)
 
 
+def test_one_grayscale_image_first_does_not_make_a_colour_set_grayscale(folder, tmp_path):
+    """The first training image alone had decided the channels: a grayscale one that sorted
+    first made the whole colour set train on one channel, unsaid. A set all grayscale is."""
+    from PIL import Image
+
+    imgs = _copy(folder, tmp_path)
+    first = sorted((imgs / "train" / "0").iterdir())[0]
+    Image.open(first).convert("L").save(first)
+    assert load_data(str(imgs)).preprocess["channels"] == 3
+    for path in (imgs / "train").glob("*/*.png"):
+        Image.open(path).convert("L").save(path)
+    assert load_data(str(imgs)).x_train.shape == (N_TRAIN, 1, SIZE, SIZE)
+
+
 def test_samples_index_like_numpy_pickle_and_load_in_workers(folder):
     x = load_data(str(folder)).x_train
     whole = x[:]
