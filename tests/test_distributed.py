@@ -20,6 +20,8 @@ from deepsigns_cli import api
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"DEEPSIGNS_PASSPHRASE": PASSPHRASE, "PYTHONPATH": str(TESTS)}
+# what torchrun gives the first of two processes
+TORCHRUN = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
 
 def test_two_process_embed_marks_with_every_scheme(tmp_path):
@@ -289,10 +291,21 @@ def test_a_signal_ends_a_rendezvous_that_never_completes(tmp_path):
 def test_a_command_that_runs_in_one_process_is_refused_under_torchrun(tmp_path):
     """`torchrun ... -m deepsigns_cli extract` ran extract in every process: its report printed
     once per process (two JSON objects on stdout with --json), keygen's warnings twice."""
-    torchrun = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     sample = TESTS.parent / "sample_models" / "digits-mlp.safetensors"
     proc = run_proc("keygen", "--model", sample, "--data", "digits", "--out", tmp_path / "k.dskey", "--json",
-                    env={**ENV, **torchrun}, timeout=120)
+                    env={**ENV, **TORCHRUN}, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert_one_error_line(proc.stderr, proc.stdout, "'keygen' runs in one process", "without torchrun")
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_nproc_inside_torchrun_is_refused_and_a_world_of_one_is_not_torchrun(tmp_path):
+    """WORLD_SIZE=1 left over (which a plain command takes as no torchrun run) had refused --nproc."""
+    args = ["train", "--nproc", 2, "--arch", "mlp", "--epochs", 1, "--device", "cpu",
+            "--out", tmp_path / "m.safetensors"]
+    proc = run_proc(*args, env={**ENV, **TORCHRUN}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "--nproc inside a torchrun process")
+    proc = run_proc(*args, env={**ENV, "WORLD_SIZE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert api.inspect(tmp_path / "m.safetensors").kind == "checkpoint"

@@ -60,7 +60,9 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     themselves (a pipe, which is read once; a name of this process's own, as /dev/fd/N) is read
     here and handed to them in their environment as DEEPSIGNS_PASSPHRASE (never on disk, nor on
     a command line, which any user can see)."""
-    if os.environ.get("WORLD_SIZE"):
+    from ..fileio import run_place
+
+    if run_place()[1] > 1:  # (WORLD_SIZE=1 left over, as a plain command takes it, is no torchrun run)
         raise InputError("--nproc inside a torchrun process: give one or the other")
     if nproc < 1:
         raise InputError(f"--nproc must be at least 1, got {nproc}")
