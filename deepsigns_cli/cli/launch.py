@@ -100,8 +100,6 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     first = errors[0] if errors else \
         f"a process of the {nproc}-process run failed (exit {proc.returncode}); nothing was written"
     if written:  # (a process that failed after the first had written: at its exit, say)
-        from ..errors import shown
-
         cause = errors[0] if errors else f"exit {proc.returncode}, no error line"
         first = (f"a process of the {nproc}-process run failed after the first had written "
                  f"{', '.join(map(shown, written))}, each complete ({cause.split('; nothing was written')[0]}): "
