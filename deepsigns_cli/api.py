@@ -88,6 +88,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "PRECISIONS",
     "Passphrase",
+    "AsGiven",
     "data_spec",
     "load_dataset",
     "process_group",
@@ -96,10 +97,27 @@ __all__ = [
     "held_signals",
     "held_after_commit",
     "outputs_written",
+    "world_size",
+    "stop_with_parent",
 ]
 
 #: the passphrase, or a function that asks for it once the cheap checks have passed
 Passphrase = str | Callable[[], str]
+
+
+class AsGiven(str):
+    """A passphrase given with a line ending that is no part of it (DEEPSIGNS_PASSPHRASE=$'pw\\n'
+    is pw, as a file's line ending is), which also remembers it as given: bundles sealed before
+    the ending was dropped were sealed with it, and are opened with it when the passphrase alone
+    fails (sealed again, as embed does, they are sealed with the passphrase alone)."""
+
+    given: str
+
+    def __new__(cls, text: str, given: str) -> AsGiven:
+        self = super().__new__(cls, text)
+        self.given = given
+        return self
+
 
 def _check_int(name: str, value: int | None) -> int | None:
     if value is None:
@@ -1016,6 +1034,21 @@ def is_main_process() -> bool:
     from .fileio import is_main_process as main
 
     return main()
+
+
+def world_size() -> int:
+    """The processes of this run: WORLD_SIZE as torchrun sets it, 1 outside torchrun
+    (InputError for settings that are wrong: fileio.run_place)."""
+    from .fileio import run_place
+
+    return run_place()[1]
+
+
+def stop_with_parent(parent: int) -> None:
+    """SIGTERM to this process when its parent `parent` dies (fileio.stop_with_parent)."""
+    from .fileio import stop_with_parent as stop
+
+    stop(parent)
 
 
 def parallel_slots(device: str = "auto") -> tuple[int, str]:

@@ -28,7 +28,7 @@ from .errors import BundleError, one_line, shown
 from .fileio import require_file, sha256_file
 from .results import SchemeKeys
 
-__all__ = ["Bundle", "AsGiven", "open_bundle", "read_header", "write_bundle", "commitment", "BUNDLE_VERSION"]
+__all__ = ["Bundle", "open_bundle", "read_header", "write_bundle", "commitment", "BUNDLE_VERSION"]
 
 MAGIC = b"DSKEY\x00\x01\n"
 BUNDLE_VERSION = 1
@@ -337,25 +337,12 @@ def unlock(path: str | Path, passphrase: str) -> Callable[[], Bundle]:
     return wait
 
 
-class AsGiven(str):
-    """A passphrase given with a line ending that is no part of it (DEEPSIGNS_PASSPHRASE=$'pw\\n'
-    is pw, as a file's line ending is), which also remembers it as given: bundles sealed before
-    the ending was dropped were sealed with it, and are opened with it when the passphrase alone
-    fails (sealed again, as embed does, they are sealed with the passphrase alone)."""
-
-    given: str
-
-    def __new__(cls, text: str, given: str) -> AsGiven:
-        self = super().__new__(cls, text)
-        self.given = given
-        return self
-
-
 def _open(path: Path, prefix: bytes, header: dict, body: bytes, passphrase: str) -> Bundle:
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    tries = [passphrase, passphrase.given] if isinstance(passphrase, AsGiven) else [passphrase]
+    given = getattr(passphrase, "given", None)  # (`api.AsGiven`: also as it was given, line ending and all)
+    tries = [passphrase] if given is None else [passphrase, given]
     for secret in tries:
         try:
             key = _derive(secret, header["kdf"])

@@ -330,7 +330,7 @@ def asks_passphrase(passphrase_file: str | None) -> bool:
 def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option: str = "--passphrase-file") -> str:
     """From the file (a regular file or a pipe, read once per command), else the variable, else
     a prompt at the terminal. The trailing line ending of a file or of the variable is no part of
-    the passphrase (`bundle.AsGiven` opens a bundle sealed with the variable's)."""
+    the passphrase (`api.AsGiven` opens a bundle sealed with the variable's)."""
     if passphrase_file == "":  # (an unset variable: not "no file", which would fall back on the environment)
         raise InputError(f"{option} is empty: name the file that holds the passphrase")
     if passphrase_file:
@@ -349,7 +349,7 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option
             raise InputError(f"{PASSPHRASE_ENV} holds only a line ending: set it to the passphrase")
         if text == env:
             return text
-        from ..bundle import AsGiven
+        from ..api import AsGiven
 
         return AsGiven(text, env)
     if asks_passphrase(None):

@@ -60,9 +60,9 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     themselves (a pipe, which is read once; a name of this process's own, as /dev/fd/N) is read
     here and handed to them in their environment as DEEPSIGNS_PASSPHRASE (never on disk, nor on
     a command line, which any user can see)."""
-    from ..fileio import run_place
+    from .. import api
 
-    if run_place()[1] > 1:  # (WORLD_SIZE=1 left over, as a plain command takes it, is no torchrun run)
+    if api.world_size() > 1:  # (WORLD_SIZE=1 left over, as a plain command takes it, is no torchrun run)
         raise InputError("--nproc inside a torchrun process: give one or the other")
     if nproc < 1:
         raise InputError(f"--nproc must be at least 1, got {nproc}")
@@ -70,7 +70,6 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
         # (their stdin is /dev/null: they said "no passphrase" without asking)
         raise InputError(f"--nproc cannot ask for the passphrase (its processes have no terminal): set "
                          f"{PASSPHRASE_ENV} or pass --passphrase-file")
-    from .. import api
 
     available, what = api.parallel_slots(device)
     if nproc > available:
@@ -145,7 +144,7 @@ def _stop_with_parent(parent: int):
     included), and stops its processes as on Ctrl-C: killed alone, this process had left them
     training, and the first wrote its outputs after the command had ended (its processes ask the
     same of the launcher: `training.distributed`)."""
-    from ..fileio import stop_with_parent
+    from ..api import stop_with_parent
 
     return lambda: stop_with_parent(parent)
 

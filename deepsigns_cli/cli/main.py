@@ -57,11 +57,11 @@ class LazyGroup(OnceGroup):
     def resolve_command(self, ctx, args):
         name, command, rest = super().resolve_command(ctx, args)
         if name not in PARALLEL:  # (under torchrun, each process would run it: N reports, N files)
+            from ..api import world_size
             from ..errors import InputError
-            from ..fileio import run_place
 
             try:
-                world = run_place()[1]
+                world = world_size()
             except InputError:  # (settings that are wrong: the command says so)
                 world = 1
             if world > 1:
