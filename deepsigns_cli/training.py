@@ -428,12 +428,7 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
     total, done, epoch_seconds = cfg.epochs * steps_per_epoch, 0, []
     batches_read = None  # (the epoch's loader, as it is read)
     if cfg.workers:
-        # multiprocessing's temporary folder (pymp-*), made now, so that the loader processes
-        # share it instead of making their own, which one stopped on an error left behind
-        # (only the process that made one removes it, as it exits)
-        import multiprocessing.util
-
-        multiprocessing.util.get_temp_dir()
+        _loader_temp_dir()
     try:
         for epoch in range(cfg.epochs):
             runner.train()
@@ -531,6 +526,30 @@ def _stdout_to_stderr(worker_id: int) -> None:
     import sys
 
     sys.stdout = sys.stderr
+
+
+_SOCKET_PATH = 100  # bytes of a socket's path that every system takes (Linux: 107)
+
+
+def _loader_temp_dir() -> None:
+    """multiprocessing's temporary folder (pymp-*), made now, so that the loader processes share
+    it instead of making their own, which one stopped on an error left behind (only the process
+    that made it removes it, as it exits). Its sockets' paths must be short: under a temporary
+    folder of a long path, a loader process could not pass a batch ("AF_UNIX path too long"),
+    and the command waited forever; it is then made in /tmp (as Python 3.13 does)."""
+    import multiprocessing.util
+    import tempfile
+
+    longest = len(os.fsencode(os.path.join(tempfile.gettempdir(), "pymp-12345678", "listener-12345678")))
+    if longest <= _SOCKET_PATH or not os.access("/tmp", os.W_OK | os.X_OK):
+        multiprocessing.util.get_temp_dir()  # (once made, the same folder every time)
+        return
+    saved = tempfile.tempdir
+    try:
+        tempfile.tempdir = "/tmp"
+        multiprocessing.util.get_temp_dir()
+    finally:
+        tempfile.tempdir = saved
 
 
 def _stop_loader(batches_read) -> None:

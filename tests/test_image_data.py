@@ -317,13 +317,16 @@ def fails_at_item_200():
     return _FailsAt(), TensorDataset(*_digits_split(80, offset=300))
 
 
-def test_a_dataset_that_fails_in_loader_processes_leaves_no_temporary_folder(tmp_path):
-    """Each of the loader processes, stopped on the error, left a pymp-* folder behind."""
-    scratch = tmp_path.parent / f"{tmp_path.name}-tmp"
+@pytest.mark.parametrize("long", [False, True], ids=["tmp", "a-long-tmp"])
+def test_a_dataset_that_fails_in_loader_processes_leaves_no_temporary_folder(tmp_path, long):
+    """Each of the loader processes, stopped on the error, left a pymp-* folder behind. Under a
+    temporary folder of a long path, a loader process could not pass a batch (its socket's
+    path too long) and the command waited forever."""
+    scratch = tmp_path.parent / f"{tmp_path.name}-{'t' * 90 if long else 'tmp'}"
     scratch.mkdir()
     proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:fails_at_item_200", "--workers", 2,
                     "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors",
-                    env={"PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(scratch)})
+                    env={"PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(scratch)}, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert list(tmp_path.iterdir()) == []
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
