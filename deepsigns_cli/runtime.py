@@ -470,9 +470,13 @@ class _Evaluator:
         many values per sample are kept (and sent back); with `units`, float tensors in the
         order of `names` while their values per sample add up to at most that many. Tensors of
         the graph (`extra`) may hold the batch on another axis (a graph that computes (units,
-        batch)): it is moved first when exactly one axis fits."""
+        batch)): it is the one axis whose length is the batch's in every batch fed (the callers
+        feed batches of two lengths, so that an axis whose length only happens to be one of
+        them, 448 units for 448 inputs, is not taken for it); a float tensor with no such axis,
+        or more than one, is left out (`units`) as one that was not read."""
         session = self._session(tuple(names) if extra else ())
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        parts: dict[str, list[tuple[np.ndarray, int, int]]] = {name: [] for name in names}  # (value, fed, real)
+        axes: dict[str, set[int]] = {}  # (extra) the axes that may hold the batch, in every batch so far
         problems: dict[str, str] = {}
         left_out: dict[str, int] = {}
         total, taken = 0, 0
@@ -493,21 +497,28 @@ class _Evaluator:
                             problems[name] = value
                             parts[name] = []
                             continue
-                    if extra and isinstance(value, np.ndarray) and value.ndim > 1 and value.shape[0] != len(chunk):
-                        axes = [i for i, d in enumerate(value.shape) if d == len(chunk)]
-                        if len(axes) == 1:
-                            value = np.moveaxis(value, axes[0], 0)
-                    problem = _output_problem(value, len(chunk))
-                    if problem is None and parts[name] and value.shape[1:] != parts[name][0].shape[1:]:
+                    moved = extra and isinstance(value, np.ndarray) and value.ndim > 1
+                    if moved:  # (the batch's axis decided when every batch is in; the checks below hold for any)
+                        fits = {i for i, d in enumerate(value.shape) if d == len(chunk)}
+                        axes[name] = axes[name] & fits if name in axes else fits
+                        problem = None if axes[name] else _output_problem(value, len(chunk))
+                        if problem is None and value.dtype.kind not in "fiu":
+                            problem = _output_problem(value, len(chunk))
+                    else:
+                        problem = _output_problem(value, len(chunk))
+                    # (values per sample, on any axis; the first batch's for a later one)
+                    size = (parts[name][0][0].size // parts[name][0][1] if parts[name] else value.size // len(chunk)) \
+                        if problem is None else 0
+                    if problem is None and parts[name] and (value.size != size * len(chunk) if moved else
+                                                            value.shape[1:] != parts[name][0][0].shape[1:]):
                         problem = "changes shape from one batch of inputs to the next"
-                    if problem is None and width is not None and math.prod(value.shape[1:]) != width:
-                        problem = f"has {math.prod(value.shape[1:])} values per sample, not {width}"
+                    if problem is None and width is not None and size != width:
+                        problem = f"has {size} values per sample, not {width}"
                     if problem is None and extra and not parts[name] and start == 0:  # (decided on the first batch)
                         digest = hashlib.blake2b(np.ascontiguousarray(value).view(np.uint8), digest_size=16).digest()
                         problem = f"holds the same values as '{seen[digest]}'" if digest in seen else None
                         seen.setdefault(digest, name)
                     if problem is None and units is not None and not parts[name]:  # (decided on the first batch)
-                        size = math.prod(value.shape[1:])
                         if value.dtype.kind != "f" or taken + size > units:
                             problem = f"is not among the first {units} float values per sample"
                             if value.dtype.kind == "f":
@@ -518,16 +529,31 @@ class _Evaluator:
                         problems[name] = problem
                         parts[name] = []
                         continue
-                    value = value[:real]
                     if value.dtype == np.float16:
                         value = value.astype(np.float32)
                     total += value.nbytes
                     if total > MAX_REPLY_BYTES:
                         raise _Failure("size", f"the outputs exceed {MAX_REPLY_BYTES >> 20} MiB")
-                    parts[name].append(value)
+                    parts[name].append((value, len(chunk), real))
         except _ort_errors() as exc:
             raise _Failure(_kind(exc, "run"), _ort_text(exc)) from None
-        out = {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks and name not in problems}
+        out = {}
+        for name, chunks in parts.items():
+            if not chunks or name in problems:
+                continue
+            if name in axes:
+                if len(axes[name]) != 1:  # (no axis: no batch, as a constant; several: which, none can tell)
+                    problems[name] = (f"has shape {list(chunks[0][0].shape)} for a batch of {chunks[0][1]} inputs: "
+                                      f"{'no' if not axes[name] else 'more than one'} axis of it is the batch")
+                    if axes[name] and chunks[0][0].dtype.kind == "f" and units is not None:  # (a reading missed it)
+                        left_out[name] = chunks[0][0].size // chunks[0][1]
+                    continue
+                (axis,) = axes[name]
+                chunks = [(np.moveaxis(value, axis, 0), fed, real) for value, fed, real in chunks]
+                if len({value.shape[1:] for value, _, _ in chunks}) > 1:
+                    problems[name] = "changes shape from one batch of inputs to the next"
+                    continue
+            out[name] = np.concatenate([value[:real] for value, _, real in chunks])
         return out, problems, {name: size for name, size in left_out.items() if name in problems}
 
 
@@ -1241,7 +1267,9 @@ class OnnxModel:
             wanted = [name for name in wanted if name in set(names)]
         if not wanted:  # (session.run with no names would return every graph output instead)
             return {}, {}
-        out, _, left_out = self._query(wanted, True, x, max(1, len(x)), width, units)
+        # (in two batches of two lengths: the axis that holds the batch is the one that has its
+        # length in both, which an axis of a fixed length cannot, whatever it is)
+        out, _, left_out = self._query(wanted, True, x, max(1, len(x) // 2 + 1), width, units)
         return ({name: value.reshape(len(x), -1) for name, value in out.items()
                  if name in wanted and np.issubdtype(value.dtype, np.floating)
                  and value.ndim >= 1 and value.shape[0] == len(x)},

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import SEEDS, assert_one_error_line, deepsigns_argv, process_env, reaped, run_cli, run_json
+from helpers import PASSPHRASE, SEEDS, assert_one_error_line, deepsigns_argv, process_env, reaped, run_cli, run_json
 
 from deepsigns_cli import stats
 from deepsigns_cli.checkpoint import load_checkpoint
@@ -131,13 +131,25 @@ def _rebuilt(marked_path, how: str, path, wide: int = WIDE):
                      *copies, h.make_node("Sum", [f"c{i}" for i in range(300)], ["all"]),
                      h.make_node("Mul", ["all", "nothing"], ["none"]), h.make_node("Add", ["h2", "none"], ["h3"]),
                      h.make_node("Gemm", ["h3", "w3", "b3"], ["logits"], transB=1)]
+    elif how == "rows":  # (units, batch) in two tensors of `wide` units, as many as extract feeds inputs
+        rest = np.zeros((wide, 512), np.float32)
+        rest[: 512 - wide] = w2[wide:]
+        rest_b, rest_head = np.zeros((wide, 1), np.float32), np.zeros((10, wide), np.float32)
+        rest_b[: 512 - wide, 0], rest_head[:, : 512 - wide] = b2[wide:], w3[:, wide:]
+        inits.update(w2a=w2[:wide], b2a=b2[:wide, None], w2b=rest, b2b=rest_b, w3a=np.ascontiguousarray(w3[:, :wide]),
+                     w3b=rest_head, b3=b3[:, None])
+        how_nodes = [node for k in "ab" for node in (
+            h.make_node("Gemm", [f"w2{k}", "h1", f"b2{k}"], [f"z2{k}"]), h.make_node("Relu", [f"z2{k}"], [f"h2{k}"]),
+            h.make_node("MatMul", [f"w3{k}", f"h2{k}"], [f"o{k}"]))]
+        how_nodes += [h.make_node("Add", ["oa", "ob"], ["s"]), h.make_node("Add", ["s", "b3"], ["t"]),
+                      h.make_node("Transpose", ["t"], ["logits"], perm=[1, 0])]
     else:  # "transposed": every hidden tensor (units, batch)
         inits.update(w2=w2, b2=b2[:, None], w3=np.ascontiguousarray(w3.T))
         how_nodes = [h.make_node("Gemm", ["w2", "h1", "b2"], ["z2"]), h.make_node("Relu", ["z2"], ["h2"]),
                      h.make_node("Gemm", ["h2", "w3", "b3"], ["logits"], transA=1)]
-    first = ([h.make_node("Gemm", ["w1", "flat", "b1"], ["z1"], transB=1)] if how == "transposed" else
+    first = ([h.make_node("Gemm", ["w1", "flat", "b1"], ["z1"], transB=1)] if how in ("transposed", "rows") else
              [h.make_node("Gemm", ["flat", "w1", "b1"], ["z1"], transB=1)])
-    if how == "transposed":
+    if how in ("transposed", "rows"):
         inits["b1"] = b1[:, None]
     graph = h.make_graph(nodes + first + [h.make_node("Relu", ["z1"], ["h1"])] + how_nodes, how,
                          [h.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
@@ -145,6 +157,28 @@ def _rebuilt(marked_path, how: str, path, wide: int = WIDE):
                          [nh.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
     return path
+
+
+def test_units_as_many_as_the_inputs_fed_are_not_taken_for_the_batch(marked, tmp_path):
+    """The carrier laid out as (units, batch) in tensors of 448 units, as many as the inputs
+    extract fed the model at once (the keys' trigger and probe samples): the first axis, of the
+    batch's length, was taken for the batch, and the marked model read "not detected" (101 of
+    216 bits wrong, exit 1). The inputs are fed in two batches of two lengths now, and the
+    batch is the axis that has the length of both."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from deepsigns_cli.bundle import open_bundle
+
+    arrays = open_bundle(marked.keys, PASSPHRASE).schemes["hidden"].arrays
+    fed = len(arrays["trigger_x"]) + len(arrays["probe_x"])
+    assert fed < 512  # (the construction splits 512 units into two tensors of `fed`)
+    path = _rebuilt(marked.marked, "rows", tmp_path / "rows.onnx", fed)
+    x = np.random.default_rng(0).random((fed, 1, 8, 8), dtype=np.float32)
+    got, want = (ort.InferenceSession(str(p)).run(None, {"input": x})[0] for p in (path, marked.onnx))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    r = hidden(run_json("extract", "--model", path, "--keys", marked.keys, code=0))
+    assert r["detected"] and r["bit_errors"] <= r["max_bit_errors"] // 2, r
 
 
 @pytest.mark.parametrize("how", ["padded", "halves", "transposed", "negated", "copies"])
