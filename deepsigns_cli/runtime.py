@@ -1126,6 +1126,12 @@ class OnnxModel:
             self._worker = None
         return how
 
+    def allow(self, seconds: float) -> None:
+        """`seconds` more for the queries still to come (one more run of the whole graph: the
+        further sets of units that extract reads, each a run of its own)."""
+        if self._left is not None:
+            self._left += seconds
+
     def close(self) -> None:
         """End the worker process now (it also ends when the model is garbage-collected)."""
         self._stop()
