@@ -167,6 +167,8 @@ class _Lock:
 
 #: the signals that stop a command (Ctrl-C, `kill`, a closed terminal)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def held_signals() -> Iterator[list[int]]:
     """Hold SIGINT, SIGTERM and SIGHUP for the duration (main thread only); yields the signals that

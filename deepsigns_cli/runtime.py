@@ -501,9 +501,8 @@ class _Evaluator:
                     if moved:  # (the batch's axis decided when every batch is in; the checks below hold for any)
                         fits = {i for i, d in enumerate(value.shape) if d == len(chunk)}
                         axes[name] = axes[name] & fits if name in axes else fits
-                        problem = None if axes[name] else _output_problem(value, len(chunk))
-                        if problem is None and value.dtype.kind not in "fiu":
-                            problem = _output_problem(value, len(chunk))
+                        problem = _output_problem(value, len(chunk)) \
+                            if not axes[name] or value.dtype.kind not in "fiu" else None
                     else:
                         problem = _output_problem(value, len(chunk))
                     # (values per sample, on any axis; the first batch's for a later one)

@@ -26,16 +26,20 @@ class Net(nn.Module):
         return self.head(self.body(x))
 
 
-def ranked_data():
-    """A --data factory that gives each process of a run its own data (RANK 1: five more classes),
-    as a factory that reads a per-process shard would."""
+def _data(extra: int = 0):
+    """300 random samples of 10 classes (the training labels shifted by `extra`), 240 to train on."""
     import torch
     from torch.utils.data import TensorDataset
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(300, 16, generator=g), torch.arange(300) % 10
-    extra = 5 if os.environ.get("RANK") == "1" else 0
     return TensorDataset(x[:240], y[:240] + extra), TensorDataset(x[240:], y[240:])
+
+
+def ranked_data():
+    """A --data factory that gives each process of a run its own data (RANK 1: five more classes),
+    as a factory that reads a per-process shard would."""
+    return _data(5 if os.environ.get("RANK") == "1" else 0)
 
 
 def sharded_data():
@@ -58,13 +62,4 @@ def fails_at_exit():
 
     if os.environ.get("RANK") == "1":
         atexit.register(lambda: (time.sleep(3), os._exit(5)))
-    return _same_data()
-
-
-def _same_data():
-    import torch
-    from torch.utils.data import TensorDataset
-
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(300, 16, generator=g), torch.arange(300) % 10
-    return TensorDataset(x[:240], y[:240]), TensorDataset(x[240:], y[240:])
+    return _data()

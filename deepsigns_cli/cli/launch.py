@@ -117,12 +117,16 @@ def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.Completed
     from ..api import held_signals, outputs_written
 
     before = _outputs(command)
+
+    def written() -> tuple[str, ...]:  # (an output is renamed into place: its identity changes)
+        return tuple(path for path, seen in before.items() if _identity(path) != seen)
+
     launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, text=True, preexec_fn=_stop_with_parent(os.getpid()))
     try:
         out, err = launcher.communicate()
         if launcher.returncode == 0:  # (a signal from now is held until the report is relayed)
-            outputs_written([path for path, seen in before.items() if _identity(path) != seen])
+            outputs_written(list(written()))
     except BaseException as exc:
         with held_signals():  # (a second Ctrl-C or SIGTERM must not end this wait: the run is stopping)
             launcher.send_signal(signal.SIGTERM)
@@ -131,12 +135,11 @@ def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.Completed
             except subprocess.TimeoutExpired:
                 launcher.kill()
                 launcher.wait()
-        written = tuple(path for path, seen in before.items() if _identity(path) != seen)
-        if written and isinstance(exc, KeyboardInterrupt):
-            raise Interrupted(getattr(exc, "signum", signal.SIGINT), written) from None
+        done = written()
+        if done and isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(getattr(exc, "signum", signal.SIGINT), done) from None
         raise
-    written = tuple(path for path, seen in before.items() if _identity(path) != seen)
-    return subprocess.CompletedProcess(command, launcher.returncode, out, err), written
+    return subprocess.CompletedProcess(command, launcher.returncode, out, err), written()
 
 
 def _stop_with_parent(parent: int):
