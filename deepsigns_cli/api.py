@@ -99,6 +99,7 @@ __all__ = [
     "outputs_written",
     "world_size",
     "stop_with_parent",
+    "sweep_run",
 ]
 
 #: the passphrase, or a function that asks for it once the cheap checks have passed
@@ -1027,6 +1028,13 @@ def outputs_written(written: list[str]) -> None:
     from .fileio import outputs_written as done
 
     done(written)
+
+
+def sweep_run(outputs: list[str], since: float) -> None:
+    """Remove what the killed processes of a failed run left (fileio.sweep_run)."""
+    from .fileio import sweep_run as sweep
+
+    sweep(outputs, since)
 
 
 def is_main_process() -> bool:

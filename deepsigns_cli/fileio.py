@@ -22,7 +22,8 @@ Failure modes, stated:
   folder, and an attack sweep or a quantize attack its scratch folder there (model copies),
   nothing else. Each temporary file and scratch folder is locked (flock) by the process that
   made it for as long as it lives, so the next command that writes the same output, or makes a
-  scratch file or folder, removes the ones no process holds (`_sweep`).
+  scratch file or folder, removes the ones no process holds (`_sweep`); the launcher of a
+  `--nproc` run removes at once what its processes left when the run fails (`sweep_run`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path
 from .errors import DeepSignsError, InputError, Interrupted, OutputExistsError, one_line, shown
 
 __all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "held_after_commit",
-           "outputs_written", "not_final", "scratch_folder", "sha256_file", "is_main_process", "run_place"]
+           "outputs_written", "not_final", "scratch_folder", "sweep_run", "sha256_file", "is_main_process", "run_place"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -344,10 +345,11 @@ def _held_temp(held: list[int], prefix: str, suffix: str, folder: Path | None = 
     return Path(tmp)
 
 
-def _sweep(folder: Path, pattern: str, *, folders: bool = False) -> None:
+def _sweep(folder: Path, pattern: str, *, folders: bool = False, since: float | None = None) -> None:
     """Remove the files named by `pattern` in `folder` that commands killed outright left: this
     user's, regular, over a minute old, and locked by no process. `folders`: the folders so
-    named instead (`scratch_folder`), with what they hold."""
+    named instead (`scratch_folder`), with what they hold. `since`: those made since this time
+    (time.time()) instead of those over a minute old (`sweep_run`)."""
     import fcntl
     import shutil
 
@@ -363,7 +365,8 @@ def _sweep(folder: Path, pattern: str, *, folders: bool = False) -> None:
         try:
             info = os.fstat(fd)
             if ((stat.S_ISDIR if folders else stat.S_ISREG)(info.st_mode) and info.st_uid == os.getuid()
-                    and time.time() - info.st_mtime > _STALE_SECONDS):
+                    and (info.st_mtime >= since if since is not None else
+                         time.time() - info.st_mtime > _STALE_SECONDS)):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held: its command still runs)
                 if os.lstat(path).st_ino == info.st_ino:
                     shutil.rmtree(path) if folders else path.unlink()
@@ -373,11 +376,32 @@ def _sweep(folder: Path, pattern: str, *, folders: bool = False) -> None:
             os.close(fd)
 
 
-def _sweep_scratch(folder: Path) -> None:
+def _sweep_scratch(folder: Path, since: float | None = None) -> None:
     """What commands killed outright left in the temporary folder: scratch files and folders."""
-    _sweep(folder, f"{_SCRATCH}{_RANDOM}*")
+    _sweep(folder, f"{_SCRATCH}{_RANDOM}*", since=since)
     for prefix in SCRATCH_FOLDERS:
-        _sweep(folder, f"{prefix}{_RANDOM}", folders=True)
+        _sweep(folder, f"{prefix}{_RANDOM}", folders=True, since=since)
+
+
+def _short(target: Path) -> str:
+    """The start of an output's name that starts its temporary file's: cut short, a legal long
+    name leaves room for the temporary's ends (bytes count, not characters)."""
+    return os.fsencode(target.name)[:_TEMP_NAME].decode("utf-8", "ignore")
+
+
+def _part_pattern(target: Path) -> str:
+    """The names of an output's temporary files (glob)."""
+    return f"{glob.escape(f'.{_short(target)}.')}{_RANDOM}.part"
+
+
+def sweep_run(outputs: list[str], since: float) -> None:
+    """What the processes of a run that failed left, once every one has ended (a process killed
+    outright cleans nothing up): the temporary files of its `outputs` and its scratch files in
+    the temporary folder, made since `since` and held by no process (another command's are)."""
+    for output in outputs:  # (an updated file's link is followed: `Outputs.add`)
+        for target in {Path(output), Path(os.path.realpath(output))}:
+            _sweep(target.parent, _part_pattern(target), since=since)
+    _sweep_scratch(Path(tempfile.gettempdir()), since)
 
 
 @contextlib.contextmanager
@@ -491,10 +515,9 @@ class Outputs:
         fresh = not (target.exists() or target.is_symlink())  # (then it stays so: another command's is not replaced)
         if target.exists():
             self._locks.append(_Lock(target, option))
-        try:  # (the name cut short: a legal long name leaves room for the temporary's ends)
-            short = os.fsencode(target.name)[:_TEMP_NAME].decode("utf-8", "ignore")  # (bytes count, not characters)
-            _sweep(target.parent, f"{glob.escape(f'.{short}.')}{_RANDOM}.part")
-            tmp = _held_temp(self._held, f".{short}.", ".part", target.parent)
+        try:
+            _sweep(target.parent, _part_pattern(target))
+            tmp = _held_temp(self._held, f".{_short(target)}.", ".part", target.parent)
         except (OSError, ValueError) as exc:
             raise InputError(
                 f"cannot write in folder {shown(target.parent)} ({getattr(exc, 'strerror', None) or exc}): choose "

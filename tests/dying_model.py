@@ -1,5 +1,5 @@
-"""A model and a data factory for tests/test_distributed.py: an MLP whose process dies (SIGKILL) on RANK 1 after a
-few steps when DEEPSIGNS_TEST_DIE is set, as a worker that runs out of memory would."""
+"""A model and a data factory for tests/test_distributed.py: an MLP whose process dies (SIGKILL) on the RANK that
+DEEPSIGNS_TEST_DIE names, after a few steps, as a worker that runs out of memory would."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         self.calls += 1
-        if os.environ.get("DEEPSIGNS_TEST_DIE") and os.environ.get("RANK") == "1" and self.calls > 20:
+        if os.environ.get("DEEPSIGNS_TEST_DIE") == os.environ.get("RANK", "0") and self.calls > 20:
             os.kill(os.getpid(), signal.SIGKILL)
         return self.head(self.body(x))
 

@@ -441,6 +441,39 @@ def test_what_a_killed_command_left_is_removed_by_the_next_one_and_what_a_live_o
     assert partial_files(tmp_path) == [held[0].name] and os.listdir(scratch) == [held[1].name]
 
 
+def test_a_failed_runs_launcher_removes_what_its_killed_processes_left_since_it_began(tmp_path, monkeypatch):
+    """`sweep_run`: at once, not a minute later, but only what was made since the run began and
+    is held by no process (a live command's files, and an older command's leftovers, stay)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    target = tmp_path / "m.safetensors"
+
+    def holder():
+        proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(target)], env={**ENV, "TMPDIR": str(scratch)},
+                                stdout=subprocess.PIPE, text=True)
+        return proc, [Path(p) for p in proc.stdout.readline().split()]
+
+    older, before = holder()
+    older.kill()
+    older.wait()
+    for path in before:
+        os.utime(path, (time.time() - 30,) * 2)
+    began = time.time() - 1
+    killed, left = holder()
+    killed.kill()
+    killed.wait()
+    live, held = holder()
+    try:
+        fileio.sweep_run([str(target)], began)
+        assert not any(p.exists() for p in left) and all(p.exists() for p in before + held)
+    finally:
+        live.kill()
+        live.wait()
+        for proc in (older, killed, live):
+            proc.stdout.close()
+
+
 _FOLDER_HOLDER = """
 import sys, time
 from deepsigns_cli import fileio

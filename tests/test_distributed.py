@@ -80,19 +80,26 @@ def test_more_processes_than_cores_is_refused(tmp_path):
     assert_one_error_line(proc.stderr, proc.stdout, "--nproc 4096", "CPU cores")
 
 
-def test_a_process_that_dies_fails_the_run_and_nothing_is_written(tmp_path):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_that_dies_fails_the_run_and_nothing_is_written(tmp_path, rank):
+    """A process killed outright (SIGKILL, as the out-of-memory killer ends it) cleans nothing
+    up: the first left its outputs' temporary files beside them, another its scratch files in
+    the temporary folder, and the line said only that another process had failed."""
     arch = "dying_model:Net"
     base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     api.train(arch, base, epochs=3, seed=0, device="cpu")
     api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], arch=arch, seed=0)
     sealed = keys.read_bytes()
     proc = run_proc("embed", "--nproc", 2, "--arch", arch, "--model", base, "--keys", keys, "--out", marked,
-                    "--onnx", tmp_path / "marked.onnx", "--device", "cpu", env={**ENV, "DEEPSIGNS_TEST_DIE": "1"},
-                    timeout=600)
+                    "--onnx", tmp_path / "marked.onnx", "--device", "cpu",
+                    env={**ENV, "DEEPSIGNS_TEST_DIE": str(rank), "TMPDIR": str(scratch)}, timeout=600)
     assert proc.returncode == 2, proc.stderr
-    assert_one_error_line(proc.stderr, proc.stdout, "nothing was written")
+    assert_one_error_line(proc.stderr, proc.stdout, f"process {rank} of 2 was killed by SIGKILL", "nothing was written")
     assert not marked.exists() and not (tmp_path / "marked.onnx").exists()
     assert keys.read_bytes() == sealed and partial_files(tmp_path) == []
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 def test_a_process_that_fails_after_the_outputs_were_written_says_so(tmp_path):

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import click
 
@@ -94,10 +95,13 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     # (this process was not interrupted: a Ctrl-C here would have ended it before this line)
     errors = [line[len("error: "):] for line in proc.stderr.splitlines()
               if line.startswith("error: ") and not line.startswith("error: interrupted")]
-    # the cause before its echoes (the others' "another process of this run failed")
-    errors.sort(key=lambda line: "another process of this run failed" in line)
-    first = errors[0] if errors else \
-        f"a process of the {nproc}-process run failed (exit {proc.returncode}); nothing was written"
+    # the cause before its echoes (the others' "another process of this run failed"): a process
+    # killed outright (the out-of-memory killer) says nothing itself, torchrun names it
+    echo = "another process of this run failed"
+    errors.sort(key=lambda line: echo in line)
+    killed = _killed(proc.stderr, nproc)
+    first = errors[0] if errors and not (killed and echo in errors[0]) else \
+        killed or f"a process of the {nproc}-process run failed (exit {proc.returncode}); nothing was written"
     if written:  # (a process that failed after the first had written: at its exit, say)
         cause = errors[0] if errors else f"exit {proc.returncode}, no error line"
         first = (f"a process of the {nproc}-process run failed after the first had written "
@@ -107,16 +111,36 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     sys.exit(EXIT_INTERNAL if first.startswith("internal error") else EXIT_BAD_INPUT)
 
 
+def _killed(stderr: str, nproc: int) -> str | None:
+    """The error line for a run whose first failure, in torchrun's summary, was a process ended
+    by a signal; None otherwise."""
+    import re
+
+    cause = stderr.rpartition("Root Cause")[2]
+    rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.M)
+    code = re.search(r"^\s*exitcode\s*:\s*-(\d+)", cause, re.M)
+    if not (rank and code):
+        return None
+    try:
+        name = signal.Signals(int(code[1])).name
+    except ValueError:
+        name = f"signal {code[1]}"
+    why = " (the out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
+    return f"process {rank[1]} of {nproc} was killed by {name}{why}; nothing was written"
+
+
 def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, tuple[str, ...]]:
     """Run torch.distributed.run to its end. Interrupted (Ctrl-C, or SIGTERM to this process
     alone, as `kill` or a service manager sends it), it is asked to stop its processes (SIGTERM,
     which it passes on to them) and waited for: killed at once, as subprocess.run kills it, it
     left them training, and the first wrote its outputs later. The interruption then names the
     outputs the run had written by then (they are complete: each is renamed into place whole).
-    Returns (the run, the outputs it wrote)."""
-    from ..api import held_signals, outputs_written
+    A run that failed or was stopped leaves no temporary file: a process killed outright (the
+    out-of-memory killer) left its own (`api.sweep_run`). Returns (the run, the outputs it wrote)."""
+    from ..api import held_signals, outputs_written, sweep_run
 
     before = _outputs(command)
+    began = time.time() - 1  # (a file's time is the kernel's coarse clock: a little behind this one)
 
     def written() -> tuple[str, ...]:  # (an output is renamed into place: its identity changes)
         return tuple(path for path, seen in before.items() if _identity(path) != seen)
@@ -127,6 +151,8 @@ def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.Completed
         out, err = launcher.communicate()
         if launcher.returncode == 0:  # (a signal from now is held until the report is relayed)
             outputs_written(list(written()))
+        else:  # (its processes have ended: what one killed outright left is no one's)
+            sweep_run(list(before), began)
     except BaseException as exc:
         with held_signals():  # (a second Ctrl-C or SIGTERM must not end this wait: the run is stopping)
             launcher.send_signal(signal.SIGTERM)
@@ -135,6 +161,7 @@ def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.Completed
             except subprocess.TimeoutExpired:
                 launcher.kill()
                 launcher.wait()
+            sweep_run(list(before), began)
         done = written()
         if done and isinstance(exc, KeyboardInterrupt):
             raise Interrupted(getattr(exc, "signum", signal.SIGINT), done) from None
