@@ -63,3 +63,19 @@ def fails_at_exit():
     if os.environ.get("RANK") == "1":
         atexit.register(lambda: (time.sleep(3), os._exit(5)))
     return _data()
+
+
+def noisy():
+    """A --data factory that prints a log line of its own that starts "error: " (on stdout, which
+    a command sends to stderr), then gives data whose training sample 7 is NaN when
+    DEEPSIGNS_TEST_NAN is set."""
+    import torch
+
+    print("error: the factory's own log line, no failure")
+    train, test = _data()
+    if os.environ.get("DEEPSIGNS_TEST_NAN"):
+        x, y = train.tensors
+        x = x.clone()
+        x[7, 0] = float("nan")
+        train = torch.utils.data.TensorDataset(x, y)
+    return train, test

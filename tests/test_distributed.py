@@ -131,6 +131,25 @@ def test_processes_that_load_different_data_fail_with_one_line(tmp_path, factory
     assert not out.exists() and partial_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["success", "failure"])
+def test_what_a_factory_prints_is_passed_on_and_never_taken_for_the_error(tmp_path, fails):
+    """--nproc kept only its processes' warnings of a successful run (a factory's output was
+    lost), and took the first line that started "error: " for the run's error: a factory's log
+    line replaced the real cause."""
+    out = tmp_path / "m.safetensors"
+    proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", "dying_model:noisy", "--epochs", 1,
+                    "--out", out, "--device", "cpu", env={**ENV, **({"DEEPSIGNS_TEST_NAN": "1"} if fails else {})},
+                    timeout=600)
+    if fails:
+        assert proc.returncode == 2, proc.stderr
+        assert_one_error_line(proc.stderr, proc.stdout, "train sample 7 holds NaN")
+        assert not out.exists()
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.splitlines() == ["error: the factory's own log line, no failure"] * 2  # (each process's)
+        assert "factory's own" not in proc.stdout and out.is_file()
+
+
 @pytest.mark.parametrize("data", ["digits", "dying_model:ranked_data"], ids=["success", "failure"])
 def test_a_run_leaves_nothing_in_the_temporary_folder(tmp_path, data):
     """Every --nproc run, whatever its end, left an empty torchelastic_* folder there (the

@@ -24,6 +24,9 @@ EXIT_OK, EXIT_NOT_DETECTED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that a closed pipe stopped
 PASSPHRASE_ENV = "DEEPSIGNS_PASSPHRASE"
 DEBUG_ENV = "DEEPSIGNS_DEBUG"
+#: set by `--nproc` for its processes: their error lines start with it, so that the launcher
+#: tells them from what a --data or --arch factory prints (a line of its own "error: ...")
+ERROR_TAG_ENV = "DEEPSIGNS_ERROR_TAG"
 
 
 _UNSET = object()
@@ -73,7 +76,8 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
     """One line on stderr (a newline inside the message cannot split it), then exit with
     `code` even where stderr cannot be written (a full disk): the code must not be lost."""
     try:
-        click.echo(f"error: {shown(message)}", err=True)
+        tag = os.environ.get(ERROR_TAG_ENV, "") if "RANK" in os.environ else ""  # (a process of a run)
+        click.echo(f"{tag}error: {shown(message)}", err=True)
     except OSError:
         pass
     sys.exit(code)

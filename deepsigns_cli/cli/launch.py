@@ -12,6 +12,8 @@ has finished training).
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,10 +23,12 @@ import click
 
 from ..api import PRECISIONS
 from ..errors import InputError, Interrupted, shown
-from .common import EXIT_BAD_INPUT, EXIT_INTERNAL, PASSPHRASE_ENV, relay_report
+from .common import ERROR_TAG_ENV, EXIT_BAD_INPUT, EXIT_INTERNAL, PASSPHRASE_ENV, relay_report
 
 __all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "relaunch"]
 
+#: a line of torch's own log (glog's prefix: level, date, time), as torchrun and c10d print them
+_TORCH_LOG = re.compile(r"\[?[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
 _STOP_SECONDS = 60  # what an interrupted run's launcher is given to stop its processes
 
 
@@ -78,7 +82,9 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     argv = _without(sys.argv[1:], "--nproc")
     # (PYTHONSAFEPATH: python -m puts the current folder first on sys.path, in the launcher and in
     # every process it starts, where a click.py or numpy.py there would run in place of the library)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1"}
+    tag = f"[{secrets.token_hex(8)}] "  # (their error lines: not a line that a factory of the user's printed)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONSAFEPATH": "1",
+           ERROR_TAG_ENV: tag}
     if passphrase_file and not _theirs_too(passphrase_file):
         env[PASSPHRASE_ENV] = _handed_over(passphrase_file)
         argv = _without(argv, "--passphrase-file")
@@ -86,15 +92,15 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--log-dir={os.devnull}", "-m", "deepsigns_cli", *argv]
     proc, written = _run_to_the_end(command, env)
-    if proc.returncode == 0:
+    if proc.returncode == 0:  # (what the processes printed on stderr: warnings, a factory's output)
         relay_report(proc.stdout)
-        sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines()
-                                 if line.startswith("warning:")))
+        sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines() if not _TORCH_LOG.match(line)))
         sys.exit(0)
     # a process's own failure, not the interruption of the others that torchrun then stopped
     # (this process was not interrupted: a Ctrl-C here would have ended it before this line)
-    errors = [line[len("error: "):] for line in proc.stderr.splitlines()
-              if line.startswith("error: ") and not line.startswith("error: interrupted")]
+    mine = f"{tag}error: "
+    errors = [line[len(mine):] for line in proc.stderr.splitlines()
+              if line.startswith(mine) and not line.startswith(f"{mine}interrupted")]
     # the cause before its echoes (the others' "another process of this run failed"): a process
     # killed outright (the out-of-memory killer) says nothing itself, torchrun names it
     echo = "another process of this run failed"
@@ -114,8 +120,6 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
 def _killed(stderr: str, nproc: int) -> str | None:
     """The error line for a run whose first failure, in torchrun's summary, was a process ended
     by a signal; None otherwise."""
-    import re
-
     cause = stderr.rpartition("Root Cause")[2]
     rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.M)
     code = re.search(r"^\s*exitcode\s*:\s*-(\d+)", cause, re.M)
