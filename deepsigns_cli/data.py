@@ -479,6 +479,10 @@ class Samples:
 # ============================================================================ image folders
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: names of images in formats deepsigns does not decode: refused in a class folder (skipped, they
+#: had trained the model on less, unsaid); files of other names (notes, .csv) are not images
+OTHER_IMAGE_SUFFIXES = (".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".jpe", ".jp2", ".j2k", ".ppm",
+                        ".pgm", ".pbm", ".pnm", ".heic", ".heif", ".avif", ".ico", ".tga", ".dng", ".raw")
 # the only decoders Pillow may try, whatever a file's name: left to guess, it recognises an
 # EPS file named x.png and runs Ghostscript (an external program) on the adversary's file
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -592,7 +596,13 @@ def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
         found = {}
         for folder in folders:
             with os.scandir(folder.path) as it:
-                named = [e for e in _visible(it) if e.name.lower().endswith(IMAGE_SUFFIXES)]
+                visible = _visible(it)
+            other = next((e for e in visible if e.name.lower().endswith(OTHER_IMAGE_SUFFIXES)), None)
+            if other is not None:
+                raise DataError(f"{where}/{split.name}/{shown(folder.name)}/{shown(other.name)} is an image in a "
+                                "format deepsigns does not read (only .png, .jpg, .jpeg): convert it, or move it "
+                                "out of the folder")
+            named = [e for e in visible if e.name.lower().endswith(IMAGE_SUFFIXES)]
             for e in named:  # (skipped, a link that leads nowhere had trained the model on less, unsaid)
                 if not e.is_file():
                     raise DataError(f"{where}/{split.name}/{shown(folder.name)}/{shown(e.name)} is named like an "

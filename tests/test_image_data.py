@@ -89,6 +89,15 @@ def test_folder_loads_lazily_with_its_preprocessing(folder):
     assert load_data(DataSpec(str(folder), image_size=8)).x_train.shape == (N_TRAIN, 3, 8, 8)
 
 
+def test_files_that_are_not_images_are_passed_over(folder, tmp_path):
+    imgs = _copy(folder, tmp_path)
+    for path in ("train/2/notes.txt", "train/2/.DS_Store", "test/4/labels.csv", "train/README.md", "test/.hidden"):
+        (imgs / path).write_bytes(b"not pixels\n")
+    data, plain = load_data(str(imgs)), load_data(str(folder))
+    assert data.preprocess == plain.preprocess and np.array_equal(data.y_train, plain.y_train)
+    assert np.array_equal(data.x_test[:], plain.x_test[:]) and np.array_equal(data.y_test, plain.y_test)
+
+
 def test_one_grayscale_image_first_does_not_make_a_colour_set_grayscale(folder, tmp_path):
     """The first training image alone had decided the channels: a grayscale one that sorted
     first made the whole colour set train on one channel, unsaid. A set all grayscale is."""
@@ -427,6 +436,11 @@ def _fifo(d: Path) -> None:
     os.mkfifo(d / "test" / "7" / "zz-pipe.jpg")
 
 
+def _other_format(d: Path) -> None:
+    """Pillow reads a BMP, deepsigns does not: passed over, it had trained the model on less, unsaid."""
+    (d / "train" / "3" / "zz-scan.bmp").write_bytes(b"BM")
+
+
 def _one_class(d: Path) -> None:
     for c in range(1, 10):
         shutil.rmtree(d / "train" / str(c))
@@ -443,6 +457,7 @@ BAD_FOLDERS = {
     "one-class": (_one_class, ["1 class", "at least 2"]),
     "dangling-link": (_dangling_link, ["train/6/zz-gone.png", "is no file", "a link that leads nowhere"]),
     "fifo": (_fifo, ["test/7/zz-pipe.jpg", "is no file"]),
+    "other-format": (_other_format, ["train/3/zz-scan.bmp", "format deepsigns does not read", "convert it"]),
     "pixel-bomb": (_bomb, ["zz-bomb.png", "6000x6000", "more than 33554432 pixels"]),
 }
 
