@@ -588,6 +588,14 @@ def _visible(entries) -> list[os.DirEntry]:
     return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
 
 
+def _is_file(entry: os.DirEntry) -> bool:
+    """Whether an entry is a file, or a link that leads to one (a loop of links leads nowhere)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
     """class name -> the image file names in it (sorted); every class must hold one."""
     try:
@@ -604,10 +612,10 @@ def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
                                 "out of the folder")
             named = [e for e in visible if e.name.lower().endswith(IMAGE_SUFFIXES)]
             for e in named:  # (skipped, a link that leads nowhere had trained the model on less, unsaid)
-                if not e.is_file():
+                if not _is_file(e):
                     raise DataError(f"{where}/{split.name}/{shown(folder.name)}/{shown(e.name)} is named like an "
-                                    "image but is no file (a folder, a link that leads nowhere, a FIFO or a "
-                                    "device): rename or remove it")
+                                    "image but is no file (a folder, a link that leads nowhere or in a loop, a "
+                                    "FIFO or a device): rename or remove it")
             found[folder.name] = [e.name for e in named]
     except OSError as exc:
         raise DataError(f"cannot list {shown(split)} ({one_line(exc)}): check the folder's permissions") from None
