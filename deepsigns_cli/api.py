@@ -624,12 +624,13 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
            options: dict | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
            arch_kwargs: dict | None = None, force: bool = False, passphrase: Passphrase | None = None,
            timeout: float | None = DEFAULT_TIMEOUT, progress: Progress | None = None,
-           provider: str = "auto") -> AttackReport:
+           provider: str = "auto", recorded: dict | None = None) -> AttackReport:
     """`deepsigns attack NAME`: the attacked model, written to `out` (never the input): a
     checkpoint (.safetensors) or an ONNX file (.onnx), as the attack's registry row allows.
     `passphrase`: for the attacks that seal a bundle of their own (overwrite). `timeout`: the
     seconds an ONNX model (the victim, the attacked model) may take to answer the test set, on
-    onnxruntime's `provider`."""
+    onnxruntime's `provider`. `recorded`: parameters the checkpoint's record of the attack names
+    otherwise (a sweep makes the attacker's bundle in a scratch folder, and keeps it elsewhere)."""
     import time
 
     import numpy as np
@@ -672,7 +673,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         attacked, params = load_attack(name).run(net, ctx)
         seconds = time.perf_counter() - started
         after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider,
-                                record={"name": name, "params": params, "seed": seed})
+                                record={"name": name, "params": {**params, **(recorded or {})}, "seed": seed})
     return AttackReport(name, before, after, params, seconds, str(out), str(model), str(data), seed)
 
 
@@ -686,7 +687,10 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     owner's keys read in the result (extract: every scheme; verify: the black-box schemes from
     the ONNX answers, a checkpoint exported first). `keep`: a folder for the attacked models
     (else they are removed); `plot`: a PNG of accuracy and evidence against strength."""
-    from .fileio import check_output, not_final, scratch_folder
+    import shutil
+
+    from .bundle import BUNDLE_MODE
+    from .fileio import Outputs, check_output, not_final, scratch_folder
     from .results import SweepReport
 
     entry = attack_entry(name)
@@ -739,7 +743,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     settings = {o.key for o in entry.options} - {option.key, "attacker_keys"}
     params: dict = {}
     rows = []
-    made: list[Path] = []  # what this sweep wrote into `keep` (and `keep` itself, first, when it made it)
+    made: list[Path] = []  # the folders this sweep made for `keep`, the deepest first
     try:
         if keep is not None and not Path(keep).is_dir():  # (after the bundle opened: a failed start leaves none)
             try:
@@ -748,42 +752,59 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
             except (OSError, ValueError) as exc:  # (a file of that name, a folder that cannot be written)
                 raise InputError(f"--out {shown(keep)} cannot be the folder --sweep keeps the attacked models "
                                  f"in ({one_line(exc)}): give a folder path") from None
-            made.extend(reversed(missing))
-        with scratch_folder("deepsigns-sweep-") as scratch, not_final():
-            folder = Path(keep) if keep is not None else Path(scratch)
+            made.extend(missing)
+        # every strength's model is made in the scratch folder; the kept ones and the plot are
+        # committed together at the end (committed one by one, a failure at a later strength had
+        # removed the earlier ones, files that --force had replaced among them)
+        with scratch_folder("deepsigns-sweep-") as scratch:
             read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,
                                      scratch=scratch, arch=arch, arch_kwargs=arch_kwargs)
-            rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs, timeout, provider), 0.0))
-            for i, value in enumerate(values):
+            with not_final():
+                rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs, timeout, provider),
+                                 0.0, named=str(model)))
+                for i, value in enumerate(values):
+                    if progress is not None:
+                        progress(i, len(values), f"{name} {param}={value}")
+                    out, attacker_keys = kept(Path(scratch), value)
+                    run_options = {**given, option.key: value}
+                    if attacker_keys is not None:  # the attacker's own bundle, one per strength, beside the model
+                        run_options["attacker_keys"] = str(attacker_keys)
+                    final = kept(Path(keep), value) if keep is not None else (None, None)
+                    report = attack(name, model, out, data=data, options=run_options, seed=seed, device=device,
+                                    arch=arch, arch_kwargs=arch_kwargs, force=True,
+                                    passphrase=attacker_passphrase if entry.passphrase else None, timeout=timeout,
+                                    provider=provider, progress=progress,
+                                    recorded={"attacker_keys": str(final[1])} if final[1] is not None else None)
+                    params = params or {k: v for k, v in report.params.items() if k in settings}
+                    results = {k: v for k, v in report.params.items() if k not in settings and k != option.key
+                               and k != "attacker_keys"}
+                    if final[1] is not None:
+                        results["attacker_keys"] = str(final[1])
+                    rows.append(read(value, out, report.accuracy_after, report.seconds, results=results,
+                                     named=None if final[0] is None else str(final[0]),
+                                     unnamed=f"{name} {param}={value}, not kept"))
                 if progress is not None:
-                    progress(i, len(values), f"{name} {param}={value}")
-                out, attacker_keys = kept(folder, value)
-                run_options = {**given, option.key: value}
-                if attacker_keys is not None:  # the attacker's own bundle, one per strength, beside the model
-                    run_options["attacker_keys"] = str(attacker_keys)
-                report = attack(name, model, out, data=data, options=run_options, seed=seed, device=device,
-                                arch=arch, arch_kwargs=arch_kwargs, force=force or keep is None,
-                                passphrase=attacker_passphrase if entry.passphrase else None, timeout=timeout,
-                                provider=provider,
-                                progress=progress)
-                made.extend(Path(p) for p in (out, run_options.get("attacker_keys")) if p and keep is not None)
-                params = params or {k: v for k, v in report.params.items() if k in settings}
-                results = {k: v for k, v in report.params.items() if k not in settings and k != option.key
-                           and not (k == "attacker_keys" and keep is None)}  # (not kept: gone)
-                rows.append(read(value, out, report.accuracy_after, report.seconds, kept=keep is not None,
-                                 results=results))
-            if progress is not None:
-                progress(len(values), len(values), f"{name} {param}")
-        result = SweepReport(name, option.key, params, str(model), str(data), seed, extract_reader.alpha,
-                             bundle.key_id, extract_reader.published, rows, str(plot) if plot else None)
-        if plot is not None:
-            from .plots import sweep_plot
+                    progress(len(values), len(values), f"{name} {param}")
+            result = SweepReport(name, option.key, params, str(model), str(data), seed, extract_reader.alpha,
+                                 bundle.key_id, extract_reader.published, rows, str(plot) if plot else None)
+            png = None
+            if plot is not None:
+                from .plots import sweep_plot
 
-            sweep_plot(result, plot, force=force)
+                png = sweep_plot(result)
+            with Outputs(force=force, inputs={"--model": model, "--data": data, "--keys": keys}) as outs:
+                for value in values if keep is not None else ():
+                    for made_at, path, flag, mode in zip(kept(Path(scratch), value), kept(Path(keep), value),
+                                                         ("--out", "--attacker-keys"), (None, BUNDLE_MODE),
+                                                         strict=True):
+                        if made_at is not None:  # (copied into the temporary file, which stays locked)
+                            shutil.copyfile(made_at, outs.add(path, flag, mode=mode))
+                if png is not None:
+                    outs.add(plot, "--plot").write_bytes(png)
     except BaseException:  # a failure or an interruption: the sweep leaves no output, as no command does
-        for path in reversed(made):
+        for path in made:
             with contextlib.suppress(OSError):
-                path.rmdir() if path.is_dir() else path.unlink()
+                path.rmdir()
         raise
     return result
 
@@ -807,9 +828,11 @@ def _victim_accuracy(model, data: str, arch, arch_kwargs, timeout: float | None,
 
 
 def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: _Reader,
-               verify_reader: _Reader | None, scratch: Path, arch, arch_kwargs, kept: bool = False,
-               results: dict | None = None) -> SweepRow:
-    """Read the owner's keys in one attacked model: extract as it is, verify from ONNX.
+               verify_reader: _Reader | None, scratch: Path, arch, arch_kwargs, named: str | None,
+               unnamed: str = "", results: dict | None = None) -> SweepRow:
+    """Read the owner's keys in one attacked model (`path`, in the scratch folder, or the victim):
+    extract as it is, verify from ONNX. The readings name the model `named` (where it is kept;
+    None: it is not, and `unnamed` says which it was), never the scratch folder's files.
     `results`: what the attack reported of its own at this strength."""
     from .results import SweepRow
 
@@ -820,8 +843,10 @@ def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: 
         if onnx_path.suffix.lower() != ".onnx":
             onnx_path = Path(scratch) / (Path(path).stem + ".onnx")
             export(path, onnx_path, arch=arch, arch_kwargs=arch_kwargs, force=True)
-        checked = verify_reader.read(onnx_path)
-    return SweepRow(value, accuracy, decision, checked, seconds, str(path) if kept else None, results or {})
+        checked = replace(verify_reader.read(onnx_path), model=named or unnamed)
+    decision = replace(decision, model=named or unnamed)
+    kept = None if value is None else named  # (the victim's row keeps nothing)
+    return SweepRow(value, accuracy, decision, checked, seconds, kept, results or {})
 
 
 def _attack_out_kind(name: str, out: str | Path, writes: tuple[str, ...]) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,16 +18,14 @@ def _evidence(p: float) -> float:
     return -math.log10(max(p, _P_FLOOR))
 
 
-def sweep_plot(report: SweepReport, path: str | Path, *, force: bool = False) -> None:
+def sweep_plot(report: SweepReport) -> bytes:
     """Accuracy and each watermark's evidence (-log10 p, extract's reading) against the attack's
-    strength, in one figure; the victim's accuracy, the literature's "removed" line (5 points
-    below it) and alpha drawn across."""
+    strength, in one figure (a PNG file's bytes); the victim's accuracy, the literature's
+    "removed" line (5 points below it) and alpha drawn across."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a screen
     import matplotlib.pyplot as plt
-
-    from .fileio import Outputs
 
     victim, attacked = report.rows[0], report.rows[1:]
     numeric = all(isinstance(r.value, (int, float)) for r in attacked)
@@ -53,8 +51,7 @@ def sweep_plot(report: SweepReport, path: str | Path, *, force: bool = False) ->
     acc_ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="lower left")
     acc_ax.set_title(f"deepsigns attack {report.attack}: what the owner's keys still read", fontsize=9)
     fig.tight_layout()
-    with Outputs(force=force) as outs:
-        tmp = outs.add(path, "--plot")
-        with open(tmp, "wb") as fh:
-            fig.savefig(fh, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    return png.getvalue()

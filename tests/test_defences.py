@@ -287,8 +287,10 @@ def test_a_sweep_reads_the_owners_keys_at_every_strength(prune_sweep, marked):
     assert hidden(heavy["extract"])["bit_errors"] > hidden(light["extract"])["bit_errors"]
     assert report["param"] == "rate" and report["commitment"] and report["alpha"] == 1e-9
     assert rows[0]["verify"] is None  # the bundle has no black-box scheme: nothing to verify
-    for row in rows[1:]:  # --out: every attacked model kept
-        assert (folder / "kept" / f"prune-rate-{row['value']}.safetensors").is_file()
+    for row in rows[1:]:  # --out: every attacked model kept, and named where it is kept
+        path = folder / "kept" / f"prune-rate-{row['value']}.safetensors"
+        assert path.is_file() and row["model"] == row["extract"]["model"] == str(path)
+    assert victim["extract"]["model"] == str(marked.marked) and victim["model"] is None
     assert (folder / "prune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -308,9 +310,26 @@ def test_a_sweep_verifies_black_box_marks_from_onnx(blackbox):
     report = run_json("attack", "noise", "--model", blackbox["marked_path"], "--sweep", "sigma=0,2",
                       "--keys", blackbox["keys"])
     victim, none, strong = report["rows"]
+    # (each reading named its model by a scratch file's path, removed before the report was printed)
+    assert victim["verify"]["model"] == victim["extract"]["model"] == str(blackbox["marked_path"])
+    assert none["verify"]["model"] == none["extract"]["model"] == "noise sigma=0.0, not kept" and none["model"] is None
     assert victim["verify"]["detected"] and none["verify"]["detected"]
     assert none["verify"]["results"][0]["matches"] == 20
     assert strong["verify"]["results"][0]["matches"] < 20
+
+
+def test_a_sweep_keeps_each_attackers_bundle_and_its_record_names_it_where_it_is_kept(marked, tmp_path):
+    """A sweep makes its models in a scratch folder and keeps them at the end: the record in a
+    kept model named the attacker's bundle by its scratch path."""
+    kept = tmp_path / "kept"
+    report = run_json("attack", "overwrite", "--model", marked.marked, "--scheme", "hidden", "--sweep", "epochs=1",
+                      "--keys", marked.keys, "--out", kept)
+    model, bundle = kept / "overwrite-epochs-1.safetensors", kept / "overwrite-epochs-1.attacker.dskey"
+    assert report["rows"][1]["results"]["attacker_keys"] == str(bundle) and report["rows"][1]["model"] == str(model)
+    assert bundle.stat().st_mode & 0o777 == 0o600
+    record = json.dumps(run_json("inspect", model))
+    assert f'"attacker_keys": "{bundle}"' in record and "deepsigns-sweep-" not in record
+    assert run_json("extract", "--model", model, "--keys", bundle)["detected"]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -411,22 +430,35 @@ def test_a_sweep_report_is_json(prune_sweep):
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_leaves_nothing_behind(marked, tmp_path):
-    """SIGTERM once the first strength's model is kept: exit 143, and the folder the sweep made
-    is gone with the models it kept, as any command's outputs are."""
-    kept = tmp_path / "a" / "kept"
+@pytest.mark.parametrize("before", [False, True], ids=["new-folder", "forced-over-a-kept-model"])
+def test_an_interrupted_sweep_leaves_nothing_behind(marked, tmp_path, before):
+    """SIGTERM once the first strength's model is made: exit 143, and the folder the sweep made is
+    gone, as any command's outputs are. With --force over a folder that held a model of that
+    name from before, the model from before was removed too (each strength was committed on its
+    own, and a failure removed what the sweep had committed): the folder is as it was."""
+    kept, scratch = tmp_path / "a" / "kept", tmp_path / "tmp"
+    scratch.mkdir()
+    if before:
+        kept.mkdir(parents=True)
+        (kept / "finetune-epochs-1.safetensors").write_bytes(b"an earlier sweep's model")
     proc = subprocess.Popen(
         [*deepsigns_argv(), "attack", "finetune", "--model", str(marked.marked), "--keys", str(marked.keys),
-         "--sweep", "epochs=1,100000", "--device", "cpu", "--out", str(kept)],
-        env=process_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         "--sweep", "epochs=1,100000", "--device", "cpu", "--out", str(kept), *(["--force"] if before else [])],
+        env=process_env({"TMPDIR": str(scratch)}), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
     with reaped(proc):
         deadline = time.monotonic() + 180
-        while not (kept / "finetune-epochs-1.safetensors").exists():
+        while not list(scratch.glob("deepsigns-sweep-*/finetune-epochs-1.safetensors")):
             assert proc.poll() is None, proc.stderr.read().decode(errors="replace")
-            assert time.monotonic() < deadline, "the sweep never kept its first model"
+            assert time.monotonic() < deadline, "the sweep never made its first model"
             time.sleep(0.1)
         time.sleep(1.0)  # (into the second strength's training)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 143, proc.stderr.read().decode(errors="replace")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+    if before:
+        assert [p.name for p in kept.iterdir()] == ["finetune-epochs-1.safetensors"]
+        assert (kept / "finetune-epochs-1.safetensors").read_bytes() == b"an earlier sweep's model"
+    else:
+        assert [p.name for p in tmp_path.iterdir()] == ["tmp"]
