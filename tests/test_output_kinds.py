@@ -165,7 +165,9 @@ def test_constant_label_model_is_not_claimed(owner, tmp_path, which):
     hits = int((y == label).sum())
     assert out["output_kind"] == "labels"
     assert out["matches"] == hits  # the keys labelled `label`, nothing more
-    assert out["p_value"] == pytest.approx(stats.matches_p_value(hits, len(y), 9))
+    # chance among the labels it gives: its largest label plus one (label 0 alone: no chance at all)
+    assert out["num_classes"] == label + 1
+    assert out["p_value"] == pytest.approx(stats.matches_p_value(hits, len(y), max(label, 1)))
 
 
 def test_label_outside_the_classes_never_matches(owner, tmp_path):
