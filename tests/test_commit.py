@@ -404,25 +404,40 @@ time.sleep(600)
 """
 
 
+def _holder(target: Path, scratch: Path) -> tuple[subprocess.Popen, list[Path]]:
+    """A live command that holds its temporary file for `target` and a scratch file in `scratch`:
+    (the process, [the two files])."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(target)], env={**ENV, "TMPDIR": str(scratch)},
+                            stdout=subprocess.PIPE, text=True)
+    return proc, [Path(p) for p in proc.stdout.readline().split()]
+
+
+def _left_by_a_killed_command(target: Path, scratch: Path) -> list[Path]:
+    """What a command killed outright (SIGKILL) left: its temporary file for `target`, its scratch file."""
+    killed, left = _holder(target, scratch)
+    killed.kill()
+    killed.wait()
+    killed.stdout.close()
+    return left
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch) -> Path:
+    """A temporary folder of the test's own (tempfile's, and its processes' TMPDIR)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
 def test_what_a_killed_command_left_is_removed_by_the_next_one_and_what_a_live_one_holds_is_not(tmp_path,
-                                                                                              monkeypatch):
+                                                                                              scratch):
     """SIGKILL (the out-of-memory killer) gives a command no chance to clean up: every run of
     `--nproc 2` whose second process was killed left that process's scratch files in /tmp (187
     of them here), and a killed first process its `.part` file next to the output."""
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     target = tmp_path / "m.safetensors"
-
-    def holder():
-        proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(target)], env={**ENV, "TMPDIR": str(scratch)},
-                                stdout=subprocess.PIPE, text=True)
-        return proc, [Path(p) for p in proc.stdout.readline().split()]
-
-    killed, left = holder()
-    killed.kill()
-    killed.wait()
-    live, held = holder()
+    left = _left_by_a_killed_command(target, scratch)
+    live, held = _holder(target, scratch)
     try:
         with pytest.raises(KeyError), fileio.Outputs(force=False) as young:  # (a file less than a minute
             young.add(target), young.scratch(".onnx")                        # old may be about to be locked)
@@ -441,37 +456,23 @@ def test_what_a_killed_command_left_is_removed_by_the_next_one_and_what_a_live_o
     assert partial_files(tmp_path) == [held[0].name] and os.listdir(scratch) == [held[1].name]
 
 
-def test_a_failed_runs_launcher_removes_what_its_killed_processes_left_since_it_began(tmp_path, monkeypatch):
+def test_a_failed_runs_launcher_removes_what_its_killed_processes_left_since_it_began(tmp_path, scratch):
     """`sweep_run`: at once, not a minute later, but only what was made since the run began and
     is held by no process (a live command's files, and an older command's leftovers, stay)."""
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     target = tmp_path / "m.safetensors"
-
-    def holder():
-        proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(target)], env={**ENV, "TMPDIR": str(scratch)},
-                                stdout=subprocess.PIPE, text=True)
-        return proc, [Path(p) for p in proc.stdout.readline().split()]
-
-    older, before = holder()
-    older.kill()
-    older.wait()
+    before = _left_by_a_killed_command(target, scratch)
     for path in before:
         os.utime(path, (time.time() - 30,) * 2)
     began = time.time() - 1
-    killed, left = holder()
-    killed.kill()
-    killed.wait()
-    live, held = holder()
+    left = _left_by_a_killed_command(target, scratch)
+    live, held = _holder(target, scratch)
     try:
         fileio.sweep_run([str(target)], began)
         assert not any(p.exists() for p in left) and all(p.exists() for p in before + held)
     finally:
         live.kill()
         live.wait()
-        for proc in (older, killed, live):
-            proc.stdout.close()
+        live.stdout.close()
 
 
 _FOLDER_HOLDER = """
