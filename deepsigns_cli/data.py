@@ -669,6 +669,8 @@ def _image_folder(root: Path, image_size: int | None, preprocess: dict | None) -
                              (preprocess["channels"], preprocess["image_size"], preprocess["image_size"]))
               for split in ("train", "test")}
     name = shown(root.resolve().name or root)
+    if name in BUILTIN_DATASETS:  # (a folder named digits: its models' records must not say the bundled set)
+        name += "/"
     return Dataset(name, splits["train"], labels["train"], splits["test"], labels["test"],
                    num_classes=len(classes), preprocess=preprocess)
 

@@ -98,6 +98,15 @@ def test_files_that_are_not_images_are_passed_over(folder, tmp_path):
     assert np.array_equal(data.x_test[:], plain.x_test[:]) and np.array_equal(data.y_test, plain.y_test)
 
 
+def test_a_folder_named_like_the_bundled_data_set_is_recorded_as_a_folder(folder, tmp_path):
+    """A folder named digits had been recorded as "digits", the bundled set's name: a model's
+    provenance could not tell the two apart (and --data digits is the bundled set: ./digits the folder)."""
+    imgs = _copy(folder, tmp_path / "here")
+    named = imgs.rename(imgs.parent / "digits")
+    assert load_data(str(named)).name == "digits/" and load_data("digits").name == "digits"
+    assert load_data(str(folder)).name == folder.name
+
+
 def test_one_grayscale_image_first_does_not_make_a_colour_set_grayscale(folder, tmp_path):
     """The first training image alone had decided the channels: a grayscale one that sorted
     first made the whole colour set train on one channel, unsaid. A set all grayscale is."""
