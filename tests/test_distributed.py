@@ -335,3 +335,18 @@ def test_nproc_inside_torchrun_is_refused_and_a_world_of_one_is_not_torchrun(tmp
     proc = run_proc(*args, env={**ENV, "WORLD_SIZE": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert api.inspect(tmp_path / "m.safetensors").kind == "checkpoint"
+
+
+def test_a_killed_process_is_named_whichever_failure_torchrun_calls_the_root_cause():
+    """torchrun may observe a killed process and the one that then failed in the same instant,
+    and name either the root cause: the killed one is named all the same."""
+    from deepsigns_cli.cli.launch import _killed
+
+    def block(rank: int, code: int) -> str:
+        return f"[0]:\n  time      : t\n  host      : localhost\n  rank      : {rank} (local_rank: {rank})\n" \
+               f"  exitcode  : {code} (pid: 7)\n  error_file: <N/A>\n"
+
+    line = "process 1 of 2 was killed by SIGKILL (the out-of-memory killer, or kill -9); nothing was written"
+    assert _killed(f"Failures:\n{block(0, 2)}Root Cause (first observed failure):\n{block(1, -9)}", 2) == line
+    assert _killed(f"Failures:\n{block(1, -9)}Root Cause (first observed failure):\n{block(0, 2)}", 2) == line
+    assert _killed(f"Root Cause (first observed failure):\n{block(0, 2)}", 2) is None

@@ -29,6 +29,8 @@ __all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "rel
 
 #: a line of torch's own log (glog's prefix: level, date, time), as torchrun and c10d print them
 _TORCH_LOG = re.compile(r"\[?[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
+#: a process that a signal ended, in torchrun's summary of a failed run ("rank : 1 ...", then "exitcode : -9 ...")
+_SIGNALLED = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*-(\d+)", re.M)
 _STOP_SECONDS = 60  # what an interrupted run's launcher is given to stop its processes
 
 
@@ -118,19 +120,19 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
 
 
 def _killed(stderr: str, nproc: int) -> str | None:
-    """The error line for a run whose first failure, in torchrun's summary, was a process ended
-    by a signal; None otherwise."""
-    cause = stderr.rpartition("Root Cause")[2]
-    rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.M)
-    code = re.search(r"^\s*exitcode\s*:\s*-(\d+)", cause, re.M)
-    if not (rank and code):
+    """The error line for a run of which torchrun's summary names a process ended by a signal
+    (as its root cause, or among the failures: the others that then failed may be observed in
+    the same instant); None otherwise."""
+    found = _SIGNALLED.search(stderr.rpartition("Root Cause")[2]) or _SIGNALLED.search(stderr)
+    if found is None:
         return None
+    rank, number = found.groups()
     try:
-        name = signal.Signals(int(code[1])).name
+        name = signal.Signals(int(number)).name
     except ValueError:
-        name = f"signal {code[1]}"
+        name = f"signal {number}"
     why = " (the out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
-    return f"process {rank[1]} of {nproc} was killed by {name}{why}; nothing was written"
+    return f"process {rank} of {nproc} was killed by {name}{why}; nothing was written"
 
 
 def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, tuple[str, ...]]:
