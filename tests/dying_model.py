@@ -1,10 +1,14 @@
-"""A model and a data factory for tests/test_distributed.py: an MLP whose process dies (SIGKILL) on the RANK that
-DEEPSIGNS_TEST_DIE names, after a few steps, as a worker that runs out of memory would."""
+"""A model and data factories for tests/test_distributed.py: an MLP whose process dies (SIGKILL) on the RANK that
+DEEPSIGNS_TEST_DIE names, after a few steps, as a worker that runs out of memory would; and that, where
+DEEPSIGNS_TEST_TRAINING names a path, makes PATH.RANK as its process starts training, then trains slowly (a
+test can stop a run while it trains, without waiting a guessed time or keeping the cores busy meanwhile)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 from torch import nn
 
@@ -23,6 +27,10 @@ class Net(nn.Module):
         self.calls += 1
         if os.environ.get("DEEPSIGNS_TEST_DIE") == os.environ.get("RANK", "0") and self.calls > 20:
             os.kill(os.getpid(), signal.SIGKILL)
+        training = os.environ.get("DEEPSIGNS_TEST_TRAINING")
+        if training and self.training:
+            Path(f"{training}.{os.environ.get('RANK', '0')}").touch()
+            time.sleep(0.05)
         return self.head(self.body(x))
 
 
