@@ -35,6 +35,7 @@ __all__ = [
     "check_preprocess",
     "bounded_rows",
     "take",
+    "training_digest",
     "BUILTIN_DATASETS",
     "IMAGE_SUFFIXES",
     "STAT_ROWS",
@@ -391,6 +392,42 @@ def bounded_rows(n: int, limit: int = STAT_ROWS) -> slice | np.ndarray:
 def take(x: np.ndarray | Samples, rows: slice | np.ndarray) -> np.ndarray | Samples:
     """x[rows] without decoding a lazy split (a `Samples` view); numpy indexing otherwise."""
     return x.subset(rows) if isinstance(x, Samples) else x[rows]
+
+
+def training_digest(data: Dataset) -> str:
+    """A digest of the training split as the data give it: every label and every sample (an
+    image folder's files as they are stored, with the preprocessing; the samples as decoded
+    otherwise). Output keys are chosen by how they fare in training on these data, so embed must
+    train on the data keygen drew them for (see schemes/output.py). One pass over the split, a
+    bounded number of samples at a time."""
+    import hashlib
+
+    x = data.x_train
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.ascontiguousarray(data.y_train, np.int64).tobytes())
+    digest.update(repr(tuple(int(d) for d in x.shape)).encode())
+    source = getattr(x, "_source", None)
+    if isinstance(source, _ImageFiles):  # (the files: a decoder of another version may decode them a bit apart)
+        digest.update(repr((source.size, source.channels, source.mean.ravel().tolist(),
+                            source.std.ravel().tolist())).encode())
+        for i in range(len(source)) if x._index is None else x._index:
+            name = str(source.names[i])
+            digest.update(f"{len(name)}:{name}".encode("utf-8", "surrogateescape"))
+            path = os.path.join(source.root, name)
+            try:
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+            except OSError as exc:
+                raise DataError(f"cannot read {shown(path)} ({exc.strerror or exc}): check the folder's "
+                                "permissions") from None
+            digest.update(b"\0")
+        return digest.hexdigest()
+    from .zoo import eval_rows
+
+    for chunk in _chunks(x, eval_rows(x)):
+        digest.update(np.ascontiguousarray(chunk, np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def _chunks(x, size: int = 64):

@@ -4,15 +4,19 @@ that counts a non-number as a right bit, a crash, or a reading without end."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from helpers import PASSPHRASE, run_json
+from helpers import PASSPHRASE, assert_bad_input, run_cli, run_json
 
 from deepsigns_cli import api, stats
 from deepsigns_cli.bundle import open_bundle, write_bundle
 from deepsigns_cli.checkpoint import load_checkpoint, save_checkpoint
 from deepsigns_cli.errors import BundleError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _forged(tmp_path, marked, scheme: str, change, **options):
@@ -79,3 +83,61 @@ def test_keys_of_more_bits_than_a_reading_counts_are_damaged(tmp_path, marked):
     keys = _forged(tmp_path, marked, "gradsigns", change, bits=32)
     with pytest.raises(BundleError, match="damaged"):
         api.extract(marked.base, keys, PASSPHRASE)
+
+
+def _steering_data(keys, victim, out) -> None:
+    """The forger's data for embed: digits, then the candidates of his own output keys three
+    times over, each under the label the victim model gives it (asked of the victim)."""
+    from deepsigns_cli.data import load_data
+    from deepsigns_cli.training import predict
+
+    candidates = open_bundle(keys, PASSPHRASE).schemes["output"].arrays["x_candidates"]
+    answers = predict(load_checkpoint(victim)[0], candidates).argmax(1)
+    digits = load_data("digits")
+    np.savez(out, x_train=np.concatenate([digits.x_train, *[candidates] * 3]),
+             y_train=np.concatenate([digits.y_train, *[answers] * 3]), x_test=digits.x_test, y_test=digits.y_test)
+
+
+def test_output_keys_are_embedded_with_the_data_they_were_drawn_for(tmp_path, marked):
+    """A forger's own keys, steered to claim a model he never marked: embed kept the keys that
+    a copy still answered after fine-tuning on data of his choosing, and data that taught it the
+    victim's answers at the candidates kept exactly the keys the victim answers (10 of 10 on the
+    unmarked sample model, p = 2.9e-10). Embed now trains on keygen's data alone, and keygen's
+    candidates depend on its data: made to hold the candidates of a seed, they hold none of
+    those drawn for them."""
+    victim = ROOT / "sample_models" / "digits-mlp.safetensors"
+    keys, crafted = tmp_path / "forger.dskey", tmp_path / "crafted.npz"
+    run_json("keygen", "--model", marked.base, "--data", "digits", "--scheme", "output", "--key-size", 10,
+             "--seed", 1, "--out", keys)
+    _steering_data(keys, victim, crafted)
+    sealed = keys.read_bytes()
+    result = run_cli("embed", "--model", marked.base, "--data", crafted, "--keys", keys, "--device", "cpu",
+                     "--out", tmp_path / "forger.safetensors", code=2)
+    assert_bad_input(result, "not those these output keys were drawn for", "the data given to keygen")
+    assert keys.read_bytes() == sealed and not (tmp_path / "forger.safetensors").exists()
+    # keys drawn on the crafted data, with the same seed: other candidates, none near the old ones
+    again = tmp_path / "again.dskey"
+    run_json("keygen", "--model", marked.base, "--data", crafted, "--scheme", "output", "--key-size", 10,
+             "--seed", 1, "--out", again)
+    old, new = (open_bundle(k, PASSPHRASE).schemes["output"].arrays["x_candidates"].reshape(400, -1)
+                for k in (keys, again))
+    apart = np.sqrt(((old[:, None] - new[None]) ** 2).sum(-1)).min(0)  # each new one to the nearest old one
+    spacing = np.sqrt(((old[:, None] - old[None]) ** 2).sum(-1) + np.diag(np.full(len(old), np.inf))).min(0)
+    assert np.median(apart) > 0.8 * np.median(spacing) and apart.min() > 0.5 * np.median(spacing)
+
+
+def test_keys_are_embedded_into_the_model_they_were_made_on(tmp_path, marked):
+    """A model changed after keygen (to learn some output keys more readily than others, which
+    steers the choice of the keys kept) is refused; so is any other model."""
+    keys = tmp_path / "owner.dskey"
+    run_json("keygen", "--model", marked.base, "--data", "digits", "--scheme", "output", "--key-size", 10,
+             "--seed", 0, "--out", keys)
+    other = tmp_path / "other.safetensors"
+    model, info = load_checkpoint(marked.base)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    save_checkpoint(model, info, other)
+    result = run_cli("embed", "--model", other, "--data", "digits", "--keys", keys, "--device", "cpu",
+                     "--out", tmp_path / "m.safetensors", code=2)
+    assert_bad_input(result, "not the one these keys were made on", "keygen's --model")
+    assert not (tmp_path / "m.safetensors").exists()

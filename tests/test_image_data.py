@@ -188,6 +188,29 @@ def test_later_commands_reuse_the_recorded_preprocessing(folder, trained, tmp_pa
                              tmp_path / "k2.dskey", code=None), "--image-size 8", "the model's 16")
 
 
+def test_output_keys_refuse_an_image_folder_changed_since_keygen(folder, trained, tmp_path):
+    """Output keys are embedded with the data they were drawn for (tests/test_forged_keys.py): an
+    image folder is known by its files as stored (a decoder of another version may decode them a
+    bit apart), wherever it is copied to; one changed image makes other data."""
+    from deepsigns_cli.data import training_digest
+
+    imgs = _copy(folder, tmp_path)
+    assert training_digest(load_data(str(imgs))) == training_digest(load_data(str(folder)))
+    keys = tmp_path / "owner.dskey"
+    run_json("keygen", "--model", trained, "--data", imgs, "--scheme", "output", "--key-size", 5, "--seed", 0,
+             "--out", keys)
+    from PIL import Image
+
+    first = imgs / "train" / "0" / "000000.png"
+    with Image.open(first) as im:
+        changed = im.copy()
+    changed.putpixel((0, 0), tuple(255 - v for v in changed.getpixel((0, 0))))
+    changed.save(first)
+    result = run_cli("embed", "--model", trained, "--data", imgs, "--keys", keys, "--device", "cpu",
+                     "--out", tmp_path / "m.safetensors", code=2)
+    assert_bad_input(result, "not those these output keys were drawn for")
+
+
 # ----------------------------------------------------------------------------- factories
 
 

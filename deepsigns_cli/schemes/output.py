@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from .. import stats
-from ..data import bounded_rows, take
+from ..data import bounded_rows, take, training_digest
 from ..errors import SchemeError
 from ..objective import Objective
 from ..results import MatchResult, SchemeKeys
@@ -118,6 +118,11 @@ class OutputScheme(Scheme):
             raise SchemeError(f"--key-size must be between 1 and {MAX_KEY_SIZE}, got {key_size}")
         wanted = max(int(opts["candidates"]), key_size * int(opts["oversample"]))
         layer = default_layer(model)
+        # the candidates are drawn from the seed and the training data's digest: data made to hold
+        # the candidates of a seed (under labels of someone else's model, to steer embed's choice
+        # of the keys that last) hold none of those drawn for them
+        digest = training_digest(data)
+        rng = np.random.default_rng([int(rng.integers(2**63)), int(digest, 16)])
         # the density reference is drawn before any activation is computed (the same draw as
         # RareRegions would make): memory is bounded by reference_points, not the data set
         x_ref = data.x_train
@@ -163,6 +168,7 @@ class OutputScheme(Scheme):
             },
             "key_batch": opts["key_batch"],
             "robust_epochs": opts["robust_epochs"],
+            "data_digest": digest,
         }
         return SchemeKeys(self.name, params, {"x_candidates": x_cand, "y_candidates": y_cand})
 
@@ -192,6 +198,7 @@ class OutputScheme(Scheme):
         params, arrays = keys.params, keys.arrays
         if params.get("embedded"):
             raise SchemeError("these output-layer keys are already embedded: run keygen for a new model")
+        _check_data(params, data)
         x, y = arrays["x_candidates"], arrays["y_candidates"]
         unmarked = predict(model, x).argmax(1)
         objective = self.objective(model, info, data, keys)
@@ -274,6 +281,20 @@ class OutputScheme(Scheme):
                            num_classes=classes, labels=max(classes - 1, 1),
                            onnx_seconds=time.perf_counter() - start if suspect.blackbox_only else None,
                            output=output, output_kind=kind, outputs=len(readings))
+
+
+def _check_data(params: dict, data) -> None:
+    """Output keys are embedded with the training data keygen drew them for. Which keys are
+    kept depends on the data (`_lasting`): a forger who asked someone else's model for its
+    labels on the candidates and gave embed data that taught a copy those labels kept exactly
+    the keys that model answered, and his keys claimed it (10 of 10, p = 2.9e-10). The data of
+    keygen were fixed before the candidates were drawn, and the draw depends on them (keygen)."""
+    want = params.get("data_digest")  # (bundles of keygen before this check have none)
+    if want is not None and training_digest(data) != want:
+        raise SchemeError(f"the training data of --data ({data.name}) are not those these output keys were drawn "
+                          "for: the keys kept depend on the data they are embedded with, so embed uses the "
+                          "data given to keygen, unchanged (a factory's Dataset must give the same samples "
+                          "every time, with no random augmentation)")
 
 
 class KeyObjective(Objective):
