@@ -288,7 +288,9 @@ def _check_data(params: dict, data) -> None:
     kept depends on the data (`_lasting`): a forger who asked someone else's model for its
     labels on the candidates and gave embed data that taught a copy those labels kept exactly
     the keys that model answered, and his keys claimed it (10 of 10, p = 2.9e-10). The data of
-    keygen were fixed before the candidates were drawn, and the draw depends on them (keygen)."""
+    keygen were fixed before the candidates were drawn, and the draw depends on them (keygen).
+    A model and data prepared from another model's answers on random inputs, given to keygen
+    and embed alike, still tilt the choice (README, `dispute`)."""
     want = params.get("data_digest")  # (bundles of keygen before this check have none)
     if want is not None and training_digest(data) != want:
         raise SchemeError(f"the training data of --data ({data.name}) are not those these output keys were drawn "
