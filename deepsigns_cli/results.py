@@ -124,6 +124,9 @@ class MatchResult(SchemeResult):
     output: str | None = None  # the model's output the answers were read from
     output_kind: str | None = None  # its kind: scores, probabilities or labels
     outputs: int = 1  # the model's outputs read, the best kept: all counted in the p-value
+    # (candidates, pool): the keys were drawn from a pool embed chose among that many candidates,
+    # counted in the p-value at its worst (every candidate the model hits in the pool); None: no choice
+    chosen_from: tuple[int, int] | None = None
 
     def __post_init__(self):
         if not self.labels and self.num_classes >= 2:  # a key's label avoids the unmarked model's
@@ -131,7 +134,12 @@ class MatchResult(SchemeResult):
 
     def apply(self, alpha: float) -> None:
         super().apply(alpha)
-        self.max_mismatches = stats.max_mismatches(self.keys, max(1, self.labels), alpha / max(1, self.outputs))
+        each = alpha / max(1, self.outputs)
+        if self.chosen_from is None or self.labels < 2:
+            self.max_mismatches = stats.max_mismatches(self.keys, max(1, self.labels), each)
+        else:
+            ps = stats.chosen_matches_p_values(self.keys, self.labels, *self.chosen_from)
+            self.max_mismatches = max((self.keys - m for m in range(self.keys + 1) if ps[m] <= each), default=-1)
 
     def evidence(self) -> tuple[str, str]:
         from .errors import one_line

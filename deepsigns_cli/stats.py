@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from math import comb, isfinite
+from math import comb, isfinite, lgamma, log, log1p
 
 __all__ = [
     "bits_p_value",
     "matches_p_value",
     "max_bit_errors",
     "max_mismatches",
+    "chosen_matches_p_values",
     "bonferroni",
     "smallest_bits_p_value",
     "check_alpha",
@@ -78,6 +79,37 @@ def max_mismatches(n_keys: int, n_classes: int, alpha: float) -> int:
             break
         worst = mism
     return worst
+
+
+def chosen_matches_p_values(n_keys: int, n_classes: int, candidates: int, pool: int) -> list[float]:
+    """p-values for m = 0..K matches of K keys drawn at random from a `pool` of `candidates`
+    chosen by a test that may favour the labels an unrelated model gives (the output scheme's
+    keys that last): the worst case, every candidate whose label the model hits (each with
+    chance 1/C) in the pool. Sum over M ~ Binomial(candidates, 1/C) of P[Hypergeometric(pool,
+    min(M, pool), K) >= m]. In floating point (log-gamma), one (pool x K) table: exact integers
+    would cost minutes at the largest key sets; its rounding is far below any alpha."""
+    import numpy as np
+
+    k, n = n_keys, candidates
+    if not (1 <= k <= pool <= n and n_classes >= 2):
+        raise ValueError(f"keys {k}, pool {pool}, candidates {n} and classes {n_classes}: need "
+                         "1 <= keys <= pool <= candidates and 2 classes or more")
+    log_factorial = np.array([lgamma(i + 1) for i in range(n + 1)])
+
+    def log_comb(a, b):  # (0 <= b <= a <= n, elementwise)
+        return log_factorial[a] - log_factorial[b] - log_factorial[a - b]
+
+    hits = np.arange(n + 1)
+    weight = np.exp(log_comb(n, hits) - hits * log(n_classes) + (n - hits) * log1p(-1 / n_classes))
+    in_pool = weight[: pool + 1].copy()
+    in_pool[pool] = weight[pool:].sum()  # (as many hits as the pool holds, or more: all of it hits)
+    a = np.arange(pool + 1)[:, None]  # hits in the pool
+    j = np.arange(k + 1)[None, :]  # of them among the K drawn
+    possible = (j <= a) & (k - j <= pool - a)
+    log_pmf = np.where(possible, log_comb(a, np.minimum(j, a)) + log_comb(pool - a, np.clip(k - j, 0, pool - a))
+                       - log_comb(pool, k), -np.inf)
+    tail = np.cumsum(np.exp(log_pmf)[:, ::-1], axis=1)[:, ::-1]  # P[drawn hits >= m], m = 0..K
+    return [1.0, *(min(1.0, float(p)) for p in (in_pool @ tail)[1:])]
 
 
 def bonferroni(p: float, tries: int) -> float:

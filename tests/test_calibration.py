@@ -201,3 +201,42 @@ def test_the_output_check_catches_a_miscalibrated_p_value(rate):
     assert _output_calibrated(honest, matches, OUTPUT_KEYS, 9) == []
     assert _output_calibrated([p / 4 for p in honest], matches, OUTPUT_KEYS, 9) != []
     assert _output_calibrated([1.0] * KEY_SETS, matches, OUTPUT_KEYS, 9) != []
+
+
+# ----------------------------------------------------------------- keys drawn from a chosen pool
+
+
+def _steered_p_values(seed: int, trials: int, candidates: int, pool: int, keys: int, labels: int):
+    """(counted, uncounted) p-values of K keys drawn at random from a pool chosen by the worst
+    adversary: every candidate whose label the model hits (each with chance 1/labels) is put in
+    the pool first, as data that taught embed's thief-copy another model's answers had done."""
+    rng = np.random.default_rng(seed)
+    counted = stats.chosen_matches_p_values(keys, labels, candidates, pool)
+    got = []
+    for _ in range(trials):
+        hits = rng.random(candidates) < 1 / labels
+        order = np.concatenate([np.flatnonzero(hits), rng.permutation(np.flatnonzero(~hits))])
+        kept = order[:pool]
+        m = int(hits[rng.choice(kept, size=keys, replace=False)].sum())
+        got.append((counted[m], stats.matches_p_value(m, keys, labels)))
+    return [c for c, _ in got], [u for _, u in got]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_keys_drawn_from_a_chosen_pool_count_the_choice(seed):
+    """embed draws output keys among those that last; a forger who steered which last had 59 of
+    200 keys claim a model at p = 1.3e-12 with the choice uncounted. Counted at its worst,
+    p <= level at most as often as the level says, under the very adversary that made the
+    uncounted p-value claim at will."""
+    counted, uncounted = _steered_p_values(seed, KEY_SETS, candidates=120, pool=40, keys=20, labels=9)
+    for level in (0.01, 0.05, 0.25):
+        _, hi = _binomial_interval(len(counted), level)
+        assert sum(p <= level for p in counted) <= hi, level
+    assert sum(p <= 0.01 for p in uncounted) > 0.5 * len(uncounted)  # (the adversary is real)
+
+
+def test_a_pool_of_every_candidate_counts_nothing():
+    for keys, labels in ((20, 9), (100, 9), (7, 2)):
+        chosen = stats.chosen_matches_p_values(keys, labels, 4 * keys, 4 * keys)
+        for m in range(keys + 1):
+            assert chosen[m] == pytest.approx(stats.matches_p_value(m, keys, labels), rel=1e-9, abs=1e-300)

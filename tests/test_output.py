@@ -34,7 +34,7 @@ def _baseline(digits, seed, arch_kwargs=SMALL, epochs=15):
     return model, info
 
 
-def _mark(digits, seed, key_size=10, schemes=("output",), **baseline):
+def _mark(digits, seed, key_size=20, schemes=("output",), **baseline):
     model, info = _baseline(digits, seed, **baseline)
     bundle = api.make_keys(model, info, digits, list(schemes),
                            {"output": {"key_size": key_size}, "hidden": {"bits": 32}}, seed=seed)
@@ -108,8 +108,15 @@ def test_verify_exit_codes_and_report(owner):
     assert report["detected"] is True and report["alpha"] == DEFAULT_ALPHA
     assert res["scheme"] == "output" and res["keys"] == 20 and res["matches"] == 20
     assert res["mismatches"] == 0
-    assert res["max_mismatches"] == stats.max_mismatches(20, 9, DEFAULT_ALPHA)  # chance 1/(C - 1)
-    assert res["p_value"] == pytest.approx(0.1**20)
+    # chance 1/(C - 1), and the keys were drawn from a pool embed chose among the candidates: the
+    # choice is counted at its worst (every candidate the model hits in the pool)
+    candidates, pool = res["chosen_from"]
+    params = owner["bundle"].schemes["output"].params
+    assert (candidates, pool) == (params["candidates"], params["pool"]) and 20 <= pool < candidates == 400
+    ps = stats.chosen_matches_p_values(20, 9, candidates, pool)
+    assert res["p_value"] == pytest.approx(ps[20], rel=1e-9, abs=0) and ps[20] > (1 / 9) ** 20
+    assert res["max_mismatches"] == 20 - min(m for m in range(21) if ps[m] <= DEFAULT_ALPHA)
+    assert res["max_mismatches"] < stats.max_mismatches(20, 9, DEFAULT_ALPHA)
     base = run("verify", "--model", folder / "base.onnx", "--keys", folder / "owner.dskey", "--json")
     assert base.exit_code == 1, base.output
     assert json.loads(base.stdout)["detected"] is False

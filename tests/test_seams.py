@@ -34,7 +34,7 @@ def test_api_does_the_whole_flow_like_the_cli(tmp_path):
     train = api.train("mlp", base, arch_kwargs=SMALL, epochs=8, seed=3, device="cpu")
     assert train.out == str(base) and base.is_file() and train.test_accuracy > 80
     made = api.keygen(base, keys, PASSPHRASE, schemes=["hidden", "output"],
-                      options={"bits": 32, "key_size": 12}, seed=3)
+                      options={"bits": 32, "key_size": 20}, seed=3)
     assert made.schemes == ["hidden", "output"] and len(made.commitment) == 64
     # the passphrase may be a function: asked once the cheap checks have passed
     asked = []
@@ -47,10 +47,10 @@ def test_api_does_the_whole_flow_like_the_cli(tmp_path):
         assert decision.detected and [r.scheme for r in decision.results] == ["hidden", "output"]
         assert decision.results[0].bit_errors == 0
     verdict = api.verify(onnx, keys, PASSPHRASE)
-    assert verdict.detected and verdict.results[0].matches == 12
+    assert verdict.detected and verdict.results[0].matches == 20
     cli = run_json("verify", "--model", onnx, "--keys", keys)
     assert cli == api.report_json(verdict) | {"results": cli["results"]}
-    assert cli["results"][0]["matches"] == 12
+    assert cli["results"][0]["matches"] == 20
     assert not api.extract(base, keys, PASSPHRASE).detected
 
 
