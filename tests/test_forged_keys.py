@@ -141,3 +141,15 @@ def test_keys_are_embedded_into_the_model_they_were_made_on(tmp_path, marked):
                      "--out", tmp_path / "m.safetensors", code=2)
     assert_bad_input(result, "not the one these keys were made on", "keygen's --model")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_output_keys_whose_pool_does_not_fit_are_damaged(tmp_path, blackbox):
+    """The pool embed drew the keys from is counted in p: one smaller than the keys, larger than
+    the candidates, or not a number is refused, never read as no choice at all."""
+    for pool in (5, 10**6, "300", None):
+        bundle = open_bundle(blackbox["keys"], PASSPHRASE)
+        bundle.schemes["output"].params.update(pool=pool)
+        path = tmp_path / "forged.dskey"
+        write_bundle(bundle, path, PASSPHRASE)
+        with pytest.raises(BundleError, match="damaged"):
+            api.extract(blackbox["marked_path"], path, PASSPHRASE)

@@ -167,7 +167,13 @@ def test_constant_label_model_is_not_claimed(owner, tmp_path, which):
     assert out["matches"] == hits  # the keys labelled `label`, nothing more
     # chance among the labels it gives: its largest label plus one (label 0 alone: no chance at all)
     assert out["num_classes"] == label + 1
-    assert out["p_value"] == pytest.approx(stats.matches_p_value(hits, len(y), max(label, 1)))
+    # (the keys were drawn from a pool embed chose: the choice is counted at its worst)
+    params = owner["bundle"].schemes["output"].params
+    assert out["chosen_from"] == [params["candidates"], params["pool"]] and params["pool"] < params["candidates"]
+    chosen = stats.chosen_matches_p_values(len(y), label, params["candidates"], params["pool"])[hits] \
+        if label >= 2 and hits else stats.matches_p_value(hits, len(y), max(label, 1))
+    assert out["p_value"] == pytest.approx(chosen, rel=1e-9)
+    assert out["p_value"] >= stats.matches_p_value(hits, len(y), max(label, 1))
 
 
 def test_label_outside_the_classes_never_matches(owner, tmp_path):

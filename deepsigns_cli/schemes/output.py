@@ -184,6 +184,8 @@ class OutputScheme(Scheme):
                 and ys.min() >= 0 and ys.max() < keys.params["num_classes"]
                 and len(ys) <= (keys.params["key_size"] if keys.params.get("embedded") else 4 * MAX_KEY_SIZE)):
             self.damaged("keys that do not fit their labels")
+        if keys.params.get("embedded") and _choice(keys.params, len(ys)) is False:
+            self.damaged("a pool of keys that does not fit its candidates")
         return keys
 
     # ------------------------------------------------------------------ embed
@@ -254,7 +256,7 @@ class OutputScheme(Scheme):
         of 400 lasted, three seeds at the defaults)."""
         params, k = keys.params, int(keys.params["key_size"])
         if params.get("embedded"):
-            chosen = _choice(params, k)
+            chosen = _choice(params, k) or None
         else:
             n = len(keys.arrays["y_candidates"])
             chosen = (n, max(k, 3 * n // 4)) if k <= n and int(params.get("robust_epochs", 0)) > 0 else None
@@ -285,7 +287,7 @@ class OutputScheme(Scheme):
             matches = int((answers == arrays["y"]).sum())
             return matches, name, kind, note, classes, matches_p_value(matches, k, max(classes - 1, 1), chosen)
 
-        chosen = _choice(params, k)
+        chosen = _choice(params, k) or None
 
         # every output the model gives is read (each reading counted in p), the best kept
         readings = each_output(suspect, one)
@@ -297,15 +299,16 @@ class OutputScheme(Scheme):
                            output=output, output_kind=kind, outputs=len(readings))
 
 
-def _choice(params: dict, k: int) -> tuple[int, int] | None:
+def _choice(params: dict, k: int) -> tuple[int, int] | None | bool:
     """(candidates, pool) when embed drew the K keys from a pool it chose among the candidates
     (the keys that last); None when the keys are all there was (or keys of embed before the
-    count, which recorded no pool)."""
+    count, which recorded no pool); False for a pool that does not fit (`check` refuses it)."""
     n, pool = params.get("candidates"), params.get("pool")
-    if not (isinstance(n, int) and isinstance(pool, int)) or isinstance(n, bool) or isinstance(pool, bool):
+    if n is None and pool is None:
         return None
-    if not k <= pool <= n <= 4 * MAX_KEY_SIZE:
-        raise SchemeError("the bundle's output keys are damaged (a pool that does not fit its keys): make new keys")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, pool)) \
+            or not k <= pool <= n <= 4 * MAX_KEY_SIZE:
+        return False
     return (n, pool) if pool < n else None
 
 
