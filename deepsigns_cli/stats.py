@@ -1,8 +1,10 @@
-"""Exact binomial tails, p-values and decision thresholds (integer arithmetic, no approximations)."""
+"""Exact binomial tails, p-values and decision thresholds (integer arithmetic, no approximations;
+the count of a chosen pool of keys alone in floating point: see chosen_matches_p_values)."""
 
 from __future__ import annotations
 
 from fractions import Fraction
+from functools import lru_cache
 from math import comb, isfinite, lgamma, log, log1p
 
 __all__ = [
@@ -81,7 +83,8 @@ def max_mismatches(n_keys: int, n_classes: int, alpha: float) -> int:
     return worst
 
 
-def chosen_matches_p_values(n_keys: int, n_classes: int, candidates: int, pool: int) -> list[float]:
+@lru_cache(maxsize=32)  # (each output of a suspect, then the threshold: the same table)
+def chosen_matches_p_values(n_keys: int, n_classes: int, candidates: int, pool: int) -> tuple[float, ...]:
     """p-values for m = 0..K matches of K keys drawn at random from a `pool` of `candidates`
     chosen by a test that may favour the labels an unrelated model gives (the output scheme's
     keys that last): the worst case, every candidate whose label the model hits (each with
@@ -109,7 +112,7 @@ def chosen_matches_p_values(n_keys: int, n_classes: int, candidates: int, pool: 
     log_pmf = np.where(possible, log_comb(a, np.minimum(j, a)) + log_comb(pool - a, np.clip(k - j, 0, pool - a))
                        - log_comb(pool, k), -np.inf)
     tail = np.cumsum(np.exp(log_pmf)[:, ::-1], axis=1)[:, ::-1]  # P[drawn hits >= m], m = 0..K
-    return [1.0, *(min(1.0, float(p)) for p in (in_pool @ tail)[1:])]
+    return (1.0, *(min(1.0, float(p)) for p in (in_pool @ tail)[1:]))
 
 
 def bonferroni(p: float, tries: int) -> float:

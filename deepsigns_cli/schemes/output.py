@@ -259,8 +259,8 @@ class OutputScheme(Scheme):
             chosen = _choice(params, k) or None
         else:
             n = len(keys.arrays["y_candidates"])
-            chosen = (n, max(k, 3 * n // 4)) if k <= n and int(params.get("robust_epochs", 0)) > 0 else None
-            chosen = chosen if chosen is None or chosen[1] < n else None
+            pool = max(k, 3 * n // 4)
+            chosen = (n, pool) if int(params.get("robust_epochs", 0)) > 0 and pool < n else None
         return matches_p_value(k, k, int(params["num_classes"]) - 1, chosen)
 
     def read(self, suspect, keys) -> MatchResult:
@@ -327,7 +327,7 @@ def _check_data(params: dict, data) -> None:
     the keys that model answered, and his keys claimed it (10 of 10, p = 2.9e-10). The data of
     keygen were fixed before the candidates were drawn, and the draw depends on them (keygen).
     A model and data prepared from another model's answers on random inputs, given to keygen
-    and embed alike, still tilt the choice (README, `dispute`)."""
+    and embed alike, still tilted the choice (README, `dispute`): the p-value counts it (read)."""
     want = params.get("data_digest")  # (bundles of keygen before this check have none)
     if want is not None and training_digest(data) != want:
         raise SchemeError(f"the training data of --data ({data.name}) are not those these output keys were drawn "
