@@ -153,3 +153,19 @@ def test_output_keys_whose_pool_does_not_fit_are_damaged(tmp_path, blackbox):
         write_bundle(bundle, path, PASSPHRASE)
         with pytest.raises(BundleError, match="damaged"):
             api.extract(blackbox["marked_path"], path, PASSPHRASE)
+
+
+def test_output_keys_of_an_embed_before_the_count_still_count_the_choice(tmp_path, blackbox):
+    """Keys embedded by a version that recorded no pool (a forger's old copy of the tool) are
+    read with the pool they record by other names (the keys that lasted), not as no choice."""
+    from deepsigns_cli.schemes.output import DEFAULTS
+
+    bundle = open_bundle(blackbox["keys"], PASSPHRASE)
+    params = bundle.schemes["output"].params
+    recorded = (params.pop("candidates"), params.pop("pool"))
+    assert recorded == (DEFAULTS["candidates"], params["lasting"]) and params["lasting"] >= 20
+    path = tmp_path / "older.dskey"
+    write_bundle(bundle, path, PASSPHRASE)
+    now, before = (api.verify(blackbox["onnx"], k, PASSPHRASE).results[0] for k in (blackbox["keys"], path))
+    assert before.chosen_from == recorded and before.p_value == now.p_value
+    assert before.p_value > stats.matches_p_value(before.matches, 20, 9)

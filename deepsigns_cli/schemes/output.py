@@ -301,11 +301,17 @@ class OutputScheme(Scheme):
 
 def _choice(params: dict, k: int) -> tuple[int, int] | None | bool:
     """(candidates, pool) when embed drew the K keys from a pool it chose among the candidates
-    (the keys that last); None when the keys are all there was (or keys of embed before the
-    count, which recorded no pool); False for a pool that does not fit (`check` refuses it)."""
+    (the keys that last); None when the keys are all there was; False for a pool that does not
+    fit (`check` refuses it). Keys of an embed before the count recorded no pool: it is the
+    keys that lasted (or, too few of them, those learnt), among as many candidates as keygen
+    draws by default (a forger's old version of the tool would otherwise read uncounted)."""
     n, pool = params.get("candidates"), params.get("pool")
     if n is None and pool is None:
-        return None
+        lasting, learnt = params.get("lasting"), params.get("qualified")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lasting, learnt)):
+            return None  # (keys of an embed before the keys that last: drawn among all)
+        pool = lasting if lasting >= k else learnt
+        n = max(int(DEFAULTS["candidates"]), k * int(DEFAULTS["oversample"]), learnt)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, pool)) \
             or not k <= pool <= n <= 4 * MAX_KEY_SIZE:
         return False
