@@ -134,12 +134,8 @@ class MatchResult(SchemeResult):
 
     def apply(self, alpha: float) -> None:
         super().apply(alpha)
-        each = alpha / max(1, self.outputs)
-        if self.chosen_from is None or self.labels < 2:
-            self.max_mismatches = stats.max_mismatches(self.keys, max(1, self.labels), each)
-        else:
-            ps = stats.chosen_matches_p_values(self.keys, self.labels, *self.chosen_from)
-            self.max_mismatches = max((self.keys - m for m in range(self.keys + 1) if ps[m] <= each), default=-1)
+        self.max_mismatches = stats.max_mismatches(self.keys, max(1, self.labels), alpha / max(1, self.outputs),
+                                                   self.chosen_from)
 
     def evidence(self) -> tuple[str, str]:
         from .errors import one_line

@@ -47,9 +47,13 @@ def _upper_tail_counts(n_keys: int, n_classes: int) -> list[int]:
     return tail
 
 
-def matches_p_value(matches: int, n_keys: int, n_classes: int) -> float:
+def matches_p_value(matches: int, n_keys: int, n_classes: int, chosen: tuple[int, int] | None = None) -> float:
     """P[Binomial(K, 1/C) >= m]: the chance that an unrelated model hits m of K key labels, each
-    drawn among C labels (the output scheme passes C - 1: the labels a key can have)."""
+    drawn among C labels (the output scheme passes C - 1: the labels a key can have). `chosen`:
+    (candidates, pool) when the K keys were drawn from a pool chosen among candidates, a choice
+    counted at its worst (chosen_matches_p_values)."""
+    if chosen is not None and n_classes >= 2 and matches > 0:
+        return chosen_matches_p_values(n_keys, n_classes, *chosen)[min(matches, n_keys)]
     if matches <= 0:
         return 1.0
     if matches > n_keys:
@@ -71,9 +75,13 @@ def max_bit_errors(n_bits: int, alpha: float) -> int:
     return worst
 
 
-def max_mismatches(n_keys: int, n_classes: int, alpha: float) -> int:
-    """The paper's Eq. 5 threshold: the most mismatches still detected at alpha (-1 when none)."""
+def max_mismatches(n_keys: int, n_classes: int, alpha: float, chosen: tuple[int, int] | None = None) -> int:
+    """The paper's Eq. 5 threshold: the most mismatches still detected at alpha (-1 when none);
+    `chosen` as in matches_p_value."""
     check_alpha(alpha)
+    if chosen is not None and n_classes >= 2:
+        p = chosen_matches_p_values(n_keys, n_classes, *chosen)
+        return max((n_keys - m for m in range(n_keys + 1) if p[m] <= alpha), default=-1)
     tail, total, bound = _upper_tail_counts(n_keys, n_classes), n_classes**n_keys, Fraction(alpha)
     worst = -1
     for mism in range(n_keys + 1):  # K - mism matches

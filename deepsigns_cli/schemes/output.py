@@ -184,8 +184,11 @@ class OutputScheme(Scheme):
                 and ys.min() >= 0 and ys.max() < keys.params["num_classes"]
                 and len(ys) <= (keys.params["key_size"] if keys.params.get("embedded") else 4 * MAX_KEY_SIZE)):
             self.damaged("keys that do not fit their labels")
-        if keys.params.get("embedded") and _choice(keys.params, len(ys)) is False:
-            self.damaged("a pool of keys that does not fit its candidates")
+        if keys.params.get("embedded"):
+            try:
+                _choice(keys.params, len(ys))
+            except ValueError:
+                self.damaged("a pool of keys that does not fit its candidates")
         return keys
 
     # ------------------------------------------------------------------ embed
@@ -256,12 +259,12 @@ class OutputScheme(Scheme):
         of 400 lasted, three seeds at the defaults)."""
         params, k = keys.params, int(keys.params["key_size"])
         if params.get("embedded"):
-            chosen = _choice(params, k) or None
+            chosen = _choice(params, k)
         else:
             n = len(keys.arrays["y_candidates"])
             pool = max(k, 3 * n // 4)
             chosen = (n, pool) if int(params.get("robust_epochs", 0)) > 0 and pool < n else None
-        return matches_p_value(k, k, int(params["num_classes"]) - 1, chosen)
+        return stats.matches_p_value(k, k, int(params["num_classes"]) - 1, chosen)
 
     def read(self, suspect, keys) -> MatchResult:
         params, arrays = keys.params, keys.arrays
@@ -285,9 +288,9 @@ class OutputScheme(Scheme):
             # label output, those it gave (a larger one only makes its own p-value smaller)
             classes = min(c, int(answers.max(initial=-1)) + 1 if width is None else width)
             matches = int((answers == arrays["y"]).sum())
-            return matches, name, kind, note, classes, matches_p_value(matches, k, max(classes - 1, 1), chosen)
+            return matches, name, kind, note, classes, stats.matches_p_value(matches, k, max(classes - 1, 1), chosen)
 
-        chosen = _choice(params, k) or None
+        chosen = _choice(params, k)
 
         # every output the model gives is read (each reading counted in p), the best kept
         readings = each_output(suspect, one)
@@ -299,31 +302,25 @@ class OutputScheme(Scheme):
                            output=output, output_kind=kind, outputs=len(readings))
 
 
-def _choice(params: dict, k: int) -> tuple[int, int] | None | bool:
+def _choice(params: dict, k: int) -> tuple[int, int] | None:
     """(candidates, pool) when embed drew the K keys from a pool it chose among the candidates
-    (the keys that last); None when the keys are all there was; False for a pool that does not
-    fit (`check` refuses it). Keys of an embed before the count recorded no pool: it is the
+    (the keys that last); None when the keys are all there was; ValueError for a pool that does
+    not fit (`check` refuses it). Keys of an embed before the count recorded no pool: it is the
     keys that lasted (or, too few of them, those learnt), among as many candidates as keygen
     draws by default (a forger's old version of the tool would otherwise read uncounted)."""
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
     n, pool = params.get("candidates"), params.get("pool")
     if n is None and pool is None:
         lasting, learnt = params.get("lasting"), params.get("qualified")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lasting, learnt)):
+        if not (count(lasting) and count(learnt)):
             return None  # (keys of an embed before the keys that last: drawn among all)
         pool = lasting if lasting >= k else learnt
         n = max(int(DEFAULTS["candidates"]), k * int(DEFAULTS["oversample"]), learnt)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, pool)) \
-            or not k <= pool <= n <= 4 * MAX_KEY_SIZE:
-        return False
+    if not (count(n) and count(pool) and k <= pool <= n <= 4 * MAX_KEY_SIZE):
+        raise ValueError(f"a pool of {pool!r} keys among {n!r} candidates for {k} keys")
     return (n, pool) if pool < n else None
-
-
-def matches_p_value(matches: int, k: int, labels: int, chosen: tuple[int, int] | None) -> float:
-    """P[an unrelated model hits `matches` of K key labels, each drawn among `labels`]; keys
-    drawn from a chosen pool of candidates count the choice, at its worst (stats)."""
-    if chosen is None or labels < 2 or matches <= 0:
-        return stats.matches_p_value(matches, k, labels)
-    return stats.chosen_matches_p_values(k, labels, *chosen)[min(matches, k)]
 
 
 def _check_data(params: dict, data) -> None:
