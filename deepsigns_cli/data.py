@@ -111,6 +111,11 @@ class Dataset:
             low, high = min(low, float(part.min())), max(high, float(part.max()))
         return low, high
 
+    @cached_property
+    def digest(self) -> str:
+        """`training_digest` of these data, taken once."""
+        return training_digest(self)
+
     def check_fits(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         """Raise DataError unless samples of this set can be fed to a model of that shape."""
         if tuple(input_shape) != self.input_shape:
@@ -397,9 +402,10 @@ def take(x: np.ndarray | Samples, rows: slice | np.ndarray) -> np.ndarray | Samp
 def training_digest(data: Dataset) -> str:
     """A digest of the training split as the data give it: every label and every sample (an
     image folder's files as they are stored, with the preprocessing; the samples as decoded
-    otherwise). Output keys are chosen by how they fare in training on these data, so embed must
-    train on the data keygen drew them for (see schemes/output.py). One pass over the split, a
-    bounded number of samples at a time."""
+    otherwise). keygen draws every key from it as well as from the seed (api.make_keys), and
+    output keys are chosen by how they fare in training on these data, so embed must train on
+    the data keygen drew them for (see schemes/output.py). One pass over the split, a bounded
+    number of samples at a time."""
     import hashlib
 
     x = data.x_train

@@ -143,6 +143,60 @@ def test_keys_are_embedded_into_the_model_they_were_made_on(tmp_path, marked):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def _fitted_message(bits: str) -> str:
+    """ASCII text whose UTF-8 bits are `bits`, but for the top bit of each byte (0) and no NUL."""
+    raw = np.packbits([b == "1" for b in bits]) & 0x7F
+    raw[raw == 0] = 1
+    return bytes(raw).decode()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("scheme, options", [("hidden", {"classes": 1}), ("gradsigns", {})],
+                         ids=["hidden", "gradsigns"])
+def test_a_message_fitted_to_another_model_claims_nothing(tmp_path, scheme, options, seed):
+    """The unmodified tool, on a copy of someone else's model: keygen with any message of the
+    length wanted, read the model with those keys, and keygen again with the same seed and a
+    message that spells the bits the model gave. The projection came from the seed alone, so
+    the second keys claimed the model without any embedding (4-8 of 96 hidden bits wrong, p =
+    9e-23 to 4e-18; 4-5 of 64 GradSigns bits). keygen now draws from the seed together with
+    all else it was given, the message included."""
+    victim = ROOT / "sample_models" / "digits-mlp.safetensors"
+    length = 96 if scheme == "hidden" else 64
+    options = {**options, "message": "A" * (length // 8)}
+    first, fitted = tmp_path / "first.dskey", tmp_path / "fitted.dskey"
+    api.keygen(victim, first, PASSPHRASE, schemes=[scheme], options=options, seed=seed)
+    bits = api.extract(victim, first, PASSPHRASE).results[0].bits
+    assert len(bits) == length and set(bits) <= {"0", "1"}
+    api.keygen(victim, fitted, PASSPHRASE, schemes=[scheme], options={**options, "message": _fitted_message(bits)},
+               seed=seed)
+    report = api.extract(victim, fitted, PASSPHRASE)
+    assert not report.detected and report.results[0].p_value > 1e-3
+
+
+def test_keys_are_drawn_from_all_that_keygen_was_given(digits):
+    """At one seed, another message, model, training data or option draws other secrets (a
+    projection unrelated to the first); the same inputs draw the same ones."""
+    import copy
+    from dataclasses import replace
+
+    model, info = load_checkpoint(ROOT / "sample_models" / "digits-mlp.safetensors")
+
+    def projection(net=model, data=digits, **options):
+        bundle = api.make_keys(net, info, data, ["hidden"], {"hidden": {"message": "owner", **options}}, seed=7)
+        return bundle.schemes["hidden"].arrays["A"].ravel()
+
+    other_model = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other_model.parameters()).view(-1)[0] += 1e-3
+    labels = digits.y_train.copy()
+    labels[0] = (labels[0] + 1) % 10
+    first = projection()
+    assert np.array_equal(first, projection())
+    for other in (projection(message="owneR"), projection(net=other_model),
+                  projection(data=replace(digits, y_train=labels)), projection(lambda2=1.01)):
+        assert abs(np.corrcoef(first, other)[0, 1]) < 0.05
+
+
 def test_output_keys_whose_pool_does_not_fit_are_damaged(tmp_path, blackbox):
     """The pool embed drew the keys from is counted in p: one smaller than the keys, larger than
     the candidates, or not a number is refused, never read as no choice at all."""

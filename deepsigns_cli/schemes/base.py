@@ -28,6 +28,11 @@ class Scheme:
 
     name: str = ""
     more_evidence: str = ""  # the keygen options that give keys more bits or keys (keygen's warning)
+    defaults: dict[str, Any] = {}  # keygen's options when not given
+
+    def resolved(self, options: dict[str, Any]) -> dict[str, Any]:
+        """keygen's options: those given (None: not given) over the defaults."""
+        return {**self.defaults, **{k: v for k, v in options.items() if v is not None}}
 
     @property
     def entry(self):
@@ -35,6 +40,8 @@ class Scheme:
 
     def keygen(self, model: nn.Module, info: ModelInfo, data: Dataset, options: dict[str, Any],
                rng: np.random.Generator) -> SchemeKeys:
+        """Fresh keys, every secret drawn from `rng` (api.make_keys: the seed together with all
+        else keygen was given, so that no input can be fitted to what a seed draws)."""
         raise NotImplementedError
 
     def objective(self, model: nn.Module, info: ModelInfo, data: Dataset, keys: SchemeKeys) -> Objective:

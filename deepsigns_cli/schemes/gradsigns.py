@@ -61,12 +61,13 @@ RESCUE_AFTER = 8  # ...if it still has after this many epochs (most key sets sta
 
 class GradSignsScheme(Scheme):
     name = "gradsigns"
+    defaults = DEFAULTS
     more_evidence = "--bits, or a longer --message"
 
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:
 
-        opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+        opts = self.resolved(options)
         width = math.prod(info.input_shape)
         n_carriers = int(opts["carriers"])
         if not 1 <= n_carriers <= width:

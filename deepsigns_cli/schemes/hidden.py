@@ -75,11 +75,12 @@ KEEP_PIN = 0.25
 
 class HiddenScheme(Scheme):
     name = "hidden"
+    defaults = DEFAULTS
     more_evidence = "--bits, a longer --message, or more --classes"
 
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:
-        opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+        opts = self.resolved(options)
         if opts.get("layer") is not None and not opts["layer"].strip():
             raise SchemeError("--layer is empty: name a layer, or leave --layer out for the default carrier")
         layer = opts.get("layer") or default_layer(model)

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from .. import stats
-from ..data import bounded_rows, take, training_digest
+from ..data import bounded_rows, take
 from ..errors import SchemeError
 from ..objective import Objective
 from ..results import MatchResult, SchemeKeys
@@ -102,6 +102,7 @@ class RareRegions:
 
 class OutputScheme(Scheme):
     name = "output"
+    defaults = DEFAULTS
     more_evidence = "a larger --key-size"
 
     # ------------------------------------------------------------------ keygen
@@ -109,7 +110,7 @@ class OutputScheme(Scheme):
         from ..training import predict
         from ..zoo import activations, default_layer
 
-        opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+        opts = self.resolved(options)
         key_size = int(opts["key_size"])
         if info.num_classes < 3:
             raise SchemeError(f"the output-layer scheme needs 3 or more classes, the model has {info.num_classes}: "
@@ -119,11 +120,6 @@ class OutputScheme(Scheme):
             raise SchemeError(f"--key-size must be between 1 and {MAX_KEY_SIZE}, got {key_size}")
         wanted = max(int(opts["candidates"]), key_size * int(opts["oversample"]))
         layer = default_layer(model)
-        # the candidates are drawn from the seed and the training data's digest: data made to hold
-        # the candidates of a seed (under labels of someone else's model, to steer embed's choice
-        # of the keys that last) hold none of those drawn for them
-        digest = training_digest(data)
-        rng = np.random.default_rng([int(rng.integers(2**63)), int(digest, 16)])
         # the density reference is drawn before any activation is computed (the same draw as
         # RareRegions would make): memory is bounded by reference_points, not the data set
         x_ref = data.x_train
@@ -169,7 +165,7 @@ class OutputScheme(Scheme):
             },
             "key_batch": opts["key_batch"],
             "robust_epochs": opts["robust_epochs"],
-            "data_digest": digest,
+            "data_digest": data.digest,
         }
         return SchemeKeys(self.name, params, {"x_candidates": x_cand, "y_candidates": y_cand})
 
@@ -328,11 +324,11 @@ def _check_data(params: dict, data) -> None:
     kept depends on the data (`_lasting`): a forger who asked someone else's model for its
     labels on the candidates and gave embed data that taught a copy those labels kept exactly
     the keys that model answered, and his keys claimed it (10 of 10, p = 2.9e-10). The data of
-    keygen were fixed before the candidates were drawn, and the draw depends on them (keygen).
+    keygen were fixed before the candidates were drawn, and the draw depends on them (api.make_keys).
     A model and data prepared from another model's answers on random inputs, given to keygen
     and embed alike, still tilted the choice (README, `dispute`): the p-value counts it (read)."""
     want = params.get("data_digest")  # (bundles of keygen before this check have none)
-    if want is not None and training_digest(data) != want:
+    if want is not None and data.digest != want:
         raise SchemeError(f"the training data of --data ({data.name}) are not those these output keys were drawn "
                           "for: the keys kept depend on the data they are embedded with, so embed uses the "
                           "data given to keygen, unchanged (a factory's Dataset must give the same samples "
