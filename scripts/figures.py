@@ -9,7 +9,6 @@ machine (same torch build and thread count) prints the same numbers.
     .venv/bin/python scripts/figures.py reliability   # BER of marked MLPs, checkpoint vs ONNX
     .venv/bin/python scripts/figures.py integrity     # unmarked models are never claimed
     .venv/bin/python scripts/figures.py capacity      # BER and accuracy for N = 32 .. 512
-    .venv/bin/python scripts/figures.py efficiency    # embed vs plain training, seconds/epoch
     .venv/bin/python scripts/figures.py all
 
 Seed s means: the baseline is trained with seed s, the keys are drawn with seed s, and the
@@ -32,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from deepsigns_cli import stats
@@ -48,7 +46,7 @@ from deepsigns_cli.training import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 1e-3
-FIGURES = ("fidelity", "reliability", "integrity", "capacity", "efficiency")
+FIGURES = ("fidelity", "reliability", "integrity", "capacity")  # (what embedding costs: scripts/bench.py)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -437,101 +435,15 @@ def fig_capacity(lab: Lab) -> dict:
     return body
 
 
-def fig_efficiency(lab: Lab) -> dict:
-    started, rows, summary = time.time(), [], {}
-    data = lab.data
-    # warm-up: one of everything (allocator, kernels, hooks) before any clock is read
-    for arch in ("mlp", "cnn"):
-        m, i, _ = train_model(arch, data, epochs=1, seed=99, device=lab.device)
-        b = make_keys(m, i, data, ["hidden"], lab.hidden_options(32), seed=99)
-        embed_keys(m, i, data, b, epochs=1, seed=99, device=lab.device)
-    trigger_batch = (hidden_mod.DEFAULTS["trigger_batch"] if lab.args.trigger_batch is None
-                     else lab.args.trigger_batch)
-    steps = -(-len(data.x_train) // 64)  # batches per epoch (batch size 64, as TrainConfig)
-    for arch in ("mlp", "cnn"):
-        for rep_i in range(lab.args.repeats):
-            seed = rep_i
-            t0 = time.perf_counter()
-            model, info, base = train_model(arch, data, epochs=lab.args.baseline_epochs,
-                                            seed=seed, device=lab.device)
-            train_wall = time.perf_counter() - t0
-            epochs = lab.args.embed_epochs
-            # plain fine-tuning and embedding start from the same weights, same epochs and lr
-            plain_model = copy.deepcopy(model)
-            bundle = make_keys(model, info, data, ["hidden"], lab.hidden_options(32), seed=seed)
-            default_epochs = SCHEMES["hidden"].default_epochs
-            n_epochs = epochs or default_epochs
-            cfg = TrainConfig(epochs=n_epochs, lr=info.lr, seed=seed, device=lab.device,
-                              description="plain")
-
-            def run_embed(model=model, info=info, bundle=bundle, seed=seed, epochs=epochs):
-                t0 = time.perf_counter()
-                out = embed_keys(model, info, data, bundle, epochs=epochs, seed=seed,
-                                 device=lab.device)
-                return out[3], time.perf_counter() - t0
-
-            def run_plain(plain_model=plain_model, cfg=cfg):
-                t0 = time.perf_counter()
-                out = fit(plain_model, data.x_train, data.y_train, cfg)
-                return out, time.perf_counter() - t0
-
-            # alternate which goes first, so that drifting machine load does not favour one
-            if rep_i % 2 == 0:
-                rep, embed_wall = run_embed()
-                hist, plain_wall = run_plain()
-            else:
-                hist, plain_wall = run_plain()
-                rep, embed_wall = run_embed()
-            assert rep["schemes"]["hidden"]["epochs"] == n_epochs == hist["epochs"]
-            plain = float(np.mean(hist["epoch_seconds"]))
-            embed = rep["schemes"]["hidden"]["seconds_per_epoch"]
-            rows.append({"arch": arch, "repeat": rep_i, "epochs": n_epochs,
-                         "train_s_per_epoch": base.seconds_per_epoch,
-                         "plain_s_per_epoch": plain, "embed_s_per_epoch": embed,
-                         "ratio_embed_plain": embed / plain,
-                         "ratio_embed_train": embed / base.seconds_per_epoch,
-                         "embed_wall_s": embed_wall, "plain_wall_s": plain_wall,
-                         "samples_per_epoch_plain": len(data.x_train),
-                         "samples_per_epoch_embed": len(data.x_train) + steps * trigger_batch,
-                         "train_wall_s": train_wall})
-        r = [x for x in rows if x["arch"] == arch]
-        summary[arch] = {k: float(np.median([x[k] for x in r])) for k in (
-            "train_s_per_epoch", "plain_s_per_epoch", "embed_s_per_epoch", "ratio_embed_plain",
-            "ratio_embed_train", "embed_wall_s", "plain_wall_s")}
-        summary[arch]["samples_ratio_embed_plain"] = round(
-            (len(data.x_train) + steps * trigger_batch) / len(data.x_train), 4)
-    table(f"EFFICIENCY: seconds per epoch, CPU ({torch.get_num_threads()} threads), digits train "
-          f"set ({len(data.x_train)} samples, batch 64; embed adds "
-          f"{trigger_batch} trigger samples to each of its {steps} steps: "
-          f"{len(data.x_train) + steps * trigger_batch} samples per epoch, "
-          f"x{(len(data.x_train) + steps * trigger_batch) / len(data.x_train):.2f})",
-          ["arch", "rep", "train s/ep", "plain ft s/ep", "embed s/ep", "embed/plain",
-           "embed/train", "embed wall", "plain wall"],
-          [[x["arch"], x["repeat"], x["train_s_per_epoch"], x["plain_s_per_epoch"],
-            x["embed_s_per_epoch"], x["ratio_embed_plain"], x["ratio_embed_train"],
-            x["embed_wall_s"], x["plain_wall_s"]] for x in rows])
-    table("EFFICIENCY summary (medians over repeats; wall = whole call incl. setup and evaluation)",
-          ["arch", "train s/ep", "plain ft s/ep", "embed s/ep", "embed/plain", "embed/train",
-           "embed wall", "plain wall"],
-          [[a, s["train_s_per_epoch"], s["plain_s_per_epoch"], s["embed_s_per_epoch"],
-            s["ratio_embed_plain"], s["ratio_embed_train"], s["embed_wall_s"], s["plain_wall_s"]]
-           for a, s in summary.items()])
-    body = {"rows": rows, "summary": summary,
-            "note": "timings vary with machine load; ratios are the figure to compare"}
-    write(lab, "efficiency", started, body)
-    return body
-
-
 HELP = {
     "fidelity": "test accuracy of baseline, marked and plainly fine-tuned MLP and CNN (N=32)",
     "reliability": "BER of marked MLPs (N=32, 64) from the checkpoint and from its ONNX export",
     "integrity": "the owner's keys on unmarked MLPs and CNNs: BER, p-value, never detected",
     "capacity": "BER and accuracy drop for N = 32 .. 512 bits on the 512-unit MLP carrier",
-    "efficiency": "seconds per epoch of embed vs plain training, same model, data, process",
 }
 
 RUNNERS = {"fidelity": fig_fidelity, "reliability": fig_reliability, "integrity": fig_integrity,
-           "capacity": fig_capacity, "efficiency": fig_efficiency}
+           "capacity": fig_capacity}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -563,7 +475,6 @@ def main(argv=None) -> int:
         "reliability": [("--seeds", 5)],
         "integrity": [("--owner-seed", 0), ("--others", 10), ("--cnns", 3)],
         "capacity": [("--seeds", 3)],
-        "efficiency": [("--repeats", 5)],
     }
     for fig, opts in specs.items():
         p = sub.add_parser(fig, parents=[common], help=HELP[fig], description=HELP[fig])
