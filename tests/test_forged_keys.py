@@ -217,8 +217,9 @@ def test_the_output_keys_kept_are_fixed_by_their_pool():
         pick = _pick(x, y, pool, 57)
         assert np.isin(pick, pool).all()
         kept[pick] += 1
-    chance = 400 * 300 / 400 * 57 / 300  # times a candidate is kept: 57
-    assert abs(kept.mean() - chance) < 1e-9 and kept.std() < 1.3 * np.sqrt(chance)
+    # each candidate kept ~ Binomial(400, 3/4 * 57/300): spread sqrt(400 * 0.1425 * 0.8575) = 7.0
+    # (a pick that favoured some members, the first of the pool say, spreads far wider)
+    assert kept.std() < 9.0
 
 
 def test_output_keys_whose_pool_does_not_fit_are_damaged(tmp_path, blackbox):
