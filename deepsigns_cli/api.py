@@ -1127,15 +1127,15 @@ def _key_draws(rng, info: dict, data: Dataset, scheme: str, options: dict):
     someone else's model reads through the projection a seed draws claimed that model, 4 of 96
     bits wrong at p = 9e-23, from the unmodified tool (a model or data could be shaped to them
     as well). Now every choice is a fresh draw, and p is the chance of one."""
-    import hashlib
     import json
 
     import numpy as np
 
+    from .data import digest_number
+
     given = json.dumps({"model": info, "data": data.digest, "scheme": scheme, "options": options},
                        sort_keys=True, default=repr)
-    digest = int(hashlib.blake2b(given.encode(), digest_size=16).hexdigest(), 16)
-    return np.random.default_rng([int(rng.integers(2**63)), digest])
+    return np.random.default_rng([int(rng.integers(2**63)), digest_number(given.encode())])
 
 
 def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs: int | None = None,

@@ -36,6 +36,7 @@ __all__ = [
     "bounded_rows",
     "take",
     "training_digest",
+    "digest_number",
     "BUILTIN_DATASETS",
     "IMAGE_SUFFIXES",
     "STAT_ROWS",
@@ -397,6 +398,17 @@ def bounded_rows(n: int, limit: int = STAT_ROWS) -> slice | np.ndarray:
 def take(x: np.ndarray | Samples, rows: slice | np.ndarray) -> np.ndarray | Samples:
     """x[rows] without decoding a lazy split (a `Samples` view); numpy indexing otherwise."""
     return x.subset(rows) if isinstance(x, Samples) else x[rows]
+
+
+def digest_number(*parts) -> int:
+    """A 128-bit number from a digest of `parts` (bytes, or arrays as they lie in memory): what
+    a draw that nobody may choose is seeded with (api.make_keys, the output keys embed keeps)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else np.ascontiguousarray(part).tobytes())
+    return int(digest.hexdigest(), 16)
 
 
 def training_digest(data: Dataset) -> str:

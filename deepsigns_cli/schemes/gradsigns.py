@@ -66,7 +66,6 @@ class GradSignsScheme(Scheme):
 
     # ------------------------------------------------------------------ keygen
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:
-
         opts = self.resolved(options)
         width = math.prod(info.input_shape)
         n_carriers = int(opts["carriers"])

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from .. import stats
-from ..data import bounded_rows, take
+from ..data import bounded_rows, digest_number, take
 from ..errors import SchemeError
 from ..objective import Objective
 from ..results import MatchResult, SchemeKeys
@@ -325,12 +325,7 @@ def _pick(x: np.ndarray, y: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
     answers (20 of 57, p = 1.6e-6 at a pool of every candidate, where p counts no choice). A
     pick is now fixed by its pool, and another pool costs another embedding: a try, as another
     keygen is, and p is the chance of one. Every process of a run picks the same keys."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=16)
-    for part in (x, y, pool):
-        digest.update(np.ascontiguousarray(part).tobytes())
-    rng = np.random.default_rng(int(digest.hexdigest(), 16))
+    rng = np.random.default_rng(digest_number(x, y, pool))
     return np.sort(rng.choice(pool, size=k, replace=False))
 
 
