@@ -49,3 +49,32 @@ def test_readme_examples_run(tmp_path):
     for made in ("base.safetensors", "owner.dskey", "marked.safetensors", "marked.onnx",
                  "bb-marked.onnx", "bb-guarded.onnx", "gs-guarded.onnx"):
         assert (tmp_path / made).is_file(), made
+
+
+def test_the_alpha_table_is_what_the_statistics_give_at_the_defaults():
+    """'Why alpha is 1e-9': each scheme's row, from its defaults and stats at alpha = 1e-9."""
+    from deepsigns_cli import stats
+    from deepsigns_cli.defaults import DEFAULT_ALPHA
+    from deepsigns_cli.schemes import gradsigns, hidden, output
+
+    def row(scheme: str) -> str:
+        section = README.read_text(encoding="utf-8").split("#### Why alpha is 1e-9", 1)[1]
+        found = re.search(rf"^\| `{scheme}` \|(.*)\|$", section, flags=re.M)
+        assert found, f"no row for {scheme}"
+        return found.group(1)
+
+    assert DEFAULT_ALPHA == 1e-9
+    bits = hidden.DEFAULTS["bits"] * hidden.DEFAULTS["classes"]  # read two ways: alpha / 2 each
+    errors = stats.max_bit_errors(bits, DEFAULT_ALPHA / 2)
+    assert f"({bits} bits)" in row("hidden") and f"at most {errors} bit errors" in row("hidden")
+    assert f"2 x {stats.bits_p_value(errors, bits):.1e}" in row("hidden")
+    bits = gradsigns.DEFAULTS["bits"]
+    errors = stats.max_bit_errors(bits, DEFAULT_ALPHA)
+    assert f"{bits} bits" in row("gradsigns") and f"at most {errors} bit errors" in row("gradsigns")
+    assert f"{stats.bits_p_value(errors, bits):.1e}" in row("gradsigns")
+    keys, candidates = output.DEFAULTS["key_size"], output.DEFAULTS["candidates"]
+    chosen = (candidates, 3 * candidates // 4)  # the pool best_p_value assumes before embed
+    least = keys - stats.max_mismatches(keys, 9, DEFAULT_ALPHA, chosen)
+    assert f"{keys} keys, 10 classes, drawn from {chosen[1]} of {candidates} candidates" in row("output")
+    assert f"at least {least} of {keys} keys" in row("output")
+    assert f"{stats.matches_p_value(least, keys, 9, chosen):.1e}" in row("output")

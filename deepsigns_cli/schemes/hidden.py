@@ -37,7 +37,8 @@ DEFAULTS = {
     "bits": 64,  # per target class
     "classes": 3,  # the signature at 3 class centres, each read through its own projection:
     # 192 independent bits of evidence, so that the mark outlives a thief's own embed into
-    # the same layer (overwriting flips 20-25% of them; at alpha = 1e-9 up to 54 may be wrong)
+    # the same layer (overwriting flips 20-25% of them; at alpha = 1e-9 up to 53 may be wrong,
+    # read two ways)
     "trigger_per_class": 64,
     "lambda1": 0.01,  # activation isolation (paper: 0.01)
     "lambda2": 1.0,  # projection towards the bits
