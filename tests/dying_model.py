@@ -75,11 +75,12 @@ def fails_at_exit():
 
 def noisy():
     """A --data factory that prints a log line of its own that starts "error: " (on stdout, which
-    a command sends to stderr), then gives data whose training sample 7 is NaN when
-    DEEPSIGNS_TEST_NAN is set."""
+    a command sends to stderr) and writes another to file descriptor 1, then gives data whose
+    training sample 7 is NaN when DEEPSIGNS_TEST_NAN is set."""
     import torch
 
     print("error: the factory's own log line, no failure")
+    os.write(1, b"and one written to file descriptor 1\n")  # (past sys.stdout, as a program it runs)
     train, test = _data()
     if os.environ.get("DEEPSIGNS_TEST_NAN"):
         x, y = train.tensors

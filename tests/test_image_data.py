@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -376,23 +377,32 @@ def test_a_dataset_that_fails_in_loader_processes_leaves_no_temporary_folder(tmp
 class _Chatty(TensorDataset):
     def __getitem__(self, i):
         print(f"reading item {i}")  # (in a loader process too)
+        if i == 0:
+            os.write(1, b"item 0 on file descriptor 1\n")
         return super().__getitem__(i)
 
 
 def chatty_digits():
     print("loading the digits...")
+    # past Python's sys.stdout: a program the factory runs, and a write to the descriptor itself
+    subprocess.run(["echo", "fetching shard 1 of 1"], check=True)
+    os.write(1, b"written to file descriptor 1\n")
     return _Chatty(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
 
 
 def test_what_the_users_code_prints_never_breaks_the_report(tmp_path):
     """A factory that prints (research code does) had put its lines into the --json report on
-    stdout, which no longer parsed; they go to stderr now, and stdout holds the report alone."""
+    stdout, which no longer parsed; they go to stderr now, and stdout holds the report alone.
+    So do the bytes that reach the descriptor itself (a program it runs, os.write), in the
+    command's process and in a loader process."""
     proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:chatty_digits", "--workers", 1,
                     "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors", "--json",
                     env={"PYTHONPATH": str(Path(__file__).parent)})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["data"] == "test_image_data:chatty_digits"
     assert "loading the digits..." in proc.stderr and "reading item 0" in proc.stderr
+    for line in ("fetching shard 1 of 1", "written to file descriptor 1", "item 0 on file descriptor 1"):
+        assert line in proc.stderr
 
 
 def test_a_loader_death_met_while_reading_its_batch_is_still_one_line():

@@ -46,6 +46,49 @@ def report_stream():
     return sys.stdout if State.report is _UNSET else State.report
 
 
+@contextmanager
+def report_alone():
+    """The stream the report goes to: stdout as the command found it, which nothing else writes
+    to while the command runs. Python's prints go to stderr (`handle_errors`); so do the bytes
+    written to file descriptor 1 itself (a program a --data factory runs, a C library's printf),
+    which the process's stdout file points to stderr for the while, the report going to a copy
+    of it. Where sys.stdout is not descriptor 1 (click's test runner, a caller's redirection),
+    the stream as it is."""
+    stream = sys.stdout
+    try:
+        mine = stream is not None and stream.fileno() == 1
+    except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation is an OSError)
+        mine = False
+    saved = None
+    if mine:
+        try:
+            stream.flush()
+            saved = os.dup(1)
+            os.dup2(2, 1)
+        except OSError:  # (stdout or stderr closed: nothing to keep apart)
+            if saved is not None:
+                os.close(saved)
+            saved = None
+    if saved is None:
+        yield stream
+        return
+    report = open(saved, "w", encoding=stream.encoding, errors=stream.errors)  # noqa: SIM115 (closed below)
+    try:
+        yield report
+    finally:
+        try:  # (what went to stderr through sys.stdout, before stdout is its own again)
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(report.fileno(), 1)
+        # the report was flushed where it was written (`_to_report`); what is left of one cut
+        # short (a signal while a full pipe held it) goes nowhere: a flush would block again
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, report.fileno())
+        os.close(null)
+        report.close()
+
+
 def debugging() -> bool:
     return State.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
@@ -107,11 +150,10 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        State.report = sys.stdout
         try:
             # a signal once the outputs are written is held until the report is printed, then
             # reported with them (it had cut the report short, saying that nothing was written)
-            with held_after_commit(restore=not State.process) as late:
+            with report_alone() as State.report, held_after_commit(restore=not State.process) as late:
                 try:
                     with redirect_stdout(sys.stderr):
                         result = fn(*args, **kwargs)
