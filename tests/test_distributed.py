@@ -209,14 +209,16 @@ def test_nproc_hands_a_passphrase_from_a_pipe_to_its_processes(tmp_path):
     assert open_bundle(keys, "from a pipe").info["embedded"]  # (rewritten, sealed with the same passphrase)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM twice", "SIGKILL", "SIGKILL to torchrun's agent"])
+@pytest.mark.parametrize("how", ["SIGTERM twice", "Ctrl-C twice", "SIGKILL", "SIGKILL to torchrun's agent"])
 def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(tmp_path, how):
     """`kill PID` (a service manager's stop) reaches the command, not its processes: it killed
     the launcher outright, said "no output was written", and the orphaned processes trained on
     and a minute later wrote the model and rewrote the bundle. A second SIGTERM ended the
     command's wait for them; SIGKILL left them running, and they wrote after it was gone. The
     agent between the command and its processes (torch.distributed.run) killed alone left them
-    training too, and the first wrote after the command had said "nothing was written"."""
+    training too, and the first wrote after the command had said "nothing was written". Ctrl-C
+    twice at a terminal (SIGINT to the command's process group) reached the agent as well, twice,
+    and cut its stopping short: it then waited for ever, and the command killed it after 60 s."""
     arch, training = "dying_model:Net", tmp_path / "training"
     base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
     api.train(arch, base, epochs=3, seed=0, device="cpu")
@@ -225,7 +227,8 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
     proc = subprocess.Popen([*deepsigns_argv(), "embed", "--nproc", "2", "--arch", arch, "--model", str(base),
                              "--keys", str(keys), "--out", str(marked), "--epochs", "500", "--device", "cpu"],
                             env=process_env({**ENV, "DEEPSIGNS_TEST_TRAINING": str(training)}),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=how.startswith("Ctrl-C"))  # (a group of its own, as a terminal's job)
     deadline = time.monotonic() + 120  # (until both processes train: a step takes them 50 ms from then on)
     while not all(Path(f"{training}.{rank}").exists() for rank in (0, 1)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -238,11 +241,16 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
                                text=True).stdout.split()
         assert len(agent) == 1, agent
         os.kill(int(agent[0]), signal.SIGKILL)
+    elif how.startswith("Ctrl-C"):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
     else:
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    # (an interrupted run's launcher that does not end is killed after 60 s: well within, it ended)
+    out, err = proc.communicate(timeout=40 if how.startswith("Ctrl-C") else 120)
     if how == "SIGKILL":  # (nothing of it can speak: its processes are stopped for it, within a minute)
         assert proc.returncode == -signal.SIGKILL
         deadline = time.monotonic() + 60
@@ -255,7 +263,7 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
         left = subprocess.run(["pgrep", "-f", str(marked)], capture_output=True, text=True).stdout.split()
         assert left == [], "the run's processes outlived the command"
     else:
-        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert proc.returncode == 128 + (signal.SIGINT if how.startswith("Ctrl-C") else signal.SIGTERM), err
         assert_one_error_line(err, out, "interrupted: no output was written")
         left = subprocess.run(["pgrep", "-f", str(marked)], capture_output=True, text=True).stdout.split()
         assert left == [], "the run's processes outlived the command"

@@ -179,10 +179,18 @@ def _stop_with_parent(parent: int):
     """preexec_fn: the launcher gets SIGTERM when this process dies, however it dies (SIGKILL
     included), and stops its processes as on Ctrl-C: killed alone, this process had left them
     training, and the first wrote its outputs after the command had ended (its processes ask the
-    same of the launcher: `training.distributed`)."""
+    same of the launcher: `training.distributed`). It runs in a process group of its own, so
+    that a terminal's Ctrl-C (or a signal to the command's group) reaches this process alone,
+    which passes one SIGTERM on: a second signal that reached torchrun's agent while it stopped
+    its processes cut that short, and it then waited for ever, at its exit, for their logs
+    (Ctrl-C twice took the command 60 s, `_STOP_SECONDS`, to end)."""
     from ..api import stop_with_parent
 
-    return lambda: stop_with_parent(parent)
+    def setup() -> None:
+        os.setpgid(0, 0)
+        stop_with_parent(parent)
+
+    return setup
 
 
 def _outputs(command: list[str]) -> dict[str, tuple[int, int] | None]:
