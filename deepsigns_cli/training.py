@@ -231,6 +231,13 @@ def distributed(device: str = "auto"):
     handlers = {s: signal.signal(s, signal.SIG_DFL) for s in stops}
     try:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    except dist.DistNetworkError as exc:  # (the first process cannot listen there: a port in use)
+        from .errors import one_line
+
+        raise InputError(f"process {run_place()[0]} of {world} could not meet the others at MASTER_ADDR:MASTER_PORT "
+                         f"({one_line(os.environ.get('MASTER_ADDR'), 60)}:{os.environ.get('MASTER_PORT')}: "
+                         f"{one_line(exc, 160)}): give torchrun a free --master-port, or unset RANK, WORLD_SIZE, "
+                         "MASTER_ADDR and MASTER_PORT left over from another run") from None
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)

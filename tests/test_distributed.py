@@ -289,6 +289,21 @@ def test_a_stray_distributed_environment_is_one_line_and_nothing_else(tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_rendezvous_port_in_use_is_one_line(tmp_path):
+    """Settings left over from another run, whose MASTER_PORT something here listens on: the
+    first process cannot serve the rendezvous there (EADDRINUSE), which was an internal error."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = run_proc("train", "--arch", "mlp", "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors",
+                        env={**ENV, **TORCHRUN, "MASTER_PORT": str(port)}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "could not meet the others", f"127.0.0.1:{port}",
+                          "free --master-port", "unset RANK")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_signal_ends_a_rendezvous_that_never_completes(tmp_path):
     """Rank 0 of 2, its peer never started: it waits in C++ for the rendezvous, where no Python
     handler runs, and SIGTERM had gone unheard until the 10-minute timeout. It ends at once,
