@@ -454,6 +454,11 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
         raise InputError("the two parties give the same key bundle: a dispute is between two owners' bundles")
     readers = [_Reader("extract", keys, passphrase, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
                        provider=provider, timeout=timeout) for keys, passphrase, _ in parties]
+    made = {readers[0].weights(model) for _, _, model in parties} - {None}
+    for control in controls:  # (a copy of other bytes: saved again, with other metadata, as a .pt)
+        if readers[0].weights(control) in made:
+            raise InputError(f"{shown(control)} holds the weights of a party's model: a control is a model neither "
+                             "party made")
     matrix = [[reader.read(model) for _, _, model in parties] for reader in readers]
     checked = [[reader.read(control) for control in controls] for reader in readers]
     who = [DisputeParty(name, str(keys), str(model), reader.published, reader.bundle.key_id)
@@ -596,6 +601,20 @@ class _Reader:
             self.names, self.arch, self.arch_kwargs = names, arch, arch_kwargs
             self._bundle = bundle
         return self._bundle
+
+    def weights(self, model: str | Path) -> str | None:
+        """The fingerprint of a checkpoint's weights, loaded as `read` loads them; None for an
+        ONNX file."""
+        from .checkpoint import fingerprint
+        from .suspect import open_suspect
+
+        if Path(model).suffix.lower() == ".onnx":
+            return None
+        suspect = open_suspect(model, shapes=self.bundle.shapes, arch=self.arch, arch_kwargs=self.arch_kwargs)
+        try:
+            return fingerprint(suspect.model)
+        finally:
+            suspect.close()
 
     def read(self, model: str | Path) -> Decision:
         from .runtime import OnnxModel

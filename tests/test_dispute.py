@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import PASSPHRASE, run_cli, run_json
+import torch
+from helpers import PASSPHRASE, assert_one_error_line, run_cli, run_json
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,15 @@ def test_keys_sealed_by_hand_that_claim_any_model_are_voided_by_a_control(blackb
 
     shutil.copyfile(blackbox["marked_path"], tmp_path / "copy.safetensors")  # a party's model is no control
     assert "is a party's model" in run_cli(*args, "--control", tmp_path / "copy.safetensors", code=2).stderr
+    # nor are its weights saved again with other metadata (other bytes), or as a plain state dict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(blackbox["marked_path"]), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, {**f.metadata(), "note": '"independent"'}  # noqa: SIM118
+    save_file(tensors, tmp_path / "resaved.safetensors", metadata=meta)
+    torch.save(tensors, tmp_path / "resaved.pt")
+    for again, arch in (("resaved.safetensors", []), ("resaved.pt", ["--arch", "mlp", "--arch-kwargs",
+                                                                     meta["arch_kwargs"]])):
+        refused = run_cli(*args, "--control", tmp_path / again, *arch, code=2)
+        assert_one_error_line(refused.stderr, refused.stdout, again, "holds the weights of a party's model")
