@@ -88,3 +88,20 @@ def noisy():
         x[7, 0] = float("nan")
         train = torch.utils.data.TensorDataset(x, y)
     return train, test
+
+
+class _Finalised:
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):  # the signal's handler runs in here, where its exception cannot be raised
+        os.kill(os.getpid(), self.signum)
+        for _ in range(1000):
+            pass
+
+
+def signal_in_a_finaliser():
+    """A --data factory during which the signal DEEPSIGNS_TEST_SIGNAL names comes while Python
+    runs a finaliser (as one can while Python runs its callbacks around os.fork)."""
+    _Finalised(int(os.environ["DEEPSIGNS_TEST_SIGNAL"]))
+    return _data()

@@ -633,6 +633,22 @@ def test_bad_input_in_a_real_process(tmp_path, marked, what):
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_python_runs_a_finaliser_still_stops_the_command(tmp_path, signum):
+    """A signal's exception raised while Python runs a callback (a finaliser; those it runs
+    around os.fork, which an attack sweep does for every ONNX reading) cannot be raised there:
+    Python printed it, "Exception ignored in" and a traceback, and the command went on to the
+    end (exit 0). The signal is sent again, and stops the command where it can."""
+    out = tmp_path / "m.safetensors"
+    env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).parent), "DEEPSIGNS_TEST_SIGNAL": str(int(signum))}
+    proc = subprocess.run([*deepsigns_argv(), "train", "--arch", "mlp", "--data", "dying_model:signal_in_a_finaliser",
+                           "--epochs", "50", "--device", "cpu", "--out", str(out)], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300, preexec_fn=default_sigint)
+    assert proc.returncode == 128 + signum, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "interrupted: no output was written")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_interrupted_embed_leaves_nothing_behind(tmp_path, marked):
     """Ctrl-C in the middle of training: exit 130, no traceback, no output, bundle unchanged."""

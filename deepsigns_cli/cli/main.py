@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -35,6 +36,24 @@ _STOPPING = threading.Event()  # set once SIGTERM (or SIGHUP) came
 def _terminate(signum, frame):
     _STOPPING.set()
     raise Interrupted(signum)  # SIGTERM and SIGHUP clean up like Ctrl-C: no partial output
+
+
+def _unraisable(args) -> None:
+    """An exception that Python cannot raise where it came (in a callback it runs around os.fork,
+    a __del__, a weakref's callback) is printed and dropped. A signal's (Ctrl-C, SIGTERM, SIGHUP)
+    raised there had been: a traceback, and the command went on (an attack sweep, which forks
+    for every ONNX reading, until a second signal). The signal is sent again, and its handler
+    raises where the command can stop: from a thread, a moment later (sent from here, its handler
+    would run here, in the callback still)."""
+    if not isinstance(args.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(args)
+        return
+    again = threading.Timer(0.01, os.kill, (os.getpid(), getattr(args.exc_value, "signum", signal.SIGINT)))
+    again.daemon = True
+    try:
+        again.start()
+    except RuntimeError:  # (no thread starts once Python is shutting down: nothing is left to stop)
+        pass
 
 
 def _thread_failed(args) -> None:
@@ -83,6 +102,7 @@ class LazyGroup(OnceGroup):
             for signum in (signal.SIGTERM, signal.SIGHUP):  # (SIGHUP: the terminal or the ssh link went)
                 signal.signal(signum, _terminate)
             threading.excepthook = _thread_failed
+            sys.unraisablehook = _unraisable
         with warnings.catch_warnings():
             # torch/numpy warnings are not ours to show: a report or one error line, nothing else
             warnings.simplefilter("ignore")
