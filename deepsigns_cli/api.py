@@ -616,21 +616,22 @@ class _Reader:
         finally:
             suspect.close()
 
-    def read(self, model: str | Path) -> Decision:
+    def read(self, model: str | Path, name: str | None = None) -> Decision:
+        """`name`: what messages call the model (None: its path)."""
         from .runtime import OnnxModel
         from .suspect import OnnxSuspect, open_suspect
 
         if self.command == "verify":  # (the callers checked the path is .onnx before the passphrase)
             try:  # loaded while the bundle opens; the bundle's error, if any, comes first
-                suspect = OnnxSuspect(OnnxModel(model, provider=self.provider, timeout=self.timeout),
-                                      blackbox_only=True, output=self.output)
+                suspect = OnnxSuspect(OnnxModel(model, provider=self.provider, timeout=self.timeout, name=name),
+                                      blackbox_only=True, output=self.output, name=name)
             except BaseException:
                 _ = self.bundle
                 raise
         else:
             suspect = open_suspect(model, shapes=self.bundle.shapes, arch=self.arch,
                                    arch_kwargs=self.arch_kwargs, provider=self.provider,
-                                   timeout=self.timeout, output=self.output)
+                                   timeout=self.timeout, output=self.output, name=name)
         suspect.query_budget = self.queries
         try:
             return read_keys(suspect, self.bundle, self.names, alpha=self.alpha, command=self.command,
@@ -643,13 +644,14 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
            options: dict | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
            arch_kwargs: dict | None = None, force: bool = False, passphrase: Passphrase | None = None,
            timeout: float | None = DEFAULT_TIMEOUT, progress: Progress | None = None,
-           provider: str = "auto", recorded: dict | None = None) -> AttackReport:
+           provider: str = "auto", recorded: dict | None = None, shown_as: str | None = None) -> AttackReport:
     """`deepsigns attack NAME`: the attacked model, written to `out` (never the input): a
     checkpoint (.safetensors) or an ONNX file (.onnx), as the attack's registry row allows.
     `passphrase`: for the attacks that seal a bundle of their own (overwrite). `timeout`: the
     seconds an ONNX model (the victim, the attacked model) may take to answer the test set, on
     onnxruntime's `provider`. `recorded`: parameters the checkpoint's record of the attack names
-    otherwise (a sweep makes the attacker's bundle in a scratch folder, and keeps it elsewhere)."""
+    otherwise (a sweep makes the attacker's bundle in a scratch folder, and keeps it elsewhere);
+    `shown_as`, what messages call the attacked model (a sweep's is in its scratch folder)."""
     import time
 
     import numpy as np
@@ -692,7 +694,8 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         attacked, params = load_attack(name).run(net, ctx)
         seconds = time.perf_counter() - started
         after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider,
-                                record={"name": name, "params": {**params, **(recorded or {})}, "seed": seed})
+                                record={"name": name, "params": {**params, **(recorded or {})}, "seed": seed},
+                                name=shown_as or f"the attacked model ({shown(out)})")
     return AttackReport(name, before, after, params, seconds, str(out), str(model), str(data), seed)
 
 
@@ -793,7 +796,8 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                                     arch=arch, arch_kwargs=arch_kwargs, force=True,
                                     passphrase=attacker_passphrase if entry.passphrase else None, timeout=timeout,
                                     provider=provider, progress=progress,
-                                    recorded={"attacker_keys": str(final[1])} if final[1] is not None else None)
+                                    recorded={"attacker_keys": str(final[1])} if final[1] is not None else None,
+                                    shown_as=f"the model of {name} {param}={value}")
                     params = params or {k: v for k, v in report.params.items() if k in settings}
                     results = {k: v for k, v in report.params.items() if k not in settings and k != option.key
                                and k != "attacker_keys"}
@@ -855,14 +859,14 @@ def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: 
     `results`: what the attack reported of its own at this strength."""
     from .results import SweepRow
 
-    decision = extract_reader.read(path)
+    decision = extract_reader.read(path, name=named or unnamed)
     checked = None
     if verify_reader is not None:
         onnx_path = Path(path)
         if onnx_path.suffix.lower() != ".onnx":
             onnx_path = Path(scratch) / (Path(path).stem + ".onnx")
             export(path, onnx_path, arch=arch, arch_kwargs=arch_kwargs, force=True)
-        checked = replace(verify_reader.read(onnx_path), model=named or unnamed)
+        checked = replace(verify_reader.read(onnx_path, name=named or unnamed), model=named or unnamed)
     decision = replace(decision, model=named or unnamed)
     kept = None if value is None else named  # (the victim's row keeps nothing)
     return SweepRow(value, accuracy, decision, checked, seconds, kept, results or {})
@@ -890,9 +894,11 @@ def _as_onnx(net, info, dataset: Dataset, outs):
     return load_onnx(path)
 
 
-def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, provider: str = "auto") -> float:
+def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, provider: str = "auto",
+              name: str | None = None) -> float:
     """Top-1 test accuracy of a torch model, or of an ONNX file (a path; run by onnxruntime,
-    from its answers: scores, probabilities or labels, within `timeout` seconds in all)."""
+    from its answers: scores, probabilities or labels, within `timeout` seconds in all; `name`,
+    what messages call it)."""
     from .training import evaluate
 
     if not isinstance(model, (str, Path)):
@@ -901,7 +907,7 @@ def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, 
 
     from .runtime import OnnxModel
 
-    onnx_model = OnnxModel(model, provider=provider, timeout=timeout)
+    onnx_model = OnnxModel(model, provider=provider, timeout=timeout, name=name)
     try:  # in chunks: a lazy test split (an image folder) is decoded a chunk at a time
         x, chunk = dataset.x_test, 1024
         labels = [onnx_model.answers(x[i: i + chunk])[0] for i in range(0, len(x), chunk)]
@@ -913,10 +919,11 @@ def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, 
 
 
 def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, timeout: float | None,
-                    provider: str, record: dict) -> float:
+                    provider: str, record: dict, name: str) -> float:
     """Write the attacked model as --out asks; its accuracy. A model of another architecture
     than the victim's (a distilled student) carries its own facts in `deepsigns_info`. A
-    checkpoint records the attack (`record`: its name, parameters and seed) in its metadata."""
+    checkpoint records the attack (`record`: its name, parameters and seed) in its metadata.
+    `name`: what messages call it (not its temporary file)."""
     from .checkpoint import export_onnx, save_checkpoint
 
     info = getattr(attacked, "deepsigns_info", info)
@@ -924,7 +931,7 @@ def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, 
         if out_kind == "checkpoint":  # (the registry row said it writes ONNX only: refused before)
             raise InputError("this attack gives an ONNX model: give --out a .onnx name")
         Path(tmp).write_bytes(attacked.SerializeToString())
-        return _accuracy(tmp, dataset, timeout, provider)
+        return _accuracy(tmp, dataset, timeout, provider, name=name)
     accuracy = _accuracy(attacked, dataset)
     if out_kind == "checkpoint":
         attack = {"attacked": True, "attack": record, "test_accuracy": round(accuracy, 4)}

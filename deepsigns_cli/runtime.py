@@ -946,12 +946,14 @@ class OnnxModel:
     (None: no limit) and a bounded amount of memory."""
 
     def __init__(self, path: str | Path, provider: str = "auto", *,
-                 timeout: float | None = DEFAULT_TIMEOUT):
+                 timeout: float | None = DEFAULT_TIMEOUT, name: str | None = None):
         _check_provider_name(provider)
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not math.isfinite(timeout) or timeout <= 0):
             raise InputError(f"--timeout must be a number of seconds above 0, got {timeout!r}")
         self.path = Path(path)
+        self.name = shown(self.path) if name is None else name  # (what messages call it: a file of
+        # the command's own, in a scratch folder, by what the user knows it as)
         self.proto = load_onnx(path)
         self.provider = provider
         self.timeout = None if timeout is None else float(timeout)
@@ -959,7 +961,7 @@ class OnnxModel:
         self._worker: _Worker | None = None
         self._evaluator: _Evaluator | None = None
         self._broken: str | None = None
-        p = shown(self.path)
+        p = self.name
         initializers = {t.name for t in self.proto.graph.initializer}
         inputs = [i for i in self.proto.graph.input if i.name not in initializers]
         names = [i.name for i in inputs] + [o.name for o in self.proto.graph.output]
@@ -996,7 +998,7 @@ class OnnxModel:
                 return x.reshape(len(x), *per_sample)
         shown_dims = ["?" if d is None else d for d in dims]
         raise OnnxError(
-            f"{shown(self.path)} takes inputs of shape {shown_dims} but the keys are samples of "
+            f"{self.name} takes inputs of shape {shown_dims} but the keys are samples of "
             f"shape {list(x.shape[1:])}: this model cannot be queried with these keys"
         )
 
@@ -1004,7 +1006,7 @@ class OnnxModel:
         """x as the model takes it: its layout and its floating-point type."""
         from onnx import TensorProto
 
-        p = shown(self.path)
+        p = self.name
         kind = self._input.type.WhichOneof("value")
         elem = self._input.type.tensor_type.elem_type if kind == "tensor_type" else None
         if elem not in _FLOAT_INPUTS:
@@ -1027,7 +1029,7 @@ class OnnxModel:
         """The model's fixed batch size, or None when the batch dimension is dynamic."""
         batch = self.input_dims[0] if self.input_dims else None
         if batch is not None and not 1 <= batch <= MAX_FIXED_BATCH:
-            raise OnnxError(f"{shown(self.path)} has its batch dimension fixed at {batch}: deepsigns "
+            raise OnnxError(f"{self.name} has its batch dimension fixed at {batch}: deepsigns "
                             f"feeds at most {MAX_FIXED_BATCH} samples at a time; export the model "
                             "with a dynamic batch dimension (dynamic_axes)")
         return batch
@@ -1073,7 +1075,7 @@ class OnnxModel:
             try:
                 self._worker = _Worker(_Evaluator(self.proto, self.input_name, self.provider))
             except OSError as exc:
-                raise OnnxError(f"cannot start a process to evaluate {shown(self.path)} "
+                raise OnnxError(f"cannot start a process to evaluate {self.name} "
                                 f"({one_line(exc)}): free some memory or processes and try again") from None
         answered = False
         try:
@@ -1142,18 +1144,18 @@ class OnnxModel:
         self.close()
 
     def _timed_out(self) -> OnnxError:
-        self._broken = (f"{shown(self.path)} did not answer within {self.timeout:g} s (a suspect model "
+        self._broken = (f"{self.name} did not answer within {self.timeout:g} s (a model "
                         "may loop for ever): if it is a large legitimate model, raise the limit "
                         "with --timeout")
         return OnnxError(self._broken)
 
     def _crashed(self, how: str) -> OnnxError:
-        self._broken = (f"onnxruntime crashed evaluating {shown(self.path)} ({one_line(how, 80)}): "
+        self._broken = (f"onnxruntime crashed evaluating {self.name} ({one_line(how, 80)}): "
                         "the file is malformed or hostile; it cannot be verified")
         return OnnxError(self._broken)
 
     def _failed(self, kind: str, message: str) -> OnnxError | InputError:
-        p, why = shown(self.path), one_line(message)
+        p, why = self.name, one_line(message)
         if kind == "input":
             return InputError(why)
         if kind == "load":
@@ -1185,7 +1187,7 @@ class OnnxModel:
     def _where(self, name: str) -> str:
         """An output as messages name it."""
         first = name == self.output_name
-        return f"the {'first ' if first else ''}output of {shown(self.path)} ('{one_line(name, 60)}')"
+        return f"the {'first ' if first else ''}output of {self.name} ('{one_line(name, 60)}')"
 
     def choose_output(self, output: str | None = None) -> tuple[str, str]:
         """(name, kind) of the output to read: `output`, else the first scores or probabilities,
@@ -1193,7 +1195,7 @@ class OnnxModel:
         if output is not None:
             if output not in self.outputs or not self.outputs[output][0]:
                 what = "is not usable" if output in self.outputs else "does not exist"
-                raise InputError(f"--output {one_line(repr(output), 60)} {what} in {shown(self.path)}: "
+                raise InputError(f"--output {one_line(repr(output), 60)} {what} in {self.name}: "
                                  f"use one of its outputs: {self.usable_outputs()}")
             return output, self.outputs[output][0]
         for wanted in (("scores", "probabilities"), ("labels",)):  # scores say more than labels
@@ -1202,7 +1204,7 @@ class OnnxModel:
                     return name, kind
         why = "; ".join(f"{'first ' if i == 0 else ''}output '{one_line(n, 60)}' {w}"
                         for i, (n, (_, w)) in enumerate(list(self.outputs.items())[:4]))
-        raise OnnxError(f"{shown(self.path)} has no output deepsigns can read ({why}): verify needs the "
+        raise OnnxError(f"{self.name} has no output deepsigns can read ({why}): verify needs the "
                         "class scores, probabilities or labels of each input; re-export the classifier with one")
 
     def _read(self, x: np.ndarray, output: str | None, batch_size: int) -> tuple[np.ndarray, str, str]:
@@ -1237,7 +1239,7 @@ class OnnxModel:
         `output`, else its first output that has them."""
         name, kind = self.choose_output(output)
         if kind == "labels":
-            what = shown(self.path) if output is None else self._where(name)
+            what = self.name if output is None else self._where(name)
             raise OnnxError(f"{what} outputs labels only (no class scores): this reading needs the "
                             "scores; export the classifier's logits or probabilities")
         return self._read(x, name, batch_size)[0]

@@ -146,8 +146,10 @@ class TorchSuspect(Suspect):
 
 
 class OnnxSuspect(Suspect):
-    def __init__(self, model: OnnxModel, *, blackbox_only: bool = False, output: str | None = None):
-        self.onnx, self.name, self.blackbox_only = model, str(model.path), blackbox_only
+    def __init__(self, model: OnnxModel, *, blackbox_only: bool = False, output: str | None = None,
+                 name: str | None = None):
+        self.onnx, self.blackbox_only = model, blackbox_only
+        self.name = str(model.path) if name is None else name
         self.output = output  # the graph output to read; None: chosen by kind
         if output is not None:
             model.choose_output(output)  # an unknown name fails now, before any query
@@ -237,15 +239,16 @@ class OnnxSuspect(Suspect):
 def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None = None,
                  arch: str | None = None, arch_kwargs: dict | None = None,
                  provider: str = "auto", timeout: float | None = DEFAULT_TIMEOUT,
-                 output: str | None = None) -> Suspect:
+                 output: str | None = None, name: str | None = None) -> Suspect:
     """A checkpoint (torch) or an ONNX file (onnxruntime) to examine.
 
     `shapes` (input shape, classes) come from the keys, for a plain state dict with --arch;
-    `output` names the ONNX output to read (None: chosen by kind)."""
+    `output` names the ONNX output to read (None: chosen by kind); `name`, what messages call
+    the model (None: its path)."""
     from .runtime import OnnxModel
 
     if Path(path).suffix.lower() == ".onnx":
-        return OnnxSuspect(OnnxModel(path, provider=provider, timeout=timeout), output=output)
+        return OnnxSuspect(OnnxModel(path, provider=provider, timeout=timeout, name=name), output=output, name=name)
     if output is not None:
         raise InputError("--output names an output of an ONNX model: leave it out for a checkpoint")
     from .checkpoint import load_checkpoint
@@ -253,4 +256,4 @@ def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None
     input_shape, num_classes = shapes if shapes else (None, None)
     model, info = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs,
                                   input_shape=input_shape, num_classes=num_classes)
-    return TorchSuspect(model, str(path), input_shape=info.input_shape)
+    return TorchSuspect(model, str(path) if name is None else name, input_shape=info.input_shape)

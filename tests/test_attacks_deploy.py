@@ -159,6 +159,21 @@ def test_a_checkpoint_out_is_refused(blackbox, tmp_path, name):
     assert not out.exists()
 
 
+def test_a_timeout_names_the_model_as_the_user_knows_it(blackbox, tmp_path):
+    """An attacked model that did not answer within --timeout was named by its temporary file,
+    beside --out or in a sweep's scratch folder, gone by the time the line was read."""
+    out = tmp_path / "rounded.onnx"
+    result = run_cli("attack", "round-scores", "--model", blackbox["marked_path"], "--data", "digits", "--out", out,
+                     "--timeout", 0.001, code=None)
+    line = assert_bad_input(result, f"the attacked model ({out}) did not answer within 0.001 s", "--timeout")
+    assert ".part" not in line and list(tmp_path.iterdir()) == []
+    result = run_cli("attack", "round-scores", "--model", blackbox["marked_path"], "--data", "digits", "--sweep",
+                     "decimals=2", "--keys", blackbox["keys"], "--timeout", 0.001, code=None)
+    line = assert_bad_input(result, "did not answer within 0.001 s")
+    assert "deepsigns-sweep-" not in line and ".part" not in line, line  # (the victim, or the strength's model)
+    assert str(blackbox["marked_path"]) in line or "the model of round-scores decimals=2" in line, line
+
+
 # ----------------------------------------------------------------------------- other victims
 
 
