@@ -726,6 +726,10 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
     if twice is not None:  # (each strength's model has one name: the second would be refused mid-sweep)
         raise InputError(f"--sweep {param}=...: {twice} is given twice; give each value once")
+    pathy = next((v for v in values if os.sep in str(v) or "/" in str(v) or str(v) in (".", "..")), None)
+    if pathy is not None:  # (a text value, distill's student: it is part of each kept model's name)
+        raise InputError(f"--sweep {param}=...: {shown(repr(pathy))} cannot be part of a file name (each strength's "
+                         f"model is {name}-{param}-VALUE): give values without '/'")
     given = {k: v for k, v in (options or {}).items() if v is not None and v is not False}
     if option.key in given:
         raise InputError(f"--{param} is swept: leave it out of the attack's own options")

@@ -356,6 +356,23 @@ def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_swept_text_that_is_a_path_is_refused_before_any_attack(marked, tmp_path, monkeypatch):
+    """Each strength's model is kept as NAME-PARAM-VALUE: distill's student 'sub/x' made a path
+    of folders, refused as a missing folder, and only once the strengths before it had run."""
+    from deepsigns_cli import api
+
+    def ran(*args, **kwargs):
+        raise AssertionError("an attack ran")
+
+    monkeypatch.setattr(api, "attack", ran)
+    (tmp_path / "kept").mkdir()
+    for student in ("sub/x", ".."):
+        result = run_cli("attack", "distill", "--model", marked.marked, "--keys", marked.keys, "--sweep",
+                         f"student=mlp,{student}", "--out", tmp_path / "kept", code=2)
+        assert_one_error_line(result.stderr, result.stdout, repr(student), "cannot be part of a file name")
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and not list((tmp_path / "kept").iterdir())
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--out", "{tmp}/kept"], "kept/prune-rate-0.9.safetensors exists: pass --force"),
     (["--out", "{tmp}/p.png", "--plot", "{tmp}/p.png"], "is also --out"),
