@@ -998,8 +998,8 @@ class OnnxModel:
                 return x.reshape(len(x), *per_sample)
         shown_dims = ["?" if d is None else d for d in dims]
         raise OnnxError(
-            f"{self.name} takes inputs of shape {shown_dims} but the keys are samples of "
-            f"shape {list(x.shape[1:])}: this model cannot be queried with these keys"
+            f"{self.name} takes inputs of shape {shown_dims} but is asked about samples of shape "
+            f"{list(x.shape[1:])} (the keys', or the data's): it cannot be queried with them"
         )
 
     def _feed(self, x: np.ndarray) -> np.ndarray:

@@ -245,7 +245,7 @@ def _hostile(owner, tmp_path, kind):
         path = tmp_path / "wrong.onnx"
         torch.onnx.export(torch.nn.Linear(20, 10), (torch.zeros(1, 20),), str(path),
                           input_names=["x"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
-        return path, "cannot be queried with these keys"
+        return path, "cannot be queried with them"
     if kind == "two-inputs":
 
         class Two(torch.nn.Module):
