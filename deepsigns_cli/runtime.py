@@ -952,7 +952,7 @@ class OnnxModel:
                                     or not math.isfinite(timeout) or timeout <= 0):
             raise InputError(f"--timeout must be a number of seconds above 0, got {timeout!r}")
         self.path = Path(path)
-        self.name = shown(self.path) if name is None else name  # (what messages call it: a file of
+        self.name = shown(self.path if name is None else name)  # (what messages call it: a file of
         # the command's own, in a scratch folder, by what the user knows it as)
         self.proto = load_onnx(path)
         self.provider = provider
