@@ -105,3 +105,14 @@ def signal_in_a_finaliser():
     runs a finaliser (as one can while Python runs its callbacks around os.fork)."""
     _Finalised(int(os.environ["DEEPSIGNS_TEST_SIGNAL"]))
     return _data()
+
+
+def leaves_a_process():
+    """A --data factory whose first process starts a process that outlives the run (a log
+    shipper, say), holding the descriptors it inherited; its pid goes to DEEPSIGNS_TEST_LEFT."""
+    import subprocess
+
+    if os.environ.get("RANK", "0") == "0":
+        left = subprocess.Popen(["sleep", "120"], start_new_session=True)
+        Path(os.environ["DEEPSIGNS_TEST_LEFT"]).write_text(str(left.pid))
+    return _data()

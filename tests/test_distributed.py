@@ -162,6 +162,69 @@ def test_what_a_factory_prints_is_passed_on_and_nothing_is_left_behind(tmp_path,
     assert sorted(p.name for p in here.iterdir()) == ["click.py"]
 
 
+def test_a_process_a_factory_leaves_running_does_not_hold_the_command(tmp_path):
+    """--nproc read its processes' output to its end, and a process that a factory started and
+    left running held the pipes it inherited: the command waited as long as that process lived
+    (the same command without --nproc ends at once)."""
+    left = tmp_path / "left.pid"
+    try:
+        proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", "dying_model:leaves_a_process", "--epochs", 1,
+                        "--out", tmp_path / "m.safetensors", "--device", "cpu", "--json",
+                        env={**ENV, "DEEPSIGNS_TEST_LEFT": str(left)}, timeout=90)  # (it lives 120 s)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["out"] == str(tmp_path / "m.safetensors")
+    finally:
+        if left.exists():
+            os.kill(int(left.read_text()), signal.SIGKILL)
+
+
+def test_ctrl_z_suspends_every_process_of_the_run(tmp_path):
+    """The run's processes have process groups of their own, which a terminal's Ctrl-Z (SIGTSTP
+    to the command's group) does not reach: they trained on, and wrote, while the command was
+    stopped. The command stops them with itself; SIGCONT (fg) resumes them."""
+    arch, training = "dying_model:Net", tmp_path / "training"
+    base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
+    api.train(arch, base, epochs=3, seed=0, device="cpu")
+    api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], arch=arch, seed=0)
+    proc = subprocess.Popen([*deepsigns_argv(), "embed", "--nproc", "2", "--arch", arch, "--model", str(base),
+                             "--keys", str(keys), "--out", str(marked), "--epochs", "500", "--device", "cpu"],
+                            env=process_env({**ENV, "DEEPSIGNS_TEST_TRAINING": str(training)}),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def states() -> dict[int, str]:  # the run's processes (not the command): pid -> state
+        pids = subprocess.run(["pgrep", "-f", f"(torch.distributed.run|-m deepsigns_cli) .*{marked}"],
+                              capture_output=True, text=True).stdout.split()
+        found = {}
+        for pid in pids:
+            try:  # (after the name, which is in parentheses: the state)
+                found[int(pid)] = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            except OSError:
+                pass
+        return found
+
+    try:
+        deadline = time.monotonic() + 120
+        while not all(Path(f"{training}.{rank}").exists() for rank in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTSTP)
+        deadline = time.monotonic() + 30
+        while not (len(seen := states()) == 3 and set(seen.values()) == {"T"}):
+            assert time.monotonic() < deadline, f"not all stopped: {seen}"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while "T" in states().values():
+            assert time.monotonic() < deadline, f"not all resumed: {states()}"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not marked.exists() and states() == {}
+
+
 def test_python_m_does_not_run_a_module_of_the_current_folder(tmp_path):
     """`torchrun ... -m deepsigns_cli` (the README's multi-machine command) starts python -m."""
     (tmp_path / "click.py").write_text("open('RAN', 'w').close()\nraise SystemExit(7)\n")

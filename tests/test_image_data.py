@@ -16,7 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bad_input, assert_one_error_line, partial_files, run_cli, run_json, run_proc
+from helpers import (
+    assert_bad_input,
+    assert_one_error_line,
+    deepsigns_argv,
+    partial_files,
+    process_env,
+    run_cli,
+    run_json,
+    run_proc,
+)
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import TensorDataset
 
@@ -403,6 +412,13 @@ def test_what_the_users_code_prints_never_breaks_the_report(tmp_path):
     assert "loading the digits..." in proc.stderr and "reading item 0" in proc.stderr
     for line in ("fetching shard 1 of 1", "written to file descriptor 1", "item 0 on file descriptor 1"):
         assert line in proc.stderr
+    # with stderr closed, the copy of stdout had taken the free descriptor 2, and it all went there
+    closed = subprocess.run([*deepsigns_argv(), "train", "--arch", "mlp", "--data", "test_image_data:chatty_digits",
+                             "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "n.safetensors"), "--json"],
+                            env=process_env({"PYTHONPATH": str(Path(__file__).parent)}), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(2))
+    assert closed.returncode == 0
+    assert json.loads(closed.stdout)["data"] == "test_image_data:chatty_digits"
 
 
 def test_a_loader_death_met_while_reading_its_batch_is_still_one_line():

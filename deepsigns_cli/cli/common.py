@@ -8,6 +8,7 @@ a verdict (0 detected, 1 not detected).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -63,12 +64,17 @@ def report_alone():
     if mine:
         try:
             stream.flush()
-            saved = os.dup(1)
-            os.dup2(2, 1)
-        except OSError:  # (stdout or stderr closed: nothing to keep apart)
-            if saved is not None:
-                os.close(saved)
+            # (a copy numbered 3 or above: with stderr closed, os.dup would give 2; not inherited)
+            saved = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+        except OSError:  # (stdout closed: nothing to keep apart)
             saved = None
+    if saved is not None:
+        try:
+            os.dup2(2, 1)
+        except OSError:  # stderr closed: what would go there goes nowhere (os.open may give 2 itself)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.close(null)
     if saved is None:
         yield stream
         return

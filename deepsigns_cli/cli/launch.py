@@ -17,7 +17,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager, suppress
 
 import click
 
@@ -32,6 +34,7 @@ _TORCH_LOG = re.compile(r"\[?[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
 #: a process that a signal ended, in torchrun's summary of a failed run ("rank : 1 ...", then "exitcode : -9 ...")
 _SIGNALLED = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*-(\d+)", re.M)
 _STOP_SECONDS = 60  # what an interrupted run's launcher is given to stop its processes
+_DRAIN_SECONDS = 2  # what its pipes are given to end once it has ended (its processes have)
 
 
 def nproc_option(fn):
@@ -152,9 +155,12 @@ def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.Completed
         return tuple(path for path, seen in before.items() if _identity(path) != seen)
 
     launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, text=True, preexec_fn=_stop_with_parent(os.getpid()))
+                                env=env, preexec_fn=_stop_with_parent(os.getpid()))
+    readers = [_Drain(launcher.stdout), _Drain(launcher.stderr)]
     try:
-        out, err = launcher.communicate()
+        with _suspended_with(launcher.pid):
+            launcher.wait()
+        out, err = (reader.text() for reader in readers)
         if launcher.returncode == 0:  # (a signal from now is held until the report is relayed)
             outputs_written(list(written()))
         else:  # (its processes have ended: what one killed outright left is no one's)
@@ -173,6 +179,71 @@ def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.Completed
             raise Interrupted(getattr(exc, "signum", signal.SIGINT), done) from None
         raise
     return subprocess.CompletedProcess(command, launcher.returncode, out, err), written()
+
+
+class _Drain:
+    """A pipe of the launcher's read to its end in a thread of its own. `text` waits for that end
+    a bounded time once the run is over: a process that a --data factory started and left running
+    holds the pipe it inherited, and waiting for its end had kept the command waiting as long."""
+
+    def __init__(self, pipe):
+        self.chunks: list[bytes] = []
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe) -> None:
+        for chunk in iter(lambda: os.read(pipe.fileno(), 1 << 16), b""):
+            self.chunks.append(chunk)
+
+    def text(self) -> str:
+        """What was read, as text mode reads it (any line ending as a newline)."""
+        self._thread.join(timeout=_DRAIN_SECONDS)
+        text = b"".join(list(self.chunks)).decode("utf-8", errors="replace")
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _run_groups(launcher: int) -> set[int]:
+    """The process groups of a run: the launcher's own (`_stop_with_parent`) and each of its
+    processes' (torch.distributed.run starts each in a session of its own; their loader
+    processes share it). Its processes are read from /proc: the launcher's group alone where
+    that cannot be read."""
+    groups = {launcher}
+    with suppress(OSError):
+        for task in os.listdir(f"/proc/{launcher}/task"):
+            with open(f"/proc/{launcher}/task/{task}/children") as children:
+                groups.update(int(pid) for pid in children.read().split())
+    return groups
+
+
+def _signal_run(launcher: int, signum: int) -> None:
+    for group in _run_groups(launcher):
+        with suppress(OSError):
+            os.killpg(group, signum)
+
+
+@contextmanager
+def _suspended_with(launcher: int):
+    """Ctrl-Z (SIGTSTP) suspends the run's processes with the command, and `fg` (SIGCONT) resumes
+    them: they run in process groups of their own, which a terminal's signals do not reach."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        _signal_run(launcher, signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # (stops here, until SIGCONT)
+        signal.signal(signal.SIGTSTP, stop)
+
+    def resume(signum, frame) -> None:
+        _signal_run(launcher, signal.SIGCONT)
+
+    before = {s: signal.signal(s, handler) for s, handler in ((signal.SIGTSTP, stop), (signal.SIGCONT, resume))}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _stop_with_parent(parent: int):
