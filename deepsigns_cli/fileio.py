@@ -188,6 +188,9 @@ def held_signals() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+_HELD_SECONDS = 5  # what a signal held after the commit waits for the report before it counts as a second
+
+
 class _Late:
     """The signals held from a command's commit to its end (`held_after_commit`)."""
 
@@ -197,6 +200,7 @@ class _Late:
         self.previous: dict | None = None  # (the handlers before the first commit)
         self.suspended = 0  # (inside `not_final`)
         self.committing = False  # (renames under way: every signal waits for them)
+        self.open = True  # (until the command's end)
 
     def engage(self, written: list[str]) -> None:
         if self.previous is None:
@@ -207,10 +211,21 @@ class _Late:
 
     def _hold(self, signum: int, frame) -> None:
         """The first signal waits for the report; a second ends the command at once, once no
-        rename is under way (a report stuck on a pipe nobody reads had left only SIGKILL)."""
+        rename is under way (a report stuck on a pipe nobody reads had left only SIGKILL). A
+        signal held comes again after _HELD_SECONDS while the command goes on: the one SIGTERM
+        that `timeout`, a service manager or `docker stop` sends had left a command whose report
+        was stuck on a full pipe waiting for ever."""
         self.came.append(signum)
         if len(self.came) > 1 and not self.committing:
             raise Interrupted(signum, tuple(self.written))
+        again = threading.Timer(_HELD_SECONDS, self._again, (signum,))
+        again.daemon = True
+        with contextlib.suppress(RuntimeError):  # (no thread starts once Python is shutting down)
+            again.start()
+
+    def _again(self, signum: int) -> None:
+        if self.open:
+            os.kill(os.getpid(), signum)
 
 
 _late: _Late | None = None
@@ -235,7 +250,7 @@ def held_after_commit(*, restore: bool = True) -> Iterator[_Late]:
     try:
         yield late
     finally:
-        _late = None
+        _late, late.open = None, False
         if not restore and threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 signal.signal(s, signal.SIG_IGN)
