@@ -4,6 +4,7 @@ run with one line and nothing written."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -220,6 +221,9 @@ def test_ctrl_z_suspends_every_process_of_the_run(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
+        for pid in states():  # (a stopped process would hold the SIGTERM that killing the command sends it)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert not marked.exists() and states() == {}
