@@ -110,7 +110,7 @@ def test_keys_sealed_by_hand_that_claim_any_model_are_voided_by_a_control(blackb
     from safetensors.torch import save_file
 
     with safe_open(str(blackbox["marked_path"]), "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, {**f.metadata(), "note": '"independent"'}  # noqa: SIM118
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, {**f.metadata(), "note": '"independent"'}
     save_file(tensors, tmp_path / "resaved.safetensors", metadata=meta)
     torch.save(tensors, tmp_path / "resaved.pt")
     for again, arch in (("resaved.safetensors", []), ("resaved.pt", ["--arch", "mlp", "--arch-kwargs",

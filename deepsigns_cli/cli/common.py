@@ -78,7 +78,7 @@ def report_alone():
     if saved is None:
         yield stream
         return
-    report = open(saved, "w", encoding=stream.encoding, errors=stream.errors)  # noqa: SIM115 (closed below)
+    report = open(saved, "w", encoding=stream.encoding, errors=stream.errors)  # (closed below)
     try:
         yield report
     finally:
