@@ -96,6 +96,7 @@ __all__ = [
     "is_main_process",
     "held_signals",
     "held_after_commit",
+    "report_to",
     "outputs_written",
     "world_size",
     "stop_with_parent",
@@ -326,8 +327,17 @@ def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, 
 def check_keys(keys: str | Path) -> dict:
     """The public header of a bundle: fails on a missing or foreign file, asks nothing."""
     from .bundle import read_header
+    from .fileio import refuse_the_report_file
 
+    refuse_the_report_file(keys, "the key bundle")
     return read_header(keys)
+
+
+def report_to(fd: int | None) -> None:
+    """The command's report goes to descriptor `fd` (None: it has ended): fileio.report_to."""
+    from .fileio import report_to as to
+
+    to(fd)
 
 
 def check_bundle_name(path: str | Path, option: str) -> None:

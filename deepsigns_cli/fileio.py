@@ -83,6 +83,36 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+_report: tuple[int, int] | None = None  # (device, inode) of the regular file the report goes to
+
+
+def report_to(fd: int | None) -> None:
+    """The report of the command now running goes to descriptor `fd` (None: the command has
+    ended): when that is a regular file, no file the command reads or writes may be it."""
+    global _report
+    _report = None
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                _report = (st.st_dev, st.st_ino)
+
+
+def refuse_the_report_file(path: str | Path, what: str) -> None:
+    """InputError when `path` is the file stdout was sent to (`> k.dskey`, `>> marked.onnx`): the
+    report would be appended to a bundle, which no command then opened, or go into an output
+    that the command replaces, lost without a word."""
+    if _report is None:
+        return
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return
+    if (st.st_dev, st.st_ino) == _report:
+        raise InputError(f"stdout is {shown(path)}, {what}: the report would be written into it; send the report "
+                         "to another file")
+
+
 def _inside(path: Path, folder: Path) -> bool:
     """Whether `path` lies in the folder `folder` (an image folder given as --data), at any depth."""
     try:
@@ -115,6 +145,7 @@ def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path 
         raise InputError(f"{option} {shown(path)} is not a usable path ({exc}): choose another") from None
     if not path.name:
         raise InputError(f"{option} {shown(path)} names no file: give a file path")
+    refuse_the_report_file(path, f"the {option} output")
     for name, other in (inputs or {}).items():
         if other is not None and _same_file(path, Path(other)) and not (update and name == option):
             raise InputError(

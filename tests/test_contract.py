@@ -203,3 +203,27 @@ def test_a_real_process_internal_error_exit_code(tmp_path):
                     env={"PYTHONPATH": str(tmp_path)})
     assert proc.returncode in (2, 3), proc.stderr
     assert_one_error_line(proc.stderr, proc.stdout)
+
+
+def test_stdout_sent_into_a_file_the_command_reads_or_writes_is_refused(marked, tmp_path):
+    """`extract --keys k.dskey >> k.dskey` had appended the report to the bundle (which no command
+    then opened: "added to"), and `export --out x.onnx --force > x.onnx` had lost it (written
+    into the file that the commit replaced); both exited 0."""
+    import shutil
+    import subprocess
+
+    from helpers import ENV, deepsigns_argv, process_env
+
+    keys, onnx = tmp_path / "k.dskey", tmp_path / "x.onnx"
+    shutil.copyfile(marked.keys, keys)
+    sealed = keys.read_bytes()
+    onnx.write_bytes(b"an older export")
+    for argv, into, what in (
+            (["extract", "--model", str(marked.marked), "--keys", str(keys), "--json"], keys, "the key bundle"),
+            (["export", str(marked.marked), "--out", str(onnx), "--force", "--json"], onnx, "the --out output")):
+        with open(into, "ab") as stdout:
+            proc = subprocess.run([*deepsigns_argv(), *argv], env=process_env(ENV), stdin=subprocess.DEVNULL,
+                                  stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert_one_error_line(proc.stderr, "", f"stdout is {into}, {what}", "send the report to another file")
+    assert keys.read_bytes() == sealed and onnx.read_bytes() == b"an older export"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from ..api import LIMITS, held_after_commit
+from ..api import LIMITS, held_after_commit, report_to
 from ..errors import DeepSignsError, InputError, Interrupted, one_line, shown
 
 EXIT_OK, EXIT_NOT_DETECTED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -79,9 +79,11 @@ def report_alone():
         yield stream
         return
     report = open(saved, "w", encoding=stream.encoding, errors=stream.errors)  # (closed below)
+    report_to(saved)
     try:
         yield report
     finally:
+        report_to(None)
         try:  # (what went to stderr through sys.stdout, before stdout is its own again)
             sys.stdout.flush()
         except (OSError, ValueError):
