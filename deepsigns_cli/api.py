@@ -97,6 +97,7 @@ __all__ = [
     "held_signals",
     "held_after_commit",
     "report_to",
+    "signal_again",
     "outputs_written",
     "world_size",
     "stop_with_parent",
@@ -333,6 +334,13 @@ def check_keys(keys: str | Path) -> dict:
     return read_header(keys)
 
 
+def signal_again(signum: int, seconds: float) -> None:
+    """Send `signum` to this process again, from a thread, `seconds` from now (fileio.signal_again)."""
+    from .fileio import signal_again as again
+
+    again(signum, seconds)
+
+
 def report_to(fd: int | None) -> None:
     """The command's report goes to descriptor `fd` (None: it has ended): fileio.report_to."""
     from .fileio import report_to as to
@@ -464,7 +472,7 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
         raise InputError("the two parties give the same key bundle: a dispute is between two owners' bundles")
     readers = [_Reader("extract", keys, passphrase, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
                        provider=provider, timeout=timeout) for keys, passphrase, _ in parties]
-    made = {readers[0].weights(model) for _, _, model in parties} - {None}
+    made = {readers[0].weights(model) for _, _, model in parties} - {None} if controls else set()
     for control in controls:  # (a copy of other bytes: saved again, with other metadata, as a .pt)
         if readers[0].weights(control) in made:
             raise InputError(f"{shown(control)} holds the weights of a party's model: a control is a model neither "
@@ -736,7 +744,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
     if twice is not None:  # (each strength's model has one name: the second would be refused mid-sweep)
         raise InputError(f"--sweep {param}=...: {twice} is given twice; give each value once")
-    pathy = next((v for v in values if os.sep in str(v) or "/" in str(v) or str(v) in (".", "..")), None)
+    pathy = next((v for v in values if "/" in str(v) or str(v) in (".", "..")), None)
     if pathy is not None:  # (a text value, distill's student: it is part of each kept model's name)
         raise InputError(f"--sweep {param}=...: {shown(repr(pathy))} cannot be part of a file name (each strength's "
                          f"model is {name}-{param}-VALUE): give values without '/'")

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import DeepSignsError, InputError, Interrupted, OutputExistsError, one_line, shown
@@ -222,6 +222,20 @@ def held_signals() -> Iterator[list[int]]:
 _HELD_SECONDS = 5  # what a signal held after the commit waits for the report before it counts as a second
 
 
+def signal_again(signum: int, seconds: float, unless: Callable[[], bool] | None = None) -> None:
+    """Send `signum` to this process again `seconds` from now, from a thread (so that its handler
+    runs in the main thread's own code, not in the callback that asks), unless `unless()` is
+    true by then. Once Python is shutting down no thread starts, and nothing is sent."""
+    def again() -> None:
+        if unless is None or not unless():
+            os.kill(os.getpid(), signum)
+
+    timer = threading.Timer(seconds, again)
+    timer.daemon = True
+    with contextlib.suppress(RuntimeError):
+        timer.start()
+
+
 class _Late:
     """The signals held from a command's commit to its end (`held_after_commit`)."""
 
@@ -249,14 +263,7 @@ class _Late:
         self.came.append(signum)
         if len(self.came) > 1 and not self.committing:
             raise Interrupted(signum, tuple(self.written))
-        again = threading.Timer(_HELD_SECONDS, self._again, (signum,))
-        again.daemon = True
-        with contextlib.suppress(RuntimeError):  # (no thread starts once Python is shutting down)
-            again.start()
-
-    def _again(self, signum: int) -> None:
-        if self.open:
-            os.kill(os.getpid(), signum)
+        signal_again(signum, _HELD_SECONDS, unless=lambda: not self.open)
 
 
 _late: _Late | None = None

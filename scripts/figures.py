@@ -46,7 +46,6 @@ from deepsigns_cli.training import TrainConfig, evaluate, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 1e-3
-FIGURES = ("fidelity", "reliability", "integrity", "capacity")  # (what embedding costs: scripts/bench.py)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -486,7 +485,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    figures = FIGURES if args.figure == "all" else (args.figure,)
+    figures = tuple(RUNNERS) if args.figure == "all" else (args.figure,)  # (what embedding costs: bench.py)
     failed = []
     for fig in figures:
         fig_args = args

@@ -56,28 +56,18 @@ def report_alone():
     of it. Where sys.stdout is not descriptor 1 (click's test runner, a caller's redirection),
     the stream as it is."""
     stream = sys.stdout
-    try:
-        mine = stream is not None and stream.fileno() == 1
-    except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation is an OSError)
-        mine = False
-    saved = None
-    if mine:
-        try:
-            stream.flush()
-            # (a copy numbered 3 or above: with stderr closed, os.dup would give 2; not inherited)
-            saved = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
-        except OSError:  # (stdout closed: nothing to keep apart)
-            saved = None
-    if saved is not None:
-        try:
-            os.dup2(2, 1)
-        except OSError:  # stderr closed: what would go there goes nowhere (os.open may give 2 itself)
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1)
-            os.close(null)
+    try:  # (a copy numbered 3 or above: with stderr closed, os.dup would give 2; not inherited)
+        stream.flush()
+        saved = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3) if stream.fileno() == 1 else None
+    except (OSError, ValueError, AttributeError):  # (stdout closed or None; io.UnsupportedOperation)
+        saved = None
     if saved is None:
         yield stream
         return
+    try:
+        os.dup2(2, 1)
+    except OSError:  # stderr closed: what would go there goes nowhere
+        _to_nowhere(1)
     report = open(saved, "w", encoding=stream.encoding, errors=stream.errors)  # (closed below)
     report_to(saved)
     try:
@@ -91,10 +81,16 @@ def report_alone():
         os.dup2(report.fileno(), 1)
         # the report was flushed where it was written (`_to_report`); what is left of one cut
         # short (a signal while a full pipe held it) goes nowhere: a flush would block again
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, report.fileno())
-        os.close(null)
+        _to_nowhere(report.fileno())
         report.close()
+
+
+def _to_nowhere(fd: int) -> None:
+    """Descriptor `fd` writes to /dev/null from now on."""
+    null = os.open(os.devnull, os.O_WRONLY)  # (it may be given the number 2 itself, when stderr is closed)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
 
 
 def debugging() -> bool:
@@ -525,7 +521,7 @@ def stdout_failed(exc: OSError, what: str, written: str = "") -> None:
     otherwise (a full disk); `written` says what stands of the command's work."""
     stream = report_stream()
     if stream is not None:  # (Python's last flush at exit would fail again)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        _to_nowhere(stream.fileno())
     if isinstance(exc, BrokenPipeError):
         fail(f"stdout was closed before {what} was printed{written}: keep the reader open, or send {what} "
              "to a file", EXIT_BROKEN_PIPE)

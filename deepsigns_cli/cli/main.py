@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import signal
 import sys
 import threading
@@ -12,6 +11,7 @@ import warnings
 import click
 
 from .. import __version__
+from ..api import signal_again
 from ..errors import Interrupted, one_line
 from .common import EXIT_BAD_INPUT, OnceGroup, State, fail, internal_error, interrupted, stdout_failed
 
@@ -45,15 +45,10 @@ def _unraisable(args) -> None:
     for every ONNX reading, until a second signal). The signal is sent again, and its handler
     raises where the command can stop: from a thread, a moment later (sent from here, its handler
     would run here, in the callback still)."""
-    if not isinstance(args.exc_value, KeyboardInterrupt):
+    if isinstance(args.exc_value, KeyboardInterrupt):
+        signal_again(getattr(args.exc_value, "signum", signal.SIGINT), 0.01)
+    else:
         sys.__unraisablehook__(args)
-        return
-    again = threading.Timer(0.01, os.kill, (os.getpid(), getattr(args.exc_value, "signum", signal.SIGINT)))
-    again.daemon = True
-    try:
-        again.start()
-    except RuntimeError:  # (no thread starts once Python is shutting down: nothing is left to stop)
-        pass
 
 
 def _thread_failed(args) -> None:
