@@ -55,6 +55,16 @@ class SchemeError(DeepSignsError):
     """Watermark keys that cannot be made or used as asked."""
 
 
+class NotLearnt(SchemeError):
+    """An embedding that did not take in the epochs it ran: `what` happened, `remedy` is the
+    advice for the command that ran it (a command that runs the embedding itself, as
+    `attack overwrite` does, gives its own)."""
+
+    def __init__(self, what: str, remedy: str):
+        super().__init__(f"{what}: {remedy}")
+        self.what = what
+
+
 class OnnxError(DeepSignsError):
     """An ONNX file that is malformed, unsafe, or does not fit the keys."""
 

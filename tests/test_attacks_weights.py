@@ -181,3 +181,13 @@ def test_overwrite_needs_attacker_keys(marked, tmp_path):
                      "--out", out, code=2)
     assert_bad_input(result, "--attacker-keys is required: the bundle of the attacker's keys to write")
     assert not out.exists() and partial_files(tmp_path) == []
+
+
+def test_overwrite_that_did_not_take_gives_advice_the_attack_can_follow(marked, tmp_path):
+    """The attacker's keys are made at the defaults: only --epochs can help (not keygen's --key-size)."""
+    out, keys = tmp_path / "overwritten.safetensors", tmp_path / "attacker.dskey"
+    result = run_cli("attack", "overwrite", "--model", marked.marked, "--data", "digits", "--epochs", 1,
+                     "--scheme", "output", "--attacker-keys", keys, "--out", out, code=2)
+    assert_bad_input(result, "the attacker's embedding: only", "keys were learnt", "raise --epochs")
+    assert "keygen" not in result.output and "--key-size" not in result.output
+    assert list(tmp_path.iterdir()) == []

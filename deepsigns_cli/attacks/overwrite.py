@@ -24,7 +24,7 @@ class OverwriteAttack(Attack):
     def run(self, model, ctx):
         from .. import api
         from ..bundle import BUNDLE_MODE, write_bundle
-        from ..errors import InputError
+        from ..errors import InputError, NotLearnt
         from ..registry import embed_order, scheme_entry
 
         target = ctx.option("attacker_keys", None)
@@ -47,8 +47,11 @@ class OverwriteAttack(Attack):
 
         seed = int(ctx.rng.integers(2**32))  # the attacker's secrets: fresh, but from --seed
         bundle = api.make_keys(model, ctx.info, ctx.data, names, {n: {} for n in names}, seed=seed)
-        model, _, bundle, report = api.embed_keys(model, ctx.info, ctx.data, bundle, epochs=epochs,
-                                                  seed=ctx.seed, device=ctx.device, progress=ctx.progress)
+        try:
+            model, _, bundle, report = api.embed_keys(model, ctx.info, ctx.data, bundle, epochs=epochs,
+                                                      seed=ctx.seed, device=ctx.device, progress=ctx.progress)
+        except NotLearnt as err:  # (the attacker's keys are made at the defaults: --epochs is the remedy)
+            raise NotLearnt(f"the attacker's embedding: {err.what}", "raise --epochs") from None
         commitment = write_bundle(bundle, tmp, secret)
         ran = {name: report["schemes"][name]["epochs"] for name in embed_order(names)}
         return model, {"schemes": list(embed_order(names)), "epochs": ran, "attacker_keys": str(target),

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import stats
 from ..data import bounded_rows, digest_number, take
-from ..errors import SchemeError
+from ..errors import NotLearnt, SchemeError
 from ..objective import Objective
 from ..results import MatchResult, SchemeKeys
 from .base import Scheme, each_output
@@ -212,10 +212,8 @@ class OutputScheme(Scheme):
         good = np.flatnonzero((marked == y) & (unmarked != y))
         key_size = int(params["key_size"])
         if len(good) < key_size:
-            raise SchemeError(
-                f"only {len(good)} keys were learnt by the model (needed {key_size}) after "
-                f"{history['epochs']} epochs: raise --epochs (or make fewer keys: keygen's --key-size)"
-            )
+            raise NotLearnt(f"only {len(good)} keys were learnt by the model (needed {key_size}) after "
+                            f"{history['epochs']} epochs", "raise --epochs (or make fewer keys: keygen's --key-size)")
         # the keys that outlive a thief's fine-tuning of a copy, when there are enough of them
         lasting = self._lasting(model, data, cfg, x, y, good, int(params.get("robust_epochs", 0)), progress)
         pool = lasting if len(lasting) >= key_size else good
