@@ -97,6 +97,7 @@ __all__ = [
     "held_signals",
     "held_after_commit",
     "report_to",
+    "refuse_the_report_file",
     "signal_again",
     "outputs_written",
     "world_size",
@@ -339,6 +340,13 @@ def signal_again(signum: int, seconds: float) -> None:
     from .fileio import signal_again as again
 
     again(signum, seconds)
+
+
+def refuse_the_report_file(path: str, what: str) -> None:
+    """InputError when `path` is the file the report goes to (fileio.refuse_the_report_file)."""
+    from .fileio import refuse_the_report_file as refuse
+
+    refuse(path, what)
 
 
 def report_to(fd: int | None) -> None:

@@ -207,23 +207,36 @@ def test_a_real_process_internal_error_exit_code(tmp_path):
 
 def test_stdout_sent_into_a_file_the_command_reads_or_writes_is_refused(marked, tmp_path):
     """`extract --keys k.dskey >> k.dskey` had appended the report to the bundle (which no command
-    then opened: "added to"), and `export --out x.onnx --force > x.onnx` had lost it (written
-    into the file that the commit replaced); both exited 0."""
+    then opened: "added to"), `extract --model m.onnx >> m.onnx` to the suspect model, and
+    `export --out x.onnx --force > x.onnx` had lost it (written into the file that the commit
+    replaced); all exited 0. Under --nproc the processes' stdout is a pipe: the command checks."""
     import shutil
     import subprocess
 
     from helpers import ENV, deepsigns_argv, process_env
 
-    keys, onnx = tmp_path / "k.dskey", tmp_path / "x.onnx"
+    keys, onnx, suspect = tmp_path / "k.dskey", tmp_path / "x.onnx", tmp_path / "m.onnx"
     shutil.copyfile(marked.keys, keys)
-    sealed = keys.read_bytes()
+    shutil.copyfile(marked.onnx, suspect)
+    sealed, model = keys.read_bytes(), suspect.read_bytes()
     onnx.write_bytes(b"an older export")
     for argv, into, what in (
-            (["extract", "--model", str(marked.marked), "--keys", str(keys), "--json"], keys, "the key bundle"),
-            (["export", str(marked.marked), "--out", str(onnx), "--force", "--json"], onnx, "the --out output")):
+            (["extract", "--model", str(marked.marked), "--keys", str(keys), "--json"], keys, "--keys"),
+            (["extract", "--model", str(suspect), "--keys", str(marked.keys)], suspect, "--model"),
+            (["export", str(marked.marked), "--out", str(onnx), "--force", "--json"], onnx, "--out"),
+            (["train", "--arch", "mlp", "--data", "digits", "--epochs", "1", "--nproc", "2", "--out", str(onnx),
+              "--force"], onnx, "--out")):
         with open(into, "ab") as stdout:
             proc = subprocess.run([*deepsigns_argv(), *argv], env=process_env(ENV), stdin=subprocess.DEVNULL,
                                   stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr
-        assert_one_error_line(proc.stderr, "", f"stdout is {into}, {what}", "send the report to another file")
+        assert_one_error_line(proc.stderr, "", f"stdout is {into}, given as {what}", "send the report to another file")
+    assert suspect.read_bytes() == model
+    # a value that names no file (the bundled data set) is no file, whatever stdout's name
+    with open(tmp_path / "digits", "wb") as stdout:
+        proc = subprocess.run([*deepsigns_argv(), "export", str(marked.marked), "--data", "digits", "--out",
+                               str(tmp_path / "y.onnx")], env=process_env(ENV), stdin=subprocess.DEVNULL,
+                              stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "y.onnx" in (tmp_path / "digits").read_text()
     assert keys.read_bytes() == sealed and onnx.read_bytes() == b"an older export"

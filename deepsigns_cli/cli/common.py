@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from ..api import LIMITS, held_after_commit, report_to
+from ..api import LIMITS, held_after_commit, refuse_the_report_file, report_to
 from ..errors import DeepSignsError, InputError, Interrupted, one_line, shown
 
 EXIT_OK, EXIT_NOT_DETECTED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -158,6 +158,7 @@ def handle_errors(fn):
             # a signal once the outputs are written is held until the report is printed, then
             # reported with them (it had cut the report short, saying that nothing was written)
             with report_alone() as State.report, held_after_commit(restore=not State.process) as late:
+                _refuse_the_report_file_as_a_value()
                 try:
                     with redirect_stdout(sys.stderr):
                         result = fn(*args, **kwargs)
@@ -180,6 +181,37 @@ def handle_errors(fn):
             forget_passphrases()
 
     return wrapper
+
+
+# the options whose values are names or text, not files (--data names a file as an .npz alone)
+_NOT_FILES = frozenset({"arch", "arch_kwargs", "schemes", "scheme", "message", "layer", "output_name",
+                        "commitment", "names", "sweep", "student"})  # (`--data digits > digits` is no clash)
+
+
+def _refuse_the_report_file_as_a_value() -> None:
+    """InputError when stdout was sent into a file that one of the command's values names (an
+    input, `extract --model m.onnx >> m.onnx`, whose report was appended to the suspect model;
+    an output; the bundle; under --nproc too, where the processes' stdout is a pipe)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return
+    for param in ctx.command.params:
+        if param.name in _NOT_FILES:
+            continue
+        shown = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+        for value in _texts(ctx.params.get(param.name)):
+            if param.name != "data_spec" or value.endswith(".npz"):
+                refuse_the_report_file(value, f"given as {shown}")
+
+
+def _texts(value) -> list[str]:
+    """The strings in a parameter's value (a tuple of them for a repeated option, of tuples for
+    `dispute --party`)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [text for item in value for text in _texts(item)]
+    return []
 
 
 # ------------------------------------------------------------------ shared options
