@@ -80,8 +80,9 @@ def test_usage_errors_are_one_line(tmp_path, args, needles):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("alpha", ["nan", "inf", "-1", "0", "2", "1e-400"])
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-1", "0", "2", "1e-400", "5e-324", "1e-310"])
 def test_alpha_must_be_a_probability(marked, alpha):
+    """(5e-324 and 1e-310, above 0, had been taken: shared out among the readings they came to 0, exit 3)"""
     assert_bad_input(run_cli("extract", "--model", marked.onnx, "--keys", marked.keys, "--alpha", alpha,
                              code=None), "--alpha")
 
