@@ -1213,13 +1213,15 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
 
     data.check_fits(info.input_shape, info.num_classes)
     _check_bundle_fits(bundle, info)
-    made_on = bundle.info.get("base_fingerprint")
-    if not bundle.info.get("embedded") and made_on and fingerprint(model) != made_on:
-        # (keys are drawn against that model: an output key's label is one it does not give, the
-        # hidden line-up's reference is its units; and a model prepared after keygen to learn some
-        # keys more readily than others would steer the choice of the output keys kept)
-        raise SchemeError("the model is not the one these keys were made on (its weights differ from those of "
-                          "keygen's --model): embed into the model given to keygen, or make keys for this one")
+    # (keys are drawn against that model: an output key's label is one it does not give, the
+    # hidden line-up's reference is its units; and a model prepared after keygen to learn some
+    # keys more readily than others would steer the choice of the output keys kept). Embedded
+    # keys go again into that model or the one they marked (a mark that did not take), no other.
+    made_on, marked = bundle.info.get("base_fingerprint"), bundle.info.get("marked_fingerprint")
+    if made_on and fingerprint(model) not in (made_on, marked):
+        also = " or of the model they marked" if marked else ""
+        raise SchemeError(f"the model is not the one these keys were made on (its weights differ from those of "
+                          f"keygen's --model{also}): embed into the model given to keygen, or make keys for this one")
     check_device(device)
     acc_before = evaluate(model, data.x_test, data.y_test)
     schemes: dict[str, dict] = {}

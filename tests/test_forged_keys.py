@@ -143,6 +143,31 @@ def test_keys_are_embedded_into_the_model_they_were_made_on(tmp_path, marked):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_embedded_keys_go_again_only_into_their_models(tmp_path, marked):
+    """Once embedded, the keys go again into the model they were made on or the one they marked
+    (a mark that did not take), not into another (they had gone into any model, exit 0, and the
+    bundle then named it)."""
+    keys, first, again = tmp_path / "owner.dskey", tmp_path / "m.safetensors", tmp_path / "m2.safetensors"
+    run_json("keygen", "--model", marked.base, "--scheme", "hidden", "--bits", 16, "--seed", 0, "--out", keys)
+    run_json("embed", "--model", marked.base, "--keys", keys, "--epochs", 1, "--device", "cpu", "--out", first,
+             code=None)
+    assert first.exists()
+    sealed = keys.read_bytes()
+    other = tmp_path / "other.safetensors"
+    model, info = load_checkpoint(marked.base)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    save_checkpoint(model, info, other)
+    result = run_cli("embed", "--model", other, "--keys", keys, "--epochs", 1, "--device", "cpu",
+                     "--out", again, code=2)
+    assert_bad_input(result, "not the one these keys were made on", "of the model they marked")
+    assert not again.exists() and keys.read_bytes() == sealed
+    for model_path in (first, marked.base):
+        run_json("embed", "--model", model_path, "--keys", keys, "--epochs", 1, "--device", "cpu", "--out", again,
+                 "--force", code=None)
+        assert again.exists()
+
+
 def _fitted_message(bits: str) -> str:
     """ASCII text whose UTF-8 bits are `bits`, but for the top bit of each byte (0) and no NUL."""
     raw = np.packbits([b == "1" for b in bits]) & 0x7F
