@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import MAX_CLASSES, MAX_INPUT_DIMS, MAX_INPUT_SIZE
-from .errors import USER_CODE_FAILURES, CheckpointError, InputError, one_line, shown, user_failure
+from .errors import USER_CODE_FAILURES, CheckpointError, InputError, SchemeError, one_line, shown, user_failure
 
 __all__ = [
     "ZOO",
@@ -387,7 +387,11 @@ def capture(model: nn.Module, layer: str) -> Iterator[dict[str, torch.Tensor]]:
     store: dict[str, torch.Tensor] = {}
 
     def keep(t):
-        store["act"] = t.flatten(1)
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            kind = f"a tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise SchemeError(f"layer '{layer}' gives {kind}, not one tensor of features per sample: choose "
+                              f"another --layer from {', '.join(layer_names(model))}")
+        store["act"] = t.reshape(len(t), -1)
 
     if at_input:
         handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]))
@@ -397,6 +401,16 @@ def capture(model: nn.Module, layer: str) -> Iterator[dict[str, torch.Tensor]]:
         yield store
     finally:
         handle.remove()
+
+
+def captured(store: dict[str, torch.Tensor], layer: str, model: nn.Module) -> torch.Tensor:
+    """The activation `capture` recorded in the forward pass just run (taken out of `store`);
+    SchemeError when the pass did not run `layer`."""
+    act = store.pop("act", None)
+    if act is None:
+        raise SchemeError(f"layer '{layer}' is not run by the model's forward pass: choose another --layer, one "
+                          f"it runs (the model's layers: {', '.join(layer_names(model))})")
+    return act
 
 
 def layer_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> int:
@@ -411,7 +425,7 @@ def layer_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> i
         raise CheckpointError(f"the model cannot run on inputs of shape {list(input_shape)}: {exc}") from None
     finally:
         model.train(was_training)
-    return int(store["act"].shape[1])
+    return int(captured(store, layer, model).shape[1])
 
 
 EVAL_VALUES = 1 << 21  # input values a forward pass outside training takes at once (8 MiB of float32)
@@ -436,5 +450,5 @@ def activations(model: nn.Module, layer: str, x, batch_size: int = 1024) -> torc
     with capture(model, layer) as store:
         for i in range(0, len(x), batch_size):
             model(torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device))
-            outs.append(store["act"].float().cpu())
+            outs.append(captured(store, layer, model).float().cpu())
     return torch.cat(outs)

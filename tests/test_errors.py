@@ -489,6 +489,41 @@ def test_user_architecture_module_with_a_syntax_error(tmp_path, monkeypatch):
                     "broken_arch_mod:make", "invalid syntax")
 
 
+ODD_LAYERS = """
+import torch
+from torch import nn
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return x, x * 2
+
+class Model(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc1, self.pair, self.head = nn.Linear(64, 64), Pair(), nn.Linear(64, num_classes)
+        self.aux = nn.Linear(64, 64)  # the last Linear registered, never run
+
+    def forward(self, x):
+        a, b = self.pair(torch.relu(self.fc1(x.flatten(1))))
+        return self.head(a + b)
+"""
+
+
+@pytest.mark.parametrize("layer, needles", [
+    (None, ("layer 'aux:input' is not run by the model's forward pass", "choose another --layer")),
+    ("aux", ("layer 'aux' is not run",)),
+    ("pair", ("layer 'pair' gives a tuple, not one tensor", "choose another --layer")),
+])
+def test_a_layer_the_model_does_not_run_or_that_gives_no_tensor(tmp_path, monkeypatch, layer, needles):
+    """(keygen had exited 3: KeyError 'act', or a tuple has no attribute 'flatten')"""
+    (tmp_path / "odd_layer_mod.py").write_text(ODD_LAYERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    api.train("odd_layer_mod:Model", tmp_path / "m.safetensors", epochs=1, seed=0, device="cpu")
+    args = ["keygen", "--model", tmp_path / "m.safetensors", "--arch", "odd_layer_mod:Model", "--scheme", "hidden",
+            "--bits", 16, "--out", tmp_path / "k.dskey"]
+    check_bad_input(tmp_path, args + (["--layer", layer] if layer else []), *needles)
+
+
 USER_MODELS = """
 import torch
 from torch import nn

@@ -27,7 +27,7 @@ from ..data import bounded_rows, take
 from ..errors import SchemeError
 from ..objective import Objective
 from ..results import BitsResult, SchemeKeys
-from ..zoo import activations, capture, default_layer, layer_width
+from ..zoo import activations, capture, captured, default_layer, layer_width
 from .base import Scheme
 from .signature import bits_to_message, check_message, message_to_bits
 
@@ -716,7 +716,7 @@ class HiddenObjective(Objective):
         return mine, self.pinned_ref, at
 
     def loss(self, batch):
-        act, y, own = self.store["act"], batch.y, batch.own
+        act, y, own = captured(self.store, self.layer, batch.model), batch.y, batch.own
         n = batch.n_train
         if self.watch is not None:
             self.watch.see(act[:n], batch.rows.numpy())
