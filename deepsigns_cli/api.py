@@ -98,6 +98,7 @@ __all__ = [
     "held_after_commit",
     "report_to",
     "refuse_the_report_file",
+    "to_nowhere",
     "signal_again",
     "outputs_written",
     "world_size",
@@ -298,6 +299,9 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         bundle = open_bundle(keys, secret)
         dataset = load_dataset(data, model)
         net, info = _load_model(model, arch, arch_kwargs, data=dataset)
+        if onnx_tmp is not None:  # a model that cannot be exported fails before its training, not after
+            dataset.check_fits(info.input_shape, info.num_classes)
+            export_onnx(net, info, onnx_tmp, check_inputs=dataset.x_test[:64])
         net, info, bundle, report = embed_keys(net, info, dataset, bundle, epochs=epochs, lr=lr,
                                                batch_size=batch_size, seed=seed, device=device, progress=progress,
                                                workers=workers, precision=precision)
@@ -353,6 +357,13 @@ def refuse_the_report_file(path: str, what: str) -> None:
     from .fileio import refuse_the_report_file as refuse
 
     refuse(path, what)
+
+
+def to_nowhere(fd: int) -> None:
+    """Descriptor `fd` writes to /dev/null from now on (fileio.to_nowhere)."""
+    from .fileio import to_nowhere as nowhere
+
+    nowhere(fd)
 
 
 def report_to(fd: int | None) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError, one_line, shown
-from .fileio import require_file
+from .errors import USER_CODE_FAILURES, CheckpointError, InputError, one_line, shown, user_failure
+from .fileio import native_output_to_nowhere, require_file
 from .zoo import ZOO, build_model, is_factory_name, shape_problem, skeleton
 
 __all__ = [
@@ -509,16 +509,21 @@ def export_onnx(
     exported = io.BytesIO()  # (the exporter takes only a name it can encode as UTF-8: Python writes the file)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            exported,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-        )
+        try:
+            with native_output_to_nowhere():
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    exported,
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                    opset_version=ONNX_OPSET,
+                    dynamo=False,
+                )
+        except USER_CODE_FAILURES as exc:  # (an operation with no ONNX form, or the model's own code failing)
+            raise CheckpointError(f"this model cannot be exported to ONNX ({user_failure(exc)}): export takes "
+                                  f"the operations of ONNX opset {ONNX_OPSET} alone") from None
         proto = onnx.load_from_string(exported.getvalue())
         onnx.checker.check_model(proto, full_check=True)
         parity, largest = _parity(model, proto, info, check_inputs)

@@ -86,6 +86,34 @@ def _same_file(a: Path, b: Path) -> bool:
 _report: tuple[int, int] | None = None  # (device, inode) of the regular file the report goes to
 
 
+def to_nowhere(fd: int) -> None:
+    """Descriptor `fd` writes to /dev/null from now on."""
+    null = os.open(os.devnull, os.O_WRONLY)  # (it may be given the number 2 itself, when stderr is closed)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
+
+
+@contextlib.contextmanager
+def native_output_to_nowhere() -> Iterator[None]:
+    """Descriptors 1 and 2 point to /dev/null for the while: what native code writes there is
+    no line of ours (torch's ONNX exporter dumps its graph to stdout on an error, log setting
+    or not; while a command runs, descriptor 1 is stderr, and the report has its own)."""
+    import fcntl
+
+    saved = {}
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):  # (one that is closed: nothing to keep quiet)
+                saved[fd] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                to_nowhere(fd)
+        yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def report_to(fd: int | None) -> None:
     """The report of the command now running goes to descriptor `fd` (None: the command has
     ended): when that is a regular file, no file the command reads or writes may be it."""

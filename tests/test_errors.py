@@ -524,6 +524,47 @@ def test_a_layer_the_model_does_not_run_or_that_gives_no_tensor(tmp_path, monkey
     check_bad_input(tmp_path, args + (["--layer", layer] if layer else []), *needles)
 
 
+NO_ONNX = """
+import os
+
+import torch
+from torch import nn
+
+class Model(nn.Module):  # torch.fft has no form in ONNX opset 17
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc1, self.head = nn.Linear(64, 64), nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        if self.training and os.environ.get("NO_ONNX_TRAINED"):
+            open(os.environ["NO_ONNX_TRAINED"], "w").close()
+        return torch.fft.fft(self.head(torch.relu(self.fc1(x.flatten(1))))).real
+"""
+
+
+def test_a_model_that_cannot_be_exported_is_one_line_and_embed_fails_before_training(tmp_path, monkeypatch):
+    """(export had exited 3 after torch's exporter printed its graph, 16 lines; embed --onnx did so
+    after the whole fine-tuning)"""
+    from helpers import PASSPHRASE
+
+    (tmp_path / "no_onnx_mod.py").write_text(NO_ONNX)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = {**ENV, "PYTHONPATH": str(tmp_path)}
+    base, keys = tmp_path / "m.safetensors", tmp_path / "k.dskey"
+    api.train("no_onnx_mod:Model", base, epochs=1, seed=0, device="cpu")
+    api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], options={"bits": 16}, arch="no_onnx_mod:Model")
+    before = snapshot(tmp_path)
+    proc = run_proc("export", base, "--arch", "no_onnx_mod:Model", "--out", tmp_path / "m.onnx", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "cannot be exported to ONNX", "aten::fft_fft")
+    proc = run_proc("embed", "--model", base, "--arch", "no_onnx_mod:Model", "--keys", keys, "--device", "cpu",
+                    "--out", tmp_path / "marked.safetensors", "--onnx", tmp_path / "marked.onnx",
+                    env={**env, "NO_ONNX_TRAINED": str(tmp_path / "trained")})
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "cannot be exported to ONNX")
+    assert snapshot(tmp_path) == before and partial_files(tmp_path) == []
+
+
 USER_MODELS = """
 import torch
 from torch import nn

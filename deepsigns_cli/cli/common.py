@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from ..api import LIMITS, held_after_commit, refuse_the_report_file, report_to
+from ..api import LIMITS, held_after_commit, refuse_the_report_file, report_to, to_nowhere
 from ..errors import DeepSignsError, InputError, Interrupted, one_line, shown
 
 EXIT_OK, EXIT_NOT_DETECTED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -67,7 +67,7 @@ def report_alone():
     try:
         os.dup2(2, 1)
     except OSError:  # stderr closed: what would go there goes nowhere
-        _to_nowhere(1)
+        to_nowhere(1)
     report = open(saved, "w", encoding=stream.encoding, errors=stream.errors)  # (closed below)
     report_to(saved)
     try:
@@ -81,16 +81,8 @@ def report_alone():
         os.dup2(report.fileno(), 1)
         # the report was flushed where it was written (`_to_report`); what is left of one cut
         # short (a signal while a full pipe held it) goes nowhere: a flush would block again
-        _to_nowhere(report.fileno())
+        to_nowhere(report.fileno())
         report.close()
-
-
-def _to_nowhere(fd: int) -> None:
-    """Descriptor `fd` writes to /dev/null from now on."""
-    null = os.open(os.devnull, os.O_WRONLY)  # (it may be given the number 2 itself, when stderr is closed)
-    if null != fd:
-        os.dup2(null, fd)
-        os.close(null)
 
 
 def debugging() -> bool:
@@ -553,7 +545,7 @@ def stdout_failed(exc: OSError, what: str, written: str = "") -> None:
     otherwise (a full disk); `written` says what stands of the command's work."""
     stream = report_stream()
     if stream is not None:  # (Python's last flush at exit would fail again)
-        _to_nowhere(stream.fileno())
+        to_nowhere(stream.fileno())
     if isinstance(exc, BrokenPipeError):
         fail(f"stdout was closed before {what} was printed{written}: keep the reader open, or send {what} "
              "to a file", EXIT_BROKEN_PIPE)
