@@ -147,7 +147,14 @@ def save_checkpoint(model: nn.Module, info: ModelInfo, path: str | Path) -> None
     fileio.Outputs, which renames it into place)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, held = {}, set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        # layers that share a tensor (tied weights) have it written under each name: safetensors
+        # writes a storage once; loading gives every name its copy, the same values
+        state[name] = tensor.clone() if storage in held else tensor
+        held.add(storage)
     save_file(state, str(path), metadata=info.to_metadata())
     _sort_header(path)
 

@@ -565,6 +565,40 @@ def test_a_model_that_cannot_be_exported_is_one_line_and_embed_fails_before_trai
     assert snapshot(tmp_path) == before and partial_files(tmp_path) == []
 
 
+TIED = """
+import torch
+from torch import nn
+
+class Model(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.fc3 = self.fc2  # one layer under two names: its tensors are shared
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.head(torch.relu(self.fc3(torch.relu(self.fc2(x)))))
+"""
+
+
+def test_an_architecture_whose_layers_share_weights_trains_embeds_and_is_read(tmp_path, monkeypatch):
+    """(train had exited 3: safetensors writes no tensor that shares memory with another)"""
+    from helpers import PASSPHRASE
+
+    from deepsigns_cli.checkpoint import load_checkpoint
+
+    (tmp_path / "tied_mod.py").write_text(TIED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, keys, marked = tmp_path / "m.safetensors", tmp_path / "k.dskey", tmp_path / "marked.safetensors"
+    api.train("tied_mod:Model", base, epochs=3, seed=0, device="cpu")
+    api.keygen(base, keys, PASSPHRASE, schemes=["hidden"], options={"bits": 16}, seed=0, arch="tied_mod:Model")
+    api.embed(base, keys, PASSPHRASE, marked, seed=0, device="cpu", arch="tied_mod:Model")
+    model, _ = load_checkpoint(marked, arch="tied_mod:Model")
+    assert model.fc3 is model.fc2 and torch.equal(model.fc3.weight, model.fc2.weight)
+    assert run_json("extract", "--model", marked, "--arch", "tied_mod:Model", "--keys", keys)["detected"] is True
+
+
 USER_MODELS = """
 import torch
 from torch import nn
