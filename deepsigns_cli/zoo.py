@@ -414,18 +414,24 @@ def captured(store: dict[str, torch.Tensor], layer: str, model: nn.Module) -> to
 
 
 def layer_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> int:
-    """M: the number of features at `layer` for one sample."""
+    """M: the number of features at `layer` for one sample. SchemeError for a layer no trained
+    weight computes (the model's input, or what a frozen part makes of it): no training moves it."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        with torch.no_grad(), capture(model, layer) as store:
+        with torch.enable_grad(), capture(model, layer) as store:
             model(torch.zeros(1, *input_shape, device=device))
     except RuntimeError as exc:
         raise CheckpointError(f"the model cannot run on inputs of shape {list(input_shape)}: {exc}") from None
     finally:
         model.train(was_training)
-    return int(captured(store, layer, model).shape[1])
+    act = captured(store, layer, model)
+    if not act.requires_grad:
+        raise SchemeError(f"layer '{layer}' is computed by no trainable weight (the model's input, or what a "
+                          "frozen part makes of it): training cannot mark it; choose a layer after a trained one "
+                          "(--layer)")
+    return int(act.shape[1])
 
 
 EVAL_VALUES = 1 << 21  # input values a forward pass outside training takes at once (8 MiB of float32)

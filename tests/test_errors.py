@@ -446,6 +446,14 @@ def test_layer_that_does_not_exist(tmp_path, marked):
     assert [n.strip() for n in listed.split(",")] == names
 
 
+def test_a_layer_no_weight_computes_is_no_carrier(tmp_path, marked):
+    """The model's input cannot be marked (keygen had taken it; embed then trained to its cap and
+    read half the bits wrong)."""
+    case = Case(tmp_path, marked)
+    check_bad_input(tmp_path, case.with_model("keygen", case.base, "--layer", "fc1:input"),
+                    "layer 'fc1:input' is computed by no trainable weight", "--layer")
+
+
 def test_empty_message(tmp_path, marked):
     """An empty --message is a mistake, not a request for random bits."""
     case = Case(tmp_path, marked)
