@@ -1233,6 +1233,9 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
         also = " or of the model they marked" if marked else ""
         raise SchemeError(f"the model is not the one these keys were made on (its weights differ from those of "
                           f"keygen's --model{also}): embed into the model given to keygen, or make keys for this one")
+    for name in embed_order(bundle.schemes):  # (before any scheme trains)
+        scheme = load_scheme(name)
+        scheme.can_embed(scheme.check(bundle.schemes[name]), data)
     check_device(device)
     acc_before = evaluate(model, data.x_test, data.y_test)
     schemes: dict[str, dict] = {}

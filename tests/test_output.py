@@ -98,6 +98,39 @@ def test_marked_detected_unmarked_not(digits, seed):
     assert report["accuracy_after"] >= report["accuracy_before"] - 1.0
 
 
+def test_keys_that_cannot_be_embedded_are_refused_before_any_training(owner, tmp_path, monkeypatch):
+    """Output keys already embedded, or given other data than keygen's, are refused before any
+    scheme trains (with hidden keys in the bundle too, they had been refused only after the
+    hidden scheme's whole embedding)."""
+    import shutil
+
+    from helpers import assert_bad_input
+
+    from deepsigns_cli import training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a scheme trained before the keys were refused")
+
+    folder = owner["dir"]
+    keys = tmp_path / "owner.dskey"
+    shutil.copyfile(folder / "owner.dskey", keys)
+    both = tmp_path / "both.dskey"
+    digits = load_data("digits")
+    other = tmp_path / "other.npz"
+    np.savez(other, x_train=digits.x_train[:1000], y_train=digits.y_train[:1000], x_test=digits.x_test,
+             y_test=digits.y_test)
+    api.keygen(folder / "base.safetensors", both, PASSPHRASE, schemes=["hidden", "output"],
+               options={"bits": 16, "key_size": 20}, seed=0)
+    monkeypatch.setattr(training, "fit", no_training)
+    for model, bundle, data, needle in (
+            (folder / "marked.safetensors", keys, "digits", "these output-layer keys are already embedded"),
+            (folder / "base.safetensors", both, str(other), "are not those these output keys were drawn for")):
+        result = run("embed", "--model", model, "--keys", bundle, "--data", data, "--device", "cpu",
+                     "--out", tmp_path / "again.safetensors")
+        assert_bad_input(result, needle)
+    assert not (tmp_path / "again.safetensors").exists()
+
+
 def test_verify_exit_codes_and_report(owner):
     folder = owner["dir"]
     marked = run("verify", "--model", folder / "marked.onnx", "--keys", folder / "owner.dskey",

@@ -59,6 +59,10 @@ class Scheme:
         history = fit(model, data.x_train, data.y_train, cfg, objectives, progress)
         return keys, history
 
+    def can_embed(self, keys: SchemeKeys, data: Dataset) -> None:
+        """SchemeError when these keys cannot be embedded with these data; asked of every
+        scheme of a bundle before any is trained."""
+
     def check(self, keys: SchemeKeys) -> SchemeKeys:
         """Refuse keys this scheme cannot use (a damaged or foreign bundle), before any use.
         Subclasses list what they need with `require`."""

@@ -194,13 +194,15 @@ class OutputScheme(Scheme):
             return KeyObjective(arrays["x"], arrays["y"], int(params["key_batch"]))
         return KeyObjective(arrays["x_candidates"], arrays["y_candidates"], int(params["key_batch"]))
 
+    def can_embed(self, keys, data):
+        if keys.params.get("embedded"):
+            raise SchemeError("these output-layer keys are already embedded: run keygen for a new model")
+        _check_data(keys.params, data)
+
     def embed(self, model, info, data, keys, cfg, progress, also=()):
         from ..training import fit, predict
 
         params, arrays = keys.params, keys.arrays
-        if params.get("embedded"):
-            raise SchemeError("these output-layer keys are already embedded: run keygen for a new model")
-        _check_data(params, data)
         x, y = arrays["x_candidates"], arrays["y_candidates"]
         unmarked = predict(model, x).argmax(1)
         objective = self.objective(model, info, data, keys)
