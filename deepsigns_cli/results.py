@@ -144,7 +144,8 @@ class MatchResult(SchemeResult):
         read = f" ({self.output_kind} from '{one_line(self.output, 60)}'{best})" if self.output is not None else ""
         return (f"{self.queries} queries{read}",
                 f"{self.matches}/{self.keys} keys match; {self.mismatches} mismatches "
-                f"(at most {self.max_mismatches} allowed)")
+                + ("(no count reaches alpha)" if (self.max_mismatches or 0) < 0
+                   else f"(at most {self.max_mismatches} allowed)"))
 
     def brief(self) -> str:
         return f"{self.matches}/{self.keys} match"

@@ -244,6 +244,11 @@ def test_too_few_bits_for_alpha_is_reported(marked, tmp_path):
     r = hidden(extract(marked.base, keys, code=1))
     assert r["n_bits"] == 8 * CLASSES and r["max_bit_errors"] == -1  # 2^-24 > 1e-9: no match is enough
     assert "cannot reach alpha" in r["warning"]
+    # a warning goes to stderr, and --quiet silences it (it had been printed in the report's table)
+    table = run_cli("extract", "--model", marked.base, "--keys", keys, code=1)
+    assert "cannot reach alpha" not in table.stdout and "NOT DETECTED" in table.stdout
+    assert "warning: hidden: " in table.stderr and "cannot reach alpha" in table.stderr
+    assert run_cli("extract", "--model", marked.base, "--keys", keys, "--quiet", code=1).stderr == ""
 
 
 # ----------------------------------------------------------------------------- the rows of a step

@@ -555,7 +555,11 @@ def stdout_failed(exc: OSError, what: str, written: str = "") -> None:
 
 def emit_decision(report, json_: bool, render) -> None:
     """Print a detection report; exit 0 when detected, 1 when not: the contract a release
-    pipeline reads."""
+    pipeline reads. A scheme's warning (keys too few to reach alpha) goes to stderr; --json
+    keeps it in the report too."""
+    for result in report.results:
+        if getattr(result, "warning", None):
+            warn(f"{result.scheme}: {result.warning}")
     emit(report, json_, render)
     sys.exit(EXIT_OK if report.detected else EXIT_NOT_DETECTED)
 

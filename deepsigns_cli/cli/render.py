@@ -68,9 +68,8 @@ def decision(c, r) -> None:
             wrong = getattr(res, "message_errors", None)
             c.print(f"{res.scheme} message: {res.message!r}"
                     + (f" (read with {wrong} of its bits wrong)" if wrong else ""), soft_wrap=True, markup=False)
-        for key in ("warning", "note"):
-            if getattr(res, key, None):
-                c.print(f"[yellow]{key}:[/] {text(getattr(res, key))}")
+        if getattr(res, "note", None):  # (a warning goes to stderr: emit_decision)
+            c.print(f"[yellow]note:[/] {text(res.note)}")
 
 
 def scan(c, r) -> None:
