@@ -233,6 +233,22 @@ def test_stdout_sent_into_a_file_the_command_reads_or_writes_is_refused(marked, 
         assert proc.returncode == 2, proc.stderr
         assert_one_error_line(proc.stderr, "", f"stdout is {into}, given as {what}", "send the report to another file")
     assert suspect.read_bytes() == model
+    # a file the command reads in a folder it is given (a folder of suspects); a report.txt beside is no input
+    folder = tmp_path / "suspects"
+    folder.mkdir()
+    shutil.copyfile(marked.onnx, folder / "a.onnx")
+    codes = {}
+    for name in ("a.onnx", "report.txt"):
+        with open(folder / name, "ab") as stdout:
+            proc = subprocess.run([*deepsigns_argv(), "extract", "--model", str(folder), "--keys", str(marked.keys)],
+                                  env=process_env(ENV), stdin=subprocess.DEVNULL, stdout=stdout,
+                                  stderr=subprocess.PIPE, text=True, timeout=300)
+        codes[name] = proc.returncode
+        if name == "a.onnx":
+            assert_one_error_line(proc.stderr, "", f"stdout is {folder / name}, in the folder {folder} given as")
+    assert codes == {"a.onnx": 2, "report.txt": 0}
+    assert (folder / "a.onnx").read_bytes() == model
+    assert "1 of 1 suspects detected" in (folder / "report.txt").read_text()
     # a value that names no file (the bundled data set) is no file, whatever stdout's name
     with open(tmp_path / "digits", "wb") as stdout:
         proc = subprocess.run([*deepsigns_argv(), "export", str(marked.marked), "--data", "digits", "--out",

@@ -175,7 +175,7 @@ def handle_errors(fn):
     return wrapper
 
 
-# the options whose values are names or text, not files (--data names a file as an .npz alone)
+# the options whose values are names or text, not files (--data names a file as an .npz, or a folder)
 _NOT_FILES = frozenset({"arch", "arch_kwargs", "schemes", "scheme", "message", "layer", "output_name",
                         "commitment", "names", "sweep", "student"})  # (`--data digits > digits` is no clash)
 
@@ -192,7 +192,7 @@ def _refuse_the_report_file_as_a_value() -> None:
             continue
         shown = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
         for value in _texts(ctx.params.get(param.name)):
-            if param.name != "data_spec" or value.endswith(".npz"):
+            if param.name != "data_spec" or value.endswith(".npz") or os.path.isdir(value):
                 refuse_the_report_file(value, f"given as {shown}")
 
 
