@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 import threading
 import time
@@ -509,7 +510,12 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
         raise
     except (RuntimeError, MemoryError, OSError, EOFError) as exc:  # what the machine did, not a bug of ours
         _stop_loader(batches_read)
-        raise _machine_failure(exc, cfg) or exc from None
+        failure = _machine_failure(exc, cfg)
+        if failure is not None and _STOP_SIGNALS.search(str(failure)):
+            # a loader process stopped by SIGTERM or SIGHUP sent to the whole process group (timeout,
+            # kill -- -PGID), whose death was heard first: the command's own comes, and is the cause
+            time.sleep(_OWN_SIGNAL_SECONDS)
+        raise failure or exc from None
     except ValueError as exc:
         if "Expected more than 1 value per channel" not in str(exc):
             raise
@@ -557,6 +563,10 @@ def _loader_temp_dir() -> None:
         multiprocessing.util.get_temp_dir()
     finally:
         tempfile.tempdir = saved
+
+
+_STOP_SIGNALS = re.compile(r"killed by signal: (Terminated|Hangup|Interrupt)")
+_OWN_SIGNAL_SECONDS = 0.5
 
 
 def _stop_loader(batches_read) -> None:

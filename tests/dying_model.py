@@ -116,3 +116,27 @@ def leaves_a_process():
         left = subprocess.Popen(["sleep", "120"], start_new_session=True)
         Path(os.environ["DEEPSIGNS_TEST_LEFT"]).write_text(str(left.pid))
     return _data()
+
+
+def slow_data():
+    """A --data factory whose training samples take a loader process (--workers) 50 ms each to
+    load; one that loads a sample marks the file DEEPSIGNS_TEST_LOADING."""
+    import time
+
+    import torch
+
+    class Slow(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            if torch.utils.data.get_worker_info() is not None:
+                Path(os.environ["DEEPSIGNS_TEST_LOADING"]).touch()
+                time.sleep(0.05)
+            return self.inner[i]
+
+    train, test = _data()
+    return Slow(train), test

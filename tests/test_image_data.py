@@ -4,13 +4,16 @@ inputs (exit 2, one line, nothing written)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +422,34 @@ def test_what_the_users_code_prints_never_breaks_the_report(tmp_path):
                             stdout=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(2))
     assert closed.returncode == 0
     assert json.loads(closed.stdout)["data"] == "test_image_data:chatty_digits"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_process_group_stops_a_run_with_loader_processes_in_one_line(tmp_path, signum):
+    """timeout(1), `kill -- -PGID` or a closed terminal signal the loader processes (--workers) too.
+    Their deaths had been reported as well: torch's "DataLoader worker ... killed by signal"
+    traceback after the line (every time), or, heard before the command's own signal, as a
+    data-loading failure, exit 2."""
+    loading, out = tmp_path / "loading", tmp_path / "m.safetensors"
+    env = process_env({"PYTHONPATH": str(Path(__file__).parent), "DEEPSIGNS_TEST_LOADING": str(loading)})
+    proc = subprocess.Popen([*deepsigns_argv(), "train", "--arch", "mlp", "--data", "dying_model:slow_data",
+                             "--workers", "2", "--epochs", "50", "--device", "cpu", "--out", str(out)],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        for _ in range(1200):  # (the loader processes are loading samples)
+            if loading.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signum, stderr
+    assert_one_error_line(stderr, stdout, "interrupted: no output was written")
+    assert not out.exists() and partial_files(tmp_path) == []
 
 
 def test_a_loader_death_met_while_reading_its_batch_is_still_one_line():

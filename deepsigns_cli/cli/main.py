@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import signal
 import sys
@@ -35,7 +36,16 @@ _STOPPING = threading.Event()  # set once SIGTERM (or SIGHUP) came
 
 def _terminate(signum, frame):
     _STOPPING.set()
+    # the loader processes (--workers) got it too when it was sent to the process group (timeout,
+    # kill -- -PGID): their deaths are no failure of theirs to report (torch's SIGCHLD handler
+    # raises "DataLoader worker ... killed by signal" wherever the command then is)
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGCHLD, _no_news)
     raise Interrupted(signum)  # SIGTERM and SIGHUP clean up like Ctrl-C: no partial output
+
+
+def _no_news(signum, frame) -> None:
+    """SIGCHLD while the command stops: nothing to do."""
 
 
 def _unraisable(args) -> None:
@@ -47,7 +57,7 @@ def _unraisable(args) -> None:
     would run here, in the callback still)."""
     if isinstance(args.exc_value, KeyboardInterrupt):
         signal_again(getattr(args.exc_value, "signum", signal.SIGINT), 0.01)
-    else:
+    elif not _STOPPING.is_set():  # (while SIGTERM stops the command: what a __del__ met as it stopped)
         sys.__unraisablehook__(args)
 
 
