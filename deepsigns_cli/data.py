@@ -14,6 +14,7 @@ import json
 import math
 import operator
 import os
+import stat
 import struct
 import tokenize
 import zipfile
@@ -433,7 +434,7 @@ def training_digest(data: Dataset) -> str:
             digest.update(f"{len(name)}:{name}".encode("utf-8", "surrogateescape"))
             path = os.path.join(source.root, name)
             try:
-                with open(path, "rb") as f:
+                with _image_file(path) as f:
                     while block := f.read(1 << 20):
                         digest.update(block)
             except OSError as exc:
@@ -551,6 +552,33 @@ _WIDE_MODES = {"I": 65535.0, "I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0
 #: the most pixels an image may declare: its header alone sets what decoding it takes (a 140 KB
 #: PNG can claim 12000 x 12000), and Pillow only warns below 179 million
 MAX_IMAGE_PIXELS = 2**25  # (a 32-megapixel photograph)
+#: the largest image file read: MAX_IMAGE_PIXELS of 16-bit RGBA stored without compression take
+#: 256 MiB; a file's declared size sets what reading it costs (a sparse file of 8 GiB that takes
+#: 4 KB on disk had taken keygen's digest 38 s)
+MAX_IMAGE_BYTES = 2**29
+
+
+def _image_file(path: str):
+    """The image file at `path`, open for reading: a regular file of at most MAX_IMAGE_BYTES,
+    opened without waiting (a FIFO put in an image's place while a command runs had stopped
+    it for good)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise DataError(f"cannot read image {shown(path)} ({exc.strerror or exc}): check that it is still there, "
+                        "and the folder's permissions") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"image {shown(path)} is no longer a regular file: the folder changed while the command "
+                            "ran; leave it as it is until the command ends")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise DataError(f"image {shown(path)} is {st.st_size} bytes, more than the {MAX_IMAGE_BYTES} deepsigns "
+                            "reads in one image: shrink or remove the file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_image_size(size) -> int:
@@ -614,7 +642,7 @@ class _ImageFiles:
 def _decode(path: str, size: int, channels: int) -> np.ndarray:
     image = _pil()
     try:
-        with image.open(path, formats=IMAGE_FORMATS) as im:
+        with _image_file(path) as f, image.open(f, formats=IMAGE_FORMATS) as im:
             _check_pixels(im, path)
             white = _WIDE_MODES.get(im.mode)
             if white is not None:  # its own range scaled to [0, 1], in float (mode F)
@@ -741,7 +769,7 @@ def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[i
         for name in names[split]:
             path = os.path.join(root, name)
             try:
-                with image.open(path, formats=IMAGE_FORMATS) as im:
+                with _image_file(path) as f, image.open(f, formats=IMAGE_FORMATS) as im:
                     _check_pixels(im, path)
                     if first is None:
                         first = (im.mode, im.size)

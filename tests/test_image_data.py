@@ -605,6 +605,28 @@ def test_a_file_of_another_format_under_an_image_name_runs_nothing(folder, tmp_p
         assert not ran.exists() and not (tmp_path / "m.safetensors").exists()
 
 
+def test_an_image_replaced_by_a_fifo_or_a_huge_sparse_file_is_one_line_at_once(folder, tmp_path):
+    """A FIFO put in an image's place while a command ran had stopped it for good (a plain
+    open() waits for a writer); a sparse file of 8 GiB that takes 4 KB on disk had taken
+    keygen's digest 38 s, its declared size setting what reading it costs."""
+    from deepsigns_cli.data import MAX_IMAGE_BYTES, training_digest
+    from deepsigns_cli.errors import DataError
+
+    imgs = _copy(folder, tmp_path)
+    data = load_data(str(imgs))  # (the folder checked as it was: the images are read later)
+    name = sorted((imgs / "train" / "0").iterdir())[0]
+    name.unlink()
+    os.mkfifo(name)
+    with pytest.raises(DataError, match="no longer a regular file"):
+        data.x_train[[0]]
+    name.unlink()
+    with open(name, "wb") as f:
+        f.truncate(MAX_IMAGE_BYTES + 1)
+    for read in (lambda: data.x_train[[0]], lambda: training_digest(data)):
+        with pytest.raises(DataError, match=f"more than the {MAX_IMAGE_BYTES} deepsigns reads in one image"):
+            read()
+
+
 @pytest.mark.parametrize("case", list(BAD_FOLDERS))
 def test_bad_image_folders(folder, tmp_path, case):
     imgs = _copy(folder, tmp_path)
