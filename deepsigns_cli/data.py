@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import USER_CODE_FAILURES, DataError, InputError, one_line, shown, user_failure
+from .errors import USER_CODE_FAILURES, DataError, DeepSignsError, InputError, one_line, shown, user_failure
 
 __all__ = [
     "Dataset",
@@ -850,9 +850,6 @@ def _factory_data(source: str) -> Dataset:
     """`package.module:factory` -> (train, test) torch Datasets, each wrapped as a Samples."""
     import importlib
 
-    from torch.utils.data import Dataset as TorchDataset
-    from torch.utils.data import IterableDataset
-
     module_name, _, attr = source.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -867,6 +864,21 @@ def _factory_data(source: str) -> Dataset:
     except USER_CODE_FAILURES as exc:
         raise DataError(f"data factory '{source}' failed ({user_failure(exc)}): it is called without "
                         "arguments and must return two torch Datasets (train, test)") from None
+    try:
+        return _factory_splits(source, made)
+    except DeepSignsError:
+        raise
+    except USER_CODE_FAILURES as exc:  # (what it returned runs code of the user's as it is read: __len__, __repr__)
+        raise DataError(f"data factory '{source}': the data it returned failed as they were read "
+                        f"({user_failure(exc)}): fix the Datasets (or their samples' and labels' types)") from None
+
+
+def _factory_splits(source: str, made) -> Dataset:
+    """What a factory returned, checked and wrapped: (train, test) torch Datasets."""
+    from torch.utils.data import Dataset as TorchDataset
+    from torch.utils.data import IterableDataset
+
+    want = f"data factory '{source}' must return two torch Datasets (train, test)"
 
     def usable(d) -> bool:
         return isinstance(d, TorchDataset) and not isinstance(d, IterableDataset) and hasattr(d, "__len__")

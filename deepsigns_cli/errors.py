@@ -105,10 +105,20 @@ def one_line(text: object, limit: int = 200) -> str:
 
 
 def user_failure(exc: BaseException) -> str:
-    """How the user's own code failed (one of USER_CODE_FAILURES), to quote in our message."""
+    """How the user's own code failed (one of USER_CODE_FAILURES), to quote in our message.
+    Its message is the user's code too, and may fail in turn: then its type alone."""
     if isinstance(exc, SystemExit):
-        return f"it called sys.exit({one_line(repr(exc.code), 60)})"
-    return f"{type(exc).__name__}: {one_line(exc)}"
+        return f"it called sys.exit({user_text(exc.code, 60, repr)})"
+    return f"{type(exc).__name__}: {user_text(exc)}"
+
+
+def user_text(value: object, limit: int = 200, show=str) -> str:
+    """`one_line(show(value))` of an object of the user's (an exception, a label), whose __str__
+    or __repr__ may itself fail: then its type, said to be unprintable."""
+    try:
+        return one_line(show(value), limit)
+    except Exception:  # (the user's own __str__, whatever it raised)
+        return f"<a {type(value).__name__} that cannot be printed>"
 
 
 def shown(path: object) -> str:

@@ -312,6 +312,33 @@ def huge_length():
     return _Odd(claimed=10**12), _Odd()
 
 
+class _Unprintable(Exception):  # its __str__ reads an attribute never set: the message fails too
+    def __str__(self):
+        return f"missing {self.path}"
+
+
+def unprintable_failure():
+    raise _Unprintable()
+
+
+class _LabelOfItsOwn:  # a label whose repr fails, met as the labels are read
+    def __repr__(self):
+        raise RuntimeError("repr failed")
+
+
+def label_of_its_own():
+    return _Odd(label=_LabelOfItsOwn()), _Odd()
+
+
+class _Splits(list):
+    def __len__(self):
+        raise RuntimeError("len failed")
+
+
+def splits_without_length():
+    return _Splits([_Odd(), _Odd()])
+
+
 class _DiesInAWorker(TorchDataset):
     """Digits whose loader process is killed (SIGKILL, as the kernel's out-of-memory killer
     does) when it reads item 50; read in the main process, it is whole."""
@@ -667,6 +694,10 @@ def test_image_size_applies_to_image_folders_only(tmp_path):
     ("test_image_data:bad_targets", ["the train Dataset's .targets failed", "labels are loaded lazily"]),
     ("test_image_data:huge_label", ["train item 0 has label 1180591620717411303424", "from 0 to"]),  # (exit 3)
     ("test_image_data:huge_length", ["claims 1000000000000 items", "at most that many"]),  # (exit 3: 7 TiB)
+    # (exit 3, each: the user's code failing in our message, or as what the factory returned was read)
+    ("test_image_data:unprintable_failure", ["failed (_Unprintable: <a _Unprintable that cannot be printed>)"]),
+    ("test_image_data:label_of_its_own", ["the data it returned failed as they were read", "repr failed"]),
+    ("test_image_data:splits_without_length", ["the data it returned failed as they were read", "len failed"]),
 ])
 def test_bad_factories(tmp_path, spec, needles):
     _check_bad(tmp_path, ["train", "--arch", "cnn", "--data", spec, "--out", tmp_path / "m.safetensors"],
