@@ -294,7 +294,7 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
         keys_tmp = outs.add(keys, "--keys", mode=BUNDLE_MODE, update=True)  # locked from here
         out_tmp = outs.add(out, "--out", model="checkpoint")
-        onnx_tmp = outs.add(onnx, "--onnx", model="onnx") if onnx else None
+        onnx_tmp = outs.add(onnx, "--onnx", model="onnx") if onnx is not None else None  # ("" names no file)
         secret = _passphrase(passphrase)
         bundle = open_bundle(keys, secret)
         dataset = load_dataset(data, model)
@@ -311,11 +311,11 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
             diff = export_onnx(net, info, onnx_tmp, check_inputs=dataset.x_test[:64])["max_abs_diff"]
         commitment = write_bundle(bundle, keys_tmp, secret)
         # from the temporary files, before the commit: nothing can fail after it
-        files = {"model": (out, out_tmp), **({"onnx": (onnx, onnx_tmp)} if onnx else {})}
+        files = {"model": (out, out_tmp), **({"onnx": (onnx, onnx_tmp)} if onnx_tmp is not None else {})}
         claim = claim_record(commitment, list(embed_order(bundle.schemes)), report["fingerprint"], files)
     return EmbedReport(report["accuracy_before"], report["accuracy_after"], report["schemes"],
                        report["fingerprint"], str(out), str(keys), commitment,
-                       str(onnx) if onnx else None, diff, claim)
+                       str(onnx) if onnx_tmp is not None else None, diff, claim)
 
 
 def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, arch: str | None = None,

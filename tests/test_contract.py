@@ -149,17 +149,40 @@ def test_help_into_a_closed_stdout_is_not_success(argv):
 
 def test_an_option_given_twice_is_refused_and_values_that_look_like_options_are_not(marked, tmp_path):
     """click keeps the last of an option given twice without a word (`--sweep` twice swept the
-    last alone); the check must not take a value for an option (a file named --keys)."""
+    last alone); the check must not take a value for an option (a file named --keys). An option
+    whose value is missing, the next word an option (`--out --force`), is refused: click had
+    taken the word as the value (a bundle named --force, exit 0); such a value goes as --out=..."""
     result = run_cli("export", marked.marked, "--out", tmp_path / "a.onnx", "--out", tmp_path / "b.onnx", code=2)
     assert_one_error_line(result.stderr, result.stdout, "--out is given twice", " export --help")
+    result = run_cli("keygen", "--model", marked.base, "--out", "--force", code=2)
+    assert_one_error_line(result.stderr, result.stdout, "--out takes a value, and the next word is the option --force",
+                          "--out=VALUE")
+    result = run_cli("keygen", "--model", marked.base, "--message", "--json", "--out", tmp_path / "j.dskey", code=2)
+    assert_one_error_line(result.stderr, result.stdout, "--message takes a value", "--json")
+    assert list(tmp_path.iterdir()) == []
     # a message that reads "--out", then --out: one --out (the message's word is its value)
-    run_json("keygen", "--model", marked.base, "--message", "--out", "--out", tmp_path / "k.dskey", code=0)
+    run_json("keygen", "--model", marked.base, "--message=--out", "--out", tmp_path / "k.dskey", code=0)
     # a suspect named "--keys" (--model may be given many times): the file, not an option, is missing
-    result = run_cli("extract", "--keys", marked.keys, "--model", "--keys", code=2)
+    result = run_cli("extract", "--keys", marked.keys, "--model=--keys", code=2)
     assert "given twice" not in result.stderr and "--keys" in result.stderr
     result = run_cli("attack", "noise", "--model", marked.marked, "--sigma", 1, "--sigma", 2,
                      "--out", tmp_path / "n.safetensors", code=2)
     assert_one_error_line(result.stderr, result.stdout, "--sigma is given twice", "attack noise --help")
+
+
+def test_empty_or_lone_values_are_refused_on_every_command_alike(marked, tmp_path):
+    """(embed --onnx "" had written no ONNX without a word, export --data "" and export --image-size
+    without --data were ignored: other commands refused the same values)"""
+    for args, needles in (
+            (["embed", "--model", marked.base, "--keys", marked.keys, "--out", tmp_path / "m.safetensors",
+              "--onnx", ""], ("--onnx", "names no file")),
+            (["export", marked.base, "--data", "", "--out", tmp_path / "m.onnx"], ("--data is empty",)),
+            (["keygen", "--model", marked.base, "--data", "", "--out", tmp_path / "k.dskey"], ("--data is empty",)),
+            (["export", marked.base, "--image-size", 16, "--out", tmp_path / "m.onnx"],
+             ("--image-size goes with --data",))):
+        result = run_cli(*args, code=2)
+        assert_one_error_line(result.stderr, result.stdout, *needles)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_message_with_a_lone_surrogate(tmp_path, marked):

@@ -221,8 +221,9 @@ class OnceGroup(click.Group):
 
 
 def _refuse_repeats(command: click.Command, args: list[str], ctx: click.Context) -> None:
-    takes = {name: option for option in command.params if isinstance(option, click.Option)
-             and not (option.is_flag or option.count) for name in option.opts}
+    options = [option for option in command.params if isinstance(option, click.Option)]
+    takes = {name: option for option in options if not (option.is_flag or option.count) for name in option.opts}
+    names = {name for option in options for name in (*option.opts, *option.secondary_opts)} | {"--help"}
     seen, i = set(), 0
     while i < len(args) and args[i] != "--":
         name = args[i].split("=", 1)[0]
@@ -232,7 +233,13 @@ def _refuse_repeats(command: click.Command, args: list[str], ctx: click.Context)
                 if option.name in seen:
                     raise click.UsageError(f"{name} is given twice: give it once", ctx=ctx)
                 seen.add(option.name)
-            i += 0 if "=" in args[i] else option.nargs  # (its values are the next words, whatever they look like)
+            if "=" not in args[i]:  # (its values are the next words, whatever they look like)
+                given = args[i + 1: i + 1 + option.nargs]
+                if any(word.split("=", 1)[0] in names for word in given):  # (`--out --force`: a value forgotten)
+                    raise click.UsageError(f"{name} takes a value, and the next word is the option "
+                                           f"{next(w for w in given if w.split('=', 1)[0] in names)}: give {name} "
+                                           f"its value (one that starts with '-' as {name}=VALUE)", ctx=ctx)
+                i += option.nargs
         i += 1
 
 
@@ -335,7 +342,12 @@ def data_option(fn=None, *, default: str | None = "digits", help: str = DATA_HEL
 
     @functools.wraps(fn)
     def with_spec(*args, data_spec, image_size, **kwargs):
-        if image_size is not None and data_spec is not None:
+        if data_spec is not None and not data_spec.strip():
+            raise click.UsageError("--data is empty: give 'digits', an .npz, an image folder or package.module:factory")
+        if image_size is not None:
+            if data_spec is None:
+                raise click.UsageError("--image-size goes with --data, an image folder: give both, or leave "
+                                       "--image-size out")
             from .. import api
 
             data_spec = api.data_spec(data_spec, image_size=image_size)
