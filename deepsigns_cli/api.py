@@ -638,6 +638,9 @@ class _Reader:
                         "this bundle holds white-box keys only (scheme: "
                         f"{', '.join(bundle.schemes)}): use 'deepsigns extract' to read them"
                     )
+            if self.queries is not None and "gradsigns" not in names:
+                raise SchemeError("--queries sets what a gradsigns reading may ask, and this bundle holds no "
+                                  f"gradsigns keys (scheme: {', '.join(names)}): leave --queries out")
             arch, arch_kwargs = self._arch
             if arch_kwargs is None and arch == bundle.info.get("arch"):
                 arch_kwargs = bundle.info.get("arch_kwargs")
@@ -672,6 +675,9 @@ class _Reader:
                 _ = self.bundle
                 raise
         else:
+            if self.queries is not None and Path(model).suffix.lower() != ".onnx":
+                raise InputError("--queries sets what a reading from an ONNX model's scores may ask: leave it out "
+                                 "for a checkpoint (its gradients are read exactly)")
             suspect = open_suspect(model, shapes=self.bundle.shapes, arch=self.arch,
                                    arch_kwargs=self.arch_kwargs, provider=self.provider,
                                    timeout=self.timeout, output=self.output, name=name)

@@ -172,14 +172,17 @@ def test_an_option_given_twice_is_refused_and_values_that_look_like_options_are_
 
 def test_empty_or_lone_values_are_refused_on_every_command_alike(marked, tmp_path):
     """(embed --onnx "" had written no ONNX without a word, export --data "" and export --image-size
-    without --data were ignored: other commands refused the same values)"""
+    without --data were ignored, and so was --queries for keys it sets nothing of: other commands,
+    or options, refused the same values)"""
     for args, needles in (
             (["embed", "--model", marked.base, "--keys", marked.keys, "--out", tmp_path / "m.safetensors",
               "--onnx", ""], ("--onnx", "names no file")),
             (["export", marked.base, "--data", "", "--out", tmp_path / "m.onnx"], ("--data is empty",)),
             (["keygen", "--model", marked.base, "--data", "", "--out", tmp_path / "k.dskey"], ("--data is empty",)),
             (["export", marked.base, "--image-size", 16, "--out", tmp_path / "m.onnx"],
-             ("--image-size goes with --data",))):
+             ("--image-size goes with --data",)),
+            (["extract", "--model", marked.onnx, "--keys", marked.keys, "--queries", 300],
+             ("--queries", "this bundle holds no gradsigns keys"))):
         result = run_cli(*args, code=2)
         assert_one_error_line(result.stderr, result.stdout, *needles)
     assert list(tmp_path.iterdir()) == []

@@ -89,6 +89,10 @@ def test_queries_trade_for_margin(owners):
                                       "--passphrase-file", run["pass"], "--queries", BITS, code=2),
                               "--queries", "at least")
     assert str(2 * BITS) in result
+    # where no reading asks (a checkpoint's gradients are read exactly), --queries is refused, as
+    # --output is (it had been taken and ignored; keys with no gradsigns scheme: test_contract)
+    assert_bad_input(run_cli("extract", "--model", run["marked"], "--keys", run["keys"], "--passphrase-file",
+                             run["pass"], "--queries", 3000, code=2), "--queries", "leave it out for a checkpoint")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
