@@ -313,9 +313,12 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         # from the temporary files, before the commit: nothing can fail after it
         files = {"model": (out, out_tmp), **({"onnx": (onnx, onnx_tmp)} if onnx_tmp is not None else {})}
         claim = claim_record(commitment, list(embed_order(bundle.schemes)), report["fingerprint"], files)
+    warnings = [f"the {name} mark does not read back from the marked model ({s['read_back']}, p = "
+                f"{s['read_back_p']:.2g}): embed again with more --epochs, or make new keys"
+                for name, s in report["schemes"].items() if not s.get("took", True)]
     return EmbedReport(report["accuracy_before"], report["accuracy_after"], report["schemes"],
                        report["fingerprint"], str(out), str(keys), commitment,
-                       str(onnx) if onnx_tmp is not None else None, diff, claim)
+                       str(onnx) if onnx_tmp is not None else None, diff, claim, warnings)
 
 
 def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, arch: str | None = None,

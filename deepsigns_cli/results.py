@@ -241,6 +241,7 @@ class EmbedReport:
     onnx: str | None = None
     onnx_max_abs_diff: float | None = None
     claim: dict = field(default_factory=dict)  # the record to publish with the model
+    warnings: list[str] = field(default_factory=list)  # (a mark that does not read back: also on stderr)
     command: str = "embed"
 
 
@@ -250,6 +251,7 @@ class ExportReport:
     opset: int
     max_abs_diff: float
     input_shape: list
+    checker: str = "clean"  # onnx.checker's full check (a file that fails it is not written)
     command: str = "export"
 
 

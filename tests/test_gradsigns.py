@@ -67,15 +67,18 @@ def test_verify_reads_every_bit_from_scores_within_1000_queries(owners, seed):
 def test_embed_says_whether_the_mark_reads_back(owners, tmp_path):
     for run in owners.values():  # a full embed: every bit reads back
         scheme = run["embed"].schemes["gradsigns"]
-        assert scheme["took"] and scheme["read_back"] == f"0/{BITS} wrong"
+        assert scheme["took"] and scheme["read_back"] == f"0/{BITS} wrong" and run["embed"].warnings == []
     run = owners[0]  # one epoch is too few: the files are written, and a warning says so
     keys = tmp_path / "short.dskey"
     api.keygen(run["base"], keys, PASSPHRASE, schemes=["gradsigns"], options={"bits": BITS}, seed=5)
     result = run_cli("embed", "--model", run["base"], "--keys", keys, "--passphrase-file", run["pass"],
                      "--out", tmp_path / "short.safetensors", "--epochs", "1", "--device", "cpu", "--json")
-    scheme = json.loads(result.stdout)["schemes"]["gradsigns"]
+    report = json.loads(result.stdout)
+    scheme = report["schemes"]["gradsigns"]
     assert not scheme["took"] and scheme["read_back"] != f"0/{BITS} wrong"
     assert "warning: the gradsigns mark does not read back" in result.stderr
+    (warning,) = report["warnings"]  # (--json keeps it, as keygen's report keeps its own)
+    assert warning.startswith("the gradsigns mark does not read back from the marked model")
     assert (tmp_path / "short.safetensors").exists()
 
 

@@ -60,8 +60,6 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
                            also_inputs={"--passphrase-file": passphrase_file}, workers=workers,
                            precision=precision)
     if is_main():
-        for name, s in report.schemes.items():
-            if not s.get("took", True):
-                warn(f"the {name} mark does not read back from the marked model ({s['read_back']}, "
-                     f"p = {s['read_back_p']:.2g}): embed again with more --epochs, or make new keys")
+        for warning in report.warnings:
+            warn(warning)
         emit(report, json_, render.embed)
