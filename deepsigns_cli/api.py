@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 from collections.abc import Callable
@@ -1281,10 +1282,12 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
 def _check_bundle_fits(bundle: Bundle, info: ModelInfo) -> None:
     made_for = (bundle.info.get("arch"), bundle.info.get("arch_kwargs") or {})
     if made_for != (info.arch, info.arch_kwargs or {}):
-        raise SchemeError(
-            f"the keys were made for architecture '{made_for[0]}' {made_for[1] or ''}, this model "
-            f"is '{info.arch}' {info.arch_kwargs or ''}: embed into the model the keys were made for"
-        )
+
+        def arch(name, kwargs) -> str:
+            return f"'{one_line(name, 60)}'" + (f" {one_line(json.dumps(kwargs, default=repr), 80)}" if kwargs else "")
+
+        raise SchemeError(f"the keys were made for architecture {arch(*made_for)}, this model is "
+                          f"{arch(info.arch, info.arch_kwargs)}: embed into the model the keys were made for")
     want, classes = bundle.shapes
     if want != tuple(info.input_shape) or classes != info.num_classes:
         raise SchemeError(

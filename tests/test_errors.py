@@ -369,7 +369,8 @@ def test_file_that_is_not_a_bundle(tmp_path, marked):
 def test_embed_with_keys_made_for_another_architecture(tmp_path, marked, cnn):
     case = Case(tmp_path, marked)
     other = copy(cnn[0], tmp_path / "cnn.safetensors")
-    check_bad_input(tmp_path, case.with_model("embed", other), "architecture")
+    check_bad_input(tmp_path, case.with_model("embed", other),
+                    "the keys were made for architecture 'mlp', this model is 'cnn': embed into the model")
 
 
 @pytest.mark.parametrize("command", ["extract", "keygen", "embed"])
