@@ -307,16 +307,17 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
                                                batch_size=batch_size, seed=seed, device=device, progress=progress,
                                                workers=workers, precision=precision)
         save_checkpoint(net, info, out_tmp)
-        diff = None
+        diff, exported = None, {}
         if onnx_tmp is not None:
-            diff = export_onnx(net, info, onnx_tmp, check_inputs=dataset.x_test[:64])["max_abs_diff"]
+            exported = export_onnx(net, info, onnx_tmp, check_inputs=dataset.x_test[:64])
+            diff = exported["max_abs_diff"]
         commitment = write_bundle(bundle, keys_tmp, secret)
         # from the temporary files, before the commit: nothing can fail after it
         files = {"model": (out, out_tmp), **({"onnx": (onnx, onnx_tmp)} if onnx_tmp is not None else {})}
         claim = claim_record(commitment, list(embed_order(bundle.schemes)), report["fingerprint"], files)
     warnings = [f"the {name} mark does not read back from the marked model ({s['read_back']}, p = "
                 f"{s['read_back_p']:.2g}): embed again with more --epochs, or make new keys"
-                for name, s in report["schemes"].items() if not s.get("took", True)]
+                for name, s in report["schemes"].items() if not s.get("took", True)] + exported.get("warnings", [])
     return EmbedReport(report["accuracy_before"], report["accuracy_after"], report["schemes"],
                        report["fingerprint"], str(out), str(keys), commitment,
                        str(onnx) if onnx_tmp is not None else None, diff, claim, warnings)
@@ -337,7 +338,8 @@ def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, 
             dataset.check_fits(info.input_shape, info.num_classes)
         result = export_onnx(net, info, tmp,
                              check_inputs=dataset.x_test[:64] if dataset is not None else None)
-    return ExportReport(str(out), ONNX_OPSET, result["max_abs_diff"], ["batch", *info.input_shape])
+    return ExportReport(str(out), ONNX_OPSET, result["max_abs_diff"], ["batch", *info.input_shape],
+                        warnings=result["warnings"])
 
 
 def check_keys(keys: str | Path) -> dict:

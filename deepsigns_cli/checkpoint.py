@@ -514,8 +514,8 @@ def export_onnx(
     model = model.cpu().eval()
     example = torch.zeros(2, *info.input_shape)
     exported = io.BytesIO()  # (the exporter takes only a name it can encode as UTF-8: Python writes the file)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", torch.jit.TracerWarning)  # (the others: not shown)
         try:
             with native_output_to_nowhere():
                 torch.onnx.export(
@@ -541,7 +541,19 @@ def export_onnx(
                 f"{largest:.2e}): this architecture uses an operation the exporter does not reproduce; report it"
             )
     Path(path).write_bytes(exported.getvalue())  # written as it is: callers give a temporary file of fileio.Outputs
-    return {"max_abs_diff": parity, "opset": ONNX_OPSET}
+    # the trace follows the path the example inputs took: a forward that turns a tensor into a
+    # Python value (a branch on its input's values) may take another for other inputs, which
+    # the parity check sees only when its inputs do
+    traced = any(issubclass(w.category, torch.jit.TracerWarning) and "trace to be incorrect" in str(w.message)
+                 for w in seen)
+    return {"max_abs_diff": parity, "opset": ONNX_OPSET,
+            "warnings": [TRACED_ONE_PATH] if traced else []}
+
+
+TRACED_ONE_PATH = ("the model's forward turns a tensor into a Python value (a branch or a loop on its input's "
+                   "values): the ONNX file follows the path the export's inputs took, and may answer inputs that "
+                   "take another otherwise, past the parity check; export a forward that computes the same "
+                   "operations for every input")
 
 
 def _parity(model: nn.Module, proto, info: ModelInfo, inputs: np.ndarray | None) -> tuple[float, float]:

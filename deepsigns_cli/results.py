@@ -252,6 +252,7 @@ class ExportReport:
     max_abs_diff: float
     input_shape: list
     checker: str = "clean"  # onnx.checker's full check (a file that fails it is not written)
+    warnings: list[str] = field(default_factory=list)  # (also on stderr)
     command: str = "export"
 
 

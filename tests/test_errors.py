@@ -574,6 +574,36 @@ def test_a_model_that_cannot_be_exported_is_one_line_and_embed_fails_before_trai
     assert snapshot(tmp_path) == before and partial_files(tmp_path) == []
 
 
+BRANCHES = """
+import torch
+from torch import nn
+
+class Model(nn.Module):  # one path for ordinary inputs, another for inputs the parity check never sends
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc1, self.head = nn.Linear(64, 64), nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.flatten(1)))
+        if x.sum() > 1e6:
+            return self.head(h) * 1000
+        return self.head(h)
+"""
+
+
+def test_an_export_that_traced_one_path_of_a_branching_forward_says_so(tmp_path, monkeypatch):
+    """(written without a word: the ONNX file answered 1e3 apart from the checkpoint on inputs
+    that took the other branch)"""
+    (tmp_path / "branch_mod.py").write_text(BRANCHES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    api.train("branch_mod:Model", tmp_path / "m.safetensors", epochs=1, seed=0, device="cpu")
+    result = run_cli("export", tmp_path / "m.safetensors", "--arch", "branch_mod:Model", "--out", tmp_path / "m.onnx",
+                     "--json")
+    (warning,) = json.loads(result.stdout)["warnings"]
+    assert "follows the path the export's inputs took" in warning and f"warning: {warning[:40]}" in result.stderr
+    assert (tmp_path / "m.onnx").exists()
+
+
 TIED = """
 import torch
 from torch import nn
