@@ -10,6 +10,7 @@ Code that looks at a whole split at once (statistics, activations) takes a bound
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import operator
@@ -701,7 +702,9 @@ def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
                                     "FIFO or a device): rename or remove it")
             found[folder.name] = [e.name for e in named]
     except OSError as exc:
-        raise DataError(f"cannot list {shown(split)} ({one_line(exc)}): check the folder's permissions") from None
+        cause = "a loop of links" if exc.errno == errno.ELOOP else "the folder's permissions"
+        raise DataError(f"cannot list {shown(exc.filename or split)} ({exc.strerror or one_line(exc)}): check "
+                        f"{cause}") from None
     if not folders:
         raise DataError(f"{where}/{split.name} holds no class folders: {_FOLDER_FIX}")
     if not any(found.values()):

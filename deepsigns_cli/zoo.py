@@ -286,9 +286,10 @@ def skeleton(
     sizes = [t.numel() for t in model.state_dict().values()]
     if any(n == 0 for n in sizes):
         raise _failure(arch, arch_kwargs, "a layer would be empty", origin)
-    if sum(sizes) > MAX_PARAMETERS:
-        raise _failure(arch, arch_kwargs,
-                       f"{sum(sizes)} parameters, more than deepsigns handles ({MAX_PARAMETERS})", origin)
+    if sum(sizes) > MAX_PARAMETERS:  # (the input's size counts: an image's pixels feed a dense layer)
+        raise _failure(arch, arch_kwargs, f"{sum(sizes)} parameters for inputs of shape {list(input_shape)}, more "
+                       f"than deepsigns handles ({MAX_PARAMETERS})", origin,
+                       "fix --arch-kwargs, or give smaller inputs (--image-size)")
     return model
 
 

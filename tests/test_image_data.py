@@ -553,6 +553,10 @@ def _link_loop(d: Path) -> None:
     (d / "train" / "6" / "zz-b.png").symlink_to("zz-a.png")
 
 
+def _class_link_loop(d: Path) -> None:
+    (d / "train" / "zz").symlink_to("zz")
+
+
 def _fifo(d: Path) -> None:
     os.mkfifo(d / "test" / "7" / "zz-pipe.jpg")
 
@@ -578,6 +582,8 @@ BAD_FOLDERS = {
     "one-class": (_one_class, ["1 class", "at least 2"]),
     "dangling-link": (_dangling_link, ["train/6/zz-gone.png", "is no file", "a link that leads nowhere"]),
     "link-loop": (_link_loop, ["train/6/zz-a.png", "is no file", "in a loop"]),
+    # (it had said "check the folder's permissions")
+    "class-link-loop": (_class_link_loop, ["cannot list", "train/zz", "check a loop of links"]),
     "fifo": (_fifo, ["test/7/zz-pipe.jpg", "is no file"]),
     "other-format": (_other_format, ["train/3/zz-scan.bmp", "format deepsigns does not read", "convert it"]),
     "pixel-bomb": (_bomb, ["zz-bomb.png", "6000x6000", "more than 33554432 pixels"]),
