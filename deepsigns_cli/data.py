@@ -737,8 +737,10 @@ def _image_folder(root: Path, image_size: int | None, preprocess: dict | None) -
     for split, found in (("train", train), ("test", test)):
         for name in found:
             if name not in label:
+                listed = shown(", ".join(classes))  # (a newline in a name escaped: one_line would cut the list there)
+                listed = listed if len(listed) <= 80 else listed[:77] + "..."
                 raise DataError(f"class folder {where}/{split}/{shown(name)} is not among {known} "
-                                f"({one_line(', '.join(classes), 80)}): rename or remove it")
+                                f"({listed}): rename or remove it")
     if len(classes) < 2:
         raise DataError(f"{where}/train holds {len(classes)} class, a classifier needs at least 2: "
                         "add a folder of images per class")

@@ -523,6 +523,12 @@ def _unknown_test_class(d: Path) -> None:
     (d / "test" / "3").rename(d / "test" / "cat")
 
 
+def _unknown_class_beside_a_newline(d: Path) -> None:
+    for split in ("train", "test"):
+        (d / split / "9").rename(d / split / "9\nnine")
+    _unknown_test_class(d)
+
+
 def _corrupt_image(d: Path) -> None:
     path = d / "test" / "5" / "000595.png"
     path.write_bytes(path.read_bytes()[:60])  # a truncated PNG
@@ -576,6 +582,8 @@ BAD_FOLDERS = {
     "no-train": (_no_train, ["no train/ folder", "DIR/train/<class>"]),
     "empty-class": (_empty_class, ["train/3", "holds no image"]),
     "unknown-test-class": (_unknown_test_class, ["test/cat", "not among train/'s classes"]),
+    # (the list of classes had stopped at the newline, unsaid)
+    "unknown-class-beside-a-newline": (_unknown_class_beside_a_newline, ["test/cat", "8, 9\\nnine)"]),
     "corrupt-image": (_corrupt_image, ["000595.png", "fails on an unreadable image rather than skip"]),
     "not-an-image": (_not_an_image, ["notes.jpg", "is not a PNG or JPEG file", "convert or remove"]),
     "no-images": (_no_images, ["no images at all"]),
