@@ -644,9 +644,10 @@ class _Reader:
                         "this bundle holds white-box keys only (scheme: "
                         f"{', '.join(bundle.schemes)}): use 'deepsigns extract' to read them"
                     )
-            if self.queries is not None and "gradsigns" not in names:
-                raise SchemeError("--queries sets what a gradsigns reading may ask, and this bundle holds no "
-                                  f"gradsigns keys (scheme: {', '.join(names)}): leave --queries out")
+            asking = [n for n, entry in SCHEMES.items() if entry.result == "gradient"]  # (read by queries)
+            if self.queries is not None and not set(asking) & set(names):
+                raise SchemeError(f"--queries sets what a reading of {' or '.join(asking)} keys may ask, and this "
+                                  f"bundle holds none (scheme: {', '.join(names)}): leave --queries out")
             arch, arch_kwargs = self._arch
             if arch_kwargs is None and arch == bundle.info.get("arch"):
                 arch_kwargs = bundle.info.get("arch_kwargs")

@@ -182,7 +182,7 @@ def test_empty_or_lone_values_are_refused_on_every_command_alike(marked, tmp_pat
             (["export", marked.base, "--image-size", 16, "--out", tmp_path / "m.onnx"],
              ("--image-size goes with --data",)),
             (["extract", "--model", marked.onnx, "--keys", marked.keys, "--queries", 300],
-             ("--queries", "this bundle holds no gradsigns keys"))):
+             ("--queries sets what a reading of gradsigns keys may ask", "this bundle holds none"))):
         result = run_cli(*args, code=2)
         assert_one_error_line(result.stderr, result.stdout, *needles)
     assert list(tmp_path.iterdir()) == []

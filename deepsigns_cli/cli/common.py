@@ -190,10 +190,10 @@ def _refuse_the_report_file_as_a_value() -> None:
     for param in ctx.command.params:
         if param.name in _NOT_FILES:
             continue
-        shown = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+        flag = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
         for value in _texts(ctx.params.get(param.name)):
             if param.name != "data_spec" or value.endswith(".npz") or os.path.isdir(value):
-                refuse_the_report_file(value, f"given as {shown}")
+                refuse_the_report_file(value, f"given as {flag}")
 
 
 def _texts(value) -> list[str]:
@@ -235,10 +235,10 @@ def _refuse_repeats(command: click.Command, args: list[str], ctx: click.Context)
                 seen.add(option.name)
             if "=" not in args[i]:  # (its values are the next words, whatever they look like)
                 given = args[i + 1: i + 1 + option.nargs]
-                if any(word.split("=", 1)[0] in names for word in given):  # (`--out --force`: a value forgotten)
-                    raise click.UsageError(f"{name} takes a value, and the next word is the option "
-                                           f"{next(w for w in given if w.split('=', 1)[0] in names)}: give {name} "
-                                           f"its value (one that starts with '-' as {name}=VALUE)", ctx=ctx)
+                clash = next((word for word in given if word.split("=", 1)[0] in names), None)
+                if clash is not None:  # (`--out --force`: a value forgotten)
+                    raise click.UsageError(f"{name} takes a value, and the next word is the option {clash}: give "
+                                           f"{name} its value (one that starts with '-' as {name}=VALUE)", ctx=ctx)
                 i += option.nargs
         i += 1
 
