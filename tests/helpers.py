@@ -122,14 +122,15 @@ def copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def verify_imports_torch(model: Path, keys: Path, passphrase: str) -> bool:
-    """Run `deepsigns verify` (which must detect, exit 0) in a fresh interpreter; whether it
-    imported torch. Release pipelines run verify on every artifact: onnxruntime alone must do."""
+def imports_torch(model: Path, keys: Path, passphrase: str, command: str = "verify") -> bool:
+    """Run `deepsigns COMMAND` (verify, or extract on an ONNX file: it must detect, exit 0) in a
+    fresh interpreter; whether it imported torch. Release pipelines run them on every artifact:
+    onnxruntime alone must do (torch's import alone takes 1.7 s)."""
     code = (
         "import sys\n"
         "from deepsigns_cli.cli.main import cli\n"
         "try:\n"
-        f"    cli(['verify', '--model', {str(model)!r}, '--keys', {str(keys)!r}, '--json'], standalone_mode=False)\n"
+        f"    cli([{command!r}, '--model', {str(model)!r}, '--keys', {str(keys)!r}, '--json'], standalone_mode=False)\n"
         "except SystemExit as exc:\n"
         "    assert exc.code == 0, exc.code\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"

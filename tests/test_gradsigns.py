@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PASSPHRASE, assert_bad_input, run_cli, run_json, verify_imports_torch
+from helpers import PASSPHRASE, assert_bad_input, imports_torch, run_cli, run_json
 
 from deepsigns_cli import api
 
@@ -135,7 +135,7 @@ def test_rounded_scores_still_read(owners, tmp_path):
 def test_verify_reads_gradsigns_without_torch(owners):
     """The black-box read runs on onnxruntime alone, like the output scheme's."""
     run = owners[2]
-    assert not verify_imports_torch(run["onnx"], run["keys"], PASSPHRASE)
+    assert not imports_torch(run["onnx"], run["keys"], PASSPHRASE)
 
 
 def test_message_round_trips(tmp_path):
