@@ -157,6 +157,8 @@ def test_an_option_given_twice_is_refused_and_values_that_look_like_options_are_
     result = run_cli("keygen", "--model", marked.base, "--out", "--force", code=2)
     assert_one_error_line(result.stderr, result.stdout, "--out takes a value, and the next word is the option --force",
                           "--out=VALUE")
+    result = run_cli("keygen", "--model", marked.base, "--out", "-h", code=2)  # (help's short name too)
+    assert_one_error_line(result.stderr, result.stdout, "--out takes a value, and the next word is the option -h")
     result = run_cli("keygen", "--model", marked.base, "--message", "--json", "--out", tmp_path / "j.dskey", code=2)
     assert_one_error_line(result.stderr, result.stdout, "--message takes a value", "--json")
     assert list(tmp_path.iterdir()) == []

@@ -638,6 +638,25 @@ def test_an_architecture_whose_layers_share_weights_trains_embeds_and_is_read(tm
     assert run_json("extract", "--model", marked, "--arch", "tied_mod:Model", "--keys", keys)["detected"] is True
 
 
+def test_a_process_forked_from_the_command_dies_of_sigterm_as_it_would_have():
+    """A loader process (--workers) still starting when SIGTERM reached the whole process group
+    ran the command's handler, inherited through fork, and printed "Process ...: Traceback
+    ... Interrupted" before the command's one line."""
+    from deepsigns_cli.cli import main
+
+    pid = os.fork()
+    if pid == 0:  # (the child: whatever happens, it ends here)
+        try:
+            signal.signal(signal.SIGTERM, main._terminate)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except BaseException:
+            os._exit(7)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+
+
 USER_MODELS = """
 import torch
 from torch import nn

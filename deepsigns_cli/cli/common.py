@@ -223,7 +223,8 @@ class OnceGroup(click.Group):
 def _refuse_repeats(command: click.Command, args: list[str], ctx: click.Context) -> None:
     options = [option for option in command.params if isinstance(option, click.Option)]
     takes = {name: option for option in options if not (option.is_flag or option.count) for name in option.opts}
-    names = {name for option in options for name in (*option.opts, *option.secondary_opts)} | {"--help"}
+    names = {name for option in options for name in (*option.opts, *option.secondary_opts)}
+    names |= set(command.get_help_option_names(ctx))  # (-h and --help)
     seen, i = set(), 0
     while i < len(args) and args[i] != "--":
         name = args[i].split("=", 1)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -34,7 +35,15 @@ PARALLEL = ("train", "embed")  # the commands that run data-parallel under torch
 _STOPPING = threading.Event()  # set once SIGTERM (or SIGHUP) came
 
 
+_HOME = os.getpid()  # the command's process: a process forked from it (a loader process not yet
+# started as one) dies of SIGTERM or SIGHUP as it would have, unseen
+
+
 def _terminate(signum, frame):
+    if os.getpid() != _HOME:  # (the command's handler raised in it had printed "Process ...: Traceback")
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _STOPPING.set()
     # the loader processes (--workers) got it too when it was sent to the process group (timeout,
     # kill -- -PGID): their deaths are no failure of theirs to report (torch's SIGCHLD handler
@@ -104,6 +113,8 @@ class LazyGroup(OnceGroup):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         State.quiet = State.debug = False
         if threading.current_thread() is threading.main_thread():
+            global _HOME
+            _HOME = os.getpid()
             for signum in (signal.SIGTERM, signal.SIGHUP):  # (SIGHUP: the terminal or the ssh link went)
                 signal.signal(signum, _terminate)
             threading.excepthook = _thread_failed
