@@ -413,10 +413,19 @@ def extract(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
     an ONNX file. `commitment`: the published one; any other bundle is refused. `output`:
     the ONNX output to read (None: scores or probabilities if it has them, else labels).
     `queries`: the most queries a GradSigns reading from ONNX scores may make (None: 1000)."""
+    _check_queries_ask([model], queries)
     reader = _Reader("extract", keys, passphrase, alpha=alpha, commitment=commitment, arch=arch,
                      arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output,
                      queries=queries)
     return reader.read(model)
+
+
+def _check_queries_ask(models, queries: int | None) -> None:
+    """--queries where no suspect is asked: checkpoints alone (their gradients are read exactly;
+    among ONNX suspects, a checkpoint is read so, and --queries is for the others)."""
+    if queries is not None and not any(Path(m).suffix.lower() == ".onnx" for m in models):
+        raise InputError("--queries sets what a reading from an ONNX model's scores may ask: leave it out for "
+                         "checkpoints (their gradients are read exactly)")
 
 
 def verify(model: str | Path, keys: str | Path, passphrase: Passphrase, *,
@@ -449,6 +458,7 @@ def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: P
     if command not in ("extract", "verify"):
         raise InputError(f"scan runs extract or verify, not {command!r}")
     files = _suspects(models, command)
+    _check_queries_ask(files, queries)
     started = time.perf_counter()
     reader = _Reader(command, keys, passphrase, alpha=alpha, commitment=commitment, arch=arch,
                      arch_kwargs=arch_kwargs, provider=provider, timeout=timeout, output=output,
@@ -568,7 +578,8 @@ def _suspects(models: list[str | Path], command: str) -> dict[Path, str | None]:
             if not found:
                 raise InputError(f"folder {shown(path)} holds no {' or '.join(_SUFFIXES[command])} "
                                  f"file to {command}")
-            for entry in found:
+            for entry in found:  # (stdout sent into one, by any name: a hard link, too)
+                refuse_the_report_file(str(entry), f"a suspect of the folder {shown(path)}")
                 files.setdefault(entry, _entry_problem(entry, path))
         elif path.is_file():
             if command == "verify":
@@ -682,9 +693,6 @@ class _Reader:
                 _ = self.bundle
                 raise
         else:
-            if self.queries is not None and Path(model).suffix.lower() != ".onnx":
-                raise InputError("--queries sets what a reading from an ONNX model's scores may ask: leave it out "
-                                 "for a checkpoint (its gradients are read exactly)")
             suspect = open_suspect(model, shapes=self.bundle.shapes, arch=self.arch,
                                    arch_kwargs=self.arch_kwargs, provider=self.provider,
                                    timeout=self.timeout, output=self.output, name=name)

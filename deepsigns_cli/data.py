@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import USER_CODE_FAILURES, DataError, DeepSignsError, InputError, one_line, shown, user_failure
+from .fileio import refuse_the_report_file
 
 __all__ = [
     "Dataset",
@@ -695,6 +696,8 @@ def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
                                 "format deepsigns does not read (only .png, .jpg, .jpeg): convert it, or move it "
                                 "out of the folder")
             named = [e for e in visible if e.name.lower().endswith(IMAGE_SUFFIXES)]
+            for e in named:  # (stdout sent into one, by any name: a hard link, too)
+                refuse_the_report_file(e.path, f"an image of the folder {where}")
             for e in named:  # (skipped, a link that leads nowhere had trained the model on less, unsaid)
                 if not _is_file(e):
                     raise DataError(f"{where}/{split.name}/{shown(folder.name)}/{shown(e.name)} is named like an "

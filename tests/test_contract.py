@@ -239,6 +239,7 @@ def test_stdout_sent_into_a_file_the_command_reads_or_writes_is_refused(marked, 
     then opened: "added to"), `extract --model m.onnx >> m.onnx` to the suspect model, and
     `export --out x.onnx --force > x.onnx` had lost it (written into the file that the commit
     replaced); all exited 0. Under --nproc the processes' stdout is a pipe: the command checks."""
+    import os
     import shutil
     import subprocess
 
@@ -274,7 +275,14 @@ def test_stdout_sent_into_a_file_the_command_reads_or_writes_is_refused(marked, 
         codes[name] = proc.returncode
         if name == "a.onnx":
             assert_one_error_line(proc.stderr, "", f"stdout is {folder / name}, in the folder {folder} given as")
-    assert codes == {"a.onnx": 2, "report.txt": 0}
+    os.link(folder / "a.onnx", tmp_path / "hard.log")  # (the same file by another name, outside the folder)
+    with open(tmp_path / "hard.log", "ab") as stdout:
+        proc = subprocess.run([*deepsigns_argv(), "extract", "--model", str(folder), "--keys", str(marked.keys)],
+                              env=process_env(ENV), stdin=subprocess.DEVNULL, stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    codes["hard.log"] = proc.returncode
+    assert_one_error_line(proc.stderr, "", f"stdout is {folder / 'a.onnx'}, a suspect of the folder {folder}")
+    assert codes == {"a.onnx": 2, "report.txt": 0, "hard.log": 2}
     assert (folder / "a.onnx").read_bytes() == model
     assert "1 of 1 suspects detected" in (folder / "report.txt").read_text()
     # a value that names no file (the bundled data set) is no file, whatever stdout's name

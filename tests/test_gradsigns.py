@@ -92,10 +92,15 @@ def test_queries_trade_for_margin(owners):
                                       "--passphrase-file", run["pass"], "--queries", BITS, code=2),
                               "--queries", "at least")
     assert str(2 * BITS) in result
-    # where no reading asks (a checkpoint's gradients are read exactly), --queries is refused, as
-    # --output is (it had been taken and ignored; keys with no gradsigns scheme: test_contract)
+    # where no reading asks (a checkpoint's gradients are read exactly), --queries is refused (it
+    # had been taken and ignored; keys with no gradsigns scheme: test_contract); among ONNX
+    # suspects, a checkpoint is read exactly and the ONNX file within --queries
     assert_bad_input(run_cli("extract", "--model", run["marked"], "--keys", run["keys"], "--passphrase-file",
-                             run["pass"], "--queries", 3000, code=2), "--queries", "leave it out for a checkpoint")
+                             run["pass"], "--queries", 3000, code=2), "--queries", "leave it out for checkpoints")
+    scan = run_json("extract", "--model", run["marked"], "--model", run["onnx"], "--keys", run["keys"],
+                    "--passphrase-file", run["pass"], "--queries", 2 * BITS)
+    exact, asked = (row["results"][0] for row in scan["rows"])
+    assert exact["estimator"] == "exact gradients" and asked["queries"] == 2 * BITS, scan
 
 
 @pytest.mark.parametrize("seed", SEEDS)

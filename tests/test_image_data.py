@@ -646,6 +646,24 @@ def test_a_file_of_another_format_under_an_image_name_runs_nothing(folder, tmp_p
         assert not ran.exists() and not (tmp_path / "m.safetensors").exists()
 
 
+def test_stdout_sent_into_an_image_of_the_data_folder_by_any_name_is_refused(folder, tmp_path):
+    """`>> imgs/train/3/x.png`, or a hard link to it elsewhere: the report had been appended to
+    the training image, exit 0."""
+    imgs = _copy(folder, tmp_path)
+    image = sorted((imgs / "train" / "3").iterdir())[0]
+    before = image.read_bytes()
+    os.link(image, tmp_path / "notes.log")
+    for into in (image, tmp_path / "notes.log"):
+        with open(into, "ab") as stdout:
+            proc = subprocess.run([*deepsigns_argv(), "train", "--arch", "mlp", "--data", str(imgs), "--epochs", "1",
+                                   "--out", str(tmp_path / "m.safetensors")], env=process_env(),
+                                  stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                  timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert_one_error_line(proc.stderr, "", f"stdout is {image}", "the report would be written into it")
+    assert image.read_bytes() == before and not (tmp_path / "m.safetensors").exists()
+
+
 def test_an_image_replaced_by_a_fifo_or_a_huge_sparse_file_is_one_line_at_once(folder, tmp_path):
     """A FIFO put in an image's place while a command ran had stopped it for good (a plain
     open() waits for a writer); a sparse file of 8 GiB that takes 4 KB on disk had taken
