@@ -621,6 +621,34 @@ class Model(nn.Module):
 """
 
 
+TIED_WEIGHTS = """
+from torch import nn
+
+class Model(nn.Module):  # two layers, one weight
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.pre, self.enc = nn.Linear(64, 48), nn.Linear(48, 32)
+        self.mid, self.mid2, self.head = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, num_classes)
+        self.mid2.weight = self.mid.weight
+
+    def forward(self, x):
+        h = self.enc(self.pre(x.flatten(1)).relu()).relu()
+        return self.head(self.mid2(self.mid(h).relu()).relu())
+"""
+
+
+def test_permute_leaves_the_units_of_tied_layers_alone(tmp_path, monkeypatch):
+    """(it had shuffled a layer whose weight another layer shares, changed the model's function
+    and exited 3)"""
+    (tmp_path / "tied_weights_mod.py").write_text(TIED_WEIGHTS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = tmp_path / "m.safetensors"
+    api.train("tied_weights_mod:Model", base, epochs=1, seed=0, device="cpu")
+    report = run_json("attack", "permute", "--model", base, "--arch", "tied_weights_mod:Model",
+                      "--out", tmp_path / "p.safetensors")
+    assert list(report["params"]["units_permuted"]) == ["pre"] and report["params"]["max_output_diff"] < 1e-3
+
+
 def test_an_architecture_whose_layers_share_weights_trains_embeds_and_is_read(tmp_path, monkeypatch):
     """(train had exited 3: safetensors writes no tensor that shares memory with another)"""
     from helpers import PASSPHRASE

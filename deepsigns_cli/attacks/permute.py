@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from .base import Attack
 
 __all__ = ["PermuteAttack", "ATTACK", "find_unit_sets"]
@@ -105,10 +105,21 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
         ) from None
 
 
+def tied_layers(model: nn.Module) -> set[str]:
+    """The layers whose tensors another layer shares (tied weights): shuffling the units of one
+    would shuffle the other's too, so their units are left alone."""
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules():
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            owners.setdefault(id(tensor), set()).add(name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
 def find_unit_sets(model: nn.Module) -> list[UnitSet]:
     """Every set of hidden units that can be shuffled and positively rescaled, in graph order."""
     graph = _trace(model).graph
     modules = dict(model.named_modules())
+    tied = tied_layers(model)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -132,7 +143,7 @@ def find_unit_sets(model: nn.Module) -> list[UnitSet]:
                 if fits and list(nxt.all_input_nodes) == [current] and len(nxt.args) == 1 and not nxt.kwargs:
                     units = producer.out_channels if conv else producer.out_features
                     width = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
-                    if width % units == 0 and (flattened or width == units):
+                    if width % units == 0 and (flattened or width == units) and not {node.target, nxt.target} & tied:
                         sets.append(UnitSet(node.target, nxt.target, units, flattened))
                 break
             kind = _kind(nxt, modules)
@@ -189,10 +200,12 @@ class PermuteAttack(Attack):
         scale = float(ctx.option("scale", 4.0))
         sets = find_unit_sets(model)
         if not sets:
+            tied = sorted(tied_layers(model))
             raise InputError(
                 "permute finds no hidden units to shuffle in this model: it needs Linear or Conv "
                 "layers joined by ReLUs (and pooling or Flatten), without BatchNorm or residual "
-                "connections between them"
+                "connections between them" + (f", whose tensors no other layer shares (tied here: "
+                                              f"{one_line(', '.join(tied), 100)})" if tied else "")
             )
         before = _logits(model, ctx.data.x_test)
         moved = {}
