@@ -860,10 +860,12 @@ def _factory_data(source: str) -> Dataset:
 
     module_name, _, attr = source.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
     except USER_CODE_FAILURES as exc:  # (importing runs the module's code)
         raise DataError(f"cannot load data '{source}' ({user_failure(exc)}): check that the module is importable "
                         "(on PYTHONPATH) and defines that factory") from None
+    refuse_the_report_file(getattr(module, "__file__", None) or "", f"the module of --data {shown(source)}")
     want = f"data factory '{source}' must return two torch Datasets (train, test)"
     if not callable(factory):
         raise DataError(f"'{source}' is a {type(factory).__name__}, not a factory: {want}")

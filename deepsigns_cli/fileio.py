@@ -84,7 +84,6 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 _report: tuple[int, int] | None = None  # (device, inode) of the regular file the report goes to
-_report_path: Path | None = None  # and its path, where the system says it (Linux: /proc/self/fd)
 
 
 def to_nowhere(fd: int) -> None:
@@ -118,36 +117,25 @@ def native_output_to_nowhere() -> Iterator[None]:
 def report_to(fd: int | None) -> None:
     """The report of the command now running goes to descriptor `fd` (None: the command has
     ended): when that is a regular file, no file the command reads or writes may be it."""
-    global _report, _report_path
-    _report, _report_path = None, None
+    global _report
+    _report = None
     if fd is not None:
         with contextlib.suppress(OSError):
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
                 _report = (st.st_dev, st.st_ino)
-                path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-                if path.is_absolute() and _identity(path) == _report:
-                    _report_path = path
 
 
 def refuse_the_report_file(path: str | Path, what: str) -> None:
-    """InputError when `path` is the file stdout was sent to (`> k.dskey`, `>> marked.onnx`): the
-    report would be appended to a bundle, which no command then opened, or go into an output
-    that the command replaces, lost without a word."""
+    """InputError when `path` is the file stdout was sent to (`> k.dskey`, `>> marked.onnx`), by
+    any name (a hard link too): the report would be appended to a bundle, which no command then
+    opened, or to an input, or go into an output that the command replaces, lost without a word.
+    A folder's files are checked one by one as they are listed (data, api._suspects)."""
     if _report is None:
         return
     if _identity(path) == _report:
         raise InputError(f"stdout is {shown(path)}, {what}: the report would be written into it; send the report "
                          "to another file")
-    if (_report_path is not None and _report_path.suffix.lower() in _READ_IN_FOLDERS
-            and _inside(_report_path, Path(path))):  # (an image folder, a folder of suspects)
-        raise InputError(f"stdout is {shown(_report_path)}, in the folder {shown(path)} {what}: the report would be "
-                         "written into it; send the report to another file")
-
-
-# what a command reads in a folder it is given: the models of a folder of suspects (api._SUFFIXES)
-# and the images of an image folder (data.IMAGE_SUFFIXES); a report.txt beside them is no input
-_READ_IN_FOLDERS = (".onnx", ".safetensors", ".pt", ".pth", ".png", ".jpg", ".jpeg")
 
 
 def _identity(path: str | Path) -> tuple[int, int] | None:
@@ -178,6 +166,8 @@ def check_output(path: str | Path, force: bool, *, inputs: dict[str, str | Path 
     """Refuse an output that would replace an input or lie in an input folder, an existing file
     without --force, a folder or anything else that is not a regular file, or a path in a folder
     that does not exist; fail early, before any work."""
+    if not str(path).strip():
+        raise InputError(f"{option} is empty: give a file path")
     if "\x00" in str(path):
         raise InputError(f"{option} {shown(path)} holds a NUL byte: choose another path")
     if str(path).endswith(("/", os.sep)):

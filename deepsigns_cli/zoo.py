@@ -21,6 +21,7 @@ from torch import nn
 
 from .data import MAX_CLASSES, MAX_INPUT_DIMS, MAX_INPUT_SIZE
 from .errors import USER_CODE_FAILURES, CheckpointError, InputError, SchemeError, one_line, shown, user_failure
+from .fileio import refuse_the_report_file
 
 __all__ = [
     "ZOO",
@@ -229,12 +230,14 @@ def _resolve_factory(arch: str) -> tuple[Callable[..., nn.Module], bool]:
         )
     module_name, _, attr = arch.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
     except USER_CODE_FAILURES as exc:  # (importing runs the module's code)
         raise InputError(
             f"cannot load architecture '{arch}' ({user_failure(exc)}): check that the module is importable "
             "(on PYTHONPATH) and defines that factory"
         ) from None
+    refuse_the_report_file(getattr(module, "__file__", None) or "", f"the module of --arch {shown(arch)}")
     if not callable(factory):
         raise InputError(
             f"'{arch}' is a {type(factory).__name__}, not a factory: --arch must name a function or "

@@ -178,7 +178,7 @@ def test_empty_or_lone_values_are_refused_on_every_command_alike(marked, tmp_pat
     or options, refused the same values)"""
     for args, needles in (
             (["embed", "--model", marked.base, "--keys", marked.keys, "--out", tmp_path / "m.safetensors",
-              "--onnx", ""], ("--onnx", "names no file")),
+              "--onnx", ""], ("--onnx is empty",)),
             (["export", marked.base, "--data", "", "--out", tmp_path / "m.onnx"], ("--data is empty",)),
             (["keygen", "--model", marked.base, "--data", "", "--out", tmp_path / "k.dskey"], ("--data is empty",)),
             (["export", marked.base, "--image-size", 16, "--out", tmp_path / "m.onnx"],
@@ -274,7 +274,7 @@ def test_stdout_sent_into_a_file_the_command_reads_or_writes_is_refused(marked, 
                                   stderr=subprocess.PIPE, text=True, timeout=300)
         codes[name] = proc.returncode
         if name == "a.onnx":
-            assert_one_error_line(proc.stderr, "", f"stdout is {folder / name}, in the folder {folder} given as")
+            assert_one_error_line(proc.stderr, "", f"stdout is {folder / name}, a suspect of the folder {folder}")
     os.link(folder / "a.onnx", tmp_path / "hard.log")  # (the same file by another name, outside the folder)
     with open(tmp_path / "hard.log", "ab") as stdout:
         proc = subprocess.run([*deepsigns_argv(), "extract", "--model", str(folder), "--keys", str(marked.keys)],
@@ -285,6 +285,18 @@ def test_stdout_sent_into_a_file_the_command_reads_or_writes_is_refused(marked, 
     assert codes == {"a.onnx": 2, "report.txt": 0, "hard.log": 2}
     assert (folder / "a.onnx").read_bytes() == model
     assert "1 of 1 suspects detected" in (folder / "report.txt").read_text()
+    # the module of an --arch factory, which the command imports (its source had taken the report)
+    module = tmp_path / "arch_of_mine.py"
+    module.write_text("from deepsigns_cli.zoo import ZOO\n\ndef make(input_shape, num_classes):\n"
+                      "    return ZOO['mlp'](input_shape=input_shape, num_classes=num_classes)\n")
+    source = module.read_bytes()
+    with open(module, "ab") as stdout:
+        proc = subprocess.run([*deepsigns_argv(), "train", "--arch", "arch_of_mine:make", "--epochs", "1", "--out",
+                               str(tmp_path / "t.safetensors")], env=process_env({**ENV, "PYTHONPATH": str(tmp_path)}),
+                              stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, "", f"stdout is {module}, the module of --arch arch_of_mine:make")
+    assert module.read_bytes() == source
     # a value that names no file (the bundled data set) is no file, whatever stdout's name
     with open(tmp_path / "digits", "wb") as stdout:
         proc = subprocess.run([*deepsigns_argv(), "export", str(marked.marked), "--data", "digits", "--out",

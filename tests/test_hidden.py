@@ -258,6 +258,9 @@ def test_too_few_bits_for_alpha_is_reported(marked, tmp_path):
     assert "cannot reach alpha" not in table.stdout and "NOT DETECTED" in table.stdout
     assert "warning: hidden: " in table.stderr and "cannot reach alpha" in table.stderr
     assert run_cli("extract", "--model", marked.base, "--keys", keys, "--quiet", code=1).stderr == ""
+    # and when several suspects are read: once (it is the keys'), not dropped
+    scan = run_cli("extract", "--model", marked.base, "--model", marked.marked, "--keys", keys, code=None)
+    assert scan.stderr.count("cannot reach alpha") == 1, scan.stderr
 
 
 # ----------------------------------------------------------------------------- the rows of a step

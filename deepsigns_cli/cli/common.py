@@ -175,7 +175,7 @@ def handle_errors(fn):
     return wrapper
 
 
-# the options whose values are names or text, not files (--data names a file as an .npz, or a folder)
+# the options whose values are names or text, not files (--data names a file as an .npz alone)
 _NOT_FILES = frozenset({"arch", "arch_kwargs", "schemes", "scheme", "message", "layer", "output_name",
                         "commitment", "names", "sweep", "student"})  # (`--data digits > digits` is no clash)
 
@@ -192,7 +192,7 @@ def _refuse_the_report_file_as_a_value() -> None:
             continue
         flag = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
         for value in _texts(ctx.params.get(param.name)):
-            if param.name != "data_spec" or value.endswith(".npz") or os.path.isdir(value):
+            if param.name != "data_spec" or value.endswith(".npz"):  # (a folder's files: as they are listed)
                 refuse_the_report_file(value, f"given as {flag}")
 
 
@@ -570,11 +570,18 @@ def emit_decision(report, json_: bool, render) -> None:
     """Print a detection report; exit 0 when detected, 1 when not: the contract a release
     pipeline reads. A scheme's warning (keys too few to reach alpha) goes to stderr; --json
     keeps it in the report too."""
-    for result in report.results:
-        if getattr(result, "warning", None):
-            warn(f"{result.scheme}: {result.warning}")
+    _warn_results([report])
     emit(report, json_, render)
     sys.exit(EXIT_OK if report.detected else EXIT_NOT_DETECTED)
+
+
+def _warn_results(decisions) -> None:
+    """Each scheme's warning (keys too few to reach alpha: the keys', so the same for every
+    suspect) once, on stderr; --json keeps them in the report too."""
+    said = dict.fromkeys(f"{result.scheme}: {result.warning}" for decision in decisions
+                         for result in decision.results if getattr(result, "warning", None))
+    for warning in said:
+        warn(warning)
 
 
 def emit_scan(report, json_: bool) -> None:
@@ -582,6 +589,7 @@ def emit_scan(report, json_: bool) -> None:
     exit like grep: 2 when a suspect could not be read, else 0 when any is detected, else 1."""
     from . import render
 
+    _warn_results([row.decision for row in report.rows if row.decision is not None])
     emit(report, json_, render.scan)
     for row in report.rows:
         if row.error is not None:  # (most messages name the file already)
