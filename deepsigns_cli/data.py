@@ -696,10 +696,9 @@ def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
                                 "format deepsigns does not read (only .png, .jpg, .jpeg): convert it, or move it "
                                 "out of the folder")
             named = [e for e in visible if e.name.lower().endswith(IMAGE_SUFFIXES)]
-            for e in named:  # (stdout sent into one, by any name: a hard link, too)
-                refuse_the_report_file(e.path, f"an image of the folder {where}")
-            for e in named:  # (skipped, a link that leads nowhere had trained the model on less, unsaid)
-                if not _is_file(e):
+            for e in named:
+                refuse_the_report_file(e.path, f"an image of the folder {where}")  # (by any name: a hard link too)
+                if not _is_file(e):  # (skipped, a link that leads nowhere had trained the model on less, unsaid)
                     raise DataError(f"{where}/{split.name}/{shown(folder.name)}/{shown(e.name)} is named like an "
                                     "image but is no file (a folder, a link that leads nowhere or in a loop, a "
                                     "FIFO or a device): rename or remove it")
@@ -740,10 +739,9 @@ def _image_folder(root: Path, image_size: int | None, preprocess: dict | None) -
     for split, found in (("train", train), ("test", test)):
         for name in found:
             if name not in label:
-                listed = shown(", ".join(classes))  # (a newline in a name escaped: one_line would cut the list there)
-                listed = listed if len(listed) <= 80 else listed[:77] + "..."
+                # (a newline in a name escaped first: one_line would cut the list there)
                 raise DataError(f"class folder {where}/{split}/{shown(name)} is not among {known} "
-                                f"({listed}): rename or remove it")
+                                f"({one_line(shown(', '.join(classes)), 80)}): rename or remove it")
     if len(classes) < 2:
         raise DataError(f"{where}/train holds {len(classes)} class, a classifier needs at least 2: "
                         "add a folder of images per class")
@@ -875,7 +873,7 @@ def _factory_data(source: str) -> Dataset:
         raise DataError(f"data factory '{source}' failed ({user_failure(exc)}): it is called without "
                         "arguments and must return two torch Datasets (train, test)") from None
     try:
-        return _factory_splits(source, made)
+        return _factory_splits(source, made, want)
     except DeepSignsError:
         raise
     except USER_CODE_FAILURES as exc:  # (what it returned runs code of the user's as it is read: __len__, __repr__)
@@ -883,12 +881,12 @@ def _factory_data(source: str) -> Dataset:
                         f"({user_failure(exc)}): fix the Datasets (or their samples' and labels' types)") from None
 
 
-def _factory_splits(source: str, made) -> Dataset:
-    """What a factory returned, checked and wrapped: (train, test) torch Datasets."""
+def _factory_splits(source: str, made, want: str) -> Dataset:
+    """What a factory returned, checked and wrapped: (train, test) torch Datasets (`want`: what
+    the message says a factory must return)."""
     from torch.utils.data import Dataset as TorchDataset
     from torch.utils.data import IterableDataset
 
-    want = f"data factory '{source}' must return two torch Datasets (train, test)"
 
     def usable(d) -> bool:
         return isinstance(d, TorchDataset) and not isinstance(d, IterableDataset) and hasattr(d, "__len__")

@@ -113,8 +113,8 @@ def user_failure(exc: BaseException) -> str:
 
 
 def user_text(value: object, limit: int = 200, show=str) -> str:
-    """`one_line(show(value))` of an object of the user's (an exception, a label), whose __str__
-    or __repr__ may itself fail: then its type, said to be unprintable."""
+    """`one_line(show(value))` of an object of the user's (an exception, what it exited with),
+    whose __str__ or __repr__ may itself fail: then its type, said to be unprintable."""
     try:
         return one_line(show(value), limit)
     except Exception:  # (the user's own __str__, whatever it raised)

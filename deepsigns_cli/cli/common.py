@@ -525,8 +525,12 @@ def _drain(fd: int, path: Path, option: str) -> bytes:
 
 
 def emit(report, json_: bool, render) -> None:
-    """JSON on stdout for machines (always valid JSON), or a rich rendering for people."""
+    """JSON on stdout for machines (always valid JSON), or a rich rendering for people. The
+    report's warnings (keygen's, embed's, export's) go to stderr first; --json keeps them."""
     from ..api import report_json
+
+    for warning in getattr(report, "warnings", ()):
+        warn(warning)
 
     def write(stream) -> None:
         if json_:

@@ -16,7 +16,6 @@ from .common import (
     parse_arch_kwargs,
     passphrase_from,
     progress_bar,
-    warn,
 )
 from .launch import is_main, nproc_option, precision_option, relaunch, workers_option
 
@@ -60,6 +59,4 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
                            also_inputs={"--passphrase-file": passphrase_file}, workers=workers,
                            precision=precision)
     if is_main():
-        for warning in report.warnings:
-            warn(warning)
         emit(report, json_, render.embed)

@@ -2,7 +2,7 @@ import click
 
 from .. import api
 from . import render
-from .common import arch_options, common_options, data_option, emit, force_option, parse_arch_kwargs, warn
+from .common import arch_options, common_options, data_option, emit, force_option, parse_arch_kwargs
 
 
 @click.command("export")
@@ -21,6 +21,4 @@ def command(checkpoint, out, arch, arch_kwargs, data_spec, force, seed, json_):
     """
     report = api.export(checkpoint, out, data=data_spec, arch=arch,
                         arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force)
-    for warning in report.warnings:
-        warn(warning)
     emit(report, json_, render.export)

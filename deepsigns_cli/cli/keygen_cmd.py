@@ -11,7 +11,6 @@ from .common import (
     parse_arch_kwargs,
     passphrase_from,
     registry_option,
-    warn,
 )
 
 
@@ -48,6 +47,4 @@ def command(model_path, arch, arch_kwargs, data_spec, schemes, out, passphrase_f
                         data=data_spec, schemes=schemes.split(","), options=options, arch=arch,
                         arch_kwargs=parse_arch_kwargs(arch_kwargs), seed=seed, force=force,
                         also_inputs={"--passphrase-file": passphrase_file})
-    for message in report.warnings:
-        warn(message)
     emit(report, json_, render.keygen)
