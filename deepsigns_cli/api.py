@@ -1177,10 +1177,14 @@ def stop_with_parent(parent: int) -> None:
 
 
 def parallel_slots(device: str = "auto") -> tuple[int, str]:
-    """(how many processes a data-parallel run may start here, what they are: GPUs or CPU cores)."""
-    from .training import resolve_device
+    """(how many processes a data-parallel run may start here, what they are: GPUs or CPU cores).
+    On the CPU without importing torch: `--nproc` imports it in every process it starts, and a
+    second second in the launching one only delayed them."""
+    if device != "cpu":
+        from .training import resolve_device
 
-    if resolve_device(device).type == "cuda":
+        device = resolve_device(device).type
+    if device == "cuda":
         import torch
 
         return torch.cuda.device_count(), "GPUs"
