@@ -80,6 +80,28 @@ def test_usage_errors_are_one_line(tmp_path, args, needles):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("args, value", [
+    (["keygen", "--model", "m", "--out", "k", "--bits"], "1_0"),
+    (["train", "--arch", "mlp", "--out", "x", "--seed"], "\u0661\u0662"),  # (Arabic-Indic 12)
+    (["train", "--arch", "mlp", "--out", "x", "--lr"], "1_0e-3"),
+    (["verify", "--model", "m", "--keys", "k", "--queries"], "1_000"),
+    (["extract", "--model", "m", "--keys", "k", "--alpha"], "\u0661e-9"),
+    (["embed", "--model", "m", "--keys", "k", "--out", "x", "--workers"], "\uff11"),  # (a fullwidth 1)
+    (["embed", "--model", "m", "--keys", "k", "--out", "x", "--nproc"], "\u0662"),
+    (["attack", "prune", "--model", "m", "--out", "x", "--rate"], "0.\u0665"),
+    (["attack", "prune", "--model", "m", "--keys", "k", "--sweep"], "rate=0.1,0.\u0665"),
+    (["attack", "prune", "--model", "m", "--keys", "k", "--sweep"], "rate=0.1,1_0"),
+], ids=lambda v: v if isinstance(v, str) else v[0])
+def test_numbers_are_written_in_the_digits_0_to_9(tmp_path, args, value):
+    """int() and float() read '1_0' as 10 and other scripts' digits as ours, and click had passed
+    them on: `--bits 1_0` made 10 bits, `--seed \u0661\u0662` was seed 12."""
+    before = snapshot(tmp_path)
+    line = assert_bad_input(run_cli(*args, value, code=None))
+    assert value.rpartition(",")[2] in line, line
+    assert "digits 0-9" in line or "must be a number" in line, line  # (a sweep's value: the attack's own line)
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-1", "0", "2", "1e-400", "5e-324", "1e-310"])
 def test_alpha_must_be_a_probability(marked, alpha):
     """(5e-324 and 1e-310, above 0, had been taken: shared out among the readings they came to 0, exit 3)"""

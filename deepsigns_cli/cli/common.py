@@ -12,6 +12,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
@@ -260,7 +261,7 @@ def common_options(fn):
                       is_eager=True, help="Silence progress and warnings on stderr.")(fn)
     fn = click.option("--debug", is_flag=True, callback=set_state("debug"), expose_value=False,
                       is_eager=True, help=f"Show the traceback of an internal error (or {DEBUG_ENV}=1).")(fn)
-    fn = click.option("--seed", type=click.IntRange(*LIMITS["seed"]), default=None,
+    fn = click.option("--seed", type=int_range("seed"), default=None,
                       help="Seed for a reproducible run (default 0; keygen: fresh randomness).")(fn)
     return handle_errors(fn)
 
@@ -274,15 +275,41 @@ def registry_option(option, help_prefix: str = ""):
     if option.kind == "choice":
         kind = click.Choice(option.choices)
     else:
-        kind = {"int": int, "float": float, "str": str}[option.kind]
-    if option.kind == "int" and option.low is not None and option.high is not None:
-        kind = click.IntRange(int(option.low), int(option.high))
+        kind = {"int": int, "float": Number(), "str": str}[option.kind]
+    if option.kind == "int":
+        kind = Whole(*(None if bound is None else int(bound) for bound in (option.low, option.high)))
     return click.option(option.flag, option.key, type=kind, default=None,
                         help=f"{help_prefix}{option.help}")
 
 
-def int_range(name: str):
-    return click.IntRange(*LIMITS[name])
+# numbers as a user types them: int() and float() (so click) also take '1_0' as 10 and other
+# scripts' digits ('\u0661\u0662' as 12)
+WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")
+DECIMAL = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
+
+
+class Whole(click.IntRange):
+    """A whole number in the digits 0-9, within [min, max] where given."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not WHOLE.fullmatch(value):
+            self.fail(f"{value!r} is not a whole number written in the digits 0-9", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Number(click.types.FloatParamType):
+    """A decimal number in the digits 0-9 (an exponent allowed: 1e-9); the api checks its range."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not DECIMAL.fullmatch(value):
+            self.fail(f"{value!r} is not a number written in the digits 0-9", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def int_range(name: str) -> Whole:
+    return Whole(*LIMITS[name])
 
 
 def batch_size_option(fn):
@@ -304,12 +331,12 @@ def provider_option(fn):
 def timeout_option(fn):
     from ..api import DEFAULT_TIMEOUT
 
-    return click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True,
+    return click.option("--timeout", type=Number(), default=DEFAULT_TIMEOUT, show_default=True,
                         help="Seconds a suspect model may take to answer, in all.")(fn)
 
 
 def queries_option(fn):
-    return click.option("--queries", type=int, default=None, metavar="N",
+    return click.option("--queries", type=Whole(), default=None, metavar="N",
                         help="Most queries a GradSigns reading from ONNX scores may make per suspect "
                              "(default 1000); more queries, more margin.")(fn)
 
@@ -377,7 +404,7 @@ def commitment_option(fn):
 def alpha_option(fn):
     from ..api import DEFAULT_ALPHA
 
-    return click.option("--alpha", type=float, default=DEFAULT_ALPHA, show_default=True,
+    return click.option("--alpha", type=Number(), default=DEFAULT_ALPHA, show_default=True,
                         help="Significance: detected when p-value <= alpha.")(fn)
 
 

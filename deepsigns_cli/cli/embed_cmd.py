@@ -3,6 +3,7 @@ import click
 from .. import api
 from . import render
 from .common import (
+    Number,
     asks_passphrase,
     batch_size_option,
     common_options,
@@ -29,7 +30,7 @@ from .launch import is_main, nproc_option, precision_option, relaunch, workers_o
 @click.option("--epochs", type=int_range("epochs"), default=None,
               help="Fine-tuning epochs per scheme (default: each scheme's own cap; each stops by "
                    "itself once its mark reads back, see the README).")
-@click.option("--lr", type=float, default=None,
+@click.option("--lr", type=Number(), default=None,
               help="Learning rate (default: the one the model's training ended with).")
 @batch_size_option
 @force_option

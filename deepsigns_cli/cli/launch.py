@@ -25,7 +25,7 @@ import click
 
 from ..api import PRECISIONS
 from ..errors import InputError, Interrupted, shown
-from .common import ERROR_TAG_ENV, EXIT_BAD_INPUT, EXIT_INTERNAL, PASSPHRASE_ENV, relay_report
+from .common import ERROR_TAG_ENV, EXIT_BAD_INPUT, EXIT_INTERNAL, PASSPHRASE_ENV, Whole, relay_report
 
 __all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "relaunch"]
 
@@ -38,14 +38,14 @@ _DRAIN_SECONDS = 2  # what its pipes are given to end once it has ended (its pro
 
 
 def nproc_option(fn):
-    return click.option("--nproc", type=int, default=None, metavar="N",
+    return click.option("--nproc", type=Whole(), default=None, metavar="N",
                         help="Run data-parallel in N processes on this machine (torch.distributed.run; "
                              "one per GPU on CUDA, else one per CPU core). For several machines, start "
                              "torchrun yourself: torchrun --nproc-per-node N -m deepsigns_cli ...")(fn)
 
 
 def workers_option(fn):
-    return click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
+    return click.option("--workers", type=Whole(0, 64), default=0, show_default=True,
                         help="Processes that read and decode training batches (an image folder).")(fn)
 
 

@@ -3,6 +3,7 @@ import click
 from .. import api
 from . import render
 from .common import (
+    Number,
     batch_size_option,
     common_options,
     data_option,
@@ -21,7 +22,7 @@ from .launch import is_main, nproc_option, precision_option, relaunch, workers_o
 @click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the architecture.")
 @data_option
 @click.option("--epochs", type=int_range("epochs"), default=30, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate (Adam).")
+@click.option("--lr", type=Number(), default=1e-3, show_default=True, help="Learning rate (Adam).")
 @batch_size_option
 @click.option("--out", required=True, help="Output checkpoint (.safetensors).")
 @force_option
