@@ -1070,15 +1070,17 @@ def _split_options(names: list[str], options: dict) -> dict[str, dict]:
 def _keygen_warnings(bundle: Bundle) -> list[str]:
     """What keygen tells the owner: each scheme's own warnings, and keys that no reading can
     bring to the default alpha (they would mark a model that nothing can then claim)."""
-    found = []
+    found, schemes = [], len(bundle.schemes)
+    # (extract reads every scheme of the bundle, and each has its share of alpha: results.decide)
+    share = f"its share of the default alpha ({DEFAULT_ALPHA:g} over {schemes} schemes)" if schemes > 1 else \
+        f"the default alpha of {DEFAULT_ALPHA:g}"
     for name, keys in bundle.schemes.items():
         scheme = load_scheme(name)
         found += scheme.warnings(keys)
         best = scheme.best_p_value(keys)
-        if best is not None and best > DEFAULT_ALPHA:
-            found.append(f"{name}: these keys give at best p = {best:.2g}, above the default alpha of "
-                         f"{DEFAULT_ALPHA:g}: no model can be detected with them at that alpha; make more of them "
-                         f"({scheme.more_evidence})")
+        if best is not None and best * schemes > DEFAULT_ALPHA:
+            found.append(f"{name}: these keys give at best p = {best:.2g}, above {share}: no model can be "
+                         f"detected with them at that alpha; make more of them ({scheme.more_evidence})")
     return found
 
 

@@ -132,6 +132,18 @@ def test_keys_that_can_never_reach_alpha_are_warned_of(tmp_path, marked, scheme,
     assert "at best p" not in default.stderr
 
 
+def test_keys_that_reach_alpha_alone_but_not_their_share_in_a_bundle_are_warned_of(tmp_path, marked):
+    """extract gives each scheme of a bundle its share of alpha: 31 hidden bits read two ways
+    reach 1e-9 alone (best p = 9.3e-10), not 5e-10; GradSigns' 31 bits (4.7e-10) do."""
+    args = ("keygen", "--model", marked.base, "--bits", 31, "--classes", 1)
+    alone = run_cli(*args, "--scheme", "hidden", "--out", tmp_path / "a.dskey", code=0)
+    assert "at best p" not in alone.stderr, alone.stderr
+    both = run_cli(*args, "--scheme", "hidden,gradsigns", "--out", tmp_path / "b.dskey", code=0)
+    assert ("warning: hidden: these keys give at best p = 9.3e-10, above its share of the default alpha "
+            "(1e-09 over 2 schemes)") in both.stderr, both.stderr
+    assert "gradsigns: these keys" not in both.stderr
+
+
 @pytest.mark.parametrize("where", ["stderr", "help", "version"])
 def test_a_full_disk_never_reads_as_a_verdict_or_a_bug(marked, tmp_path, where):
     """stderr on a full disk: a bad-input error had exited 1 ("not detected"); --help or --version

@@ -9,6 +9,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import PASSPHRASE, run_json
@@ -265,6 +266,28 @@ def test_alpha_is_applied_in_one_place():
     assert loose.results[0].detected and loose.results[0].max_bit_errors >= 3
     with pytest.raises(ValueError):
         decide([bits], float("nan"), command="extract", model="m", key_id="k")
+
+
+def test_a_schemes_row_is_detected_exactly_where_it_carries_the_verdict():
+    """Each scheme's row is judged at its share of alpha (Bonferroni over the schemes read): at
+    the whole of alpha, a bundle's GradSigns row at p = 0.108 read 'detected' at --alpha 0.16
+    under a verdict of not detected (p = 0.215)."""
+    from deepsigns_cli import stats
+
+    def results(ps):
+        return [MatchResult("output", float(p), keys=20, matches=10, num_classes=10) for p in ps]
+
+    edge = decide(results([0.9, 0.108]), 0.1615, command="verify", model="m", key_id="k")
+    assert not edge.detected and not any(r.detected for r in edge.results)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ps, alpha = 10.0 ** rng.uniform(-12, 0, int(rng.integers(1, 4))), float(10.0 ** rng.uniform(-10, 0))
+        decision = decide(results(ps), alpha, command="extract", model="m", key_id="k")
+        assert decision.detected == any(r.detected for r in decision.results), (ps, alpha)
+    bits = BitsResult("hidden", 2.0**-32, n_bits=32, bits="0" * 32, bit_errors=0, ber=0.0, candidates=1)
+    two = decide([bits, *results([0.5])], 1e-3, command="extract", model="m", key_id="k")
+    assert two.results[0].max_bit_errors == stats.max_bit_errors(32, 1e-3 / 2)
+    assert two.results[1].max_mismatches == stats.max_mismatches(20, 9, 1e-3 / 2)
 
 
 def test_json_reports_are_always_valid_json():
