@@ -750,6 +750,57 @@ def test_a_decoy_carrier_name_cannot_hide_the_hidden_mark(marked, suspects):
     assert decoy["p_value"] == pytest.approx(min(1.0, 0.5 ** decoy["n_bits"] * decoy["candidates"]))
 
 
+def _batch_keyed_decoy(marked_onnx: Path, out: Path, rows: int | None) -> Path:
+    """The marked MLP, the same function, with a decoy of its carrier first in the graph: the
+    carrier's own values when a batch has `rows` inputs (None: always), another unit's otherwise (from the
+    input's Shape: no If, nothing out of reach). A copy judged on the first batch alone had been
+    the decoy's: the carrier after it was dropped as "the same values", and the decoy read as
+    chance, not detected (exit 1)."""
+    w = {t.name: nh.to_array(t) for t in onnx.load(str(marked_onnx)).graph.initializer}
+    roll = np.roll(np.arange(len(w["fc2.bias"])), 1)
+    consts = {**w, "w2r": w["fc2.weight"][roll], "b2r": w["fc2.bias"][roll],
+              "rows": np.array([rows or 0], np.int64), "never": np.array([-1], np.int64),
+              "one": np.array(1, np.float32)}
+    n = h.make_node
+    nodes = [n("Flatten", ["input"], ["f"]), n("Gemm", ["f", "fc1.weight", "fc1.bias"], ["g1"], transB=1),
+             n("Relu", ["g1"], ["a1"]),
+             n("Shape", ["input"], ["shape"], end=1),
+             n("Equal" if rows is not None else "GreaterOrEqual", ["shape", "rows"], ["eq"]),
+             n("Cast", ["eq"], ["m1"], to=T.FLOAT), n("Sub", ["one", "m1"], ["m0"]),
+             n("Mul", ["fc2.weight", "m1"], ["wa"]), n("Mul", ["w2r", "m0"], ["wb"]), n("Add", ["wa", "wb"], ["wd"]),
+             n("Mul", ["fc2.bias", "m1"], ["ba"]), n("Mul", ["b2r", "m0"], ["bb"]), n("Add", ["ba", "bb"], ["bd"]),
+             n("Gemm", ["a1", "wd", "bd"], ["decoy"], transB=1), n("Relu", ["decoy"], ["decoy_act"]),
+             # (the carrier's weights computed at run time too, as the decoy's are: the same kernel, the same bits)
+             n("Equal", ["shape", "never"], ["no"]), n("Cast", ["no"], ["z"], to=T.FLOAT),
+             n("Mul", ["w2r", "z"], ["wz"]), n("Add", ["fc2.weight", "wz"], ["w2"]),
+             n("Mul", ["b2r", "z"], ["bz"]), n("Add", ["fc2.bias", "bz"], ["b2"]),
+             n("Gemm", ["a1", "w2", "b2"], ["g2"], transB=1), n("Relu", ["g2"], ["carrier"]),
+             n("Gemm", ["carrier", "head.weight", "head.bias"], ["logits"], transB=1)]
+    return save(graph_model(nodes, [h.make_tensor_value_info("input", T.FLOAT, ["batch", 1, 8, 8])],
+                            [h.make_tensor_value_info("logits", T.FLOAT, ["batch", 10])],
+                            [nh.from_array(v, k) for k, v in consts.items()]), out)
+
+
+def test_a_copy_of_the_carrier_at_one_batch_length_cannot_hide_it(marked, suspects):
+    from helpers import PASSPHRASE
+
+    from deepsigns_cli.bundle import open_bundle
+
+    x = np.random.default_rng(0).random((448, 1, 8, 8), np.float32)
+    first = len(x) // 2 + 1  # (the first of the two batches a reading feeds)
+    decoy = OnnxModel(_batch_keyed_decoy(marked.onnx, suspects / "decoy-at.onnx", first))
+    read = decoy.intermediates(x)
+    assert {"carrier", "decoy_act"} <= set(read) and not np.array_equal(read["carrier"], read["decoy_act"])
+    inert = OnnxModel(_batch_keyed_decoy(marked.onnx, suspects / "inert.onnx", None))  # (a copy throughout)
+    assert "decoy_act" in inert.intermediates(x) and "carrier" not in inert.intermediates(x)  # (the later one left out)
+    # end to end: extract's own reading, its first batch the decoy's
+    arrays = open_bundle(marked.keys, PASSPHRASE).schemes["hidden"].arrays
+    rows = (len(arrays["probe_x"]) + len(arrays["trigger_x"])) // 2 + 1
+    path = _batch_keyed_decoy(marked.onnx, suspects / "decoy.onnx", rows)
+    r = _hidden(run_json("extract", "--model", path, "--keys", marked.keys, code=0))
+    assert r["detected"] and r["bit_errors"] == 0, r
+
+
 def _as_function(proto, name: str = "Net"):
     """The whole graph moved into one local function, called once: the same computation, and a
     graph whose only tensors are its input and output."""
