@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import itertools
 import json
 import math
+import operator
 import os
 import re
 import select
@@ -37,6 +39,7 @@ import struct
 import sys
 import time
 import weakref
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -572,6 +575,17 @@ class _Evaluator:
         return out, problems, {name: size for name, size in left_out.items() if name in problems}
 
 
+def _axes_merged(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether one layout is the other with neighbouring axes merged (or split), axes of
+    length 1 aside: (1, 8, 8), (64,) and (8, 8) are one layout, as are (3, 8, 8) and (3, 64);
+    (3, 8, 8) and (8, 8, 3) are not, though a reshape takes one to the other."""
+    def bounds(shape):
+        return set(itertools.accumulate((d for d in shape if d != 1), operator.mul))
+
+    first, second = bounds(a), bounds(b)
+    return first <= second or second <= first
+
+
 def _ort_text(exc: BaseException) -> str:
     """onnxruntime's message without its status prefix and C++ source locations."""
     text = one_line(exc, 2000)
@@ -1009,10 +1023,19 @@ class OnnxModel:
         if len(dims) == len(want) and all(d is None or w is None or d == w for d, w in zip(dims, want, strict=True)):
             return x
         per_sample = dims[1:]
+        shown_dims = ["?" if d is None else d for d in dims]
         if per_sample and all(d is not None for d in per_sample):
             if math.prod(per_sample) == math.prod(x.shape[1:]):
-                return x.reshape(len(x), *per_sample)
-        shown_dims = ["?" if d is None else d for d in dims]
+                if _axes_merged(per_sample, x.shape[1:]):
+                    return x.reshape(len(x), *per_sample)
+                # (a reshape would scramble every sample: (3, 8, 8) read as (8, 8, 3) had given a
+                # marked model channels last a verdict of not detected)
+                raise OnnxError(
+                    f"{self.name} takes inputs of shape {shown_dims}, the same number of values as the "
+                    f"samples it is asked about ({list(x.shape[1:])}, the keys' or the data's) in another "
+                    "layout (channels last, say), which deepsigns cannot tell: export the model to take "
+                    "the keys' layout, or a flat one"
+                )
         raise OnnxError(
             f"{self.name} takes inputs of shape {shown_dims} but is asked about samples of shape "
             f"{list(x.shape[1:])} (the keys', or the data's): it cannot be queried with them"
