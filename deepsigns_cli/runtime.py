@@ -505,6 +505,8 @@ class _Evaluator:
                     moved = extra and isinstance(value, np.ndarray) and value.ndim > 1
                     if moved:  # (the batch's axis decided when every batch is in; the checks below hold for any)
                         fits = {i for i, d in enumerate(value.shape) if d == len(chunk)}
+                        if len(fits) > 1 and real < len(chunk):  # (padded to a fixed batch: see _padded_axes)
+                            fits = _padded_axes(value, fits, real)
                         axes[name] = axes[name] & fits if name in axes else fits
                         problem = _output_problem(value, len(chunk)) \
                             if not axes[name] or value.dtype.kind not in "fiu" else None
@@ -573,6 +575,19 @@ class _Evaluator:
                     continue
             out[name] = np.concatenate([value[:real] for value, _, real in chunks])
         return out, problems, {name: size for name, size in left_out.items() if name in problems}
+
+
+def _padded_axes(value: np.ndarray, axes: set[int], real: int) -> set[int]:
+    """Of `axes`, those that can hold a batch padded with copies of its last input (row `real`
+    - 1): along the batch's axis, the rows from there on are alike. A model whose batch is fixed
+    at its carrier's width (512 and 512) has two axes of the batch's length in every batch fed;
+    none could be told apart, and the carrier was left unread (no verdict)."""
+    kept = set()
+    for axis in axes:
+        tail = np.moveaxis(value, axis, 0)[real - 1:]
+        if (tail == tail[:1]).all():
+            kept.add(axis)
+    return kept
 
 
 def _axes_merged(a: Sequence[int], b: Sequence[int]) -> bool:

@@ -801,6 +801,18 @@ def test_a_copy_of_the_carrier_at_one_batch_length_cannot_hide_it(marked, suspec
     assert r["detected"] and r["bit_errors"] == 0, r
 
 
+def test_a_batch_fixed_at_the_carriers_width_is_read(marked, suspects):
+    """Fixed at 512 rows, as the carrier has units, every (512, 512) tensor has two axes of the
+    batch's length: the one whose rows past the real inputs repeat the last (the padding) is
+    the batch's. Neither had been told, and the model went unread (exit 2, no verdict)."""
+    honest = _hidden(run_json("extract", "--model", marked.onnx, "--keys", marked.keys, code=0))
+    proto = onnx.load(str(marked.onnx))
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 512  # (the carrier's width)
+    r = _hidden(run_json("extract", "--model", save(proto, suspects / "b512.onnx"), "--keys", marked.keys, code=0))
+    assert r["detected"] and r["bit_errors"] == honest["bit_errors"] == 0 and r["tensor"] == honest["tensor"], r
+
+
 def _as_function(proto, name: str = "Net"):
     """The whole graph moved into one local function, called once: the same computation, and a
     graph whose only tensors are its input and output."""
