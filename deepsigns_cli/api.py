@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_TIMEOUT, LIMITS, PRECISIONS
-from .errors import InputError, SchemeError, one_line, shown
+from .errors import DeepSignsError, InputError, SchemeError, one_line, shown
 from .registry import (
     ATTACKS,
     DEFAULT_SCHEMES,
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         InspectReport,
         KeygenReport,
         ScanReport,
+        SchemeKeys,
         SweepReport,
         SweepRow,
         TrainReport,
@@ -316,11 +317,21 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         files = {"model": (out, out_tmp), **({"onnx": (onnx, onnx_tmp)} if onnx_tmp is not None else {})}
         claim = claim_record(commitment, list(embed_order(bundle.schemes)), report["fingerprint"], files)
     warnings = [f"the {name} mark does not read back from the marked model ({s['read_back']}, p = "
-                f"{s['read_back_p']:.2g}): embed again with more --epochs, or make new keys"
+                f"{s['read_back_p']:.2g}): {_again(name, bundle.schemes[name], dataset)}"
                 for name, s in report["schemes"].items() if not s.get("took", True)] + exported.get("warnings", [])
     return EmbedReport(report["accuracy_before"], report["accuracy_after"], report["schemes"],
                        report["fingerprint"], str(out), str(keys), commitment,
                        str(onnx) if onnx_tmp is not None else None, diff, claim, warnings)
+
+
+def _again(name: str, keys: SchemeKeys, data: Dataset) -> str:
+    """What to do about a mark that did not take: embed the same keys again where the scheme
+    takes them again (the output scheme does not: embed drew its keys from the candidates)."""
+    try:
+        load_scheme(name).can_embed(keys, data)
+    except DeepSignsError:
+        return "make new keys (keygen) and embed them with more --epochs"
+    return "embed again with more --epochs, or make new keys"
 
 
 def export(checkpoint: str | Path, out: str | Path, *, data: str | None = None, arch: str | None = None,
@@ -450,7 +461,6 @@ def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: P
     (the others are still read); a missing path or a bad bundle fails the whole scan."""
     import time
 
-    from .errors import DeepSignsError
     from .results import ScanReport, ScanRow
 
     if command not in ("extract", "verify"):
@@ -1079,8 +1089,11 @@ def _keygen_warnings(bundle: Bundle) -> list[str]:
         found += scheme.warnings(keys)
         best = scheme.best_p_value(keys)
         if best is not None and best * schemes > DEFAULT_ALPHA:
-            found.append(f"{name}: these keys give at best p = {best:.2g}, above {share}: no model can be "
-                         f"detected with them at that alpha; make more of them ({scheme.more_evidence})")
+            found.append(f"{name}: these keys give at best p = {best:.2g}"
+                         + (f" {scheme.best_is_typical}, above {share}: a model would be detected with them at that "
+                            "alpha only if more than that lasted" if scheme.best_is_typical else
+                            f", above {share}: no model can be detected with them at that alpha")
+                         + f"; make more of them ({scheme.more_evidence})")
     return found
 
 

@@ -114,6 +114,26 @@ def test_keys_that_cannot_be_embedded_are_refused_before_any_training(owner, tmp
         assert_bad_input(result, needle)
     assert not (tmp_path / "again.safetensors").exists()
 
+def test_an_output_mark_that_did_not_take_says_so_and_how_to_mend_it(owner, tmp_path):
+    """One epoch: too few candidates last, and the keys drawn from that pool prove nothing.
+    The table's row had read "20/20 match" (with -q, nothing else said it), and the warning
+    advised embedding again, which output keys refuse: embed drew them from its candidates."""
+    keys = tmp_path / "short.dskey"
+    api.keygen(owner["dir"] / "base.safetensors", keys, PASS, schemes=["output"], options={"key_size": 20}, seed=9)
+    args = ("embed", "--model", owner["dir"] / "base.safetensors", "--keys", keys, "--epochs", 1, "--device", "cpu")
+    result = run(*args, "--out", tmp_path / "short.safetensors", "-q")
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    (row,) = [line for line in result.stdout.splitlines() if "output: read back" in line]
+    assert "did not take" in row and "p = " in row, row
+    again = run(*args, "--out", tmp_path / "again.safetensors", "--json")
+    assert again.exit_code == 2 and "already embedded" in again.stderr  # (as the warning below says)
+    fresh = tmp_path / "fresh.dskey"
+    api.keygen(owner["dir"] / "base.safetensors", fresh, PASS, schemes=["output"], options={"key_size": 20}, seed=9)
+    warned = run("embed", "--model", owner["dir"] / "base.safetensors", "--keys", fresh, "--epochs", 1,
+                 "--device", "cpu", "--out", tmp_path / "warned.safetensors")
+    assert "does not read back" in warned.stderr and "make new keys (keygen) and embed them" in warned.stderr
+
+
 
 def test_verify_exit_codes_and_report(owner):
     folder = owner["dir"]

@@ -78,3 +78,7 @@ def test_the_alpha_table_is_what_the_statistics_give_at_the_defaults():
     assert f"{keys} keys, 10 classes, drawn from {chosen[1]} of {candidates} candidates" in row("output")
     assert f"at least {least} of {keys} keys" in row("output")
     assert f"{stats.matches_p_value(least, keys, 9, chosen):.1e}" in row("output")
+    # ten keys reach alpha only from a pool of this many candidates (keygen assumes 3 in 4)
+    pool = min(p for p in range(10, candidates) if stats.matches_p_value(10, 10, 9, (candidates, p)) <= DEFAULT_ALPHA)
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert f"only if {pool} or more of the {candidates} candidates last" in text

@@ -149,7 +149,10 @@ def embed(c, r) -> None:
     rows = [("accuracy before", f"{r.accuracy_before:.2f}%"),
             ("accuracy after", f"{r.accuracy_after:.2f}%")]
     for name, s in r.schemes.items():
-        rows += [(f"{name}: epochs", s["epochs"]), (f"{name}: read back", s.get("read_back", "-"))]
+        read = s.get("read_back", "-")
+        if s.get("read_back_p") is not None:  # (the p-value says whether it took: a count alone does not)
+            read += f", p = {s['read_back_p']:.2g}" + ("" if s.get("took", True) else ": did not take")
+        rows += [(f"{name}: epochs", s["epochs"]), (f"{name}: read back", read)]
     rows += [("written", r.out)] + ([("ONNX", r.onnx)] if r.onnx else [])
     rows += [("keys updated", r.keys)]
     c.print(kv_table("watermark embedded", rows))

@@ -93,6 +93,10 @@ class Scheme:
         readings counted); None where it cannot be told at keygen."""
         return None
 
+    #: where best_p_value is not a bound before embed but what it typically comes to, the words
+    #: that say so ("" for a bound)
+    best_is_typical: str = ""
+
     def read(self, suspect: Suspect, keys: SchemeKeys) -> SchemeResult:
         """The evidence in a suspect (torch or ONNX); alpha is applied by results.decide."""
         raise NotImplementedError

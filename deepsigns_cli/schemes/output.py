@@ -247,6 +247,8 @@ class OutputScheme(Scheme):
         return good[predict(thief, x[good]).argmax(1) == y[good]]
 
     # ------------------------------------------------------------------ read
+    best_is_typical = "with the pool embed typically keeps (3 in 4 of the candidates)"
+
     def best_p_value(self, keys):
         """Every key answered. Before embed, the pool the keys will be drawn from is taken at
         three quarters of the candidates, about what embed keeps on the digits models (294-394
