@@ -1098,7 +1098,12 @@ class OnnxModel:
             raise InputError("no samples to query the model with")
         batch = self._batch()
         x = self._feed(x)
-        header = {"names": names, "extra": extra, "step": batch or max(1, step), "batch": batch,
+        if batch is not None:
+            # a fixed batch: the graph's own tensors are read in batches half of them padding,
+            # whose rows repeat the last input along the batch's axis alone (_padded_axes); full
+            # batches of 64 had left a (64, 64) carrier with two axes that could be the batch
+            step = max(1, (batch + 1) // 2) if extra else batch
+        header = {"names": names, "extra": extra, "step": max(1, step), "batch": batch,
                   "width": width, "units": units}
         if self._broken is not None:
             raise OnnxError(self._broken)
