@@ -49,7 +49,6 @@ if TYPE_CHECKING:
         InspectReport,
         KeygenReport,
         ScanReport,
-        SchemeKeys,
         SweepReport,
         SweepRow,
         TrainReport,
@@ -317,18 +316,20 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         files = {"model": (out, out_tmp), **({"onnx": (onnx, onnx_tmp)} if onnx_tmp is not None else {})}
         claim = claim_record(commitment, list(embed_order(bundle.schemes)), report["fingerprint"], files)
     warnings = [f"the {name} mark does not read back from the marked model ({s['read_back']}, p = "
-                f"{s['read_back_p']:.2g}): {_again(name, bundle.schemes[name], dataset)}"
+                f"{s['read_back_p']:.2g}): {_again(bundle, dataset)}"
                 for name, s in report["schemes"].items() if not s.get("took", True)] + exported.get("warnings", [])
     return EmbedReport(report["accuracy_before"], report["accuracy_after"], report["schemes"],
                        report["fingerprint"], str(out), str(keys), commitment,
                        str(onnx) if onnx_tmp is not None else None, diff, claim, warnings)
 
 
-def _again(name: str, keys: SchemeKeys, data: Dataset) -> str:
-    """What to do about a mark that did not take: embed the same keys again where the scheme
-    takes them again (the output scheme does not: embed drew its keys from the candidates)."""
+def _again(bundle: Bundle, data: Dataset) -> str:
+    """What to do about a mark that did not take: embed the same bundle again where every scheme
+    of it takes its keys again (the output scheme does not: embed drew its keys from the
+    candidates, so neither does a bundle that holds them)."""
     try:
-        load_scheme(name).can_embed(keys, data)
+        for name, keys in bundle.schemes.items():
+            load_scheme(name).can_embed(keys, data)
     except DeepSignsError:
         return "make new keys (keygen) and embed them with more --epochs"
     return "embed again with more --epochs, or make new keys"

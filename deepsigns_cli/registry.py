@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 __all__ = [
     "Option",
@@ -56,11 +56,12 @@ class Option:
 
         if self.kind == "flag":
             if not isinstance(value, bool):
-                raise InputError(f"{self.flag} is a flag (on or off), got {value!r}")
+                raise InputError(f"{self.flag} is a flag (on or off), got {one_line(repr(value), 80)}")
             return value
         if self.kind == "choice":
             if value not in self.choices:
-                raise InputError(f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}")
+                raise InputError(f"{self.flag} must be one of {', '.join(self.choices)}, "
+                                 f"got {one_line(repr(value), 80)}")
             return value
         kinds = {"int": (int,), "float": (int, float), "str": (str,)}[self.kind]
         ok = isinstance(value, kinds) and not isinstance(value, bool)
@@ -71,7 +72,7 @@ class Option:
             what = {"int": "a whole number", "float": "a number", "str": "text"}[self.kind]
             if self.low is not None and self.high is not None:
                 what += f" from {self.low:g} to {self.high:g}"
-            raise InputError(f"{self.flag} must be {what}, got {value!r}")
+            raise InputError(f"{self.flag} must be {what}, got {one_line(repr(value), 80)}")
         if self.kind == "float":
             if value != 0 and abs(value) < TINY:  # (0 in float32, where weights and scores live: 1e-50
                 # built a graph that onnxruntime aborted on)

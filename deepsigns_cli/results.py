@@ -55,8 +55,9 @@ class SchemeResult:
     unread: bool = False  # the suspect was not read whole (the note says why): not detected is no verdict
 
     def apply(self, alpha: float, schemes: int = 1) -> None:
-        """Detected at this scheme's share of alpha, among `schemes` read at once."""
-        self.detected = self.p_value <= alpha / schemes
+        """Detected at this scheme's share of alpha, among `schemes` read at once (p x schemes
+        against alpha: the verdict's own product, so that the two agree to the last bit)."""
+        self.detected = not math.isnan(self.p_value) and stats.bonferroni(self.p_value, schemes) <= alpha
 
     def evidence(self) -> tuple[str, str]:
         """(where, evidence) as people read them."""
@@ -208,7 +209,7 @@ def decide(results: list[SchemeResult], alpha: float, *, command: str, model: st
     for r in results:
         r.apply(alpha, max(1, len(results)))
     p = stats.bonferroni(min((r.p_value for r in results), default=1.0), len(results))
-    return Decision(command, model, key_id, alpha, results, detected=p <= alpha, p_value=p,
+    return Decision(command, model, key_id, alpha, results, detected=any(r.detected for r in results), p_value=p,
                     commitment=commitment)
 
 

@@ -527,7 +527,7 @@ class _Evaluator:
                         # copy judged on the first batch had hidden the carrier from every reading
                         digests[name] = hashlib.blake2b(np.ascontiguousarray(value).view(np.uint8),
                                                         digest_size=16).digest()
-                        if fresh and start == 0 and seen.setdefault(digests[name], name) != name:
+                        if fresh and start == 0 and digests[name] in seen:  # (seen: tensors kept, below)
                             twins[name] = seen[digests[name]]
                         elif name in twins and digests.get(twins[name]) != digests[name]:  # (no copy after all)
                             del twins[name]
@@ -553,6 +553,8 @@ class _Evaluator:
                     if total > MAX_REPLY_BYTES:
                         raise _Failure("size", f"the outputs exceed {MAX_REPLY_BYTES >> 20} MiB")
                     parts[name].append((value, len(chunk), real))
+                    if fresh and start == 0 and name in digests:  # (a later copy of it is left out)
+                        seen.setdefault(digests[name], name)
         except _ort_errors() as exc:
             raise _Failure(_kind(exc, "run"), _ort_text(exc)) from None
         for name, twin in twins.items():

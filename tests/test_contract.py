@@ -102,6 +102,21 @@ def test_numbers_are_written_in_the_digits_0_to_9(tmp_path, args, value):
     assert snapshot(tmp_path) == before
 
 
+def test_numbers_of_thousands_of_digits_are_one_short_line(tmp_path):
+    """A --sweep value past int()'s 4,300 digits had been an internal error (exit 3)."""
+    digits = "0" * 4300 + "8"
+    for args in (["attack", "quantize", "--model", "m", "--keys", "k", "--sweep", f"bits={digits}"],
+                 ["train", "--arch", "mlp", "--out", tmp_path / "x", "--epochs", "9" * 5000]):
+        line = assert_bad_input(run_cli(*args, code=None))
+        assert len(line) < 500, line  # (not the value in full)
+
+
+@pytest.mark.parametrize("command", ["verify", "extract", "train", "embed"])
+def test_help_shows_no_range_where_there_is_none(command):
+    """--queries and --nproc take any whole number (the command checks it): help had shown [x<=None]."""
+    assert "None" not in run_cli(command, "--help").stdout
+
+
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-1", "0", "2", "1e-400", "5e-324", "1e-310"])
 def test_alpha_must_be_a_probability(marked, alpha):
     """(5e-324 and 1e-310, above 0, had been taken: shared out among the readings they came to 0, exit 3)"""

@@ -801,6 +801,30 @@ def test_a_copy_of_the_carrier_at_one_batch_length_cannot_hide_it(marked, suspec
     assert r["detected"] and r["bit_errors"] == 0, r
 
 
+def test_a_copy_of_a_tensor_that_is_left_out_is_left_out_with_it(marked, suspects, tmp_path):
+    """A copy (Identity, or a Flatten of a pooled map: the same bytes) of a tensor that is not
+    read (integers; past the first set of units) had been taken for the copy of one that is, and
+    read from its empty list: an internal failure, reported as "onnxruntime crashed" (exit 2) for
+    an ordinary export of the zoo's CNN on 32x32 inputs."""
+    import torch
+
+    from deepsigns_cli.zoo import CNN
+
+    proto = onnx.load(str(marked.onnx))
+    nodes = list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend([h.make_node("Cast", ["input"], ["as_int"], to=T.INT64),
+                             h.make_node("Identity", ["as_int"], ["int_copy"]), *nodes])
+    r = _hidden(run_json("extract", "--model", save(proto, suspects / "int-copy.onnx"), "--keys", marked.keys, code=0))
+    assert r["bit_errors"] == 0, r
+    path = tmp_path / "cnn32.onnx"
+    torch.onnx.export(CNN((3, 32, 32), 10).eval(), (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}}, dynamo=False)
+    read, left_out = OnnxModel(path).unit_tensors(np.random.default_rng(0).random((20, 3, 32, 32), np.float32),
+                                                  units=1 << 15)
+    assert read and left_out  # (the pooled map and its flattened copy past the first set: out together)
+
+
 @pytest.mark.parametrize("width", [512, 64])
 def test_a_batch_fixed_at_the_carriers_width_is_read(marked, suspects, tmp_path, width):
     """Fixed at as many rows as the carrier has units, every (width, width) tensor has two axes

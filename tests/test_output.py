@@ -132,6 +132,14 @@ def test_an_output_mark_that_did_not_take_says_so_and_how_to_mend_it(owner, tmp_
     warned = run("embed", "--model", owner["dir"] / "base.safetensors", "--keys", fresh, "--epochs", 1,
                  "--device", "cpu", "--out", tmp_path / "warned.safetensors")
     assert "does not read back" in warned.stderr and "make new keys (keygen) and embed them" in warned.stderr
+    # a bundle that holds output keys cannot be embedded again either, whichever of its marks failed
+    mixed = tmp_path / "mixed.dskey"
+    api.keygen(owner["dir"] / "base.safetensors", mixed, PASS, schemes=["output", "gradsigns"],
+               options={"key_size": 20, "bits": 64}, seed=9)
+    report = json.loads(run("embed", "--model", owner["dir"] / "base.safetensors", "--keys", mixed, "--epochs", 1,
+                            "--device", "cpu", "--out", tmp_path / "mixed.safetensors", "--json").stdout)
+    assert any("gradsigns mark does not read back" in w for w in report["warnings"]), report["warnings"]
+    assert all("make new keys (keygen)" in w for w in report["warnings"]), report["warnings"]
 
 
 

@@ -279,6 +279,8 @@ def test_a_schemes_row_is_detected_exactly_where_it_carries_the_verdict():
 
     edge = decide(results([0.9, 0.108]), 0.1615, command="verify", model="m", key_id="k")
     assert not edge.detected and not any(r.detected for r in edge.results)
+    edge = decide(results([0.0003333333333333334, 0.9, 0.9]), 1e-3, command="verify", model="m", key_id="k")
+    assert edge.detected and edge.results[0].detected  # (p x 3 is 1e-3 to the last bit; p < 1e-3 / 3 is not)
     rng = np.random.default_rng(0)
     for _ in range(300):
         ps, alpha = 10.0 ** rng.uniform(-12, 0, int(rng.integers(1, 4))), float(10.0 ** rng.uniform(-10, 0))

@@ -32,7 +32,10 @@ def _parse_sweep(text: str) -> tuple[str, list]:
         raise click.UsageError(f"--sweep takes PARAM=v1,v2,... (e.g. rate=0.1,0.5,0.9), got {text!r}")
 
     def value(v: str):  # (in the digits 0-9: '1_0' is not 10, and 'nan' is a word, which the attack refuses)
-        return int(v) if WHOLE.fullmatch(v) else float(v) if DECIMAL.fullmatch(v) else v
+        try:
+            return int(v) if WHOLE.fullmatch(v) else float(v) if DECIMAL.fullmatch(v) else v
+        except ValueError:  # (more digits than int() converts: a word too)
+            return v
 
     return param.strip(), [value(v.strip()) for v in values.split(",") if v.strip()]
 

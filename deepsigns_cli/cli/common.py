@@ -298,6 +298,9 @@ class Whole(click.IntRange):
             self.fail(f"{value!r} is not a whole number written in the digits 0-9", param, ctx)
         return super().convert(value, param, ctx)
 
+    def _describe_range(self) -> str:
+        return "" if self.min is None and self.max is None else super()._describe_range()  # (not "[x<=None]")
+
 
 class Number(click.types.FloatParamType):
     """A decimal number in the digits 0-9 (an exponent allowed: 1e-9); the api checks its range."""
