@@ -21,7 +21,7 @@ def _evidence(p: float) -> float:
 def sweep_plot(report: SweepReport) -> bytes:
     """Accuracy and each watermark's evidence (-log10 p, extract's reading) against the attack's
     strength, in one figure (a PNG file's bytes); the victim's accuracy, the literature's
-    "removed" line (5 points below it) and alpha drawn across."""
+    "removed" line (5 points below it) and alpha (each mark's share of it) drawn across."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a screen
@@ -43,7 +43,10 @@ def sweep_plot(report: SweepReport) -> bytes:
     for i, scheme in enumerate(schemes):
         ys = [_evidence(next(x.p_value for x in r.extract.results if x.scheme == scheme)) for r in attacked]
         ev_ax.plot(xs, ys, "s-", color=f"C{i}", label=f"{scheme} mark: -log10 p")
-    ev_ax.axhline(_evidence(report.alpha), color="C3", lw=0.8, ls="--", label=f"alpha = {report.alpha:g}")
+    # (each mark is detected at its share of alpha: results.decide)
+    share = report.alpha / max(1, len(schemes))
+    ev_ax.axhline(_evidence(share), color="C3", lw=0.8, ls="--",
+                  label=f"alpha = {report.alpha:g}" + (f" / {len(schemes)} marks" if len(schemes) > 1 else ""))
     ev_ax.set_ylabel("evidence of the owner's mark (-log10 p)")
     ev_ax.set_ylim(bottom=0)
     handles = acc_ax.get_legend_handles_labels()
