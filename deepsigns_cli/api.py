@@ -799,6 +799,9 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
     if twice is not None:  # (each strength's model has one name: the second would be refused mid-sweep)
         raise InputError(f"--sweep {param}=...: {twice} is given twice; give each value once")
+    if option.key == "attacker_keys" or (options or {}).get("attacker_keys"):  # (a file, sealed per strength)
+        raise InputError("--attacker-keys names the attacker's bundle, which a sweep seals once per strength and "
+                         "keeps beside each model in --out: leave it out of --sweep")
     pathy = next((v for v in values if "/" in str(v) or str(v) in (".", "..")), None)
     if pathy is not None:  # (a text value, distill's student: it is part of each kept model's name)
         raise InputError(f"--sweep {param}=...: {shown(repr(pathy))} cannot be part of a file name (each strength's "
@@ -828,7 +831,8 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
             for value in values:
                 for path, flag in zip(kept(Path(keep), value), ("--out", "--attacker-keys"), strict=True):
                     if path is not None:
-                        check_output(path, force, inputs={"--model": model, "--data": data}, option=flag)
+                        check_output(path, force, inputs={"--model": model, "--data": data, "--keys": keys},
+                                     option=flag)
     check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
     secret = _passphrase(passphrase)  # asked once for both readers
     extract_reader = _Reader("extract", keys, secret, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,

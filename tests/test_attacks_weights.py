@@ -191,3 +191,49 @@ def test_overwrite_that_did_not_take_gives_advice_the_attack_can_follow(marked, 
     assert_bad_input(result, "the attacker's embedding: only", "keys were learnt", "raise --epochs")
     assert "keygen" not in result.output and "--key-size" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_ranks_the_weights_of_every_kind_of_convolution():
+    """nn.Conv2d alone had been pruned: a Conv1d's weights stayed whole, and a model reported
+    pruned at 0.9 held 0.69 of zeros."""
+    from torch import nn
+
+    from deepsigns_cli.attacks.prune import masks, prunable
+
+    torch.manual_seed(0)
+    layers = {"c1": nn.Conv1d(2, 4, 3), "c3": nn.Conv3d(1, 2, 2), "t2": nn.ConvTranspose2d(2, 3, 2),
+              "fc": nn.Linear(5, 3)}
+    model = nn.ModuleDict(layers)
+    weights = prunable(model)
+    assert set(weights) == set(layers)
+    kept = masks(weights, 0.9, "global")
+    zeroed = sum(int((~kept[name]).sum()) for name in weights)
+    assert zeroed == int(np.ceil(0.9 * sum(w.numel() for w in weights.values())))
+
+
+def test_a_sweep_takes_no_attacker_bundle_of_the_users(marked, tmp_path):
+    """A sweep seals one attacker bundle per strength, kept in --out: --attacker-keys had been
+    taken and dropped without a word (no file written, exit 0), and swept as if a strength."""
+    base = ("attack", "overwrite", "--model", marked.marked, "--data", "digits", "--keys", marked.keys)
+    for extra in (("--sweep", "epochs=1", "--attacker-keys", tmp_path / "mine.dskey"),
+                  ("--sweep", f"attacker-keys={tmp_path / 'a.dskey'},{tmp_path / 'b.dskey'}")):
+        assert_bad_input(run_cli(*base, *extra, code=None), "--attacker-keys", "sweep")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kept_attacker_bundle_that_is_the_keys_is_refused_before_any_attack(marked, tmp_path, monkeypatch):
+    """(every output is checked before any work: the kept bundle's clash with --keys had been
+    found only at the end, after every strength's embedding)"""
+    import shutil
+
+    from deepsigns_cli import training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an attack ran before the outputs were checked")
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    keys = shutil.copyfile(marked.keys, kept / "overwrite-epochs-1.attacker.dskey")
+    monkeypatch.setattr(training, "fit", no_training)
+    assert_bad_input(run_cli("attack", "overwrite", "--model", marked.marked, "--data", "digits", "--keys", keys,
+                             "--sweep", "epochs=1", "--out", kept, "--force", code=None), "--keys")

@@ -109,7 +109,7 @@ def tied_layers(model: nn.Module) -> set[str]:
     """The layers whose tensors another layer shares (tied weights): shuffling the units of one
     would shuffle the other's too, so their units are left alone."""
     owners: dict[int, set[str]] = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):  # (a layer under two names too)
         for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
             owners.setdefault(id(tensor), set()).add(name)
     return {name for names in owners.values() if len(names) > 1 for name in names}

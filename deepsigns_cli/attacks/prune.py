@@ -18,9 +18,11 @@ __all__ = ["PruneAttack", "ATTACK", "prunable"]
 
 
 def prunable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors pruning ranks: the weight of every nn.Linear and nn.Conv2d (no biases, no
-    BatchNorm), by module name."""
-    return {name: m.weight for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    """The tensors pruning ranks: the weight of every linear and convolution layer (nn.Linear,
+    and nn.Conv1d, 2d, 3d and their transposes; no biases, no BatchNorm), by module name. (Conv2d
+    alone had left a Conv1d's weights whole, and the sparsity reported was not reached.)"""
+    return {name: m.weight for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(m.weight, torch.Tensor)}
 
 
 def _count(rate: float, n: int) -> int:

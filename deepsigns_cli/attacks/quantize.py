@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..fileio import scratch_folder
 from .base import Attack
 
@@ -78,6 +78,12 @@ class QuantizeAttack(Attack):
         if ctx.out_kind == "onnx":
             if bits != 8:
                 raise InputError("int8 only for .onnx; use --out .safetensors for k-bit rounding")
+            from .permute import tied_layers
+
+            tied = sorted(tied_layers(model))
+            if tied:  # (it transposed a shared square weight once per layer: one layer computed W x for W^T x)
+                raise InputError(f"onnxruntime's int8 quantizer mishandles weights shared between layers (tied "
+                                 f"here: {one_line(', '.join(tied), 100)}): use --out .safetensors for k-bit rounding")
             proto, change = self._int8_onnx(model, ctx)
             return proto, {"bits": 8, "mode": "int8-onnx", "max_relative_change": change}
         change = 0.0
