@@ -322,8 +322,10 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-    # (an interrupted run's launcher that does not end is killed after 60 s: well within, it ended)
-    out, err = proc.communicate(timeout=40 if how.startswith("Ctrl-C") else 120)
+    # (an interrupted run's launcher that does not end is killed after 60 s: well within, it ended;
+    # a run usually stops in 2-5 s, but once in a loaded suite Ctrl-C twice took over 40 s, not
+    # diagnosed: the wait is 55 s, still short of the 60 s that this test is there to catch)
+    out, err = proc.communicate(timeout=55 if how.startswith("Ctrl-C") else 120)
     if how == "SIGKILL":  # (nothing of it can speak: its processes are stopped for it, within a minute)
         assert proc.returncode == -signal.SIGKILL
         deadline = time.monotonic() + 60
