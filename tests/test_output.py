@@ -114,6 +114,7 @@ def test_keys_that_cannot_be_embedded_are_refused_before_any_training(owner, tmp
         assert_bad_input(result, needle)
     assert not (tmp_path / "again.safetensors").exists()
 
+
 def test_an_output_mark_that_did_not_take_says_so_and_how_to_mend_it(owner, tmp_path):
     """One epoch: too few candidates last, and the keys drawn from that pool prove nothing.
     The table's row had read "20/20 match" (with -q, nothing else said it), and the warning
@@ -140,7 +141,6 @@ def test_an_output_mark_that_did_not_take_says_so_and_how_to_mend_it(owner, tmp_
                             "--device", "cpu", "--out", tmp_path / "mixed.safetensors", "--json").stdout)
     assert any("gradsigns mark does not read back" in w for w in report["warnings"]), report["warnings"]
     assert all("make new keys (keygen)" in w for w in report["warnings"]), report["warnings"]
-
 
 
 def test_verify_exit_codes_and_report(owner):
