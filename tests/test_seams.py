@@ -286,6 +286,7 @@ def test_a_schemes_row_is_detected_exactly_where_it_carries_the_verdict():
         ps, alpha = 10.0 ** rng.uniform(-12, 0, int(rng.integers(1, 4))), float(10.0 ** rng.uniform(-10, 0))
         decision = decide(results(ps), alpha, command="extract", model="m", key_id="k")
         assert decision.detected == any(r.detected for r in decision.results), (ps, alpha)
+        assert decision.detected == (decision.p_value <= alpha), (ps, alpha)  # (the p-value the report gives)
     bits = BitsResult("hidden", 2.0**-32, n_bits=32, bits="0" * 32, bit_errors=0, ber=0.0, candidates=1)
     two = decide([bits, *results([0.5])], 1e-3, command="extract", model="m", key_id="k")
     assert two.results[0].max_bit_errors == stats.max_bit_errors(32, 1e-3 / 2)
