@@ -809,10 +809,14 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     given = {k: v for k, v in (options or {}).items() if v is not None and v is not False}
     if option.key in given:
         raise InputError(f"--{param} is swept: leave it out of the attack's own options")
+    # (a plot in the --out folder the sweep is to make is checked once that folder is made)
+    plot_in_new_keep = plot is not None and keep is not None and not Path(keep).is_dir() \
+        and Path(os.path.abspath(plot)).is_relative_to(os.path.abspath(keep))
     if plot is not None:
         if not str(plot).lower().endswith(".png"):
             raise InputError(f"--plot must name a .png file, got {shown(plot)}")
-        check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
+        if not plot_in_new_keep:
+            check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
     if keep is not None and Path(keep).suffix.lower() in _SUFFIXES["extract"]:  # (every model file we read)
         raise InputError(f"--out {shown(keep)} names a model, but a sweep keeps its models in a folder: give a folder "
                          "path (every command tells a model's kind by its name)")
@@ -856,6 +860,8 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                 raise InputError(f"--out {shown(keep)} cannot be the folder --sweep keeps the attacked models "
                                  f"in ({one_line(exc)}): give a folder path") from None
             made.extend(missing)
+        if plot_in_new_keep:
+            check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
         # every strength's model is made in the scratch folder; the kept ones and the plot are
         # committed together at the end (committed one by one, a failure at a later strength had
         # removed the earlier ones, files that --force had replaced among them)

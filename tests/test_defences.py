@@ -479,3 +479,16 @@ def test_an_interrupted_sweep_leaves_nothing_behind(marked, tmp_path, before):
         assert (kept / "finetune-epochs-1.safetensors").read_bytes() == b"an earlier sweep's model"
     else:
         assert [p.name for p in tmp_path.iterdir()] == ["tmp"]
+
+
+def test_a_plot_in_the_folder_the_sweep_makes_is_written_there(marked, tmp_path):
+    """(--plot kept/plot.png, with --out kept not made yet, had been refused: the plot's folder
+    was checked before the sweep made --out; the same command without --plot makes it)"""
+    kept = tmp_path / "kept"
+    run_json("attack", "prune", "--model", marked.marked, "--sweep", "rate=0.2", "--keys", marked.keys,
+             "--out", kept, "--plot", kept / "plot.png")
+    assert (kept / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (kept / "prune-rate-0.2.safetensors").is_file()
+    result = run_cli("attack", "prune", "--model", marked.marked, "--sweep", "rate=0.2", "--keys", marked.keys,
+                     "--out", tmp_path / "new", "--plot", tmp_path / "new" / "sub" / "plot.png", code=2)
+    assert "sub" in result.stderr and not (tmp_path / "new").exists()  # (the folder it made, removed)
