@@ -35,6 +35,10 @@ _TORCH_LOG = re.compile(r"\[?[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
 _SIGNALLED = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*-(\d+)", re.M)
 _STOP_SECONDS = 60  # what an interrupted run's launcher is given to stop its processes
 _DRAIN_SECONDS = 2  # what its pipes are given to end once it has ended (its processes have)
+# ... and once it was killed: its processes then end by themselves (each is sent SIGTERM when its
+# parent dies), which took a loaded machine more than 2 s, and the command had returned while one
+# still ran
+_ORPHANS_SECONDS = 30
 
 
 def nproc_option(fn):
@@ -160,7 +164,8 @@ def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.Completed
     try:
         with _suspended_with(launcher.pid):
             launcher.wait()
-        out, err = (reader.text() for reader in readers)
+        wait = _ORPHANS_SECONDS if launcher.returncode < 0 else _DRAIN_SECONDS
+        out, err = (reader.text(wait) for reader in readers)
         if launcher.returncode == 0:  # (a signal from now is held until the report is relayed)
             outputs_written(list(written()))
         else:  # (its processes have ended: what one killed outright left is no one's)
@@ -195,9 +200,10 @@ class _Drain:
         for chunk in iter(lambda: os.read(pipe.fileno(), 1 << 16), b""):
             self.chunks.append(chunk)
 
-    def text(self) -> str:
-        """What was read, as text mode reads it (any line ending as a newline)."""
-        self._thread.join(timeout=_DRAIN_SECONDS)
+    def text(self, wait: float = _DRAIN_SECONDS) -> str:
+        """What was read, as text mode reads it (any line ending as a newline); its end waited
+        for `wait` seconds at most."""
+        self._thread.join(timeout=wait)
         text = b"".join(list(self.chunks)).decode("utf-8", errors="replace")
         return text.replace("\r\n", "\n").replace("\r", "\n")
 
