@@ -27,7 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import USER_CODE_FAILURES, DataError, DeepSignsError, InputError, one_line, shown, user_failure
+from .errors import (
+    USER_CODE_FAILURES,
+    DataError,
+    DeepSignsError,
+    InputError,
+    load_factory,
+    one_line,
+    shown,
+    user_failure,
+)
 from .fileio import refuse_the_report_file
 
 __all__ = [
@@ -854,16 +863,7 @@ def check_preprocess(value) -> dict:
 
 def _factory_data(source: str) -> Dataset:
     """`package.module:factory` -> (train, test) torch Datasets, each wrapped as a Samples."""
-    import importlib
-
-    module_name, _, attr = source.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-        factory = getattr(module, attr)
-    except USER_CODE_FAILURES as exc:  # (importing runs the module's code)
-        raise DataError(f"cannot load data '{source}' ({user_failure(exc)}): check that the module is importable "
-                        "(on PYTHONPATH) and defines that factory") from None
-    refuse_the_report_file(getattr(module, "__file__", None) or "", f"the module of --data {shown(source)}")
+    factory = load_factory(source, "--data", "data", DataError)
     want = f"data factory '{source}' must return two torch Datasets (train, test)"
     if not callable(factory):
         raise DataError(f"'{source}' is a {type(factory).__name__}, not a factory: {want}")

@@ -104,6 +104,25 @@ def one_line(text: object, limit: int = 200) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+def load_factory(spec: str, flag: str, what: str, error: type[DeepSignsError]):
+    """The object that `package.module:name` (`flag`'s value) names; importing runs the user's
+    module. `error` with one line when it cannot be loaded; stdout sent into the module's file
+    is refused, as into any file a command reads."""
+    import importlib
+
+    from .fileio import refuse_the_report_file
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except USER_CODE_FAILURES as exc:  # (importing runs the module's code)
+        raise error(f"cannot load {what} '{spec}' ({user_failure(exc)}): check that the module is importable "
+                    "(on PYTHONPATH) and defines that factory") from None
+    refuse_the_report_file(getattr(module, "__file__", None) or "", f"the module of {flag} {shown(spec)}")
+    return factory
+
+
 def user_failure(exc: BaseException) -> str:
     """How the user's own code failed (one of USER_CODE_FAILURES), to quote in our message.
     Its message is the user's code too, and may fail in turn: then its type alone."""

@@ -8,7 +8,6 @@ layer, the paper's second-to-last layer).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import re
@@ -20,8 +19,16 @@ import torch
 from torch import nn
 
 from .data import MAX_CLASSES, MAX_INPUT_DIMS, MAX_INPUT_SIZE
-from .errors import USER_CODE_FAILURES, CheckpointError, InputError, SchemeError, one_line, shown, user_failure
-from .fileio import refuse_the_report_file
+from .errors import (
+    USER_CODE_FAILURES,
+    CheckpointError,
+    InputError,
+    SchemeError,
+    load_factory,
+    one_line,
+    shown,
+    user_failure,
+)
 
 __all__ = [
     "ZOO",
@@ -228,16 +235,7 @@ def _resolve_factory(arch: str) -> tuple[Callable[..., nn.Module], bool]:
             f"architecture '{shown(arch)}' is not spelt package.module:factory (a module path of "
             "Python names, no leading dot, then ':' and the factory's name): fix --arch"
         )
-    module_name, _, attr = arch.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-        factory = getattr(module, attr)
-    except USER_CODE_FAILURES as exc:  # (importing runs the module's code)
-        raise InputError(
-            f"cannot load architecture '{arch}' ({user_failure(exc)}): check that the module is importable "
-            "(on PYTHONPATH) and defines that factory"
-        ) from None
-    refuse_the_report_file(getattr(module, "__file__", None) or "", f"the module of --arch {shown(arch)}")
+    factory = load_factory(arch, "--arch", "architecture", InputError)
     if not callable(factory):
         raise InputError(
             f"'{arch}' is a {type(factory).__name__}, not a factory: --arch must name a function or "
