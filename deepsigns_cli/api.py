@@ -315,12 +315,24 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
         # from the temporary files, before the commit: nothing can fail after it
         files = {"model": (out, out_tmp), **({"onnx": (onnx, onnx_tmp)} if onnx_tmp is not None else {})}
         claim = claim_record(commitment, list(embed_order(bundle.schemes)), report["fingerprint"], files)
-    warnings = [f"the {name} mark does not read back from the marked model ({s['read_back']}, p = "
-                f"{s['read_back_p']:.2g}): {_again(bundle, dataset)}"
-                for name, s in report["schemes"].items() if not s.get("took", True)] + exported.get("warnings", [])
+    warnings = [_not_claimable(name, s, bundle, dataset) for name, s in report["schemes"].items()
+                if not s.get("detected", True)] + exported.get("warnings", [])
     return EmbedReport(report["accuracy_before"], report["accuracy_after"], report["schemes"],
                        report["fingerprint"], str(out), str(keys), commitment,
                        str(onnx) if onnx_tmp is not None else None, diff, claim, warnings)
+
+
+def _not_claimable(name: str, read: dict, bundle: Bundle, data: Dataset) -> str:
+    """The warning for a mark that the marked model itself does not carry to detection at the
+    default alpha: one that did not take, or one that reads back in full with keys too few to
+    claim anything at that alpha (keygen warned of those)."""
+    said = f"({read['read_back']}, p = {read['read_back_p']:.2g})"
+    if not read.get("took", True):
+        return f"the {name} mark does not read back from the marked model {said}: {_again(bundle, data)}"
+    return (f"the {name} mark reads back in full from the marked model {said}, but that p is above "
+            f"{_default_share(len(bundle.schemes))}: "
+            f"no model can be claimed with these keys at that alpha; make keys with more evidence "
+            f"({load_scheme(name).more_evidence})")
 
 
 def _again(bundle: Bundle, data: Dataset) -> str:
@@ -1088,13 +1100,19 @@ def _split_options(names: list[str], options: dict) -> dict[str, dict]:
     return per
 
 
+def _default_share(schemes: int) -> str:
+    """What each scheme of a bundle of `schemes` must reach at the default alpha, in words (extract
+    reads every scheme of the bundle, and each has its share of alpha: results.decide)."""
+    if schemes > 1:
+        return f"its share of the default alpha ({DEFAULT_ALPHA:g} over {schemes} schemes)"
+    return f"the default alpha of {DEFAULT_ALPHA:g}"
+
+
 def _keygen_warnings(bundle: Bundle) -> list[str]:
     """What keygen tells the owner: each scheme's own warnings, and keys that no reading can
     bring to the default alpha (they would mark a model that nothing can then claim)."""
     found, schemes = [], len(bundle.schemes)
-    # (extract reads every scheme of the bundle, and each has its share of alpha: results.decide)
-    share = f"its share of the default alpha ({DEFAULT_ALPHA:g} over {schemes} schemes)" if schemes > 1 else \
-        f"the default alpha of {DEFAULT_ALPHA:g}"
+    share = _default_share(schemes)
     for name, keys in bundle.schemes.items():
         scheme = load_scheme(name)
         found += scheme.warnings(keys)
@@ -1307,8 +1325,9 @@ def embed_keys(model, info: ModelInfo, data: Dataset, bundle: Bundle, *, epochs:
     from .suspect import TorchSuspect
 
     for result in read_keys(TorchSuspect(model), bundle, list(schemes)).results:
-        took = result.detected or getattr(result, "bit_errors", None) == 0
-        schemes[result.scheme].update(read_back=result.brief(), read_back_p=result.p_value, took=bool(took))
+        took = result.detected or getattr(result, "bit_errors", None) == 0  # (every bit, with too few to claim)
+        schemes[result.scheme].update(read_back=result.brief(), read_back_p=result.p_value, took=bool(took),
+                                      detected=bool(result.detected))
     fp = fingerprint(model)
     bundle.info.update(embedded=True, marked_fingerprint=fp)
     # no key id and no "embed" in the metadata: a marked file must look like any other

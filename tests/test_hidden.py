@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -261,6 +262,13 @@ def test_too_few_bits_for_alpha_is_reported(marked, tmp_path):
     # and when several suspects are read: once (it is the keys'), not dropped
     scan = run_cli("extract", "--model", marked.base, "--model", marked.marked, "--keys", keys, code=None)
     assert scan.stderr.count("cannot reach alpha") == 1, scan.stderr
+    # embed says so too: every bit reads back, and still no model can be claimed (it had
+    # reported the mark as embedded, with no word of the p-value, which keygen had warned of)
+    embed = run_cli("embed", "--model", marked.base, "--keys", keys, "--out", tmp_path / "short.safetensors",
+                    "--seed", 0, "--device", "cpu", "--json")
+    read = json.loads(embed.stdout)["schemes"]["hidden"]
+    assert read["took"] and not read["detected"] and read["read_back_p"] > ALPHA, read
+    assert "reads back in full" in embed.stderr and "no model can be claimed" in embed.stderr, embed.stderr
 
 
 # ----------------------------------------------------------------------------- the rows of a step

@@ -151,7 +151,9 @@ def embed(c, r) -> None:
     for name, s in r.schemes.items():
         read = s.get("read_back", "-")
         if s.get("read_back_p") is not None:  # (the p-value says whether it took: a count alone does not)
-            read += f", p = {s['read_back_p']:.2g}" + ("" if s.get("took", True) else ": did not take")
+            read += f", p = {s['read_back_p']:.2g}" + ("" if s.get("detected", True) else
+                                                        ": not enough to claim" if s.get("took", True) else
+                                                        ": did not take")
         rows += [(f"{name}: epochs", s["epochs"]), (f"{name}: read back", read)]
     rows += [("written", r.out)] + ([("ONNX", r.onnx)] if r.onnx else [])
     rows += [("keys updated", r.keys)]
