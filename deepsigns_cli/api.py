@@ -160,7 +160,7 @@ def _check_alpha(alpha: float) -> float:
             return float(alpha)
     except ValueError:
         pass
-    raise InputError(f"--alpha must be a probability from {MIN_ALPHA:g} to 1 (e.g. 1e-3), got {alpha!r}")
+    raise InputError(f"--alpha must be a probability from {MIN_ALPHA:g} to below 1 (e.g. 1e-3), got {alpha!r}")
 
 
 def _passphrase(passphrase: Passphrase) -> str:

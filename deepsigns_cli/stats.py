@@ -129,7 +129,8 @@ def bonferroni(p: float, tries: int) -> float:
 
 
 def check_alpha(alpha: float) -> float:
-    """alpha is a probability in (0, 1]; NaN, infinities and 0 are refused."""
-    if not isinstance(alpha, (int, float)) or not isfinite(alpha) or not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
+    """alpha is a probability in (0, 1); NaN, infinities, 0 and 1 are refused (at 1 every model,
+    whatever it reads, would be detected)."""
+    if not isinstance(alpha, (int, float)) or not isfinite(alpha) or not 0 < alpha < 1:
+        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
     return float(alpha)

@@ -117,9 +117,10 @@ def test_help_shows_no_range_where_there_is_none(command):
     assert "None" not in run_cli(command, "--help").stdout
 
 
-@pytest.mark.parametrize("alpha", ["nan", "inf", "-1", "0", "2", "1e-400", "5e-324", "1e-310"])
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-1", "0", "1", "2", "1e-400", "5e-324", "1e-310"])
 def test_alpha_must_be_a_probability(marked, alpha):
-    """(5e-324 and 1e-310, above 0, had been taken: shared out among the readings they came to 0, exit 3)"""
+    """(5e-324 and 1e-310, above 0, had been taken: shared out among the readings they came to 0,
+    exit 3; 1 had been taken, and detected every model)"""
     assert_bad_input(run_cli("extract", "--model", marked.onnx, "--keys", marked.keys, "--alpha", alpha,
                              code=None), "--alpha")
 
