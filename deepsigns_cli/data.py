@@ -655,6 +655,9 @@ def _decode(path: str, size: int, channels: int) -> np.ndarray:
     try:
         with _image_file(path) as f, image.open(f, formats=IMAGE_FORMATS) as im:
             _check_pixels(im, path)
+            if im.format == "PNG":
+                im.load()
+                _check_png_rows(f, path)
             white = _WIDE_MODES.get(im.mode)
             if white is not None:  # its own range scaled to [0, 1], in float (mode F)
                 im = image.fromarray((np.asarray(im, dtype=np.float32) / white).clip(0.0, 1.0))
@@ -668,6 +671,57 @@ def _decode(path: str, size: int, channels: int) -> np.ndarray:
     if pixels.ndim == 2:  # grayscale: one channel, or the same three
         return np.repeat(pixels[None], channels, 0)
     return pixels.transpose(2, 0, 1)
+
+
+# the channels of each PNG colour type (grey, RGB, palette, grey + alpha, RGBA)
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7's passes: (first column, first row, column step, row step)
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_data_bytes(width: int, height: int, depth: int, colour: int, interlaced: bool) -> int:
+    """The bytes a PNG's image data inflate to: every row of every pass, with its filter byte."""
+    bits = depth * _PNG_CHANNELS.get(colour, 1)
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if w > 0 and h > 0:
+            total += h * (1 + -(-(w * bits) // 8))
+    return total
+
+
+def _check_png_rows(f, path: str) -> None:
+    """Refuse a PNG whose image data end before its last row. Pillow fills the rows such a file
+    lacks with black and says nothing, when its compressed stream ends cleanly (a file cut short
+    mid-stream it refuses)."""
+    f.seek(0)
+    data = f.read()
+    at, chunks, header = 8, [], None
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        body = data[at + 8:at + 8 + length]
+        if kind == b"IHDR" and len(body) >= 13:
+            header = struct.unpack(">IIBBBBB", body[:13])
+        elif kind == b"IDAT":
+            chunks.append(body)
+        elif kind == b"IEND":
+            break
+        at += 12 + length
+    if header is None:
+        return  # (Pillow read the file: nothing to add)
+    width, height, depth, colour, _, _, interlace = header
+    want = _png_data_bytes(width, height, depth, colour, interlace == 1)
+    inflate = zlib.decompressobj()
+    got = 0
+    for chunk in chunks:
+        got += len(inflate.decompress(chunk, want + 1 - got))
+        if got > want or inflate.eof:
+            break
+    if got < want:
+        raise DataError(f"cannot read image {shown(path)} (its image data end after {got} of {want} bytes: the "
+                        "rows after them are missing): deepsigns fails on an unreadable image rather than skip it; "
+                        "repair or remove the file")
 
 
 def _check_pixels(im, path: str) -> None:

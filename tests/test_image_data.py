@@ -35,6 +35,7 @@ from torch.utils.data import TensorDataset
 from deepsigns_cli import api
 from deepsigns_cli.checkpoint import recorded_preprocess
 from deepsigns_cli.data import STAT_ROWS, DataSpec, Samples, bounded_rows, load_data, take
+from deepsigns_cli.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNT, SIZE = 600, 16
@@ -534,6 +535,47 @@ def _corrupt_image(d: Path) -> None:
     path.write_bytes(path.read_bytes()[:60])  # a truncated PNG
 
 
+def _png(pixels: np.ndarray, interlaced: bool = False, rows: int | None = None) -> bytes:
+    """An RGB PNG of `pixels` (h, w, 3) written by hand (Pillow writes no interlaced PNG), its
+    compressed image data ending cleanly after `rows` of its rows (all: None)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = pixels.shape
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    lines = [b"\0" + bytes(line) for x0, y0, dx, dy in (passes if interlaced else ((0, 0, 1, 1),))
+             for line in pixels[y0::dy, x0::dx].astype(np.uint8).reshape(-1, 3 * len(range(x0, w, dx)))
+             if len(line)]
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, int(interlaced))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(lines[:rows])))
+            + chunk(b"IEND", b""))
+
+
+def test_a_png_whose_image_data_end_early_is_unreadable_not_black(tmp_path):
+    """Pillow fills the rows a PNG's cleanly ended data lack with black, and says nothing: such
+    an image had trained as a mostly black one. Whole files, interlaced or not, read as written."""
+    from deepsigns_cli.data import _decode
+
+    pixels = np.random.default_rng(0).integers(0, 256, (13, 13, 3))  # (odd: passes of unequal rows)
+    for interlaced in (False, True):
+        whole, short = tmp_path / f"whole-{interlaced}.png", tmp_path / f"short-{interlaced}.png"
+        whole.write_bytes(_png(pixels, interlaced))
+        assert np.array_equal(np.rint(_decode(str(whole), 13, 3) * 255), pixels.transpose(2, 0, 1))
+        short.write_bytes(_png(pixels, interlaced, rows=-3))
+        with pytest.raises(DataError, match="image data end after .* bytes"):
+            _decode(str(short), 13, 3)
+
+
+def _short_image_data(d: Path) -> None:
+    from PIL import Image
+
+    path = d / "train" / "4" / "000004.png"
+    path.write_bytes(_png(np.asarray(Image.open(path).convert("RGB")), rows=5))
+
+
 def _not_an_image(d: Path) -> None:
     (d / "train" / "2" / "notes.jpg").write_bytes(b"these are not pixels\n")
 
@@ -585,6 +627,7 @@ BAD_FOLDERS = {
     # (the list of classes had stopped at the newline, unsaid)
     "unknown-class-beside-a-newline": (_unknown_class_beside_a_newline, ["test/cat", "8, 9\\nnine)"]),
     "corrupt-image": (_corrupt_image, ["000595.png", "fails on an unreadable image rather than skip"]),
+    "short-image-data": (_short_image_data, ["train/4/000004.png", "image data end after", "fails on an unreadable"]),
     "not-an-image": (_not_an_image, ["notes.jpg", "is not a PNG or JPEG file", "convert or remove"]),
     "no-images": (_no_images, ["no images at all"]),
     "one-class": (_one_class, ["1 class", "at least 2"]),
