@@ -712,12 +712,14 @@ def _check_png_rows(f, path: str) -> None:
         return  # (Pillow read the file: nothing to add)
     width, height, depth, colour, _, _, interlace = header
     want = _png_data_bytes(width, height, depth, colour, interlace == 1)
-    inflate = zlib.decompressobj()
-    got = 0
-    for chunk in chunks:
-        got += len(inflate.decompress(chunk, want + 1 - got))
-        if got > want or inflate.eof:
-            break
+    inflate, got = zlib.decompressobj(), 0
+    try:
+        for chunk in chunks:  # (a MiB at a time: an image's data may inflate to 256 MiB)
+            while chunk and got <= want and not inflate.eof:
+                got += len(inflate.decompress(chunk, 1 << 20))
+                chunk = inflate.unconsumed_tail
+    except zlib.error as exc:
+        raise _unreadable(path, exc) from None
     if got < want:
         raise DataError(f"cannot read image {shown(path)} (its image data end after {got} of {want} bytes: the "
                         "rows after them are missing): deepsigns fails on an unreadable image rather than skip it; "
