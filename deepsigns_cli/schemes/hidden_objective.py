@@ -28,19 +28,29 @@ HOST_DEVICES = {"cpu"}
 KEEP_PIN = 0.25
 
 
-def _found(sorted_rows: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(where in `rows`, where in `sorted_rows`) of the row numbers `rows` that `sorted_rows` holds."""
-    at = np.searchsorted(sorted_rows, rows).clip(max=len(sorted_rows) - 1)
-    hit = sorted_rows[at] == rows
-    return np.flatnonzero(hit), at[hit]
+class _RowIndex:
+    """Where each of some chosen training rows is among them: one int32 per training row (as the
+    epoch's order takes eight), so that a step finds its rows in one gather, not a binary search
+    (5 against 20-50 us a step, twice a step)."""
+
+    def __init__(self, chosen: np.ndarray, n_rows: int):
+        self.where = np.full(n_rows, -1, np.int32)
+        self.where[chosen] = np.arange(len(chosen), dtype=np.int32)
+
+    def find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(where in `rows`, where among the chosen rows) of the rows of `rows` that were chosen."""
+        at = self.where[rows]
+        mine = np.flatnonzero(at >= 0)
+        return mine, at[mine]
 
 
 class _Watch:
     """The carrier's activations on chosen training rows, taken as an epoch's steps pass them
     (each row once an epoch; under torchrun each process its share, summed at the epoch's end)."""
 
-    def __init__(self, rows: np.ndarray, width: int):
+    def __init__(self, rows: np.ndarray, width: int, n_rows: int):
         self.unique, self.inverse = np.unique(rows, return_inverse=True)  # (a row may be asked twice)
+        self.index = _RowIndex(self.unique, n_rows)
         self.width = width
         self.sums = self.counts = None
 
@@ -50,7 +60,7 @@ class _Watch:
 
     def see(self, act: torch.Tensor, rows: np.ndarray) -> None:
         """The activations `act` of training rows `rows` (one step's)."""
-        mine, at = _found(self.unique, rows)
+        mine, at = self.index.find(rows)
         if len(at):
             self.counts[at] += 1  # (a batch holds a row once)
             if act.device.type in HOST_DEVICES:  # (in numpy: a fraction of torch's cost on a few rows)
@@ -184,7 +194,8 @@ class HiddenObjective(Objective):
                 )
             pool = np.arange(len(data.x_train))[rows]  # sorted
             pinned = ~np.isin(data.y_train[pool], arrays["classes"])
-            self.pinned_rows, self.pinned_ref = pool[pinned], acts[torch.as_tensor(pinned)]
+            self.pinned_rows = _RowIndex(pool[pinned], len(data.x_train))
+            self.pinned_ref = acts[torch.as_tensor(pinned)]
         self.watch = self._watch(arrays, data) if self.own_rows else None
         self.stop_when_read = False  # propose to stop once every bit reads back, as extract reads it
         self._ctx = None
@@ -204,7 +215,7 @@ class HiddenObjective(Objective):
         found[order] = np.asarray(data.x_train[rows[order]], dtype=np.float32)
         if not np.allclose(found, self._check_x, atol=1e-5):
             return None
-        return _Watch(rows, int(self.params["width"]))
+        return _Watch(rows, int(self.params["width"]), len(data.x_train))
 
     def setup(self, model):
         self._line_up(model)
@@ -363,7 +374,7 @@ class HiddenObjective(Objective):
     def _pin_own(self, rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
         """The batch's rows of the other classes that are in the reference pool: (where in the
         batch, the pool's reference activations, where in the pool)."""
-        mine, at = _found(self.pinned_rows, rows.numpy())  # (row numbers stay on the CPU: numpy looks up)
+        mine, at = self.pinned_rows.find(rows.numpy())  # (row numbers stay on the CPU: numpy looks up)
         return mine, self.pinned_ref, at
 
     def loss(self, batch):
