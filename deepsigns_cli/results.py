@@ -90,7 +90,11 @@ class BitsResult(SchemeResult):
     def apply(self, alpha: float, schemes: int = 1) -> None:
         super().apply(alpha, schemes)
         tries = max(1, self.readings or self.candidates)
-        self.max_bit_errors = stats.max_bit_errors(self.n_bits, alpha / schemes / tries)
+
+        def p_of(errors: int) -> float:  # (as the reading computes its p: schemes.hidden, gradsigns)
+            return stats.bonferroni(stats.bonferroni(stats.bits_p_value(errors, self.n_bits), tries), schemes)
+
+        self.max_bit_errors = stats.most_detected(self.n_bits, p_of, alpha)
         best = stats.smallest_bits_p_value(self.n_bits)
         if self.bits and best * tries * schemes > alpha:
             share = f" (this scheme's share of it: {alpha / schemes:.2g}, of {schemes} schemes)" if schemes > 1 else ""
@@ -137,8 +141,11 @@ class MatchResult(SchemeResult):
 
     def apply(self, alpha: float, schemes: int = 1) -> None:
         super().apply(alpha, schemes)
-        self.max_mismatches = stats.max_mismatches(self.keys, max(1, self.labels),
-                                                   alpha / schemes / max(1, self.outputs), self.chosen_from)
+        def p_of(mismatches: int) -> float:  # (as the reading computes its p: schemes.output)
+            p = stats.matches_p_value(self.keys - mismatches, self.keys, max(1, self.labels), self.chosen_from)
+            return stats.bonferroni(stats.bonferroni(p, self.outputs), schemes)
+
+        self.max_mismatches = stats.most_detected(self.keys, p_of, alpha)
 
     def evidence(self) -> tuple[str, str]:
         from .errors import one_line

@@ -123,6 +123,22 @@ def chosen_matches_p_values(n_keys: int, n_classes: int, candidates: int, pool: 
     return (1.0, *(min(1.0, float(p)) for p in (in_pool @ tail)[1:]))
 
 
+def most_detected(limit: int, p_of, alpha: float) -> int:
+    """The largest count k in 0..limit (bit errors, key mismatches) whose p-value `p_of(k)`,
+    nondecreasing in k, is at most alpha; -1 when none is. `p_of` is the float a reading's own
+    p-value is computed as, so that a report's threshold and its verdict agree to the last bit
+    (the exact tail had given 'at most 18 allowed' beside a row detected with 19 wrong, at an
+    alpha equal to that row's p). A binary search: log2(limit) p-values."""
+    lo, hi = -1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if p_of(mid) <= alpha:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def bonferroni(p: float, tries: int) -> float:
     """Correct a p-value for `tries` looks (the best of several candidates)."""
     return min(1.0, p * max(1, tries))

@@ -293,6 +293,32 @@ def test_a_schemes_row_is_detected_exactly_where_it_carries_the_verdict():
     assert two.results[1].max_mismatches == stats.max_mismatches(20, 9, 1e-3 / 2)
 
 
+def test_a_rows_threshold_agrees_with_its_verdict_when_alpha_is_its_p_value():
+    """--alpha given as a row's own p-value: the row is detected, and its threshold allows its
+    count (the exact tail had been compared for the threshold: 'at most 18 allowed' beside a row
+    detected with 19 of 64 bits wrong)."""
+
+    from deepsigns_cli import stats
+    from deepsigns_cli.results import GradResult
+
+    for n, errors, tries, schemes in ((64, 19, 1, 1), (64, 19, 3, 2), (192, 70, 10, 3), (24, 5, 2, 1), (64, 0, 1, 1)):
+        p = stats.bonferroni(stats.bits_p_value(errors, n), tries)
+        row = GradResult("gradsigns", p, n_bits=n, bits="0" * n, bit_errors=errors, readings=tries, candidates=tries)
+        others = [MatchResult("output", 0.5, keys=20, num_classes=10) for _ in range(schemes - 1)]
+        for alpha in (stats.bonferroni(p, schemes), np.nextafter(stats.bonferroni(p, schemes), 0)):
+            if not 0 < alpha < 1:
+                continue
+            decide([row, *others], alpha, command="verify", model="m", key_id="k")
+            assert row.detected == (row.bit_errors <= row.max_bit_errors), (n, errors, tries, schemes, alpha)
+    for keys, matches, chosen in ((20, 14, None), (20, 16, (400, 354)), (100, 41, None)):
+        p = stats.matches_p_value(matches, keys, 9, chosen)
+        for alpha in (p, np.nextafter(p, 0)):
+            row = MatchResult("output", p, keys=keys, matches=matches, mismatches=keys - matches, num_classes=10,
+                              chosen_from=chosen)
+            decide([row], alpha, command="verify", model="m", key_id="k")
+            assert row.detected == (row.mismatches <= row.max_mismatches), (keys, matches, chosen, alpha)
+
+
 def test_json_reports_are_always_valid_json():
     r = MatchResult("output", float("nan"), keys=4, num_classes=10)
     report = decide([r], 1e-3, command="verify", model="m", key_id="k")
