@@ -571,7 +571,9 @@ def _dispute_reading(names: list[str], matrix, checked=((), ()), controls=()) ->
     if a_in_b:
         return None, ("undecided: each mark is in the other's model (the same model, or both "
                       "marked into one): the earlier published commitment decides")
-    return None, "no dispute: neither mark is in the other's model; the models are unrelated"
+    closest = min(matrix[0][1].p_value, matrix[1][0].p_value)
+    return None, (f"undecided: neither mark is detected in the other's model (the smaller of the two p-values: "
+                  f"{closest:.2g}), which shows neither who marked first nor that the models are unrelated")
 
 
 #: what each command reads from a folder

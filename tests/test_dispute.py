@@ -49,6 +49,21 @@ def test_the_same_model_twice_is_undecided(overwritten):
     assert report["first"] is None and report["reading"].startswith("undecided")
 
 
+def test_neither_mark_in_the_others_model_is_undecided_not_unrelated():
+    """A cross reading short of alpha is no evidence that the models are unrelated: the reading
+    had said they were, beside the owner's mark read from the thief's model at p = 8e-8."""
+    from deepsigns_cli.api import _dispute_reading
+    from deepsigns_cli.results import Decision
+
+    def read(detected: bool, p: float) -> Decision:
+        return Decision("extract", "m", "k", 1e-9, [], detected=detected, p_value=p)
+
+    first, reading = _dispute_reading(["owner", "thief"], [[read(True, 1e-50), read(False, 8.26e-8)],
+                                                           [read(False, 0.4), read(True, 1e-40)]])
+    assert first is None and reading.startswith("undecided") and "8.3e-08" in reading
+    assert "shows neither who marked first nor that the models are unrelated" in reading
+
+
 def test_the_same_bundle_twice_is_refused(overwritten):
     """One bundle as both parties' read as a dispute its owner cannot settle (exit 1)."""
     folder, marked, thief = overwritten
