@@ -1254,17 +1254,18 @@ def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options
         "input_shape": list(info.input_shape), "num_classes": info.num_classes,
         "base_fingerprint": fingerprint(model), "embedded": False,
     })
+    asked = {name: load_scheme(name).resolved(options.get(name, {})) for name in names}
     for name in names:
-        scheme, given = load_scheme(name), options.get(name, {})
-        bundle.put(scheme.keygen(model, info, data, given, _key_draws(rng, bundle.info, data, name,
-                                                                      scheme.resolved(given))))
+        draws = _key_draws(rng, bundle.info, data, name, asked)
+        bundle.put(load_scheme(name).keygen(model, info, data, options.get(name, {}), draws))
     return bundle
 
 
-def _key_draws(rng, info: dict, data: Dataset, scheme: str, options: dict):
+def _key_draws(rng, info: dict, data: Dataset, scheme: str, asked: dict[str, dict]):
     """The generator one scheme's keys are drawn from: the seed's next number together with a
     digest of all else keygen was given (the model's weights and architecture, the training
-    data, the scheme and its options, a --message included). Secrets drawn from the seed alone
+    data, every scheme asked for and its options, a --message included: a seed's hidden keys
+    alone had been those of the same seed's hidden and gradsigns). Secrets drawn from the seed alone
     could be seen first and everything else fitted to them: a --message that spells the bits
     someone else's model reads through the projection a seed draws claimed that model, 4 of 96
     bits wrong at p = 9e-23, from the unmodified tool (a model or data could be shaped to them
@@ -1275,7 +1276,7 @@ def _key_draws(rng, info: dict, data: Dataset, scheme: str, options: dict):
 
     from .data import digest_number
 
-    given = json.dumps({"model": info, "data": data.digest, "scheme": scheme, "options": options},
+    given = json.dumps({"model": info, "data": data.digest, "scheme": scheme, "schemes": asked},
                        sort_keys=True, default=repr)
     return np.random.default_rng([int(rng.integers(2**63)), digest_number(given.encode())])
 

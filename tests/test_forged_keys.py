@@ -199,15 +199,15 @@ def test_a_message_fitted_to_another_model_claims_nothing(tmp_path, scheme, opti
 
 
 def test_keys_are_drawn_from_all_that_keygen_was_given(digits):
-    """At one seed, another message, model, training data or option draws other secrets (a
-    projection unrelated to the first); the same inputs draw the same ones."""
+    """At one seed, another message, model, training data, option or list of schemes draws other
+    secrets (a projection unrelated to the first); the same inputs draw the same ones."""
     import copy
     from dataclasses import replace
 
     model, info = load_checkpoint(ROOT / "sample_models" / "digits-mlp.safetensors")
 
-    def projection(net=model, data=digits, **options):
-        bundle = api.make_keys(net, info, data, ["hidden"], {"hidden": {"message": "owner", **options}}, seed=7)
+    def projection(net=model, data=digits, schemes=("hidden",), **options):
+        bundle = api.make_keys(net, info, data, list(schemes), {"hidden": {"message": "owner", **options}}, seed=7)
         return bundle.schemes["hidden"].arrays["A"].ravel()
 
     other_model = copy.deepcopy(model)
@@ -218,7 +218,8 @@ def test_keys_are_drawn_from_all_that_keygen_was_given(digits):
     first = projection()
     assert np.array_equal(first, projection())
     for other in (projection(message="owneR"), projection(net=other_model),
-                  projection(data=replace(digits, y_train=labels)), projection(lambda2=1.01)):
+                  projection(data=replace(digits, y_train=labels)), projection(lambda2=1.01),
+                  projection(schemes=("hidden", "gradsigns"))):  # (another party's other command)
         assert abs(np.corrcoef(first, other)[0, 1]) < 0.05
 
 
