@@ -170,7 +170,12 @@ class GradResult(BitsResult):
     estimator: str = ""
     onnx_seconds: float | None = None
 
+    def brief(self) -> str:
+        return super().brief() if self.bits else "not read"
+
     def evidence(self) -> tuple[str, str]:
+        if not self.bits:
+            return "-", self.note or "not read"
         where, evidence = super().evidence()
         best = f", best of {self.readings} outputs" if self.readings > 1 else ""
         return f"{self.queries} queries ({self.estimator}{best})", evidence

@@ -107,6 +107,29 @@ def test_marked_model_with_argmax_head_is_detected(owner, argmax_onnx):
     assert out["matches"] == len(key_labels(owner))
 
 
+def test_a_scheme_that_cannot_read_labels_leaves_the_verdict_to_the_others(owner, argmax_onnx, tmp_path):
+    """A bundle of output and GradSigns keys on a model that answers labels only: GradSigns
+    reads no gradient from labels, and the output keys still decide (the whole bundle had
+    failed, exit 2). Alone, GradSigns keys get no verdict either way (exit 2)."""
+    from helpers import PASSPHRASE
+
+    from deepsigns_cli import api
+    from deepsigns_cli.bundle import open_bundle, write_bundle
+
+    alone, both = tmp_path / "gradsigns.dskey", tmp_path / "both.dskey"
+    api.keygen(owner["dir"] / "base.safetensors", alone, PASSPHRASE, schemes=["gradsigns"], seed=1)
+    bundle = open_bundle(owner["keys"], PASSPHRASE)
+    bundle.put(open_bundle(alone, PASSPHRASE).schemes["gradsigns"])
+    write_bundle(bundle, both, PASSPHRASE)
+    result = run_cli("verify", "--model", argmax_onnx, "--keys", both, "--json", code=0)
+    rows = {r["scheme"]: r for r in json.loads(result.stdout)["results"]}
+    assert rows["output"]["detected"] and rows["output"]["matches"] == len(key_labels(owner))
+    assert rows["gradsigns"]["unread"] and not rows["gradsigns"]["detected"] and rows["gradsigns"]["p_value"] == 1
+    assert "labels only" in rows["gradsigns"]["note"]
+    assert_bad_input(run_cli("verify", "--model", argmax_onnx, "--keys", alone, code=2), "could not be read",
+                     "labels only")
+
+
 def test_table_says_which_output_was_read(owner, argmax_onnx):
     result = run_cli("verify", "--model", argmax_onnx, "--keys", owner["keys"], code=0,
                      env={"COLUMNS": "200"})

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from .. import stats
-from ..errors import InputError, SchemeError, shown
+from ..errors import DeepSignsError, InputError, SchemeError, one_line, shown
 from ..objective import Objective
 from ..results import GradResult, SchemeKeys
 from .base import Scheme, each_output
@@ -154,7 +154,7 @@ class GradSignsScheme(Scheme):
             slopes = exact.reshape(len(exact), -1)[:, arrays["carriers"]] @ _unit_rows(arrays["K"]).T
             readings, estimator = [(slopes, len(exact), None)], "exact gradients"
         else:  # every output that gives scores is read (each reading counted in p), the best kept
-            budget = suspect.query_budget or DEFAULT_QUERIES
+            budget = _check_budget(suspect.query_budget or DEFAULT_QUERIES, n)
 
             def one(output):
                 if suspect.answer_kind(output) == "labels":
@@ -162,7 +162,15 @@ class GradSignsScheme(Scheme):
                                       "from the class scores (or probabilities); query an output that gives them")
                 return (*central_differences(suspect, arrays, target, float(params["step"]), budget, output), output)
 
-            readings = each_output(suspect, one)
+            try:
+                readings = each_output(suspect, one)
+            except DeepSignsError as exc:
+                if suspect.broken:  # (no answer in time, a crash: the reading fails)
+                    raise
+                # answers no gradient can be read from (labels, NaN, too few scores): this scheme
+                # reads nothing, and the bundle's other schemes still read what they can
+                return GradResult("gradsigns", 1.0, note=one_line(exc, 300), unread=True, layer="input gradient",
+                                  n_bits=n)
             estimator = f"central differences along the key's {n} directions"
 
         def wrong(slopes):
@@ -233,9 +241,7 @@ def central_differences(suspect, arrays: dict, target: int, step: float, budget:
     allows, all in one batch, read from the suspect's `output` (None: its answer)."""
     x, K, carriers = arrays["x"], arrays["K"], arrays["carriers"]
     n = len(K)
-    if budget < 2 * n:
-        raise InputError(f"--queries {budget} is too few: GradSigns reads {n} bits with 2 queries each per "
-                         f"key input, so at least {2 * n}")
+    _check_budget(budget, n)
     s = min(len(x), budget // (2 * n))
     flat = x[:s].reshape(s, -1).astype(np.float32)
     dirs = np.zeros((n, flat.shape[1]), np.float32)
@@ -254,6 +260,14 @@ def central_differences(suspect, arrays: dict, target: int, step: float, budget:
     scores[order] = asked
     ce = cross_entropy(scores, target).reshape(s, 2, n)
     return (ce[:, 0] - ce[:, 1]) / (2 * step), s * 2 * n
+
+
+def _check_budget(budget: int, n: int) -> int:
+    """--queries, when it is enough to read `n` bits (a flag's fault, before any query)."""
+    if budget < 2 * n:
+        raise InputError(f"--queries {budget} is too few: GradSigns reads {n} bits with 2 queries each per "
+                         f"key input, so at least {2 * n}")
+    return budget
 
 
 def _secret_order(K: np.ndarray, count: int) -> np.ndarray:
