@@ -141,6 +141,7 @@ class MatchResult(SchemeResult):
 
     def apply(self, alpha: float, schemes: int = 1) -> None:
         super().apply(alpha, schemes)
+
         def p_of(mismatches: int) -> float:  # (as the reading computes its p: schemes.output)
             p = stats.matches_p_value(self.keys - mismatches, self.keys, max(1, self.labels), self.chosen_from)
             return stats.bonferroni(stats.bonferroni(p, self.outputs), schemes)
