@@ -14,7 +14,12 @@ Failure modes, stated:
   inside the CLI's `held_after_commit` they stay held until the command's report is printed;
 - a rename that fails (a disk pulled mid-commit) leaves the earlier renames done, so callers
   add their most precious output first (embed: the key bundle, then the checkpoint, then ONNX);
-  a new output's name that another command took meanwhile fails the commit before the first;
+  a new output's name that another command took meanwhile fails the commit before the first,
+  as does a file the system will not let go (a folder now, immutable, another user's in a
+  shared folder), which `add` also refuses before any work; a rename the system refuses all
+  the same is one line naming the output and what was written before it;
+- every temporary file is flushed to the disk (fsync) before the first rename and each folder
+  after the last, so that a power cut leaves each target old or new, whole;
 - a file updated in place (the key bundle) is locked from the moment it is added until the
   commit, so that two commands cannot both read it and lose one update;
 - SIGKILL (or the kernel's out-of-memory killer) leaves a `.NAME.*.part` file behind, a
@@ -217,7 +222,11 @@ class _Lock:
     def __init__(self, path: Path, option: str):
         import fcntl
 
-        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:  # (one it may not read: another user's, or mode 000)
+            raise InputError(f"cannot open {shown(path)} ({option}) to lock it while the command runs "
+                             f"({exc.strerror or exc}): make it readable, or choose another path") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(self.fd).st_ino != os.stat(path).st_ino:
@@ -538,6 +547,52 @@ def _place(tmp: Path, target: Path) -> None:
     raise _taken(target)
 
 
+# Linux's inode flags (FS_IOC_GETFLAGS): a file that neither root nor its owner may rename over
+_GETFLAGS, _IMMUTABLE, _APPEND_ONLY = 0x80086601, 0x10, 0x20
+
+
+def _unreplaceable(target: Path) -> str | None:
+    """Why the system will refuse to rename a file over `target` (an existing output or an
+    updated input), when that can be told beforehand; None otherwise."""
+    try:
+        st = os.lstat(target)
+        folder = os.stat(target.parent)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "it is a folder now"
+    euid = os.geteuid() if hasattr(os, "geteuid") else 0
+    if folder.st_mode & stat.S_ISVTX and euid not in (0, st.st_uid, folder.st_uid):
+        return "another user's file, in a folder where only its owner may replace it"
+    if stat.S_ISREG(st.st_mode):
+        with contextlib.suppress(OSError, ImportError):
+            import array
+            import fcntl
+
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            try:
+                flags = array.array("l", [0])
+                fcntl.ioctl(fd, _GETFLAGS, flags, True)
+            finally:
+                os.close(fd)
+            if flags[0] & (_IMMUTABLE | _APPEND_ONLY):
+                return "it is marked immutable or append-only (chattr)"
+    return None
+
+
+def _flush(path: Path) -> None:
+    """Have the system write a file (or a folder's list of names) to the disk now. A file system
+    that cannot (a folder on some) is left to its own pace."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EROFS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _taken(target: Path) -> OutputExistsError:
     return OutputExistsError(f"{shown(target)} was written by another command while this one ran: pass --force "
                              "to replace it, or choose another path")
@@ -603,6 +658,10 @@ class Outputs:
             return self.scratch(target.suffix)
         fresh = not (target.exists() or target.is_symlink())  # (then it stays so: another command's is not replaced)
         if target.exists():
+            why = _unreplaceable(target)
+            if why is not None:  # (before any work: the commit would fail on it at the end)
+                raise InputError(f"{option} {shown(target)} cannot be replaced ({why}): remove it or choose another "
+                                 "path")
             self._locks.append(_Lock(target, option))
         try:
             _sweep(target.parent, _part_pattern(target))
@@ -650,6 +709,15 @@ class Outputs:
                 taken = next((t for t, _, _, fresh in self._entries if fresh and os.path.lexists(t)), None)
                 if taken is not None:
                     raise _taken(taken)
+                # and a file that the system will not let go (immutable, another user's in a shared
+                # folder, a folder now): the bundle had been replaced for a model never written
+                for target, _, _, fresh in self._entries:
+                    why = None if fresh else _unreplaceable(target)
+                    if why is not None:
+                        raise InputError(f"cannot replace {shown(target)} ({why}): nothing was written; "
+                                         "remove it or choose another path, then run the command again")
+                for _, tmp, _, _ in self._entries:  # on the disk before any name changes (a power cut after
+                    _flush(tmp)  # the command had left the bundle of 0 bytes: neither the old nor the new)
                 for target, tmp, mode, fresh in self._entries:
                     # temp files are 0600; outputs get the usual mode unless asked otherwise
                     os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
@@ -662,6 +730,16 @@ class Outputs:
                     else:
                         os.replace(tmp, target)
                     written.append(str(target))
+                for folder in dict.fromkeys(Path(t).parent for t in written):
+                    _flush(folder)  # (the new names themselves)
+            except OSError as exc:
+                if isinstance(exc, OutputExistsError) or not (exc.filename2 or exc.filename):
+                    raise
+                target = next((t for t, tmp, _, _ in self._entries if str(tmp) == str(exc.filename)), None)
+                done = f"{', '.join(map(shown, written))} written before it" if written else "nothing was written"
+                raise InputError(f"cannot put {shown(target or exc.filename2 or exc.filename)} in place "
+                                 f"({exc.strerror or one_line(exc)}): {done}; check the file and its folder, then "
+                                 "run the command again") from None
             finally:
                 for _, tmp, _, _ in self._entries:
                     tmp.unlink(missing_ok=True)  # what is left after a failed rename

@@ -236,6 +236,64 @@ def test_a_new_output_taken_meanwhile_fails_embed_before_the_bundle_is_replaced(
     assert partial_files(tmp_path) == []
 
 
+def test_outputs_reach_the_disk_before_their_names_change(tmp_path, monkeypatch):
+    """Every temporary file is flushed (fsync) before the first rename, and its folder after the
+    last: a power cut after embed had left the bundle of 0 bytes, neither old nor new."""
+    flushed, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append((os.readlink(f"/proc/self/fd/{fd}"), len(renamed))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(b), real_replace(a, b))[1])
+    (tmp_path / "k.dskey").write_bytes(b"old")
+    with fileio.Outputs(force=True) as outs:
+        outs.add(tmp_path / "k.dskey").write_bytes(b"new")
+        outs.add(tmp_path / "m.bin").write_bytes(b"model")
+    assert (tmp_path / "k.dskey").read_bytes() == b"new" and (tmp_path / "m.bin").read_bytes() == b"model"
+    files = [(Path(path).name, at) for path, at in flushed if Path(path).name.endswith(".part")]
+    assert len(files) == 2 and all(at == 0 for _, at in files), flushed  # (both, before any rename)
+    assert (str(tmp_path), 2) in flushed, flushed  # (the folder, after both)
+
+
+def test_an_output_the_system_will_not_let_go_is_refused_before_any_work(tmp_path, owner):
+    """An immutable file (chattr +i) at --out with --force: refused at once, the bundle as it
+    was (embed had trained, replaced the bundle, then failed to rename: exit 3)."""
+    base, keys = owner
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"theirs")
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not allowed here (it needs root and a file system that keeps the flag)")
+    try:
+        before = keys.read_bytes()
+        assert_bad_input(_embed(tmp_path, base, keys, "--force"), "cannot be replaced", "immutable")
+        assert keys.read_bytes() == before and partial_files(tmp_path) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=False)
+
+
+def test_a_rename_the_system_refuses_is_one_line_that_says_what_was_written(tmp_path, monkeypatch):
+    """A rename refused at the very end (EPERM: a file made immutable meanwhile, a shared
+    folder): one line that names the output and what went before it (it had been an internal
+    error, exit 3, naming a temporary file)."""
+    real_replace = os.replace
+
+    def refuse(src, dst):
+        if str(dst).endswith("m.bin"):
+            raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    (tmp_path / "k.dskey").write_bytes(b"old")
+    (tmp_path / "m.bin").write_bytes(b"theirs")
+    with pytest.raises(InputError) as caught:
+        with fileio.Outputs(force=True) as outs:
+            outs.add(tmp_path / "k.dskey").write_bytes(b"new")
+            outs.add(tmp_path / "m.bin").write_bytes(b"mine")
+    line = str(caught.value)
+    assert "cannot put" in line and "m.bin" in line and "Operation not permitted" in line and ".part" not in line
+    assert "k.dskey" in line.split("):", 1)[1] and "written before it" in line
+    assert (tmp_path / "m.bin").read_bytes() == b"theirs" and partial_files(tmp_path) == []
+
+
 def test_a_folder_removed_meanwhile_is_one_line(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
