@@ -11,7 +11,15 @@ import threading
 import time
 
 import pytest
-from helpers import PASSPHRASE, assert_bad_input, assert_one_error_line, deepsigns_argv, process_env, run_cli
+from helpers import (
+    PASSPHRASE,
+    assert_bad_input,
+    assert_one_error_line,
+    deepsigns_argv,
+    partial_files,
+    process_env,
+    run_cli,
+)
 
 from deepsigns_cli import api
 from deepsigns_cli.bundle import open_bundle, write_bundle
@@ -140,3 +148,55 @@ def test_a_bundle_sealed_with_the_variables_line_ending_still_opens(marked, tmp_
 def test_a_variable_of_a_line_ending_alone_is_refused(marked):
     assert_bad_input(run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=None,
                              env={"DEEPSIGNS_PASSPHRASE": "\n"}), "DEEPSIGNS_PASSPHRASE", "line ending")
+
+
+def _at_a_terminal(argv: list[str], answer: bytes, *, after: float = 1.0,
+                   timeout: float = 120) -> tuple[bytes, bytes, int]:
+    """Run argv on a pseudo-terminal (stdin, stdout and stderr), without the variable; once it
+    shows the prompt, wait `after` seconds, type `answer`; (what it showed from the prompt until
+    the answer was typed, all it showed, its exit code)."""
+    import pty
+    import select
+
+    env = {k: v for k, v in process_env(NO_VARIABLE).items() if k not in ("NO_COLOR", "TERM")}
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.execvpe(argv[0], argv, {**env, "TERM": "xterm", "COLUMNS": "100"})
+    shown, prompted, typed, deadline = b"", None, None, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if prompted is not None and typed is None and time.monotonic() >= prompted + after:
+                os.write(fd, answer)
+                typed = len(shown)
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # (the child closed the terminal: it ended)
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+                if prompted is None and b"Passphrase: " in shown:
+                    prompted = time.monotonic()
+    finally:
+        if time.monotonic() >= deadline:
+            os.kill(pid, 9)
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    waiting = shown[:typed].split(b"Passphrase: ", 1)[-1] if typed is not None else b""
+    return waiting, shown, os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("key", [b"\x03", b"\x04"], ids=["Ctrl-C", "Ctrl-D"])
+def test_the_prompt_stays_on_screen_under_the_progress_bar_and_ctrl_c_there_interrupts(marked, tmp_path, key):
+    """embed asks for the passphrase while its progress bar is up: the bar had redrawn itself over
+    the prompt ten times a second (an empty line, a command that seemed to hang). And Ctrl-C or
+    Ctrl-D at the prompt had been an internal error (exit 3)."""
+    out = tmp_path / "m.safetensors"
+    argv = [*deepsigns_argv(), "embed", "--model", str(marked.base), "--keys", str(marked.keys), "--out", str(out),
+            "--epochs", "1", "--device", "cpu"]
+    waiting, shown, code = _at_a_terminal(argv, key)
+    assert b"Passphrase: " in shown and b"\x1b[2K" not in waiting, shown  # (no line erased while it waited)
+    assert code == 130 and b"interrupted: no output was written" in shown, shown
+    assert not out.exists() and partial_files(tmp_path) == []

@@ -470,8 +470,24 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option
 
         return AsGiven(text, env)
     if asks_passphrase(None):
-        return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+        return _prompt(confirm)
     raise InputError(f"no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
+
+
+def _prompt(confirm: bool) -> str:
+    """The passphrase, typed at the terminal, with the progress bar off meanwhile (it had redrawn
+    itself over the prompt ten times a second: an empty line, and a command that seemed to
+    hang). Ctrl-C or Ctrl-D there interrupts the command (it had been an internal error)."""
+    bar = _BARS[-1] if _BARS else None
+    if bar is not None:
+        bar.stop()
+    try:
+        return click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+    except click.exceptions.Abort:
+        raise KeyboardInterrupt from None
+    finally:
+        if bar is not None:
+            bar.start()
 
 
 def forget_passphrases() -> None:
@@ -658,6 +674,9 @@ def warn(message: str) -> None:
     stderr_console().print(f"[yellow]warning:[/] {text(message)}", highlight=False, soft_wrap=True)
 
 
+_BARS: list = []  # the progress bars on the screen, the latest last
+
+
 @contextmanager
 def progress_bar():
     """A rich progress bar on stderr; yields the callback the library calls."""
@@ -675,6 +694,7 @@ def progress_bar():
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True,
                   disable=State.quiet or not console.is_terminal) as bar:
+        _BARS.append(bar)  # (a passphrase prompt turns it off meanwhile)
         tasks: dict[str, int] = {}
 
         def update(done: int, total: int, description: str) -> None:
@@ -683,4 +703,7 @@ def progress_bar():
                 tasks[key] = bar.add_task(description, total=total)
             bar.update(tasks[key], completed=done, total=total, description=description)
 
-        yield update
+        try:
+            yield update
+        finally:
+            _BARS.remove(bar)
