@@ -182,17 +182,24 @@ def test_a_full_disk_never_reads_as_a_verdict_or_a_bug(marked, tmp_path, where):
     assert proc.returncode == 2, proc
 
 
+@pytest.mark.parametrize("broken", [False, True], ids=["closed", "a-pipe-whose-reader-is-gone"])
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["keygen", "--help"]])
-def test_help_into_a_closed_stdout_is_not_success(argv):
+def test_help_into_a_closed_stdout_is_not_success(argv, broken):
     """With stdout closed, Python has no sys.stdout, and click had printed --help nowhere and
-    exited 0."""
+    exited 0; into a pipe whose reader is gone (`| head -c0`), click exited 1, "not detected"."""
     import os
     import subprocess
 
     from helpers import deepsigns_argv, process_env
 
-    proc = subprocess.run([*deepsigns_argv(), *argv], env=process_env(), stdin=subprocess.DEVNULL, timeout=120,
-                          stdout=None, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        proc = subprocess.run([*deepsigns_argv(), *argv], env=process_env(), stdin=subprocess.DEVNULL, timeout=120,
+                              stdout=writer if broken else None, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=None if broken else lambda: os.close(1))
+    finally:
+        os.close(writer)
     assert proc.returncode == 141, proc
     assert_one_error_line(proc.stderr, "", "stdout was closed before the text was printed")
 

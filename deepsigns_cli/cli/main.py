@@ -131,7 +131,13 @@ class LazyGroup(OnceGroup):
                 fail(f"{one_line(exc.format_message(), 400)} (see {where})", EXIT_BAD_INPUT)
             except KeyboardInterrupt as exc:
                 interrupted(exc)
-            except (SystemExit, click.exceptions.Exit):
+            except SystemExit as exc:
+                # click's own printing (--help, --version) into a pipe whose reader is gone: click
+                # exits 1, which a pipeline reads as "not detected", having wrapped stdout to hush it
+                if exc.code == 1 and type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
+                    stdout_failed(BrokenPipeError(32, "Broken pipe"), "the text")
+                raise
+            except click.exceptions.Exit:
                 raise
             except OSError as exc:  # click's own printing (--help, --version) to a closed or full stdout
                 stdout_failed(exc, "the text")
