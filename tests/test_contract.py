@@ -362,3 +362,20 @@ def test_stdout_sent_into_a_file_the_command_reads_or_writes_is_refused(marked, 
     assert proc.returncode == 0, proc.stderr
     assert "y.onnx" in (tmp_path / "digits").read_text()
     assert keys.read_bytes() == sealed and onnx.read_bytes() == b"an older export"
+
+
+def test_onnxruntime_keeps_no_telemetry_in_home(marked, tmp_path):
+    """onnxruntime 1.31 wrote a device id and a queue of telemetry events for upload under
+    ~/.cache/Microsoft at every command that ran it: nothing of ours reaches the network, or
+    leaves files behind."""
+    import subprocess
+
+    from helpers import deepsigns_argv, process_env
+
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = subprocess.run([*deepsigns_argv(), "extract", "--model", str(marked.onnx), "--keys", str(marked.keys)],
+                          env=process_env({"HOME": str(home)}), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [p for p in home.rglob("*") if p.is_file()] == []
