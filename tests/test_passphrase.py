@@ -59,17 +59,36 @@ def test_each_party_of_a_dispute_gives_its_passphrase_through_a_pipe(marked, tmp
     assert proc.returncode in (0, 1) and proc.stdout.startswith("{"), proc.stderr
 
 
+def _core_dumps_on() -> None:
+    """preexec_fn: core dumps as large as the hard limit allows (`ulimit -c unlimited`)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+
+
 def test_a_fifo_that_nothing_writes_to_is_refused_in_bounded_time(marked, tmp_path):
     """Opened for reading, a FIFO with no writer blocks forever: the reason FIFOs had been
-    refused. Now it is waited for PIPE_WAIT_SECONDS, then refused with one line."""
+    refused. Now it is waited for PIPE_WAIT_SECONDS, then refused with one line. Meanwhile the
+    command, which is about to hold a passphrase, writes no core dump (one had held it in clear)."""
     fifo = tmp_path / "pw"
     os.mkfifo(fifo)
     started = time.monotonic()
-    proc = subprocess.run([*deepsigns_argv(), "extract", "--model", str(marked.marked), "--keys", str(marked.keys),
-                           "--passphrase-file", str(fifo)], env=process_env(NO_VARIABLE), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert_one_error_line(proc.stderr, proc.stdout, "no passphrase came through", "pw", "--passphrase-file")
+    proc = subprocess.Popen([*deepsigns_argv(), "extract", "--model", str(marked.marked), "--keys", str(marked.keys),
+                             "--passphrase-file", str(fifo)], env=process_env(NO_VARIABLE), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_core_dumps_on)
+    try:
+        time.sleep(common.PIPE_WAIT_SECONDS / 2)
+        if os.path.exists(f"/proc/{proc.pid}/limits"):
+            with open(f"/proc/{proc.pid}/limits") as limits:
+                core = next(line for line in limits if line.startswith("Max core file size"))
+            assert core.split()[4] == "0", core  # (the soft limit)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 2, stderr
+    assert_one_error_line(stderr, stdout, "no passphrase came through", "pw", "--passphrase-file")
     assert common.PIPE_WAIT_SECONDS <= time.monotonic() - started < common.PIPE_WAIT_SECONDS + 60
 
 

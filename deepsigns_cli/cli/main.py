@@ -162,6 +162,23 @@ def cli():
     """
 
 
+def _no_core_dumps() -> None:
+    """A core dump of this process would hold the passphrase, and the keys it opens, in clear
+    (Ctrl-\\ with core dumps on had written one of 270 MB): none is written, by the core limit
+    or, on Linux, whatever the system's core pattern (the process is not dumpable; a debugger
+    of the same user cannot attach either)."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+
+
 def main():
     State.process = True  # (signals are ignored once the command has ended: teardown is not stopped)
+    _no_core_dumps()
     cli(prog_name="deepsigns")
