@@ -731,7 +731,8 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
            options: dict | None = None, seed: int = 0, device: str = "auto", arch: str | None = None,
            arch_kwargs: dict | None = None, force: bool = False, passphrase: Passphrase | None = None,
            timeout: float | None = DEFAULT_TIMEOUT, progress: Progress | None = None,
-           provider: str = "auto", recorded: dict | None = None, shown_as: str | None = None) -> AttackReport:
+           provider: str = "auto", recorded: dict | None = None, shown_as: str | None = None,
+           also_inputs: dict | None = None) -> AttackReport:
     """`deepsigns attack NAME`: the attacked model, written to `out` (never the input): a
     checkpoint (.safetensors) or an ONNX file (.onnx), as the attack's registry row allows.
     `passphrase`: for the attacks that seal a bundle of their own (overwrite). `timeout`: the
@@ -764,7 +765,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
                          ".pt with --arch), not an ONNX file")
     if entry.passphrase and passphrase is None:
         raise InputError(f"attack {name} seals a bundle of its own: it needs a passphrase")
-    with Outputs(force=force, inputs={"--model": model, "--data": data}) as outs:
+    with Outputs(force=force, inputs={"--model": model, "--data": data, **(also_inputs or {})}) as outs:
         tmp = outs.add(out, "--out")
         dataset = load_dataset(data, model)
         net, info = _load_victim(model, arch, arch_kwargs, dataset)
@@ -791,7 +792,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
           arch: str | None = None, arch_kwargs: dict | None = None, alpha: float = DEFAULT_ALPHA,
           keep: str | Path | None = None, plot: str | Path | None = None, force: bool = False,
           attacker_passphrase: Passphrase | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-          progress: Progress | None = None, provider: str = "auto") -> SweepReport:
+          progress: Progress | None = None, provider: str = "auto", also_inputs: dict | None = None) -> SweepReport:
     """`deepsigns attack NAME --sweep PARAM=v1,v2,...`: the attack at each strength, then the
     owner's keys read in the result (extract: every scheme; verify: the black-box schemes from
     the ONNX answers, a checkpoint exported first). `keep`: a folder for the attacked models
@@ -823,6 +824,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     given = {k: v for k, v in (options or {}).items() if v is not None and v is not False}
     if option.key in given:
         raise InputError(f"--{param} is swept: leave it out of the attack's own options")
+    inputs = {"--model": model, "--data": data, "--keys": keys, **(also_inputs or {})}  # (never overwritten)
     # (a plot in the --out folder the sweep is to make is checked once that folder is made)
     plot_in_new_keep = plot is not None and keep is not None and not Path(keep).is_dir() \
         and Path(os.path.abspath(plot)).is_relative_to(os.path.abspath(keep))
@@ -830,7 +832,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
         if not str(plot).lower().endswith(".png"):
             raise InputError(f"--plot must name a .png file, got {shown(plot)}")
         if not plot_in_new_keep:
-            check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
+            check_output(plot, force, inputs=inputs, option="--plot")
     if keep is not None and Path(keep).suffix.lower() in _SUFFIXES["extract"]:  # (every model file we read)
         raise InputError(f"--out {shown(keep)} names a model, but a sweep keeps its models in a folder: give a folder "
                          "path (every command tells a model's kind by its name)")
@@ -849,8 +851,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
             for value in values:
                 for path, flag in zip(kept(Path(keep), value), ("--out", "--attacker-keys"), strict=True):
                     if path is not None:
-                        check_output(path, force, inputs={"--model": model, "--data": data, "--keys": keys},
-                                     option=flag)
+                        check_output(path, force, inputs=inputs, option=flag)
     check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
     secret = _passphrase(passphrase)  # asked once for both readers
     extract_reader = _Reader("extract", keys, secret, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
@@ -875,7 +876,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                                  f"in ({one_line(exc)}): give a folder path") from None
             made.extend(missing)
         if plot_in_new_keep:
-            check_output(plot, force, inputs={"--model": model, "--keys": keys}, option="--plot")
+            check_output(plot, force, inputs=inputs, option="--plot")
         # every strength's model is made in the scratch folder; the kept ones and the plot are
         # committed together at the end (committed one by one, a failure at a later strength had
         # removed the earlier ones, files that --force had replaced among them)
@@ -916,7 +917,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                 from .plots import sweep_plot
 
                 png = sweep_plot(result)
-            with Outputs(force=force, inputs={"--model": model, "--data": data, "--keys": keys}) as outs:
+            with Outputs(force=force, inputs=inputs) as outs:
                 for value in values if keep is not None else ():
                     for made_at, path, flag, mode in zip(kept(Path(scratch), value), kept(Path(keep), value),
                                                          ("--out", "--attacker-keys"), (None, BUNDLE_MODE),

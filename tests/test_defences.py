@@ -356,6 +356,25 @@ def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_attacks_passphrase_files_are_inputs_it_never_overwrites(marked, tmp_path):
+    """With --force, the attacker's bundle had been sealed over its own passphrase file, and a
+    sweep's plot written over the owner's (keygen and embed refused the same)."""
+    from helpers import PASSPHRASE
+
+    thief, owner = tmp_path / "thief.dskey", tmp_path / "owner.png"
+    thief.write_text("the thief's passphrase\n")
+    owner.write_text(PASSPHRASE + "\n")
+    for args, flag in (
+            (["overwrite", "--model", marked.base, "--attacker-keys", thief, "--attacker-passphrase-file", thief,
+              "--out", tmp_path / "o.safetensors"], "--attacker-passphrase-file"),
+            (["prune", "--model", marked.marked, "--sweep", "rate=0.5", "--keys", marked.keys, "--passphrase-file",
+              owner, "--plot", owner], "--passphrase-file")):
+        result = run_cli("attack", *args, "--force", code=2)
+        assert_one_error_line(result.stderr, result.stdout, f"is also the {flag} input")
+    assert thief.read_text() == "the thief's passphrase\n" and owner.read_text() == PASSPHRASE + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["owner.png", "thief.dskey"]
+
+
 def test_a_swept_text_that_is_a_path_is_refused_before_any_attack(marked, tmp_path, monkeypatch):
     """Each strength's model is kept as NAME-PARAM-VALUE: distill's student 'sub/x' made a path
     of folders, refused as a missing folder, and only once the strengths before it had run."""

@@ -48,7 +48,9 @@ def _attack_command(name: str) -> click.Command:
         attacker = passphrase_from(attacker_passphrase_file, confirm=True,
                                    option="--attacker-passphrase-file") if entry.passphrase else None
         kwargs = dict(data=data_spec, options=options, seed=seed or 0, device=device, arch=arch,
-                      arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force, timeout=timeout, provider=provider)
+                      arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force, timeout=timeout, provider=provider,
+                      also_inputs={"--passphrase-file": passphrase_file,  # (never overwritten, as every input)
+                                   "--attacker-passphrase-file": attacker_passphrase_file})
         if sweep is None:  # (--alpha 5 or a passphrase file had been taken and ignored)
             ctx = click.get_current_context()
             for flag, param in (("--keys", "keys_path"), ("--plot", "plot"), ("--passphrase-file", "passphrase_file"),
