@@ -436,6 +436,7 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
     total, done, epoch_seconds = cfg.epochs * steps_per_epoch, 0, []
     batches_read = None  # (the epoch's loader, as it is read)
     if cfg.workers:
+        _room_for_loaders(cfg.workers)
         _loader_temp_dir()
     try:
         for epoch in range(cfg.epochs):
@@ -542,6 +543,30 @@ def _stdout_to_stderr(worker_id: int) -> None:
 
 
 _SOCKET_PATH = 100  # bytes of a socket's path that every system takes (Linux: 107)
+
+
+# the open files a command takes beside its loader processes, and what each loader process adds
+# (its pipes, and a descriptor for each batch's tensors in flight): at `ulimit -n 20` and
+# --workers 2 the loader processes had spun, streaming tracebacks (2.4 GB in 10 minutes)
+_FILES_BESIDE_LOADERS, _FILES_PER_LOADER = 64, 32
+
+
+def _room_for_loaders(workers: int) -> None:
+    """Raise the open-file limit (its soft part, up to its hard part) as far as `workers` loader
+    processes need; InputError where the hard limit is too low."""
+    try:
+        import resource
+    except ImportError:  # (not POSIX)
+        return
+    need = _FILES_BESIDE_LOADERS + _FILES_PER_LOADER * workers
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise InputError(f"--workers {workers} needs about {need} open files, and this process may open {hard} "
+                     "(ulimit -n): raise the limit, or use fewer --workers (0 reads the data in this process)")
 
 
 def _loader_temp_dir() -> None:

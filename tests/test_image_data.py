@@ -852,3 +852,27 @@ def test_a_forward_pass_outside_training_takes_large_samples_a_few_at_a_time():
     small.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
     predict(small, np.zeros((3000, 1, 8, 8), np.float32))
     assert rows == [1024, 1024, 952]  # (small samples: as many as before)
+
+
+def test_loader_processes_beyond_the_open_file_limit_are_one_line(tmp_path):
+    """At `ulimit -n 24` --workers 2 had given the loader processes' tracebacks and an internal
+    error, and at 20 a command that never ended (its loader processes streaming tracebacks). A
+    soft limit below what they need is raised to it; a hard one is one line, nothing written."""
+    import resource
+
+    def limit(soft: int, hard: int):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    out = tmp_path / "m.safetensors"
+    argv = [*deepsigns_argv(), "train", "--arch", "mlp", "--epochs", "1", "--workers", "2", "--out", str(out)]
+    proc = subprocess.run(argv, env=process_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit(24, 24))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert_one_error_line(proc.stderr, proc.stdout, "--workers 2 needs about", "ulimit -n", "fewer --workers")
+    assert list(tmp_path.iterdir()) == []
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 128:
+        return  # (this machine's own hard limit leaves no room to raise the soft one)
+    proc = subprocess.run(argv, env=process_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit(24, hard))
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
