@@ -904,3 +904,21 @@ def test_interrupted_embed_leaves_nothing_behind(tmp_path, marked):
     assert not case.out_model.exists()
     assert partial_files(tmp_path) == []
     assert snapshot(tmp_path) == before  # the bundle too: same bytes
+
+
+@pytest.mark.parametrize("failure, needle", [
+    (MemoryError(), "not enough memory"), (RuntimeError("std::bad_alloc"), "not enough memory"),
+    (ImportError("libtorch_cpu.so: failed to map segment from shared object"), "not enough memory"),
+    (OSError(24, "Too many open files"), "too many open files")])
+def test_a_limit_of_the_machine_is_one_line_not_a_bug(marked, monkeypatch, failure, needle):
+    """Under `ulimit -v` or `ulimit -n` a library's exception had been reported as an internal
+    error of deepsigns (exit 3), where a full disk was one line (exit 2)."""
+    from deepsigns_cli import api
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(api, "extract", fails)
+    result = run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=2)
+    line = assert_one_error_line(result.stderr, result.stdout, needle)
+    assert "bug" not in line

@@ -8,6 +8,7 @@ a verdict (0 detected, 1 not detected).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import json
@@ -123,11 +124,33 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
     sys.exit(code)
 
 
+# what the machine's limits look like when they surface as an exception of a library: memory
+# (ulimit -v; a C++ allocation; a library's segments that could not be mapped at import) and
+# open files (ulimit -n). Neither is a bug of ours: they had been reported as one, exit 3
+_OUT_OF_MEMORY = ("bad_alloc", "can't allocate memory", "cannot allocate memory", "out of memory",
+                  "failed to map segment")
+_OUT_OF_FILES = ("too many open files",)
+
+
+def _machine_limit(exc: BaseException) -> str | None:
+    """The limit of the machine that `exc` met, in words; None when it is not one."""
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or any(n in text for n in _OUT_OF_MEMORY):
+        return "not enough memory: free some, or raise the limit (ulimit -v), then run the command again"
+    if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE) or any(n in text for n in _OUT_OF_FILES):
+        return "too many open files: raise the limit (ulimit -n), then run the command again"
+    return None
+
+
 def internal_error(exc: BaseException):
     if debugging():
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
+    limit = _machine_limit(exc)
+    if limit is not None:
+        said = one_line(exc, 120)
+        fail(f"{limit} ({type(exc).__name__}{': ' + said if said else ''})", EXIT_BAD_INPUT)
     fail(f"internal error, a bug in deepsigns, not in your input ({type(exc).__name__}: "
          f"{one_line(exc)}): rerun with --debug (or {DEBUG_ENV}=1) for the traceback and report it",
          EXIT_INTERNAL)
