@@ -379,3 +379,19 @@ def test_onnxruntime_keeps_no_telemetry_in_home(marked, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert [p for p in home.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize("argv, needles", [([], ["no command given:", " COMMAND, one of", "keygen", "verify"]),
+                                           (["attack"], ["no command given:", " attack COMMAND", "prune"])])
+def test_no_command_says_which_are_there(argv, needles):
+    """It had printed only "error: Usage: deepsigns [OPTIONS] COMMAND [ARGS]...\""""
+    result = run_cli(*argv, code=2)
+    assert_one_error_line(result.stderr, result.stdout, *needles)
+
+
+def test_a_passphrase_file_that_is_not_there_is_not_named(marked):
+    """A passphrase typed where its file's name belongs had been printed back, into a CI log."""
+    result = run_cli("extract", "--model", marked.onnx, "--keys", marked.keys, "--passphrase-file",
+                     "correct horse battery staple", code=2)
+    line = assert_one_error_line(result.stderr, result.stdout, "--passphrase-file", "not found")
+    assert "horse" not in line

@@ -525,7 +525,10 @@ def _read_passphrase_file(path: Path, option: str) -> str:
         try:
             kind = os.stat(path).st_mode
         except FileNotFoundError:
-            raise InputError(f"passphrase file not found: {shown(path)}: check {option}") from None
+            # (the name given is not repeated: a passphrase typed where its file's name belongs
+            # would have been printed, into a CI log)
+            raise InputError(f"the passphrase file that {option} names is not found (the name is not shown, in "
+                             f"case it is the passphrase itself): check {option}") from None
         if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind)):  # (opened, a device could block or never end)
             raise InputError(f"passphrase file {shown(path)} is not a regular file nor a pipe (a folder, a device "
                              f"or a socket): check {option}")

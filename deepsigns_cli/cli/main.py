@@ -128,6 +128,12 @@ class LazyGroup(OnceGroup):
                 fail("interrupted: no output was written; run the command again", 130)
             except click.ClickException as exc:
                 where = f"'{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) else "'deepsigns --help'"
+                if type(exc).__name__ == "NoArgsIsHelpError":  # (it had said only "Usage: deepsigns [OPTIONS] ...")
+                    ctx = exc.ctx
+                    names = ctx.command.list_commands(ctx) if ctx is not None and isinstance(ctx.command, click.Group) \
+                        else list(COMMANDS)
+                    path = ctx.command_path if ctx is not None else "deepsigns"
+                    fail(f"no command given: {path} COMMAND, one of {', '.join(names)} (see {where})", EXIT_BAD_INPUT)
                 fail(f"{one_line(exc.format_message(), 400)} (see {where})", EXIT_BAD_INPUT)
             except KeyboardInterrupt as exc:
                 interrupted(exc)
