@@ -22,6 +22,11 @@ def sweep_plot(report: SweepReport) -> bytes:
     """Accuracy and each watermark's evidence (-log10 p, extract's reading) against the attack's
     strength, in one figure (a PNG file's bytes); the victim's accuracy, the literature's
     "removed" line (5 points below it) and alpha (each mark's share of it) drawn across."""
+    import logging
+
+    # (where HOME cannot be written, matplotlib logs two lines on stderr as it makes a temporary
+    # cache folder, which it removes at exit: a report or one error line is all a command prints)
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a screen

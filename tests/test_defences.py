@@ -359,8 +359,6 @@ def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
 def test_an_attacks_passphrase_files_are_inputs_it_never_overwrites(marked, tmp_path):
     """With --force, the attacker's bundle had been sealed over its own passphrase file, and a
     sweep's plot written over the owner's (keygen and embed refused the same)."""
-    from helpers import PASSPHRASE
-
     thief, owner = tmp_path / "thief.dskey", tmp_path / "owner.png"
     thief.write_text("the thief's passphrase\n")
     owner.write_text(PASSPHRASE + "\n")
@@ -511,3 +509,16 @@ def test_a_plot_in_the_folder_the_sweep_makes_is_written_there(marked, tmp_path)
     result = run_cli("attack", "prune", "--model", marked.marked, "--sweep", "rate=0.2", "--keys", marked.keys,
                      "--out", tmp_path / "new", "--plot", tmp_path / "new" / "sub" / "plot.png", code=2)
     assert "sub" in result.stderr and not (tmp_path / "new").exists()  # (the folder it made, removed)
+
+
+def test_a_plot_where_home_cannot_be_written_prints_nothing_more(marked, tmp_path):
+    """matplotlib, finding no config folder it could make under HOME, had logged two lines on
+    stderr beside the report."""
+    from helpers import run_proc
+
+    home = tmp_path / "home"
+    home.write_text("a file, not a folder: nothing can be made under it\n")
+    result = run_proc("attack", "noise", "--model", marked.marked, "--sweep", "sigma=0.1", "--keys", marked.keys,
+                      "--plot", tmp_path / "p.png", env={"HOME": str(home), "MPLCONFIGDIR": None})
+    assert result.returncode in (0, 1) and result.stderr == "", result.stderr
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
