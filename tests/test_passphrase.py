@@ -219,3 +219,19 @@ def test_the_prompt_stays_on_screen_under_the_progress_bar_and_ctrl_c_there_inte
     assert b"Passphrase: " in shown and b"\x1b[2K" not in waiting, shown  # (no line erased while it waited)
     assert code == 130 and b"interrupted: no output was written" in shown, shown
     assert not out.exists() and partial_files(tmp_path) == []
+
+
+def test_a_utf8_passphrase_in_the_variable_opens_its_bundle_in_the_c_locale(marked, tmp_path):
+    """With LC_ALL=C and PYTHONUTF8=0 Python reads the environment as ASCII, and a UTF-8
+    passphrase had been refused as "not UTF-8 text"; bytes that are not UTF-8 still are."""
+    keys = tmp_path / "k.dskey"
+    api.keygen(marked.base, keys, "pässwörd", schemes=["hidden"], seed=0)
+    c_locale = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    argv = [*deepsigns_argv(), "extract", "--model", str(marked.base), "--keys", str(keys), "--json"]
+    proc = subprocess.run(argv, env=process_env({**c_locale, "DEEPSIGNS_PASSPHRASE": "pässwörd"}),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    assert proc.returncode == 1 and b'"key_id"' in proc.stdout, proc.stderr  # (opened: not detected in the base)
+    env = {k.encode(): v.encode() for k, v in process_env({**c_locale, "DEEPSIGNS_PASSPHRASE": None}).items()}
+    proc = subprocess.run(argv, env={**env, b"DEEPSIGNS_PASSPHRASE": b"p\xff"}, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is not UTF-8 text" in proc.stderr, proc.stderr

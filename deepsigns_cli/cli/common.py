@@ -482,8 +482,11 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option
         try:  # (bytes that are not UTF-8 reach us as surrogates, which no key can be derived from)
             env.encode("utf-8")
         except UnicodeEncodeError:
-            raise InputError(f"{PASSPHRASE_ENV} is not UTF-8 text: set it to the passphrase as text, or pass "
-                             "--passphrase-file") from None
+            try:  # (in the C locale, with PYTHONUTF8=0, Python reads even UTF-8 as such: its bytes decide)
+                env = os.fsencode(env).decode("utf-8")
+            except UnicodeError:
+                raise InputError(f"{PASSPHRASE_ENV} is not UTF-8 text: set it to the passphrase as text, or pass "
+                                 "--passphrase-file") from None
         text = env.rstrip("\r\n")  # (as a file's: $'pw\n' in the variable and pw\n in a file are one passphrase)
         if not text:
             raise InputError(f"{PASSPHRASE_ENV} holds only a line ending: set it to the passphrase")
