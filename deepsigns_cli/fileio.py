@@ -614,8 +614,19 @@ def _write_failure(exc: BaseException, entries, *, committing: bool = False) -> 
     reason = next((why for number, why in _MACHINE if code == number or why in text), None)
     if reason is None:
         return None
+    if code in (errno.ENOSPC, errno.EDQUOT) or reason in ("No space left on device", "Disk quota exceeded"):
+        scratch = tempfile.gettempdir()
+        with contextlib.suppress(OSError):
+            room = os.statvfs(scratch)
+            if room.f_bavail * room.f_frsize < _LOW_ROOM:  # (scratch files, an ONNX copy, a sweep's models)
+                return InputError(f"cannot write in the temporary folder {shown(scratch)} ({reason}): {done}; free "
+                                  "some space there, or set TMPDIR to a folder with room, then run the command again")
     return InputError(f"cannot write the outputs ({reason}): {done}; free some space, raise the limit or choose "
                       "a folder on another disk, then run the command again")
+
+
+#: below this much room, a full disk is blamed on the temporary folder when that is where it is
+_LOW_ROOM = 16 << 20
 
 
 #: the name's ending of each kind of model file a command writes

@@ -611,3 +611,19 @@ def test_a_signal_once_the_outputs_are_written_never_says_nothing_was(tmp_path, 
     report = json.loads(first + out)  # printed whole
     assert report["commitment"] == api.check_commitment(keys)
     assert keys.is_file() and partial_files(tmp_path) == []
+
+
+def test_a_full_temporary_folder_is_named(tmp_path, monkeypatch):
+    """A full disk under TMPDIR (a sweep's models, scratch files) had been blamed on the outputs'
+    folder ("choose a folder on another disk"), when no output was even asked for."""
+    import types
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    full = OSError(28, "No space left on device")
+    room = {"free": 0}
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=room["free"], f_frsize=4096))
+    line = str(fileio._write_failure(full, []))
+    assert "temporary folder" in line and str(tmp_path) in line and "TMPDIR" in line, line
+    room["free"] = 1 << 30  # (the temporary folder has room: the outputs' disk is the full one)
+    line = str(fileio._write_failure(full, []))
+    assert "cannot write the outputs" in line and "TMPDIR" not in line, line
