@@ -250,6 +250,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             state = {k: fh.get_tensor(k) for k in fh.keys()}
     # TypeError/RuntimeError: a dtype that torch cannot hold; MemoryError: more than we have
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, MemoryError) as exc:
+        if isinstance(exc, PermissionError):  # (the file itself, before safetensors: not a damaged checkpoint)
+            raise CheckpointError(f"cannot open {shown(path)} ({exc.strerror}): check its permissions") from None
         raise CheckpointError(
             f"{shown(path)} is not a readable .safetensors file ({one_line(exc, 160)}): it may be "
             "truncated or not a checkpoint; re-export it"

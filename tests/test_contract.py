@@ -395,3 +395,20 @@ def test_a_passphrase_file_that_is_not_there_is_not_named(marked):
                      "correct horse battery staple", code=2)
     line = assert_one_error_line(result.stderr, result.stdout, "--passphrase-file", "not found")
     assert "horse" not in line
+
+
+def test_a_current_folder_that_was_removed_is_one_line(tmp_path):
+    """torch's import had ended the process with "Intel oneMKL FATAL ERROR: Cannot load
+    libtorch_cpu.so." (the command started in a folder removed meanwhile)."""
+    import os
+    import subprocess
+
+    from helpers import deepsigns_argv, process_env
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    argv = [*deepsigns_argv(), "export", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "x.onnx")]
+    proc = subprocess.run(argv, cwd=gone, preexec_fn=lambda: os.rmdir(gone), env=process_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "current folder was removed")

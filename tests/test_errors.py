@@ -922,3 +922,18 @@ def test_a_limit_of_the_machine_is_one_line_not_a_bug(marked, monkeypatch, failu
     result = run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=2)
     line = assert_one_error_line(result.stderr, result.stdout, needle)
     assert "bug" not in line
+
+
+def test_a_checkpoint_that_may_not_be_read_says_so(marked, monkeypatch):
+    """Another user's file (mode 600, read as root in this suite, so the refusal is the system's
+    as _safe_open meets it): it had been called "not a readable .safetensors file ... it may be
+    truncated; re-export it"."""
+    from deepsigns_cli import checkpoint
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint, "_safe_open", refused)
+    result = run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=2)
+    line = assert_one_error_line(result.stderr, result.stdout, "cannot open", "Permission denied", "permissions")
+    assert "truncated" not in line

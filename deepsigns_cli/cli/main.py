@@ -187,4 +187,9 @@ def _no_core_dumps() -> None:
 def main():
     State.process = True  # (signals are ignored once the command has ended: teardown is not stopped)
     _no_core_dumps()
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # (torch's import then ended the process with "Intel oneMKL FATAL ERROR")
+        fail("the current folder was removed: cd into a folder that exists, then run the command again",
+             EXIT_BAD_INPUT)
     cli(prog_name="deepsigns")
