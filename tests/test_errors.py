@@ -238,9 +238,10 @@ def test_passphrase_variable_that_is_not_text(tmp_path, marked, command):
 
 
 def test_missing_passphrase_file(tmp_path, marked):
+    """(its name is not shown: test_contract's passphrase typed where the file's name belongs)"""
     case = Case(tmp_path, marked)
     check_bad_input(tmp_path, case.with_model("extract", case.base, "--passphrase-file",
-                                              tmp_path / "pw.txt"), "pw.txt", "--passphrase-file")
+                                              tmp_path / "pw.txt"), "not found", "--passphrase-file")
 
 
 @pytest.mark.parametrize("kind", ["a folder", "a huge file"])
