@@ -713,6 +713,7 @@ class Outputs:
         if late is not None:
             late.engage([])
             late.committing = True
+        placing = None  # (the output being renamed into place)
         with held_signals() if late is None else contextlib.nullcontext(late.came) as came:
             try:
                 # a name another command took meanwhile fails the commit before the first rename
@@ -730,6 +731,7 @@ class Outputs:
                 for _, tmp, _, _ in self._entries:  # on the disk before any name changes (a power cut after
                     _flush(tmp)  # the command had left the bundle of 0 bytes: neither the old nor the new)
                 for target, tmp, mode, fresh in self._entries:
+                    placing = target
                     # temp files are 0600; outputs get the usual mode unless asked otherwise
                     os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
                     if fresh:
@@ -741,14 +743,15 @@ class Outputs:
                     else:
                         os.replace(tmp, target)
                     written.append(str(target))
+                placing = None
                 for folder in dict.fromkeys(Path(t).parent for t in written):
                     _flush(folder)  # (the new names themselves)
-            except OSError as exc:
-                if isinstance(exc, OutputExistsError) or not (exc.filename2 or exc.filename):
-                    raise
-                target = next((t for t, tmp, _, _ in self._entries if str(tmp) == str(exc.filename)), None)
+            except OSError as exc:  # (the system's refusal: one line, never an internal error)
+                known = _write_failure(exc, self._entries, committing=True)  # (a full disk, a folder removed)
+                if known is not None:
+                    raise known from None
                 done = f"{', '.join(map(shown, written))} written before it" if written else "nothing was written"
-                raise InputError(f"cannot put {shown(target or exc.filename2 or exc.filename)} in place "
+                raise InputError(f"cannot put {shown(placing) if placing else 'the outputs'} in place "
                                  f"({exc.strerror or one_line(exc)}): {done}; check the file and its folder, then "
                                  "run the command again") from None
             finally:

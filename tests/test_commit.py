@@ -151,7 +151,7 @@ def test_the_bundle_is_committed_first(tmp_path, owner, monkeypatch):
 
     monkeypatch.setattr(fileio.os, "replace", failing(os.replace))
     monkeypatch.setattr(fileio.os, "link", failing(os.link))
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="cannot put .*m.safetensors in place .*k.dskey written before it"):
         api.embed(base, keys, PASSPHRASE, tmp_path / "m.safetensors", epochs=1, device="cpu")
     assert seen == ["k.dskey", "m.safetensors"]
     assert partial_files(tmp_path) == []
