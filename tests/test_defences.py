@@ -271,10 +271,19 @@ def test_a_carrier_inside_an_if_leaves_the_hidden_scheme_unread(marked, tmp_path
 
 @pytest.fixture(scope="module")
 def prune_sweep(marked, tmp_path_factory) -> tuple[dict, object]:
+    """A sweep with --plot, run where HOME cannot be written: matplotlib, finding no config
+    folder it could make, had logged two lines on stderr beside the report."""
+    from helpers import run_proc
+
     folder = tmp_path_factory.mktemp("sweep")
-    report = run_json("attack", "prune", "--model", marked.marked, "--sweep", "rate=0.2,0.97",
-                      "--keys", marked.keys, "--plot", folder / "prune.png", "--out", folder / "kept")
-    return report, folder
+    home = folder / "home"
+    home.write_text("a file, not a folder: nothing can be made under it\n")
+    proc = run_proc("attack", "prune", "--model", marked.marked, "--sweep", "rate=0.2,0.97", "--keys", marked.keys,
+                    "--plot", folder / "prune.png", "--out", folder / "kept", "--json",
+                    env={"HOME": str(home), "MPLCONFIGDIR": None})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    home.unlink()
+    return json.loads(proc.stdout), folder
 
 
 def test_a_sweep_reads_the_owners_keys_at_every_strength(prune_sweep, marked):
@@ -510,15 +519,3 @@ def test_a_plot_in_the_folder_the_sweep_makes_is_written_there(marked, tmp_path)
                      "--out", tmp_path / "new", "--plot", tmp_path / "new" / "sub" / "plot.png", code=2)
     assert "sub" in result.stderr and not (tmp_path / "new").exists()  # (the folder it made, removed)
 
-
-def test_a_plot_where_home_cannot_be_written_prints_nothing_more(marked, tmp_path):
-    """matplotlib, finding no config folder it could make under HOME, had logged two lines on
-    stderr beside the report."""
-    from helpers import run_proc
-
-    home = tmp_path / "home"
-    home.write_text("a file, not a folder: nothing can be made under it\n")
-    result = run_proc("attack", "noise", "--model", marked.marked, "--sweep", "sigma=0.1", "--keys", marked.keys,
-                      "--plot", tmp_path / "p.png", env={"HOME": str(home), "MPLCONFIGDIR": None})
-    assert result.returncode in (0, 1) and result.stderr == "", result.stderr
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
