@@ -16,6 +16,7 @@ from helpers import (
     assert_bad_input,
     assert_one_error_line,
     deepsigns_argv,
+    default_sigint,
     partial_files,
     process_env,
     run_cli,
@@ -180,6 +181,7 @@ def _at_a_terminal(argv: list[str], answer: bytes, *, after: float = 1.0,
     env = {k: v for k, v in process_env(NO_VARIABLE).items() if k not in ("NO_COLOR", "TERM")}
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover (the child)
+        default_sigint()  # (Ctrl-C must reach it, however the suite was started)
         os.execvpe(argv[0], argv, {**env, "TERM": "xterm", "COLUMNS": "100"})
     shown, prompted, typed, deadline = b"", None, None, time.monotonic() + timeout
     try:
