@@ -104,6 +104,19 @@ def one_line(text: object, limit: int = 200) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+# how running out of memory reads where a library reports it: Python's MemoryError aside, a
+# C++ allocation (std::bad_alloc), torch's allocators (CPU, CUDA), a shared library's segments
+# that could not be mapped at import (under ulimit -v)
+_OUT_OF_MEMORY = ("bad_alloc", "can't allocate memory", "cannot allocate memory", "out of memory",
+                  "failed to map segment")
+
+
+def out_of_memory(exc: BaseException, text: str | None = None) -> bool:
+    """Whether `exc` (or `text`, what it says) is the machine running out of memory."""
+    said = (str(exc) if text is None else text).lower()
+    return isinstance(exc, MemoryError) or any(sign in said for sign in _OUT_OF_MEMORY)
+
+
 def load_factory(spec: str, flag: str, what: str, error: type[DeepSignsError]):
     """The object that `package.module:name` (`flag`'s value) names; importing runs the user's
     module. `error` with one line when it cannot be loaded; stdout sent into the module's file

@@ -607,7 +607,7 @@ def _machine_failure(exc: BaseException, cfg: TrainConfig) -> TrainingError | No
     """The error for a run that the machine stopped: a loader process that died (the kernel's
     out-of-memory killer, a signal, its Dataset ending the process) or memory that ran out,
     each of which had been an internal error (exit 3); None for anything else."""
-    from .errors import one_line
+    from .errors import one_line, out_of_memory
 
     # (a worker's death may surface as the error met while it was being read from, a
     # ConnectionResetError, with torch's own "DataLoader worker ... killed" as its context)
@@ -622,7 +622,7 @@ def _machine_failure(exc: BaseException, cfg: TrainConfig) -> TrainingError | No
         return TrainingError(f"a data-loading process (--workers {cfg.workers}) ended without finishing its batch "
                              f"({one_line(text, 120)}): out of memory, a signal, or its Dataset ended the process; "
                              "nothing was written: run again with fewer --workers, or --workers 0 to see the cause")
-    if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+    if out_of_memory(exc, text):
         return TrainingError(f"out of memory while training ({one_line(text, 120)}); nothing was written: lower "
                              "--batch-size (or --image-size, --workers)")
     return None

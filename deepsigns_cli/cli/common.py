@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from ..api import LIMITS, held_after_commit, refuse_the_report_file, report_to, to_nowhere
-from ..errors import DeepSignsError, InputError, Interrupted, one_line, shown
+from ..errors import DeepSignsError, InputError, Interrupted, one_line, out_of_memory, shown
 
 EXIT_OK, EXIT_NOT_DETECTED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that a closed pipe stopped
@@ -124,20 +124,13 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
     sys.exit(code)
 
 
-# what the machine's limits look like when they surface as an exception of a library: memory
-# (ulimit -v; a C++ allocation; a library's segments that could not be mapped at import) and
-# open files (ulimit -n). Neither is a bug of ours: they had been reported as one, exit 3
-_OUT_OF_MEMORY = ("bad_alloc", "can't allocate memory", "cannot allocate memory", "out of memory",
-                  "failed to map segment")
-_OUT_OF_FILES = ("too many open files",)
-
-
 def _machine_limit(exc: BaseException) -> str | None:
-    """The limit of the machine that `exc` met, in words; None when it is not one."""
-    text = str(exc).lower()
-    if isinstance(exc, MemoryError) or any(n in text for n in _OUT_OF_MEMORY):
+    """The limit of the machine that `exc` met inside a library, in words (memory, ulimit -v;
+    open files, ulimit -n); None when it is not one. Neither is a bug of ours: they had been
+    reported as one, exit 3."""
+    if out_of_memory(exc):
         return "not enough memory: free some, or raise the limit (ulimit -v), then run the command again"
-    if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE) or any(n in text for n in _OUT_OF_FILES):
+    if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE) or "too many open files" in str(exc).lower():
         return "too many open files: raise the limit (ulimit -n), then run the command again"
     return None
 

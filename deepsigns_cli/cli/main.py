@@ -128,7 +128,8 @@ class LazyGroup(OnceGroup):
                 fail("interrupted: no output was written; run the command again", 130)
             except click.ClickException as exc:
                 where = f"'{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) else "'deepsigns --help'"
-                if type(exc).__name__ == "NoArgsIsHelpError":  # (it had said only "Usage: deepsigns [OPTIONS] ...")
+                # (it had said only "Usage: deepsigns ..."; click before 8.2 prints the help instead)
+                if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
                     ctx = exc.ctx
                     names = ctx.command.list_commands(ctx) if ctx is not None and isinstance(ctx.command, click.Group) \
                         else list(COMMANDS)

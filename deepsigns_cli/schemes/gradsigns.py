@@ -238,10 +238,10 @@ def central_differences(suspect, arrays: dict, target: int, step: float, budget:
                         output: str | None = None) -> tuple[np.ndarray, int]:
     """(the slope of the cross-entropy along each of K's rows at each key input read, (S, N);
     the queries made): 2 queries per bit and key input, as many key inputs as the budget
-    allows, all in one batch, read from the suspect's `output` (None: its answer)."""
+    allows (at least one: `_check_budget`), all in one batch, read from the suspect's `output`
+    (None: its answer)."""
     x, K, carriers = arrays["x"], arrays["K"], arrays["carriers"]
     n = len(K)
-    _check_budget(budget, n)
     s = min(len(x), budget // (2 * n))
     flat = x[:s].reshape(s, -1).astype(np.float32)
     dirs = np.zeros((n, flat.shape[1]), np.float32)
