@@ -1173,14 +1173,14 @@ def process_group(device: str = "auto"):
 
 
 def held_signals():
-    """A context that holds Ctrl-C, SIGTERM and SIGHUP until it ends (fileio.held_signals)."""
+    """A context that holds Ctrl-C, SIGTERM, SIGHUP and SIGQUIT until it ends (fileio.held_signals)."""
     from .fileio import held_signals as held
 
     return held()
 
 
 def held_after_commit(*, restore: bool = True):
-    """A context around a whole command: from a commit on, Ctrl-C, SIGTERM and SIGHUP are held
+    """A context around a whole command: from a commit on, Ctrl-C, SIGTERM, SIGHUP and SIGQUIT are held
     until it ends (fileio.held_after_commit)."""
     from .fileio import held_after_commit as held
 

@@ -7,10 +7,10 @@ training. The command then writes each temporary file, and leaving the `with` bl
 them into place, in the order they were added.
 
 Failure modes, stated:
-- an error, Ctrl-C, SIGTERM or SIGHUP before the commit removes every temporary file; every target
+- an error, Ctrl-C, SIGTERM, SIGHUP or SIGQUIT before the commit removes every temporary file; every target
   is as it was;
-- during the commit (renames in the targets' own folders, microseconds) SIGINT, SIGTERM and
-  SIGHUP are held until the last rename, then reported as `errors.Interrupted` naming what was written;
+- during the commit (renames in the targets' own folders, microseconds) SIGINT, SIGTERM,
+  SIGHUP and SIGQUIT are held until the last rename, then reported as `errors.Interrupted` naming what was written;
   inside the CLI's `held_after_commit` they stay held until the command's report is printed;
 - a rename that fails (a disk pulled mid-commit) leaves the earlier renames done, so callers
   add their most precious output first (embed: the key bundle, then the checkpoint, then ONNX);
@@ -242,14 +242,14 @@ class _Lock:
         os.close(self.fd)
 
 
-#: the signals that stop a command (Ctrl-C, `kill`, a closed terminal)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: the signals that stop a command (Ctrl-C, `kill`, a closed terminal, Ctrl-\)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 @contextlib.contextmanager
 def held_signals() -> Iterator[list[int]]:
-    """Hold SIGINT, SIGTERM and SIGHUP for the duration (main thread only); yields the signals that
-    came meanwhile, which the caller reports once its work is done."""
+    """Hold the STOP_SIGNALS for the duration (main thread only); yields the signals that came
+    meanwhile, which the caller reports once its work is done."""
     came: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield came
@@ -323,7 +323,7 @@ def _open_late() -> _Late | None:
 
 @contextlib.contextmanager
 def held_after_commit(*, restore: bool = True) -> Iterator[_Late]:
-    """Around a whole command (the CLI's): from a commit on, SIGINT, SIGTERM and SIGHUP are
+    """Around a whole command (the CLI's): from a commit on, the STOP_SIGNALS are
     held until the block ends, the report printed; the caller reports `came` and `written`. A
     signal there had cut the report short, and the command said that no output was written.
     `restore=False` (the process ends with the block): the signals are ignored from then on, so
@@ -707,7 +707,7 @@ class Outputs:
         self._held.clear()
 
     def commit(self) -> list[str]:
-        """Rename every temporary file into place, in order, with SIGINT/SIGTERM/SIGHUP held."""
+        """Rename every temporary file into place, in order, with the STOP_SIGNALS held."""
         written: list[str] = []
         late = _open_late()
         if late is not None:

@@ -590,7 +590,7 @@ def _loader_temp_dir() -> None:
         tempfile.tempdir = saved
 
 
-_STOP_SIGNALS = re.compile(r"killed by signal: (Terminated|Hangup|Interrupt)")
+_STOP_SIGNALS = re.compile(r"killed by signal: (Terminated|Hangup|Interrupt|Quit)")
 _OWN_SIGNAL_SECONDS = 0.5
 
 

@@ -350,10 +350,13 @@ def test_a_link_that_leads_nowhere_is_replaced_only_with_force(tmp_path, target)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"])
 def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig):
     """A real process: a second embed on the same bundle is refused while the first runs;
-    SIGTERM and SIGHUP (like SIGINT) end the first cleanly: its own exit code, one line, nothing left."""
+    SIGTERM, SIGHUP and SIGQUIT (like SIGINT) end the first cleanly: its own exit code, one line,
+    nothing left (SIGQUIT, Ctrl-\\, had ended it as its default does, exit 131 with no line and
+    the outputs' .part files left behind)."""
     base, keys = owner
     before = snapshot(tmp_path)
     env = {**os.environ, **ENV}

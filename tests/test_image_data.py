@@ -454,9 +454,10 @@ def test_what_the_users_code_prints_never_breaks_the_report(tmp_path):
     assert json.loads(closed.stdout)["data"] == "test_image_data:chatty_digits"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT],
+                         ids=["SIGTERM", "SIGHUP", "SIGQUIT"])
 def test_a_signal_to_the_process_group_stops_a_run_with_loader_processes_in_one_line(tmp_path, signum):
-    """timeout(1), `kill -- -PGID` or a closed terminal signal the loader processes (--workers) too.
+    """timeout(1), `kill -- -PGID`, a closed terminal or Ctrl-\\ signal the loader processes (--workers) too.
     Their deaths had been reported as well: torch's "DataLoader worker ... killed by signal"
     traceback after the line (every time), or, heard before the command's own signal, as a
     data-loading failure, exit 2."""

@@ -32,7 +32,7 @@ COMMANDS = {
 
 PARALLEL = ("train", "embed")  # the commands that run data-parallel under torchrun
 
-_STOPPING = threading.Event()  # set once SIGTERM (or SIGHUP) came
+_STOPPING = threading.Event()  # set once SIGTERM (or SIGHUP, SIGQUIT) came
 
 
 _HOME = os.getpid()  # the command's process: a process forked from it (a loader process not yet
@@ -50,7 +50,7 @@ def _terminate(signum, frame):
     # raises "DataLoader worker ... killed by signal" wherever the command then is)
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGCHLD, _no_news)
-    raise Interrupted(signum)  # SIGTERM and SIGHUP clean up like Ctrl-C: no partial output
+    raise Interrupted(signum)  # SIGTERM, SIGHUP and SIGQUIT clean up like Ctrl-C: no partial output
 
 
 def _no_news(signum, frame) -> None:
@@ -115,7 +115,9 @@ class LazyGroup(OnceGroup):
         if threading.current_thread() is threading.main_thread():
             global _HOME
             _HOME = os.getpid()
-            for signum in (signal.SIGTERM, signal.SIGHUP):  # (SIGHUP: the terminal or the ssh link went)
+            # (SIGHUP: the terminal or the ssh link went; SIGQUIT: Ctrl-\, whose default, a core
+            # dump, is not written (_no_core_dumps) and had left the outputs' .part files behind)
+            for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(signum, _terminate)
             threading.excepthook = _thread_failed
             sys.unraisablehook = _unraisable
@@ -165,7 +167,7 @@ def cli():
     """Watermark neural networks and prove ownership later.
 
     Exit codes: 0 success or watermark detected, 1 not detected, 2 bad input,
-    3 internal error (a bug), 129/130/143 interrupted (SIGHUP, Ctrl-C, SIGTERM), 141 stdout closed.
+    3 internal error (a bug), 129/130/131/143 interrupted (SIGHUP, Ctrl-C, Ctrl-\\, SIGTERM), 141 stdout closed.
     """
 
 
