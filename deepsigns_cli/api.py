@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_TIMEOUT, LIMITS, PRECISIONS
-from .errors import DeepSignsError, InputError, SchemeError, one_line, shown
+from .errors import DeepSignsError, InputError, SchemeError, one_line, shown, valid_text
 from .registry import (
     ATTACKS,
     DEFAULT_SCHEMES,
@@ -1060,7 +1060,8 @@ def claim_record(commitment: str, schemes: list[str], weights: str, files: dict)
 
     from .fileio import sha256_file
 
-    digests = {role: {"file": Path(name).name, "sha256": sha256_file(path)}
+    # (a record to publish: valid Unicode, a name that is not UTF-8 written out byte by byte)
+    digests = {role: {"file": valid_text(Path(name).name), "sha256": sha256_file(path)}
                for role, (name, path) in files.items()}
     return {"commitment": commitment, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "schemes": list(schemes), "weights_fingerprint": weights, "files": digests}

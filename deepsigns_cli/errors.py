@@ -94,6 +94,16 @@ def _escaped(match: re.Match) -> str:
     return f"\\x{ord(char) - 0xdc00:02x}" if "\udc80" <= char <= "\udcff" else repr(char)[1:-1]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """`text` as valid Unicode, for JSON that any parser takes: a byte of a file name that is
+    not UTF-8 (a lone surrogate, as Python decodes such a name) written out as that byte,
+    \\xff, as the human reports show it; every other character as it is."""
+    return _SURROGATE.sub(_escaped, text)
+
+
 def one_line(text: object, limit: int = 200) -> str:
     """A foreign message (torch, onnxruntime, numpy) fit to quote inside ours: its first
     non-empty line, colours stripped, control characters escaped, at most `limit` characters.

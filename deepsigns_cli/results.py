@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from . import stats
+from .errors import valid_text
 
 __all__ = [
     "SchemeKeys",
@@ -387,18 +388,22 @@ class InspectReport:
 
 
 def _plain(value):
-    """JSON-able: numpy scalars and arrays unwrapped, NaN and infinities as null."""
+    """JSON-able: numpy scalars and arrays unwrapped, NaN and infinities as null, text valid
+    Unicode (a file name that is not UTF-8 had come out as a lone surrogate, "\\udcff", which
+    strict JSON parsers refuse)."""
+    if isinstance(value, str):
+        return valid_text(value)
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {valid_text(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy
         return _plain(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
-    return str(value)  # paths and the like
+    return valid_text(str(value))  # paths and the like
 
 
 def to_json_dict(report) -> dict:

@@ -246,6 +246,22 @@ def test_a_checkpoint_whose_name_is_not_utf8_is_read(marked, tmp_path):
     assert "gone\\xff.safetensors" in line, line
 
 
+def test_a_name_that_is_not_utf8_is_valid_unicode_in_json(marked, tmp_path):
+    """Such a name came out of --json as a lone surrogate ("\\udcff"), which strict JSON parsers
+    (serde_json, for one) refuse: its bytes are written out, as the human reports show them."""
+    model = copy(marked.marked, tmp_path / os.fsdecode(b"bad\xff\xfe.safetensors"))
+    onnx_out = tmp_path / os.fsdecode(b"out\xfd.onnx")
+    for args, shown in ((("inspect", model), "bad\\xff\\xfe.safetensors"),
+                        (("extract", "--model", model, "--keys", marked.keys), "bad\\xff\\xfe.safetensors"),
+                        (("export", model, "--out", onnx_out), "out\\xfd.onnx")):
+        text = run_cli(*args, "--json").stdout
+        text.encode("utf-8")  # (strict: no lone surrogate)
+        assert "\\ud" not in text.lower(), text
+        found = json.loads(text)
+        assert any(isinstance(v, str) and v.endswith(shown) for v in found.values()), found
+    assert onnx_out.is_file()
+
+
 def test_export_report_and_inspect(marked, tmp_path):
     out = tmp_path / "again.onnx"
     report = run_json("export", marked.marked, "--data", "digits", "--out", out)
