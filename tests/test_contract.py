@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 from helpers import assert_bad_input, assert_one_error_line, run_cli, run_json, run_proc
 from test_errors import snapshot
 
 from deepsigns_cli import api
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "digits-mlp.safetensors"
 
 
 def _boom(*args, **kwargs):
@@ -395,6 +398,22 @@ def test_a_passphrase_file_that_is_not_there_is_not_named(marked):
                      "correct horse battery staple", code=2)
     line = assert_one_error_line(result.stderr, result.stdout, "--passphrase-file", "not found")
     assert "horse" not in line
+
+
+@pytest.mark.parametrize("threads", ["abc", "", "0", "2,"])
+def test_a_number_of_threads_openmp_cannot_read_is_one_line(threads):
+    """torch's OpenMP had printed "libgomp: Invalid value for environment variable
+    OMP_NUM_THREADS" above the report, and gone on with a thread per core."""
+    proc = run_proc("inspect", SAMPLE, env={"OMP_NUM_THREADS": threads})
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, f"OMP_NUM_THREADS='{threads}' is not a number of threads")
+
+
+def test_a_number_of_threads_openmp_reads_is_taken():
+    for threads in (" 1 ", "1,1", "+1"):
+        proc = run_proc("inspect", SAMPLE, "--json", env={"OMP_NUM_THREADS": threads})
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert json.loads(proc.stdout)["arch"] == "mlp"
 
 
 def test_a_current_folder_that_was_removed_is_one_line(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -187,6 +188,11 @@ def _no_core_dumps() -> None:
             ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
 
 
+# what OpenMP (libgomp, loaded with torch) takes as OMP_NUM_THREADS: numbers of 1 or more, a
+# comma between the levels of nesting
+_OMP_THREADS = re.compile(r"\s*\+?0*[1-9][0-9]*\s*(,\s*\+?0*[1-9][0-9]*\s*)*")
+
+
 def main():
     State.process = True  # (signals are ignored once the command has ended: teardown is not stopped)
     _no_core_dumps()
@@ -195,4 +201,9 @@ def main():
     except FileNotFoundError:  # (torch's import then ended the process with "Intel oneMKL FATAL ERROR")
         fail("the current folder was removed: cd into a folder that exists, then run the command again",
              EXIT_BAD_INPUT)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None and not _OMP_THREADS.fullmatch(threads):  # (torch's import had printed
+        # "libgomp: Invalid value for environment variable OMP_NUM_THREADS" before the report)
+        fail(f"OMP_NUM_THREADS={one_line(repr(threads), 40)} is not a number of threads: set it to a whole "
+             "number of 1 or more, or unset it", EXIT_BAD_INPUT)
     cli(prog_name="deepsigns")
