@@ -866,17 +866,31 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     params: dict = {}
     rows = []
     made: list[Path] = []  # the folders this sweep made for `keep`, the deepest first
+
+    def make_keep() -> None:
+        try:
+            missing = [p for p in (Path(keep), *Path(keep).parents) if not p.exists()]
+            Path(keep).mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as exc:  # (a file of that name, a folder that cannot be written)
+            raise InputError(f"--out {shown(keep)} cannot be the folder --sweep keeps the attacked models "
+                             f"in ({one_line(exc)}): give a folder path") from None
+        made.extend(missing)
+
+    def unmake_keep() -> None:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        made.clear()
+
+    new_keep = keep is not None and not Path(keep).is_dir()
     try:
-        if keep is not None and not Path(keep).is_dir():  # (after the bundle opened: a failed start leaves none)
-            try:
-                missing = [p for p in (Path(keep), *Path(keep).parents) if not p.exists()]
-                Path(keep).mkdir(parents=True)
-            except (OSError, ValueError) as exc:  # (a file of that name, a folder that cannot be written)
-                raise InputError(f"--out {shown(keep)} cannot be the folder --sweep keeps the attacked models "
-                                 f"in ({one_line(exc)}): give a folder path") from None
-            made.extend(missing)
-        if plot_in_new_keep:
-            check_output(plot, force, inputs=inputs, option="--plot")
+        if new_keep:  # (after the bundle opened: a failed start leaves none)
+            # made to check that it can be, and the plot in it, then removed until the commit: a
+            # sweep killed meanwhile (SIGKILL) had left the folder behind, empty
+            make_keep()
+            if plot_in_new_keep:
+                check_output(plot, force, inputs=inputs, option="--plot")
+            unmake_keep()
         # every strength's model is made in the scratch folder; the kept ones and the plot are
         # committed together at the end (committed one by one, a failure at a later strength had
         # removed the earlier ones, files that --force had replaced among them)
@@ -917,6 +931,8 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                 from .plots import sweep_plot
 
                 png = sweep_plot(result)
+            if new_keep:
+                make_keep()
             with Outputs(force=force, inputs=inputs) as outs:
                 for value in values if keep is not None else ():
                     for made_at, path, flag, mode in zip(kept(Path(scratch), value), kept(Path(keep), value),
@@ -927,9 +943,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                 if png is not None:
                     outs.add(plot, "--plot").write_bytes(png)
     except BaseException:  # a failure or an interruption: the sweep leaves no output, as no command does
-        for path in made:
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        unmake_keep()
         raise
     return result
 

@@ -473,12 +473,15 @@ def test_a_sweep_report_is_json(prune_sweep):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("before", [False, True], ids=["new-folder", "forced-over-a-kept-model"])
-def test_an_interrupted_sweep_leaves_nothing_behind(marked, tmp_path, before):
+@pytest.mark.parametrize("before, sig", [(False, signal.SIGTERM), (True, signal.SIGTERM), (False, signal.SIGKILL)],
+                         ids=["new-folder", "forced-over-a-kept-model", "killed"])
+def test_an_interrupted_sweep_leaves_nothing_behind(marked, tmp_path, before, sig):
     """SIGTERM once the first strength's model is made: exit 143, and the folder the sweep made is
     gone, as any command's outputs are. With --force over a folder that held a model of that
     name from before, the model from before was removed too (each strength was committed on its
-    own, and a failure removed what the sweep had committed): the folder is as it was."""
+    own, and a failure removed what the sweep had committed): the folder is as it was. SIGKILL
+    leaves the scratch folder (removed by the next sweep), but no --out folder: the sweep makes
+    it for the commit (it had been made at the start, and was left behind, empty)."""
     kept, scratch = tmp_path / "a" / "kept", tmp_path / "tmp"
     scratch.mkdir()
     if before:
@@ -496,8 +499,12 @@ def test_an_interrupted_sweep_leaves_nothing_behind(marked, tmp_path, before):
             assert time.monotonic() < deadline, "the sweep never made its first model"
             time.sleep(0.1)
         time.sleep(1.0)  # (into the second strength's training)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         code = proc.wait(timeout=60)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+        assert [p.name for p in tmp_path.iterdir()] == ["tmp"]
+        return
     assert code == 143, proc.stderr.read().decode(errors="replace")
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
     if before:
