@@ -400,18 +400,20 @@ def test_a_passphrase_file_that_is_not_there_is_not_named(marked):
     assert "horse" not in line
 
 
-@pytest.mark.parametrize("threads", ["abc", "", "0", "2,"])
-def test_a_number_of_threads_openmp_cannot_read_is_one_line(threads):
-    """torch's OpenMP had printed "libgomp: Invalid value for environment variable
-    OMP_NUM_THREADS" above the report, and gone on with a thread per core."""
-    proc = run_proc("inspect", SAMPLE, env={"OMP_NUM_THREADS": threads})
+@pytest.mark.parametrize("name, value", [("OMP_NUM_THREADS", "abc"), ("OMP_NUM_THREADS", ""), ("OMP_NUM_THREADS", "0"),
+                                         ("OMP_NUM_THREADS", "2,"), ("OMP_DYNAMIC", "yes"), ("GOMP_SPINCOUNT", "many")])
+def test_an_openmp_setting_openmp_cannot_read_is_one_line(name, value):
+    """torch's OpenMP had printed "libgomp: Invalid value for environment variable ..." above
+    the report, and gone on at its default."""
+    proc = run_proc("inspect", SAMPLE, env={name: value})
     assert proc.returncode == 2, proc.stderr
-    assert_one_error_line(proc.stderr, proc.stdout, f"OMP_NUM_THREADS='{threads}' is not a number of threads")
+    assert_one_error_line(proc.stderr, proc.stdout, f"{name}='{value}' is not a value OpenMP")
 
 
-def test_a_number_of_threads_openmp_reads_is_taken():
-    for threads in (" 1 ", "1,1", "+1"):
-        proc = run_proc("inspect", SAMPLE, "--json", env={"OMP_NUM_THREADS": threads})
+def test_openmp_settings_openmp_reads_are_taken():
+    for env in ({"OMP_NUM_THREADS": " 1 "}, {"OMP_NUM_THREADS": "1,1"},
+                {"OMP_NUM_THREADS": "+1", "OMP_DYNAMIC": "true"}):
+        proc = run_proc("inspect", SAMPLE, "--json", env=env)
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
         assert json.loads(proc.stdout)["arch"] == "mlp"
 

@@ -188,9 +188,55 @@ def _no_core_dumps() -> None:
             ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
 
 
-# what OpenMP (libgomp, loaded with torch) takes as OMP_NUM_THREADS: numbers of 1 or more, a
-# comma between the levels of nesting
-_OMP_THREADS = re.compile(r"\s*\+?0*[1-9][0-9]*\s*(,\s*\+?0*[1-9][0-9]*\s*)*")
+def _openmp_settings() -> None:
+    """torch's OpenMP (libgomp) reads the OMP_* and GOMP_* variables as it loads, and a value it
+    cannot read (OMP_NUM_THREADS=abc, OMP_DYNAMIC=yes) it names in a line of its own on stderr,
+    "libgomp: Invalid value for environment variable ...", above the report, and goes on at its
+    default. Loaded here first, what it says caught: such a value is one line and exit 2 (torch
+    then finds the library loaded, and it says nothing again)."""
+    if not any(name.startswith(("OMP_", "GOMP_")) for name in os.environ):
+        return
+    import ctypes
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")  # (found, not imported)
+    places = list(spec.submodule_search_locations or ()) if spec is not None else []
+    found = [f for place in places for f in sorted(glob.glob(os.path.join(place, "lib", "libgomp*.so*"))
+                                                  + glob.glob(os.path.join(place + ".libs", "libgomp*.so*")))]
+    if not found:
+        return
+    try:
+        os.fstat(2)
+    except OSError:  # (stderr closed: nothing it says can be seen, and a pipe made now would be fd 2)
+        return
+    try:
+        read, write = os.pipe()
+    except OSError:  # (no file descriptors left: the command says so where it needs them)
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:
+        os.close(read)
+        os.close(write)
+        return
+    try:
+        os.dup2(write, 2)
+        with contextlib.suppress(OSError):
+            ctypes.CDLL(found[0])
+    finally:
+        os.dup2(saved, 2)
+        for fd in (saved, write):
+            os.close(fd)
+    with os.fdopen(read, "rb") as said:  # (a few lines: the pipe held them all)
+        text = said.read().decode("utf-8", "replace")
+    bad = re.search(r"Invalid value for environment variable (\w+)", text)
+    if bad:
+        name = bad.group(1)
+        fail(f"{name}={one_line(repr(os.environ.get(name, '')), 40)} is not a value OpenMP (torch's threads) can "
+             f"read: correct it or unset {name}", EXIT_BAD_INPUT)
+    if text.strip():
+        sys.stderr.write(text)
 
 
 def main():
@@ -201,9 +247,5 @@ def main():
     except FileNotFoundError:  # (torch's import then ended the process with "Intel oneMKL FATAL ERROR")
         fail("the current folder was removed: cd into a folder that exists, then run the command again",
              EXIT_BAD_INPUT)
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads is not None and not _OMP_THREADS.fullmatch(threads):  # (torch's import had printed
-        # "libgomp: Invalid value for environment variable OMP_NUM_THREADS" before the report)
-        fail(f"OMP_NUM_THREADS={one_line(repr(threads), 40)} is not a number of threads: set it to a whole "
-             "number of 1 or more, or unset it", EXIT_BAD_INPUT)
+    _openmp_settings()
     cli(prog_name="deepsigns")
