@@ -171,8 +171,9 @@ def shown(path: object) -> str:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM, SIGHUP or SIGQUIT (Ctrl-\\). `written` lists the outputs that were complete when it came (the
-    signal was held until a group of outputs had been committed), else nothing was written."""
+    """Ctrl-C, SIGTERM, SIGHUP or SIGQUIT (Ctrl-\\). `written` lists the outputs that were complete
+    when it came (the signal was held until a group of outputs had been committed), else nothing
+    was written."""
 
     def __init__(self, signum: int = 2, written: tuple[str, ...] = ()):
         super().__init__(signum)

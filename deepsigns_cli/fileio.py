@@ -7,11 +7,11 @@ training. The command then writes each temporary file, and leaving the `with` bl
 them into place, in the order they were added.
 
 Failure modes, stated:
-- an error, Ctrl-C, SIGTERM, SIGHUP or SIGQUIT before the commit removes every temporary file; every target
-  is as it was;
-- during the commit (renames in the targets' own folders, microseconds) SIGINT, SIGTERM,
-  SIGHUP and SIGQUIT are held until the last rename, then reported as `errors.Interrupted` naming what was written;
-  inside the CLI's `held_after_commit` they stay held until the command's report is printed;
+- an error, Ctrl-C, SIGTERM, SIGHUP or SIGQUIT before the commit removes every temporary file;
+  every target is as it was;
+- during the commit (renames in the targets' own folders, microseconds) those signals are held
+  until the last rename, then reported as `errors.Interrupted` naming what was written; inside
+  the CLI's `held_after_commit` they stay held until the command's report is printed;
 - a rename that fails (a disk pulled mid-commit) leaves the earlier renames done, so callers
   add their most precious output first (embed: the key bundle, then the checkpoint, then ONNX);
   a new output's name that another command took meanwhile fails the commit before the first,
