@@ -654,7 +654,7 @@ def _decode(path: str, size: int, channels: int) -> np.ndarray:
     image = _pil()
     try:
         with _image_file(path) as f, image.open(f, formats=IMAGE_FORMATS) as im:
-            _check_pixels(im, path)
+            _check_pixels(im, path, f)
             if im.format == "PNG":
                 im.load()
                 _check_png_rows(f, path)
@@ -726,12 +726,41 @@ def _check_png_rows(f, path: str) -> None:
                         "repair or remove the file")
 
 
-def _check_pixels(im, path: str) -> None:
-    """Refuse an image whose header declares more than MAX_IMAGE_PIXELS, before it is decoded."""
+#: the most scans a JPEG may hold: a progressive JPEG's decoder passes over the whole image once
+#: per scan, and encoders write about 10 (libjpeg's progression: 10 in colour, 6 in grey); a 1 MB
+#: file of 8,000 repeated scans had taken minutes to decode, every epoch
+MAX_JPEG_SCANS = 100
+_SOS = b"\xff\xda"  # a JPEG's start of scan (0xFF in the coded data is written 0xFF 0x00: no false match)
+
+
+def _check_pixels(im, path: str, f) -> None:
+    """Refuse an image whose header declares more than MAX_IMAGE_PIXELS, or a JPEG of more than
+    MAX_JPEG_SCANS scans, before it is decoded (`f`: its open file)."""
     width, height = im.size
     if width * height > MAX_IMAGE_PIXELS:
         raise DataError(f"image {shown(path)} is {width}x{height}, more than {MAX_IMAGE_PIXELS} pixels: deepsigns "
                         "refuses it rather than decode it; shrink or remove the file")
+    if im.format in ("JPEG", "MPO") and _jpeg_scans(f) > MAX_JPEG_SCANS:  # (MPO: a JPEG of several images)
+        raise DataError(f"image {shown(path)} is a JPEG of more than {MAX_JPEG_SCANS} scans, each a pass of its "
+                        "decoder over the whole image (encoders write about 10): deepsigns refuses it rather than "
+                        "decode it; re-encode or remove the file")
+
+
+def _jpeg_scans(f) -> int:
+    """Start-of-scan markers in the file, counted up to MAX_JPEG_SCANS + 1 (a thumbnail's count
+    too: a file holds few), a megabyte at a time; the file's position is left as it was."""
+    at, count, tail = f.tell(), 0, b""
+    f.seek(0)
+    try:
+        while count <= MAX_JPEG_SCANS:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            count += (tail + chunk).count(_SOS)
+            tail = chunk[-1:] if chunk[-1:] == b"\xff" else b""  # (a marker split between two reads)
+    finally:
+        f.seek(at)
+    return count
 
 
 def _visible(entries) -> list[os.DirEntry]:
@@ -841,7 +870,7 @@ def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[i
             path = os.path.join(root, name)
             try:
                 with _image_file(path) as f, image.open(f, formats=IMAGE_FORMATS) as im:
-                    _check_pixels(im, path)
+                    _check_pixels(im, path, f)
                     if first is None:
                         first = (im.mode, im.size)
                     colour = colour or (split == "train" and im.mode not in _GRAYSCALE_MODES)

@@ -13,6 +13,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -595,6 +596,40 @@ def _bomb(d: Path) -> None:
     Image.new("L", (6000, 6000)).save(d / "train" / "4" / "zz-bomb.png", optimize=True)
 
 
+def _progressive_jpeg(size: int, repeat_last_scan: int = 1) -> bytes:
+    """A progressive JPEG of a flat colour written by Pillow (libjpeg's progression: 10 scans),
+    its last scan repeated: a decoder passes over the whole image once per scan."""
+    import io
+    import re
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 60, 200)).save(buf, "JPEG", progressive=True, quality=50)
+    data = buf.getvalue()
+    last = [m.start() for m in re.finditer(b"\xff\xda", data)][-1]
+    end = data.rindex(b"\xff\xd9")  # (the last scan runs to the end of image)
+    return data[:last] + data[last:end] * repeat_last_scan + data[end:]
+
+
+def _scan_bomb(d: Path) -> None:
+    """A JPEG of 150 scans (a file of 8,000 scans, 1 MB, had taken minutes to decode, every epoch)."""
+    (d / "train" / "4" / "zz-scans.jpg").write_bytes(_progressive_jpeg(64, 141))
+
+
+def test_progressive_jpegs_as_encoders_write_them_are_read():
+    from deepsigns_cli.data import MAX_JPEG_SCANS, _decode, _jpeg_scans
+
+    for size, repeat in ((37, 1), (64, MAX_JPEG_SCANS - 9)):
+        with tempfile.NamedTemporaryFile(suffix=".jpg") as f:
+            f.write(_progressive_jpeg(size, repeat))
+            f.flush()
+            f.seek(0)
+            assert _jpeg_scans(f) == 9 + repeat and f.tell() == 0
+            pixels = _decode(f.name, 8, 3)
+        assert np.allclose(pixels.mean((1, 2)), np.array([120, 60, 200]) / 255, atol=0.03)
+
+
 def _dangling_link(d: Path) -> None:
     (d / "train" / "6" / "zz-gone.png").symlink_to(d / "nowhere.png")
 
@@ -641,6 +676,7 @@ BAD_FOLDERS = {
     "fifo": (_fifo, ["test/7/zz-pipe.jpg", "is no file"]),
     "other-format": (_other_format, ["train/3/zz-scan.bmp", "format deepsigns does not read", "convert it"]),
     "pixel-bomb": (_bomb, ["zz-bomb.png", "6000x6000", "more than 33554432 pixels"]),
+    "scan-bomb": (_scan_bomb, ["train/4/zz-scans.jpg", "more than 100 scans", "re-encode or remove"]),
 }
 
 
