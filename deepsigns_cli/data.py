@@ -554,6 +554,7 @@ OTHER_IMAGE_SUFFIXES = (".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".jpe
 # EPS file named x.png and runs Ghostscript (an external program) on the adversary's file
 IMAGE_FORMATS = ("PNG", "JPEG")
 _MEAN_STD_IMAGES = 512  # training images the per-channel mean and std are computed on
+MIN_STD = 1e-5  # a channel's std below this is a constant channel's: recorded as 1 (centred, not scaled)
 _MAX_RECORD = 60_000  # characters of the preprocessing record: a checkpoint field holds 64 KiB
 _FOLDER_FIX = "an image folder holds DIR/train/<class>/*.png|jpg|jpeg and DIR/test/<class>/*"
 _GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -904,7 +905,7 @@ def _fresh_preprocess(root: Path, train: list[str], first: tuple[str, tuple[int,
         count += pixels.shape[1]
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-    std = np.where(std < 1e-6, 1.0, std)  # a constant channel: centred, not scaled
+    std = np.where(std < MIN_STD, 1.0, std)  # a constant channel: centred, not scaled
     preprocess = {"kind": "image-folder", "image_size": int(image_size), "channels": channels,
                   "mean": [float(v) for v in mean], "std": [float(v) for v in std], "classes": list(classes)}
     if len(json.dumps(preprocess)) > _MAX_RECORD:
@@ -927,13 +928,13 @@ def check_preprocess(value) -> dict:
         raise ValueError(f"'preprocess' image_size must be an integer from {lo} to {hi}")
     if channels not in (1, 3) or type(channels) is not int:
         raise ValueError("'preprocess' channels must be 1 or 3")
-    for key in ("mean", "std"):
+    # the mean and std of pixels scaled to [0, 1]: a record outside those ranges (a mean of 1e6)
+    # had normalised samples to millions, and keygen wrote keys that no later command took
+    for key, low in (("mean", 0.0), ("std", MIN_STD)):  # (train records 1 for a constant channel)
         numbers = value[key]
         if (not isinstance(numbers, list) or len(numbers) != channels
-                or not all(type(v) in (int, float) and math.isfinite(v) and abs(v) < 1e6 for v in numbers)):
-            raise ValueError(f"'preprocess' {key} must be {channels} finite numbers")
-    if not all(v >= 1e-6 for v in value["std"]):  # (train records 1 for a constant channel)
-        raise ValueError("'preprocess' std must be at least 1e-6")
+                or not all(type(v) in (int, float) and math.isfinite(v) and low <= v <= 1.0 for v in numbers)):
+            raise ValueError(f"'preprocess' {key} must be {channels} numbers from {low:g} to 1 (of pixels in [0, 1])")
     classes = value["classes"]
     if (not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES
             or not all(isinstance(c, str) and c not in ("", ".", "..") and len(c) <= 255 and "/" not in c

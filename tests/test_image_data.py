@@ -818,9 +818,13 @@ def test_bad_factories(tmp_path, spec, needles):
                *needles)
 
 
-@pytest.mark.parametrize("std", [[0, 1, 1], [1e-8, 1, 1]])  # (train records 1 for a constant channel)
-def test_damaged_preprocessing_record(trained, folder, tmp_path, std):
-    """A checkpoint's record is data from a file: checked field by field before it is used."""
+@pytest.mark.parametrize("field", [{"std": [0, 1, 1]}, {"std": [1e-8, 1, 1]}, {"std": [2, 1, 1]},
+                                   {"mean": [999999.0, -999999.0, 999999.0]}, {"mean": [0.5, 0.5, -0.1]}],
+                         ids=["std-0", "std-tiny", "std-2", "mean-millions", "mean-negative"])
+def test_damaged_preprocessing_record(trained, folder, tmp_path, field):
+    """A checkpoint's record is data from a file: checked field by field before it is used. A
+    mean or std no pixels in [0, 1] have (a mean of 1e6) had normalised samples to millions,
+    and keygen wrote GradSigns keys that embed refused as a damaged bundle."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -828,9 +832,9 @@ def test_damaged_preprocessing_record(trained, folder, tmp_path, std):
         meta, state = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     record = json.loads(meta["preprocess"])
     bad = tmp_path / "bad.safetensors"
-    save_file(state, str(bad), metadata={**meta, "preprocess": json.dumps({**record, "std": std})})
-    _check_bad(tmp_path, ["keygen", "--model", bad, "--data", folder, "--out", tmp_path / "k.dskey"],
-               "bad.safetensors", "image preprocessing", "std")
+    save_file(state, str(bad), metadata={**meta, "preprocess": json.dumps({**record, **field})})
+    _check_bad(tmp_path, ["keygen", "--model", bad, "--data", folder, "--scheme", "gradsigns", "--out",
+                          tmp_path / "k.dskey"], "bad.safetensors", "image preprocessing", *field)
 
 
 @pytest.mark.parametrize("lost", [ConnectionResetError(104, "Connection reset by peer"), EOFError()],
