@@ -20,6 +20,7 @@ import struct
 import tokenize
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -587,9 +588,18 @@ def _image_file(path: str):
         if st.st_size > MAX_IMAGE_BYTES:
             raise DataError(f"image {shown(path)} is {st.st_size} bytes, more than the {MAX_IMAGE_BYTES} deepsigns "
                             "reads in one image: shrink or remove the file")
-        return os.fdopen(fd, "rb")
+        f = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
+        raise
+    try:
+        if f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:  # (its chunks walked before Pillow walks them)
+            for _ in _png_chunks(f, path):
+                pass
+        f.seek(0)
+        return f
+    except BaseException:
+        f.close()
         raise
 
 
@@ -692,36 +702,66 @@ def _png_data_bytes(width: int, height: int, depth: int, colour: int, interlaced
     return total
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: the most chunks a PNG may hold, and the largest chunk other than image data: a decoder walks
+#: the chunks one at a time (a 144 MB file of 12 million empty chunks had taken minutes, at every
+#: pass), and reads each such chunk whole (one of 512 MiB, sparse on disk, had taken 1.6 GB of
+#: memory per decode); encoders write image data in chunks of 8 KiB or more, so that a PNG of
+#: MAX_IMAGE_PIXELS holds some 33,000 of them, and profiles and text are far smaller
+MAX_PNG_CHUNKS = 1 << 17
+MAX_PNG_CHUNK = 1 << 24
+_PNG_DATA = (b"IDAT", b"fdAT")  # (fdAT: an animated PNG's later frames)
+
+
+def _png_chunks(f, path: str) -> Iterator[tuple[bytes, int, int]]:
+    """(kind, where its body starts, its length) of each chunk of the PNG file `f`, to IEND or
+    the file's end; refuses a PNG past MAX_PNG_CHUNKS chunks, or with a chunk other than image
+    data longer than MAX_PNG_CHUNK, as it comes to it."""
+    at, count = len(_PNG_SIGNATURE), 0
+    while True:
+        f.seek(at)
+        head = f.read(8)
+        if len(head) < 8:
+            return
+        length, kind = struct.unpack(">I4s", head)
+        count += 1
+        if count > MAX_PNG_CHUNKS:
+            raise DataError(f"image {shown(path)} is a PNG of more than {MAX_PNG_CHUNKS} chunks: deepsigns refuses it "
+                            "rather than walk them; re-encode or remove the file")
+        if length > MAX_PNG_CHUNK and kind not in _PNG_DATA:
+            raise DataError(f"image {shown(path)} holds a PNG chunk of {length} bytes beside its image data, more than "
+                            f"the {MAX_PNG_CHUNK} deepsigns reads: re-encode or remove the file")
+        yield kind, at + 8, length
+        if kind == b"IEND":
+            return
+        at += 12 + length
+
+
 def _check_png_rows(f, path: str) -> None:
     """Refuse a PNG whose image data end before its last row. Pillow fills the rows such a file
     lacks with black and says nothing, when its compressed stream ends cleanly (a file cut short
-    mid-stream it refuses)."""
-    f.seek(0)
-    data = f.read()
-    at, chunks, header = 8, [], None
-    while at + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[at:at + 8])
-        body = data[at + 8:at + 8 + length]
-        if kind == b"IHDR" and len(body) >= 13:
-            header = struct.unpack(">IIBBBBB", body[:13])
-        elif kind == b"IDAT":
-            chunks.append(body)
-        elif kind == b"IEND":
-            break
-        at += 12 + length
-    if header is None:
-        return  # (Pillow read the file: nothing to add)
-    width, height, depth, colour, _, _, interlace = header
-    want = _png_data_bytes(width, height, depth, colour, interlace == 1)
-    inflate, got = zlib.decompressobj(), 0
+    mid-stream it refuses). The data are read and inflated a MiB at a time (an image's data may
+    inflate to 256 MiB)."""
+    inflate, got, want = zlib.decompressobj(), 0, None
     try:
-        for chunk in chunks:  # (a MiB at a time: an image's data may inflate to 256 MiB)
-            while chunk and got <= want and not inflate.eof:
-                got += len(inflate.decompress(chunk, 1 << 20))
-                chunk = inflate.unconsumed_tail
+        for kind, at, length in _png_chunks(f, path):
+            if kind == b"IHDR" and length >= 13 and want is None:
+                f.seek(at)
+                width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", f.read(13))
+                want = _png_data_bytes(width, height, depth, colour, interlace == 1)
+            elif kind == b"IDAT" and want is not None:
+                f.seek(at)
+                while length and got <= want and not inflate.eof:
+                    piece = f.read(min(length, 1 << 20))
+                    if not piece:
+                        break
+                    length -= len(piece)
+                    while piece and got <= want and not inflate.eof:
+                        got += len(inflate.decompress(piece, 1 << 20))
+                        piece = inflate.unconsumed_tail
     except zlib.error as exc:
         raise _unreadable(path, exc) from None
-    if got < want:
+    if want is not None and got < want:  # (no header: Pillow read the file, nothing to add)
         raise DataError(f"cannot read image {shown(path)} (its image data end after {got} of {want} bytes: the "
                         "rows after them are missing): deepsigns fails on an unreadable image rather than skip it; "
                         "repair or remove the file")

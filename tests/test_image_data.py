@@ -617,6 +617,14 @@ def _scan_bomb(d: Path) -> None:
     (d / "train" / "4" / "zz-scans.jpg").write_bytes(_progressive_jpeg(64, 141))
 
 
+def test_padded_pngs_within_the_limits_are_read(tmp_path):
+    from deepsigns_cli.data import MAX_PNG_CHUNK, MAX_PNG_CHUNKS, _decode
+
+    for name, padding in (("many", {"chunks": MAX_PNG_CHUNKS - 4}), ("big", {"body": MAX_PNG_CHUNK})):
+        _padded_png(tmp_path / f"{name}.png", **padding)
+        assert np.allclose(_decode(str(tmp_path / f"{name}.png"), 8, 1), 128 / 255)
+
+
 def test_progressive_jpegs_as_encoders_write_them_are_read():
     from deepsigns_cli.data import MAX_JPEG_SCANS, _decode, _jpeg_scans
 
@@ -628,6 +636,42 @@ def test_progressive_jpegs_as_encoders_write_them_are_read():
             assert _jpeg_scans(f) == 9 + repeat and f.tell() == 0
             pixels = _decode(f.name, 8, 3)
         assert np.allclose(pixels.mean((1, 2)), np.array([120, 60, 200]) / 255, atol=0.03)
+
+
+def _padded_png(path: Path, chunks: int = 0, body: int = 0) -> None:
+    """An 8 x 8 grey PNG with `chunks` empty private chunks before its image data, or one private
+    chunk of `body` zero bytes (sparse on disk: the file is extended, not written; Pillow checks
+    its CRC)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    tail = chunk(b"IDAT", zlib.compress((b"\0" + b"\x80" * 8) * 8)) + chunk(b"IEND", b"")  # (8 rows of grey 128)
+    with open(path, "wb") as f:
+        f.write(head + chunk(b"abCd", b"") * chunks)
+        if body:
+            f.write(struct.pack(">I", body) + b"abCd")
+            f.truncate(f.tell() + body)  # (its body: zeros, not written)
+            f.seek(0, os.SEEK_END)
+            f.write(struct.pack(">I", zlib.crc32(bytes(body), zlib.crc32(b"abCd"))))
+        f.write(tail)
+
+
+def _chunk_flood(d: Path) -> None:
+    """A PNG of 131,073 empty chunks (12 million, 144 MB, had taken minutes at every pass)."""
+    from deepsigns_cli.data import MAX_PNG_CHUNKS
+
+    _padded_png(d / "train" / "4" / "zz-flood.png", chunks=MAX_PNG_CHUNKS)
+
+
+def _big_chunk(d: Path) -> None:
+    """A private chunk of 16 MiB and a byte (one of 512 MiB had taken 1.6 GB of memory per decode)."""
+    from deepsigns_cli.data import MAX_PNG_CHUNK
+
+    _padded_png(d / "train" / "4" / "zz-padded.png", body=MAX_PNG_CHUNK + 1)
 
 
 def _dangling_link(d: Path) -> None:
@@ -677,6 +721,8 @@ BAD_FOLDERS = {
     "other-format": (_other_format, ["train/3/zz-scan.bmp", "format deepsigns does not read", "convert it"]),
     "pixel-bomb": (_bomb, ["zz-bomb.png", "6000x6000", "more than 33554432 pixels"]),
     "scan-bomb": (_scan_bomb, ["train/4/zz-scans.jpg", "more than 100 scans", "re-encode or remove"]),
+    "chunk-flood": (_chunk_flood, ["train/4/zz-flood.png", "more than 131072 chunks", "re-encode or remove"]),
+    "big-chunk": (_big_chunk, ["train/4/zz-padded.png", "chunk of 16777217 bytes", "re-encode or remove"]),
 }
 
 
