@@ -709,8 +709,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: memory per decode); encoders write image data in chunks of 8 KiB or more, so that a PNG of
 #: MAX_IMAGE_PIXELS holds some 33,000 of them, and profiles and text are far smaller
 MAX_PNG_CHUNKS = 1 << 17
-MAX_PNG_CHUNK = 1 << 24
-_PNG_DATA = (b"IDAT", b"fdAT")  # (fdAT: an animated PNG's later frames)
+MAX_PNG_CHUNK = 1 << 24  # (an animated PNG's later frames, fdAT, too: Pillow reads them whole to pass them)
 
 
 def _png_chunks(f, path: str) -> Iterator[tuple[bytes, int, int]]:
@@ -728,7 +727,7 @@ def _png_chunks(f, path: str) -> Iterator[tuple[bytes, int, int]]:
         if count > MAX_PNG_CHUNKS:
             raise DataError(f"image {shown(path)} is a PNG of more than {MAX_PNG_CHUNKS} chunks: deepsigns refuses it "
                             "rather than walk them; re-encode or remove the file")
-        if length > MAX_PNG_CHUNK and kind not in _PNG_DATA:
+        if length > MAX_PNG_CHUNK and kind != b"IDAT":
             raise DataError(f"image {shown(path)} holds a PNG chunk of {length} bytes beside its image data, more than "
                             f"the {MAX_PNG_CHUNK} deepsigns reads: re-encode or remove the file")
         yield kind, at + 8, length
