@@ -410,6 +410,20 @@ def test_an_openmp_setting_openmp_cannot_read_is_one_line(name, value):
     assert_one_error_line(proc.stderr, proc.stdout, f"{name}='{value}' is not a value OpenMP")
 
 
+@pytest.mark.parametrize("name, value, needle, taken", [
+    ("TORCH_LOGS", "garbage", "torch could not be loaded (ValueError: Invalid log settings: garbage", "-dynamo"),
+    ("TORCH_CPP_LOG_LEVEL", "bogus", "TORCH_CPP_LOG_LEVEL='bogus' is not a level", "info")])
+def test_a_torch_setting_torch_refuses_is_one_line(tmp_path, name, value, needle, taken):
+    """TORCH_LOGS=garbage failed torch's import, reported as a bug of ours (exit 3); an unknown
+    TORCH_CPP_LOG_LEVEL had put torch's own line above the report."""
+    proc = run_proc("export", SAMPLE, "--out", tmp_path / "m.onnx", env={name: value})
+    assert proc.returncode == 2, proc.stderr
+    line = assert_one_error_line(proc.stderr, proc.stdout, needle)
+    assert name in line and not (tmp_path / "m.onnx").exists()
+    proc = run_proc("export", SAMPLE, "--out", tmp_path / "m.onnx", env={name: taken})  # (a value it takes)
+    assert proc.returncode == 0 and proc.stderr == "" and (tmp_path / "m.onnx").is_file(), proc.stderr
+
+
 def test_openmp_settings_openmp_reads_are_taken():
     for env in ({"OMP_NUM_THREADS": " 1 "}, {"OMP_NUM_THREADS": "1,1"},
                 {"OMP_NUM_THREADS": "+1", "OMP_DYNAMIC": "true"}):

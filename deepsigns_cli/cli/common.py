@@ -135,11 +135,37 @@ def _machine_limit(exc: BaseException) -> str | None:
     return None
 
 
+def _torch_not_loaded(exc: BaseException) -> str | None:
+    """What to say of `exc` when it came while Python loaded one of torch's modules (a value of
+    an environment variable torch reads at import that it refuses: TORCH_LOGS=garbage had been
+    reported as a bug of ours, exit 3); None otherwise."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    places = [os.path.join(p, "") for p in (spec.submodule_search_locations or ())] if spec else []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "<module>" and any(code.co_filename.startswith(p) for p in places):
+            named = sorted(k for k in os.environ if k.startswith(("TORCH", "PYTORCH")))
+            return (f"torch could not be loaded ({type(exc).__name__}: {one_line(exc, 240)}): "
+                    + (f"correct or unset the variable it refuses ({', '.join(named)} set here)" if named else
+                       "check the torch installation (reinstall it: pip install torch)"))
+        tb = tb.tb_next
+    return None
+
+
 def internal_error(exc: BaseException):
     if debugging():
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
+    not_loaded = _torch_not_loaded(exc)
+    if not_loaded is not None:
+        fail(not_loaded, EXIT_BAD_INPUT)
     limit = _machine_limit(exc)
     if limit is not None:
         said = one_line(exc, 120)

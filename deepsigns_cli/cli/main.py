@@ -239,6 +239,11 @@ def _openmp_settings() -> None:
         sys.stderr.write(text)
 
 
+# what torch's C++ logging takes as TORCH_CPP_LOG_LEVEL (any case; empty: its default); another
+# value it named in a line of its own above the report, and went on at its default
+_CPP_LOG_LEVELS = ("", "0", "1", "2", "3", "INFO", "WARNING", "ERROR", "FATAL")
+
+
 def main():
     State.process = True  # (signals are ignored once the command has ended: teardown is not stopped)
     _no_core_dumps()
@@ -248,4 +253,8 @@ def main():
         fail("the current folder was removed: cd into a folder that exists, then run the command again",
              EXIT_BAD_INPUT)
     _openmp_settings()
+    level = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    if level is not None and level.upper() not in _CPP_LOG_LEVELS:
+        fail(f"TORCH_CPP_LOG_LEVEL={one_line(repr(level), 40)} is not a level torch's logging can read: set it to "
+             "INFO, WARNING, ERROR or FATAL (or 0 to 3), or unset it", EXIT_BAD_INPUT)
     cli(prog_name="deepsigns")
