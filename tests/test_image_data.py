@@ -638,7 +638,7 @@ def test_progressive_jpegs_as_encoders_write_them_are_read():
         assert np.allclose(pixels.mean((1, 2)), np.array([120, 60, 200]) / 255, atol=0.03)
 
 
-def _padded_png(path: Path, chunks: int = 0, body: int = 0) -> None:
+def _padded_png(path: Path, chunks: int = 0, body: int = 0, kind: bytes = b"abCd") -> None:
     """An 8 x 8 grey PNG with `chunks` empty private chunks before its image data, or one private
     chunk of `body` zero bytes (sparse on disk: the file is extended, not written; Pillow checks
     its CRC)."""
@@ -653,10 +653,10 @@ def _padded_png(path: Path, chunks: int = 0, body: int = 0) -> None:
     with open(path, "wb") as f:
         f.write(head + chunk(b"abCd", b"") * chunks)
         if body:
-            f.write(struct.pack(">I", body) + b"abCd")
+            f.write(struct.pack(">I", body) + kind)
             f.truncate(f.tell() + body)  # (its body: zeros, not written)
             f.seek(0, os.SEEK_END)
-            f.write(struct.pack(">I", zlib.crc32(bytes(body), zlib.crc32(b"abCd"))))
+            f.write(struct.pack(">I", zlib.crc32(bytes(body), zlib.crc32(kind))))
         f.write(tail)
 
 
@@ -672,6 +672,13 @@ def _big_chunk(d: Path) -> None:
     from deepsigns_cli.data import MAX_PNG_CHUNK
 
     _padded_png(d / "train" / "4" / "zz-padded.png", body=MAX_PNG_CHUNK + 1)
+
+
+def _big_frame(d: Path) -> None:
+    """An animated PNG's later frame (fdAT) of 16 MiB and a byte: Pillow reads it whole to pass it."""
+    from deepsigns_cli.data import MAX_PNG_CHUNK
+
+    _padded_png(d / "train" / "4" / "zz-frames.png", body=MAX_PNG_CHUNK + 1, kind=b"fdAT")
 
 
 def _dangling_link(d: Path) -> None:
@@ -723,6 +730,7 @@ BAD_FOLDERS = {
     "scan-bomb": (_scan_bomb, ["train/4/zz-scans.jpg", "more than 100 scans", "re-encode or remove"]),
     "chunk-flood": (_chunk_flood, ["train/4/zz-flood.png", "more than 131072 chunks", "re-encode or remove"]),
     "big-chunk": (_big_chunk, ["train/4/zz-padded.png", "chunk of 16777217 bytes", "re-encode or remove"]),
+    "big-frame": (_big_frame, ["train/4/zz-frames.png", "chunk of 16777217 bytes", "re-encode or remove"]),
 }
 
 
