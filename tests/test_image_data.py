@@ -639,14 +639,14 @@ def test_progressive_jpegs_as_encoders_write_them_are_read():
 
 
 def _padded_png(path: Path, chunks: int = 0, body: int = 0, kind: bytes = b"abCd") -> None:
-    """An 8 x 8 grey PNG with `chunks` empty private chunks before its image data, or one private
-    chunk of `body` zero bytes (sparse on disk: the file is extended, not written; Pillow checks
-    its CRC)."""
+    """An 8 x 8 grey PNG with `chunks` empty private chunks before its image data, or one chunk
+    of kind `kind` and `body` zero bytes (sparse on disk: the file is extended, not written;
+    Pillow checks its CRC)."""
     import struct
     import zlib
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    def chunk(name: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + name + data + struct.pack(">I", zlib.crc32(name + data))
 
     head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
     tail = chunk(b"IDAT", zlib.compress((b"\0" + b"\x80" * 8) * 8)) + chunk(b"IEND", b"")  # (8 rows of grey 128)
