@@ -153,7 +153,7 @@ def _torch_not_loaded(exc: BaseException) -> str | None:
             named = sorted(k for k in os.environ if k.startswith(("TORCH", "PYTORCH")))
             return (f"torch could not be loaded ({type(exc).__name__}: {one_line(exc, 240)}): "
                     + (f"correct or unset the variable it refuses ({', '.join(named)} set here)" if named else
-                       "check the torch installation (reinstall it: pip install torch)"))
+                       "check the torch installation"))
         tb = tb.tb_next
     return None
 
@@ -163,13 +163,13 @@ def internal_error(exc: BaseException):
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
-    not_loaded = _torch_not_loaded(exc)
-    if not_loaded is not None:
-        fail(not_loaded, EXIT_BAD_INPUT)
-    limit = _machine_limit(exc)
+    limit = _machine_limit(exc)  # (first: memory that runs out while torch loads is told as such)
     if limit is not None:
         said = one_line(exc, 120)
         fail(f"{limit} ({type(exc).__name__}{': ' + said if said else ''})", EXIT_BAD_INPUT)
+    not_loaded = _torch_not_loaded(exc)
+    if not_loaded is not None:
+        fail(not_loaded, EXIT_BAD_INPUT)
     fail(f"internal error, a bug in deepsigns, not in your input ({type(exc).__name__}: "
          f"{one_line(exc)}): rerun with --debug (or {DEBUG_ENV}=1) for the traceback and report it",
          EXIT_INTERNAL)
