@@ -571,10 +571,11 @@ MAX_IMAGE_PIXELS = 2**25  # (a 32-megapixel photograph)
 MAX_IMAGE_BYTES = 2**29
 
 
-def _image_file(path: str):
+def _image_file(path: str, rows: bool = False):
     """The image file at `path`, open for reading: a regular file of at most MAX_IMAGE_BYTES,
     opened without waiting (a FIFO put in an image's place while a command runs had stopped
-    it for good)."""
+    it for good). A PNG's chunks are walked before Pillow walks them, and with `rows` (to be
+    decoded) its image data are checked to hold every row, in the same walk."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
@@ -593,9 +594,8 @@ def _image_file(path: str):
         os.close(fd)
         raise
     try:
-        if f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:  # (its chunks walked before Pillow walks them)
-            for _ in _png_chunks(f, path):
-                pass
+        if f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:
+            _check_png(f, path, rows)
         f.seek(0)
         return f
     except BaseException:
@@ -664,11 +664,8 @@ class _ImageFiles:
 def _decode(path: str, size: int, channels: int) -> np.ndarray:
     image = _pil()
     try:
-        with _image_file(path) as f, image.open(f, formats=IMAGE_FORMATS) as im:
+        with _image_file(path, rows=True) as f, image.open(f, formats=IMAGE_FORMATS) as im:
             _check_pixels(im, path, f)
-            if im.format == "PNG":
-                im.load()
-                _check_png_rows(f, path)
             white = _WIDE_MODES.get(im.mode)
             if white is not None:  # its own range scaled to [0, 1], in float (mode F)
                 im = image.fromarray((np.asarray(im, dtype=np.float32) / white).clip(0.0, 1.0))
@@ -736,14 +733,16 @@ def _png_chunks(f, path: str) -> Iterator[tuple[bytes, int, int]]:
         at += 12 + length
 
 
-def _check_png_rows(f, path: str) -> None:
-    """Refuse a PNG whose image data end before its last row. Pillow fills the rows such a file
-    lacks with black and says nothing, when its compressed stream ends cleanly (a file cut short
-    mid-stream it refuses). The data are read and inflated a MiB at a time (an image's data may
-    inflate to 256 MiB)."""
+def _check_png(f, path: str, rows: bool) -> None:
+    """Walk a PNG's chunks (_png_chunks' limits) and, with `rows`, refuse one whose image data
+    end before its last row. Pillow fills the rows such a file lacks with black and says
+    nothing, when its compressed stream ends cleanly (a file cut short mid-stream it refuses).
+    The data are read and inflated a MiB at a time (an image's data may inflate to 256 MiB)."""
     inflate, got, want = zlib.decompressobj(), 0, None
     try:
         for kind, at, length in _png_chunks(f, path):
+            if not rows:
+                continue
             if kind == b"IHDR" and length >= 13 and want is None:
                 f.seek(at)
                 width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", f.read(13))

@@ -7,6 +7,7 @@ Anything else that escapes a command is a bug: the CLI reports it with exit code
 from __future__ import annotations
 
 import re
+import signal
 
 __all__ = [
     "DeepSignsError",
@@ -168,6 +169,12 @@ def shown(path: object) -> str:
     are escaped, so that a message about the file stays one line."""
     text = str(path)
     return _CONTROL.sub(_escaped, text)
+
+
+#: the signals that stop a command (Ctrl-C, `kill`, a closed terminal, Ctrl-\), each reported as
+#: `Interrupted`: held during a commit (fileio), and SIGINT aside (Python's KeyboardInterrupt)
+#: handled by the CLI
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class Interrupted(KeyboardInterrupt):

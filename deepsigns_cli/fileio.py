@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import DeepSignsError, InputError, Interrupted, OutputExistsError, one_line, shown
+from .errors import STOP_SIGNALS, DeepSignsError, InputError, Interrupted, OutputExistsError, one_line, shown
 
 __all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "held_after_commit",
            "outputs_written", "not_final", "scratch_folder", "sweep_run", "sha256_file", "is_main_process", "run_place"]
@@ -240,10 +240,6 @@ class _Lock:
 
     def release(self) -> None:
         os.close(self.fd)
-
-
-#: the signals that stop a command (Ctrl-C, `kill`, a closed terminal, Ctrl-\)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 @contextlib.contextmanager

@@ -397,7 +397,7 @@ def _plain(value):
         return {valid_text(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy
+    if hasattr(value, "tolist") and not isinstance(value, bytes):  # numpy
         return _plain(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .defaults import PRECISIONS
-from .errors import DeepSignsError, InputError, TrainingError
+from .errors import STOP_SIGNALS, DeepSignsError, InputError, TrainingError
 from .objective import Objective
 
 __all__ = [
@@ -208,7 +208,7 @@ def distributed(device: str = "auto"):
     another process ends this one with one line, and nothing is written."""
     import torch.distributed as dist
 
-    from .fileio import STOP_SIGNALS, run_place, stop_with_parent
+    from .fileio import run_place, stop_with_parent
 
     world = run_place()[1]
     if world == 1 or _grouped():
@@ -590,7 +590,8 @@ def _loader_temp_dir() -> None:
         tempfile.tempdir = saved
 
 
-_STOP_SIGNALS = re.compile(r"killed by signal: (Terminated|Hangup|Interrupt|Quit)")
+# (torch names a loader process's signal as strsignal does: "Terminated", "Hangup", ...)
+_STOP_SIGNALS = re.compile(f"killed by signal: ({'|'.join(re.escape(signal.strsignal(s)) for s in STOP_SIGNALS)})")
 _OWN_SIGNAL_SECONDS = 0.5
 
 

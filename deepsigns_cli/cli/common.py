@@ -135,17 +135,22 @@ def _machine_limit(exc: BaseException) -> str | None:
     return None
 
 
-def _torch_not_loaded(exc: BaseException) -> str | None:
-    """What to say of `exc` when it came while Python loaded one of torch's modules (a value of
-    an environment variable torch reads at import that it refuses: TORCH_LOGS=garbage had been
-    reported as a bug of ours, exit 3); None otherwise."""
+def torch_places() -> list[str]:
+    """The folders of the torch package, found without importing it (none: torch is not found)."""
     import importlib.util
 
     try:
         spec = importlib.util.find_spec("torch")
     except (ImportError, ValueError):
-        return None
-    places = [os.path.join(p, "") for p in (spec.submodule_search_locations or ())] if spec else []
+        return []
+    return list(spec.submodule_search_locations or ()) if spec is not None else []
+
+
+def _torch_not_loaded(exc: BaseException) -> str | None:
+    """What to say of `exc` when it came while Python loaded one of torch's modules (a value of
+    an environment variable torch reads at import that it refuses: TORCH_LOGS=garbage had been
+    reported as a bug of ours, exit 3); None otherwise."""
+    places = [os.path.join(p, "") for p in torch_places()]
     tb = exc.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code

@@ -15,8 +15,8 @@ import click
 
 from .. import __version__
 from ..api import signal_again
-from ..errors import Interrupted, one_line
-from .common import EXIT_BAD_INPUT, OnceGroup, State, fail, internal_error, interrupted, stdout_failed
+from ..errors import STOP_SIGNALS, Interrupted, one_line
+from .common import EXIT_BAD_INPUT, OnceGroup, State, fail, internal_error, interrupted, stdout_failed, torch_places
 
 COMMANDS = {
     "train": "Train a plain (unmarked) baseline model.",
@@ -118,8 +118,9 @@ class LazyGroup(OnceGroup):
             _HOME = os.getpid()
             # (SIGHUP: the terminal or the ssh link went; SIGQUIT: Ctrl-\, whose default, a core
             # dump, is not written (_no_core_dumps) and had left the outputs' .part files behind)
-            for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-                signal.signal(signum, _terminate)
+            for signum in STOP_SIGNALS:
+                if signum != signal.SIGINT:  # (Python raises KeyboardInterrupt for it)
+                    signal.signal(signum, _terminate)
             threading.excepthook = _thread_failed
             sys.unraisablehook = _unraisable
         with warnings.catch_warnings():
@@ -198,12 +199,9 @@ def _openmp_settings() -> None:
         return
     import ctypes
     import glob
-    import importlib.util
 
-    spec = importlib.util.find_spec("torch")  # (found, not imported)
-    places = list(spec.submodule_search_locations or ()) if spec is not None else []
-    found = [f for place in places for f in sorted(glob.glob(os.path.join(place, "lib", "libgomp*.so*"))
-                                                  + glob.glob(os.path.join(place + ".libs", "libgomp*.so*")))]
+    found = [f for place in torch_places() for f in sorted(glob.glob(os.path.join(place, "lib", "libgomp*.so*"))
+                                                          + glob.glob(os.path.join(place + ".libs", "libgomp*.so*")))]
     if not found:
         return
     try:
