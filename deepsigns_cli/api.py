@@ -502,7 +502,8 @@ def scan(command: str, models: list[str | Path], keys: str | Path, passphrase: P
 def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: float = DEFAULT_ALPHA,
             arch: str | None = None, arch_kwargs: dict | None = None, provider: str = "auto",
             timeout: float | None = DEFAULT_TIMEOUT, names: list[str] | None = None,
-            controls: list[str | Path] = ()) -> DisputeReport:
+            controls: list[str | Path] = (), commitments: list[str | None] | None = None,
+            output: str | None = None, queries: int | None = None) -> DisputeReport:
     """`deepsigns dispute`: two parties' (bundle, passphrase, model); every party's keys read
     (white-box, as `extract`) from every party's model. The reading: a party whose mark is in
     the other's model while the other's mark is not in theirs marked first (the other model
@@ -510,7 +511,9 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
     must detect none of the `controls`: models that neither party made. (A bundle is sealed by
     whoever holds its passphrase, and nothing in it proves that keygen drew its keys: keys
     sealed by hand, real samples under their true labels, claim every good classifier, the
-    controls too; keygen's claim none they were not embedded in.)"""
+    controls too; keygen's claim none they were not embedded in.) `commitments`: the one each
+    party published, in order (a bundle other than the published one is refused); `output`,
+    `queries`: as extract's."""
     from .fileio import sha256_file
     from .results import DisputeParty, DisputeReport
 
@@ -532,8 +535,17 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
             raise InputError(f"{shown(control)} is a party's model: a control is a model neither party made")
     if sha256_file(parties[0][0]) == sha256_file(parties[1][0]):  # (each would read its own mark twice)
         raise InputError("the two parties give the same key bundle: a dispute is between two owners' bundles")
+    commitments = list(commitments or (None, None))
+    if len(commitments) != 2:
+        raise InputError(f"give one --commitment per --party (2), or none, not {len(commitments)}")
+    for name, (keys, _, _), published in zip(names, parties, commitments, strict=True):
+        try:  # (before any passphrase, naming the party)
+            check_commitment(keys, published)
+        except InputError as exc:
+            raise InputError(f"{name}'s bundle: {exc}") from None
     readers = [_Reader("extract", keys, passphrase, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
-                       provider=provider, timeout=timeout) for keys, passphrase, _ in parties]
+                       provider=provider, timeout=timeout, commitment=published, output=output, queries=queries)
+               for (keys, passphrase, _), published in zip(parties, commitments, strict=True)]
     made = {readers[0].weights(model) for _, _, model in parties} - {None} if controls else set()
     for control in controls:  # (a copy of other bytes: saved again, with other metadata, as a .pt)
         if readers[0].weights(control) in made:
@@ -732,14 +744,16 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
            arch_kwargs: dict | None = None, force: bool = False, passphrase: Passphrase | None = None,
            timeout: float | None = DEFAULT_TIMEOUT, progress: Progress | None = None,
            provider: str = "auto", recorded: dict | None = None, shown_as: str | None = None,
-           also_inputs: dict | None = None) -> AttackReport:
+           also_inputs: dict | None = None, batch_size: int = 64, workers: int = 0,
+           precision: str = "fp32") -> AttackReport:
     """`deepsigns attack NAME`: the attacked model, written to `out` (never the input): a
     checkpoint (.safetensors) or an ONNX file (.onnx), as the attack's registry row allows.
     `passphrase`: for the attacks that seal a bundle of their own (overwrite). `timeout`: the
     seconds an ONNX model (the victim, the attacked model) may take to answer the test set, on
     onnxruntime's `provider`. `recorded`: parameters the checkpoint's record of the attack names
     otherwise (a sweep makes the attacker's bundle in a scratch folder, and keeps it elsewhere);
-    `shown_as`, what messages call the attacked model (a sweep's is in its scratch folder)."""
+    `shown_as`, what messages call the attacked model (a sweep's is in its scratch folder).
+    `batch_size`, `workers`, `precision`: how the attacks that train do (as train's)."""
     import time
 
     import numpy as np
@@ -757,6 +771,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
             raise InputError(f"--{key.replace('_', '-')} is not an option of attack {name}")
         given[key] = known[key].check(value)  # (as the check gives it: -0.0 as 0.0)
     _check_int("seed", seed)
+    _check_int("batch_size", batch_size)
     _check_positive("timeout", timeout)
     out_kind = _attack_out_kind(name, out, entry.writes)
     victim_onnx = str(model).lower().endswith(".onnx")
@@ -776,7 +791,8 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         ctx = AttackContext(info=info, data=dataset, options=given, rng=np.random.default_rng(seed),
                             seed=seed, device=device, progress=progress, out_kind=out_kind,
                             add_output=outs.add,
-                            passphrase=None if passphrase is None else lambda: _passphrase(passphrase))
+                            passphrase=None if passphrase is None else lambda: _passphrase(passphrase),
+                            batch_size=batch_size, workers=workers, precision=precision)
         seed_everything(seed)
         started = time.perf_counter()
         attacked, params = load_attack(name).run(net, ctx)
@@ -792,11 +808,15 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
           arch: str | None = None, arch_kwargs: dict | None = None, alpha: float = DEFAULT_ALPHA,
           keep: str | Path | None = None, plot: str | Path | None = None, force: bool = False,
           attacker_passphrase: Passphrase | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-          progress: Progress | None = None, provider: str = "auto", also_inputs: dict | None = None) -> SweepReport:
+          progress: Progress | None = None, provider: str = "auto", also_inputs: dict | None = None,
+          commitment: str | None = None, output: str | None = None, queries: int | None = None,
+          batch_size: int = 64, workers: int = 0, precision: str = "fp32") -> SweepReport:
     """`deepsigns attack NAME --sweep PARAM=v1,v2,...`: the attack at each strength, then the
     owner's keys read in the result (extract: every scheme; verify: the black-box schemes from
     the ONNX answers, a checkpoint exported first). `keep`: a folder for the attacked models
-    (else they are removed); `plot`: a PNG of accuracy and evidence against strength."""
+    (else they are removed); `plot`: a PNG of accuracy and evidence against strength.
+    `commitment`, `output`, `queries`: as extract's and verify's; `batch_size`, `workers`,
+    `precision`: as attack's."""
     import shutil
 
     from .bundle import BUNDLE_MODE
@@ -853,13 +873,14 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                     if path is not None:
                         check_output(path, force, inputs=inputs, option=flag)
     check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
+    check_commitment(keys, commitment)  # (and one other than the published one)
     secret = _passphrase(passphrase)  # asked once for both readers
-    extract_reader = _Reader("extract", keys, secret, alpha=alpha, arch=arch, arch_kwargs=arch_kwargs,
-                             timeout=timeout, provider=provider)
+    reading = dict(alpha=alpha, timeout=timeout, provider=provider, commitment=commitment, output=output,
+                   queries=queries)
+    extract_reader = _Reader("extract", keys, secret, arch=arch, arch_kwargs=arch_kwargs, **reading)
     bundle = extract_reader.bundle
     blackbox = any(scheme_entry(n).blackbox for n in bundle.schemes)
-    verify_reader = _Reader("verify", keys, secret, alpha=alpha, timeout=timeout, provider=provider) \
-        if blackbox else None
+    verify_reader = _Reader("verify", keys, secret, **reading) if blackbox else None
     # the report's parameters: the attack's options but the ones each strength sets; the rest of
     # what the attack reports (sparsity, samples, ...) is its own result at that strength
     settings = {o.key for o in entry.options} - {option.key, "attacker_keys"}
@@ -913,7 +934,8 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                                     passphrase=attacker_passphrase if entry.passphrase else None, timeout=timeout,
                                     provider=provider, progress=progress,
                                     recorded={"attacker_keys": str(final[1])} if final[1] is not None else None,
-                                    shown_as=f"the model of {name} {param}={value}")
+                                    shown_as=f"the model of {name} {param}={value}", batch_size=batch_size,
+                                    workers=workers, precision=precision)
                     params = params or {k: v for k, v in report.params.items() if k in settings}
                     results = {k: v for k, v in report.params.items() if k not in settings and k != option.key
                                and k != "attacker_keys"}

@@ -102,6 +102,7 @@ class AttackEntry:
     takes: str = "torch"  # what `run` gets: "torch" (a checkpoint's model) or "onnx" (a ModelProto)
     writes: tuple[str, ...] = ("checkpoint", "onnx")  # the kinds of --out it can write
     passphrase: bool = False  # it seals a bundle of its own (the attacker's)
+    trains: bool = False  # it trains (AttackContext.training): it takes --batch-size, --workers, --precision
 
 
 _BITS = Option("--bits", "int", "random signature of N bits (default 64; hidden: held at each target class).",
@@ -176,6 +177,7 @@ ATTACKS: dict[str, AttackEntry] = {
             Option("--reinit-last", "flag", "re-initialise the last layer first (RTLL, RTAL)."),
             _FRACTION,
         ),
+        trains=True,
     ),
     "prune": AttackEntry(
         name="prune",
@@ -189,6 +191,7 @@ ATTACKS: dict[str, AttackEntry] = {
                    "weights held at zero (default 0).", 0, 100000),
             _LR, _OPTIMIZER, _FRACTION,
         ),
+        trains=True,
     ),
     "overwrite": AttackEntry(
         name="overwrite",
@@ -203,6 +206,7 @@ ATTACKS: dict[str, AttackEntry] = {
                    1, 100000),
         ),
         passphrase=True,
+        trains=True,
     ),
     "quantize": AttackEntry(
         name="quantize",
@@ -238,6 +242,7 @@ ATTACKS: dict[str, AttackEntry] = {
                    "(default 1).", 0.01, 100.0),
             _FRACTION,
         ),
+        trains=True,
     ),
     "round-scores": AttackEntry(
         name="round-scores",

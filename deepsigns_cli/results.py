@@ -426,7 +426,8 @@ def to_json_dict(report) -> dict:
                  for i, row in enumerate(report.matrix) for j, d in enumerate(row)]
         checked = [cell(i, {"control": report.controls[j]}, d)
                    for i, row in enumerate(report.checked) for j, d in enumerate(row)]
-        return _plain({"command": "dispute", "alpha": report.alpha, "first": report.first,
+        return _plain({"command": "dispute", "detected": report.detected, "alpha": report.alpha,
+                       "first": report.first,
                        "reading": report.reading, "parties": [asdict(p) for p in report.parties],
                        "matrix": cells, "controls": checked})
     if isinstance(report, ScanReport):

@@ -220,3 +220,31 @@ def test_an_attacked_checkpoint_records_the_attack_and_a_seed_gives_the_same_byt
     assert load_checkpoint(outs[0])[1].extra["attack"] == {"name": "finetune", "params": reports[0]["params"],
                                                           "seed": 5}
     assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+@pytest.mark.parametrize("name, args", [
+    ("finetune", ("--epochs", 1)),
+    ("prune", ("--finetune-epochs", 1)),
+    ("distill", ("--epochs", 1)),
+    ("overwrite", ("--scheme", "hidden", "--epochs", 1, "--attacker-keys", "{tmp}/thief.dskey")),
+])
+def test_the_attacks_that_train_take_train_and_embeds_training_flags(name, args, marked, tmp_path, monkeypatch):
+    """--batch-size, --workers and --precision, as on train and embed (the attacks had trained at
+    64 samples per step in this process, whatever the data: an image folder too large for a step
+    of 64 could not be attacked). The loop is watched as it runs, not replaced."""
+    from deepsigns_cli import training
+
+    seen, real = [], training._fit
+
+    def watched(model, x, y, cfg, *rest):
+        seen.append(cfg)
+        return real(model, x, y, cfg, *rest)
+
+    monkeypatch.setattr(training, "_fit", watched)
+    args = [str(a).format(tmp=tmp_path) for a in args]
+    run_json("attack", name, "--model", marked.marked, *args, "--batch-size", 24, "--workers", 1,
+             "--precision", "bf16", "--device", "cpu", "--out", tmp_path / "a.safetensors")
+    assert seen and all((c.batch_size, c.workers, c.precision) == (24, 1, "bf16") for c in seen), seen
+    result = run_cli("attack", "noise", "--model", marked.marked, "--batch-size", 24,
+                     "--out", tmp_path / "n.safetensors", code=2)  # (it trains nothing)
+    assert "No such option '--batch-size'" in result.stderr

@@ -357,6 +357,8 @@ def test_a_sweep_keeps_each_attackers_bundle_and_its_record_names_it_where_it_is
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{tmp}/kept.pt"], "keeps its models in a folder"),
     (["--sweep", "rate=0.5", "--keys", "{keys}", "--out", "{tmp}/kept.PTH"], "keeps its models in a folder"),
     (["--sweep", "rate=0.5", "--sweep", "rate=0.2", "--keys", "{keys}"], "--sweep is given twice"),
+    (["--sweep", "rate=0.5", "--keys", "{keys}", "--commitment", "0" * 64], "not the published 0000"),
+    (["--rate", "0.5", "--commitment", "0" * 64, "--out", "{tmp}/p.safetensors"], "--commitment goes with --sweep"),
 ])
 def test_bad_sweeps_are_refused_with_one_line(marked, tmp_path, args, needle):
     args = [a.format(keys=marked.keys, tmp=tmp_path) for a in args]

@@ -40,6 +40,27 @@ def test_dispute_after_overwriting_names_the_owner(overwritten):
     assert run_json(*swapped, code=0)["first"] == "owner"
     out = run_cli(*args[:-4]).stdout
     assert "A marked first" in out and "commitment" in out
+    assert report["detected"] is True  # (--json's `detected` is the verdict, as the exit code)
+
+
+def test_published_commitments_are_checked_party_by_party(overwritten):
+    """`--commitment`, once per party in order, as extract's: a bundle other than the one
+    published is refused, naming whose it is; the party's passphrase file is named as the
+    --party word it is (there is no --passphrase-file in a dispute)."""
+    folder, marked, thief = overwritten
+    owner, other = (run_json("inspect", k)["commitment"] for k in (marked.keys, folder / "thief.dskey"))
+    parties = ["--party", marked.keys, folder / "owner.pass", marked.marked,
+               "--party", folder / "thief.dskey", folder / "thief.pass", thief, "--name", "owner", "--name", "thief"]
+    report = run_json("dispute", *parties, "--commitment", owner, "--commitment", other, code=0)
+    assert report["first"] == "owner" and [p["commitment"] for p in report["parties"]] == [owner, other]
+    result = run_cli("dispute", *parties, "--commitment", owner, "--commitment", owner, code=2)
+    assert_one_error_line(result.stderr, result.stdout, "thief's bundle", f"not the published {owner[:16]}")
+    result = run_cli("dispute", *parties, "--commitment", owner, code=2)
+    assert_one_error_line(result.stderr, result.stdout, "one --commitment per --party")
+    (folder / "empty.pass").write_text("")
+    result = run_cli("dispute", "--party", marked.keys, folder / "missing.pass", marked.marked, *parties[4:], code=2)
+    assert_one_error_line(result.stderr, result.stdout, "check the PASSPHRASE_FILE of --party 1")
+    assert "--passphrase-file" not in result.stderr
 
 
 def test_the_same_model_twice_is_undecided(overwritten):

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from ..checkpoint import ModelInfo
     from ..data import Dataset
-    from ..training import Progress
+    from ..training import Progress, TrainConfig
 
 __all__ = ["Attack", "AttackContext"]
 
@@ -34,10 +34,22 @@ class AttackContext:
     # temporary path, committed with --out only when everything succeeded
     add_output: Callable[..., Path]
     passphrase: Callable[[], str] | None = None  # for attacks that seal a bundle
+    # how an attack that trains (a registry row with trains=True) trains: --batch-size, --workers, --precision
+    batch_size: int = 64
+    workers: int = 0
+    precision: str = "fp32"
 
     def option(self, key: str, default):
         value = self.options.get(key)
         return default if value is None else value
+
+    def training(self, **settings) -> TrainConfig:
+        """The training of an attack that trains: `settings` (epochs, lr, ...) with --seed,
+        --device, --batch-size, --workers and --precision."""
+        from ..training import TrainConfig
+
+        return TrainConfig(seed=self.seed, device=self.device, batch_size=self.batch_size, workers=self.workers,
+                           precision=self.precision, **settings)
 
 
 class Attack:

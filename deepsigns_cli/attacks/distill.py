@@ -9,7 +9,7 @@ import torch
 
 from ..checkpoint import ModelInfo
 from ..errors import InputError, one_line
-from ..training import TrainConfig, fit, predict, resolve_device
+from ..training import fit, predict, resolve_device
 from ..zoo import build_model
 from .base import Attack
 from .finetune import attacker_data
@@ -60,9 +60,8 @@ class DistillAttack(Attack):
         targets = torch.softmax(logits / temperature, dim=1).numpy()
 
         # 3. the student trained on them
-        cfg = TrainConfig(epochs=epochs, lr=lr, seed=ctx.seed, device=ctx.device,
-                          description=self.name, loss="soft")
-        fit(student, x, targets, cfg, progress=ctx.progress)
+        fit(student, x, targets, ctx.training(epochs=epochs, lr=lr, description=self.name, loss="soft"),
+            progress=ctx.progress)
         student.deepsigns_info = ModelInfo(student_arch, student_kwargs, info.input_shape,
                                            info.num_classes, lr, dict(info.extra))
         return student, {"epochs": epochs, "lr": lr, "student": student_arch,

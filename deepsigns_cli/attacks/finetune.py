@@ -9,7 +9,7 @@ from torch import nn
 
 from ..checkpoint import DEFAULT_LR
 from ..errors import InputError
-from ..training import TrainConfig, fit
+from ..training import fit
 from .base import Attack, AttackContext
 
 __all__ = ["FinetuneAttack", "ATTACK", "attacker_data", "last_linear", "victim_lr"]
@@ -81,9 +81,8 @@ class FinetuneAttack(Attack):
         try:
             for p in frozen:
                 p.requires_grad_(False)
-            cfg = TrainConfig(epochs=epochs, lr=lr, seed=ctx.seed, device=ctx.device,
-                              description=self.name, optimizer=optimizer)
-            fit(model, x, y, cfg, progress=ctx.progress)
+            fit(model, x, y, ctx.training(epochs=epochs, lr=lr, description=self.name, optimizer=optimizer),
+                progress=ctx.progress)
         finally:
             for p, flag in frozen.items():
                 p.requires_grad_(flag)

@@ -49,7 +49,9 @@ class OverwriteAttack(Attack):
         bundle = api.make_keys(model, ctx.info, ctx.data, names, {n: {} for n in names}, seed=seed)
         try:
             model, _, bundle, report = api.embed_keys(model, ctx.info, ctx.data, bundle, epochs=epochs,
-                                                      seed=ctx.seed, device=ctx.device, progress=ctx.progress)
+                                                      seed=ctx.seed, device=ctx.device, progress=ctx.progress,
+                                                      batch_size=ctx.batch_size, workers=ctx.workers,
+                                                      precision=ctx.precision)
         except NotLearnt as err:  # (the attacker's keys are made at the defaults: --epochs is the remedy)
             raise NotLearnt(f"the attacker's embedding: {err.what}", "raise --epochs") from None
         commitment = write_bundle(bundle, tmp, secret)

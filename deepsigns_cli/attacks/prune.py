@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..objective import Objective
-from ..training import TrainConfig, fit
+from ..training import fit
 from .base import Attack
 from .finetune import attacker_data, victim_lr
 
@@ -89,9 +89,8 @@ class PruneAttack(Attack):
                 w.mul_(keep[name])
         if epochs:
             x, y = attacker_data(ctx, fraction)
-            cfg = TrainConfig(epochs=epochs, lr=lr, seed=ctx.seed, device=ctx.device,
-                              description=self.name, optimizer=optimizer)
-            fit(model, x, y, cfg, objectives=[KeepPruned(keep)], progress=ctx.progress)
+            fit(model, x, y, ctx.training(epochs=epochs, lr=lr, description=self.name, optimizer=optimizer),
+                objectives=[KeepPruned(keep)], progress=ctx.progress)
         weights = prunable(model)
         total = sum(w.numel() for w in weights.values())
         zeros = sum(int((w == 0).sum()) for w in weights.values())

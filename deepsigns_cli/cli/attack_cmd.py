@@ -11,18 +11,23 @@ from .common import (
     OnceGroup,
     alpha_option,
     arch_options,
+    batch_size_option,
+    commitment_option,
     common_options,
     data_option,
     device_option,
     emit,
     force_option,
+    output_option,
     parse_arch_kwargs,
     passphrase_from,
     progress_bar,
     provider_option,
+    queries_option,
     registry_option,
     timeout_option,
 )
+from .launch import precision_option, workers_option
 
 
 def _parse_sweep(text: str) -> tuple[str, list]:
@@ -44,17 +49,20 @@ def _attack_command(name: str) -> click.Command:
     entry = api.ATTACKS[name]
 
     def run(model_path, arch, arch_kwargs, data_spec, out, force, device, seed, json_, sweep, keys_path,
-            passphrase_file, alpha, plot, provider, timeout, attacker_passphrase_file=None, **options):
+            passphrase_file, commitment, output_name, queries, alpha, plot, provider, timeout,
+            attacker_passphrase_file=None, **options):
         attacker = passphrase_from(attacker_passphrase_file, confirm=True,
                                    option="--attacker-passphrase-file") if entry.passphrase else None
-        kwargs = dict(data=data_spec, options=options, seed=seed or 0, device=device, arch=arch,
+        training = {k: options.pop(k) for k in ("batch_size", "workers", "precision") if k in options}
+        kwargs = dict(data=data_spec, options=options, seed=seed or 0, device=device, arch=arch, **training,
                       arch_kwargs=parse_arch_kwargs(arch_kwargs), force=force, timeout=timeout, provider=provider,
                       also_inputs={"--passphrase-file": passphrase_file,  # (never overwritten, as every input)
                                    "--attacker-passphrase-file": attacker_passphrase_file})
         if sweep is None:  # (--alpha 5 or a passphrase file had been taken and ignored)
             ctx = click.get_current_context()
             for flag, param in (("--keys", "keys_path"), ("--plot", "plot"), ("--passphrase-file", "passphrase_file"),
-                                ("--alpha", "alpha")):
+                                ("--alpha", "alpha"), ("--commitment", "commitment"), ("--output", "output_name"),
+                                ("--queries", "queries")):
                 if ctx.get_parameter_source(param) not in (None, click.core.ParameterSource.DEFAULT):
                     raise click.UsageError(f"{flag} goes with --sweep (the owner's keys read in each attacked "
                                            "model); without it, attack only writes the attacked model")
@@ -70,14 +78,18 @@ def _attack_command(name: str) -> click.Command:
         with progress_bar() as progress:
             report = api.sweep(name, model_path, param, values, keys_path, passphrase_from(passphrase_file),
                                alpha=alpha, keep=out, plot=plot, attacker_passphrase=attacker,
+                               commitment=commitment, output=output_name, queries=queries,
                                progress=progress, **kwargs)
         emit(report, json_, render.sweep)
 
     # applied bottom-up: the options appear in the help as listed from the last line up
     run = provider_option(timeout_option(force_option(device_option(common_options(run)))))
+    if entry.trains:
+        run = precision_option(workers_option(batch_size_option(run)))
     run = click.option("--plot", default=None, help="With --sweep: a PNG of accuracy and the watermarks' "
                        "evidence against strength.")(run)
     run = alpha_option(run)
+    run = queries_option(output_option(commitment_option(run)))  # (with --sweep: as extract and verify read)
     run = click.option("--passphrase-file", default=None, help="With --sweep: file holding the owner's "
                        "passphrase (else $DEEPSIGNS_PASSPHRASE, else a prompt).")(run)
     run = click.option("--keys", "keys_path", default=None, help="With --sweep: the owner's bundle (.dskey), "

@@ -224,8 +224,8 @@ def handle_errors(fn):
 
 
 # the options whose values are names or text, not files (--data names a file as an .npz alone)
-_NOT_FILES = frozenset({"arch", "arch_kwargs", "schemes", "scheme", "message", "layer", "output_name",
-                        "commitment", "names", "sweep", "student"})  # (`--data digits > digits` is no clash)
+_NOT_FILES = frozenset({"arch", "arch_kwargs", "schemes", "scheme", "message", "layer", "output_name", "commitment",
+                        "commitments", "names", "sweep", "student"})  # (`--data digits > digits` is no clash)
 
 
 def _refuse_the_report_file_as_a_value() -> None:
@@ -292,8 +292,11 @@ def _refuse_repeats(command: click.Command, args: list[str], ctx: click.Context)
         i += 1
 
 
-def common_options(fn):
-    """--json, --quiet, --seed, --debug: on every command."""
+def common_options(fn=None, *, random: bool = True):
+    """--json, --quiet, --seed, --debug: on every command. `random=False`: a command that draws
+    nothing at random, whose --seed is taken (the same flags everywhere) and says it changes nothing."""
+    if fn is None:
+        return functools.partial(common_options, random=random)
 
     def set_state(name):
         def callback(ctx, param, value):
@@ -308,8 +311,9 @@ def common_options(fn):
                       is_eager=True, help="Silence progress and warnings on stderr.")(fn)
     fn = click.option("--debug", is_flag=True, callback=set_state("debug"), expose_value=False,
                       is_eager=True, help=f"Show the traceback of an internal error (or {DEBUG_ENV}=1).")(fn)
-    fn = click.option("--seed", type=int_range("seed"), default=None,
-                      help="Seed for a reproducible run (default 0; keygen: fresh randomness).")(fn)
+    seed_help = ("Seed for a reproducible run (default 0; keygen: fresh randomness)." if random else
+                 "Changes nothing here: this command draws nothing at random (taken as on every command).")
+    fn = click.option("--seed", type=int_range("seed"), default=None, help=seed_help)(fn)
     return handle_errors(fn)
 
 
@@ -382,7 +386,9 @@ def timeout_option(fn):
     from ..api import DEFAULT_TIMEOUT
 
     return click.option("--timeout", type=Number(), default=DEFAULT_TIMEOUT, show_default=True,
-                        help="Seconds a suspect model may take to answer, in all.")(fn)
+                        help="Seconds a suspect model may take to answer, all its queries together "
+                             "(each further set of a wide graph's units that extract reads runs the graph "
+                             "again, with as long again; see the README).")(fn)
 
 
 def queries_option(fn):
@@ -449,6 +455,12 @@ def commitment_option(fn):
     return click.option("--commitment", default=None,
                         help="The bundle's published commitment (SHA-256): any other bundle is "
                              "refused.")(fn)
+
+
+def output_option(fn):
+    return click.option("--output", "output_name", default=None, metavar="NAME",
+                        help="ONNX output to read (default: every output it can, the best kept, each "
+                             "counted in p).")(fn)
 
 
 def alpha_option(fn):

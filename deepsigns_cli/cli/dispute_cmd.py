@@ -9,9 +9,11 @@ from .common import (
     arch_options,
     common_options,
     emit,
+    output_option,
     parse_arch_kwargs,
     passphrase_from,
     provider_option,
+    queries_option,
     timeout_option,
 )
 
@@ -25,12 +27,18 @@ from .common import (
 @click.option("--control", "controls", multiple=True, metavar="MODEL",
               help="A model neither party made (e.g. one you train): keys that detect it prove nothing, "
                    "and that party's claim is void. May be given more than once.")
+@click.option("--commitment", "commitments", multiple=True, metavar="SHA256",
+              help="The commitment each party published, in --party order (give it twice, or not at "
+                   "all): a bundle other than the one published is refused.")
+@output_option
 @arch_options
 @alpha_option
 @provider_option
 @timeout_option
-@common_options
-def command(parties, names, controls, arch, arch_kwargs, alpha, provider, timeout, seed, json_):
+@queries_option
+@common_options(random=False)
+def command(parties, names, controls, commitments, output_name, arch, arch_kwargs, alpha, provider, timeout,
+            queries, seed, json_):
     """Two parties claim one model: every party's keys are read (white-box) from every
     party's model, and the matrix says who marked first.
 
@@ -43,10 +51,14 @@ def command(parties, names, controls, arch, arch_kwargs, alpha, provider, timeou
     """
     import sys
 
-    if names and len(names) != len(parties):
-        raise click.BadParameter(f"give one --name per --party ({len(parties)}), or none", param_hint="--name")
-    report = api.dispute([(keys, passphrase_from(pfile), model) for keys, pfile, model in parties],
+    for flag, given in (("--name", names), ("--commitment", commitments)):
+        if given and len(given) != len(parties):
+            raise click.BadParameter(f"give one {flag} per --party ({len(parties)}), or none", param_hint=flag)
+    # (a party's passphrase file is the second word of its --party: errors name it so)
+    report = api.dispute([(keys, passphrase_from(pfile, option=f"the PASSPHRASE_FILE of --party {i + 1}"), model)
+                          for i, (keys, pfile, model) in enumerate(parties)],
                          alpha=alpha, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                         provider=provider, timeout=timeout, names=list(names) or None, controls=list(controls))
+                         provider=provider, timeout=timeout, names=list(names) or None, controls=list(controls),
+                         commitments=list(commitments) or None, output=output_name, queries=queries)
     emit(report, json_, render.dispute)
     sys.exit(EXIT_OK if report.detected else EXIT_NOT_DETECTED)

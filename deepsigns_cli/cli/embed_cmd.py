@@ -28,8 +28,9 @@ from .launch import is_main, nproc_option, precision_option, relaunch, workers_o
 @click.option("--out", required=True, help="The watermarked checkpoint to write (.safetensors).")
 @click.option("--onnx", "onnx_out", default=None, help="Also export the marked model to this ONNX file.")
 @click.option("--epochs", type=int_range("epochs"), default=None,
-              help="Fine-tuning epochs per scheme (default: each scheme's own cap; each stops by "
-                   "itself once its mark reads back, see the README).")
+              help="Fine-tuning epochs per scheme (default: each scheme's own cap). The hidden and "
+                   "gradsigns schemes stop once their mark reads back; output trains until 99% of its "
+                   "candidate keys are learnt, then 60 epochs more (see the README).")
 @click.option("--lr", type=Number(), default=None,
               help="Learning rate (default: the one the model's training ended with).")
 @batch_size_option

@@ -12,7 +12,7 @@ from .common import arch_options, common_options, data_option, emit, force_optio
 @data_option(default=None, help="Data giving a .pt's input shape, and parity inputs: 'digits', an .npz, an "
                                 "image folder or package.module:factory.")
 @force_option
-@common_options
+@common_options(random=False)
 def command(checkpoint, out, arch, arch_kwargs, data_spec, force, seed, json_):
     """Export a checkpoint to ONNX (opset 17, dynamic batch), checked for parity with torch.
 

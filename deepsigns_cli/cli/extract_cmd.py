@@ -8,6 +8,7 @@ from .common import (
     common_options,
     keys_option,
     models_option,
+    output_option,
     parse_arch_kwargs,
     passphrase_from,
     provider_option,
@@ -19,8 +20,7 @@ from .common import (
 
 @click.command("extract")
 @models_option("Suspect: .safetensors, .pt (with --arch) or .onnx.")
-@click.option("--output", "output_name", default=None, metavar="NAME",
-              help="ONNX output to read (default: every output it can, the best kept, each counted in p).")
+@output_option
 @arch_options
 @keys_option
 @commitment_option
@@ -28,7 +28,7 @@ from .common import (
 @provider_option
 @timeout_option
 @queries_option
-@common_options
+@common_options(random=False)
 def command(models, output_name, arch, arch_kwargs, keys_path, passphrase_file, commitment, alpha,
             provider, timeout, queries, seed, json_):
     """White-box: read the watermark from checkpoints or ONNX files.

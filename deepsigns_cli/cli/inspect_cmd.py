@@ -7,7 +7,7 @@ from .common import common_options, emit
 
 @click.command("inspect")
 @click.argument("file")
-@common_options
+@common_options(random=False)
 def command(file, seed, json_):
     """Show the public facts of a checkpoint, bundle or ONNX file (never a secret).
 

@@ -22,7 +22,8 @@ def scheme_options(fn):
 
 
 @click.command("keygen")
-@click.option("--model", "model_path", required=True, help="The model to protect (.safetensors).")
+@click.option("--model", "model_path", required=True,
+              help="The model to protect: .safetensors checkpoint (or .pt with --arch).")
 @arch_options
 @data_option
 @click.option("--scheme", "schemes", default=",".join(api.DEFAULT_SCHEMES), show_default=True,

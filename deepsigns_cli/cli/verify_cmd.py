@@ -7,6 +7,7 @@ from .common import (
     common_options,
     keys_option,
     models_option,
+    output_option,
     passphrase_from,
     provider_option,
     queries_option,
@@ -17,15 +18,14 @@ from .common import (
 
 @click.command("verify")
 @models_option("Suspect ONNX model (only its outputs are used).")
-@click.option("--output", "output_name", default=None, metavar="NAME",
-              help="ONNX output to read (default: every output it can, the best kept, each counted in p).")
+@output_option
 @keys_option
 @commitment_option
 @alpha_option
 @provider_option
 @timeout_option
 @queries_option
-@common_options
+@common_options(random=False)
 def command(models, output_name, keys_path, passphrase_file, commitment, alpha, provider, timeout, queries, seed,
             json_):
     """Black-box: decide ownership from ONNX models' answers alone.
