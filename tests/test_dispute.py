@@ -57,7 +57,6 @@ def test_published_commitments_are_checked_party_by_party(overwritten):
     assert_one_error_line(result.stderr, result.stdout, "thief's bundle", f"not the published {owner[:16]}")
     result = run_cli("dispute", *parties, "--commitment", owner, code=2)
     assert_one_error_line(result.stderr, result.stdout, "one --commitment per --party")
-    (folder / "empty.pass").write_text("")
     result = run_cli("dispute", "--party", marked.keys, folder / "missing.pass", marked.marked, *parties[4:], code=2)
     assert_one_error_line(result.stderr, result.stdout, "check the PASSPHRASE_FILE of --party 1")
     assert "--passphrase-file" not in result.stderr
