@@ -10,6 +10,7 @@ Code that looks at a whole split at once (statistics, activations) takes a bound
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -571,11 +572,10 @@ MAX_IMAGE_PIXELS = 2**25  # (a 32-megapixel photograph)
 MAX_IMAGE_BYTES = 2**29
 
 
-def _image_file(path: str, rows: bool = False):
+def _image_file(path: str):
     """The image file at `path`, open for reading: a regular file of at most MAX_IMAGE_BYTES,
     opened without waiting (a FIFO put in an image's place while a command runs had stopped
-    it for good). A PNG's chunks are walked before Pillow walks them, and with `rows` (to be
-    decoded) its image data are checked to hold every row, in the same walk."""
+    it for good)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
@@ -589,18 +589,26 @@ def _image_file(path: str, rows: bool = False):
         if st.st_size > MAX_IMAGE_BYTES:
             raise DataError(f"image {shown(path)} is {st.st_size} bytes, more than the {MAX_IMAGE_BYTES} deepsigns "
                             "reads in one image: shrink or remove the file")
-        f = os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
-    try:
+
+
+@contextlib.contextmanager
+def _opened_image(path: str, rows: bool = False) -> Iterator:
+    """The image at `path` (`_image_file`) opened by Pillow, once what bounds its decoding is
+    checked: a PNG's chunks walked before Pillow walks them (with `rows`, to be decoded: its
+    image data checked to hold every row, in the same walk), then its pixels and a JPEG's scans
+    (`_check_pixels`). Pillow's errors are the caller's to word."""
+    image = _pil()
+    with _image_file(path) as f:
         if f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:
             _check_png(f, path, rows)
         f.seek(0)
-        return f
-    except BaseException:
-        f.close()
-        raise
+        with image.open(f, formats=IMAGE_FORMATS) as im:
+            _check_pixels(im, path, f)
+            yield im
 
 
 def _check_image_size(size) -> int:
@@ -664,8 +672,7 @@ class _ImageFiles:
 def _decode(path: str, size: int, channels: int) -> np.ndarray:
     image = _pil()
     try:
-        with _image_file(path, rows=True) as f, image.open(f, formats=IMAGE_FORMATS) as im:
-            _check_pixels(im, path, f)
+        with _opened_image(path, rows=True) as im:
             white = _WIDE_MODES.get(im.mode)
             if white is not None:  # its own range scaled to [0, 1], in float (mode F)
                 im = image.fromarray((np.asarray(im, dtype=np.float32) / white).clip(0.0, 1.0))
@@ -908,8 +915,7 @@ def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[i
         for name in names[split]:
             path = os.path.join(root, name)
             try:
-                with _image_file(path) as f, image.open(f, formats=IMAGE_FORMATS) as im:
-                    _check_pixels(im, path, f)
+                with _opened_image(path) as im:
                     if first is None:
                         first = (im.mode, im.size)
                     colour = colour or (split == "train" and im.mode not in _GRAYSCALE_MODES)

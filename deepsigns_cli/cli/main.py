@@ -205,12 +205,9 @@ def _openmp_settings() -> None:
     if not found:
         return
     try:
-        os.fstat(2)
-    except OSError:  # (stderr closed: nothing it says can be seen, and a pipe made now would be fd 2)
-        return
-    try:
-        read, write = os.pipe()
-    except OSError:  # (no file descriptors left: the command says so where it needs them)
+        os.fstat(2)  # (stderr closed: nothing it says can be seen, and a pipe made now would be fd 2)
+        read, write = os.pipe()  # (no descriptors left: the command says so where it needs them)
+    except OSError:
         return
     try:
         saved = os.dup(2)
