@@ -797,6 +797,8 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
         started = time.perf_counter()
         attacked, params = load_attack(name).run(net, ctx)
         seconds = time.perf_counter() - started
+        if entry.trains:  # (how it trained changes what it made: recorded as its options are)
+            params = {**params, "batch_size": batch_size, "precision": precision}
         after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider,
                                 record={"name": name, "params": {**params, **(recorded or {})}, "seed": seed},
                                 name=shown_as or f"the attacked model ({shown(out)})")
@@ -884,6 +886,8 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     # the report's parameters: the attack's options but the ones each strength sets; the rest of
     # what the attack reports (sparsity, samples, ...) is its own result at that strength
     settings = {o.key for o in entry.options} - {option.key, "attacker_keys"}
+    if entry.trains:  # (the same at every strength)
+        settings |= {"batch_size", "precision"}
     params: dict = {}
     rows = []
     made: list[Path] = []  # the folders this sweep made for `keep`, the deepest first

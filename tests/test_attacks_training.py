@@ -48,13 +48,14 @@ def _sparsity(state: dict, names=PRUNED) -> float:
 # ----------------------------------------------------------------------------- every attack
 
 
+TRAINED = {"batch_size": 64, "precision": "fp32"}  # (how the attacks that train trained, at the defaults)
 RUNS = {
     "finetune": (("--epochs", 1), {"epochs": 1, "lr": VICTIM_LR, "optimizer": "adam", "layers": "all",
-                                   "reinit_last": False, "data_fraction": 1.0, "samples": 1348}),
+                                   "reinit_last": False, "data_fraction": 1.0, "samples": 1348, **TRAINED}),
     "prune": ((), {"rate": 0.5, "scope": "global", "finetune_epochs": 0, "lr": VICTIM_LR,
-                   "optimizer": "adam", "data_fraction": 1.0, "sparsity": 0.5}),
+                   "optimizer": "adam", "data_fraction": 1.0, "sparsity": 0.5, **TRAINED}),
     "distill": (("--epochs", 5), {"epochs": 5, "lr": 1e-3, "student": "mlp", "student_kwargs": {},
-                                  "temperature": 1.0, "data_fraction": 1.0, "samples": 1348}),
+                                  "temperature": 1.0, "data_fraction": 1.0, "samples": 1348, **TRAINED}),
 }
 
 
@@ -242,9 +243,10 @@ def test_the_attacks_that_train_take_train_and_embeds_training_flags(name, args,
 
     monkeypatch.setattr(training, "_fit", watched)
     args = [str(a).format(tmp=tmp_path) for a in args]
-    run_json("attack", name, "--model", marked.marked, *args, "--batch-size", 24, "--workers", 1,
-             "--precision", "bf16", "--device", "cpu", "--out", tmp_path / "a.safetensors")
+    report = run_json("attack", name, "--model", marked.marked, *args, "--batch-size", 24, "--workers", 1,
+                      "--precision", "bf16", "--device", "cpu", "--out", tmp_path / "a.safetensors")
     assert seen and all((c.batch_size, c.workers, c.precision) == (24, 1, "bf16") for c in seen), seen
+    assert (report["params"]["batch_size"], report["params"]["precision"]) == (24, "bf16")  # (and reported)
     result = run_cli("attack", "noise", "--model", marked.marked, "--batch-size", 24,
                      "--out", tmp_path / "n.safetensors", code=2)  # (it trains nothing)
     assert "No such option '--batch-size'" in result.stderr

@@ -309,7 +309,7 @@ def test_a_sweep_reports_every_parameter_and_each_strengths_results(prune_sweep,
     report, _ = prune_sweep
     lr = load_checkpoint(marked.marked)[1].lr
     assert report["params"] == {"scope": "global", "finetune_epochs": 0, "lr": lr, "optimizer": "adam",
-                                "data_fraction": 1.0}
+                                "data_fraction": 1.0, "batch_size": 64, "precision": "fp32"}
     assert (report["model"], report["data"], report["seed"]) == (str(marked.marked), "digits", 0)
     assert [r["results"] for r in report["rows"]] == [{}, {"sparsity": pytest.approx(0.2, abs=1e-4)},
                                                       {"sparsity": pytest.approx(0.97, abs=1e-4)}]
