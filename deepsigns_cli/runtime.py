@@ -48,6 +48,7 @@ import numpy as np
 from .defaults import DEFAULT_TIMEOUT
 from .errors import InputError, OnnxError, OnnxTooMuch, one_line, shown
 from .fileio import require_file
+from .memory import limit_mapping, machine_memory
 
 __all__ = ["resolve_provider", "make_session", "OnnxModel", "load_onnx", "DEFAULT_TIMEOUT"]
 
@@ -714,30 +715,7 @@ def _memory_limit() -> int:
     memory (or of the container's limit, when lower), at least 1 GiB."""
     if MEMORY_LIMIT is not None:
         return int(MEMORY_LIMIT)
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 16 << 30
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < total:
-            total = int(text)
-    return max(1 << 30, total // 2)
-
-
-def _mapped(field: str) -> int | None:
-    """A size from /proc/self/status (VmSize: address space, VmData: private writable memory)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return max(1 << 30, machine_memory() // 2)
 
 
 def _above_stdio(fd: int) -> int:
@@ -781,26 +759,9 @@ def _child_setup(parent: int) -> None:
 
 
 def _limit_memory(providers: list[str] | None) -> None:
-    """Cap what the worker may map from now on at _memory_limit() more than it maps now.
-
-    On the CPU, the address space (RLIMIT_AS). With CUDA, whose driver reserves a huge
-    address space it never touches, the private writable memory (RLIMIT_DATA, which Linux
-    applies to mmap as well since 4.7)."""
-    import resource
-
-    cuda = bool(providers) and providers[0] != "CPUExecutionProvider"
-    which, now = ((resource.RLIMIT_DATA, _mapped("VmData")) if cuda
-                  else (resource.RLIMIT_AS, _mapped("VmSize")))
-    if now is None:
-        return
-    limit = now + _memory_limit()
-    try:
-        _, hard = resource.getrlimit(which)
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        resource.setrlimit(which, (limit, hard))
-    except (ValueError, OSError):
-        pass
+    """Cap what the worker may map from now on at _memory_limit() more than it maps now (with
+    CUDA, its private writable memory: see memory.limit_mapping)."""
+    limit_mapping(_memory_limit(), cuda=bool(providers) and providers[0] != "CPUExecutionProvider")
 
 
 def _serve(evaluator: _Evaluator, rfd: int, wfd: int) -> None:

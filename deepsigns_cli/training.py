@@ -46,6 +46,8 @@ __all__ = [
 # progress(done, total, description): called after every optimisation step
 Progress = Callable[[int, int, str], None]
 
+MEMORY_LIMIT: int | None = None  # bytes training on the CPU may map beyond what it maps at start (_bounded_memory)
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -400,11 +402,41 @@ def fit(
     objectives' numpy products are small, and between them its idle threads spin on the cores
     that torch's threads train on: with both libraries at their default of a thread per core,
     an embedding epoch of the digits MLP on a 2-core machine took 151-156 ms, and 67-87 ms with
-    numpy's BLAS on one thread (plain fine-tuning: 38-49 ms; `scripts/bench.py threads`)."""
+    numpy's BLAS on one thread (plain fine-tuning: 38-49 ms; `scripts/bench.py threads`).
+
+    On the CPU, what the process maps meanwhile is bounded (`_bounded_memory`)."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=cfg.blas_threads, user_api="blas"):
+    with threadpool_limits(limits=cfg.blas_threads, user_api="blas"), _bounded_memory(cfg.device):
         return _fit(model, x, y, cfg, objectives, progress)
+
+
+@contextmanager
+def _bounded_memory(device: str):
+    """On the CPU: this process (and each of its loader processes) may map at most its share
+    of the memory available when training starts beyond what it maps then (MEMORY_LIMIT, else
+    three quarters of memory.available_memory(), over the processes torchrun runs on this
+    machine; at least 1 GiB). A step too large for the machine (a --batch-size or --image-size
+    too large) then fails as an allocation, one line (`_machine_failure`), where it had drawn
+    the kernel's out-of-memory killer: exit 137, no line. The quarter is left to the pages
+    already mapped and to other processes: with all of it, a ResNet at --image-size 2048
+    failed so, but only after it had held 23.4 GB of the 2-core machine's 23. Not with CUDA,
+    whose host memory is the driver's."""
+    from . import memory
+
+    if resolve_device(device).type != "cpu":
+        yield
+        return
+    extra = MEMORY_LIMIT
+    if extra is None:
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")  # (torchrun's: the processes on this machine)
+        share = 4 * (int(local) if local.isdigit() and int(local) else 1)
+        extra = max(1 << 30, 3 * memory.available_memory() // share)
+    previous = memory.limit_mapping(extra)
+    try:
+        yield
+    finally:
+        memory.restore_mapping(previous)
 
 
 def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Sequence[Objective],

@@ -847,6 +847,27 @@ def test_image_size_out_of_range(folder, tmp_path, size):
                           "--out", tmp_path / "m.safetensors"], "--image-size", "2<=x<=2048")
 
 
+def test_a_step_too_large_for_the_memory_is_one_line(folder, tmp_path, monkeypatch):
+    """Training on the CPU may map only its share of the memory available when it starts: a
+    step that needs more fails as an allocation (one line, exit 2, nothing written), where the
+    kernel's out-of-memory killer had ended the command (exit 137, no line, a .part file left:
+    a ResNet at --image-size 2048). Here 256 MiB stands in for the machine's memory. The limit
+    is put back when training ends, and a step that fits in it trains."""
+    import resource
+
+    from deepsigns_cli import training
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    monkeypatch.setattr(training, "MEMORY_LIMIT", 256 << 20)
+    _check_bad(tmp_path, ["train", "--arch", "resnet", "--data", folder, "--image-size", 256, "--epochs", 1,
+                          "--device", "cpu", "--out", tmp_path / "m.safetensors"],
+               "out of memory while training", "lower --batch-size")
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    run_json("train", "--arch", "cnn", "--data", folder, "--epochs", 1, "--device", "cpu",
+             "--out", tmp_path / "m.safetensors")
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+
+
 def test_image_size_applies_to_image_folders_only(tmp_path):
     _check_bad(tmp_path, ["train", "--arch", "mlp", "--data", "digits", "--image-size", 8,
                           "--out", tmp_path / "m.safetensors"], "--image-size applies to image folders")
