@@ -589,6 +589,7 @@ def _dispute_reading(names: list[str], matrix, checked=((), ()), controls=()) ->
 
 
 #: what each command reads from a folder
+_NAME_MAX = 255  # bytes in a file's name (Linux and macOS file systems)
 _SUFFIXES = {"verify": (".onnx",), "extract": (".onnx", ".safetensors", ".pt", ".pth")}
 
 
@@ -839,10 +840,14 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     if option.key == "attacker_keys" or (options or {}).get("attacker_keys"):  # (a file, sealed per strength)
         raise InputError("--attacker-keys names the attacker's bundle, which a sweep seals once per strength and "
                          "keeps beside each model in --out: leave it out of --sweep")
-    pathy = next((v for v in values if "/" in str(v) or str(v) in (".", "..")), None)
-    if pathy is not None:  # (a text value, distill's student: it is part of each kept model's name)
+    # (a text value, distill's student, is part of each kept model's name, and of its scratch copy's)
+    longest = len(f"{name}-{param}-.attacker.dskey".encode())
+    pathy = next((v for v in values if "/" in str(v) or str(v) in (".", "..")
+                  or longest + len(str(v).encode(errors="surrogateescape")) > _NAME_MAX), None)
+    if pathy is not None:
         raise InputError(f"--sweep {param}=...: {shown(repr(pathy))} cannot be part of a file name (each strength's "
-                         f"model is {name}-{param}-VALUE): give values without '/'")
+                         f"model is {name}-{param}-VALUE): give values without '/', of at most "
+                         f"{_NAME_MAX - longest} bytes")
     given = {k: v for k, v in (options or {}).items() if v is not None and v is not False}
     if option.key in given:
         raise InputError(f"--{param} is swept: leave it out of the attack's own options")

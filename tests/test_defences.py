@@ -386,7 +386,8 @@ def test_an_attacks_passphrase_files_are_inputs_it_never_overwrites(marked, tmp_
 
 def test_a_swept_text_that_is_a_path_is_refused_before_any_attack(marked, tmp_path, monkeypatch):
     """Each strength's model is kept as NAME-PARAM-VALUE: distill's student 'sub/x' made a path
-    of folders, refused as a missing folder, and only once the strengths before it had run."""
+    of folders, refused as a missing folder, and only once the strengths before it had run; a
+    student of 300 characters, a name too long, blamed the scratch folder's path."""
     from deepsigns_cli import api
 
     def ran(*args, **kwargs):
@@ -394,7 +395,7 @@ def test_a_swept_text_that_is_a_path_is_refused_before_any_attack(marked, tmp_pa
 
     monkeypatch.setattr(api, "attack", ran)
     (tmp_path / "kept").mkdir()
-    for student in ("sub/x", ".."):
+    for student in ("sub/x", "..", "m" * 300):
         result = run_cli("attack", "distill", "--model", marked.marked, "--keys", marked.keys, "--sweep",
                          f"student=mlp,{student}", "--out", tmp_path / "kept", code=2)
         assert_one_error_line(result.stderr, result.stdout, repr(student), "cannot be part of a file name")
