@@ -152,6 +152,8 @@ class MatchResult(SchemeResult):
     def evidence(self) -> tuple[str, str]:
         from .errors import one_line
 
+        if self.unread and not self.queries:  # (no output could be read: the note says why)
+            return "-", "not read (see the note)"
         best = f", best of {self.outputs} outputs" if self.outputs > 1 else ""
         read = f" ({self.output_kind} from '{one_line(self.output, 60)}'{best})" if self.output is not None else ""
         return (f"{self.queries} queries{read}",
@@ -160,7 +162,7 @@ class MatchResult(SchemeResult):
                    else f"(at most {self.max_mismatches} allowed)"))
 
     def brief(self) -> str:
-        return f"{self.matches}/{self.keys} match"
+        return "not read" if self.unread and not self.queries else f"{self.matches}/{self.keys} match"
 
 
 @dataclass
@@ -177,7 +179,7 @@ class GradResult(BitsResult):
 
     def evidence(self) -> tuple[str, str]:
         if not self.bits:
-            return "-", self.note or "not read"
+            return "-", "not read (see the note)" if self.note else "not read"
         where, evidence = super().evidence()
         best = f", best of {self.readings} outputs" if self.readings > 1 else ""
         return f"{self.queries} queries ({self.estimator}{best})", evidence

@@ -66,6 +66,8 @@ _MAX_THREADS = 8  # onnxruntime threads in a worker (each reserves stack and mal
 _MIN_OPSET = 7  # the oldest default-domain opset onnxruntime runs
 _EXTRA_SESSIONS = 2  # sessions with a graph's own tensors as outputs a worker keeps (one per set asked for)
 
+# onnxruntime's refusal of a file of a newer IR version than it reads: (the file's, the newest it reads)
+_IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
 _FLOAT_INPUTS = {1: np.float32, 10: np.float16, 11: np.float64}  # TensorProto FLOAT, FLOAT16, DOUBLE
 _ORT_ERROR_NAMES = (
     "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
@@ -459,7 +461,19 @@ class _Evaluator:
                     proto.graph.output.append(onnx.ValueInfoProto(name=name))
         threads = _MAX_THREADS if (os.cpu_count() or 1) > _MAX_THREADS else None
         try:
-            session = _session(proto.SerializeToString(), self.providers, threads)
+            try:
+                session = _session(proto.SerializeToString(), self.providers, threads)
+            except _ort_errors() as exc:
+                readable = _IR_TOO_NEW.search(str(exc))
+                if readable is None or int(readable[1]) <= int(readable[2]):
+                    raise
+                # onnx writes its newest IR version by default, which an onnxruntime of its day
+                # may not read yet (onnx 1.23's 14 against onnxruntime 1.31's 13, for a graph made
+                # with onnx.helper). A version only adds to what a file may hold: one that holds
+                # nothing newer reads the same, and one that does fails as it loads
+                for one in {id(p): p for p in (self.proto, proto)}.values():
+                    one.ir_version = int(readable[2])
+                session = _session(proto.SerializeToString(), self.providers, threads)
         except _ort_errors() as exc:
             raise _Failure(_kind(exc, "load"), _ort_text(exc)) from None
         self.sessions[extra] = session
@@ -1035,7 +1049,8 @@ class OnnxModel:
                 except ValueError:
                     what = f"tensors of unknown type {elem}"
             raise OnnxError(f"{p} takes {one_line(what, 60)} as input: deepsigns queries a model with "
-                            "real-valued samples; export the classifier with a float input")
+                            "real-valued samples, preprocessed as in training; a model with its preprocessing "
+                            "inside (pixels in) cannot be asked them")
         opset = max((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
         if opset < _MIN_OPSET:
             raise OnnxError(f"{p} uses ONNX opset {opset}, which onnxruntime cannot run (it needs "
@@ -1226,8 +1241,8 @@ class OnnxModel:
                     return name, kind
         why = "; ".join(f"{'first ' if i == 0 else ''}output '{one_line(n, 60)}' {w}"
                         for i, (n, (_, w)) in enumerate(list(self.outputs.items())[:4]))
-        raise OnnxError(f"{self.name} has no output deepsigns can read ({why}): verify needs the "
-                        "class scores, probabilities or labels of each input; re-export the classifier with one")
+        raise OnnxError(f"{self.name} has no output deepsigns can read ({why}): the black-box schemes read "
+                        "the class scores, probabilities or labels of each input")
 
     def _read(self, x: np.ndarray, output: str | None, batch_size: int) -> tuple[np.ndarray, str, str]:
         """(the chosen output for inputs x: (n, classes) for scores, (n,) for labels; name; kind)."""

@@ -16,12 +16,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import assert_bad_input, run_cli
+from helpers import PASSPHRASE, assert_bad_input, run_cli
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from deepsigns_cli import stats
+from deepsigns_cli.bundle import open_bundle, write_bundle
+from deepsigns_cli.checkpoint import load_checkpoint
 from deepsigns_cli.errors import OnnxError
 from deepsigns_cli.runtime import OnnxModel
 
@@ -111,10 +113,7 @@ def test_a_scheme_that_cannot_read_labels_leaves_the_verdict_to_the_others(owner
     """A bundle of output and GradSigns keys on a model that answers labels only: GradSigns
     reads no gradient from labels, and the output keys still decide (the whole bundle had
     failed, exit 2). Alone, GradSigns keys get no verdict either way (exit 2)."""
-    from helpers import PASSPHRASE
-
     from deepsigns_cli import api
-    from deepsigns_cli.bundle import open_bundle, write_bundle
 
     alone, both = tmp_path / "gradsigns.dskey", tmp_path / "both.dskey"
     api.keygen(owner["dir"] / "base.safetensors", alone, PASSPHRASE, schemes=["gradsigns"], seed=1)
@@ -264,3 +263,70 @@ def test_extract_takes_output_too(owner, two_heads):
     checkpoint = run_cli("extract", "--model", owner["marked_path"], "--keys", owner["keys"],
                          "--output", "label", code=None)
     assert_bad_input(checkpoint, "--output", "ONNX")
+
+
+# ----------------------------------------------------------------------------- outputs from outside our path
+
+
+class TopK(torch.nn.Module):
+    """A serving head: the top `k` probabilities, sorted (values), or their classes (indices)."""
+
+    def __init__(self, model, k: int, part: str):
+        super().__init__()
+        self.model, self.k, self.part = model, k, part
+
+    def forward(self, x):
+        top = torch.topk(torch.softmax(self.model(x), 1), self.k, 1)
+        return top.values if self.part == "values" else top.indices
+
+
+def export_module(model, path: Path, example: np.ndarray) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.as_tensor(example[:2]),), str(path), input_names=["input"],
+                          output_names=["top"], dynamic_axes={"input": {0: "n"}, "top": {0: "n"}},
+                          opset_version=17, dynamo=False)
+    return path
+
+
+def test_fewer_scores_than_the_keys_classes_are_not_read_as_class_scores(owner, tmp_path):
+    """A top-3 head's sorted probabilities had been read as 3 class scores: the argmax was always
+    column 0, 'not detected' (exit 1) from a model that is the marked one. No class can be told
+    from them: not read, so the model could not be read (exit 2), never 'not detected'."""
+    top3 = export_module(TopK(owner["marked"], 3, "values"), tmp_path / "top3.onnx", key_inputs(owner))
+    result = verify(owner, top3, code=2)
+    assert_bad_input(result, "could not be read", "gives 3 scores per input, fewer than the keys' 10 classes")
+
+
+def test_a_graph_at_onnxs_own_ir_version_is_read(owner, tmp_path):
+    """onnx.helper writes onnx's newest IR version (14 with onnx 1.23), which the onnxruntime of
+    its day may not read yet (1.31 reads 13): a graph built by hand was refused as 'malformed'.
+    A version only adds what a file may hold, so a file that holds nothing newer is read."""
+    model = onnx.load(str(owner["onnx"]))
+    model.ir_version = onnx.IR_VERSION
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "newest.onnx"))
+    out = verdict(owner, tmp_path / "newest.onnx", code=0)
+    assert out["detected"] and out["matches"] == len(key_labels(owner))
+
+
+def test_a_model_whose_outputs_cannot_be_read_still_has_its_hidden_mark_read(owner, marked, tmp_path):
+    """A bundle of hidden and output keys, and a model that answers its top 5 classes (no output
+    the black-box schemes read): extract refused the whole file, though the hidden mark was in
+    its weights. The output scheme is not read (no verdict of its own); the hidden one decides.
+    verify, which reads only outputs, cannot read the model at all (exit 2)."""
+    both = tmp_path / "both.dskey"
+    bundle = open_bundle(marked.keys, PASSPHRASE)
+    bundle.put(owner["bundle"].schemes["output"])
+    write_bundle(bundle, both, PASSPHRASE)
+    model = load_checkpoint(marked.marked)[0]
+    top5 = export_module(TopK(model, 5, "indices"), tmp_path / "top5.onnx", key_inputs(owner))
+    report = json.loads(run_cli("extract", "--model", top5, "--keys", both, "--json", code=0).stdout)
+    rows = {r["scheme"]: r for r in report["results"]}
+    assert report["detected"] and rows["hidden"]["detected"] and rows["hidden"]["bit_errors"] == 0
+    assert rows["output"]["unread"] and not rows["output"]["detected"] and rows["output"]["p_value"] == 1
+    assert "no output deepsigns can read" in rows["output"]["note"]
+    table = run_cli("extract", "--model", top5, "--keys", both, code=0, env={"COLUMNS": "200"}).stdout
+    assert "no verdict" in table and "not read (see the note)" in table
+    result = run_cli("verify", "--model", top5, "--keys", both, code=None)
+    assert_bad_input(result, "could not be read", "no output deepsigns can read")

@@ -54,7 +54,7 @@ def decision_table(report):
         table.add_column(col)
     for r in report.results:
         table.add_row(r.scheme, *map(text, r.evidence()), fmt_p(r.p_value),
-                      "detected" if r.detected else "not detected")
+                      "detected" if r.detected else "no verdict" if r.unread else "not detected")
     return table
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import stats
 from ..data import bounded_rows, digest_number, take
-from ..errors import NotLearnt, SchemeError
+from ..errors import DeepSignsError, InputError, NotLearnt, SchemeError, one_line
 from ..objective import Objective
 from ..results import MatchResult, SchemeKeys
 from .base import Scheme, each_output
@@ -275,6 +275,9 @@ class OutputScheme(Scheme):
             answers, name, kind = suspect.answers(arrays["x"], output)
             answers = np.asarray(answers, dtype=np.int64).reshape(k)
             note, width = None, suspect.answer_classes
+            if width is not None and width < c:  # (a top-k head's sorted probabilities: no class is told)
+                raise SchemeError(f"output '{one_line(name, 60)}' gives {width} scores per input, fewer than the "
+                                  f"keys' {c} classes: not the class scores of a model the keys were made for")
             if width is not None and width != c:
                 note = f"the model gives {width} scores, the keys have {c} classes"
             elif width is None and (answers >= c).any():  # such a label never matches a key
@@ -289,7 +292,16 @@ class OutputScheme(Scheme):
         chosen = _choice(params, k)
 
         # every output the model gives is read (each reading counted in p), the best kept
-        readings = each_output(suspect, one)
+        try:
+            readings = each_output(suspect, one)
+        except InputError:  # (an --output it does not have: the command's input is wrong)
+            raise
+        except DeepSignsError as exc:
+            if suspect.broken:  # (no answer in time, a crash: the reading fails)
+                raise
+            # no output gives class scores or labels (strings, a sequence of maps, ...): this
+            # scheme reads nothing, and the bundle's other schemes still read what they can
+            return MatchResult("output", 1.0, note=one_line(exc, 300), unread=True, keys=k)
         matches, output, kind, note, classes, p = min(readings, key=lambda r: (r[5], -r[0], r[2] == "labels"))
         return MatchResult("output", stats.bonferroni(p, len(readings)),
                            note=note, keys=k, queries=k * len(readings), matches=matches, mismatches=k - matches,
