@@ -603,10 +603,19 @@ def _opened_image(path: str, rows: bool = False) -> Iterator:
     (`_check_pixels`). Pillow's errors are the caller's to word."""
     image = _pil()
     with _image_file(path) as f:
-        if f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:
+        head = f.read(len(_PNG_SIGNATURE))
+        if head == _PNG_SIGNATURE:
             _check_png(f, path, rows)
         f.seek(0)
-        with image.open(f, formats=IMAGE_FORMATS) as im:
+        try:
+            opened = image.open(f, formats=IMAGE_FORMATS)
+        except image.UnidentifiedImageError:
+            # (what Pillow says of a PNG or JPEG whose header is cut short too: not another format)
+            kind = "PNG" if head == _PNG_SIGNATURE else "JPEG" if head.startswith(_JPEG_SIGNATURE) else None
+            if kind is None:
+                raise
+            raise OSError(f"a {kind} file whose header is cut short or damaged") from None
+        with opened as im:
             _check_pixels(im, path, f)
             yield im
 
@@ -707,6 +716,7 @@ def _png_data_bytes(width: int, height: int, depth: int, colour: int, interlaced
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"  # (start of image, then a marker)
 #: the most chunks a PNG may hold, and the largest chunk other than image data: a decoder walks
 #: the chunks one at a time (a 144 MB file of 12 million empty chunks had taken minutes, at every
 #: pass), and reads each such chunk whole (one of 512 MiB, sparse on disk, had taken 1.6 GB of

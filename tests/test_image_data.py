@@ -580,6 +580,17 @@ def _short_image_data(d: Path) -> None:
     path.write_bytes(_png(np.asarray(Image.open(path).convert("RGB")), rows=5))
 
 
+def _short_jpeg_header(d: Path) -> None:
+    """A small JPEG cut short within its header (a copy that stopped): Pillow cannot tell its
+    format, and the message had called it another format, to be converted."""
+    from PIL import Image
+
+    path = d / "train" / "5" / "zz-cut.jpg"
+    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(path, quality=95)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) * 2 // 3])  # (within its header: Pillow tells no format)
+
+
 def _not_an_image(d: Path) -> None:
     (d / "train" / "2" / "notes.jpg").write_bytes(b"these are not pixels\n")
 
@@ -717,6 +728,8 @@ BAD_FOLDERS = {
     "unknown-class-beside-a-newline": (_unknown_class_beside_a_newline, ["test/cat", "8, 9\\nnine)"]),
     "corrupt-image": (_corrupt_image, ["000595.png", "fails on an unreadable image rather than skip"]),
     "short-image-data": (_short_image_data, ["train/4/000004.png", "image data end after", "fails on an unreadable"]),
+    "short-jpeg-header": (_short_jpeg_header, ["cannot read image", "train/5/zz-cut.jpg",
+                                               "a JPEG file whose header is cut short", "repair or remove"]),
     "not-an-image": (_not_an_image, ["notes.jpg", "is not a PNG or JPEG file", "convert or remove"]),
     "no-images": (_no_images, ["no images at all"]),
     "one-class": (_one_class, ["1 class", "at least 2"]),
