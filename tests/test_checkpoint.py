@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -260,6 +261,20 @@ def test_a_name_that_is_not_utf8_is_valid_unicode_in_json(marked, tmp_path):
         found = json.loads(text)
         assert any(isinstance(v, str) and v.endswith(shown) for v in found.values()), found
     assert onnx_out.is_file()
+
+
+def test_a_name_that_is_not_utf8_shows_as_its_byte_inside_a_tables_value():
+    """An image folder's class names sit in the checkpoint's preprocessing record, a dict the
+    table writes as Python does: a class folder named with the byte 0xff showed as '\\udcff',
+    where every other place shows \\xff (and --json holds it). The text itself stays as it is."""
+    from rich.console import Console
+
+    from deepsigns_cli.cli.render import kv_table
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(kv_table("checkpoint", [("preprocess", {"classes": ["1", os.fsdecode(b"\xff"), "x\\udcfe"]})]))
+    shown = console.export_text()
+    assert "['1', '\\xff', 'x\\\\udcfe']" in shown and "\\udcff" not in shown, shown
 
 
 def test_export_report_and_inspect(marked, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["text", "kv_table", "decision_table", "train", "keygen", "embed", "export", "attack", "inspect", "decision",
            "scan", "dispute"]
 
@@ -30,13 +32,24 @@ def kv_table(title: str, rows: list[tuple[str, object]]):
     table.add_column(style="bold")
     table.add_column(overflow="fold")  # (a long word, as a commitment, on two lines: never cut with "...")
     for k, v in rows[:_MAX_ROWS]:
-        table.add_row(text(k), text(_brief(str(v))))
+        table.add_row(text(k), text(_brief(_cell(v))))
     if len(rows) > _MAX_ROWS:  # (a file may hold 300,000 metadata fields: rich took minutes on them)
         table.add_row("...", f"{len(rows) - _MAX_ROWS} more (every one in --json)")
     return table
 
 
 _MAX_ROWS, _MAX_CELL = 200, 2000  # what a table shows of what a file holds
+# a byte of a name that is not UTF-8 as Python writes it inside a container ('\udcff'), not after
+# an escaped backslash (a name that holds the text itself)
+_WRITTEN_SURROGATE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
+
+
+def _cell(value: object) -> str:
+    """A value as the table shows it: a container as Python writes it, with a byte of a name
+    that is not UTF-8 as that byte, \\xff, as everywhere else (the class folders' names)."""
+    if isinstance(value, (dict, list, tuple)):
+        return _WRITTEN_SURROGATE.sub(r"\1\\x\2", str(value))
+    return str(value)
 
 
 def _brief(text: str) -> str:
