@@ -697,6 +697,37 @@ def test_num_classes_counts_classes_without_samples(tmp_path):
     assert load_data(str(path)).num_classes == 6
 
 
+@pytest.mark.parametrize(("arrays", "needles"), [
+    # a stray label (99999 marking 'unknown') made a model of 100,000 outputs, 206 MB, unsaid
+    ({"x_train": X[:40], "y_train": np.r_[np.arange(39) % 4, 99999], "x_test": X[:8], "y_test": np.arange(8) % 4},
+     ["the largest label, 99999, makes 100000 classes", "samples of 5 of them", "give labels from 0 up"]),
+    # a class in the test split alone (train/ of an image folder is refused so)
+    ({"x_train": X[:40], "y_train": np.arange(40) % 4, "x_test": X[:8], "y_test": np.r_[np.arange(7) % 4, 7]},
+     ["the test split holds class 7", "training split holds no sample"]),
+    # split by us at random: the only sample of class 9 fell in the test split
+    ({"x": np.concatenate([X, X[:1]]), "y": np.r_[np.arange(40) % 4, 9]},
+     ["split into train and test at random", "every sample of class 9 fell in the test split",
+      "x_train, y_train, x_test, y_test"]),
+], ids=["stray-label", "test-only-class", "split-test-only-class"])
+def test_labels_that_leave_classes_without_training_samples(tmp_path, arrays, needles):
+    """Classes below the largest label may lack samples (above), but not most of them, and not a
+    class the model would be tested on: one line, exit 2, before any training."""
+    from deepsigns_cli.data import _split, load_data
+    from deepsigns_cli.errors import DataError
+
+    if "x" in arrays:  # (the seeded split puts the one sample of class 9 in the test split)
+        assert 9 in _split(arrays["x"], arrays["y"])[3]
+    path = tmp_path / "labels.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError) as caught:
+        load_data(str(path))
+    for needle in needles:
+        assert needle in str(caught.value), str(caught.value)
+    assert_bad_input(run_cli("train", "--arch", "mlp", "--data", path, "--out", tmp_path / "m.safetensors",
+                             code=None), *needles)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_keys_of_another_input_shape_in_a_sealed_bundle(blackbox, tmp_path):
     """A bundle is sealed, but in a dispute the other side seals theirs: output keys of shape
     (3, 8, 8) for a (1, 8, 8) model ended extract with a matrix product's error, exit 3."""
