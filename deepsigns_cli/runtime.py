@@ -1231,9 +1231,13 @@ class OnnxModel:
         else the first labels."""
         if output is not None:
             if output not in self.outputs or not self.outputs[output][0]:
-                what = "is not usable" if output in self.outputs else "does not exist"
-                raise InputError(f"--output {one_line(repr(output), 60)} {what} in {self.name}: "
-                                 f"use one of its outputs: {self.usable_outputs()}")
+                named = one_line(repr(output), 60)
+                said = (f"--output {named} of {self.name} {self.outputs[output][1]}" if output in self.outputs
+                        else f"--output {named} does not exist in {self.name}")
+                usable = self.usable_outputs()
+                raise InputError(f"{said}: " + (f"use one of its outputs: {usable}" if usable != "none" else
+                                                "it has no output deepsigns can read (class scores, probabilities "
+                                                "or labels)"))
             return output, self.outputs[output][0]
         for wanted in (("scores", "probabilities"), ("labels",)):  # scores say more than labels
             for name, (kind, _) in self.outputs.items():

@@ -330,3 +330,7 @@ def test_a_model_whose_outputs_cannot_be_read_still_has_its_hidden_mark_read(own
     assert "no verdict" in table and "not read (see the note)" in table
     result = run_cli("verify", "--model", top5, "--keys", both, code=None)
     assert_bad_input(result, "could not be read", "no output deepsigns can read")
+    # named, it is refused with why (it had said "is not usable ...: use one of its outputs: none")
+    result = run_cli("verify", "--model", top5, "--keys", both, "--output", "top", code=None)
+    assert_bad_input(result, "--output 'top' of", "holds integers of shape [?, 5], not one label per input",
+                     "it has no output deepsigns can read")
