@@ -233,6 +233,7 @@ def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict
     with Outputs(force=force, inputs={"--data": data}) as outs:
         tmp = outs.add(out, "--out", model="checkpoint")
         dataset = load_data(data)
+        dataset.check_trainable()  # (the data make the model's classes)
         model, info, report = train_model(arch, dataset, arch_kwargs=arch_kwargs, epochs=epochs, lr=lr,
                                           batch_size=batch_size, seed=seed, device=device,
                                           progress=progress, workers=workers,

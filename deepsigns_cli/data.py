@@ -131,6 +131,27 @@ class Dataset:
         """`training_digest` of these data, taken once."""
         return training_digest(self)
 
+    def check_trainable(self) -> None:
+        """Raise DataError unless these data can make a model's classes (train): every class
+        a test sample has, the training samples have too, and most classes below the largest
+        label have training samples (a stray label, 99999 for 'unknown', had made a model of
+        100,000 outputs, 206 MB, unsaid). Data for a model that exists (an attacker's, keygen's)
+        may hold some of its classes only."""
+        trained = np.unique(self.y_train)
+        unseen = np.setdiff1d(np.unique(self.y_test), trained)
+        if len(unseen):  # (as an image folder's test class that train/ lacks)
+            listed = ", ".join(map(str, unseen[:5])) + (", ..." if len(unseen) > 5 else "")
+            them = "them" if len(unseen) > 1 else "it"
+            raise DataError(f"{self.name}: the test split holds class{'es' if len(unseen) > 1 else ''} {listed}, of "
+                            f"which the training split holds no sample: no model learns a class it never saw; "
+                            f"give {them} training samples (an .npz's x and y are split at random: give more "
+                            f"samples of {them}, or the splits as x_train, y_train, x_test, y_test)")
+        if self.num_classes - len(trained) > len(trained):
+            raise DataError(f"{self.name}: the largest label, {self.num_classes - 1}, makes {self.num_classes} "
+                            f"classes, and the training split holds samples of {len(trained)} of them: labels "
+                            "are class indices from 0, and a label that marks a sample as unknown is a class of "
+                            "its own; give labels from 0 up")
+
     def check_fits(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         """Raise DataError unless samples of this set can be fed to a model of that shape."""
         if tuple(input_shape) != self.input_shape:
@@ -248,7 +269,7 @@ def _npz_dataset(path: Path, loaded: dict[str, np.ndarray], where: str) -> Datas
                 f"{where}: x_train has samples of shape {list(xtr.shape[1:])} and x_test of shape "
                 f"{list(xte.shape[1:])}: give both splits samples of one shape"
             )
-    return _classified(path.stem, xtr, ytr, xte, yte, where, split="x" in loaded)
+    return _classified(path.stem, xtr, ytr, xte, yte, where)
 
 
 def _member_shape(arrays, name: str, where: str) -> tuple[int, ...]:
@@ -1043,29 +1064,12 @@ def _factory_splits(source: str, made, want: str) -> Dataset:
     return _classified(source, xtr, ytr, xte, yte, f"data factory '{source}'")
 
 
-def _classified(name: str, xtr, ytr, xte, yte, where: str, split: bool = False) -> Dataset:
-    """The Dataset of checked splits (`split`: made by us from one x and y, at random)."""
-    trained = np.unique(ytr)
-    present = np.union1d(trained, np.unique(yte))
+def _classified(name: str, xtr, ytr, xte, yte, where: str) -> Dataset:
+    present = np.union1d(np.unique(ytr), np.unique(yte))
     if len(present) < 2:
         raise DataError(f"{where}: the labels hold {len(present)} class, a classifier needs at least 2: give "
                         "samples of two or more classes")
-    unseen = np.setdiff1d(present, trained)
-    if len(unseen):  # (as an image folder's test class that train/ lacks: no model learns it)
-        listed = ", ".join(map(str, unseen[:5])) + (", ..." if len(unseen) > 5 else "")
-        classes = f"class{'es' if len(unseen) > 1 else ''} {listed}"
-        if split:
-            raise DataError(f"{where}: x and y were split into train and test at random, and every sample of "
-                            f"{classes} fell in the test split: give more samples of "
-                            f"{'them' if len(unseen) > 1 else 'it'}, or the splits as x_train, y_train, x_test, y_test")
-        raise DataError(f"{where}: the test split holds {classes}, of which the training split holds no sample: "
-                        "no model learns a class it never saw; give every class training samples")
-    classes = int(present[-1]) + 1
-    if classes - len(trained) > len(trained):  # (a stray label, 99999 for 'unknown', made 10^5 outputs)
-        raise DataError(f"{where}: the largest label, {classes - 1}, makes {classes} classes, and the data hold "
-                        f"samples of {len(trained)} of them: labels are class indices 0 to C-1, and a label "
-                        "that marks a sample as unknown is a class of its own; give labels from 0 up")
-    return Dataset(shown(name), xtr, ytr, xte, yte, classes)
+    return Dataset(shown(name), xtr, ytr, xte, yte, int(present[-1]) + 1)
 
 
 class _DatasetItems:

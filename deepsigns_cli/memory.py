@@ -12,6 +12,9 @@ __all__ = ["mapped", "machine_memory", "available_memory", "limit_mapping", "res
 
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 _CGROUP_USAGE = ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes")
+# (v2, v1): the usage counts the page cache, of which the inactive part is reclaimed on demand
+_CGROUP_STATS = (("/sys/fs/cgroup/memory.stat", "inactive_file"),
+                 ("/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
 
 
 def mapped(field: str) -> int | None:
@@ -64,8 +67,24 @@ def available_memory() -> int:
     free = fields["MemAvailable"] + fields.get("SwapFree", 0) if "MemAvailable" in fields else machine_memory()
     limit, used = _number(_CGROUP_LIMITS), _number(_CGROUP_USAGE)
     if limit is not None and used is not None and 0 < limit:
-        free = min(free, max(limit - used, 0))
+        # (less the page cache the container would give back: a container that had read its
+        # files counted nearly all of its limit as used, and left training 1 GiB)
+        free = min(free, max(limit - max(used - _reclaimable(), 0), 0))
     return free
+
+
+def _reclaimable() -> int:
+    """The cgroup's inactive page cache (bytes; 0 where it cannot be read)."""
+    for path, field in _CGROUP_STATS:
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    name, _, value = line.partition(" ")
+                    if name == field and value.strip().isdigit():
+                        return int(value)
+        except OSError:
+            continue
+    return 0
 
 
 def limit_mapping(extra: int, *, cuda: bool = False) -> tuple[int, int] | None:

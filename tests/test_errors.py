@@ -402,7 +402,7 @@ def test_test_labels_beyond_the_model_classes(tmp_path, marked):
     case = Case(tmp_path, marked)
     rng = np.random.default_rng(0)
     x = rng.random((80, 1, 8, 8), dtype=np.float32)
-    np.savez(tmp_path / "labels.npz", x_train=x, y_train=np.arange(80) % 13, x_test=x[:20],
+    np.savez(tmp_path / "labels.npz", x_train=x, y_train=np.arange(80) % 10, x_test=x[:20],
              y_test=np.arange(20) % 13)
     args = case.with_model("keygen", case.base, "--data", tmp_path / "labels.npz")
     check_bad_input(tmp_path, args, "labels up to 12", "10 classes")

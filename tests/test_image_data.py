@@ -881,6 +881,25 @@ def test_a_step_too_large_for_the_memory_is_one_line(folder, tmp_path, monkeypat
     assert resource.getrlimit(resource.RLIMIT_AS) == before
 
 
+def test_a_containers_page_cache_is_memory_available(tmp_path, monkeypatch):
+    """A container's memory.current counts the page cache, which it gives back on demand: one
+    that had read its files (8 GiB allowed, 7.9 GiB 'used', 6 GiB of it inactive cache) left
+    training its floor of 1 GiB, and an ordinary step failed as out of memory. The cgroup's
+    files are stand-ins here (2 GiB allowed, 1.9 'used', 1.5 inactive: less than this machine
+    has free, so the container's figure is the one given)."""
+    from deepsigns_cli import memory
+
+    for name, value in {"max": 2 << 30, "current": 1900 << 20}.items():
+        (tmp_path / name).write_text(f"{value}\n")
+    (tmp_path / "stat").write_text(f"anon 1000\nfile {1600 << 20}\ninactive_file {1536 << 20}\nactive_file 5\n")
+    monkeypatch.setattr(memory, "_CGROUP_LIMITS", (str(tmp_path / "max"),))
+    monkeypatch.setattr(memory, "_CGROUP_USAGE", (str(tmp_path / "current"),))
+    monkeypatch.setattr(memory, "_CGROUP_STATS", ((str(tmp_path / "stat"), "inactive_file"),))
+    assert memory.available_memory() == (2048 - 1900 + 1536) << 20
+    monkeypatch.setattr(memory, "_CGROUP_STATS", ((str(tmp_path / "absent"), "inactive_file"),))
+    assert memory.available_memory() == (2048 - 1900) << 20  # (no statistics: the usage as it is)
+
+
 def test_image_size_applies_to_image_folders_only(tmp_path):
     _check_bad(tmp_path, ["train", "--arch", "mlp", "--data", "digits", "--image-size", 8,
                           "--out", tmp_path / "m.safetensors"], "--image-size applies to image folders")

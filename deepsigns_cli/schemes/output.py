@@ -275,9 +275,8 @@ class OutputScheme(Scheme):
             answers, name, kind = suspect.answers(arrays["x"], output)
             answers = np.asarray(answers, dtype=np.int64).reshape(k)
             note, width = None, suspect.answer_classes
-            if width is not None and width < c:  # (a top-k head's sorted probabilities: no class is told)
-                raise SchemeError(f"output '{one_line(name, 60)}' gives {width} scores per input, fewer than the "
-                                  f"keys' {c} classes: not the class scores of a model the keys were made for")
+            # (fewer scores than classes are read as the first classes': a head that drops a class's
+            # column still answers the others, a top-k head's sorted probabilities answer none)
             if width is not None and width != c:
                 note = f"the model gives {width} scores, the keys have {c} classes"
             elif width is None and (answers >= c).any():  # such a label never matches a key
