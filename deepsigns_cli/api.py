@@ -575,6 +575,14 @@ def _dispute_reading(names: list[str], matrix, checked=((), ()), controls=()) ->
         who = " and ".join(f"{n}'s keys do not detect {n}'s own model" for n in void)
         return None, f"undecided: {who}, so that claim is void; re-check the files given"
     a_in_b, b_in_a = matrix[0][1].detected, matrix[1][0].detected
+    # a cross reading that missed a scheme (outputs it cannot read: a model that answers labels
+    # only, or none) is no evidence that the mark is not in that model
+    unseen = [f"{n}'s keys did not read all of {m}'s model ({', '.join(r.scheme for r in cell.results if r.unread)} "
+              "not read)" for n, m, cell in ((a, b, matrix[0][1]), (b, a, matrix[1][0]))
+              if not cell.detected and any(r.unread for r in cell.results)]
+    if unseen and (a_in_b or b_in_a):
+        return None, (f"undecided: {' and '.join(unseen)}, so the mark may be in it unseen; give the models "
+                      "as checkpoints, which are read whole")
     if a_in_b and not b_in_a:
         return a, (f"{a} marked first: {a}'s mark is in {b}'s model, {b}'s mark is not in {a}'s: "
                    f"{b}'s model was made from {a}'s")

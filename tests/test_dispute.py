@@ -84,6 +84,26 @@ def test_neither_mark_in_the_others_model_is_undecided_not_unrelated():
     assert "shows neither who marked first nor that the models are unrelated" in reading
 
 
+def test_a_cross_reading_that_missed_a_scheme_decides_nothing():
+    """The owner's mark in the thief's model, and the thief's keys read in the owner's model
+    with their output scheme unread (a model that answers no output the black-box schemes
+    read): 'not in' is not shown, so the thief's mark may be there unseen. It had read 'owner
+    marked first'."""
+    from deepsigns_cli.api import _dispute_reading
+    from deepsigns_cli.results import Decision, MatchResult
+
+    def read(detected: bool, p: float, unread: bool = False) -> Decision:
+        results = [MatchResult("output", p, note="no output deepsigns can read", unread=unread)]
+        return Decision("extract", "m", "k", 1e-9, results, detected=detected, p_value=p)
+
+    owner, thief = read(True, 1e-50), read(True, 1e-40)
+    first, reading = _dispute_reading(["owner", "thief"], [[owner, read(True, 1e-30)], [read(False, 1, True), thief]])
+    assert first is None and reading.startswith("undecided: thief's keys did not read all of owner's model")
+    assert "(output not read)" in reading
+    first, _ = _dispute_reading(["owner", "thief"], [[owner, read(True, 1e-30)], [read(False, 1), thief]])
+    assert first == "owner"  # (read whole: the reading stands)
+
+
 def test_the_same_bundle_twice_is_refused(overwritten):
     """One bundle as both parties' read as a dispute its owner cannot settle (exit 1)."""
     folder, marked, thief = overwritten
