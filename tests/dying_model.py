@@ -35,13 +35,13 @@ class Net(nn.Module):
 
 
 def _data(extra: int = 0):
-    """300 random samples of 10 classes (the training labels shifted by `extra`), 240 to train on."""
+    """300 random samples of 10 classes (their labels shifted by `extra`), 240 to train on."""
     import torch
     from torch.utils.data import TensorDataset
 
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(300, 16, generator=g), torch.arange(300) % 10
-    return TensorDataset(x[:240], y[:240] + extra), TensorDataset(x[240:], y[240:])
+    x, y = torch.rand(300, 16, generator=g), torch.arange(300) % 10 + extra
+    return TensorDataset(x[:240], y[:240]), TensorDataset(x[240:], y[240:])
 
 
 def ranked_data():
