@@ -211,7 +211,8 @@ class Decision:
         n = self.forger_key_sets
         if n < 2:
             return "random key sets do this well by chance: no evidence of ownership"
-        return (f"a forger would have to try about {n:.2g} random key sets to do this well by "
+        about = f"about {n:.2g}" if math.isfinite(n) else "more than 1e+308"  # (a p below the floats' range)
+        return (f"a forger would have to try {about} random key sets to do this well by "
                 f"chance (alpha = {self.alpha:g}: 1 in {1 / self.alpha:.2g})")
 
 

@@ -4,6 +4,7 @@ A p-value that is too small (a forger's friend) or too large (a claim that never
 
 from __future__ import annotations
 
+from fractions import Fraction
 from math import comb, exp, lgamma, log
 
 import numpy as np
@@ -240,3 +241,53 @@ def test_a_pool_of_every_candidate_counts_nothing():
         chosen = stats.chosen_matches_p_values(keys, labels, 4 * keys, 4 * keys)
         for m in range(keys + 1):
             assert chosen[m] == pytest.approx(stats.matches_p_value(m, keys, labels), rel=1e-9, abs=1e-300)
+
+
+def _exact_chosen(keys: int, labels: int, candidates: int, pool: int, m: int) -> Fraction:
+    """chosen_matches_p_values' p for m matches, in exact arithmetic: M ~ Binomial(candidates,
+    1/labels) hits among the candidates, min(M, pool) of them in the pool, K keys drawn from it."""
+    total = Fraction(0)
+    for hits in range(candidates + 1):
+        weight = Fraction(comb(candidates, hits) * (labels - 1) ** (candidates - hits), labels**candidates)
+        a = min(hits, pool)
+        drawn = sum(comb(a, j) * comb(pool - a, keys - j) for j in range(m, min(a, keys) + 1))
+        total += weight * Fraction(drawn, comb(pool, keys))
+    return total
+
+
+def test_no_p_value_is_reported_below_the_exact_one():
+    """Rounded to nearest, a p-value (and its product by the tries) could come out half a unit
+    in the last place below the exact one, and detect at an alpha a hair below it (64 bits, 22
+    wrong, at alpha = 0.008429095022140565); far below the floats' range it came out 0 ('a
+    forger would have to try about inf key sets'). Each is now the float at or above it."""
+    for n in (1, 7, 64, 192):
+        for errors in range(n + 1):
+            exact = Fraction(sum(comb(n, i) for i in range(errors + 1)), 2**n)
+            for tries in (1, 2, 3, 10):
+                p = stats.bonferroni(stats.bits_p_value(errors, n), tries)
+                assert Fraction(p) >= min(exact * tries, 1), (n, errors, tries)
+    exact = Fraction(sum(comb(64, i) for i in range(23)), 2**64)
+    assert exact > Fraction(0.008429095022140565) and stats.bits_p_value(22, 64) > 0.008429095022140565
+    for keys, labels in ((20, 9), (100, 9), (7, 2)):
+        for m in range(keys + 1):
+            exact = Fraction(sum(comb(keys, i) * (labels - 1) ** (keys - i) for i in range(m, keys + 1)), labels**keys)
+            assert Fraction(stats.matches_p_value(m, keys, labels)) >= exact, (keys, labels, m)
+    for keys, labels, candidates, pool in ((5, 2, 20, 12), (8, 9, 40, 30), (10, 3, 30, 10)):
+        p = stats.chosen_matches_p_values(keys, labels, candidates, pool)
+        for m in range(1, keys + 1):
+            exact = _exact_chosen(keys, labels, candidates, pool, m)
+            assert Fraction(p[m]) >= exact and p[m] <= float(exact) * (1 + 1e-9) + 5e-324, (keys, pool, m)
+    assert stats.bits_p_value(0, 1536) == stats.matches_p_value(340, 340, 9) == 5e-324  # (not 0)
+
+
+def test_a_p_value_is_shown_rounded_up():
+    """A p just above alpha had shown as alpha (1.0007e-09 as 1e-09, beside NOT DETECTED at
+    alpha 1e-09); the smallest p had read 'a forger would have to try about inf key sets'."""
+    from deepsigns_cli.cli.render import fmt_p
+    from deepsigns_cli.results import MatchResult, decide
+
+    assert [fmt_p(p) for p in (1.0007e-9, 1e-9, 0.5, 9.996e-5, 2.23e-57, 1.0)] == \
+        ["1.01e-09", "1e-09", "0.5", "0.0001", "2.23e-57", "1"]
+    tiny = decide([MatchResult("output", stats.bits_p_value(0, 1536), keys=20, num_classes=10)], 1e-9,
+                  command="verify", model="m", key_id="k")
+    assert tiny.detected and "a forger would have to try more than 1e+308 random key sets" in tiny.meaning()

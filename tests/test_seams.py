@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -279,8 +280,15 @@ def test_a_schemes_row_is_detected_exactly_where_it_carries_the_verdict():
 
     edge = decide(results([0.9, 0.108]), 0.1615, command="verify", model="m", key_id="k")
     assert not edge.detected and not any(r.detected for r in edge.results)
-    edge = decide(results([0.0003333333333333334, 0.9, 0.9]), 1e-3, command="verify", model="m", key_id="k")
-    assert edge.detected and edge.results[0].detected  # (p x 3 is 1e-3 to the last bit; p < 1e-3 / 3 is not)
+    # the largest p whose exact product by 3 is at most 1e-3 (as floats are), and the next: the
+    # product is rounded up, never to nearest (0.0003333333333333334 x 3, 1e-3 to nearest, is above it)
+    edge_p = 0.0003333333333333334
+    while Fraction(edge_p) * 3 > Fraction(1e-3):
+        edge_p = float(np.nextafter(edge_p, 0))
+    edge = decide(results([edge_p, 0.9, 0.9]), 1e-3, command="verify", model="m", key_id="k")
+    assert edge.detected and edge.results[0].detected and edge.p_value <= 1e-3
+    above = decide(results([float(np.nextafter(edge_p, 1)), 0.9, 0.9]), 1e-3, command="verify", model="m", key_id="k")
+    assert not above.detected and not above.results[0].detected and above.p_value > 1e-3
     rng = np.random.default_rng(0)
     for _ in range(300):
         ps, alpha = 10.0 ** rng.uniform(-12, 0, int(rng.integers(1, 4))), float(10.0 ** rng.uniform(-10, 0))
