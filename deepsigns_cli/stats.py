@@ -158,7 +158,7 @@ def bonferroni(p: float, tries: int) -> float:
     """Correct a p-value for `tries` looks (the best of several candidates), the product
     rounded up, as every p-value here."""
     tries = max(1, tries)
-    if p >= 1.0 or tries == 1:
+    if not isfinite(p) or p >= 1.0 or tries == 1:  # (NaN: no reading, as 1)
         return min(1.0, p)
     return min(1.0, _at_least(Fraction(p) * tries))
 

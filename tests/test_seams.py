@@ -332,6 +332,10 @@ def test_json_reports_are_always_valid_json():
     report = decide([r], 1e-3, command="verify", model="m", key_id="k")
     text = json.dumps(api.report_json(report), allow_nan=False)  # raises on NaN
     assert json.loads(text)["results"][0]["p_value"] is None
+    # (a NaN beside another scheme's p: the verdict's product by the schemes is no reading, as 1)
+    two = decide([MatchResult("output", float("nan"), keys=4, num_classes=10),
+                  MatchResult("output", 0.5, keys=4, num_classes=10)], 1e-3, command="verify", model="m", key_id="k")
+    assert not two.detected and json.loads(json.dumps(api.report_json(two), allow_nan=False))["p_value"] in (1.0, None)
 
 
 def test_max_bit_errors_is_one_pass():
