@@ -598,7 +598,6 @@ def _dispute_reading(names: list[str], matrix, checked=((), ()), controls=()) ->
 
 
 #: what each command reads from a folder
-_NAME_MAX = 255  # bytes in a file's name (Linux and macOS file systems)
 _SUFFIXES = {"verify": (".onnx",), "extract": (".onnx", ".safetensors", ".pt", ".pth")}
 
 
@@ -813,6 +812,9 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
                                 record={"name": name, "params": {**params, **(recorded or {})}, "seed": seed},
                                 name=shown_as or f"the attacked model ({shown(out)})")
     return AttackReport(name, before, after, params, seconds, str(out), str(model), str(data), seed)
+
+
+_NAME_MAX = 255  # bytes in a file's name (Linux and macOS file systems): a sweep's kept models are named by value
 
 
 def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Path, passphrase: Passphrase, *,

@@ -471,8 +471,7 @@ class _Evaluator:
                 # may not read yet (onnx 1.23's 14 against onnxruntime 1.31's 13, for a graph made
                 # with onnx.helper). A version only adds to what a file may hold: one that holds
                 # nothing newer reads the same, and one that does fails as it loads
-                for one in {id(p): p for p in (self.proto, proto)}.values():
-                    one.ir_version = int(readable[2])
+                self.proto.ir_version = proto.ir_version = int(readable[2])  # (proto: a copy, with extra outputs)
                 session = _session(proto.SerializeToString(), self.providers, threads)
         except _ort_errors() as exc:
             raise _Failure(_kind(exc, "load"), _ort_text(exc)) from None

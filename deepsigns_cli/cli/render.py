@@ -22,11 +22,9 @@ def text(value: object) -> str:
 def fmt_p(p: float) -> str:
     """p to three significant digits, rounded up: a p just above alpha never shows as alpha
     (1.0007e-09 had shown as 1e-09 beside NOT DETECTED at alpha 1e-09)."""
-    shown = f"{p:.3g}"
-    if not 0 < p < 1 or float(shown) >= p:
-        return shown
-    mantissa, _, exponent = f"{p:.2e}".partition("e")
-    return f"{float(f'{float(mantissa) + 0.01:.2f}e{exponent}'):.3g}"
+    from decimal import ROUND_CEILING, Context
+
+    return f"{float(Context(prec=3, rounding=ROUND_CEILING).create_decimal(repr(p))) if 0 < p < 1 else p:.3g}"
 
 
 def kv_table(title: str, rows: list[tuple[str, object]]):
