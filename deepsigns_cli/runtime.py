@@ -417,6 +417,81 @@ def _maps_to_rows(value) -> np.ndarray | str:
     return rows
 
 
+# where quantized operators declare the (scale, zero point) of the integer tensors they read and
+# write, as input positions: op -> ((tensor, scale, zero point) of each input read, (scale, zero
+# point) of the output). The contrib operators of onnxruntime's quantizer are in com.microsoft
+_QUANTIZED = {
+    ("", "QuantizeLinear"): ((), (1, 2)),
+    ("", "QLinearConv"): (((0, 1, 2),), (6, 7)),
+    ("", "QLinearMatMul"): (((0, 1, 2), (3, 4, 5)), (6, 7)),
+    ("com.microsoft", "QGemm"): (((0, 1, 2), (3, 4, 5)), (7, 8)),
+    **{("com.microsoft", op): (((0, 1, 2), (3, 4, 5)), (6, 7)) for op in ("QLinearAdd", "QLinearMul")},
+    **{("com.microsoft", op): (((0, 1, 2),), (3, 4)) for op in (
+        "QLinearLeakyRelu", "QLinearSigmoid", "QLinearSoftmax", "QLinearAveragePool", "QLinearGlobalAveragePool")},
+}
+# operators whose output holds values of their first input, moved or picked: an integer output
+# is read as the input is
+_PASSING = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool"}
+
+
+def _dequantized(graph) -> dict[str, tuple[float, float]]:
+    """The integer tensors of `graph` that it never turns back into real numbers itself (no
+    DequantizeLinear reads them), whose quantized operators declare one constant (scale, zero
+    point): tensor -> (scale, zero point). Static quantisation in onnxruntime's QOperator format
+    computes a network's hidden activations as uint8 (QGemm, QLinearConv); read as they are,
+    their zero point shifts every unit, and a quantized copy of a marked model had read as
+    not detected. What the producer declares comes first, then the first reader's."""
+    from onnx import numpy_helper
+
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    constants[node.output[0]] = attr.t
+
+    def number(name: str, real: bool) -> float | None:
+        tensor = constants.get(name)
+        if tensor is None or _is_external(tensor) or math.prod(tensor.dims) != 1:
+            return None
+        try:
+            value = numpy_helper.to_array(tensor)
+        except _CHECKER_ERRORS:
+            return None
+        if value.size != 1 or value.dtype.kind not in ("f" if real else "iu"):
+            return None
+        value = float(value.reshape(()))
+        return value if math.isfinite(value) and (value > 0 or not real) else None
+
+    def declared(node, scale: int, zero: int) -> tuple[float, float] | None:
+        inputs = node.input
+        s = number(inputs[scale], True) if scale < len(inputs) else None
+        z = (number(inputs[zero], False) if inputs[zero] else 0.0) if zero < len(inputs) else 0.0
+        return None if s is None or z is None else (s, z)
+
+    found: dict[str, tuple[float, float]] = {}
+    read: dict[str, tuple[float, float]] = {}  # (declared by a reader)
+    own: set[str] = set()  # (dequantized by the graph)
+    for node in graph.node:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if (domain, node.op_type) == ("", "DequantizeLinear") and node.input:
+            own.add(node.input[0])
+        if domain == "" and node.op_type in _PASSING and node.input and node.input[0] in found and node.output:
+            found.setdefault(node.output[0], found[node.input[0]])
+        rule = _QUANTIZED.get((domain, node.op_type))
+        if rule is None:
+            continue
+        for tensor, scale, zero in rule[0]:
+            if tensor < len(node.input) and node.input[tensor] and node.input[tensor] not in read:
+                if (pair := declared(node, scale, zero)) is not None:
+                    read[node.input[tensor]] = pair
+        if node.output and node.output[0] and (pair := declared(node, *rule[1])) is not None:
+            found.setdefault(node.output[0], pair)
+    for name, pair in read.items():
+        found.setdefault(name, pair)
+    return {name: pair for name, pair in found.items() if name not in own}
+
+
 class _Evaluator:
     """One model in onnxruntime, in the process that runs it (the worker, or ours where
     fork is missing). Raises _Failure; never touches anything but its own sessions."""
@@ -426,6 +501,7 @@ class _Evaluator:
         self.providers: list[str] | None = None
         self.sessions: dict[tuple[str, ...], object] = {}
         self.run_options = None
+        self.dequantized: dict[str, tuple[float, float]] | None = None  # (_dequantized, on first use)
 
     def prepare(self) -> None:
         """Resolve the provider (this initialises CUDA when it is asked for or usable)."""
@@ -492,6 +568,8 @@ class _Evaluator:
         them, 448 units for 448 inputs, is not taken for it); a float tensor with no such axis,
         or more than one, is left out (`units`) as one that was not read."""
         session = self._session(tuple(names) if extra else ())
+        if extra and self.dequantized is None:
+            self.dequantized = _dequantized(self.proto.graph)
         parts: dict[str, list[tuple[np.ndarray, int, int]]] = {name: [] for name in names}  # (value, fed, real)
         axes: dict[str, set[int]] = {}  # (extra) the axes that may hold the batch, in every batch so far
         problems: dict[str, str] = {}
@@ -510,6 +588,10 @@ class _Evaluator:
                 for name, value in zip(names, values, strict=True):
                     if name in problems:
                         continue
+                    if extra and name in self.dequantized and isinstance(value, np.ndarray) \
+                            and value.dtype.kind in "iu":  # (as the graph's quantized operators read it)
+                        scale, zero = self.dequantized[name]
+                        value = ((value.astype(np.float64) - zero) * scale).astype(np.float32)
                     if isinstance(value, list) and not extra:  # a sequence of maps (ZipMap)
                         value = _maps_to_rows(value)
                         if isinstance(value, str):

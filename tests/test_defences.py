@@ -266,6 +266,94 @@ def test_a_carrier_inside_an_if_leaves_the_hidden_scheme_unread(marked, tmp_path
     ours = hidden(run_json("extract", "--model", marked.onnx, "--keys", marked.keys, code=0))  # (no subgraph)
     assert not ours.get("unread")
 
+def _quantized(src, dst, digits) -> None:
+    """`src` statically quantized by onnxruntime's own tool, in its QOperator format (uint8
+    activations, QGemm), calibrated on 500 training samples."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    name = onnx.load(str(src)).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{name: digits.x_train[i : i + 50]} for i in range(0, 500, 50)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ops = {node.op_type for node in onnx.load(str(dst)).graph.node}
+    assert "QGemm" in ops and "Gemm" not in ops, ops  # (every hidden activation an integer)
+
+
+def test_a_model_quantized_to_integer_activations_is_still_read(marked_runs, digits, tmp_path):
+    """Static quantisation in onnxruntime's QOperator format computes the carrier as uint8: it
+    had been passed over (not a float), and the marked model read as not detected (105 of 192
+    bits wrong, exit 1). An integer tensor is now read as the graph's quantized operators declare
+    it, scale and zero point; three seeds, and the unmarked model quantized so is not claimed."""
+    for seed in SEEDS:
+        run = marked_runs(seed)
+        base_onnx = tmp_path / f"base{seed}.onnx"
+        run_json("export", run.base, "--out", base_onnx)
+        for model, marked in ((run.onnx, True), (base_onnx, False)):
+            path = tmp_path / f"q-{seed}-{marked}.onnx"
+            _quantized(model, path, digits)
+            r = hidden(run_json("extract", "--model", path, "--keys", run.keys, code=0 if marked else 1))
+            assert r["candidates"] == 2, r  # (fc1's and fc2's uint8 outputs, both counted in p)
+            if marked:
+                assert r["detected"] and r["bit_errors"] <= r["max_bit_errors"] // 2, r
+            else:
+                assert not r["detected"] and r["bit_errors"] > r["max_bit_errors"] + 20, r
+
+
+def test_integer_tensors_are_read_as_their_quantized_operators_declare_them(tmp_path):
+    """A graph built by hand with integer tensors of the input's values, each read as the reals
+    it stands for, (q - zero point) * scale, within a step of the input; not as integers 100 too
+    high. Declared by their producer (QuantizeLinear at a zero point of 100; a QLinearMatMul at 50
+    and twice the step) or only by a reader (a Cast to uint8 read by a QLinearMatMul). A copy
+    (Identity) is read once; a tensor the graph dequantizes itself is read as its
+    DequantizeLinear's output; one whose declared scale is not above zero is not read."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from deepsigns_cli.runtime import OnnxModel
+
+    step = 1 / 64
+    inits = {"s": np.float32(step), "z": np.uint8(100), "s2": np.float32(2 * step), "z2": np.uint8(50),
+             "bad": np.float32(-step), "w": np.eye(4, dtype=np.int8), "ws": np.float32(1.0), "wz": np.int8(0),
+             "k": np.float32(1 / step), "zf": np.float32(100), "lo": np.float32(0), "hi": np.float32(255)}
+    node = h.make_node
+    nodes = [node("QuantizeLinear", ["input", "s", "z"], ["q"]), node("Identity", ["q"], ["passed"]),
+             node("QLinearMatMul", ["passed", "s", "z", "w", "ws", "wz", "s2", "z2"], ["product"]),
+             node("DequantizeLinear", ["product", "s2", "z2"], ["out"]),
+             node("Mul", ["input", "k"], ["scaled"]), node("Add", ["scaled", "zf"], ["shifted"]),
+             node("Clip", ["shifted", "lo", "hi"], ["clipped"]),
+             node("Cast", ["clipped"], ["raw"], to=TensorProto.UINT8),
+             node("QLinearMatMul", ["raw", "s", "z", "w", "ws", "wz", "s2", "z2"], ["raw_product"]),
+             node("QuantizeLinear", ["input", "bad", "z"], ["negative"]),
+             node("Cast", ["negative"], ["cast"], to=TensorProto.FLOAT),
+             node("Cast", ["raw_product"], ["cast2"], to=TensorProto.FLOAT),
+             node("Sum", ["out", "cast", "cast2"], ["logits"])]
+    graph = h.make_graph(nodes, "hand-quantized", [h.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+                         [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+                         [nh.from_array(np.asarray(v), k) for k, v in inits.items()])
+    path = tmp_path / "hand.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
+    x = np.random.default_rng(0).uniform(-1.5, 1.5, (16, 4)).astype(np.float32)
+    model = OnnxModel(path, timeout=60)
+    try:
+        found = model.intermediates(x)
+    finally:
+        model.close()
+    for name, within in (("q", step / 2), ("out", 3 * step), ("raw", step), ("raw_product", 2 * step)):
+        assert np.abs(found[name] - x).max() <= within + 1e-6, name
+    assert not {"passed", "product", "negative"} & set(found), set(found)
+
+
 # ---------------------------------------------------------------------------- the sweep
 
 
