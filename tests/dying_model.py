@@ -73,6 +73,13 @@ def fails_at_exit():
     return _data()
 
 
+def exits_silently():
+    """A --data factory whose process of RANK 1 ends at once with exit 7, saying nothing."""
+    if os.environ.get("RANK") == "1":
+        os._exit(7)
+    return _data()
+
+
 def noisy():
     """A --data factory that prints a log line of its own that starts "error: " (on stdout, which
     a command sends to stderr) and writes another to file descriptor 1, then gives data whose

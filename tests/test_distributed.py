@@ -124,9 +124,21 @@ def test_a_process_that_fails_after_the_outputs_were_written_says_so(tmp_path):
                     "--out", out, "--device", "cpu", env=ENV, timeout=600)
     assert proc.returncode == 2, proc.stderr
     line = assert_one_error_line(proc.stderr, proc.stdout, "after the first had written", "m.safetensors",
-                                 "each complete")
+                                 "each complete", "process 1 of 2 ended with exit 5 and no error line")
     assert "nothing was written" not in line
     assert api.inspect(out).kind == "checkpoint"
+
+
+def test_a_process_that_ends_without_a_word_is_named_with_its_exit_code(tmp_path):
+    """A factory that ends process 1 with os._exit(7) was reported as "a process of the
+    2-process run failed (exit 1)": torchrun's own code, not the process's."""
+    out = tmp_path / "m.safetensors"
+    proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", "dying_model:exits_silently", "--epochs", 1,
+                    "--out", out, "--device", "cpu", env=ENV, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "process 1 of 2 ended with exit 7 and no error line",
+                          "nothing was written")
+    assert not out.exists() and partial_files(tmp_path) == []
 
 
 @pytest.mark.parametrize(("factory", "needle"), [

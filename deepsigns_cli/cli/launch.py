@@ -33,6 +33,8 @@ __all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "rel
 _TORCH_LOG = re.compile(r"\[?[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
 #: a process that a signal ended, in torchrun's summary of a failed run ("rank : 1 ...", then "exitcode : -9 ...")
 _SIGNALLED = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*-(\d+)", re.M)
+#: ... one that exited with a code of its own
+_EXITED = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(\d+)", re.M)
 _STOP_SECONDS = 60  # what an interrupted run's launcher is given to stop its processes
 _DRAIN_SECONDS = 2  # what its pipes are given to end once it has ended (its processes have)
 # ... and once it was killed: its processes then end by themselves (each is sent SIGTERM when its
@@ -115,10 +117,15 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     echo = "another process of this run failed"
     errors.sort(key=lambda line: echo in line)
     killed = _killed(proc.stderr, nproc)
+    # (a process that ended without a word, os._exit(7) in a factory: torchrun's summary names it
+    # as the root cause, where torchrun's own code is 1 whatever the process's was)
+    exited = _EXITED.search(proc.stderr.rpartition("Root Cause")[2])
+    silent = f"process {exited[1]} of {nproc} ended with exit {exited[2]} and no error line" if exited else \
+        f"a process of the {nproc}-process run failed (exit {proc.returncode})"
     first = errors[0] if errors and not (killed and echo in errors[0]) else \
-        killed or f"a process of the {nproc}-process run failed (exit {proc.returncode}); nothing was written"
+        killed or f"{silent}; nothing was written"
     if written:  # (a process that failed after the first had written: at its exit, say)
-        cause = errors[0] if errors else f"exit {proc.returncode}, no error line"
+        cause = errors[0] if errors else silent
         first = (f"a process of the {nproc}-process run failed after the first had written "
                  f"{', '.join(map(shown, written))}, each complete ({cause.split('; nothing was written')[0]}): "
                  "check the run's processes before using them")
