@@ -214,7 +214,10 @@ ATTACKS: dict[str, AttackEntry] = {
         summary="int8 through onnxruntime's quantization (--out .onnx) or k-bit weight rounding "
                 "(--out .safetensors)",
         options=(Option("--bits", "int", "bits per weight for k-bit rounding (default 8; an .onnx "
-                        "--out is int8).", 1, 16),),
+                        "--out is int8).", 1, 16),
+                 Option("--static", "flag", "int8 activations too, at ranges calibrated on the "
+                        "attacker's training samples (onnxruntime's quantize_static, QOperator "
+                        "format; .onnx --out only).")),
     ),
     "noise": AttackEntry(
         name="noise",

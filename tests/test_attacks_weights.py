@@ -114,6 +114,25 @@ def test_quantize_int8_onnx(marked, tmp_path):
     assert abs(report["accuracy_after"] - report["accuracy_before"]) <= 2.0
 
 
+def test_quantize_static_int8_onnx_computes_integer_activations_and_the_mark_is_read(marked, tmp_path):
+    out = tmp_path / "static.onnx"
+    proc = run_proc("attack", "quantize", "--model", marked.marked, "--data", "digits", "--static",
+                    "--out", out, "--json")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["params"]["mode"] == "int8-static-onnx" and report["params"]["bits"] == 8
+    assert 0 < report["params"]["max_relative_change"] < 0.01
+    assert abs(report["accuracy_after"] - report["accuracy_before"]) <= 2.0
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert "QGemm" in ops and not ops & {"Gemm", "MatMul", "MatMulInteger"}, ops  # (no float hidden layer)
+    r = run_json("extract", "--model", out, "--keys", marked.keys)["results"][0]
+    assert r["detected"] and r["bit_errors"] <= r["max_bit_errors"] // 2, r
+    result = run_cli("attack", "quantize", "--model", marked.marked, "--data", "digits", "--static",
+                     "--out", tmp_path / "static.safetensors", code=2)
+    assert_bad_input(result, "--static quantizes activations in an ONNX graph: use --out .onnx")
+    assert partial_files(tmp_path) == []
+
+
 def test_quantize_k_bits_rounds_each_tensor(marked, tmp_path):
     out = tmp_path / "4bit.safetensors"
     report = run_json("attack", "quantize", "--model", marked.marked, "--data", "digits", "--bits", 4,

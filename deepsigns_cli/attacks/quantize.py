@@ -4,7 +4,10 @@
 int8: the plain ONNX export, pre-processed and quantized by onnxruntime's own tools
 (`quant_pre_process`, then `quantize_dynamic` with signed int8 weights, per tensor): what a
 thief who deploys with onnxruntime gets in two calls. Weights become int8 initializers,
-biases stay float, activations are quantized on the fly.
+biases stay float, activations are quantized on the fly. With `--static`, `quantize_static`
+in onnxruntime's QOperator format instead: the activations too are uint8 throughout (QGemm,
+QLinearConv), at ranges calibrated on the attacker's training samples (MinMax, at most
+CALIBRATION_ROWS of them).
 
 k-bit: every parameter of the model, the weights of dimension >= 2 and the 1-D ones
 (biases, normalisation scales and shifts) alike, is rounded to the nearest of 2^k evenly
@@ -30,6 +33,8 @@ from ..fileio import scratch_folder
 from .base import Attack
 
 __all__ = ["QuantizeAttack", "ATTACK", "round_to_levels"]
+
+CALIBRATION_ROWS = 512  # training samples --static calibrates activation ranges on (a fixed subsample)
 
 
 def round_to_levels(t: torch.Tensor, bits: int) -> torch.Tensor:
@@ -74,7 +79,9 @@ class QuantizeAttack(Attack):
     name = "quantize"
 
     def run(self, model, ctx):
-        bits = int(ctx.option("bits", 8))
+        bits, static = int(ctx.option("bits", 8)), bool(ctx.option("static", False))
+        if static and ctx.out_kind != "onnx":
+            raise InputError("--static quantizes activations in an ONNX graph: use --out .onnx")
         if ctx.out_kind == "onnx":
             if bits != 8:
                 raise InputError("int8 only for .onnx; use --out .safetensors for k-bit rounding")
@@ -84,8 +91,9 @@ class QuantizeAttack(Attack):
             if tied:  # (it transposed a shared square weight once per layer: one layer computed W x for W^T x)
                 raise InputError(f"onnxruntime's int8 quantizer mishandles weights shared between layers (tied "
                                  f"here: {one_line(', '.join(tied), 100)}): use --out .safetensors for k-bit rounding")
-            proto, change = self._int8_onnx(model, ctx)
-            return proto, {"bits": 8, "mode": "int8-onnx", "max_relative_change": change}
+            proto, change = self._int8_onnx(model, ctx, static)
+            return proto, {"bits": 8, "mode": "int8-static-onnx" if static else "int8-onnx",
+                           "max_relative_change": change}
         change = 0.0
         with torch.no_grad():
             for p in model.parameters():
@@ -97,19 +105,38 @@ class QuantizeAttack(Attack):
         return model, {"bits": bits, "mode": "k-bit", "max_relative_change": change}
 
     @staticmethod
-    def _int8_onnx(model, ctx):
+    def _int8_onnx(model, ctx, static: bool):
         import onnx
         from onnx import numpy_helper
         from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
         from ..checkpoint import export_onnx
+        from ..data import bounded_rows, take
 
         with scratch_folder("deepsigns-quantize-") as folder:  # (removed by the next command if this one is killed)
             plain, ready, quantized = (folder / n for n in ("plain.onnx", "pre.onnx", "int8.onnx"))
             export_onnx(model, ctx.info, plain, check_inputs=ctx.data.x_test[:64])
             with _quiet_quantizer():
                 quant_pre_process(plain, ready)
-                quantize_dynamic(ready, quantized, weight_type=QuantType.QInt8)
+                if static:
+                    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+                    name = onnx.load(str(ready)).graph.input[0].name
+                    x = np.asarray(take(ctx.data.x_train, bounded_rows(len(ctx.data.x_train), CALIBRATION_ROWS)),
+                                   dtype=np.float32)
+
+                    class Batches(CalibrationDataReader):
+                        def __init__(self):
+                            self.left = iter(range(0, len(x), 64))
+
+                        def get_next(self):
+                            start = next(self.left, None)
+                            return None if start is None else {name: x[start : start + 64]}
+
+                    quantize_static(ready, quantized, Batches(), quant_format=QuantFormat.QOperator,
+                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                else:
+                    quantize_dynamic(ready, quantized, weight_type=QuantType.QInt8)
             proto = onnx.load(str(quantized))
             floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ready)).graph.initializer}
         # the int8 weights, dequantized, against the float ones they replaced
