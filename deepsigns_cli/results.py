@@ -81,7 +81,7 @@ class BitsResult(SchemeResult):
     tensor: str | None = None  # where the bits were read
     candidates: int = 0  # carrier tensors found
     readings: int = 0  # readings tried, all counted in the p-value: each candidate as it is and
-    # with its units lined up with ours (0: one per candidate)
+    # with its units lined up with ours, over their scales and over their offsets (0: one per candidate)
     aligned: bool | None = None  # the best reading was the lined-up one (None: not tried)
     message: str | None = None
     message_errors: int | None = None  # bits of that message that differ from the keys' (None: no message)

@@ -67,6 +67,9 @@ _MIN_OPSET = 7  # the oldest default-domain opset onnxruntime runs
 _EXTRA_SESSIONS = 2  # sessions with a graph's own tensors as outputs a worker keeps (one per set asked for)
 
 # onnxruntime's refusal of a file of a newer IR version than it reads: (the file's, the newest it reads)
+# the default-domain opset from which Cast converts each element type numpy cannot hold (TensorProto
+# BFLOAT16, the FLOAT8 types, UINT4, INT4, FLOAT4E2M1) to float
+_CAST_SINCE = {16: 13, 17: 19, 18: 19, 19: 19, 20: 19, 21: 21, 22: 21, 23: 23}
 _IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
 _FLOAT_INPUTS = {1: np.float32, 10: np.float16, 11: np.float64}  # TensorProto FLOAT, FLOAT16, DOUBLE
 _ORT_ERROR_NAMES = (
@@ -435,12 +438,14 @@ _PASSING = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity
 
 
 def _dequantized(graph) -> dict[str, tuple[float, float]]:
-    """The integer tensors of `graph` that it never turns back into real numbers itself (no
-    DequantizeLinear reads them), whose quantized operators declare one constant (scale, zero
+    """The integer tensors of `graph` whose quantized operators declare a constant (scale, zero
     point): tensor -> (scale, zero point). Static quantisation in onnxruntime's QOperator format
-    computes a network's hidden activations as uint8 (QGemm, QLinearConv); read as they are,
-    their zero point shifts every unit, and a quantized copy of a marked model had read as
-    not detected. What the producer declares comes first, then the first reader's."""
+    computes a network's hidden activations as uint8 (QGemm, QLinearConv), which had been passed
+    over, and a quantized copy of a marked model read as not detected. What the producer declares
+    comes first, then the first reader's. A declaration is the file's word, so it only saves a
+    reading: one as declared reads the units as they are, and the reading over each unit's
+    offset (schemes/hidden.py) needs none (a decoy DequantizeLinear at another zero point, or a
+    reader that declares one first, shifts every unit alike)."""
     from onnx import numpy_helper
 
     constants = {t.name: t for t in graph.initializer}
@@ -471,11 +476,8 @@ def _dequantized(graph) -> dict[str, tuple[float, float]]:
 
     found: dict[str, tuple[float, float]] = {}
     read: dict[str, tuple[float, float]] = {}  # (declared by a reader)
-    own: set[str] = set()  # (dequantized by the graph)
     for node in graph.node:
         domain = "" if node.domain == "ai.onnx" else node.domain
-        if (domain, node.op_type) == ("", "DequantizeLinear") and node.input:
-            own.add(node.input[0])
         if domain == "" and node.op_type in _PASSING and node.input and node.input[0] in found and node.output:
             found.setdefault(node.output[0], found[node.input[0]])
         rule = _QUANTIZED.get((domain, node.op_type))
@@ -489,7 +491,16 @@ def _dequantized(graph) -> dict[str, tuple[float, float]]:
             found.setdefault(node.output[0], pair)
     for name, pair in read.items():
         found.setdefault(name, pair)
-    return {name: pair for name, pair in found.items() if name not in own}
+    return found
+
+
+def _as_reals(value: np.ndarray, declared: tuple[float, float] | None) -> np.ndarray:
+    """An integer tensor of the graph as float32: (q - zero point) x scale where the graph
+    declares them (`_dequantized`), else its integers as they are."""
+    if declared is None:
+        return value.astype(np.float32)
+    scale, zero = declared
+    return ((value.astype(np.float64) - zero) * scale).astype(np.float32)
 
 
 class _Evaluator:
@@ -502,6 +513,7 @@ class _Evaluator:
         self.sessions: dict[tuple[str, ...], object] = {}
         self.run_options = None
         self.dequantized: dict[str, tuple[float, float]] | None = None  # (_dequantized, on first use)
+        self.casts: dict[str, str] | None = None  # (`_casts`, on first use)
 
     def prepare(self) -> None:
         """Resolve the provider (this initialises CUDA when it is asked for or usable)."""
@@ -529,11 +541,16 @@ class _Evaluator:
         if extra:
             import onnx
 
+            casts = self._casts()
             proto = onnx.ModelProto()
             proto.CopyFrom(self.proto)
             outputs = {o.name for o in proto.graph.output}
             for name in extra:
-                if name not in outputs:  # (a graph output asked for again would be a duplicate)
+                if casts.get(name):
+                    proto.graph.node.append(onnx.helper.make_node("Cast", [name], [casts[name]],
+                                                                  to=onnx.TensorProto.FLOAT))
+                    proto.graph.output.append(onnx.ValueInfoProto(name=casts[name]))
+                elif name not in outputs:  # (a graph output asked for again would be a duplicate)
                     proto.graph.output.append(onnx.ValueInfoProto(name=name))
         threads = _MAX_THREADS if (os.cpu_count() or 1) > _MAX_THREADS else None
         try:
@@ -554,6 +571,41 @@ class _Evaluator:
         self.sessions[extra] = session
         return session
 
+    def _casts(self) -> dict[str, str]:
+        """The graph's tensors of a type numpy cannot hold (bfloat16, float8, 4-bit integers;
+        as shape inference types them) -> the name of a Cast of each to float32 that a reading
+        adds: onnxruntime returns none of them, and one such tensor anywhere in a graph had
+        failed every reading of it (exit 2)."""
+        if self.casts is None:
+            import onnx
+            import onnx.shape_inference
+
+            self.casts = {}
+            try:
+                typed = onnx.shape_inference.infer_shapes(self.proto).graph
+            except (*_CHECKER_ERRORS, onnx.shape_inference.InferenceError):
+                return self.casts
+            graph = self.proto.graph
+            taken = {*(o for n in graph.node for o in n.output), *(i.name for i in graph.input),
+                     *(t.name for t in graph.initializer)}
+            types = {info.name: info.type.tensor_type.elem_type for info in (*typed.value_info, *typed.output)
+                     if info.type.WhichOneof("value") == "tensor_type"}
+            zero_points = {t.name: t.data_type for t in graph.initializer}
+            for node in graph.node:  # (a QuantizeLinear of onnxruntime's domain, which inference does not type,
+                # gives its zero point's type: 4-bit activations in its QDQ format)
+                if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.output and node.output[0]:
+                    types.setdefault(node.output[0], zero_points.get(node.input[2], 0))
+            opset = max((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+            for tensor, elem in types.items():
+                if elem >= onnx.TensorProto.BFLOAT16:
+                    name = f"{tensor} as float32"
+                    while name in taken:
+                        name += "'"
+                    taken.add(name)
+                    # (none where the graph's opset cannot cast it: the tensor is not asked for)
+                    self.casts[tensor] = name if opset >= _CAST_SINCE.get(elem, 1 << 30) else ""
+        return self.casts
+
     def run(self, names: list[str], extra: bool, x: np.ndarray, step: int, batch: int | None,
             width: int | None = None, units: int | None = None,
             ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, int]]:
@@ -567,12 +619,17 @@ class _Evaluator:
         feed batches of two lengths, so that an axis whose length only happens to be one of
         them, 448 units for 448 inputs, is not taken for it); a float tensor with no such axis,
         or more than one, is left out (`units`) as one that was not read."""
+        problems: dict[str, str] = {}
+        if extra:  # (a tensor numpy cannot hold and the graph cannot cast is not asked for)
+            kept = [name for name in names if self._casts().get(name) != ""]
+            problems = {name: "holds values of a type that neither numpy nor this graph's opset can read as numbers"
+                        for name in names if name not in kept}
+            names = kept
         session = self._session(tuple(names) if extra else ())
         if extra and self.dequantized is None:
             self.dequantized = _dequantized(self.proto.graph)
         parts: dict[str, list[tuple[np.ndarray, int, int]]] = {name: [] for name in names}  # (value, fed, real)
         axes: dict[str, set[int]] = {}  # (extra) the axes that may hold the batch, in every batch so far
-        problems: dict[str, str] = {}
         left_out: dict[str, int] = {}
         total, taken = 0, 0
         seen: dict[bytes, str] = {}  # a tensor's values in the first batch (a digest) -> the first that held them
@@ -583,15 +640,12 @@ class _Evaluator:
                 real = len(chunk)
                 if batch is not None and real < batch:
                     chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-                values = session.run(names, {self.input_name: chunk}, self.run_options)
+                values = session.run([self.casts.get(name, name) for name in names] if extra else names,
+                                     {self.input_name: chunk}, self.run_options)
                 digests: dict[str, bytes] = {}  # (this batch's)
                 for name, value in zip(names, values, strict=True):
                     if name in problems:
                         continue
-                    if extra and name in self.dequantized and isinstance(value, np.ndarray) \
-                            and value.dtype.kind in "iu":  # (as the graph's quantized operators read it)
-                        scale, zero = self.dequantized[name]
-                        value = ((value.astype(np.float64) - zero) * scale).astype(np.float32)
                     if isinstance(value, list) and not extra:  # a sequence of maps (ZipMap)
                         value = _maps_to_rows(value)
                         if isinstance(value, str):
@@ -617,6 +671,12 @@ class _Evaluator:
                     if problem is None and width is not None and size != width:
                         problem = f"has {size} values per sample, not {width}"
                     fresh = not parts[name]  # (its first batch)
+                    if problem is None and extra and value.dtype.kind in "iu" \
+                            and (units is None or not fresh or taken + size <= units):
+                        # an integer tensor as the reals it stands for, before it is compared with
+                        # others (a Cast to int16 of a uint8 copy is a copy); one too wide for the
+                        # units left is let go as it is (it was 3.5 GiB more as float64)
+                        value = _as_reals(value, self.dequantized.get(name))
                     if problem is None and extra:
                         # a copy of an earlier tensor is left out, if it is one in every batch: a
                         # graph can make a tensor copy the carrier at one batch length alone, and a
@@ -633,9 +693,9 @@ class _Evaluator:
                             parts[name].append(parts[twins[name]][-1])
                             continue
                     if problem is None and units is not None and fresh:  # (decided on the first batch it is read)
-                        if value.dtype.kind != "f" or taken + size > units:
-                            problem = f"is not among the first {units} float values per sample"
-                            if value.dtype.kind == "f":
+                        if value.dtype.kind not in "fiu" or taken + size > units:
+                            problem = f"is not among the first {units} values per sample"
+                            if value.dtype.kind in "fiu":
                                 left_out[name] = size
                         else:
                             taken += size
@@ -663,7 +723,7 @@ class _Evaluator:
                 if len(axes[name]) != 1:  # (no axis: no batch, as a constant; several: which, none can tell)
                     problems[name] = (f"has shape {list(chunks[0][0].shape)} for a batch of {chunks[0][1]} inputs: "
                                       f"{'no' if not axes[name] else 'more than one'} axis of it is the batch")
-                    if axes[name] and chunks[0][0].dtype.kind == "f" and units is not None:  # (a reading missed it)
+                    if axes[name] and units is not None:  # (a reading missed it)
                         left_out[name] = chunks[0][0].size // chunks[0][1]
                     continue
                 (axis,) = axes[name]

@@ -152,13 +152,13 @@ def test_keys_that_can_never_reach_alpha_are_warned_of(tmp_path, marked, scheme,
 
 
 def test_keys_that_reach_alpha_alone_but_not_their_share_in_a_bundle_are_warned_of(tmp_path, marked):
-    """extract gives each scheme of a bundle its share of alpha: 31 hidden bits read two ways
-    reach 1e-9 alone (best p = 9.3e-10), not 5e-10; GradSigns' 31 bits (4.7e-10) do."""
-    args = ("keygen", "--model", marked.base, "--bits", 31, "--classes", 1)
+    """extract gives each scheme of a bundle its share of alpha: 32 hidden bits read three ways
+    reach 1e-9 alone (best p = 7e-10), not 5e-10; GradSigns' 32 bits (2.3e-10) do."""
+    args = ("keygen", "--model", marked.base, "--bits", 32, "--classes", 1)
     alone = run_cli(*args, "--scheme", "hidden", "--out", tmp_path / "a.dskey", code=0)
     assert "at best p" not in alone.stderr, alone.stderr
     both = run_cli(*args, "--scheme", "hidden,gradsigns", "--out", tmp_path / "b.dskey", code=0)
-    assert ("warning: hidden: these keys give at best p = 9.3e-10, above its share of the default alpha "
+    assert ("warning: hidden: these keys give at best p = 7e-10, above its share of the default alpha "
             "(1e-09 over 2 schemes)") in both.stderr, both.stderr
     assert "gradsigns: these keys" not in both.stderr
 

@@ -185,8 +185,8 @@ def test_cnn_onnx_with_mlp_keys_is_not_detected(marked, cnn):
     r = hidden(report)
     assert report["detected"] is False and r["detected"] is False
     assert r["candidates"] == 0  # no tensor of the carrier's width in a CNN
-    assert r["readings"] == 2 and r["tensor"].startswith("every unit")  # its units, lined up with ours (at
-    # two temperatures): chance
+    assert r["readings"] == 4 and r["tensor"].startswith("every unit")  # its units, lined up with ours (at
+    # two temperatures, over their scales and over their offsets): chance
     assert r["bit_errors"] > r["max_bit_errors"] + 20 and r["p_value"] > 1e-3
 
 
@@ -473,12 +473,14 @@ def test_every_unit_read_a_block_at_a_time_reads_as_the_units_side_by_side(monke
     both = np.concatenate([acts, -acts], axis=1)
     temperatures = (scheme.ALIGN_TEMPERATURE, scheme.SHARP_TEMPERATURE)
     want = []
-    for t in temperatures:
-        monkeypatch.setattr(scheme, "ALIGN_TEMPERATURE", t)
-        want.append(scheme.projections(both[: len(ty)], both[len(ty):], arrays))
+    for shifted in (False, True):  # (over the units' scales, then over their offsets too)
+        for t in temperatures:
+            monkeypatch.setattr(scheme, "ALIGN_TEMPERATURE", t)
+            want.append(scheme.projections(both[: len(ty)], both[len(ty):], arrays, shifted=shifted))
     monkeypatch.setattr(scheme, "UNIT_BLOCK", 64)
     got = scheme.every_unit_projections([acts[:, :100], acts[:, 100:]], len(ty), arrays, temperatures)
+    assert len(got) == 4
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
     off = scheme.every_unit_projections([np.zeros_like(acts)], len(ty), arrays)  # nothing to line up
-    assert len(off) == 1 and (off[0] == 0).all()
+    assert len(off) == 2 and all((o == 0).all() for o in off)

@@ -8,10 +8,12 @@ A thief can shuffle and positively rescale the carrier's units without changing 
 function, which moves every unit away from its row of A. So the bits are also read with the
 suspect's units lined up with the *unmarked* model's (soft matching by correlation on probe
 samples the keys keep, each unit over its own scale), and the embedding teaches both
-readings. The reference is the unmarked model, recorded before the bits were drawn, so a
-model that is not ours reads as a fair coin either way: the p-value counts the two readings
-and nothing else. (Lined up with the marked model instead, independently trained models read
-with 16-22 of 192 bits wrong: that would claim models we never marked.)
+readings; a third lines them up over each unit's offset too (a unit shifted by a constant that
+the next layer's bias takes back, as a quantized copy's zero point shifts it). The reference is
+the unmarked model, recorded before the bits were drawn, so a model that is not ours reads as a
+fair coin every way: the p-value counts the three readings and nothing else. (Lined up with
+the marked model instead, independently trained models read with 16-22 of 192 bits wrong:
+that would claim models we never marked.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ DEFAULTS = {
     "classes": 3,  # the signature at 3 class centres, each read through its own projection:
     # 192 independent bits of evidence, so that the mark outlives a thief's own embed into
     # the same layer (overwriting flips 20-25% of them; at alpha = 1e-9 up to 53 may be wrong,
-    # read two ways)
+    # read three ways)
     "trigger_per_class": 64,
     "lambda1": 0.01,  # activation isolation (paper: 0.01)
     "lambda2": 1.0,  # projection towards the bits
@@ -173,7 +175,7 @@ class HiddenScheme(Scheme):
                 "stays low"]
 
     def best_p_value(self, keys):
-        readings = 2 if "probe_ref" in keys.arrays else 1  # (as it is, and lined up)
+        readings = 3 if "probe_ref" in keys.arrays else 1  # (as it is, lined up over scales, and over offsets)
         return stats.bonferroni(stats.smallest_bits_p_value(int(keys.arrays["bits"].size)), readings)
 
     # ------------------------------------------------------------------ embed
@@ -199,10 +201,13 @@ class HiddenScheme(Scheme):
         x = tx if probes is None else np.concatenate([tx, probes.astype(tx.dtype)])
         candidates, why = suspect.carriers(x, params["layer"], int(params["width"]))
         # every candidate tensor read as it is and (bundles with probes) with its units lined up
-        # with the unmarked model's: every reading counted in p
-        readings = [(name, projections(acts[: len(tx)], probe, arrays), probe is not None)
+        # with the unmarked model's, over their scales and over their offsets too: every reading
+        # counted in p
+        readings = [(f"{name}, over offsets" if shifted else name, projections(acts[: len(tx)], probe, arrays,
+                                                                                shifted=shifted), probe is not None)
                     for name, acts in candidates.items()
-                    for probe in ([None] if probes is None else [None, acts[len(tx):]])]
+                    for probe, shifted in ([(None, False)] if probes is None else
+                                           [(None, False), (acts[len(tx):], False), (acts[len(tx):], True)])]
         # what was not read makes a reading that finds nothing no verdict: tensors of the carrier's
         # width that are more data than a worker sends back, units past every set read below,
         # tensors computed inside a subgraph
@@ -214,7 +219,8 @@ class HiddenScheme(Scheme):
             # (a carrier padded with units, split in parts or otherwise rebuilt still lines up)
             for name, parts in suspect.units(x, missed):
                 found = every_unit_projections(parts, len(tx), arrays, (ALIGN_TEMPERATURE, SHARP_TEMPERATURE))
-                readings += [(name, found[0], True), (f"{name}, sharp line-up", found[1], True)]
+                readings += [(f"{name}{how}", proj, True) for how, proj in zip(
+                    ("", ", sharp line-up", ", over offsets", ", sharp line-up over offsets"), found, strict=True)]
                 del parts  # (before the next set is asked for)
         unread = bool(missed)
         why = "; ".join(dict.fromkeys(missed)) if unread else why
@@ -249,19 +255,47 @@ def read_bits(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
 
 
 def projections(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
-                weights: np.ndarray | None = None) -> np.ndarray:
+                weights: np.ndarray | None = None, shifted: bool = False) -> np.ndarray:
     """Each bit's projection, (s, N), as `read_bits` reads it: the mean at each target class
     through that class's own columns of A (the line-up is linear, so it is applied to the means).
-    A projection of exactly 0 (a mean of zeros, or no unit left to line up) reads no bit."""
+    `shifted`: lined up over each unit's offset too (`_in_reference`). A projection of exactly 0
+    (a mean of zeros, or no unit left to line up) reads no bit."""
     ty = arrays["trigger_y"]
     means = np.stack([trig[ty == c].mean(0) for c in arrays["classes"]])
     if probe is not None:
+        free = _free_probes(arrays)
         if weights is None:
-            free = _free_probes(arrays)
             weights = line_up(arrays["probe_ref"][free], probe[free])
-        means = _over_scale(means, unit_rms(probe)) @ weights.T
+        if shifted:
+            means = _in_reference(_standard(means, probe[free]) @ weights.T, arrays, weights.sum(1) > 0)
+        else:
+            means = _over_scale(means, unit_rms(probe)) @ weights.T
     n_each = arrays["bits"].shape[1]
     return np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)])
+
+
+def _standard(means: np.ndarray, probe: np.ndarray) -> np.ndarray:
+    """`means` of each unit less its mean over `probe`, over its spread there (0 for a unit that
+    is off): what no shift or positive rescaling of a unit changes."""
+    spread = probe.std(0)
+    live = spread > _DEAD
+    return np.where(live, (means - probe.mean(0)) / np.where(live, spread, 1.0), 0.0)
+
+
+def _in_reference(standard: np.ndarray, arrays: dict, held: np.ndarray) -> np.ndarray:
+    """Standardized means lined up with our units (`_standard`, then the line-up) put back at
+    the unmarked model's offset and spread over the free probes, over its scale, as the reading
+    lined up over scales alone has them. A thief can shift each unit by a constant and fold the
+    shift into the next layer's bias (a quantized copy's zero point is one such shift): the model
+    computes the same, and the readings as it is and over scales alone had read as chance (57-82
+    of 192 bits wrong); the probes, pinned while the mark went in, keep the marked model's offsets
+    near the unmarked one's, so the mark reads here too. `held`: our units that some unit of the
+    suspect's lined up with; the others, and the units that are off in the unmarked model, read
+    nothing (0), as over scales alone."""
+    ref = arrays["probe_ref"].astype(np.float64)
+    free = ref[_free_probes(arrays)]
+    live = held & (np.linalg.norm(free - free.mean(0), axis=0) > _DEAD)
+    return np.where(live, _over_scale(standard * free.std(0) + free.mean(0), unit_rms(ref)), 0.0)
 
 
 def every_unit_projections(parts: list[np.ndarray], n_trig: int, arrays: dict,
@@ -269,10 +303,11 @@ def every_unit_projections(parts: list[np.ndarray], n_trig: int, arrays: dict,
     """`projections` of the units of `parts` side by side ((n, u) arrays: the trigger set's
     `n_trig` rows, then the probes'), each unit also negated (the line-up follows units that rise
     with ours, and a carrier negated -- its ReLU turned to a Min at 0, the next layer negated --
-    falls with them), lined up with the unmarked model's at each of `temperatures`. The same
-    numbers, without the units side by side: UNIT_BLOCK of them at a time, the line-up's softmax
-    over all of them taken as it goes (a running largest logit and sum), so that memory stays
-    that of a block."""
+    falls with them), lined up with the unmarked model's at each of `temperatures`, over the
+    units' scales, then the same over their offsets too (`shifted`): 2 x len(temperatures)
+    readings. The same numbers, without the units side by side: UNIT_BLOCK of them at a time, the
+    line-up's softmax over all of them taken as it goes (a running largest logit and sum), so that
+    memory stays that of a block."""
     ty, free = arrays["trigger_y"], _free_probes(arrays)
     r = arrays["probe_ref"][free].astype(np.float64)
     r -= r.mean(0)
@@ -284,12 +319,13 @@ def every_unit_projections(parts: list[np.ndarray], n_trig: int, arrays: dict,
     # over e^largest), and its weighted means (the same)
     top = [np.full(ours, -np.inf) for _ in temperatures]
     total = [np.zeros(ours) for _ in temperatures]
-    lined = [np.zeros((ours, classes)) for _ in temperatures]
+    lined = [np.zeros((ours, 2 * classes)) for _ in temperatures]  # (over scales, then over offsets)
     for part in parts:
         for start in range(0, part.shape[1], UNIT_BLOCK):
             block = np.asarray(part[:, start:start + UNIT_BLOCK], dtype=np.float64)
             trig, probe = block[:n_trig], block[n_trig:]
-            means = _over_scale(np.stack([trig[ty == c].mean(0) for c in arrays["classes"]]), unit_rms(probe))
+            raw = np.stack([trig[ty == c].mean(0) for c in arrays["classes"]])
+            means = np.concatenate([_over_scale(raw, unit_rms(probe)), _standard(raw, probe[free])])
             a = probe[free]
             a -= a.mean(0)
             an = np.linalg.norm(a, axis=0)
@@ -307,12 +343,14 @@ def every_unit_projections(parts: list[np.ndarray], n_trig: int, arrays: dict,
                 lined[i] = lined[i] * shrink[:, None] + (up - down) @ means
                 top[i] = peak
     n_each = arrays["bits"].shape[1]
-    out = []
+    scaled, shifted = [], []
     for at, weight in zip(lined, total, strict=True):
         at = np.where((weight > 0)[:, None], at / np.where(weight > 0, weight, 1)[:, None], 0.0)
         at[~live_r] = 0.0
-        out.append(np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(at.T)]))
-    return out
+        for out, means in ((scaled, at[:, :classes].T),
+                           (shifted, _in_reference(at[:, classes:].T, arrays, weight > 0))):
+            out.append(np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)]))
+    return scaled + shifted
 
 
 def _unread(proj: np.ndarray) -> np.ndarray:
