@@ -66,10 +66,10 @@ _MAX_THREADS = 8  # onnxruntime threads in a worker (each reserves stack and mal
 _MIN_OPSET = 7  # the oldest default-domain opset onnxruntime runs
 _EXTRA_SESSIONS = 2  # sessions with a graph's own tensors as outputs a worker keeps (one per set asked for)
 
-# onnxruntime's refusal of a file of a newer IR version than it reads: (the file's, the newest it reads)
 # the default-domain opset from which Cast converts each element type numpy cannot hold (TensorProto
 # BFLOAT16, the FLOAT8 types, UINT4, INT4, FLOAT4E2M1) to float
 _CAST_SINCE = {16: 13, 17: 19, 18: 19, 19: 19, 20: 19, 21: 21, 22: 21, 23: 23}
+# onnxruntime's refusal of a file of a newer IR version than it reads: (the file's, the newest it reads)
 _IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
 _FLOAT_INPUTS = {1: np.float32, 10: np.float16, 11: np.float64}  # TensorProto FLOAT, FLOAT16, DOUBLE
 _ORT_ERROR_NAMES = (
@@ -610,15 +610,16 @@ class _Evaluator:
             width: int | None = None, units: int | None = None,
             ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, int]]:
         """Outputs `names` for inputs x, fed `step` at a time (padded to `batch` when the
-        model's batch is fixed): (usable arrays (n, ...), why the others are not, the float
-        tensors `units` left out -> their values per sample). With `width`, only tensors of that
-        many values per sample are kept (and sent back); with `units`, float tensors in the
+        model's batch is fixed): (usable arrays (n, ...), why the others are not, the tensors
+        `units` left out -> their values per sample). With `width`, only tensors of that many
+        values per sample are kept (and sent back); with `units`, tensors of numbers in the
         order of `names` while their values per sample add up to at most that many. Tensors of
         the graph (`extra`) may hold the batch on another axis (a graph that computes (units,
         batch)): it is the one axis whose length is the batch's in every batch fed (the callers
         feed batches of two lengths, so that an axis whose length only happens to be one of
-        them, 448 units for 448 inputs, is not taken for it); a float tensor with no such axis,
-        or more than one, is left out (`units`) as one that was not read."""
+        them, 448 units for 448 inputs, is not taken for it); a tensor with no such axis, or
+        more than one, is left out (`units`) as one that was not read. Integer tensors of the
+        graph come back as float32 (`_as_reals`)."""
         problems: dict[str, str] = {}
         if extra:  # (a tensor numpy cannot hold and the graph cannot cast is not asked for)
             kept = [name for name in names if self._casts().get(name) != ""]
@@ -1211,8 +1212,8 @@ class OnnxModel:
     def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int,
                width: int | None = None, units: int | None = None) -> tuple[dict, dict, dict[str, int]]:
         """Run the model on x for outputs `names` (with `width` or `units`: only those
-        `_Evaluator.run` keeps): (arrays (n, ...), why others are unusable, the float tensors
-        `units` left out -> their values per sample)."""
+        `_Evaluator.run` keeps): (arrays (n, ...), why others are unusable, the tensors `units`
+        left out -> their values per sample)."""
         if len(x) == 0:
             raise InputError("no samples to query the model with")
         batch = self._batch()
@@ -1448,8 +1449,8 @@ class OnnxModel:
 
     def unit_tensors(self, x: np.ndarray, width: int | None = None, units: int | None = None,
                      names: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """(`intermediates(x, width, units, names)`; the float tensors `units` left out -> their
-        values per sample, in the graph's order)."""
+        """(`intermediates(x, width, units, names)`; the tensors `units` left out -> their values
+        per sample, in the graph's order)."""
         produced = [o for n in self.proto.graph.node for o in n.output if o and isinstance(o, str)]
         wanted = list(dict.fromkeys(produced))
         if names is not None:

@@ -30,7 +30,7 @@ EVERY_UNIT = "every unit"  # the reading of the units an ONNX graph computes, li
 # the units of an ONNX graph read side by side (`Suspect.units`), in the graph's order: with
 # the keys' 448 inputs, 56 MiB of activations, lined up with ours a block of units at a time
 MAX_UNITS = 1 << 15
-# the float tensors that reading left out (wider than what was left of it: a thief can widen the
+# the tensors that reading left out (wider than what was left of it: a thief can widen the
 # carrier with junk units, or put decoys first) are read in further sets, in the graph's order, of
 # at most this many values per sample (a CNN's feature maps on 64x64 images; with the keys' 448
 # inputs, 448 MiB of float32 activations, held one set at a time) and MAX_SET_BYTES in all
@@ -202,7 +202,7 @@ class OnnxSuspect(Suspect):
         if found:
             yield EVERY_UNIT, list(found.values())
         del found  # (a set's activations are let go before the next is asked for)
-        # the float tensors left out, in further sets, each tensor whole in one of them
+        # the tensors left out, in further sets, each tensor whole in one of them
         cap = max(1, min(MAX_SET_UNITS, MAX_SET_BYTES // (4 * len(x))))
         sets: list[list[str]] = []
         size = cap
