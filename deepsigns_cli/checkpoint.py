@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import USER_CODE_FAILURES, CheckpointError, InputError, one_line, shown, user_failure
+from .errors import USER_CODE_FAILURES, CheckpointError, InputError, one_line, out_of_memory, shown, user_failure
 from .fileio import native_output_to_nowhere, require_file
 from .zoo import ZOO, build_model, is_factory_name, shape_problem, skeleton
 
@@ -252,6 +252,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, MemoryError) as exc:
         if isinstance(exc, PermissionError):  # (the file itself, before safetensors: not a damaged checkpoint)
             raise CheckpointError(f"cannot open {shown(path)} ({exc.strerror}): check its permissions") from None
+        if out_of_memory(exc):  # (safetensors' "Cannot allocate memory (os error 12)" under ulimit -v: the
+            # machine's limit, which the command reports as such, not a damaged file to re-export)
+            raise MemoryError(str(exc)) from None
         raise CheckpointError(
             f"{shown(path)} is not a readable .safetensors file ({one_line(exc, 160)}): it may be "
             "truncated or not a checkpoint; re-export it"

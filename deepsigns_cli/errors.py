@@ -171,10 +171,13 @@ def shown(path: object) -> str:
     return _CONTROL.sub(_escaped, text)
 
 
-#: the signals that stop a command (Ctrl-C, `kill`, a closed terminal, Ctrl-\), each reported as
-#: `Interrupted`: held during a commit (fileio), and SIGINT aside (Python's KeyboardInterrupt)
-#: handled by the CLI
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: the signals that stop a command (Ctrl-C, `kill`, a closed terminal, Ctrl-\; the CPU-time limit's
+#: warning, ulimit -t, and the two a batch scheduler sends before it kills a job, SIGUSR1 and SIGUSR2,
+#: each of which had ended a command as its default does: no line, its .part files left), each
+#: reported as `Interrupted`: held during a commit (fileio), and SIGINT aside (Python's
+#: KeyboardInterrupt) handled by the CLI
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGXCPU, signal.SIGUSR1,
+                signal.SIGUSR2)
 
 
 class Interrupted(KeyboardInterrupt):

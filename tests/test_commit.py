@@ -350,13 +350,14 @@ def test_a_link_that_leads_nowhere_is_replaced_only_with_force(tmp_path, target)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT],
-                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGXCPU,
+                                 signal.SIGUSR1], ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGXCPU", "SIGUSR1"])
 def test_a_signal_during_embed_and_a_second_embed_meanwhile(tmp_path, owner, sig):
     """A real process: a second embed on the same bundle is refused while the first runs;
     SIGTERM, SIGHUP and SIGQUIT (like SIGINT) end the first cleanly: its own exit code, one line,
     nothing left (SIGQUIT, Ctrl-\\, had ended it as its default does, exit 131 with no line and
-    the outputs' .part files left behind)."""
+    the outputs' .part files left behind; so had SIGXCPU, which ulimit -t sends, and SIGUSR1,
+    which a batch scheduler sends before it kills a job)."""
     base, keys = owner
     before = snapshot(tmp_path)
     env = {**os.environ, **ENV}

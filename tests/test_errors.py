@@ -279,7 +279,20 @@ def test_no_passphrase_with_stdin_closed(tmp_path, marked):
                           env={k: v for k, v in {**os.environ, **ENV}.items() if k != "DEEPSIGNS_PASSPHRASE"},
                           capture_output=True, text=True, preexec_fn=lambda: os.close(0), timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert_one_error_line(proc.stderr, proc.stdout, "no passphrase")
+    assert_one_error_line(proc.stderr, proc.stdout, "no passphrase", "or pass --passphrase-file")
+
+
+def test_no_attacker_passphrase_names_the_option_that_gives_it(tmp_path, marked):
+    """attack overwrite had said "pass --passphrase-file", which it then refused (that option
+    goes with --sweep): the attacker's passphrase comes through --attacker-passphrase-file."""
+    out = tmp_path / "over.safetensors"
+    proc = subprocess.run([*deepsigns_argv(), "attack", "overwrite", "--model", str(marked.marked),
+                           "--attacker-keys", str(tmp_path / "thief.dskey"), "--out", str(out)],
+                          env={k: v for k, v in {**os.environ, **ENV}.items() if k != "DEEPSIGNS_PASSPHRASE"},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "no passphrase", "or pass --attacker-passphrase-file")
+    assert not out.exists() and not (tmp_path / "thief.dskey").exists()
 
 
 def _header_offsets(path: Path) -> dict[str, int]:
@@ -923,6 +936,48 @@ def test_a_limit_of_the_machine_is_one_line_not_a_bug(marked, monkeypatch, failu
     result = run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=2)
     line = assert_one_error_line(result.stderr, result.stdout, needle)
     assert "bug" not in line
+
+
+@pytest.mark.parametrize("limit", [600 << 20, 760 << 20, 3 << 30])
+def test_an_address_space_too_small_for_the_libraries_is_one_line(marked, limit):
+    """Under ulimit -v of 740-770 MB, OpenBLAS ended extract with exit 1 (read as "not detected")
+    and one line of its own; lower, torch's import could spin deaf to SIGTERM. A limit below 2 GiB
+    is refused before any library loads (--help still answers); above it, the command runs."""
+    import resource
+
+    from helpers import deepsigns_argv, process_env
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+    def run(*args):
+        return subprocess.run([*deepsigns_argv(), *map(str, args)], env=process_env(), preexec_fn=limited,
+                              capture_output=True, text=True, timeout=300)
+
+    proc = run("extract", "--model", marked.marked, "--keys", marked.keys, "--json")
+    if limit < 2 << 30:
+        assert proc.returncode == 2, proc.stderr
+        assert_one_error_line(proc.stderr, proc.stdout, f"limited to {limit >> 20} MiB (ulimit -v)",
+                              "at least 2048 MiB", "ulimit -v 2097152")
+        assert run("extract", "--help").returncode == 0
+    else:
+        assert proc.returncode == 0 and json.loads(proc.stdout)["detected"], proc.stderr
+
+
+def test_memory_that_runs_out_while_a_checkpoint_is_read_is_not_blamed_on_the_file(marked, monkeypatch):
+    """Under ulimit -v, safetensors' "Cannot allocate memory (os error 12)" had been reported as
+    "not a readable .safetensors file ... re-export it": a good file the user was sent to rebuild."""
+    from safetensors import SafetensorError
+
+    from deepsigns_cli import checkpoint
+
+    def no_memory(path):
+        raise SafetensorError("Error while deserializing header: Cannot allocate memory (os error 12)")
+
+    monkeypatch.setattr(checkpoint, "_safe_open", no_memory)
+    result = run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=2)
+    line = assert_one_error_line(result.stderr, result.stdout, "not enough memory", "ulimit -v")
+    assert "re-export" not in line and "bug" not in line
 
 
 def test_a_checkpoint_that_may_not_be_read_says_so(marked, monkeypatch):

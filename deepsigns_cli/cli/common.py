@@ -522,7 +522,7 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option
                 env = os.fsencode(env).decode("utf-8")
             except UnicodeError:
                 raise InputError(f"{PASSPHRASE_ENV} is not UTF-8 text: set it to the passphrase as text, or pass "
-                                 "--passphrase-file") from None
+                                 f"{option}") from None
         text = env.rstrip("\r\n")  # (as a file's: $'pw\n' in the variable and pw\n in a file are one passphrase)
         if not text:
             raise InputError(f"{PASSPHRASE_ENV} holds only a line ending: set it to the passphrase")
@@ -533,7 +533,7 @@ def get_passphrase(passphrase_file: str | None, *, confirm: bool = False, option
         return AsGiven(text, env)
     if asks_passphrase(None):
         return _prompt(confirm)
-    raise InputError(f"no passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file")
+    raise InputError(f"no passphrase: set {PASSPHRASE_ENV} or pass {option}")
 
 
 def _prompt(confirm: bool) -> str:

@@ -189,6 +189,33 @@ def _no_core_dumps() -> None:
             ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
 
 
+#: the least address space (ulimit -v) a command is started in: its libraries map about 1 GiB of it
+#: as they load (`extract` 0.77 GiB at its peak, `export` 0.93 GiB, on the sample model)
+MIN_ADDRESS_SPACE = 2 << 30
+
+
+def _address_space() -> None:
+    """Refuse an address space too small for the libraries: below it, OpenBLAS ended `extract`
+    with exit 1 ("not detected", at 740-770 MB), libgomp ended `export` so (at 650 MB), and `train`
+    spun inside torch's import, deaf to SIGTERM (at 600-640 MB): each a library's own end, out of
+    reach of any handler. Under a limit above this one, numpy's BLAS runs on one thread, whose
+    buffer is taken now: the threads OpenBLAS starts at its first large product each take one of
+    their own, and a failure to map it ends the process with exit 1 too."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY or {"-h", "--help", "--version"} & set(sys.argv[1:]):
+        return
+    if limit < MIN_ADDRESS_SPACE:
+        fail(f"the address space is limited to {limit >> 20} MiB (ulimit -v), and deepsigns needs at least "
+             f"{MIN_ADDRESS_SPACE >> 20} MiB (torch alone maps about 1 GiB): raise the limit "
+             f"(ulimit -v {MIN_ADDRESS_SPACE >> 10} or more), then run the command again", EXIT_BAD_INPUT)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import numpy as np
+
+    np.ones((256, 256)) @ np.ones((256, 256))
+
+
 def _openmp_settings() -> None:
     """torch's OpenMP (libgomp) reads the OMP_* and GOMP_* variables as it loads, and a value it
     cannot read (OMP_NUM_THREADS=abc, OMP_DYNAMIC=yes) it names in a line of its own on stderr,
@@ -247,6 +274,7 @@ def main():
     except FileNotFoundError:  # (torch's import then ended the process with "Intel oneMKL FATAL ERROR")
         fail("the current folder was removed: cd into a folder that exists, then run the command again",
              EXIT_BAD_INPUT)
+    _address_space()
     _openmp_settings()
     level = os.environ.get("TORCH_CPP_LOG_LEVEL")
     if level is not None and level.upper() not in _CPP_LOG_LEVELS:
