@@ -519,7 +519,8 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
     from .results import DisputeParty, DisputeReport
 
     if len(parties) != 2:
-        raise InputError(f"a dispute is between two parties: give --party twice, not {len(parties)} time(s)")
+        given = {0: "not at all", 1: "once"}.get(len(parties), f"{len(parties)} times")
+        raise InputError(f"a dispute is between two parties: give --party twice, not {given}")
     names = [str(n) for n in (names or ["A", "B"])]
     if len(names) != 2 or len(set(names)) != 2 or not all(names):
         raise InputError("the two parties need two different, non-empty names (--name)")

@@ -112,7 +112,8 @@ def test_the_same_bundle_twice_is_refused(overwritten):
     assert result.stderr.count("\n") == 1 and "the same key bundle" in result.stderr
 
 
-@pytest.mark.parametrize("extra, needle", [((), "--party twice"), (("--name", "x"), "one --name per --party")])
+@pytest.mark.parametrize("extra, needle", [((), "give --party twice, not once"),
+                                           (("--name", "x"), "one --name per --party")])
 def test_a_dispute_needs_two_parties(overwritten, extra, needle):
     folder, marked, thief = overwritten
     result = run_cli("dispute", "--party", marked.keys, folder / "owner.pass", marked.marked,
