@@ -586,8 +586,11 @@ class _Evaluator:
             except (*_CHECKER_ERRORS, onnx.shape_inference.InferenceError):
                 return self.casts
             graph = self.proto.graph
-            taken = {*(o for n in graph.node for o in n.output), *(i.name for i in graph.input),
-                     *(t.name for t in graph.initializer)}
+            # (every name of the model, subgraphs' and sparse initializers' included: a Cast named like
+            # one of them had made a graph that onnxruntime refused, "duplicate definition")
+            taken = {name for g in _within(graph) for name in (
+                *(o for n in g.node for o in (*n.input, *n.output)), *(i.name for i in (*g.input, *g.output)),
+                *(t.name for t in g.initializer), *(t.values.name for t in g.sparse_initializer))}
             types = {info.name: info.type.tensor_type.elem_type for info in (*typed.value_info, *typed.output)
                      if info.type.WhichOneof("value") == "tensor_type"}
             zero_points = {t.name: t.data_type for t in graph.initializer}

@@ -167,6 +167,10 @@ def _rebuilt(marked_path, how: str, path, wide: int = WIDE):
                          [h.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
                          [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
                          [nh.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    if how == "bfloat16":  # (an unused sparse tensor named as the reading's Cast of the copy would be: the
+        # graph that reading made had been refused, "duplicate definition", exit 2)
+        graph.sparse_initializer.append(h.make_sparse_tensor(nh.from_array(np.ones(1, np.float32), "half as float32"),
+                                                             nh.from_array(np.zeros(1, np.int64), "at"), [4]))
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
     return path
 
