@@ -593,11 +593,11 @@ class _Evaluator:
                 *(t.name for t in g.initializer), *(t.values.name for t in g.sparse_initializer))}
             types = {info.name: info.type.tensor_type.elem_type for info in (*typed.value_info, *typed.output)
                      if info.type.WhichOneof("value") == "tensor_type"}
-            zero_points = {t.name: t.data_type for t in graph.initializer}
+            constants = {t.name: t.data_type for t in graph.initializer}
             for node in graph.node:  # (a QuantizeLinear of onnxruntime's domain, which inference does not type,
                 # gives its zero point's type: 4-bit activations in its QDQ format)
                 if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.output and node.output[0]:
-                    types.setdefault(node.output[0], zero_points.get(node.input[2], 0))
+                    types.setdefault(node.output[0], constants.get(node.input[2], 0))
             opset = max((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
             for tensor, elem in types.items():
                 if elem >= onnx.TensorProto.BFLOAT16:

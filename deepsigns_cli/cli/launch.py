@@ -31,10 +31,10 @@ __all__ = ["nproc_option", "workers_option", "precision_option", "is_main", "rel
 
 #: a line of torch's own log (glog's prefix: level, date, time), as torchrun and c10d print them
 _TORCH_LOG = re.compile(r"\[?[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
-#: a process that a signal ended, in torchrun's summary of a failed run ("rank : 1 ...", then "exitcode : -9 ...")
-_SIGNALLED = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*-(\d+)", re.M)
-#: ... one that exited with a code of its own
-_EXITED = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(\d+)", re.M)
+#: a process in torchrun's summary of a failed run ("rank : 1 ...", then "exitcode : -9 ..."): (rank, code)
+_ENDED = r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*{code}"
+_SIGNALLED = re.compile(_ENDED.format(code=r"-(\d+)"), re.M)  # (one that a signal ended: the signal)
+_EXITED = re.compile(_ENDED.format(code=r"(\d+)"), re.M)  # (one that exited with a code of its own)
 _STOP_SECONDS = 60  # what an interrupted run's launcher is given to stop its processes
 _DRAIN_SECONDS = 2  # what its pipes are given to end once it has ended (its processes have)
 # ... and once it was killed: its processes then end by themselves (each is sent SIGTERM when its
