@@ -611,11 +611,12 @@ class _Evaluator:
 
     def run(self, names: list[str], extra: bool, x: np.ndarray, step: int, batch: int | None,
             width: int | None = None, units: int | None = None,
-            ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, int]]:
+            ) -> tuple[dict[str, np.ndarray], dict]:
         """Outputs `names` for inputs x, fed `step` at a time (padded to `batch` when the
-        model's batch is fixed): (usable arrays (n, ...), why the others are not, the tensors
-        `units` left out -> their values per sample). With `width`, only tensors of that many
-        values per sample are kept (and sent back); with `units`, tensors of numbers in the
+        model's batch is fixed): (usable arrays (n, ...), the facts of the others: "problems",
+        why each is not usable; "left_out", the tensors `units` left out -> their values per
+        sample; "copies", the tensors left out as copies of another -> that one). With `width`,
+        only tensors of that many values per sample are kept (and sent back); with `units`, tensors of numbers in the
         order of `names` while their values per sample add up to at most that many. Tensors of
         the graph (`extra`) may hold the batch on another axis (a graph that computes (units,
         batch)): it is the one axis whose length is the batch's in every batch fed (the callers
@@ -736,7 +737,8 @@ class _Evaluator:
                     problems[name] = "changes shape from one batch of inputs to the next"
                     continue
             out[name] = np.concatenate([value[:real] for value, _, real in chunks])
-        return out, problems, {name: size for name, size in left_out.items() if name in problems}
+        return out, {"problems": problems, "copies": twins,
+                     "left_out": {name: size for name, size in left_out.items() if name in problems}}
 
 
 def _padded_axes(value: np.ndarray, axes: set[int], real: int) -> set[int]:
@@ -941,11 +943,10 @@ def _serve(evaluator: _Evaluator, rfd: int, wfd: int) -> None:
             _limit_memory(evaluator.providers)
             limited = True
         try:
-            out, problems, left_out = evaluator.run(header["names"], header["extra"], arrays[0], header["step"],
-                                                    header["batch"], header.get("width"), header.get("units"))
+            out, facts = evaluator.run(header["names"], header["extra"], arrays[0], header["step"],
+                                       header["batch"], header.get("width"), header.get("units"))
             names = list(out)
-            reply = _pack({"ok": True, "names": names, "problems": problems, "left_out": left_out},
-                          [out[n] for n in names])
+            reply = _pack({"ok": True, "names": names, **facts}, [out[n] for n in names])
         except _Failure as failure:
             reply = _pack({"ok": False, "kind": failure.kind, "message": failure.message}, [])
         except MemoryError:
@@ -1213,10 +1214,11 @@ class OnnxModel:
 
     # ------------------------------------------------------------------ evaluation
     def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int,
-               width: int | None = None, units: int | None = None) -> tuple[dict, dict, dict[str, int]]:
+               width: int | None = None, units: int | None = None,
+               ) -> tuple[dict, dict, dict[str, int], dict[str, str]]:
         """Run the model on x for outputs `names` (with `width` or `units`: only those
         `_Evaluator.run` keeps): (arrays (n, ...), why others are unusable, the tensors `units`
-        left out -> their values per sample)."""
+        left out -> their values per sample, the tensors left out as copies -> what of)."""
         if len(x) == 0:
             raise InputError("no samples to query the model with")
         batch = self._batch()
@@ -1243,13 +1245,15 @@ class OnnxModel:
         if not header.get("ok"):
             raise self._failed(str(header.get("kind")), str(header.get("message")))
         got = header.get("names")
-        problems, left_out = header.get("problems"), header.get("left_out", {})
+        problems, left_out, copies = header.get("problems"), header.get("left_out", {}), header.get("copies", {})
         if not isinstance(got, list) or len(got) != len(arrays) or not isinstance(problems, dict) \
-                or not isinstance(left_out, dict) or not all(type(v) is int and v >= 0 for v in left_out.values()):
+                or not isinstance(left_out, dict) or not all(type(v) is int and v >= 0 for v in left_out.values()) \
+                or not isinstance(copies, dict):
             raise self._crashed("it sent a malformed answer")
         return ({str(n): a for n, a in zip(got, arrays, strict=True)},
                 {str(k): str(v) for k, v in problems.items()},
-                {str(k): v for k, v in left_out.items() if k in names})
+                {str(k): v for k, v in left_out.items() if k in names},
+                {str(k): str(v) for k, v in copies.items() if k in names})
 
     def _ask_worker(self, header: dict, x: np.ndarray, start: float):
         deadline = None if self._left is None else start + self._left
@@ -1289,8 +1293,8 @@ class OnnxModel:
             timer = threading.Timer(self._left, terminate)
             timer.start()
         try:
-            out, problems, left_out = evaluator.run(header["names"], header["extra"], x, header["step"],
-                                                    header["batch"], header.get("width"), header.get("units"))
+            out, facts = evaluator.run(header["names"], header["extra"], x, header["step"],
+                                       header["batch"], header.get("width"), header.get("units"))
         except _Failure as failure:
             if self._left is not None and time.monotonic() - start >= self._left:
                 self._broken = str(self._timed_out())
@@ -1300,7 +1304,7 @@ class OnnxModel:
             if timer is not None:
                 timer.cancel()
         names = list(out)
-        return {"ok": True, "names": names, "problems": problems, "left_out": left_out}, [out[n] for n in names]
+        return {"ok": True, "names": names, **facts}, [out[n] for n in names]
 
     def _stop(self, grace: float = 0.0) -> str:
         how = ""
@@ -1396,7 +1400,7 @@ class OnnxModel:
     def _read(self, x: np.ndarray, output: str | None, batch_size: int) -> tuple[np.ndarray, str, str]:
         """(the chosen output for inputs x: (n, classes) for scores, (n,) for labels; name; kind)."""
         name, kind = self.choose_output(output)
-        out, problems, _ = self._query([name], False, x, batch_size)
+        out, problems, _, _ = self._query([name], False, x, batch_size)
         where = self._where(name)
         if name in problems:
             raise OnnxError(f"{where} {problems[name]}: verify needs the class scores, probabilities or "
@@ -1451,22 +1455,23 @@ class OnnxModel:
         return self.unit_tensors(x, width, units, names)[0]
 
     def unit_tensors(self, x: np.ndarray, width: int | None = None, units: int | None = None,
-                     names: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+                     names: list[str] | None = None,
+                     ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
         """(`intermediates(x, width, units, names)`; the tensors `units` left out -> their values
-        per sample, in the graph's order)."""
+        per sample, in the graph's order; the tensors left out as copies of another -> that one)."""
         produced = [o for n in self.proto.graph.node for o in n.output if o and isinstance(o, str)]
         wanted = list(dict.fromkeys(produced))
         if names is not None:
             wanted = [name for name in wanted if name in set(names)]
         if not wanted:  # (session.run with no names would return every graph output instead)
-            return {}, {}
+            return {}, {}, {}
         # (in two batches of two lengths: the axis that holds the batch is the one that has its
         # length in both, which an axis of a fixed length cannot, whatever it is)
-        out, _, left_out = self._query(wanted, True, x, max(1, len(x) // 2 + 1), width, units)
+        out, _, left_out, copies = self._query(wanted, True, x, max(1, len(x) // 2 + 1), width, units)
         return ({name: value.reshape(len(x), -1) for name, value in out.items()
                  if name in wanted and np.issubdtype(value.dtype, np.floating)
                  and value.ndim >= 1 and value.shape[0] == len(x)},
-                {name: left_out[name] for name in wanted if name in left_out})
+                {name: left_out[name] for name in wanted if name in left_out}, copies)
 
     def out_of_reach(self) -> str:
         """Why some tensors the model computes cannot be asked for ('' when every one can): a

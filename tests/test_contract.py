@@ -128,6 +128,14 @@ def test_alpha_must_be_a_probability(marked, alpha):
                              code=None), "--alpha")
 
 
+@pytest.mark.parametrize("value, size", [("1e-400", "small"), ("0.0001e-330", "small"), ("1e400", "large")])
+def test_a_number_past_a_floats_range_is_named_as_typed(value, size):
+    """1e-400 had been refused as "got 0.0", a number the user never typed."""
+    line = assert_bad_input(run_cli("extract", "--model", "m.onnx", "--keys", "k", "--alpha", value, code=None),
+                            "--alpha", f"'{value}' is too {size}")
+    assert "0.0" not in line.replace(value, ""), line
+
+
 @pytest.mark.parametrize("lr", ["nan", "inf", "1e308", "-1", "0", "1e-320"])
 def test_learning_rate_must_be_sane(tmp_path, lr):
     before = snapshot(tmp_path)

@@ -25,6 +25,7 @@ from onnx import numpy_helper as nh
 from deepsigns_cli import runtime
 from deepsigns_cli.errors import InputError, OnnxError
 from deepsigns_cli.runtime import OnnxModel
+from deepsigns_cli.suspect import EVERY_UNIT, OnnxSuspect
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "digits-mlp.safetensors"
 CLI_TIMEOUT = 3  # seconds: what the hanging cases are given
@@ -821,9 +822,40 @@ def test_a_copy_of_a_tensor_that_is_left_out_is_left_out_with_it(marked, suspect
     path = tmp_path / "cnn32.onnx"
     torch.onnx.export(CNN((3, 32, 32), 10).eval(), (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"],
                       dynamic_axes={"input": {0: "batch"}}, dynamo=False)
-    read, left_out = OnnxModel(path).unit_tensors(np.random.default_rng(0).random((20, 3, 32, 32), np.float32),
-                                                  units=1 << 15)
+    x = np.random.default_rng(0).random((20, 3, 32, 32), np.float32)
+    read, left_out, _ = OnnxModel(path).unit_tensors(x, units=1 << 15)
     assert read and left_out  # (the pooled map and its flattened copy past the first set: out together)
+    # the second set holds both; the copy is left out there too, not taken for a tensor that
+    # answered otherwise (which had left the second set of every such CNN unread)
+    missed: list[str] = []
+    sets = dict(OnnxSuspect(OnnxModel(path, provider="cpu")).units(x, missed))
+    assert missed == [] and len(sets) == 2, (missed, list(sets))
+    assert sum(a.shape[1] for a in sets[f"{EVERY_UNIT}, set 2"]) < sum(left_out.values())  # (a copy out)
+
+
+def test_a_copy_of_the_carrier_past_the_first_set_leaves_it_read(marked, suspects, monkeypatch):
+    """helper-51 C4: the carrier past the first set of units (there, the first 64 values per sample)
+    and an Identity of it: the copy had made its set "not answer as it had", and the mark went
+    unread (exit 2); an unmarked model the same way had not been read either."""
+    from helpers import PASSPHRASE
+
+    from deepsigns_cli import suspect
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.schemes import hidden
+
+    proto = onnx.load(str(marked.onnx))
+    acts = [node.output[0] for node in proto.graph.node if node.op_type == "Relu"]  # (the carrier among them)
+    assert acts
+    proto.graph.node.extend(h.make_node("Identity", [a], [f"{a}_copy"]) for a in acts)
+    path = save(proto, suspects / "copy.onnx")
+    monkeypatch.setattr(suspect, "MAX_UNITS", 64)
+    keys = open_bundle(marked.keys, PASSPHRASE).schemes["hidden"]
+    model = OnnxModel(path, provider="cpu")
+    try:
+        result = hidden.SCHEME().read(suspect.OnnxSuspect(model), keys)
+    finally:
+        model.close()
+    assert not result.unread and result.p_value < 1e-20 and result.message_errors == 0, result
 
 
 @pytest.mark.parametrize("width", [512, 64])

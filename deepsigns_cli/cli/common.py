@@ -12,6 +12,7 @@ import errno
 import fcntl
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -359,7 +360,13 @@ class Number(click.types.FloatParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not DECIMAL.fullmatch(value):
             self.fail(f"{value!r} is not a number written in the digits 0-9", param, ctx)
-        return super().convert(value, param, ctx)
+        number = super().convert(value, param, ctx)
+        mantissa = re.split("[eE]", value)[0] if isinstance(value, str) else ""
+        if math.isinf(number) or number == 0 and re.search("[1-9]", mantissa):
+            # (1e-400 had been read as 0.0 and refused as "got 0.0", a number never typed)
+            self.fail(f"{value.strip()!r} is too {'large' if math.isinf(number) else 'small'} a number to hold "
+                      "(a float's range is about 1e-308 to 1e308)", param, ctx)
+        return number
 
 
 def int_range(name: str) -> Whole:
