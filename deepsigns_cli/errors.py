@@ -70,7 +70,12 @@ class OnnxError(DeepSignsError):
     """An ONNX file that is malformed, unsafe, or does not fit the keys."""
 
 
-class OnnxTooMuch(OnnxError):
+class OnnxUnread(OnnxError):
+    """One reading of an ONNX model that could not be taken (the model stays usable, and the
+    readings that could be taken stand)."""
+
+
+class OnnxTooMuch(OnnxUnread):
     """An ONNX model whose answer to one query is more data than deepsigns reads."""
 
 

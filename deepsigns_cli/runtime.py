@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from .defaults import DEFAULT_TIMEOUT
-from .errors import InputError, OnnxError, OnnxTooMuch, one_line, shown
+from .errors import InputError, OnnxError, OnnxTooMuch, OnnxUnread, one_line, shown
 from .fileio import require_file
 from .memory import limit_mapping, machine_memory
 
@@ -64,6 +64,9 @@ MEMORY_LIMIT: int | None = None  # bytes a worker may map beyond what it maps at
 MAX_REPLY_BYTES = 2**30  # outputs a worker may send back for one query
 _MAX_THREADS = 8  # onnxruntime threads in a worker (each reserves stack and malloc arenas)
 _MIN_OPSET = 7  # the oldest default-domain opset onnxruntime runs
+# of the time a model has left, what a reading of one input at a time may take (its deadline
+# then stops it, not the model's: the model stays usable for the readings after it)
+ALONE_SHARE = 0.8
 _EXTRA_SESSIONS = 2  # sessions with a graph's own tensors as outputs a worker keeps (one per set asked for)
 
 # the default-domain opset from which Cast converts each element type numpy cannot hold (TensorProto
@@ -177,10 +180,12 @@ def _within(*roots):
         graph = stack.pop()
         yield graph
         for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    stack.append(attr.g)
-                stack.extend(attr.graphs)
+            stack.extend(_subgraphs(node))
+
+
+def _subgraphs(node) -> list:
+    """The graphs a node holds (an If's branches, a Loop's body)."""
+    return [g for attr in node.attribute for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
 
 
 def _tensors(proto):
@@ -609,9 +614,14 @@ class _Evaluator:
                     self.casts[tensor] = name if opset >= _CAST_SINCE.get(elem, 1 << 30) else ""
         return self.casts
 
+    def answer(self, header: dict, x: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+        """`run` as a query's header asks (`OnnxModel._query`)."""
+        return self.run(header["names"], header["extra"], x, header["step"], header["batch"], header.get("width"),
+                        header.get("units"), bool(header.get("alone")), header.get("within"))
+
     def run(self, names: list[str], extra: bool, x: np.ndarray, step: int, batch: int | None,
-            width: int | None = None, units: int | None = None,
-            ) -> tuple[dict[str, np.ndarray], dict]:
+            width: int | None = None, units: int | None = None, alone: bool = False,
+            within: float | None = None) -> tuple[dict[str, np.ndarray], dict]:
         """Outputs `names` for inputs x, fed `step` at a time (padded to `batch` when the
         model's batch is fixed): (usable arrays (n, ...), the facts of the others: "problems",
         why each is not usable; "left_out", the tensors `units` left out -> their values per
@@ -623,7 +633,9 @@ class _Evaluator:
         feed batches of two lengths, so that an axis whose length only happens to be one of
         them, 448 units for 448 inputs, is not taken for it); a tensor with no such axis, or
         more than one, is left out (`units`) as one that was not read. Integer tensors of the
-        graph come back as float32 (`_as_reals`)."""
+        graph come back as float32 (`_as_reals`). `alone` (the graph's tensors, `step` 1): every
+        tensor is read as its one input's values, whatever its axes (`_one_input`), within
+        `within` seconds (None: no limit of its own)."""
         problems: dict[str, str] = {}
         if extra:  # (a tensor numpy cannot hold and the graph cannot cast is not asked for)
             kept = [name for name in names if self._casts().get(name) != ""]
@@ -639,14 +651,18 @@ class _Evaluator:
         total, taken = 0, 0
         seen: dict[bytes, str] = {}  # a tensor's values in the first batch (a digest) -> the first that held them
         twins: dict[str, str] = {}  # tensor -> the earlier one it has held the same values as, in every batch so far
+        began = time.monotonic()
         try:
             for start in range(0, len(x), step):
+                if within is not None and time.monotonic() - began > within:
+                    raise _Failure("slow", f"it took more than {within:.3g} s to answer the keys' inputs one at a time")
                 chunk = x[start : start + step]
                 real = len(chunk)
                 if batch is not None and real < batch:
                     chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
                 values = session.run([self.casts.get(name, name) for name in names] if extra else names,
                                      {self.input_name: chunk}, self.run_options)
+                fed = 1 if alone else len(chunk)  # (the rows of a tensor's batch axis)
                 digests: dict[str, bytes] = {}  # (this batch's)
                 for name, value in zip(names, values, strict=True):
                     if name in problems:
@@ -657,20 +673,22 @@ class _Evaluator:
                             problems[name] = value
                             parts[name] = []
                             continue
+                    if alone and isinstance(value, np.ndarray):
+                        value = _one_input(value, len(chunk))
                     moved = extra and isinstance(value, np.ndarray) and value.ndim > 1
                     if moved:  # (the batch's axis decided when every batch is in; the checks below hold for any)
-                        fits = {i for i, d in enumerate(value.shape) if d == len(chunk)}
-                        if len(fits) > 1 and real < len(chunk):  # (padded to a fixed batch: see _padded_axes)
+                        fits = {0} if alone else {i for i, d in enumerate(value.shape) if d == fed}
+                        if len(fits) > 1 and real < fed:  # (padded to a fixed batch: see _padded_axes)
                             fits = _padded_axes(value, fits, real)
                         axes[name] = axes[name] & fits if name in axes else fits
-                        problem = _output_problem(value, len(chunk)) \
+                        problem = _output_problem(value, fed) \
                             if not axes[name] or value.dtype.kind not in "fiu" else None
                     else:
-                        problem = _output_problem(value, len(chunk))
+                        problem = _output_problem(value, fed)
                     # (values per sample, on any axis; the first batch's for a later one)
-                    size = (parts[name][0][0].size // parts[name][0][1] if parts[name] else value.size // len(chunk)) \
+                    size = (parts[name][0][0].size // parts[name][0][1] if parts[name] else value.size // fed) \
                         if problem is None else 0
-                    if problem is None and parts[name] and (value.size != size * len(chunk) if moved else
+                    if problem is None and parts[name] and (value.size != size * fed if moved else
                                                             value.shape[1:] != parts[name][0][0].shape[1:]):
                         problem = "changes shape from one batch of inputs to the next"
                     if problem is None and width is not None and size != width:
@@ -713,11 +731,11 @@ class _Evaluator:
                     total += value.nbytes
                     if total > MAX_REPLY_BYTES:
                         raise _Failure("size", f"the outputs exceed {MAX_REPLY_BYTES >> 20} MiB")
-                    parts[name].append((value, len(chunk), real))
+                    parts[name].append((value, fed, real))
                     if fresh and start == 0 and name in digests:  # (a later copy of it is left out)
                         seen.setdefault(digests[name], name)
         except _ort_errors() as exc:
-            raise _Failure(_kind(exc, "run"), _ort_text(exc)) from None
+            raise _Failure(_kind(exc, "alone" if alone else "run"), _ort_text(exc)) from None
         for name, twin in twins.items():
             problems[name] = f"holds the same values as '{twin}'"
         out = {}
@@ -739,6 +757,40 @@ class _Evaluator:
             out[name] = np.concatenate([value[:real] for value, _, real in chunks])
         return out, {"problems": problems, "copies": twins,
                      "left_out": {name: size for name, size in left_out.items() if name in problems}}
+
+
+def _one_input(value: np.ndarray, fed: int) -> np.ndarray:
+    """A tensor the graph computed for one input (fed `fed` times: a fixed batch is filled with
+    copies of it) as that input's values, (1, values): along an axis of the batch's length
+    whose slices are all alike, one of them; anything else whole. A graph that pads its batch,
+    merges it with another axis or reorders its rows moves no other input's values into it."""
+    if fed > 1:
+        for axis, length in enumerate(value.shape):
+            if length == fed:
+                rows = np.moveaxis(value, axis, 0)
+                if (rows == rows[:1]).all():
+                    value = rows[:1]
+                    break
+    return value.reshape(1, -1)
+
+
+def _from_input(graph, name: str) -> set[str]:
+    """The tensors of `graph` computed from its input `name`, however its nodes are ordered (a
+    node's subgraphs count as its inputs): the others hold the same values for every input."""
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for used in itertools.chain(node.input, (used for g in _within(*_subgraphs(node))
+                                                 for n in g.node for used in n.input)):
+            readers.setdefault(used, []).append(i)
+    reached, todo, done = {name}, [name], set()
+    while todo:
+        for i in readers.get(todo.pop(), ()):
+            if i not in done:
+                done.add(i)
+                fresh = [o for o in graph.node[i].output if o and o not in reached]
+                reached.update(fresh)
+                todo.extend(fresh)
+    return reached
 
 
 def _padded_axes(value: np.ndarray, axes: set[int], real: int) -> set[int]:
@@ -943,8 +995,7 @@ def _serve(evaluator: _Evaluator, rfd: int, wfd: int) -> None:
             _limit_memory(evaluator.providers)
             limited = True
         try:
-            out, facts = evaluator.run(header["names"], header["extra"], arrays[0], header["step"],
-                                       header["batch"], header.get("width"), header.get("units"))
+            out, facts = evaluator.answer(header, arrays[0])
             names = list(out)
             reply = _pack({"ok": True, "names": names, **facts}, [out[n] for n in names])
         except _Failure as failure:
@@ -1214,11 +1265,12 @@ class OnnxModel:
 
     # ------------------------------------------------------------------ evaluation
     def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int,
-               width: int | None = None, units: int | None = None,
+               width: int | None = None, units: int | None = None, alone: bool = False,
                ) -> tuple[dict, dict, dict[str, int], dict[str, str]]:
         """Run the model on x for outputs `names` (with `width` or `units`: only those
-        `_Evaluator.run` keeps): (arrays (n, ...), why others are unusable, the tensors `units`
-        left out -> their values per sample, the tensors left out as copies -> what of)."""
+        `_Evaluator.run` keeps; `alone`: one input at a time): (arrays (n, ...), why others are
+        unusable, the tensors `units` left out -> their values per sample, the tensors left out
+        as copies -> what of)."""
         if len(x) == 0:
             raise InputError("no samples to query the model with")
         batch = self._batch()
@@ -1228,8 +1280,10 @@ class OnnxModel:
             # whose rows repeat the last input along the batch's axis alone (_padded_axes); full
             # batches of 64 had left a (64, 64) carrier with two axes that could be the batch
             step = max(1, (batch + 1) // 2) if extra else batch
-        header = {"names": names, "extra": extra, "step": max(1, step), "batch": batch,
-                  "width": width, "units": units}
+        header = {"names": names, "extra": extra, "step": 1 if alone else max(1, step), "batch": batch,
+                  "width": width, "units": units, "alone": alone,
+                  # (a reading of its own ends before the model's time is up, and the model stays usable)
+                  "within": None if not alone or self._left is None else ALONE_SHARE * self._left}
         if self._broken is not None:
             raise OnnxError(self._broken)
         start = time.monotonic()
@@ -1293,8 +1347,7 @@ class OnnxModel:
             timer = threading.Timer(self._left, terminate)
             timer.start()
         try:
-            out, facts = evaluator.run(header["names"], header["extra"], x, header["step"],
-                                       header["batch"], header.get("width"), header.get("units"))
+            out, facts = evaluator.answer(header, x)
         except _Failure as failure:
             if self._left is not None and time.monotonic() - start >= self._left:
                 self._broken = str(self._timed_out())
@@ -1355,6 +1408,10 @@ class OnnxModel:
         if kind == "size":
             return OnnxTooMuch(f"{p} answers with more data than deepsigns reads ({why}): "
                                "it is not a classifier's scores; check the file")
+        if kind == "slow":
+            return OnnxUnread(f"{why}: raise --timeout to read it so")
+        if kind == "alone":
+            return OnnxUnread(f"onnxruntime failed evaluating {p} on one input at a time ({why})")
         return OnnxError(f"onnxruntime failed evaluating {p} on the keys ({why}): the model cannot "
                          "answer these queries; check that it is a classifier for this data")
 
@@ -1455,19 +1512,26 @@ class OnnxModel:
         return self.unit_tensors(x, width, units, names)[0]
 
     def unit_tensors(self, x: np.ndarray, width: int | None = None, units: int | None = None,
-                     names: list[str] | None = None,
+                     names: list[str] | None = None, alone: bool = False,
                      ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
         """(`intermediates(x, width, units, names)`; the tensors `units` left out -> their values
-        per sample, in the graph's order; the tensors left out as copies of another -> that one)."""
+        per sample, in the graph's order; the tensors left out as copies of another -> that one).
+        `alone`: the graph fed one input at a time, every tensor computed from the input read as
+        that input's values whatever its axes (a graph that pads its batch, merges it with
+        another axis or reorders its rows hid its units from a batch's reading)."""
         produced = [o for n in self.proto.graph.node for o in n.output if o and isinstance(o, str)]
         wanted = list(dict.fromkeys(produced))
+        if alone:  # (a tensor the same for every input, a weight computed as the graph runs, holds no input's units)
+            reached = _from_input(self.proto.graph, self.input_name)
+            wanted = [name for name in wanted if name in reached]
         if names is not None:
-            wanted = [name for name in wanted if name in set(names)]
+            asked = set(names)
+            wanted = [name for name in wanted if name in asked]
         if not wanted:  # (session.run with no names would return every graph output instead)
             return {}, {}, {}
         # (in two batches of two lengths: the axis that holds the batch is the one that has its
         # length in both, which an axis of a fixed length cannot, whatever it is)
-        out, _, left_out, copies = self._query(wanted, True, x, max(1, len(x) // 2 + 1), width, units)
+        out, _, left_out, copies = self._query(wanted, True, x, max(1, len(x) // 2 + 1), width, units, alone)
         return ({name: value.reshape(len(x), -1) for name, value in out.items()
                  if name in wanted and np.issubdtype(value.dtype, np.floating)
                  and value.ndim >= 1 and value.shape[0] == len(x)},

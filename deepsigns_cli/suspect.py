@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .defaults import DEFAULT_TIMEOUT
-from .errors import InputError, OnnxTooMuch, SchemeError, shown
+from .errors import InputError, OnnxTooMuch, OnnxUnread, SchemeError, shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["Suspect", "TorchSuspect", "OnnxSuspect", "open_suspect", "MAX_UNITS", "MAX_SET_UNITS", "MAX_SETS",
            "EVERY_UNIT"]
 
+ALONE = ", one input at a time"  # (the reading of the units with the graph fed so)
 EVERY_UNIT = "every unit"  # the reading of the units an ONNX graph computes, lined up with ours at once
 
 # the units of an ONNX graph read side by side (`Suspect.units`), in the graph's order: with
@@ -194,13 +195,23 @@ class OnnxSuspect(Suspect):
         return self.onnx.out_of_reach()
 
     def units(self, x, missed):
+        yield from self._unit_sets(x, missed, alone=False)
+        # then again with the graph fed one input at a time: a graph that pads its batch, merges
+        # it with another axis or reorders its rows (the same function) had hidden the carrier
+        # from the reading of a batch, and the mark read as not detected
+        self.onnx.allow(self.onnx.timeout or 0)
+        yield from self._unit_sets(x, missed, alone=True)
+
+    def _unit_sets(self, x, missed, alone: bool):
+        """The units of the graph, set by set (`units`): (name, arrays) of each; what could not
+        be read, appended to `missed`."""
         try:
-            found, rest, _ = self.onnx.unit_tensors(x, units=MAX_UNITS)
-        except OnnxTooMuch as exc:
+            found, rest, _ = self.onnx.unit_tensors(x, units=MAX_UNITS, alone=alone)
+        except OnnxUnread as exc:
             missed.append(f"not read: {exc}")
             return
         if found:
-            yield EVERY_UNIT, list(found.values())
+            yield EVERY_UNIT + (ALONE if alone else ""), list(found.values())
         del found  # (a set's activations are let go before the next is asked for)
         # the tensors left out, in further sets, each tensor whole in one of them
         cap = max(1, min(MAX_SET_UNITS, MAX_SET_BYTES // (4 * len(x))))
@@ -224,8 +235,8 @@ class OnnxSuspect(Suspect):
             # model that answered the first run in time had run out of time on its second)
             self.onnx.allow(self.onnx.timeout or 0)
             try:
-                found, _, copies = self.onnx.unit_tensors(x, names=names)
-            except OnnxTooMuch as exc:
+                found, _, copies = self.onnx.unit_tensors(x, names=names, alone=alone)
+            except OnnxUnread as exc:
                 missed.append(f"not read: {exc}")
                 continue
             values = sum(a.shape[1] for a in found.values())
@@ -235,7 +246,7 @@ class OnnxSuspect(Suspect):
             if not answered >= set(names) or values > cap:  # (a tensor that answered otherwise this time)
                 missed.append(f"not read: set {k} of its units did not answer as it had")
                 continue
-            yield f"{EVERY_UNIT}, set {k}", list(found.values())
+            yield f"{EVERY_UNIT}{ALONE if alone else ''}, set {k}", list(found.values())
             del found
 
 

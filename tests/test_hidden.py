@@ -185,8 +185,8 @@ def test_cnn_onnx_with_mlp_keys_is_not_detected(marked, cnn):
     r = hidden(report)
     assert report["detected"] is False and r["detected"] is False
     assert r["candidates"] == 0  # no tensor of the carrier's width in a CNN
-    assert r["readings"] == 4 and r["tensor"].startswith("every unit")  # its units, lined up with ours (at
-    # two temperatures, over their scales and over their offsets): chance
+    assert r["readings"] == 8 and r["tensor"].startswith("every unit")  # its units, lined up with ours (at
+    # two temperatures, over their scales and over their offsets; from a batch and one input at a time): chance
     assert r["bit_errors"] > r["max_bit_errors"] + 20 and r["p_value"] > 1e-3
 
 

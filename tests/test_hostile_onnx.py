@@ -290,8 +290,8 @@ def test_more_tensors_than_deepsigns_reads_leave_the_hidden_scheme_unread(marked
     finally:
         model.close()
     assert result.unread and result.note.startswith("not read:") and "more data" in result.note
-    assert result.readings == (0 if units is None else 4)  # (the first set of units, at two temperatures,
-    # over scales and over offsets)
+    assert result.readings == (0 if units is None else 8)  # (the first set of units, at two temperatures,
+    # over scales and over offsets, from a batch and one input at a time)
     with pytest.raises(OnnxError, match="could not be read .hidden: not read: .* more data"):
         api.extract(marked.onnx, marked.keys, PASSPHRASE)
     result = run_cli("extract", "--model", marked.onnx, "--keys", marked.keys, code=None)
@@ -829,7 +829,7 @@ def test_a_copy_of_a_tensor_that_is_left_out_is_left_out_with_it(marked, suspect
     # answered otherwise (which had left the second set of every such CNN unread)
     missed: list[str] = []
     sets = dict(OnnxSuspect(OnnxModel(path, provider="cpu")).units(x, missed))
-    assert missed == [] and len(sets) == 2, (missed, list(sets))
+    assert missed == [] and len(sets) == 4, (missed, list(sets))  # (two from batches, two one input at a time)
     assert sum(a.shape[1] for a in sets[f"{EVERY_UNIT}, set 2"]) < sum(left_out.values())  # (a copy out)
 
 
@@ -994,3 +994,28 @@ def test_the_marked_export_carries_no_trace_of_the_tool(marked):
     assert [o.name for o in proto.graph.output] == ["logits"]
     assert not [n for n in proto.graph.node if n.op_type == "Identity"]
     assert b"deepsigns" not in Path(marked.onnx).read_bytes()
+
+
+def test_a_reading_one_input_at_a_time_that_runs_out_of_time_leaves_the_scheme_unread(marked, monkeypatch, tmp_path):
+    """The reading one input at a time stops at its share of the time the model has left: the
+    hidden scheme is then unread (no verdict from a reading that did not finish), the model
+    stays usable for what comes after, and a mark the batch's reading found is still found."""
+    from helpers import PASSPHRASE
+
+    from deepsigns_cli import suspect
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.schemes import hidden
+
+    base = tmp_path / "base.onnx"
+    run_cli("export", marked.base, "--out", base)
+    monkeypatch.setattr(runtime, "ALONE_SHARE", 1e-9)
+    keys = open_bundle(marked.keys, PASSPHRASE).schemes["hidden"]
+    for path, found in ((marked.onnx, True), (base, False)):
+        model = OnnxModel(path, provider="cpu")
+        try:
+            result = hidden.SCHEME().read(suspect.OnnxSuspect(model), keys)
+            assert "one at a time" in (result.note or "") and "--timeout" in result.note, result
+            assert result.unread and (result.p_value < 1e-20) is found, result
+            assert not model.broken and model.scores(keys.arrays["trigger_x"][:4]).shape == (4, 10)
+        finally:
+            model.close()
