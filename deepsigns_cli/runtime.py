@@ -42,6 +42,7 @@ import weakref
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -625,7 +626,8 @@ class _Evaluator:
         """Outputs `names` for inputs x, fed `step` at a time (padded to `batch` when the
         model's batch is fixed): (usable arrays (n, ...), the facts of the others: "problems",
         why each is not usable; "left_out", the tensors `units` left out -> their values per
-        sample; "copies", the tensors left out as copies of another -> that one). With `width`,
+        sample; "copies", the tensors left out as copies of another -> that one; "unsteady", with
+        `alone`, the tensors whose shape changed from one input to the next). With `width`,
         only tensors of that many values per sample are kept (and sent back); with `units`, tensors of numbers in the
         order of `names` while their values per sample add up to at most that many. Tensors of
         the graph (`extra`) may hold the batch on another axis (a graph that computes (units,
@@ -649,6 +651,7 @@ class _Evaluator:
         axes: dict[str, set[int]] = {}  # (extra) the axes that may hold the batch, in every batch so far
         left_out: dict[str, int] = {}
         total, taken = 0, 0
+        unsteady: list[str] = []  # (alone) the tensors whose shape changed from one input to the next
         seen: dict[bytes, str] = {}  # a tensor's values in the first batch (a digest) -> the first that held them
         twins: dict[str, str] = {}  # tensor -> the earlier one it has held the same values as, in every batch so far
         began = time.monotonic()
@@ -691,6 +694,8 @@ class _Evaluator:
                     if problem is None and parts[name] and (value.size != size * fed if moved else
                                                             value.shape[1:] != parts[name][0][0].shape[1:]):
                         problem = "changes shape from one batch of inputs to the next"
+                        if alone:  # (a tensor whose shape the input decides: a reading that misses it says so)
+                            unsteady.append(name)
                     if problem is None and width is not None and size != width:
                         problem = f"has {size} values per sample, not {width}"
                     fresh = not parts[name]  # (its first batch)
@@ -755,7 +760,7 @@ class _Evaluator:
                     problems[name] = "changes shape from one batch of inputs to the next"
                     continue
             out[name] = np.concatenate([value[:real] for value, _, real in chunks])
-        return out, {"problems": problems, "copies": twins,
+        return out, {"problems": problems, "copies": twins, "unsteady": unsteady,
                      "left_out": {name: size for name, size in left_out.items() if name in problems}}
 
 
@@ -1157,6 +1162,15 @@ def _shape(dims: list[int | None]) -> str:
 
 
 
+class Units(NamedTuple):
+    """A graph's tensors read as units (`OnnxModel.unit_tensors`)."""
+
+    found: dict[str, np.ndarray]  # name -> (inputs, values per input), in the graph's order
+    left_out: dict[str, int]  # the tensors a limit of units left out -> their values per input
+    copies: dict[str, str]  # the tensors left out as copies of another -> that one
+    unsteady: list[str]  # (one input at a time) the tensors whose shape the input decides: not read
+
+
 class OnnxModel:
     """A suspect model behind onnxruntime: one input; its answers are read from one output,
     chosen by kind (`output_kind`): scores or probabilities first, else labels.
@@ -1266,11 +1280,11 @@ class OnnxModel:
     # ------------------------------------------------------------------ evaluation
     def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int,
                width: int | None = None, units: int | None = None, alone: bool = False,
-               ) -> tuple[dict, dict, dict[str, int], dict[str, str]]:
+               ) -> tuple[dict, dict, dict[str, int], dict[str, str], list[str]]:
         """Run the model on x for outputs `names` (with `width` or `units`: only those
         `_Evaluator.run` keeps; `alone`: one input at a time): (arrays (n, ...), why others are
         unusable, the tensors `units` left out -> their values per sample, the tensors left out
-        as copies -> what of)."""
+        as copies -> what of, the tensors whose shape changed from one input to the next)."""
         if len(x) == 0:
             raise InputError("no samples to query the model with")
         batch = self._batch()
@@ -1300,14 +1314,16 @@ class OnnxModel:
             raise self._failed(str(header.get("kind")), str(header.get("message")))
         got = header.get("names")
         problems, left_out, copies = header.get("problems"), header.get("left_out", {}), header.get("copies", {})
+        unsteady = header.get("unsteady", [])
         if not isinstance(got, list) or len(got) != len(arrays) or not isinstance(problems, dict) \
                 or not isinstance(left_out, dict) or not all(type(v) is int and v >= 0 for v in left_out.values()) \
-                or not isinstance(copies, dict):
+                or not isinstance(copies, dict) or not isinstance(unsteady, list):
             raise self._crashed("it sent a malformed answer")
         return ({str(n): a for n, a in zip(got, arrays, strict=True)},
                 {str(k): str(v) for k, v in problems.items()},
                 {str(k): v for k, v in left_out.items() if k in names},
-                {str(k): str(v) for k, v in copies.items() if k in names})
+                {str(k): str(v) for k, v in copies.items() if k in names},
+                [str(n) for n in unsteady if n in names])
 
     def _ask_worker(self, header: dict, x: np.ndarray, start: float):
         deadline = None if self._left is None else start + self._left
@@ -1457,7 +1473,7 @@ class OnnxModel:
     def _read(self, x: np.ndarray, output: str | None, batch_size: int) -> tuple[np.ndarray, str, str]:
         """(the chosen output for inputs x: (n, classes) for scores, (n,) for labels; name; kind)."""
         name, kind = self.choose_output(output)
-        out, problems, _, _ = self._query([name], False, x, batch_size)
+        out, problems, *_ = self._query([name], False, x, batch_size)
         where = self._where(name)
         if name in problems:
             raise OnnxError(f"{where} {problems[name]}: verify needs the class scores, probabilities or "
@@ -1509,13 +1525,11 @@ class OnnxModel:
         the graph's order. Names are not looked at: a suspect's names are data, and a hostile
         file can point any name anywhere. Tensors computed inside a subgraph (an If's branch, a
         Loop's body) or a function left as it is are out of reach (`out_of_reach` says so)."""
-        return self.unit_tensors(x, width, units, names)[0]
+        return self.unit_tensors(x, width, units, names).found
 
     def unit_tensors(self, x: np.ndarray, width: int | None = None, units: int | None = None,
-                     names: list[str] | None = None, alone: bool = False,
-                     ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
-        """(`intermediates(x, width, units, names)`; the tensors `units` left out -> their values
-        per sample, in the graph's order; the tensors left out as copies of another -> that one).
+                     names: list[str] | None = None, alone: bool = False) -> Units:
+        """`intermediates(x, width, units, names)`, with what was left out of it (`Units`).
         `alone`: the graph fed one input at a time, every tensor computed from the input read as
         that input's values whatever its axes (a graph that pads its batch, merges it with
         another axis or reorders its rows hid its units from a batch's reading)."""
@@ -1528,14 +1542,14 @@ class OnnxModel:
             asked = set(names)
             wanted = [name for name in wanted if name in asked]
         if not wanted:  # (session.run with no names would return every graph output instead)
-            return {}, {}, {}
+            return Units({}, {}, {}, [])
         # (in two batches of two lengths: the axis that holds the batch is the one that has its
         # length in both, which an axis of a fixed length cannot, whatever it is)
-        out, _, left_out, copies = self._query(wanted, True, x, max(1, len(x) // 2 + 1), width, units, alone)
-        return ({name: value.reshape(len(x), -1) for name, value in out.items()
-                 if name in wanted and np.issubdtype(value.dtype, np.floating)
-                 and value.ndim >= 1 and value.shape[0] == len(x)},
-                {name: left_out[name] for name in wanted if name in left_out}, copies)
+        out, _, left_out, copies, unsteady = self._query(wanted, True, x, max(1, len(x) // 2 + 1), width, units, alone)
+        return Units({name: value.reshape(len(x), -1) for name, value in out.items()
+                      if name in wanted and np.issubdtype(value.dtype, np.floating)
+                      and value.ndim >= 1 and value.shape[0] == len(x)},
+                     {name: left_out[name] for name in wanted if name in left_out}, copies, unsteady)
 
     def out_of_reach(self) -> str:
         """Why some tensors the model computes cannot be asked for ('' when every one can): a

@@ -206,10 +206,11 @@ class OnnxSuspect(Suspect):
         """The units of the graph, set by set (`units`): (name, arrays) of each; what could not
         be read, appended to `missed`."""
         try:
-            found, rest, _ = self.onnx.unit_tensors(x, units=MAX_UNITS, alone=alone)
+            found, rest, _, unsteady = self.onnx.unit_tensors(x, units=MAX_UNITS, alone=alone)
         except OnnxUnread as exc:
             missed.append(f"not read: {exc}")
             return
+        _unsteady(unsteady, missed)
         if found:
             yield EVERY_UNIT + (ALONE if alone else ""), list(found.values())
         del found  # (a set's activations are let go before the next is asked for)
@@ -235,10 +236,11 @@ class OnnxSuspect(Suspect):
             # model that answered the first run in time had run out of time on its second)
             self.onnx.allow(self.onnx.timeout or 0)
             try:
-                found, _, copies = self.onnx.unit_tensors(x, names=names, alone=alone)
+                found, _, copies, unsteady = self.onnx.unit_tensors(x, names=names, alone=alone)
             except OnnxUnread as exc:
                 missed.append(f"not read: {exc}")
                 continue
+            _unsteady(unsteady, missed)
             values = sum(a.shape[1] for a in found.values())
             # (a copy of another tensor of the set is left out here as in the first: the flattened
             # copy of a CNN's pooled map had left every 32x32 CNN's second set unread)
@@ -248,6 +250,14 @@ class OnnxSuspect(Suspect):
                 continue
             yield f"{EVERY_UNIT}{ALONE if alone else ''}, set {k}", list(found.values())
             del found
+
+
+def _unsteady(names: list[str], missed: list[str]) -> None:
+    """A note of the tensors whose shape changed from one input to the next (a carrier widened
+    by as many units as the input decides, and the head's weights with it, had read nowhere)."""
+    if names:
+        missed.append(f"not read: {len(names)} tensor{'s' if len(names) > 1 else ''} of it change shape "
+                      "from one input to the next")
 
 
 def open_suspect(path: str | Path, *, shapes: tuple[tuple[int, ...], int] | None = None,

@@ -9,7 +9,17 @@ import subprocess
 import time
 
 import pytest
-from helpers import PASSPHRASE, SEEDS, assert_one_error_line, deepsigns_argv, process_env, reaped, run_cli, run_json
+from helpers import (
+    PASSPHRASE,
+    SEEDS,
+    assert_bad_input,
+    assert_one_error_line,
+    deepsigns_argv,
+    process_env,
+    reaped,
+    run_cli,
+    run_json,
+)
 
 from deepsigns_cli import stats
 from deepsigns_cli.checkpoint import load_checkpoint
@@ -169,6 +179,21 @@ def _rebuilt(marked_path, how: str, path, wide: int = WIDE):
                      h.make_node("Gemm", ["h2", "w3", "b3"], ["out"], transB=1),
                      h.make_node("Slice", ["out", "back", "end", "axis", "back"], ["logits"]) if how == "reversed" else
                      h.make_node("Slice", ["out", "start", "back", "axis"], ["logits"])]
+    elif how == "input-widened":  # the carrier and the head's weights widened by as many zero units as the
+        # input has values above 0.5: every tensor that holds the carrier changes shape from one input to the next
+        ints = {"one": [1], "c512": [512], "c10": [10]}
+        inits.update(w2t=np.ascontiguousarray(w2.T), b2r=b2[None, :], w3t=np.ascontiguousarray(w3.T), half=0.5,
+                     zero=np.zeros((1, 1)), **{k: np.array(v, np.int64) for k, v in ints.items()})
+        n = h.make_node
+        how_nodes = [n("Greater", ["flat", "half"], ["big"]), n("Cast", ["big"], ["bigi"], to=TensorProto.INT64),
+                     n("ReduceSum", ["bigi"], ["count"], keepdims=0), n("Reshape", ["count", "one"], ["k"])]
+        for name, shape, axis in (("w2t", ["c512", "k"], 1), ("b2r", ["one", "k"], 1), ("w3t", ["k", "c10"], 0)):
+            how_nodes += [n("Concat", shape, [f"{name}_shape"], axis=0),
+                          n("Expand", ["zero", f"{name}_shape"], [f"{name}_zeros"]),
+                          n("Concat", [name, f"{name}_zeros"], [f"{name}_wide"], axis=axis)]
+        how_nodes += [n("MatMul", ["h1", "w2t_wide"], ["m2"]), n("Add", ["m2", "b2r_wide"], ["z2"]),
+                      n("Relu", ["z2"], ["h2"]), n("MatMul", ["h2", "w3t_wide"], ["m3"]),
+                      n("Add", ["m3", "b3"], ["logits"])]
     else:  # "transposed": every hidden tensor (units, batch)
         inits.update(w2=w2, b2=b2[:, None], w3=np.ascontiguousarray(w3.T))
         how_nodes = [h.make_node("Gemm", ["w2", "h1", "b2"], ["z2"]), h.make_node("Relu", ["z2"], ["h2"]),
@@ -243,6 +268,23 @@ def test_a_carrier_rebuilt_in_the_graph_is_still_read(marked_runs, tmp_path, how
             else:
                 assert not r["detected"] and r["bit_errors"] > r["max_bit_errors"] + 20, r
 
+
+
+def test_a_carrier_whose_shape_the_input_decides_leaves_the_scheme_unread(marked, tmp_path):
+    """Every tensor that holds the carrier widened by as many zero units as the input decides
+    (the head's weights with it: the same function) changes shape from one input to the next,
+    and had been dropped without a word: the hidden scheme is now unread, and an unmarked model
+    rebuilt so is no verdict (exit 2), never "not detected"."""
+    for model, code in ((marked.base, 2), (marked.marked, None)):
+        path = _rebuilt(model, "input-widened", tmp_path / f"widened-{code}.onnx")
+        if code is None:
+            _same_function(path, marked.onnx)
+        result = run_cli("extract", "--model", path, "--keys", marked.keys, "--json", code=None)
+        if code == 2:
+            assert_bad_input(result, "could not be read", "change shape from one input to the next")
+        else:  # (a batch's reading may still find it: detected, the note with it; never "not detected")
+            assert result.exit_code in (0, 2), result.stdout
+            assert "change shape from one input to the next" in result.stdout + result.stderr
 
 
 def _same_function(path, onnx_path) -> None:

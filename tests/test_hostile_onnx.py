@@ -823,7 +823,7 @@ def test_a_copy_of_a_tensor_that_is_left_out_is_left_out_with_it(marked, suspect
     torch.onnx.export(CNN((3, 32, 32), 10).eval(), (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"],
                       dynamic_axes={"input": {0: "batch"}}, dynamo=False)
     x = np.random.default_rng(0).random((20, 3, 32, 32), np.float32)
-    read, left_out, _ = OnnxModel(path).unit_tensors(x, units=1 << 15)
+    read, left_out, *_ = OnnxModel(path).unit_tensors(x, units=1 << 15)
     assert read and left_out  # (the pooled map and its flattened copy past the first set: out together)
     # the second set holds both; the copy is left out there too, not taken for a tensor that
     # answered otherwise (which had left the second set of every such CNN unread)
