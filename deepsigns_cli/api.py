@@ -1420,16 +1420,28 @@ def _check_bundle_fits(bundle: Bundle, info: ModelInfo) -> None:
 def read_keys(suspect: Suspect, bundle: Bundle, names: list[str], *, alpha: float = DEFAULT_ALPHA,
               command: str = "extract", commitment: str = "") -> Decision:
     """Read the named schemes of the bundle from a suspect and decide (extract and verify)."""
-    from .results import decide
+    from .errors import OnnxError
+    from .results import SchemeResult, decide
 
     schemes = {n: load_scheme(n) for n in names}
     keys = {n: schemes[n].check(bundle.schemes[n]) for n in names}  # all checked before any query
-    results = [schemes[n].read(suspect, keys[n]) for n in names]
+    results, failed = [], None
+    for n in names:
+        try:
+            results.append(schemes[n].read(suspect, keys[n]))
+        except OnnxError as exc:
+            # the model failed as a whole (no answer in time, a crash) reading this scheme: a mark
+            # a scheme read before found stands (one scheme's batch that ran out of time had
+            # thrown a detection away); none found is no verdict
+            if not suspect.broken or not results:
+                raise
+            failed = failed or exc
+            results.append(SchemeResult(n, 1.0, note=f"not read: {one_line(exc, 300)}", unread=True))
     decision = decide(results, alpha, command=command, model=suspect.name, key_id=bundle.key_id,
                       commitment=commitment)
+    if failed is not None and not decision.detected:
+        raise failed
     if not decision.detected and all(r.unread for r in results):  # (as an output that cannot be read)
-        from .errors import OnnxError
-
         why = "; ".join(f"{r.scheme}: {r.note}" for r in results)
         raise OnnxError(f"{shown(suspect.name)} could not be read ({why}): no verdict either way")
     return decision

@@ -66,6 +66,11 @@ class NotLearnt(SchemeError):
         self.what = what
 
 
+class NotForScheme(SchemeError):
+    """An output that holds nothing the scheme reads (labels, where it reads scores): no
+    reading, and nothing missed."""
+
+
 class OnnxError(DeepSignsError):
     """An ONNX file that is malformed, unsafe, or does not fit the keys."""
 

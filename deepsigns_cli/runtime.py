@@ -68,6 +68,7 @@ _MIN_OPSET = 7  # the oldest default-domain opset onnxruntime runs
 # of the time a model has left, what a reading of one input at a time may take (its deadline
 # then stops it, not the model's: the model stays usable for the readings after it)
 ALONE_SHARE = 0.8
+ALONE_CHECK = 8  # inputs of a batch whose answers are checked against their answers one at a time
 _EXTRA_SESSIONS = 2  # sessions with a graph's own tensors as outputs a worker keeps (one per set asked for)
 
 # the default-domain opset from which Cast converts each element type numpy cannot hold (TensorProto
@@ -1146,7 +1147,9 @@ def output_kind(info) -> tuple[str, str]:
     if tensor.elem_type in _INT_ELEMS:
         if dims is None or len(dims) == 1 or (len(dims) == 2 and dims[1] == 1):
             return "labels", ""
-        return "", f"holds integers of shape {_shape(dims)}, not one label per input"
+        # integers in a row per input: scores (quantized logits or probabilities), or classes
+        # ranked (a top-k's indices): read both ways (`OnnxModel.ranked`)
+        return "scores", ""
     if dims is not None and len(dims) == 1:
         return "", "holds one number per input, not class scores"
     per_sample = None if dims is None or None in dims[1:] else math.prod(dims[1:])
@@ -1213,6 +1216,12 @@ class OnnxModel:
         self.output_name = self.proto.graph.output[0].name
         # name -> (kind, why unusable), in the graph's order
         self.outputs = {o.name: output_kind(o) for o in self.proto.graph.output}
+        # the outputs of integers in a row per input (read as scores, and as classes ranked)
+        self.ranked = {o.name for o in self.proto.graph.output if self.outputs[o.name][0] == "scores"
+                       and o.type.tensor_type.elem_type in _INT_ELEMS}
+        # the outputs that answered an input alone otherwise than in a batch (read both ways)
+        self.batch_dependent: set[str] = set()
+        self._checked: set[str] = set()
         self.answer_classes: int | None = None  # the number of scores of the last answers (None: labels)
         self.metadata = {prop.key: prop.value for prop in self.proto.metadata_props
                          if isinstance(prop.key, str) and isinstance(prop.value, str)}
@@ -1470,10 +1479,41 @@ class OnnxModel:
         raise OnnxError(f"{self.name} has no output deepsigns can read ({why}): the black-box schemes read "
                         "the class scores, probabilities or labels of each input")
 
-    def _read(self, x: np.ndarray, output: str | None, batch_size: int) -> tuple[np.ndarray, str, str]:
-        """(the chosen output for inputs x: (n, classes) for scores, (n,) for labels; name; kind)."""
+    def _read(self, x: np.ndarray, output: str | None, batch_size: int,
+              alone: bool = False) -> tuple[np.ndarray, str, str]:
+        """(the chosen output for inputs x: (n, classes) for scores, (n,) for labels; name; kind),
+        from batches of inputs, or (`alone`) one input at a time. A batch's answers are checked
+        against a few inputs' own: an output that answers them otherwise is put in
+        `batch_dependent` (its readers read it alone too: a graph that answers single inputs
+        with a marked model and batches with another had read "not detected"). An output that
+        fails on a batch and answers one input at a time is read so (a model exported for one
+        input at a time)."""
         name, kind = self.choose_output(output)
-        out, problems, *_ = self._query([name], False, x, batch_size)
+        try:
+            value = self._value(x, name, kind, batch_size, alone)
+        except OnnxError as exc:
+            if alone or self.broken or len(x) == 1:
+                raise
+            self._checked.add(name)
+            try:
+                return self._read(x, name, batch_size, alone=True)
+            except OnnxError:
+                raise exc from None
+        if not alone and name not in self._checked and len(x) > 1:
+            self._checked.add(name)
+            rows = np.unique(np.linspace(0, len(x) - 1, min(ALONE_CHECK, len(x))).astype(np.int64))
+            try:
+                single = self._value(x[rows], name, kind, batch_size, True)
+                same = np.allclose(single, value[rows], rtol=1e-3, atol=1e-5, equal_nan=True)
+            except OnnxUnread:
+                same = False
+            if not same:
+                self.batch_dependent.add(name)
+        return value, name, kind
+
+    def _value(self, x: np.ndarray, name: str, kind: str, batch_size: int, alone: bool) -> np.ndarray:
+        """`_read`'s answers of output `name` (of `kind`)."""
+        out, problems, *_ = self._query([name], False, x, batch_size, alone=alone)
         where = self._where(name)
         if name in problems:
             raise OnnxError(f"{where} {problems[name]}: verify needs the class scores, probabilities or "
@@ -1485,7 +1525,7 @@ class OnnxModel:
             if value.size != len(x) or value.dtype.kind not in "iu":
                 raise OnnxError(f"{where} has shape {list(value.shape)} ({value.dtype}) for {len(x)} inputs: "
                                 "it is not one label per input")
-            return value.reshape(len(x)).astype(np.int64), name, kind
+            return value.reshape(len(x)).astype(np.int64)
         scores = value.reshape(len(x), -1)
         if scores.shape[1] == 0:
             raise OnnxError(f"{where} holds no scores (shape {list(value.shape)}): export the "
@@ -1495,24 +1535,30 @@ class OnnxModel:
                             "export the classifier's scores, probabilities or labels")
         if scores.dtype.kind in "iu":
             scores = scores.astype(np.float64)
-        return scores, name, kind
+        return scores
 
-    def scores(self, x: np.ndarray, batch_size: int = 512, output: str | None = None) -> np.ndarray:
+    def scores(self, x: np.ndarray, batch_size: int = 512, output: str | None = None,
+               alone: bool = False) -> np.ndarray:
         """The model's class scores (or probabilities) for a batch of inputs, as (n, classes):
-        `output`, else its first output that has them."""
+        `output`, else its first output that has them (`alone`: one input at a time)."""
         name, kind = self.choose_output(output)
         if kind == "labels":
             what = self.name if output is None else self._where(name)
             raise OnnxError(f"{what} outputs labels only (no class scores): this reading needs the "
                             "scores; export the classifier's logits or probabilities")
-        return self._read(x, name, batch_size)[0]
+        return self._read(x, name, batch_size, alone)[0]
 
-    def answers(self, x: np.ndarray, output: str | None = None,
-                batch_size: int = 512) -> tuple[np.ndarray, str, str]:
+    def answers(self, x: np.ndarray, output: str | None = None, batch_size: int = 512,
+                ranked: bool = False, alone: bool = False) -> tuple[np.ndarray, str, str]:
         """(the predicted label of each input, int64 (n,), -1 where a row of scores has no
-        answer (NaN, +inf, or nothing finite); the output's name; its kind)."""
-        value, name, kind = self._read(x, output, batch_size)
-        self.answer_classes = None if kind == "labels" else value.shape[1]
+        answer (NaN, +inf twice, or nothing above -inf); the output's name; its kind).
+        `ranked`: an output of integers read as classes ranked, the first the answer (-1 where
+        it is no class); `alone`: one input at a time."""
+        value, name, kind = self._read(x, output, batch_size, alone)
+        self.answer_classes = None if kind == "labels" or ranked else value.shape[1]
+        if ranked:
+            first = value[:, 0]
+            return np.where(first >= 0, first, -1).astype(np.int64), name, "ranked labels"
         if kind == "labels":
             return value, name, kind
         return answers_from_scores(value), name, kind
@@ -1571,10 +1617,12 @@ class OnnxModel:
 
 
 def answers_from_scores(scores: np.ndarray) -> np.ndarray:
-    """argmax of each row (the same for logits and probabilities), -1 for a row with a NaN or
-    +inf, or with no finite value (argmax would read it as class 0)."""
+    """argmax of each row (the same for logits and probabilities), -1 for a row with a NaN,
+    with +inf more than once, or with no value above -inf (argmax would read it as class 0). A
+    row's one +inf is its answer: a deployment that sets the winner's score to +inf answers
+    as argmax does, and had read as no answer at all (a marked model, 0 of 100 keys)."""
     scores = np.asarray(scores, dtype=np.float64)
-    ok = ~np.isnan(scores).any(1) & ~np.isposinf(scores).any(1) & np.isfinite(scores).any(1)
+    ok = ~np.isnan(scores).any(1) & (np.isposinf(scores).sum(1) <= 1) & (scores > -np.inf).any(1)
     return np.where(ok, scores.argmax(1), -1).astype(np.int64)
 
 

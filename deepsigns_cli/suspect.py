@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from .defaults import DEFAULT_TIMEOUT
-from .errors import InputError, OnnxTooMuch, OnnxUnread, SchemeError, shown
+from .errors import InputError, NotForScheme, OnnxError, OnnxTooMuch, OnnxUnread, SchemeError, one_line, shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,6 +51,12 @@ class Suspect:
         every usable output of an ONNX model (a thief can put a decoy before the real answer)
         unless one was chosen; [None], the model's one answer, otherwise."""
         return [None]
+
+    def more_outputs(self, done: list) -> list:
+        """After the readings of `done`: the further ways to read the outputs that they showed
+        are needed (an ONNX model's outputs that answered an input alone otherwise than in a
+        batch, read one input at a time)."""
+        return []
 
     def scores(self, x: np.ndarray, output: str | None = None) -> np.ndarray:
         raise NotImplementedError
@@ -146,6 +152,17 @@ class TorchSuspect(Suspect):
         return {layer: acts}, ""
 
 
+class Way(NamedTuple):
+    """One way of reading an output (`OnnxSuspect.outputs`)."""
+
+    name: str
+    ranked: bool = False  # integers read as classes ranked, the first the answer
+    alone: bool = False  # the model fed one input at a time
+
+    def __str__(self) -> str:  # (as reports name a reading)
+        return self.name + (", as classes ranked" if self.ranked else "") + (ALONE if self.alone else "")
+
+
 class OnnxSuspect(Suspect):
     def __init__(self, model: OnnxModel, *, blackbox_only: bool = False, output: str | None = None,
                  name: str | None = None):
@@ -161,23 +178,47 @@ class OnnxSuspect(Suspect):
 
     def outputs(self):
         if self.output is not None:
-            return [self.output]
-        return [name for name, (kind, _) in self.onnx.outputs.items() if kind] or [None]  # (None: none can be
-        # read, and a reading says why)
+            names = [self.output]
+        elif any(kind for kind, _ in self.onnx.outputs.values()):
+            # every output, those it declares no kind for too (a reading says why it cannot read one)
+            names = list(self.onnx.outputs)
+        else:
+            return [None]  # (none can be read, and a reading says why)
+        # an output of integers, also read as classes ranked (a top-k's indices)
+        return [way for name in names for way in ([name, Way(name, ranked=True)] if name in self.onnx.ranked
+                                                  else [name])]
 
-    def _chosen(self, output: str | None) -> str | None:
-        return self.output if output is None else output
+    def more_outputs(self, done):
+        # each output that answered an input alone otherwise than in a batch, read alone too
+        return [Way(w.name if isinstance(w, Way) else w, ranked=isinstance(w, Way) and w.ranked, alone=True)
+                for w in done if (w.name if isinstance(w, Way) else w) in self.onnx.batch_dependent]
+
+    def _chosen(self, output: str | Way | None) -> tuple[str | None, bool, bool]:
+        """(the output's name, read as classes ranked, read one input at a time)."""
+        ranked = alone = False
+        if isinstance(output, Way):
+            output, ranked, alone = output
+        if output is not None and output != self.output and not self.onnx.outputs.get(output, ("", ""))[0]:
+            # (one of the outputs the readings go through, not --output: not the user's input)
+            raise OnnxError(f"output '{one_line(output, 60)}' of {shown(self.name)} {self.onnx.outputs[output][1]}")
+        return (self.output if output is None else output), ranked, alone
 
     def scores(self, x, output=None):
-        return self.onnx.scores(x, output=self._chosen(output))
+        name, ranked, alone = self._chosen(output)
+        if ranked:
+            raise NotForScheme(f"output '{one_line(name, 60)}' of {shown(self.name)} read as classes ranked "
+                               "holds no scores")
+        return self.onnx.scores(x, output=name, alone=alone)
 
     def answers(self, x, output=None):
-        got = self.onnx.answers(x, self._chosen(output))
+        name, ranked, alone = self._chosen(output)
+        answers, name, kind = self.onnx.answers(x, name, ranked=ranked, alone=alone)
         self.answer_classes = self.onnx.answer_classes
-        return got
+        return answers, name, kind + (ALONE if alone else "")
 
     def answer_kind(self, output=None):
-        return self.onnx.choose_output(self._chosen(output))[1]
+        name, ranked, _ = self._chosen(output)
+        return "labels" if ranked else self.onnx.choose_output(name)[1]
 
     def close(self):
         self.onnx.close()

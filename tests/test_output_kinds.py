@@ -140,11 +140,12 @@ def test_table_says_which_output_was_read(owner, argmax_onnx):
 
 def test_every_output_is_read_and_one_can_be_chosen(owner, two_heads):
     default = verdict(owner, two_heads, code=0)
-    assert (default["output"], default["output_kind"], default["outputs"]) == ("logits", "scores", 2)
+    assert (default["output"], default["output_kind"]) == ("logits", "scores")
     chosen = verdict(owner, two_heads, "--output", "label", code=0)
     assert (chosen["output"], chosen["output_kind"], chosen["outputs"]) == ("label", "labels", 1)
     assert chosen["matches"] == default["matches"] == len(key_labels(owner))
-    assert default["p_value"] == pytest.approx(2 * chosen["p_value"])  # both readings counted
+    # (the labels are the scores' argmax: the two outputs answer alike, one reading)
+    assert default["outputs"] == 1 and default["p_value"] == pytest.approx(chosen["p_value"])
 
 
 def test_a_decoy_output_before_the_answer_hides_nothing(owner, tmp_path):
@@ -284,6 +285,17 @@ class TopK(torch.nn.Module):
         return top.values if self.part == "values" else top.indices
 
 
+class Half(torch.nn.Module):
+    """A head that answers its scores in bfloat16 (numpy holds no such numbers)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).to(torch.bfloat16)
+
+
 def export_module(model, path: Path, example: np.ndarray) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -321,8 +333,8 @@ def test_a_graph_at_onnxs_own_ir_version_is_read(owner, tmp_path):
 
 
 def test_a_model_whose_outputs_cannot_be_read_still_has_its_hidden_mark_read(owner, marked, tmp_path):
-    """A bundle of hidden and output keys, and a model that answers its top 5 classes (no output
-    the black-box schemes read): extract refused the whole file, though the hidden mark was in
+    """A bundle of hidden and output keys, and a model that answers in bfloat16 (no output the
+    black-box schemes read): extract refused the whole file, though the hidden mark was in
     its weights. The output scheme is not read (no verdict of its own); the hidden one decides.
     verify, which reads only outputs, cannot read the model at all (exit 2)."""
     both = tmp_path / "both.dskey"
@@ -330,7 +342,7 @@ def test_a_model_whose_outputs_cannot_be_read_still_has_its_hidden_mark_read(own
     bundle.put(owner["bundle"].schemes["output"])
     write_bundle(bundle, both, PASSPHRASE)
     model = load_checkpoint(marked.marked)[0]
-    top5 = export_module(TopK(model, 5, "indices"), tmp_path / "top5.onnx", key_inputs(owner))
+    top5 = export_module(Half(model), tmp_path / "bf16.onnx", key_inputs(owner))
     report = json.loads(run_cli("extract", "--model", top5, "--keys", both, "--json", code=0).stdout)
     rows = {r["scheme"]: r for r in report["results"]}
     assert report["detected"] and rows["hidden"]["detected"] and rows["hidden"]["bit_errors"] == 0
@@ -342,5 +354,72 @@ def test_a_model_whose_outputs_cannot_be_read_still_has_its_hidden_mark_read(own
     assert_bad_input(result, "could not be read", "no output deepsigns can read")
     # named, it is refused with why (it had said "is not usable ...: use one of its outputs: none")
     result = run_cli("verify", "--model", top5, "--keys", both, "--output", "top", code=None)
-    assert_bad_input(result, "--output 'top' of", "holds integers of shape [?, 5], not one label per input",
+    assert_bad_input(result, "--output 'top' of", "holds bfloat16 values, not numbers",
                      "it has no output deepsigns can read")
+
+
+# ----------------------------------------------------------------------------- deployments that answer otherwise
+
+
+class Deploy(torch.nn.Module):
+    """The marked model behind a deployment that answers as it does, in another form."""
+
+    def __init__(self, marked, base, how: str):
+        super().__init__()
+        self.marked, self.base, self.how = marked, base, how
+
+    def forward(self, x):
+        logits = self.marked(x)
+        decoy = x.flatten(1)[:, 10:20] * 3
+        if self.how == "uint8":  # probabilities as bytes, beside a decoy of other scores
+            return decoy, (torch.softmax(logits, 1) * 255).to(torch.uint8)
+        if self.how == "top3":  # a top-k endpoint: the sorted probabilities and their classes
+            top = torch.topk(torch.softmax(logits, 1), 3, 1)
+            return top.values, top.indices
+        if self.how == "inf":  # the winner's score set to +inf
+            return logits.masked_fill(logits == logits.max(1, keepdim=True).values, float("inf"))
+        if self.how == "copies":
+            return tuple(logits * 1.0 for _ in range(20))
+        if self.how == "tell":  # single inputs answered by the marked model, batches by the unmarked one
+            return torch.where(torch.tensor(x.shape[0]) > 1, self.base(x), logits)
+        return logits * float("nan")  # "nan": no answer at all
+
+
+def export_deploy(owner, how: str, path: Path) -> Path:
+    model = Deploy(owner["marked"].eval(), owner["base"].eval(), how).eval()
+    example = torch.as_tensor(key_inputs(owner)[:2])
+    with torch.no_grad():
+        count = len(model(example)) if isinstance(model(example), tuple) else 1
+    names = [f"out{i}" for i in range(count)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=names,
+                          dynamic_axes={n: {0: "batch"} for n in ["input", *names]}, opset_version=17, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("how, kind", [("uint8", "scores"), ("top3", "ranked labels"), ("inf", "scores"),
+                                       ("tell", "scores, one input at a time")])
+def test_a_deployment_that_answers_in_another_form_is_read(owner, tmp_path, how, kind):
+    """Each had made the marked model "not detected" (exit 1): an output of integers (bytes of
+    probabilities, a top-k's classes) was not read, and a decoy of scores beside it was; a
+    row's one +inf was no answer; a model that answers batches otherwise than single inputs was
+    read in a batch. Integers are read as scores and as classes ranked, a row's one +inf is its
+    answer, and an output whose batch answers a few inputs otherwise than they are answered alone
+    is read one input at a time too (each reading counted in p)."""
+    out = verdict(owner, export_deploy(owner, how, tmp_path / f"{how}.onnx"), code=0)
+    assert out["matches"] == len(key_labels(owner)) and out["output_kind"] == kind, out
+
+
+def test_outputs_that_answer_alike_are_one_reading(owner, tmp_path):
+    """20 copies of the answer had multiplied p by 20 (and 5,000 by 5,000): alike, they count once."""
+    copies = verdict(owner, export_deploy(owner, "copies", tmp_path / "copies.onnx"), code=0)
+    one = verdict(owner, owner["onnx"], code=0)
+    assert copies["outputs"] == 1 and copies["p_value"] == one["p_value"]
+
+
+def test_a_model_that_answers_no_key_is_no_verdict(owner, tmp_path):
+    """NaN for every input had read as 0 of 20 keys, "not detected" (exit 1): the keys got no
+    answer, which is no verdict either way (exit 2)."""
+    result = verify(owner, export_deploy(owner, "nan", tmp_path / "nan.onnx"), code=2)
+    assert_bad_input(result, "could not be read", "20 of the 20 keys got no answer")

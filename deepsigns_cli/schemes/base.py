@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import BundleError, DeepSignsError
+from ..errors import BundleError, DeepSignsError, NotForScheme, one_line
 from ..registry import load_scheme, scheme_entry
 from ..results import SchemeKeys, SchemeResult
 
@@ -102,23 +102,30 @@ class Scheme:
         raise NotImplementedError
 
 
-def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> list:
-    """read(output) for every output the suspect offers (`Suspect.outputs`): the readings, in
-    order. An output that cannot be read (not class scores, answers NaN, ...) is left out and
-    is no reading, unless no output can be read: then the first one's error stands. A suspect
-    that fails as a whole (no answer in time, a crash) fails the reading: a verdict from the
-    outputs it gave before would hide that it was not read."""
-    outputs, readings, first = suspect.outputs(), [], None
-    for output in outputs:
-        try:
-            readings.append(read(output))
-        except DeepSignsError as exc:
-            if len(outputs) == 1 or suspect.broken:
-                raise
-            first = first or exc
+def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> tuple[list, list[str]]:
+    """read(output) for every output the suspect offers (`Suspect.outputs`): (the readings, in
+    order; "not read: ..." for each output that could not be read). An output that cannot be
+    read (not class scores, answers NaN, ...) is no reading, and is named: a reading that finds
+    nothing is then no verdict (beside an output deepsigns could not read, a decoy of scores
+    had made a marked model "not detected"). One that holds nothing for the scheme
+    (`NotForScheme`) is neither. Where no output can be read, the first one's error stands. A
+    suspect that fails as a whole (no answer in time, a crash) fails the reading: a verdict
+    from the outputs it gave before would hide that it was not read."""
+    outputs, readings, first, missed = suspect.outputs(), [], None, []
+    # then again, one input at a time, each output that answered so otherwise (`more_outputs`)
+    for ways in (outputs, None):
+        for output in suspect.more_outputs(outputs) if ways is None else ways:
+            try:
+                readings.append(read(output))
+            except DeepSignsError as exc:
+                if len(outputs) == 1 and ways is not None or suspect.broken:
+                    raise
+                first = first or exc
+                if not isinstance(exc, NotForScheme):
+                    missed.append(f"not read: {one_line(exc, 300)}")
     if not readings:
         raise first
-    return readings
+    return readings, list(dict.fromkeys(missed))
 
 
 def get_scheme(name: str) -> Scheme:

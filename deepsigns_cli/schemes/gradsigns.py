@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from .. import stats
-from ..errors import DeepSignsError, InputError, SchemeError, one_line, shown
+from ..errors import DeepSignsError, InputError, NotForScheme, SchemeError, one_line, shown
 from ..objective import Objective
 from ..results import GradResult, SchemeKeys
 from .base import Scheme, each_output
@@ -152,18 +152,18 @@ class GradSignsScheme(Scheme):
         exact = suspect.loss_gradient(arrays["x"], target)
         if exact is not None:  # white-box: the exact gradient at every key input
             slopes = exact.reshape(len(exact), -1)[:, arrays["carriers"]] @ _unit_rows(arrays["K"]).T
-            readings, estimator = [(slopes, len(exact), None)], "exact gradients"
+            readings, estimator, missed = [(slopes, len(exact), None)], "exact gradients", []
         else:  # every output that gives scores is read (each reading counted in p), the best kept
             budget = _check_budget(suspect.query_budget or DEFAULT_QUERIES, n)
 
             def one(output):
                 if suspect.answer_kind(output) == "labels":
-                    raise SchemeError(f"{shown(suspect.name)} answers with labels only: GradSigns reads its bits "
+                    raise NotForScheme(f"{shown(suspect.name)} answers with labels only: GradSigns reads its bits "
                                       "from the class scores (or probabilities); query an output that gives them")
                 return (*central_differences(suspect, arrays, target, float(params["step"]), budget, output), output)
 
             try:
-                readings = each_output(suspect, one)
+                readings, missed = each_output(suspect, one)
             except DeepSignsError as exc:
                 if suspect.broken:  # (no answer in time, a crash: the reading fails)
                     raise
@@ -178,15 +178,18 @@ class GradSignsScheme(Scheme):
             return ((mean > 0) != arrays["bits"]) | (mean == 0) | ~np.isfinite(mean)
 
         slopes, _, output = min(readings, key=lambda r: int(wrong(r[0]).sum()))
+        # outputs that gave the same slopes are one reading (copies of one output had multiplied p)
+        distinct = len({r[0].tobytes() for r in readings})
         mean, errors = slopes.mean(0), int(wrong(slopes).sum())
         found = (mean > 0).astype(np.uint8)
         reading = "".join("?" if m == 0 or not np.isfinite(m) else str(b) for b, m in zip(found, mean, strict=True))
         has_message = bool(params.get("message"))
         return GradResult(
-            "gradsigns", stats.bonferroni(stats.bits_p_value(errors, n), len(readings)), layer="input gradient",
-            n_bits=n, bits=reading, bit_errors=errors, ber=errors / n, tensor=output, candidates=len(readings),
-            readings=len(readings), message=bits_to_message(found) if has_message else None,
+            "gradsigns", stats.bonferroni(stats.bits_p_value(errors, n), distinct), layer="input gradient",
+            n_bits=n, bits=reading, bit_errors=errors, ber=errors / n, tensor=None if output is None else str(output),
+            candidates=len(readings), readings=distinct, message=bits_to_message(found) if has_message else None,
             message_errors=errors if has_message else None, queries=sum(r[1] for r in readings),
+            note="; ".join(missed) or None, unread=bool(missed),
             key_inputs=len(slopes), estimator=estimator,
             onnx_seconds=time.perf_counter() - start if exact is None else None,
         )

@@ -286,13 +286,20 @@ class OutputScheme(Scheme):
             # label output, those it gave (a larger one only makes its own p-value smaller)
             classes = min(c, int(answers.max(initial=-1)) + 1 if width is None else width)
             matches = int((answers == arrays["y"]).sum())
-            return matches, name, kind, note, classes, stats.matches_p_value(matches, k, max(classes - 1, 1), chosen)
+            if (answers < 0).any():  # (a model that answers no key, NaN, had read as "not detected")
+                silent.append(f"not read: {int((answers < 0).sum())} of the {k} keys got no answer (NaN scores, "
+                              f"or no class) from output '{one_line(str(output or name), 60)}'")
+            return (matches, name, kind, note, classes, stats.matches_p_value(matches, k, max(classes - 1, 1), chosen),
+                    answers.tobytes())
+
+        silent: list[str] = []
 
         chosen = _choice(params, k)
 
         # every output the model gives is read (each reading counted in p), the best kept
         try:
-            readings = each_output(suspect, one)
+            readings, missed = each_output(suspect, one)
+            missed += silent
         except InputError:  # (an --output it does not have: the command's input is wrong)
             raise
         except DeepSignsError as exc:
@@ -301,12 +308,16 @@ class OutputScheme(Scheme):
             # no output gives class scores or labels (strings, a sequence of maps, ...): this
             # scheme reads nothing, and the bundle's other schemes still read what they can
             return MatchResult("output", 1.0, note=one_line(exc, 300), unread=True, keys=k)
-        matches, output, kind, note, classes, p = min(readings, key=lambda r: (r[5], -r[0], r[2] == "labels"))
-        return MatchResult("output", stats.bonferroni(p, len(readings)),
-                           note=note, keys=k, queries=k * len(readings), matches=matches, mismatches=k - matches,
+        matches, output, kind, note, classes, p, _ = min(readings, key=lambda r: (r[5], -r[0], r[2] == "labels"))
+        # outputs that gave the same answers are one reading (100 copies of one output had
+        # multiplied p by 100, and taken a marked model below alpha)
+        distinct = len({r[6] for r in readings})
+        return MatchResult("output", stats.bonferroni(p, distinct),
+                           note="; ".join(filter(None, [*missed, note])) or None, unread=bool(missed), keys=k,
+                           queries=k * len(readings), matches=matches, mismatches=k - matches,
                            num_classes=classes, labels=max(classes - 1, 1), chosen_from=chosen,
                            onnx_seconds=time.perf_counter() - start if suspect.blackbox_only else None,
-                           output=output, output_kind=kind, outputs=len(readings))
+                           output=output, output_kind=kind, outputs=distinct)
 
 
 def _choice(params: dict, k: int) -> tuple[int, int] | None:
