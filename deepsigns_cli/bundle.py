@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError, one_line, shown
+from .errors import BundleError, InputError, one_line, shown
 from .fileio import require_file, sha256_file
 from .results import SchemeKeys
 
@@ -136,9 +136,19 @@ def _safetensors_metadata(blob: bytes) -> dict:
     return meta
 
 
+# the most a bundle seals: AES-GCM in `cryptography` encrypts at most 2**31 - 1 bytes at once
+# (the arrays' own bytes, less room for the payload's header)
+MAX_SEALED_ARRAYS = 2**31 - 1 - (16 << 20)
+
+
 def seal(bundle: Bundle, passphrase: str) -> bytes:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    size = sum(a.nbytes for keys in bundle.schemes.values() for a in keys.arrays.values())
+    if size > MAX_SEALED_ARRAYS:  # (keys of 2048 x 2048 images had failed in the cipher: exit 3, "a bug")
+        raise InputError(f"the keys hold {size / 2**30:.1f} GiB of samples, more than the "
+                         f"{MAX_SEALED_ARRAYS / 2**30:.1f} GiB a bundle seals: make keys on smaller inputs "
+                         "(--image-size) or fewer of them (--bits, --key-size)")
     kdf = dict(_SCRYPT, salt=base64.b64encode(os.urandom(16)).decode())
     plain = _plaintext(bundle)
     header = {

@@ -533,6 +533,8 @@ def export_onnx(
                     opset_version=ONNX_OPSET,
                     dynamo=False,
                 )
+        except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+            raise
         except USER_CODE_FAILURES as exc:  # (an operation with no ONNX form, or the model's own code failing)
             raise CheckpointError(f"this model cannot be exported to ONNX ({user_failure(exc)}): export takes "
                                   f"the operations of ONNX opset {ONNX_OPSET} alone") from None

@@ -672,15 +672,37 @@ def _image_errors(image) -> tuple[type[BaseException], ...]:
     return (OSError, SyntaxError, ValueError, EOFError, struct.error, image.DecompressionBombError)
 
 
+class _Names:
+    """File names packed in two numpy arrays (their bytes, one after another, and where each
+    starts), not a list of str: forked DataLoader workers share the arrays' pages instead of
+    copying them through reference counts. Not a numpy array of str either, whose every entry
+    takes 4 bytes a character of the longest: one name of 500 characters had made 20,000 names
+    take 28 times their memory. Names that are not UTF-8 keep their bytes (surrogateescape)."""
+
+    def __init__(self, names: list[str]):
+        encoded = [name.encode("utf-8", "surrogateescape") for name in names]
+        self.starts = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.starts[1:])
+        self.data = np.frombuffer(b"".join(encoded), np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i: int) -> str:
+        start, end = self.starts[i], self.starts[i + 1]
+        return self.data[start:end].tobytes().decode("utf-8", "surrogateescape")
+
+    @property
+    def nbytes(self) -> int:
+        return self.starts.nbytes + self.data.nbytes
+
+
 class _ImageFiles:
-    """Image files, decoded with Pillow: resized, scaled to [0, 1], normalised per channel.
+    """Image files, decoded with Pillow: resized, scaled to [0, 1], normalised per channel."""
 
-    The file names are one numpy array (not a list of str), so that forked DataLoader workers
-    share its pages instead of copying them through reference counts."""
-
-    def __init__(self, root: Path, names: np.ndarray, preprocess: dict):
+    def __init__(self, root: Path, names: list[str], preprocess: dict):
         self.root = str(root)
-        self.names = names  # paths relative to root
+        self.names = _Names(names)  # paths relative to root
         self.size, self.channels = int(preprocess["image_size"]), int(preprocess["channels"])
         self.mean = np.asarray(preprocess["mean"], np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(preprocess["std"], np.float32).reshape(-1, 1, 1)
@@ -696,7 +718,7 @@ class _ImageFiles:
 
     def pixels(self, i: int) -> np.ndarray:
         """Image i as (channels, size, size) float32 in [0, 1], not normalised."""
-        return _decode(os.path.join(self.root, str(self.names[i])), self.size, self.channels)
+        return _decode(os.path.join(self.root, self.names[i]), self.size, self.channels)
 
 
 def _decode(path: str, size: int, channels: int) -> np.ndarray:
@@ -925,7 +947,7 @@ def _image_folder(root: Path, image_size: int | None, preprocess: dict | None) -
     first = _check_images(root, names)
     if preprocess is None:
         preprocess = _fresh_preprocess(root, names["train"], first, image_size, classes)
-    splits = {split: Samples(_ImageFiles(root, np.array(names[split]), preprocess),
+    splits = {split: Samples(_ImageFiles(root, list(names[split]), preprocess),
                              (preprocess["channels"], preprocess["image_size"], preprocess["image_size"]))
               for split in ("train", "test")}
     name = shown(root.resolve().name or root)
@@ -970,7 +992,7 @@ def _fresh_preprocess(root: Path, train: list[str], first: tuple[str, tuple[int,
                              f"give --image-size N (from {lo} to {hi}) to resize every image to N x N")
         image_size = width
     channels = 1 if mode in _GRAYSCALE_MODES else 3
-    files = _ImageFiles(root, np.array(train), {"image_size": image_size, "channels": channels,
+    files = _ImageFiles(root, list(train), {"image_size": image_size, "channels": channels,
                                                 "mean": [0.0] * channels, "std": [1.0] * channels})
     total, squares, count = np.zeros(channels), np.zeros(channels), 0
     for i in _subsample(len(train), _MEAN_STD_IMAGES):
@@ -1024,18 +1046,45 @@ def check_preprocess(value) -> dict:
 
 def _factory_data(source: str) -> Dataset:
     """`package.module:factory` -> (train, test) torch Datasets, each wrapped as a Samples."""
+    with _settings_kept():
+        return _factory_data_of(source)
+
+
+@contextlib.contextmanager
+def _settings_kept():
+    """The process's settings as they were before the user's code ran, whatever it set: a
+    factory (or its module) that made float64 torch's default dtype, or turned gradients off,
+    had failed the training that followed as a bug of ours (exit 3); one that changed the
+    current folder had sent a relative --out into the folder it went to."""
+    import torch
+
+    dtype, grad, folder = torch.get_default_dtype(), torch.is_grad_enabled(), os.getcwd()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
+        with contextlib.suppress(OSError):  # (a folder the factory removed: the outputs' own checks say so)
+            os.chdir(folder)
+
+
+def _factory_data_of(source: str) -> Dataset:
     factory = load_factory(source, "--data", "data", DataError)
     want = f"data factory '{source}' must return two torch Datasets (train, test)"
     if not callable(factory):
         raise DataError(f"'{source}' is a {type(factory).__name__}, not a factory: {want}")
     try:
         made = factory()
+    except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+        raise
     except USER_CODE_FAILURES as exc:
         raise DataError(f"data factory '{source}' failed ({user_failure(exc)}): it is called without "
                         "arguments and must return two torch Datasets (train, test)") from None
     try:
         return _factory_splits(source, made, want)
     except DeepSignsError:
+        raise
+    except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
         raise
     except USER_CODE_FAILURES as exc:  # (what it returned runs code of the user's as it is read: __len__, __repr__)
         raise DataError(f"data factory '{source}': the data it returned failed as they were read "
@@ -1099,6 +1148,8 @@ class _DatasetItems:
     def item(self, i: int) -> tuple[np.ndarray, object]:
         try:
             item = self.dataset[i]
+        except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+            raise
         except USER_CODE_FAILURES as exc:
             raise DataError(f"{self.where}: the {self.split} Dataset failed on item {i} ({user_failure(exc)}): "
                             "fix its __getitem__") from None
@@ -1107,6 +1158,8 @@ class _DatasetItems:
                             "label) pair: return (x, y) from the Dataset's __getitem__")
         try:
             x = _as_sample(item[0])
+        except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+            raise
         except USER_CODE_FAILURES as exc:  # (a tensor subclass or array-like of the user's)
             raise DataError(f"{self.where}: {self.split} sample {i} cannot be read as numbers ({user_failure(exc)}): "
                             "return plain tensors or arrays") from None
@@ -1152,6 +1205,8 @@ def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]
     where = f"data factory '{source}'"
     try:
         n = len(dataset)
+    except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+        raise
     except USER_CODE_FAILURES as exc:
         raise DataError(f"{where}: the {split} Dataset has no length ({user_failure(exc)}): give a map-style "
                         "Dataset with __len__") from None
@@ -1167,6 +1222,8 @@ def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]
     items = _DatasetItems(dataset, split, where, first.shape)
     try:
         targets = getattr(dataset, "targets", None)
+    except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+        raise
     except USER_CODE_FAILURES as exc:  # (a property: the user's code)
         raise DataError(f"{where}: the {split} Dataset's .targets failed ({user_failure(exc)}): fix it, or "
                         "leave it out (labels are then read from the items)") from None
@@ -1191,6 +1248,8 @@ def _targets(targets, n: int, split: str, where: str) -> np.ndarray:
         targets = targets.detach().cpu().numpy()
     try:
         y = np.asarray(targets)
+    except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+        raise
     except USER_CODE_FAILURES as exc:  # (a sequence of the user's, read by its own code)
         raise DataError(f"{where}: the {split} Dataset's .targets is not an array ({user_failure(exc)}): give "
                         "integer class indices") from None

@@ -27,9 +27,11 @@ __all__ = [
 ]
 
 #: what the user's own code (a --data or --arch factory, its module, its Dataset) may raise:
-#: anything at all, a sys.exit() included, and each is the user's to fix, not a bug of ours
-#: (Ctrl-C, a KeyboardInterrupt, is not among them)
-USER_CODE_FAILURES = (Exception, SystemExit)
+#: anything at all, a sys.exit() and a BaseException of its own included (a Rust library's
+#: PanicException had ended a command with a traceback, exit 1), and each is the user's to fix,
+#: not a bug of ours. Ctrl-C and the signals, a KeyboardInterrupt, are not: every `except` of
+#: these re-raises one first
+USER_CODE_FAILURES = BaseException
 
 
 class DeepSignsError(Exception):
@@ -150,6 +152,8 @@ def load_factory(spec: str, flag: str, what: str, error: type[DeepSignsError]):
     try:
         module = importlib.import_module(module_name)
         factory = getattr(module, attr)
+    except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+        raise
     except USER_CODE_FAILURES as exc:  # (importing runs the module's code)
         raise error(f"cannot load {what} '{spec}' ({user_failure(exc)}): check that the module is importable "
                     "(on PYTHONPATH) and defines that factory") from None

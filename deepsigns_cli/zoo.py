@@ -318,6 +318,8 @@ def build_model(
     failures = (TypeError, ValueError, RuntimeError) if builtin else USER_CODE_FAILURES
     try:
         model = factory(**kwargs)
+    except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+        raise
     except failures as exc:
         raise _failure(arch, arch_kwargs, one_line(exc) if builtin else user_failure(exc), origin) from None
     if not isinstance(model, nn.Module):
@@ -336,6 +338,8 @@ def _try_forward(model: nn.Module, arch: str, input_shape: tuple[int, ...], num_
     try:
         with torch.no_grad():
             out = model.eval()(torch.zeros((2, *input_shape), device=where))
+    except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+        raise
     except USER_CODE_FAILURES as exc:
         raise InputError(f"the model of factory '{shown(arch)}' fails on a batch of inputs of shape "
                          f"{list(input_shape)} ({user_failure(exc)}): fix its forward") from None

@@ -206,3 +206,16 @@ def test_keygen_seed_makes_the_secrets_reproducible(marked, tmp_path):
     for name in ("A", "bits", "classes", "trigger_x"):
         np.testing.assert_array_equal(one[name], two[name])
     assert not np.array_equal(one["A"], fresh["A"])  # no --seed: fresh randomness
+
+
+def test_keys_too_large_to_seal_are_refused_with_one_line(marked, tmp_path, monkeypatch):
+    """Keys on 2048 x 2048 images held more than the 2 GiB AES-GCM seals at once: keygen ended in
+    the cipher's OverflowError, "a bug in deepsigns" (exit 3). Refused with the remedy, nothing
+    written (the limit lowered here)."""
+    from deepsigns_cli import bundle
+
+    monkeypatch.setattr(bundle, "MAX_SEALED_ARRAYS", 1000)
+    out = tmp_path / "k.dskey"
+    result = run_cli("keygen", "--model", marked.base, "--data", "digits", "--out", out, code=2)
+    assert_bad_input(result, "more than the", "a bundle seals", "--image-size")
+    assert list(tmp_path.iterdir()) == []

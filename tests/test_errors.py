@@ -938,6 +938,30 @@ def test_a_limit_of_the_machine_is_one_line_not_a_bug(marked, monkeypatch, failu
     assert "bug" not in line
 
 
+class _Panic(BaseException):  # (as pyo3's PanicException: not an Exception)
+    pass
+
+
+@pytest.mark.parametrize("after", [MemoryError(), None], ids=["memory ran out", "a bug"])
+def test_a_librarys_base_exception_is_one_line(marked, monkeypatch, after):
+    """safetensors, out of memory as it serialised, raised pyo3's PanicException, a BaseException:
+    it ended the command with a Rust and a Python traceback, exit 1 ("not detected"). After a
+    MemoryError it is the machine's limit (exit 2); otherwise a bug of ours (exit 3)."""
+    from deepsigns_cli import api
+
+    def fails(*args, **kwargs):
+        try:
+            if after is not None:
+                raise after
+            raise _Panic("PyObject pointer is null")
+        except MemoryError:
+            raise _Panic("PyObject pointer is null") from None  # (its context stays: raised while handling it)
+
+    monkeypatch.setattr(api, "extract", fails)
+    result = run_cli("extract", "--model", marked.marked, "--keys", marked.keys, code=2 if after else 3)
+    assert_one_error_line(result.stderr, result.stdout, "not enough memory" if after else "internal error")
+
+
 @pytest.mark.parametrize("limit", [600 << 20, 760 << 20, 3 << 30])
 def test_an_address_space_too_small_for_the_libraries_is_one_line(marked, limit):
     """Under ulimit -v of 740-770 MB, OpenBLAS ended extract with exit 1 (read as "not detected")

@@ -267,6 +267,30 @@ def exits():  # a data module written as a script (argparse at import) ends in s
     raise SystemExit(0)
 
 
+class Panic(BaseException):  # (as a Rust library's PanicException: not an Exception)
+    pass
+
+
+def panics():
+    raise Panic("the library panicked")
+
+
+class _Panicky(TorchDataset):
+    """Its items past the first few raise a BaseException of their own (mid-epoch)."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        if i >= 3:
+            raise Panic(f"item {i} panicked")
+        return torch.zeros(1, 8, 8), i % 10
+
+
+def panicky_items():
+    return _Panicky(), _Panicky()
+
+
 class _Broken(TorchDataset):
     def __len__(self):
         return 10
@@ -415,6 +439,47 @@ def test_a_dataset_that_fails_in_loader_processes_leaves_no_temporary_folder(tmp
     assert proc.returncode == 2, proc.stderr
     assert list(tmp_path.iterdir()) == []
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def keeps_a_thread():
+    """The digits, and a thread that never ends (not a daemon: a data library's prefetcher)."""
+    import threading
+    import time
+
+    threading.Thread(target=lambda: [time.sleep(0.2) for _ in iter(int, 1)], name="prefetcher").start()
+    return TensorDataset(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
+
+
+def test_a_thread_the_users_code_leaves_running_does_not_keep_the_command_alive(tmp_path):
+    """Python waits for every thread that is not a daemon at exit: the command had printed its
+    report and written its model, then run for ever, deaf to Ctrl-C and SIGTERM."""
+    proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:keeps_a_thread", "--epochs", 1,
+                    "--device", "cpu", "--out", tmp_path / "m.safetensors", "--json", timeout=120,
+                    env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["command"] == "train" and (tmp_path / "m.safetensors").exists()
+
+
+def sets_torch_state():
+    """The digits, made by code that leaves float64 torch's default dtype, gradients off, and
+    the current folder another."""
+    torch.set_default_dtype(torch.float64)
+    torch.set_grad_enabled(False)
+    os.chdir(os.environ["ANOTHER_FOLDER"])
+    return TensorDataset(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
+
+
+def test_torchs_settings_a_factory_changes_are_put_back(tmp_path):
+    """A factory that made float64 the default dtype ("mat1 and mat2 must have the same dtype")
+    or turned gradients off had failed the training as a bug of ours (exit 3); one that changed
+    the current folder had sent a relative --out there."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:sets_torch_state", "--epochs", 1,
+                    "--device", "cpu", "--out", "m.safetensors", "--json", timeout=120, cwd=tmp_path / "here",
+                    env={"PYTHONPATH": str(Path(__file__).parent), "ANOTHER_FOLDER": str(tmp_path / "there")})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "here" / "m.safetensors").exists() and not any((tmp_path / "there").iterdir())
 
 
 class _Chatty(TensorDataset):
@@ -911,6 +976,9 @@ def test_image_size_applies_to_image_folders_only(tmp_path):
     ("no_such_module.data:make", ["cannot load data", "no_such_module"]),
     ("test_image_data:missing_column", ["data factory", "failed (KeyError: 'label')"]),
     ("test_image_data:exits", ["data factory", "failed (it called sys.exit(0))"]),
+    # (a BaseException that is not an Exception had ended the command with a traceback, exit 1)
+    ("test_image_data:panics", ["data factory", "failed (Panic: the library panicked)"]),
+    ("test_image_data:panicky_items", ["Dataset failed on item", "Panic: item"]),
     ("test_image_data:broken_items", ["the train Dataset failed on item 0", "ZeroDivisionError"]),
     ("test_image_data:bad_targets", ["the train Dataset's .targets failed", "labels are loaded lazily"]),
     ("test_image_data:huge_label", ["train item 0 has label 1180591620717411303424", "from 0 to"]),  # (exit 3)

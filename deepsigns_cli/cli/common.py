@@ -125,11 +125,20 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
     sys.exit(code)
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised in the handling of, or from (at most 16)."""
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < 16 and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
 def _machine_limit(exc: BaseException) -> str | None:
     """The limit of the machine that `exc` met inside a library, in words (memory, ulimit -v;
     open files, ulimit -n); None when it is not one. Neither is a bug of ours: they had been
     reported as one, exit 3."""
-    if out_of_memory(exc):
+    if any(out_of_memory(e) for e in _chain(exc)):  # (a library's own error, raised as memory ran out)
         return "not enough memory: free some, or raise the limit (ulimit -v), then run the command again"
     if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE) or "too many open files" in str(exc).lower():
         return "too many open files: raise the limit (ulimit -n), then run the command again"
@@ -215,7 +224,8 @@ def handle_errors(fn):
             interrupted(exc)
         except (SystemExit, click.exceptions.Exit, click.ClickException):
             raise
-        except Exception as exc:  # the one place that catches everything: a bug, exit 3
+        except BaseException as exc:  # the one place that catches everything: a bug, exit 3 (a library's
+            # BaseException too: safetensors' PanicException had ended a save with a traceback, exit 1)
             internal_error(exc)
         finally:
             State.report = _UNSET

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import os
@@ -152,7 +153,7 @@ class LazyGroup(OnceGroup):
                 raise
             except OSError as exc:  # click's own printing (--help, --version) to a closed or full stdout
                 stdout_failed(exc, "the text")
-            except Exception as exc:  # a bug outside any command (parsing, loading)
+            except BaseException as exc:  # a bug outside any command (parsing, loading)
                 internal_error(exc)
             if sys.stdout is None:  # (stdout closed at start: click printed --help or --version nowhere; a
                 # command's report had already failed in emit)
@@ -280,4 +281,28 @@ def main():
     if level is not None and level.upper() not in _CPP_LOG_LEVELS:
         fail(f"TORCH_CPP_LOG_LEVEL={one_line(repr(level), 40)} is not a level torch's logging can read: set it to "
              "INFO, WARNING, ERROR or FATAL (or 0 to 3), or unset it", EXIT_BAD_INPUT)
-    cli(prog_name="deepsigns")
+    try:
+        cli(prog_name="deepsigns")
+    except SystemExit as exc:
+        _end_now_if_held(exc)
+        raise
+
+
+def _end_now_if_held(exc: SystemExit) -> None:
+    """At the end of a command, where a thread that the user's code started is still running (not
+    a daemon, as a data library's prefetcher): Python waits for such a thread at exit, and the
+    process had gone on after its report for ever, deaf to signals (ignored once a command has
+    ended). Every thread of ours is a daemon. The exit functions run, then the process ends."""
+    if not any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+        return
+    code = exc.code
+    if not isinstance(code, int):  # (as Python ends on such a code: printed, exit 1)
+        if code is not None:
+            with contextlib.suppress(Exception):
+                print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
