@@ -190,8 +190,8 @@ class OnnxSuspect(Suspect):
 
     def more_outputs(self, done):
         # each output that answered an input alone otherwise than in a batch, read alone too
-        return [Way(w.name if isinstance(w, Way) else w, ranked=isinstance(w, Way) and w.ranked, alone=True)
-                for w in done if (w.name if isinstance(w, Way) else w) in self.onnx.batch_dependent]
+        ways = [w if isinstance(w, Way) else Way(w) for w in done]
+        return [w._replace(alone=True) for w in ways if w.name in self.onnx.batch_dependent]
 
     def _chosen(self, output: str | Way | None) -> tuple[str | None, bool, bool]:
         """(the output's name, read as classes ranked, read one input at a time)."""

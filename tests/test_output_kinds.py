@@ -373,6 +373,8 @@ class Deploy(torch.nn.Module):
         decoy = x.flatten(1)[:, 10:20] * 3
         if self.how == "uint8":  # probabilities as bytes, beside a decoy of other scores
             return decoy, (torch.softmax(logits, 1) * 255).to(torch.uint8)
+        if self.how == "int-logits":  # logits times 100 as integers (negative too)
+            return (logits * 100).to(torch.int64)
         if self.how == "top3":  # a top-k endpoint: the sorted probabilities and their classes
             top = torch.topk(torch.softmax(logits, 1), 3, 1)
             return top.values, top.indices
@@ -398,8 +400,8 @@ def export_deploy(owner, how: str, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("how, kind", [("uint8", "scores"), ("top3", "ranked labels"), ("inf", "scores"),
-                                       ("tell", "scores, one input at a time")])
+@pytest.mark.parametrize("how, kind", [("uint8", "scores"), ("int-logits", "scores"), ("top3", "ranked labels"),
+                                       ("inf", "scores"), ("tell", "scores, one input at a time")])
 def test_a_deployment_that_answers_in_another_form_is_read(owner, tmp_path, how, kind):
     """Each had made the marked model "not detected" (exit 1): an output of integers (bytes of
     probabilities, a top-k's classes) was not read, and a decoy of scores beside it was; a
@@ -409,6 +411,15 @@ def test_a_deployment_that_answers_in_another_form_is_read(owner, tmp_path, how,
     is read one input at a time too (each reading counted in p)."""
     out = verdict(owner, export_deploy(owner, how, tmp_path / f"{how}.onnx"), code=0)
     assert out["matches"] == len(key_labels(owner)) and out["output_kind"] == kind, out
+
+
+def test_an_unmarked_model_that_answers_integers_is_not_detected(owner, tmp_path):
+    """Its integers read as classes ranked are no ranking (negative, repeated): no answer that way,
+    which is no reason to withhold the verdict of the reading as scores."""
+    model = Deploy(owner["base"].eval(), owner["base"].eval(), "int-logits")
+    path = export_module(model, tmp_path / "base-int.onnx", key_inputs(owner))
+    out = verdict(owner, path, code=1)
+    assert not out["detected"] and not out.get("unread") and out["outputs"] == 2  # (as scores, as classes ranked)
 
 
 def test_outputs_that_answer_alike_are_one_reading(owner, tmp_path):

@@ -374,7 +374,7 @@ class Number(click.types.FloatParamType):
         mantissa = re.split("[eE]", value)[0] if isinstance(value, str) else ""
         if math.isinf(number) or number == 0 and re.search("[1-9]", mantissa):
             # (1e-400 had been read as 0.0 and refused as "got 0.0", a number never typed)
-            self.fail(f"{value.strip()!r} is too {'large' if math.isinf(number) else 'small'} a number to hold "
+            self.fail(f"{str(value).strip()!r} is too {'large' if math.isinf(number) else 'small'} a number to hold "
                       "(a float's range is about 1e-308 to 1e308)", param, ctx)
         return number
 

@@ -118,7 +118,7 @@ def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> tuple[li
             try:
                 readings.append(read(output))
             except DeepSignsError as exc:
-                if len(outputs) == 1 and ways is not None or suspect.broken:
+                if (len(outputs) == 1 and ways is not None) or suspect.broken:
                     raise
                 first = first or exc
                 if not isinstance(exc, NotForScheme):

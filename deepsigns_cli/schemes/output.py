@@ -269,6 +269,8 @@ class OutputScheme(Scheme):
         start = time.perf_counter()
         k, c = len(arrays["y"]), int(params["num_classes"])
 
+        silent: list[str] = []  # the outputs that left keys with no answer
+
         def one(output):
             # the label each key gets: argmax of the scores or probabilities, or the model's own
             # label output; -1 where there is no answer (NaN scores), which never matches
@@ -286,13 +288,12 @@ class OutputScheme(Scheme):
             # label output, those it gave (a larger one only makes its own p-value smaller)
             classes = min(c, int(answers.max(initial=-1)) + 1 if width is None else width)
             matches = int((answers == arrays["y"]).sum())
-            if (answers < 0).any():  # (a model that answers no key, NaN, had read as "not detected")
+            if (answers < 0).any() and not kind.startswith("ranked"):  # (a model that answers no key, NaN,
+                # had read as "not detected"; integers that are no ranking are simply no answer that way)
                 silent.append(f"not read: {int((answers < 0).sum())} of the {k} keys got no answer (NaN scores, "
                               f"or no class) from output '{one_line(str(output or name), 60)}'")
             return (matches, name, kind, note, classes, stats.matches_p_value(matches, k, max(classes - 1, 1), chosen),
                     answers.tobytes())
-
-        silent: list[str] = []
 
         chosen = _choice(params, k)
 
