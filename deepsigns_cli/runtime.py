@@ -299,8 +299,9 @@ def load_onnx(path: str | Path):
     except (DecodeError, RecursionError, ValueError, RuntimeError, MemoryError) as exc:
         raise OnnxError(f"{p} is not an ONNX model ({type(exc).__name__}): check the file") from None
     del data
-    if not proto.graph.node or not proto.graph.output:
-        raise OnnxError(f"{p} is not an ONNX model (no graph): check the file")
+    if not proto.graph.node or not proto.graph.output:  # (a graph with none computes or answers nothing)
+        which = "no graph" if not proto.HasField("graph") else "no nodes" if not proto.graph.node else "no outputs"
+        raise OnnxError(f"{p} is not an ONNX model deepsigns can read ({which}): check the file")
     nodes = sum(len(graph.node) for graph in _graphs(proto))
     if nodes > MAX_NODES:
         raise OnnxError(f"{p} holds {nodes} nodes, more than deepsigns checks and runs ({MAX_NODES}): it is "

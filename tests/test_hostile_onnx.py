@@ -612,6 +612,16 @@ def test_file_onnxruntime_cannot_load_is_an_onnx_error(owner, suspects):
     refused(owner, save(model, suspects / "foo.onnx"), "onnxruntime cannot load", "com.evil:Foo")
 
 
+@pytest.mark.parametrize("missing", ["nodes", "outputs"])
+def test_a_graph_with_no_nodes_or_no_outputs_is_named_so(owner, suspects, missing):
+    """It had been called "not an ONNX model (no graph)"."""
+    nodes = [] if missing == "nodes" else [h.make_node("Identity", ["x"], ["y"])]
+    outputs = [] if missing == "outputs" else [y_info()]
+    model = h.make_model(h.make_graph(nodes, "g", [x_info()], outputs), opset_imports=[h.make_opsetid("", 17)],
+                         ir_version=8)
+    refused(owner, save(model, suspects / f"no-{missing}.onnx"), f"(no {missing})")
+
+
 def test_deeply_nested_protobuf_is_refused(owner, suspects):
     path = suspects / "deep.onnx"
     path.write_bytes(deep_bytes(3000))

@@ -108,7 +108,9 @@ def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> tuple[li
     read (not class scores, answers NaN, ...) is no reading, and is named: a reading that finds
     nothing is then no verdict (beside an output deepsigns could not read, a decoy of scores
     had made a marked model "not detected"). One that holds nothing for the scheme
-    (`NotForScheme`) is neither. Where no output can be read, the first one's error stands. A
+    (`NotForScheme`) is neither. Where no output can be read, the first one's error stands (the
+    first that is not `NotForScheme`, where there is one: a KNN's probabilities of -inf had been
+    reported as "labels only", its other output). A
     suspect that fails as a whole (no answer in time, a crash) fails the reading: a verdict
     from the outputs it gave before would hide that it was not read."""
     outputs, readings, first, missed = suspect.outputs(), [], None, []
@@ -120,7 +122,8 @@ def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> tuple[li
             except DeepSignsError as exc:
                 if (len(outputs) == 1 and ways is not None) or suspect.broken:
                     raise
-                first = first or exc
+                if first is None or isinstance(first, NotForScheme) and not isinstance(exc, NotForScheme):
+                    first = exc  # (why an output of scores could not be read says more than "labels only")
                 if not isinstance(exc, NotForScheme):
                     missed.append(f"not read: {one_line(exc, 300)}")
     if not readings:
