@@ -230,6 +230,16 @@ class OnnxSuspect(Suspect):
             found = self.onnx.intermediates(x, width)
         except OnnxTooMuch as exc:  # (the other schemes are still read)
             return {}, f"not read: {exc}"
+        # and with the graph fed one input at a time, those that answered otherwise than in the
+        # batch (a graph that reverses its batch's rows had hidden the carrier from the batch's
+        # reading; the reading of every unit alone, beside decoys made of the carrier, was not enough)
+        self.onnx.allow(self.onnx.timeout or 0)
+        try:
+            alone = self.onnx.unit_tensors(x, width, alone=True).found
+        except OnnxUnread as exc:
+            return found, f"not read: {exc}"
+        found |= {f"{name}{ALONE}": acts for name, acts in alone.items()
+                  if name not in found or not np.allclose(acts, found[name], rtol=1e-5, atol=1e-6)}
         return found, ("" if found else f"no tensor of width {width} in this model: not our architecture")
 
     def out_of_reach(self):

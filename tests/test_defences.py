@@ -165,20 +165,35 @@ def _rebuilt(marked_path, how: str, path, wide: int = WIDE):
             h.make_node("MatMul", [f"w3{k}", f"h2{k}"], [f"o{k}"]))]
         how_nodes += [h.make_node("Add", ["oa", "ob"], ["s"]), h.make_node("Add", ["s", "b3"], ["t"]),
                       h.make_node("Transpose", ["t"], ["logits"], perm=[1, 0])]
-    elif how in ("reversed", "batch-padded", "batch-merged"):  # the carrier's rows not the batch's: its rows
-        # reversed, one row more (zeros), or that and its units merged with the rows, (4 (n + 1), 128)
+    elif how in ("reversed", "reversed-decoys", "batch-padded", "batch-merged"):  # the carrier's rows not the
+        # batch's: its rows reversed, one row more (zeros), or that and its units merged with the rows,
+        # (4 (n + 1), 128); reversed, beside decoys made of the carrier (helper-54's E3): for each class c,
+        # three scaled copies of it, times -100 on the inputs the model answers c (unused)
         ints = {"back": [-1], "end": [-(1 << 62)], "axis": [0], "start": [0], "units": [-1, 128], "rows": [-1, 512]}
         inits.update(w2=w2, b2=b2, w3=w3, zrow=np.zeros((1, 512)),
                      **{k: np.array(v, np.int64) for k, v in ints.items()})
-        moved = ([h.make_node("Slice", ["h1", "back", "end", "axis", "back"], ["h1m"])] if how == "reversed" else
-                 [h.make_node("Concat", ["h1", "zrow"], ["h1m"], axis=0)])
+        moved = ([h.make_node("Slice", ["h1", "back", "end", "axis", "back"], ["h1m"])] if how.startswith("reversed")
+                 else [h.make_node("Concat", ["h1", "zrow"], ["h1m"], axis=0)])
         act = ([h.make_node("Relu", ["z2"], ["h2"])] if how != "batch-merged" else
                [h.make_node("Reshape", ["z2", "units"], ["z2m"]), h.make_node("Relu", ["z2m"], ["h2m"]),
                 h.make_node("Reshape", ["h2m", "rows"], ["h2"])])
         how_nodes = [*moved, h.make_node("Gemm", ["h1m", "w2", "b2"], ["z2"], transB=1), *act,
                      h.make_node("Gemm", ["h2", "w3", "b3"], ["out"], transB=1),
-                     h.make_node("Slice", ["out", "back", "end", "axis", "back"], ["logits"]) if how == "reversed" else
-                     h.make_node("Slice", ["out", "start", "back", "axis"], ["logits"])]
+                     h.make_node("Slice", ["out", *(("back", "end", "axis", "back") if how.startswith("reversed")
+                                                     else ("start", "back", "axis"))], ["logits"])]
+        if how == "reversed-decoys":
+            inits.update(one=np.float32(1), apart=np.float32(101))
+            how_nodes.append(h.make_node("ArgMax", ["out"], ["pred"], axis=1, keepdims=1))
+            for c in range(10):
+                inits[f"class{c}"] = np.array(c, np.int64)
+                how_nodes += [h.make_node("Equal", ["pred", f"class{c}"], [f"is{c}"]),
+                              h.make_node("Cast", [f"is{c}"], [f"isf{c}"], to=TensorProto.FLOAT),
+                              h.make_node("Mul", [f"isf{c}", "apart"], [f"far{c}"]),
+                              h.make_node("Sub", ["one", f"far{c}"], [f"sign{c}"]),
+                              h.make_node("Mul", ["h2", f"sign{c}"], [f"flip{c}"])]
+                for r in range(3):
+                    inits[f"scale{c}_{r}"] = np.float32(1 + 0.01 * (r + 1) + 0.001 * c)
+                    how_nodes.append(h.make_node("Mul", [f"flip{c}", f"scale{c}_{r}"], [f"decoy{c}_{r}"]))
     elif how == "input-widened":  # the carrier and the head's weights widened by as many zero units as the
         # input has values above 0.5: every tensor that holds the carrier changes shape from one input to the next
         ints = {"one": [1], "c512": [512], "c10": [10]}
@@ -238,7 +253,7 @@ def test_units_as_many_as_the_inputs_fed_are_not_taken_for_the_batch(marked, tmp
 
 
 @pytest.mark.parametrize("how", ["padded", "halves", "transposed", "negated", "copies", "shifted", "bfloat16",
-                                 "reversed", "batch-padded", "batch-merged"])
+                                 "reversed", "reversed-decoys", "batch-padded", "batch-merged"])
 def test_a_carrier_rebuilt_in_the_graph_is_still_read(marked_runs, tmp_path, how):
     """Graph surgery that keeps the function but leaves no tensor of the carrier's width with
     the batch first had hidden the mark (90 of 192 bits wrong, or no carrier at all): the
@@ -247,8 +262,9 @@ def test_a_carrier_rebuilt_in_the_graph_is_still_read(marked_runs, tmp_path, how
     they are also lined up over their offsets. A bfloat16 tensor anywhere had failed the reading
     (exit 2): it is read through a cast. A carrier whose rows are not the batch's (reversed, one
     more, merged with its units) had read as not detected (62, 91 of 192 wrong, exit 1): the units
-    are read again with the graph fed one input at a time. Three seeds; an unmarked model rebuilt
-    so is not claimed."""
+    are read again with the graph fed one input at a time, and so are the tensors of the
+    carrier's width (decoys made of the carrier had drawn the line-up of every unit alone: 58
+    wrong). Three seeds; an unmarked model rebuilt so is not claimed."""
     import numpy as np
     import onnxruntime as ort
 

@@ -384,6 +384,14 @@ class Deploy(torch.nn.Module):
             return tuple(logits * 1.0 for _ in range(20))
         if self.how == "tell":  # single inputs answered by the marked model, batches by the unmarked one
             return torch.where(torch.tensor(x.shape[0]) > 1, self.base(x), logits)
+        if self.how == "places":  # the marked model at 8 evenly spaced places of a batch (and alone), the
+            # unmarked one elsewhere: the places a check of evenly spaced rows would ask again alone
+            ones = torch.ones_like(x.flatten(1)[:, 0])
+            n, at = ones.sum(), ones.cumsum(0) - 1
+            chosen = sum((at == torch.div(k * (n - 1), 7, rounding_mode="floor")).float() for k in range(8))
+            return torch.where(chosen[:, None] > 0, logits, self.base(x))
+        if self.how == "fails-alone":  # the unmarked model, on batches of an even number of inputs only
+            return self.base(x).reshape(-1, 20).reshape(-1, 10)
         return logits * float("nan")  # "nan": no answer at all
 
 
@@ -401,7 +409,8 @@ def export_deploy(owner, how: str, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("how, kind", [("uint8", "scores"), ("int-logits", "scores"), ("top3", "ranked labels"),
-                                       ("inf", "scores"), ("tell", "scores, one input at a time")])
+                                       ("inf", "scores"), ("tell", "scores, one input at a time"),
+                                       ("places", "scores, one input at a time")])
 def test_a_deployment_that_answers_in_another_form_is_read(owner, tmp_path, how, kind):
     """Each had made the marked model "not detected" (exit 1): an output of integers (bytes of
     probabilities, a top-k's classes) was not read, and a decoy of scores beside it was; a
@@ -427,6 +436,13 @@ def test_outputs_that_answer_alike_are_one_reading(owner, tmp_path):
     copies = verdict(owner, export_deploy(owner, "copies", tmp_path / "copies.onnx"), code=0)
     one = verdict(owner, owner["onnx"], code=0)
     assert copies["outputs"] == 1 and copies["p_value"] == one["p_value"]
+
+
+def test_a_model_that_cannot_answer_one_input_alone_is_no_verdict(owner, tmp_path):
+    """Its batches' answers cannot be checked against its answers alone (a graph that failed alone
+    and answered batches of two with the marked model had read "not detected"): no verdict."""
+    result = verify(owner, export_deploy(owner, "fails-alone", tmp_path / "fails-alone.onnx"), code=2)
+    assert_bad_input(result, "could not be read", "one input at a time")
 
 
 def test_a_model_that_answers_no_key_is_no_verdict(owner, tmp_path):

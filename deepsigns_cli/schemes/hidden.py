@@ -211,7 +211,7 @@ class HiddenScheme(Scheme):
         # what was not read makes a reading that finds nothing no verdict: tensors of the carrier's
         # width that are more data than a worker sends back, units past every set read below,
         # tensors computed inside a subgraph
-        missed = [why] if not candidates and why.startswith("not read:") else []
+        missed = [why] if why.startswith("not read:") else []
         beyond = suspect.out_of_reach()
         if beyond:
             missed.append(f"not read: {beyond}")
