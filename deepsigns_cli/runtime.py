@@ -629,11 +629,11 @@ class _Evaluator:
         model's batch is fixed): (usable arrays (n, ...), the facts of the others: "problems",
         why each is not usable; "left_out", the tensors `units` left out -> their values per
         sample; "copies", the tensors left out as copies of another -> that one; "unsteady", with
-        `alone`, the tensors whose shape changed from one input to the next). With `width`,
-        only tensors of that many values per sample are kept (and sent back); with `units`, tensors of numbers in the
-        order of `names` while their values per sample add up to at most that many. Tensors of
-        the graph (`extra`) may hold the batch on another axis (a graph that computes (units,
-        batch)): it is the one axis whose length is the batch's in every batch fed (the callers
+        `alone`, the tensors whose shape changed from one input to the next). With `width`, only
+        tensors of that many values per sample are kept (and sent back); with `units`, tensors of
+        numbers in the order of `names` while their values per sample add up to at most that
+        many. Tensors of the graph (`extra`) may hold the batch on another axis (a graph that
+        computes (units, batch)): it is the one axis whose length is the batch's in every batch fed (the callers
         feed batches of two lengths, so that an axis whose length only happens to be one of
         them, 448 units for 448 inputs, is not taken for it); a tensor with no such axis, or
         more than one, is left out (`units`) as one that was not read. Integer tensors of the
@@ -1224,6 +1224,7 @@ class OnnxModel:
         # the outputs that answered an input alone otherwise than in a batch (read both ways)
         self.batch_dependent: set[str] = set()
         self._checked: set[str] = set()
+        self._reached: set[str] | None = None  # (the tensors computed from the input: `_from_input`, on first use)
         self.answer_classes: int | None = None  # the number of scores of the last answers (None: labels)
         self.metadata = {prop.key: prop.value for prop in self.proto.metadata_props
                          if isinstance(prop.key, str) and isinstance(prop.value, str)}
@@ -1291,11 +1292,10 @@ class OnnxModel:
     # ------------------------------------------------------------------ evaluation
     def _query(self, names: list[str], extra: bool, x: np.ndarray, step: int,
                width: int | None = None, units: int | None = None, alone: bool = False,
-               ) -> tuple[dict, dict, dict[str, int], dict[str, str], list[str]]:
+               ) -> tuple[dict[str, np.ndarray], dict]:
         """Run the model on x for outputs `names` (with `width` or `units`: only those
-        `_Evaluator.run` keeps; `alone`: one input at a time): (arrays (n, ...), why others are
-        unusable, the tensors `units` left out -> their values per sample, the tensors left out
-        as copies -> what of, the tensors whose shape changed from one input to the next)."""
+        `_Evaluator.run` keeps; `alone`: one input at a time): (arrays (n, ...), the facts of the
+        others, as `_Evaluator.run` gives them, checked)."""
         if len(x) == 0:
             raise InputError("no samples to query the model with")
         batch = self._batch()
@@ -1335,11 +1335,11 @@ class OnnxModel:
                 or not isinstance(left_out, dict) or not all(type(v) is int and v >= 0 for v in left_out.values()) \
                 or not isinstance(copies, dict) or not isinstance(unsteady, list):
             raise self._crashed("it sent a malformed answer")
-        return ({str(n): a for n, a in zip(got, arrays, strict=True)},
-                {str(k): str(v) for k, v in problems.items()},
-                {str(k): v for k, v in left_out.items() if k in names},
-                {str(k): str(v) for k, v in copies.items() if k in names},
-                [str(n) for n in unsteady if n in names])
+        return {str(n): a for n, a in zip(got, arrays, strict=True)}, {
+            "problems": {str(k): str(v) for k, v in problems.items()},
+            "left_out": {str(k): v for k, v in left_out.items() if k in names},
+            "copies": {str(k): str(v) for k, v in copies.items() if k in names},
+            "unsteady": [str(n) for n in unsteady if n in names]}
 
     def _ask_worker(self, header: dict, x: np.ndarray, start: float):
         deadline = None if self._left is None else start + self._left
@@ -1503,7 +1503,7 @@ class OnnxModel:
                 raise
             self._checked.add(name)
             try:
-                return self._read(x, name, batch_size, alone=True)
+                return self._value(x, name, kind, batch_size, True), name, kind
             except OnnxError:
                 raise exc from None
         if not alone and name not in self._checked and len(x) > 1:
@@ -1529,8 +1529,8 @@ class OnnxModel:
 
     def _value(self, x: np.ndarray, name: str, kind: str, batch_size: int, alone: bool) -> np.ndarray:
         """`_read`'s answers of output `name` (of `kind`)."""
-        out, problems, *_ = self._query([name], False, x, batch_size, alone=alone)
-        where = self._where(name)
+        out, facts = self._query([name], False, x, batch_size, alone=alone)
+        problems, where = facts["problems"], self._where(name)
         if name in problems:
             raise OnnxError(f"{where} {problems[name]}: verify needs the class scores, probabilities or "
                             "labels of each input; export them (or choose another output with --output)")
@@ -1598,8 +1598,9 @@ class OnnxModel:
         produced = [o for n in self.proto.graph.node for o in n.output if o and isinstance(o, str)]
         wanted = list(dict.fromkeys(produced))
         if alone:  # (a tensor the same for every input, a weight computed as the graph runs, holds no input's units)
-            reached = _from_input(self.proto.graph, self.input_name)
-            wanted = [name for name in wanted if name in reached]
+            if self._reached is None:
+                self._reached = _from_input(self.proto.graph, self.input_name)
+            wanted = [name for name in wanted if name in self._reached]
         if names is not None:
             asked = set(names)
             wanted = [name for name in wanted if name in asked]
@@ -1607,11 +1608,12 @@ class OnnxModel:
             return Units({}, {}, {}, [])
         # (in two batches of two lengths: the axis that holds the batch is the one that has its
         # length in both, which an axis of a fixed length cannot, whatever it is)
-        out, _, left_out, copies, unsteady = self._query(wanted, True, x, max(1, len(x) // 2 + 1), width, units, alone)
+        out, facts = self._query(wanted, True, x, max(1, len(x) // 2 + 1), width, units, alone)
         return Units({name: value.reshape(len(x), -1) for name, value in out.items()
                       if name in wanted and np.issubdtype(value.dtype, np.floating)
                       and value.ndim >= 1 and value.shape[0] == len(x)},
-                     {name: left_out[name] for name in wanted if name in left_out}, copies, unsteady)
+                     {name: facts["left_out"][name] for name in wanted if name in facts["left_out"]},
+                     facts["copies"], facts["unsteady"])
 
     def out_of_reach(self) -> str:
         """Why some tensors the model computes cannot be asked for ('' when every one can): a

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .defaults import DEFAULT_TIMEOUT
-from .errors import InputError, NotForScheme, OnnxError, OnnxTooMuch, OnnxUnread, SchemeError, one_line, shown
+from .errors import InputError, OnnxError, OnnxTooMuch, OnnxUnread, SchemeError, one_line, shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -203,11 +203,8 @@ class OnnxSuspect(Suspect):
             raise OnnxError(f"output '{one_line(output, 60)}' of {shown(self.name)} {self.onnx.outputs[output][1]}")
         return (self.output if output is None else output), ranked, alone
 
-    def scores(self, x, output=None):
-        name, ranked, alone = self._chosen(output)
-        if ranked:
-            raise NotForScheme(f"output '{one_line(name, 60)}' of {shown(self.name)} read as classes ranked "
-                               "holds no scores")
+    def scores(self, x, output=None):  # (a reading as classes ranked answers labels: `answer_kind`)
+        name, _, alone = self._chosen(output)
         return self.onnx.scores(x, output=name, alone=alone)
 
     def answers(self, x, output=None):
@@ -262,8 +259,9 @@ class OnnxSuspect(Suspect):
             missed.append(f"not read: {exc}")
             return
         _unsteady(unsteady, missed)
+        label = EVERY_UNIT + (ALONE if alone else "")
         if found:
-            yield EVERY_UNIT + (ALONE if alone else ""), list(found.values())
+            yield label, list(found.values())
         del found  # (a set's activations are let go before the next is asked for)
         # the tensors left out, in further sets, each tensor whole in one of them
         cap = max(1, min(MAX_SET_UNITS, MAX_SET_BYTES // (4 * len(x))))
@@ -299,7 +297,7 @@ class OnnxSuspect(Suspect):
             if not answered >= set(names) or values > cap:  # (a tensor that answered otherwise this time)
                 missed.append(f"not read: set {k} of its units did not answer as it had")
                 continue
-            yield f"{EVERY_UNIT}{ALONE if alone else ''}, set {k}", list(found.values())
+            yield f"{label}, set {k}", list(found.values())
             del found
 
 

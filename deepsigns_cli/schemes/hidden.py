@@ -270,6 +270,11 @@ def projections(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
             means = _in_reference(_standard(means, probe[free]) @ weights.T, arrays, weights.sum(1) > 0)
         else:
             means = _over_scale(means, unit_rms(probe)) @ weights.T
+    return _through_a(means, arrays)
+
+
+def _through_a(means, arrays: dict) -> np.ndarray:
+    """Each target class's mean (s, M) through that class's own columns of A: (s, N)."""
     n_each = arrays["bits"].shape[1]
     return np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)])
 
@@ -342,14 +347,13 @@ def every_unit_projections(parts: list[np.ndarray], n_trig: int, arrays: dict,
                 total[i] = total[i] * shrink + up.sum(1) + down.sum(1)
                 lined[i] = lined[i] * shrink[:, None] + (up - down) @ means
                 top[i] = peak
-    n_each = arrays["bits"].shape[1]
     scaled, shifted = [], []
     for at, weight in zip(lined, total, strict=True):
         at = np.where((weight > 0)[:, None], at / np.where(weight > 0, weight, 1)[:, None], 0.0)
         at[~live_r] = 0.0
         for out, means in ((scaled, at[:, :classes].T),
                            (shifted, _in_reference(at[:, classes:].T, arrays, weight > 0))):
-            out.append(np.stack([m @ arrays["A"][:, k * n_each:(k + 1) * n_each] for k, m in enumerate(means)]))
+            out.append(_through_a(means, arrays))
     return scaled + shifted
 
 
