@@ -1302,7 +1302,7 @@ def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options
     `options`: scheme name -> that scheme's option values."""
     import numpy as np
 
-    from .bundle import Bundle
+    from .bundle import Bundle, check_sealable
     from .checkpoint import fingerprint
 
     data.check_fits(info.input_shape, info.num_classes)
@@ -1314,6 +1314,9 @@ def make_keys(model, info: ModelInfo, data: Dataset, schemes: list[str], options
         "base_fingerprint": fingerprint(model), "embedded": False,
     })
     asked = {name: load_scheme(name).resolved(options.get(name, {})) for name in names}
+    # (before any is drawn: keys of 2048 x 2048 images had taken 15.7 GB before seal refused them)
+    check_sealable(sum(load_scheme(name).key_samples(asked[name]) for name in names)
+                   * math.prod(info.input_shape) * 4)
     for name in names:
         draws = _key_draws(rng, bundle.info, data, name, asked)
         bundle.put(load_scheme(name).keygen(model, info, data, options.get(name, {}), draws))

@@ -141,14 +141,19 @@ def _safetensors_metadata(blob: bytes) -> dict:
 MAX_SEALED_ARRAYS = 2**31 - 1 - (16 << 20)
 
 
-def seal(bundle: Bundle, passphrase: str) -> bytes:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    size = sum(a.nbytes for keys in bundle.schemes.values() for a in keys.arrays.values())
-    if size > MAX_SEALED_ARRAYS:  # (keys of 2048 x 2048 images had failed in the cipher: exit 3, "a bug")
+def check_sealable(size: int) -> None:
+    """InputError when keys of `size` bytes of arrays are more than a bundle seals (keys of
+    2048 x 2048 images had failed in the cipher: exit 3, "a bug")."""
+    if size > MAX_SEALED_ARRAYS:
         raise InputError(f"the keys hold {size / 2**30:.1f} GiB of samples, more than the "
                          f"{MAX_SEALED_ARRAYS / 2**30:.1f} GiB a bundle seals: make keys on smaller inputs "
                          "(--image-size) or fewer of them (--bits, --key-size)")
+
+
+def seal(bundle: Bundle, passphrase: str) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    check_sealable(sum(a.nbytes for keys in bundle.schemes.values() for a in keys.arrays.values()))
     kdf = dict(_SCRYPT, salt=base64.b64encode(os.urandom(16)).decode())
     plain = _plaintext(bundle)
     header = {

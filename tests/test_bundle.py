@@ -208,14 +208,45 @@ def test_keygen_seed_makes_the_secrets_reproducible(marked, tmp_path):
     assert not np.array_equal(one["A"], fresh["A"])  # no --seed: fresh randomness
 
 
-def test_keys_too_large_to_seal_are_refused_with_one_line(marked, tmp_path, monkeypatch):
+def test_keys_too_large_to_seal_are_refused_before_any_is_drawn(marked, tmp_path, monkeypatch):
     """Keys on 2048 x 2048 images held more than the 2 GiB AES-GCM seals at once: keygen ended in
-    the cipher's OverflowError, "a bug in deepsigns" (exit 3). Refused with the remedy, nothing
+    the cipher's OverflowError, "a bug in deepsigns" (exit 3), and then was refused only after
+    drawing them (15.7 GB). Refused with the remedy before any scheme draws its keys, nothing
     written (the limit lowered here)."""
     from deepsigns_cli import bundle
+    from deepsigns_cli.registry import load_scheme
 
     monkeypatch.setattr(bundle, "MAX_SEALED_ARRAYS", 1000)
+    drawn = []
+    for name in ("hidden", "output"):
+        monkeypatch.setattr(type(load_scheme(name)), "keygen", lambda *args: drawn.append(args))
     out = tmp_path / "k.dskey"
     result = run_cli("keygen", "--model", marked.base, "--data", "digits", "--out", out, code=2)
     assert_bad_input(result, "more than the", "a bundle seals", "--image-size")
-    assert list(tmp_path.iterdir()) == []
+    assert drawn == [] and list(tmp_path.iterdir()) == []
+
+
+def test_seal_refuses_arrays_past_its_limit(sample_bundle, monkeypatch):
+    """The cipher's own limit stays guarded where the bytes are sealed."""
+    from deepsigns_cli import bundle
+    from deepsigns_cli.errors import InputError
+
+    monkeypatch.setattr(bundle, "MAX_SEALED_ARRAYS", 1000)
+    with pytest.raises(InputError, match="a bundle seals"):
+        bundle.seal(sample_bundle, PASSPHRASE)
+
+
+def test_keygen_s_estimate_of_the_samples_bounds_what_the_keys_hold(marked):
+    """Every scheme's `key_samples` (what keygen checks against the limit before drawing) is at
+    least the number of input samples its keys then hold."""
+    from deepsigns_cli import api
+    from deepsigns_cli.checkpoint import load_checkpoint
+    from deepsigns_cli.registry import load_scheme
+
+    model, info = load_checkpoint(marked.base)
+    digits = api.load_dataset("digits")
+    names = ("hidden", "output", "gradsigns")
+    keys = api.make_keys(model, info, digits, list(names), {}, seed=3)
+    for name in names:
+        held = sum(len(a) for a in keys.schemes[name].arrays.values() if a.shape[1:] == tuple(info.input_shape))
+        assert 0 < held <= load_scheme(name).key_samples(load_scheme(name).resolved({})), name

@@ -44,6 +44,11 @@ class Scheme:
         else keygen was given, so that no input can be fitted to what a seed draws)."""
         raise NotImplementedError
 
+    def key_samples(self, options: dict[str, Any]) -> int:
+        """The most input samples keys made with keygen's `options` (resolved) hold: a bundle
+        too large to seal is refused before any is drawn (api.make_keys)."""
+        return 0
+
     def objective(self, model: nn.Module, info: ModelInfo, data: Dataset, keys: SchemeKeys) -> Objective:
         """The training objective that puts (and keeps) this watermark in the model."""
         raise NotImplementedError

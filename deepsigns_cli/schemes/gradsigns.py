@@ -65,6 +65,9 @@ class GradSignsScheme(Scheme):
     more_evidence = "--bits, or a longer --message"
 
     # ------------------------------------------------------------------ keygen
+    def key_samples(self, options):
+        return int(options["key_inputs"])
+
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:
         opts = self.resolved(options)
         width = math.prod(info.input_shape)

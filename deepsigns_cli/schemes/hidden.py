@@ -67,6 +67,9 @@ class HiddenScheme(Scheme):
     more_evidence = "--bits, a longer --message, or more --classes"
 
     # ------------------------------------------------------------------ keygen
+    def key_samples(self, options):
+        return int(options["trigger_per_class"]) * int(options["classes"]) + int(options["probes"])
+
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:
         opts = self.resolved(options)
         from ..zoo import activations, default_layer, layer_width

@@ -106,6 +106,9 @@ class OutputScheme(Scheme):
     more_evidence = "a larger --key-size"
 
     # ------------------------------------------------------------------ keygen
+    def key_samples(self, options):
+        return max(int(options["candidates"]), min(int(options["key_size"]), MAX_KEY_SIZE) * int(options["oversample"]))
+
     def keygen(self, model, info, data, options, rng) -> SchemeKeys:
         from ..training import predict
         from ..zoo import activations, default_layer
