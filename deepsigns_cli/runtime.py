@@ -98,6 +98,12 @@ def _cuda_devices() -> int:
     return count.value
 
 
+def _alike(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two answers to the same inputs that agree as far as one computation and another of the
+    same function can (a batch's kernels round otherwise than a single input's)."""
+    return np.allclose(a, b, rtol=1e-3, atol=1e-5, equal_nan=True)
+
+
 @lru_cache(maxsize=1)
 def _cuda_usable() -> bool:
     """True only when CUDA really works here (not merely compiled into onnxruntime-gpu).
@@ -1221,9 +1227,10 @@ class OnnxModel:
         # the outputs of integers in a row per input (read as scores, and as classes ranked)
         self.ranked = {o.name for o in self.proto.graph.output if self.outputs[o.name][0] == "scores"
                        and o.type.tensor_type.elem_type in _INT_ELEMS}
-        # the outputs that answered an input alone otherwise than in a batch (read both ways)
+        # the outputs that answered an input alone otherwise than in a batch (read both ways), and
+        # those that answered the same input otherwise from one ask to the next
         self.batch_dependent: set[str] = set()
-        self._checked: set[str] = set()
+        self.unsteady: set[str] = set()
         self._reached: set[str] | None = None  # (the tensors computed from the input: `_from_input`, on first use)
         self.answer_classes: int | None = None  # the number of scores of the last answers (None: labels)
         self.metadata = {prop.key: prop.value for prop in self.proto.metadata_props
@@ -1492,22 +1499,23 @@ class OnnxModel:
         from batches of inputs, or (`alone`) one input at a time. A batch's answers are checked
         against a few inputs' own: an output that answers them otherwise is put in
         `batch_dependent` (its readers read it alone too: a graph that answers single inputs
-        with a marked model and batches with another had read "not detected"). An output that
-        fails on a batch and answers one input at a time is read so (a model exported for one
-        input at a time)."""
+        with a marked model and batches with another had read "not detected"). Every batch is
+        checked, each with its own rows (a check on the first scheme's keys alone had left the
+        next scheme's batch, answered otherwise, unchecked). Those inputs are asked alone once
+        more (twice after a batch): an output that answers them otherwise from one ask to the
+        next is put in `unsteady`. An output that fails on a batch and answers one input at a
+        time is read so (a model exported for one input at a time)."""
         name, kind = self.choose_output(output)
         try:
             value = self._value(x, name, kind, batch_size, alone)
         except OnnxError as exc:
             if alone or self.broken or len(x) == 1:
                 raise
-            self._checked.add(name)
             try:
                 return self._value(x, name, kind, batch_size, True), name, kind
             except OnnxError:
                 raise exc from None
-        if not alone and name not in self._checked and len(x) > 1:
-            self._checked.add(name)
+        if len(x) > 1:
             # rows drawn from the inputs themselves (the keys: secret), not at places a graph can
             # compute from the batch's length (evenly spaced rows had been answered by the marked
             # model, and the rest by another)
@@ -1515,17 +1523,23 @@ class OnnxModel:
             rows = np.sort(np.random.default_rng(seed).choice(len(x), min(ALONE_CHECK, len(x)), replace=False))
             try:
                 single = self._value(x[rows], name, kind, batch_size, True)
-                same = single.shape == value[rows].shape and np.allclose(single, value[rows], rtol=1e-3, atol=1e-5,
-                                                                         equal_nan=True)
+                same = single.shape == value[rows].shape and _alike(single, value[rows])
+                if not (same if alone else _alike(single, self._value(x[rows], name, kind, batch_size, True))):
+                    self.unsteady.add(name)
             except OnnxError:  # (one that cannot answer one input alone is read so too, and that
                 # reading says why it fails: a graph that failed alone and answered batches of two
                 # with the marked model had read "not detected")
                 if self.broken:
                     raise
                 same = False
-            if not same:
+            if not same and not alone:
                 self.batch_dependent.add(name)
         return value, name, kind
+
+    @property
+    def batch_is_dynamic(self) -> bool:
+        """Whether the model takes batches of any length (one input at a time is then a batch of one)."""
+        return self._batch() is None
 
     def _value(self, x: np.ndarray, name: str, kind: str, batch_size: int, alone: bool) -> np.ndarray:
         """`_read`'s answers of output `name` (of `kind`)."""

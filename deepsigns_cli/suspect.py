@@ -46,10 +46,12 @@ class Suspect:
     answer_classes: int | None = None  # classes scored by the last answers() (None: it read labels)
     query_budget: int | None = None  # the most queries one black-box reading may make (None: its default)
 
-    def outputs(self) -> list[str | None]:
+    def outputs(self, alone: bool = False) -> list[str | None]:
         """The outputs a black-box reading reads, one reading each, all counted in the p-value:
         every usable output of an ONNX model (a thief can put a decoy before the real answer)
-        unless one was chosen; [None], the model's one answer, otherwise."""
+        unless one was chosen; [None], the model's one answer, otherwise. `alone`: read one input
+        at a time where that costs what a batch does (an ONNX model that takes batches of any
+        length)."""
         return [None]
 
     def more_outputs(self, done: list) -> list:
@@ -57,6 +59,10 @@ class Suspect:
         are needed (an ONNX model's outputs that answered an input alone otherwise than in a
         batch, read one input at a time)."""
         return []
+
+    def steady(self, output: str | None = None) -> bool:
+        """False when the output answered the same inputs otherwise from one ask to the next."""
+        return True
 
     def scores(self, x: np.ndarray, output: str | None = None) -> np.ndarray:
         raise NotImplementedError
@@ -176,7 +182,7 @@ class OnnxSuspect(Suspect):
     def broken(self):
         return self.onnx.broken
 
-    def outputs(self):
+    def outputs(self, alone=False):
         if self.output is not None:
             names = [self.output]
         elif any(kind for kind, _ in self.onnx.outputs.values()):
@@ -185,13 +191,19 @@ class OnnxSuspect(Suspect):
         else:
             return [None]  # (none can be read, and a reading says why)
         # an output of integers, also read as classes ranked (a top-k's indices)
-        return [way for name in names for way in ([name, Way(name, ranked=True)] if name in self.onnx.ranked
-                                                  else [name])]
+        ways = [Way(name, ranked) for name in names for ranked in ((False, True) if name in self.onnx.ranked
+                                                                   else (False,))]
+        if alone and self.onnx.batch_is_dynamic:  # (a fixed batch is filled with copies: its size times the cost)
+            ways = [way._replace(alone=True) for way in ways]
+        return [way if way.ranked or way.alone else way.name for way in ways]
 
     def more_outputs(self, done):
         # each output that answered an input alone otherwise than in a batch, read alone too
-        ways = [w if isinstance(w, Way) else Way(w) for w in done]
-        return [w._replace(alone=True) for w in ways if w.name in self.onnx.batch_dependent]
+        ways = [w if isinstance(w, Way) else Way(w) for w in done if w is not None]
+        return [w._replace(alone=True) for w in ways if not w.alone and w.name in self.onnx.batch_dependent]
+
+    def steady(self, output=None):
+        return self.onnx.choose_output(self._chosen(output)[0])[0] not in self.onnx.unsteady
 
     def _chosen(self, output: str | Way | None) -> tuple[str | None, bool, bool]:
         """(the output's name, read as classes ranked, read one input at a time)."""

@@ -245,7 +245,7 @@ def test_an_output_that_fails_the_model_as_a_whole_fails_the_reading():
     class Stops(Suspect):
         broken = False
 
-        def outputs(self):
+        def outputs(self, alone=False):
             return ["decoy", "slow", "logits"]
 
     def read(output):

@@ -107,7 +107,7 @@ class Scheme:
         raise NotImplementedError
 
 
-def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> tuple[list, list[str]]:
+def each_output(suspect: Suspect, read: Callable[[str | None], Any], alone: bool = False) -> tuple[list, list[str]]:
     """read(output) for every output the suspect offers (`Suspect.outputs`): (the readings, in
     order; "not read: ..." for each output that could not be read). An output that cannot be
     read (not class scores, answers NaN, ...) is no reading, and is named: a reading that finds
@@ -117,8 +117,9 @@ def each_output(suspect: Suspect, read: Callable[[str | None], Any]) -> tuple[li
     first that is not `NotForScheme`, where there is one: a KNN's probabilities of -inf had been
     reported as "labels only", its other output). A
     suspect that fails as a whole (no answer in time, a crash) fails the reading: a verdict
-    from the outputs it gave before would hide that it was not read."""
-    outputs, readings, first, missed = suspect.outputs(), [], None, []
+    from the outputs it gave before would hide that it was not read. `alone`: every output is
+    read one input at a time, where that costs what a batch does (`Suspect.outputs`)."""
+    outputs, readings, first, missed = suspect.outputs(alone), [], None, []
     # then again, one input at a time, each output that answered so otherwise (`more_outputs`)
     for ways in (outputs, None):
         for output in suspect.more_outputs(outputs) if ways is None else ways:

@@ -163,10 +163,16 @@ class GradSignsScheme(Scheme):
                 if suspect.answer_kind(output) == "labels":
                     raise NotForScheme(f"{shown(suspect.name)} answers with labels only: GradSigns reads its bits "
                                       "from the class scores (or probabilities); query an output that gives them")
-                return (*central_differences(suspect, arrays, target, float(params["step"]), budget, output), output)
+                read = central_differences(suspect, arrays, target, float(params["step"]), budget, output)
+                if not suspect.steady(output):  # (noise on the scores: a difference reads nothing)
+                    raise InputError(f"{shown(suspect.name)} answers the same input otherwise from one ask to "
+                                     "the next: GradSigns reads its bits from differences of the scores")
+                return (*read, output)
 
-            try:
-                readings, missed = each_output(suspect, one)
+            try:  # one input at a time (where the graph takes batches of any length): a graph that
+                # answered a few rows of a batch otherwise (those with a near neighbour in it: the
+                # differences' rows) had read "not detected", past the check of a batch's rows alone
+                readings, missed = each_output(suspect, one, alone=True)
             except DeepSignsError as exc:
                 if suspect.broken:  # (no answer in time, a crash: the reading fails)
                     raise
@@ -176,16 +182,26 @@ class GradSignsScheme(Scheme):
                                   n_bits=n)
             estimator = f"central differences along the key's {n} directions"
 
-        def wrong(slopes):
-            mean = slopes.mean(0)  # no difference at all, or not a number: no reading
-            return ((mean > 0) != arrays["bits"]) | (mean == 0) | ~np.isfinite(mean)
+        def read_out(slopes) -> str:  # each bit, "?" where no difference was seen (or not a number)
+            mean = slopes.mean(0)
+            return "".join("?" if m == 0 or not np.isfinite(m) else "1" if m > 0 else "0" for m in mean)
 
-        slopes, _, output = min(readings, key=lambda r: int(wrong(r[0]).sum()))
-        # outputs that gave the same slopes are one reading (copies of one output had multiplied p)
-        distinct = len({r[0].tobytes() for r in readings})
-        mean, errors = slopes.mean(0), int(wrong(slopes).sum())
+        def wrong(slopes) -> int:
+            return sum(b != str(int(want)) for b, want in zip(read_out(slopes), arrays["bits"], strict=True))
+
+        slopes, _, output = min(readings, key=lambda r: wrong(r[0]))
+        # readings that read the same bits are one reading in p (near-copies of one output had
+        # multiplied it: a 32-bit mark read 0 wrong went past alpha). Exact: which bits a reading
+        # finds does not depend on the signature (a row of K drawn with the other sign flips its
+        # bit in every reading), so the chance that any of the distinct read-outs comes this close
+        # to a signature drawn at random is at most their number times that of one
+        distinct = len({read_out(r[0]) for r in readings})
+        mean, errors, reading = slopes.mean(0), wrong(slopes), read_out(slopes)
         found = (mean > 0).astype(np.uint8)
-        reading = "".join("?" if m == 0 or not np.isfinite(m) else str(b) for b, m in zip(found, mean, strict=True))
+        unknown = reading.count("?")
+        if unknown:  # bits that read nothing are counted wrong, and a reading they decide is no verdict
+            missed = [*missed, f"{unknown} of the {n} bits read nothing: the slope along their directions was 0 "
+                               "or not a number (scores rounded, or labels given as numbers)"]
         has_message = bool(params.get("message"))
         return GradResult(
             "gradsigns", stats.bonferroni(stats.bits_p_value(errors, n), distinct), layer="input gradient",
