@@ -211,7 +211,7 @@ def test_null_readings_are_fair_coins(digits, tmp_path):
 
 def test_a_decoy_output_before_the_scores_hides_nothing(owners, tmp_path):
     """Another output of 10 numbers per input, listed first: every output that gives scores is
-    read, the best kept, and the p-value counts both readings."""
+    read, the best kept, and the p-value counts every reading."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -227,8 +227,9 @@ def test_a_decoy_output_before_the_scores_hides_nothing(owners, tmp_path):
     path = tmp_path / "decoy.onnx"
     onnx.save(model, path)
     result = _gradsigns(_verify(run, path))
-    assert result["detected"] and result["bit_errors"] == 0 and result["readings"] == 2
-    assert result["p_value"] == pytest.approx(2 * 2.0**-BITS)
+    # (the decoy is read at another temperature too: its numbers spread otherwise than the scores)
+    assert result["detected"] and result["bit_errors"] == 0 and result["readings"] >= 2
+    assert result["p_value"] == pytest.approx(result["readings"] * 2.0**-BITS)
 
 
 def _answers_by_place(path: Path, message: str) -> None:
@@ -399,6 +400,26 @@ def test_every_batch_is_checked_against_its_rows_alone(owners, tmp_path):
         assert model.batch_dependent == {"scores"} and model.unsteady == set()
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_temperature_on_the_scores_is_undone(owners, tmp_path, seed):
+    """The logits divided by a temperature (one Mul node: every answer, and the accuracy, stay)
+    turn the slopes the embedding shaped: at T = 10, 7 of 32 bits had read wrong (exit 1). The
+    scores are also read brought back to how far apart the marked model's lay at the key inputs
+    (embed keeps that): detected, one more reading in p where it reads other bits (helper-56 G07)."""
+    from onnx import helper
+
+    run = owners[seed]
+    for temperature in (10.0, 100.0):
+        nodes = [helper.make_node("Mul", ["given", "cooling"], ["scores"])]
+        path = _rewired(run, tmp_path / f"t{temperature:g}.onnx", nodes, [("scores", 10)],
+                        {"cooling": np.float32(1 / temperature)})
+        result = _gradsigns(_verify(run, path))
+        assert result["detected"] and result["bit_errors"] == 0 and result["readings"] <= 2, result
+        assert result["tensor"].startswith("scores, one input at a time, times "), result
+        factor = float(result["tensor"].rsplit(" ", 1)[1])
+        assert 0.5 * temperature < factor < 2 * temperature
 
 # ------------------------------------------------------------------ bad input
 def test_labels_only_suspect_is_refused(owners, tmp_path):

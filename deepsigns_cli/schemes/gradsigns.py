@@ -138,6 +138,7 @@ class GradSignsScheme(Scheme):
         return stats.smallest_bits_p_value(int(keys.params["n_bits"]))
 
     def embed(self, model, info, data, keys, cfg, progress, also=()):
+        from ..suspect import TorchSuspect
         from ..training import fit
 
         if keys.params["target"] >= info.num_classes:
@@ -145,7 +146,10 @@ class GradSignsScheme(Scheme):
         objective = self.objective(model, info, data, keys)
         objective.stop_when_read = True
         history = fit(model, data.x_train, data.y_train, cfg, [objective, *also], progress)
-        return keys, history
+        # how far apart the marked model's scores lie at the key inputs: a reading undoes a
+        # temperature put on the scores by bringing them back to it (`temperature_undone`)
+        spread = score_spread(TorchSuspect(model, shared=True).scores(keys.arrays["x"]))
+        return SchemeKeys(keys.scheme, {**keys.params, "score_spread": spread}, keys.arrays), history
 
     # ------------------------------------------------------------------ read
     def read(self, suspect, keys) -> GradResult:
@@ -163,16 +167,23 @@ class GradSignsScheme(Scheme):
                 if suspect.answer_kind(output) == "labels":
                     raise NotForScheme(f"{shown(suspect.name)} answers with labels only: GradSigns reads its bits "
                                       "from the class scores (or probabilities); query an output that gives them")
-                read = central_differences(suspect, arrays, target, float(params["step"]), budget, output)
+                scores = difference_queries(suspect, arrays, float(params["step"]), budget, output)
                 if not suspect.steady(output):  # (noise on the scores: a difference reads nothing)
                     raise InputError(f"{shown(suspect.name)} answers the same input otherwise from one ask to "
                                      "the next: GradSigns reads its bits from differences of the scores")
-                return (*read, output)
+                step = float(params["step"])
+                found = [(slopes_from(scores, arrays, target, step), len(scores), output)]
+                factor = temperature_undone(scores, params.get("score_spread"))
+                if factor is not None:  # (the same answers: no further query)
+                    found.append((slopes_from(as_logits(scores) * factor, arrays, target, step), 0,
+                                  f"{output if output is not None else 'scores'}, times {factor:.3g}"))
+                return found
 
             try:  # one input at a time (where the graph takes batches of any length): a graph that
                 # answered a few rows of a batch otherwise (those with a near neighbour in it: the
                 # differences' rows) had read "not detected", past the check of a batch's rows alone
-                readings, missed = each_output(suspect, one, alone=True)
+                found, missed = each_output(suspect, one, alone=True)
+                readings = [reading for output in found for reading in output]
             except DeepSignsError as exc:
                 if suspect.broken:  # (no answer in time, a crash: the reading fails)
                     raise
@@ -259,9 +270,16 @@ def cross_entropy(scores: np.ndarray, target: int) -> np.ndarray:
 def central_differences(suspect, arrays: dict, target: int, step: float, budget: int,
                         output: str | None = None) -> tuple[np.ndarray, int]:
     """(the slope of the cross-entropy along each of K's rows at each key input read, (S, N);
-    the queries made): 2 queries per bit and key input, as many key inputs as the budget
-    allows (at least one: `_check_budget`), all in one batch, read from the suspect's `output`
-    (None: its answer)."""
+    the queries made): `difference_queries`, read by `slopes_from`."""
+    scores = difference_queries(suspect, arrays, step, budget, output)
+    return slopes_from(scores, arrays, target, step), len(scores)
+
+
+def difference_queries(suspect, arrays: dict, step: float, budget: int, output: str | None = None) -> np.ndarray:
+    """The suspect's scores (its `output`'s; None: its answer) at x + d and x - d for each of
+    K's rows d (of length `step`) at each key input x read, (S * 2 * N, classes) in that order:
+    2 queries per bit and key input, as many key inputs as the budget allows (at least one:
+    `_check_budget`), all in one batch."""
     x, K, carriers = arrays["x"], arrays["K"], arrays["carriers"]
     n = len(K)
     s = min(len(x), budget // (2 * n))
@@ -275,13 +293,55 @@ def central_differences(suspect, arrays: dict, target: int, step: float, budget:
     # answered by place had read every bit (p = 1e-19). The order comes from K, a secret.
     order = _secret_order(K, s * 2 * n)
     asked = suspect.scores(batch.reshape(s * 2 * n, *x.shape[1:])[order], output)
-    if asked.ndim != 2 or target >= asked.shape[1]:
-        raise InputError(f"the suspect gives {asked.shape[-1] if asked.ndim else 0} scores per input, the "
-                         f"GradSigns keys need class {target}: not the model the keys were made for")
     scores = np.empty_like(asked)
     scores[order] = asked
-    ce = cross_entropy(scores, target).reshape(s, 2, n)
-    return (ce[:, 0] - ce[:, 1]) / (2 * step), s * 2 * n
+    return scores
+
+
+def slopes_from(scores: np.ndarray, arrays: dict, target: int, step: float) -> np.ndarray:
+    """The slope of the cross-entropy towards `target` along each of K's rows at each key input,
+    (S, N), from the scores of `difference_queries`."""
+    n = len(arrays["K"])
+    if scores.ndim != 2 or target >= scores.shape[1]:
+        raise InputError(f"the suspect gives {scores.shape[-1] if scores.ndim else 0} scores per input, the "
+                         f"GradSigns keys need class {target}: not the model the keys were made for")
+    ce = cross_entropy(scores, target).reshape(-1, 2, n)
+    return (ce[:, 0] - ce[:, 1]) / (2 * step)
+
+
+# a reading at another temperature is taken where the scores spread this many times more or less
+# than the marked model's did (a calibrating temperature of up to 1.5 leaves the bits as they were)
+TEMPERATURE_SEEN = 1.5
+
+
+def as_logits(scores: np.ndarray) -> np.ndarray:
+    """Scores as logits (up to a constant per row): probabilities (rows of non-negative numbers
+    that sum to 1) through their logarithm, anything else as it is."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if (scores >= 0).all() and np.allclose(scores.sum(1), 1.0, atol=1e-3):
+        return np.log(np.maximum(scores, 1e-12))
+    return scores
+
+
+def score_spread(scores: np.ndarray) -> float:
+    """How far apart a model's scores lie: the median, over the rows, of the standard deviation
+    of a row's logits (a temperature T divides it by T; a constant added to a row leaves it)."""
+    logits = as_logits(scores)
+    return float(np.median(logits.std(1))) if np.isfinite(logits).all() else 0.0
+
+
+def temperature_undone(scores: np.ndarray, recorded) -> float | None:
+    """The factor that brings the scores' spread back to the marked model's (`recorded`, keys
+    since embed kept it) where it differs by more than TEMPERATURE_SEEN: logits divided by a
+    temperature (one Mul node; the answers stay, and so does accuracy) had turned the slopes
+    the embedding shaped, 7 of 32 bits wrong at T = 10 and 13 of 64 at T = 33. The factor
+    depends on the answers alone, not on the signature: a row of K drawn with the other sign
+    swaps its two queries and leaves the factor as it was. None: no other reading."""
+    spread = score_spread(scores)
+    if not isinstance(recorded, (int, float)) or not recorded > 0 or not spread > 0:
+        return None
+    factor = float(recorded) / spread
+    return factor if not 1 / TEMPERATURE_SEEN <= factor <= TEMPERATURE_SEEN else None
 
 
 def _check_budget(budget: int, n: int) -> int:
