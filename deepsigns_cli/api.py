@@ -725,22 +725,28 @@ class _Reader:
         finally:
             suspect.close()
 
-    def read(self, model: str | Path, name: str | None = None) -> Decision:
-        """`name`: what messages call the model (None: its path)."""
-        from .runtime import OnnxModel
+    def read(self, model: str | Path, name: str | None = None, own_answer: bool = False) -> Decision:
+        """`name`: what messages call the model (None: its path). `own_answer`: an ONNX model that
+        lacks the output the reader reads (an attack's wrapper answers under a name of its own)
+        is read on its own answer."""
+        from .runtime import OnnxModel, load_onnx
         from .suspect import OnnxSuspect, open_suspect
 
+        output = self.output
+        if own_answer and output is not None and str(model).lower().endswith(".onnx") \
+                and output not in {o.name for o in load_onnx(model).graph.output}:
+            output = None
         if self.command == "verify":  # (the callers checked the path is .onnx before the passphrase)
             try:  # loaded while the bundle opens; the bundle's error, if any, comes first
                 suspect = OnnxSuspect(OnnxModel(model, provider=self.provider, timeout=self.timeout, name=name),
-                                      blackbox_only=True, output=self.output, name=name)
+                                      blackbox_only=True, output=output, name=name)
             except BaseException:
                 _ = self.bundle
                 raise
         else:
             suspect = open_suspect(model, shapes=self.bundle.shapes, arch=self.arch,
                                    arch_kwargs=self.arch_kwargs, provider=self.provider,
-                                   timeout=self.timeout, output=self.output, name=name)
+                                   timeout=self.timeout, output=output, name=name)
         suspect.query_budget = self.queries
         try:
             return read_keys(suspect, self.bundle, self.names, alpha=self.alpha, command=self.command,
@@ -755,7 +761,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
            timeout: float | None = DEFAULT_TIMEOUT, progress: Progress | None = None,
            provider: str = "auto", recorded: dict | None = None, shown_as: str | None = None,
            also_inputs: dict | None = None, batch_size: int = 64, workers: int = 0,
-           precision: str = "fp32") -> AttackReport:
+           precision: str = "fp32", output: str | None = None) -> AttackReport:
     """`deepsigns attack NAME`: the attacked model, written to `out` (never the input): a
     checkpoint (.safetensors) or an ONNX file (.onnx), as the attack's registry row allows.
     `passphrase`: for the attacks that seal a bundle of their own (overwrite). `timeout`: the
@@ -763,13 +769,15 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
     onnxruntime's `provider`. `recorded`: parameters the checkpoint's record of the attack names
     otherwise (a sweep makes the attacker's bundle in a scratch folder, and keeps it elsewhere);
     `shown_as`, what messages call the attacked model (a sweep's is in its scratch folder).
-    `batch_size`, `workers`, `precision`: how the attacks that train do (as train's)."""
+    `batch_size`, `workers`, `precision`: how the attacks that train do (as train's). `output`:
+    the ONNX victim's output the attack wraps and whose accuracy it reports (None: the first of
+    class scores, else of labels)."""
     import time
 
     import numpy as np
 
     from .attacks import AttackContext
-    from .fileio import Outputs
+    from .fileio import Outputs, check_output
     from .results import AttackReport
     from .training import check_device, seed_everything
 
@@ -790,19 +798,25 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
                          ".pt with --arch), not an ONNX file")
     if entry.passphrase and passphrase is None:
         raise InputError(f"attack {name} seals a bundle of its own: it needs a passphrase")
+    if output is not None and not victim_onnx:
+        raise InputError(f"--output names an output of an ONNX victim; {shown(model)} is a checkpoint, which "
+                         "answers with its class scores")
     with Outputs(force=force, inputs={"--model": model, "--data": data, **(also_inputs or {})}) as outs:
         tmp = outs.add(out, "--out")
+        if given.get("attacker_keys") is not None:  # (the bundle the attack seals: checked before any work too)
+            check_output(given["attacker_keys"], force, inputs={"--model": model, "--data": data, "--out": out,
+                                                                **(also_inputs or {})}, option="--attacker-keys")
         dataset = load_dataset(data, model)
         net, info = _load_victim(model, arch, arch_kwargs, dataset)
         check_device(device)  # --device cuda without a GPU fails before any work
-        before = _accuracy(model if victim_onnx else net, dataset, timeout, provider)
+        before = _accuracy(model if victim_onnx else net, dataset, timeout, provider, output=output)
         if entry.takes == "onnx" and not victim_onnx:
             net = _as_onnx(net, info, dataset, outs)
         ctx = AttackContext(info=info, data=dataset, options=given, rng=np.random.default_rng(seed),
                             seed=seed, device=device, progress=progress, out_kind=out_kind,
                             add_output=outs.add,
                             passphrase=None if passphrase is None else lambda: _passphrase(passphrase),
-                            batch_size=batch_size, workers=workers, precision=precision)
+                            batch_size=batch_size, workers=workers, precision=precision, output=output)
         seed_everything(seed)
         started = time.perf_counter()
         attacked, params = load_attack(name).run(net, ctx)
@@ -811,7 +825,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
             params = {**params, "batch_size": batch_size, "precision": precision}
         after = _write_attacked(attacked, info, tmp, out_kind, dataset, timeout, provider,
                                 record={"name": name, "params": {**params, **(recorded or {})}, "seed": seed},
-                                name=shown_as or f"the attacked model ({shown(out)})")
+                                name=shown_as or f"the attacked model ({shown(out)})", output=output)
     return AttackReport(name, before, after, params, seconds, str(out), str(model), str(data), seed)
 
 
@@ -940,8 +954,8 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
             read = functools.partial(_sweep_row, extract_reader=extract_reader, verify_reader=verify_reader,
                                      scratch=scratch, arch=arch, arch_kwargs=arch_kwargs)
             with not_final():
-                rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs, timeout, provider),
-                                 0.0, named=str(model)))
+                rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs, timeout, provider,
+                                                                output), 0.0, named=str(model)))
                 for i, value in enumerate(values):
                     if progress is not None:
                         progress(i, len(values), f"{name} {param}={value}")
@@ -956,7 +970,8 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                                     provider=provider, progress=progress,
                                     recorded={"attacker_keys": str(final[1])} if final[1] is not None else None,
                                     shown_as=f"the model of {name} {param}={value}", batch_size=batch_size,
-                                    workers=workers, precision=precision)
+                                    workers=workers, precision=precision,
+                                    output=output if str(model).lower().endswith(".onnx") else None)
                     params = params or {k: v for k, v in report.params.items() if k in settings}
                     results = {k: v for k, v in report.params.items() if k not in settings and k != option.key
                                and k != "attacker_keys"}
@@ -1003,10 +1018,12 @@ def _load_victim(model, arch, arch_kwargs, dataset: Dataset):
     return net, info
 
 
-def _victim_accuracy(model, data: str, arch, arch_kwargs, timeout: float | None, provider: str) -> float:
+def _victim_accuracy(model, data: str, arch, arch_kwargs, timeout: float | None, provider: str,
+                     output: str | None = None) -> float:
     dataset = load_dataset(data, model)
     net, _ = _load_victim(model, arch, arch_kwargs, dataset)
-    return _accuracy(model if str(model).lower().endswith(".onnx") else net, dataset, timeout, provider)
+    onnx = str(model).lower().endswith(".onnx")
+    return _accuracy(model if onnx else net, dataset, timeout, provider, output=output if onnx else None)
 
 
 def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: _Reader,
@@ -1018,14 +1035,16 @@ def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: 
     `results`: what the attack reported of its own at this strength."""
     from .results import SweepRow
 
-    decision = extract_reader.read(path, name=named or unnamed)
+    attacked = value is not None  # (a wrapper's answer has a name of its own: read where --output is not)
+    decision = extract_reader.read(path, name=named or unnamed, own_answer=attacked)
     checked = None
     if verify_reader is not None:
         onnx_path = Path(path)
         if onnx_path.suffix.lower() != ".onnx":
             onnx_path = Path(scratch) / (Path(path).stem + ".onnx")
             export(path, onnx_path, arch=arch, arch_kwargs=arch_kwargs, force=True)
-        checked = replace(verify_reader.read(onnx_path, name=named or unnamed), model=named or unnamed)
+        checked = replace(verify_reader.read(onnx_path, name=named or unnamed, own_answer=attacked),
+                          model=named or unnamed)
     decision = replace(decision, model=named or unnamed)
     kept = None if value is None else named  # (the victim's row keeps nothing)
     return SweepRow(value, accuracy, decision, checked, seconds, kept, results or {})
@@ -1054,10 +1073,11 @@ def _as_onnx(net, info, dataset: Dataset, outs):
 
 
 def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, provider: str = "auto",
-              name: str | None = None) -> float:
+              name: str | None = None, output: str | None = None) -> float:
     """Top-1 test accuracy of a torch model, or of an ONNX file (a path; run by onnxruntime,
     from its answers: scores, probabilities or labels, within `timeout` seconds in all; `name`,
-    what messages call it)."""
+    what messages call it; `output`: the output read, None: the first of class scores, else of
+    labels)."""
     from .training import evaluate
 
     if not isinstance(model, (str, Path)):
@@ -1069,7 +1089,9 @@ def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, 
     onnx_model = OnnxModel(model, provider=provider, timeout=timeout, name=name)
     try:  # in chunks: a lazy test split (an image folder) is decoded a chunk at a time
         x, chunk = dataset.x_test, 1024
-        labels = [onnx_model.answers(x[i: i + chunk])[0] for i in range(0, len(x), chunk)]
+        if output is not None:
+            onnx_model.choose_output(output)  # (an unknown name fails before any query)
+        labels = [onnx_model.answers(x[i: i + chunk], output)[0] for i in range(0, len(x), chunk)]
     finally:
         onnx_model.close()
     if not labels:
@@ -1078,7 +1100,7 @@ def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, 
 
 
 def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, timeout: float | None,
-                    provider: str, record: dict, name: str) -> float:
+                    provider: str, record: dict, name: str, output: str | None = None) -> float:
     """Write the attacked model as --out asks; its accuracy. A model of another architecture
     than the victim's (a distilled student) carries its own facts in `deepsigns_info`. A
     checkpoint records the attack (`record`: its name, parameters and seed) in its metadata.
@@ -1090,7 +1112,9 @@ def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, 
         if out_kind == "checkpoint":  # (the registry row said it writes ONNX only: refused before)
             raise InputError("this attack gives an ONNX model: give --out a .onnx name")
         Path(tmp).write_bytes(attacked.SerializeToString())
-        return _accuracy(tmp, dataset, timeout, provider, name=name)
+        # (the output the victim was read on, where the attacked model keeps it: else its own answer)
+        kept = output if output in {o.name for o in attacked.graph.output} else None
+        return _accuracy(tmp, dataset, timeout, provider, name=name, output=kept)
     accuracy = _accuracy(attacked, dataset)
     if out_kind == "checkpoint":
         attack = {"attacked": True, "attack": record, "test_accuracy": round(accuracy, 4)}

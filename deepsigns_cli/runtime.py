@@ -1281,8 +1281,9 @@ class OnnxModel:
             raise OnnxError(f"{p} takes {one_line(what, 60)} as input: deepsigns queries a model with "
                             "real-valued samples, preprocessed as in training; a model with its preprocessing "
                             "inside (pixels in) cannot be asked them")
-        opset = max((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-        if opset < _MIN_OPSET:
+        # (a graph of ai.onnx.ml operators alone, as skl2onnx writes some, declares no default opset)
+        opset = max((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
+        if opset is not None and opset < _MIN_OPSET:
             raise OnnxError(f"{p} uses ONNX opset {opset}, which onnxruntime cannot run (it needs "
                             f"opset {_MIN_OPSET} or later): re-export the model with a current exporter")
         return np.ascontiguousarray(self.adapt(x), dtype=_FLOAT_INPUTS[elem])

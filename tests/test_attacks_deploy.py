@@ -267,3 +267,73 @@ def test_an_old_opset_is_refused_with_the_fix(tmp_path):
                      "--out", tmp_path / "out.onnx", code=None)
     assert_bad_input(result, "opset 13", "re-export")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _decoy_first(blackbox, path: Path) -> Path:
+    """The marked export with a decoy of scores (the logits negated) as its first output."""
+    model = onnx.load(str(blackbox["onnx"]))
+    real = model.graph.output[0]
+    model.graph.node.append(h.make_node("Neg", [real.name], ["decoy"]))
+    model.graph.output.insert(0, h.make_tensor_value_info("decoy", T.FLOAT, ["n", 10]))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_output_names_the_victims_output_to_attack(blackbox, tmp_path):
+    """A decoy of scores listed first: the wrapper wrapped it and the accuracy was read on it
+    (0% before and after), and --output was refused without --sweep; a sweep given --output
+    failed where the wrapper's answer has a name of its own (helper-55 A02). --output now names
+    the output the attack wraps and reads the accuracy of, and a sweep reads each attacked
+    model's own answer where it does not keep that output."""
+    victim = _decoy_first(blackbox, tmp_path / "decoy-first.onnx")
+    real = onnx.load(str(blackbox["onnx"])).graph.output[0].name
+    report = attack("round-scores", victim, tmp_path / "out.onnx", "--output", real)
+    assert report["params"]["wrapped_output"] == real
+    assert report["accuracy_before"] > 90 and abs(report["accuracy_after"] - report["accuracy_before"]) <= 2
+    sweep = run_json("attack", "round-scores", "--model", victim, "--data", "digits", "--sweep", "decimals=1,2",
+                     "--keys", blackbox["keys"], "--output", real)
+    assert len(sweep["rows"]) == 3 and all(row["accuracy"] > 90 for row in sweep["rows"]), sweep["rows"]
+    assert all(row["verify"]["detected"] for row in sweep["rows"]), sweep["rows"]
+    assert_bad_input(run_cli("attack", "round-scores", "--model", blackbox["marked_path"], "--data", "digits",
+                             "--output", real, "--out", tmp_path / "c.onnx", code=2), "--output", "checkpoint")
+    assert_bad_input(run_cli("attack", "round-scores", "--model", victim, "--data", "digits",
+                             "--output", "nowhere", "--out", tmp_path / "n.onnx", code=2), "nowhere", "does not exist")
+
+
+@pytest.mark.parametrize("name", ["round-scores", "noise-scores", "label-only"])
+def test_an_output_of_integers_is_not_changed_as_scores(blackbox, tmp_path, name):
+    """A top-k's indices (int64): the wrappers took them for scores, softmaxed class numbers and
+    answered positions as classes, and a sweep showed the mark removed at no cost (helper-55
+    A03). An output of integers may be scores or classes ranked: refused, with one line."""
+    model = onnx.load(str(blackbox["onnx"]))
+    real = model.graph.output[0].name
+    model.graph.initializer.append(nh.from_array(np.array([3], np.int64), "k"))
+    model.graph.node.append(h.make_node("TopK", [real, "k"], ["topv", "topi"], axis=1))
+    del model.graph.output[:]
+    model.graph.output.append(h.make_tensor_value_info("topi", T.INT64, ["n", 3]))
+    victim = tmp_path / "topk.onnx"
+    onnx.save(model, str(victim))
+    result = run_cli("attack", name, "--model", victim, "--data", "digits", "--out", tmp_path / "out.onnx", code=2)
+    assert_bad_input(result, "holds integers", "top-k", "--output")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_graph_of_ai_onnx_ml_operators_alone_is_read(tmp_path, digits, x_test):
+    """skl2onnx writes some classifiers as ai.onnx.ml operators only, with no default-domain
+    opset: read as "opset 0, which onnxruntime cannot run" (helper-55 A06)."""
+    rng = np.random.default_rng(0)
+    coefficients = rng.normal(size=(10, 64)).astype(np.float32)
+    node = h.make_node("LinearClassifier", ["X"], ["label", "scores"], domain="ai.onnx.ml",
+                       coefficients=coefficients.ravel().tolist(), intercepts=[0.0] * 10,
+                       classlabels_ints=list(range(10)))
+    graph = h.make_graph([node], "ml-only", [h.make_tensor_value_info("X", T.FLOAT, ["n", 64])],
+                         [h.make_tensor_value_info("label", T.INT64, ["n"]),
+                          h.make_tensor_value_info("scores", T.FLOAT, ["n", 10])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    victim = tmp_path / "ml-only.onnx"
+    onnx.save(model, str(victim))
+    report = attack("label-only", victim, tmp_path / "out.onnx")
+    want = (x_test.reshape(len(x_test), -1) @ coefficients.T).argmax(1)
+    assert report["accuracy_before"] == pytest.approx(100 * float((want == digits.y_test).mean()), abs=0.01)
+    assert report["accuracy_after"] == report["accuracy_before"]

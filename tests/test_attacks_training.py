@@ -250,3 +250,39 @@ def test_the_attacks_that_train_take_train_and_embeds_training_flags(name, args,
     result = run_cli("attack", "noise", "--model", marked.marked, "--batch-size", 24,
                      "--out", tmp_path / "n.safetensors", code=2)  # (it trains nothing)
     assert "No such option '--batch-size'" in result.stderr
+
+
+def test_the_last_layer_is_the_one_the_forward_pass_applies_last():
+    """A model of --arch that registers its head before its hidden layers: --layers last and
+    --reinit-last had re-initialised and trained fc2, a hidden layer, and left the head as it
+    was (helper-55 A04). The last layer is the linear layer the forward pass applies last."""
+    from torch import nn
+
+    from deepsigns_cli.attacks.finetune import last_linear
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 10)
+            self.fc1 = nn.Linear(64, 16)
+            self.fc2 = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
+
+    model = HeadFirst().train()
+    name, layer = last_linear(model, torch.zeros(1, 1, 8, 8))
+    assert name == "head" and layer is model.head and model.training  # (its mode as it was)
+    assert last_linear(model)[0] == "fc2"  # (no input to run: module order, as before)
+
+
+def test_an_existing_attacker_bundle_is_refused_before_any_work(marked, tmp_path):
+    """--attacker-keys was checked inside the attack, after the data and the victim's accuracy
+    (helper-55 A09): an existing file is refused as --out is, before the data are read (here a
+    --data that does not exist is never reached)."""
+    existing = tmp_path / "thief.dskey"
+    existing.write_bytes(b"kept")
+    result = run_cli("attack", "overwrite", "--model", marked.marked, "--data", tmp_path / "missing.npz",
+                     "--attacker-keys", existing, "--out", tmp_path / "out.safetensors", code=2)
+    assert_bad_input(result, "thief.dskey exists", "--attacker-keys")
+    assert existing.read_bytes() == b"kept" and not (tmp_path / "out.safetensors").exists()

@@ -38,6 +38,7 @@ class AttackContext:
     batch_size: int = 64
     workers: int = 0
     precision: str = "fp32"
+    output: str | None = None  # the ONNX victim's output to attack (--output; None: as the reader chooses)
 
     def option(self, key: str, default):
         value = self.options.get(key)

@@ -32,12 +32,29 @@ def attacker_data(ctx: AttackContext, fraction: float) -> tuple[np.ndarray, np.n
     return x[pick], y[pick]
 
 
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The last nn.Linear in module order (the classifier head of every zoo model)."""
+def last_linear(model: nn.Module, example: torch.Tensor | None = None) -> tuple[str, nn.Linear]:
+    """The nn.Linear the forward pass on `example` applies last (the classifier head); without
+    an example, or where the pass applies none, the last in module order. By the pass: a model
+    of `--arch` that registers its head before its hidden layers had had a hidden layer
+    re-initialised and trained as its "last layer"."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
         raise InputError("the model has no linear layer to take as its last layer: use --layers all "
                          "without --reinit-last")
+    if example is not None:
+        applied: list[int] = []
+        hooks = [m.register_forward_hook(lambda m, i, o, at=at: applied.append(at)) for at, (_, m) in enumerate(found)]
+        training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(example.to(next(model.parameters()).device))
+        finally:
+            model.train(training)
+            for hook in hooks:
+                hook.remove()
+        if applied:
+            return found[applied[-1]]
     return found[-1]
 
 
@@ -66,7 +83,7 @@ class FinetuneAttack(Attack):
         x, y = attacker_data(ctx, fraction)
 
         if layers == "last" or reinit_last:
-            head_name, head = last_linear(model)
+            head_name, head = last_linear(model, torch.as_tensor(np.asarray(x[:1], dtype=np.float32)))
         if reinit_last:
             _reinit(head, int(ctx.rng.integers(2**31)))
         # --layers last: only the head trains; every other tensor, buffers included (BatchNorm's

@@ -5,7 +5,8 @@ only). The weights are never touched, so these attacks take and write ONNX only.
 The victim may come from anywhere (a torch export, scikit-learn through skl2onnx, a hostile
 file), so its names are data: every tensor name of its graphs is given a prefix that none of
 the names we keep or add can start with, and our own nodes use another. The output to wrap
-is the first scores or probabilities output (`runtime.output_kind` on each graph output).
+is the one --output names, else the first scores or probabilities output (`runtime.output_kind`
+on each graph output); one of integers (scores, or a top-k's classes ranked) is not changed.
 skl2onnx's ZipMap output (a sequence of maps) is unwrapped to the
 probability tensor the ZipMap node reads, when its classes are 0 .. C-1 in order.
 
@@ -28,6 +29,7 @@ MIN_OPSET = 13  # Softmax over one axis, ReduceSum with axes as an input
 PROBABILITY_TOLERANCE = 0.02  # a row of non-negative values summing to 1 within this is probabilities
 _FLOAT, _INT64 = 1, 7  # TensorProto.FLOAT, INT64
 _REAL_ELEMS = {1, 10, 11}  # FLOAT, FLOAT16, DOUBLE
+_BFLOAT16 = 16
 
 
 def _fresh_prefix(base: str, names) -> str:
@@ -170,13 +172,32 @@ class _Wrapping:
         return None
 
     # ------------------------------------------------------------------ the victim's answers
-    def chosen(self) -> tuple[str, str]:
-        """(name, kind) of the victim output the reader reads."""
-        choice = _reader_choice(self.victim_outputs)
+    def chosen(self, output: str | None = None) -> tuple[str, str]:
+        """(name, kind) of the victim output to attack: `output` (--output), else the one the
+        reader reads. Outputs of integers, which may be scores or classes ranked (a top-k's
+        indices), are refused where the wrapper changes scores."""
+        from ..runtime import output_kind
+
+        if output is None:
+            choice = _reader_choice(self.victim_outputs)
+        else:  # (a name the victim's accuracy was read on: checked there)
+            choice = next(((o.name, output_kind(o)[0]) for o in self.victim_outputs if o.name == output), None)
         if choice is None:
             raise OnnxError(f"the victim has no output deepsigns can read: attack {self.attack} needs its "
                             "class scores, probabilities or labels")
         return choice
+
+    def real_scores(self, name: str, kind: str) -> tuple[str, int | None]:
+        """`scores` of an output of real numbers; an output of labels, or of integers, refused."""
+        info = next(o for o in self.victim_outputs if o.name == name)
+        elem = info.type.tensor_type.elem_type if info.type.WhichOneof("value") == "tensor_type" else None
+        if kind == "labels" or (kind == "scores" and elem not in (*_REAL_ELEMS, _BFLOAT16)):
+            what = ("labels only" if kind == "labels"
+                    else "integers (class scores, or classes ranked: a top-k's indices)")
+            raise InputError(f"attack {self.attack} changes the victim's class scores, but its output "
+                             f"'{one_line(name, 60)}' holds {what}: give a model that answers real-valued scores "
+                             "or probabilities, or choose such an output with --output")
+        return self.scores(name, kind)
 
     def scores(self, name: str, kind: str) -> tuple[str, int | None]:
         """The chosen output as a float tensor (batch, C) in the renamed graph, and C if known."""
@@ -277,12 +298,8 @@ class _ScoresWrapper(Attack):
         from onnx import helper
 
         w = _Wrapping(victim, self.name, own_outputs=("probabilities",))
-        name, kind = w.chosen()
-        if kind == "labels":
-            raise InputError(f"attack {self.name} changes the victim's probabilities, but its output "
-                             f"'{one_line(name, 60)}' holds labels only: give a model that answers class "
-                             "scores or probabilities")
-        scores, classes = w.scores(name, kind)
+        name, kind = w.chosen(ctx.output)
+        scores, classes = w.real_scores(name, kind)
         changed, params = self.change(w, w.probabilities(scores), ctx)
         w.node(w.post, "Identity", [changed], "probabilities")
         batch = w.batch_dim(next(o for o in w.victim_outputs if o.name == name))
@@ -336,7 +353,7 @@ class NoiseInputs(Attack):
                 noise = w.node(w.pre, "Cast", [noise], to=elem)
             w.node(w.pre, "Add", [w.feed, noise], w.victim_input)
         outputs = [_copy(o) for o in w.model.graph.output]
-        choice = _reader_choice(w.victim_outputs)
+        choice = _reader_choice(w.victim_outputs) if ctx.output is None else (ctx.output,)
         return w.finish(outputs), {"sigma": sigma, "wrapped_output": choice[0] if choice else None}
 
 
@@ -349,14 +366,14 @@ class LabelOnly(Attack):
         from onnx import helper
 
         w = _Wrapping(victim, self.name, own_outputs=("label",))
-        name, kind = w.chosen()
+        name, kind = w.chosen(ctx.output)
         info = next(o for o in w.victim_outputs if o.name == name)
         if kind == "labels":  # labels already: one int64 per input
             shape = w.constant(w.post, np.array([-1], dtype=np.int64))
             labels = w.node(w.post, "Cast", [w.victim_prefix + name], to=_INT64)
             w.node(w.post, "Reshape", [labels, shape], "label")
         else:
-            scores, _ = w.scores(name, kind)
+            scores, _ = w.real_scores(name, kind)
             w.node(w.post, "ArgMax", [scores], "label", axis=1, keepdims=0)
         output = helper.make_tensor_value_info("label", _INT64, [w.batch_dim(info)])
         return w.finish([output]), {"wrapped_output": name}

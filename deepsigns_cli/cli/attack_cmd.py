@@ -18,7 +18,6 @@ from .common import (
     device_option,
     emit,
     force_option,
-    output_option,
     parse_arch_kwargs,
     passphrase_from,
     progress_bar,
@@ -61,15 +60,15 @@ def _attack_command(name: str) -> click.Command:
         if sweep is None:  # (--alpha 5 or a passphrase file had been taken and ignored)
             ctx = click.get_current_context()
             for flag, param in (("--keys", "keys_path"), ("--plot", "plot"), ("--passphrase-file", "passphrase_file"),
-                                ("--alpha", "alpha"), ("--commitment", "commitment"), ("--output", "output_name"),
-                                ("--queries", "queries")):
+                                ("--alpha", "alpha"), ("--commitment", "commitment"), ("--queries", "queries")):
                 if ctx.get_parameter_source(param) not in (None, click.core.ParameterSource.DEFAULT):
                     raise click.UsageError(f"{flag} goes with --sweep (the owner's keys read in each attacked "
                                            "model); without it, attack only writes the attacked model")
             if out is None:
                 raise click.UsageError("give --out, the attacked model to write (or --sweep with --keys)")
             with progress_bar() as progress:
-                report = api.attack(name, model_path, out, passphrase=attacker, progress=progress, **kwargs)
+                report = api.attack(name, model_path, out, passphrase=attacker, progress=progress,
+                                    output=output_name, **kwargs)
             emit(report, json_, render.attack)
             return
         if keys_path is None:
@@ -89,7 +88,11 @@ def _attack_command(name: str) -> click.Command:
     run = click.option("--plot", default=None, help="With --sweep: a PNG of accuracy and the watermarks' "
                        "evidence against strength.")(run)
     run = alpha_option(run)
-    run = queries_option(output_option(commitment_option(run)))  # (with --sweep: as extract and verify read)
+    run = queries_option(commitment_option(run))  # (with --sweep: as extract and verify read)
+    run = click.option("--output", "output_name", default=None, metavar="NAME",
+                       help="The ONNX victim's output to attack and read the accuracy of (default: its first "
+                            "class scores, else labels); with --sweep, also the output the owner's keys are "
+                            "read from in the victim and in each attacked model that keeps it.")(run)
     run = click.option("--passphrase-file", default=None, help="With --sweep: file holding the owner's "
                        "passphrase (else $DEEPSIGNS_PASSPHRASE, else a prompt).")(run)
     run = click.option("--keys", "keys_path", default=None, help="With --sweep: the owner's bundle (.dskey), "
