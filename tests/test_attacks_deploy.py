@@ -337,3 +337,15 @@ def test_a_graph_of_ai_onnx_ml_operators_alone_is_read(tmp_path, digits, x_test)
     want = (x_test.reshape(len(x_test), -1) @ coefficients.T).argmax(1)
     assert report["accuracy_before"] == pytest.approx(100 * float((want == digits.y_test).mean()), abs=0.01)
     assert report["accuracy_after"] == report["accuracy_before"]
+
+
+def test_noise_relative_to_test_inputs_that_do_not_vary_is_refused(blackbox, digits, tmp_path):
+    """A test split of one constant input: noise of 10 times its spread was no noise, and the
+    report said sigma 10 (helper-55 A11)."""
+    data = tmp_path / "flat.npz"
+    np.savez(data, x_train=digits.x_train.astype(np.float32), y_train=digits.y_train,
+             x_test=np.zeros_like(digits.x_test, dtype=np.float32), y_test=digits.y_test)
+    result = run_cli("attack", "noise-inputs", "--model", blackbox["onnx"], "--data", data, "--sigma", 10,
+                     "--out", tmp_path / "out.onnx", code=2)
+    assert_bad_input(result, "do not vary", "--data")
+    assert not (tmp_path / "out.onnx").exists()

@@ -129,7 +129,7 @@ def test_quantize_static_int8_onnx_computes_integer_activations_and_the_mark_is_
     assert r["detected"] and r["bit_errors"] <= r["max_bit_errors"] // 2, r
     result = run_cli("attack", "quantize", "--model", marked.marked, "--data", "digits", "--static",
                      "--out", tmp_path / "static.safetensors", code=2)
-    assert_bad_input(result, "--static quantizes activations in an ONNX graph: use --out .onnx")
+    assert_bad_input(result, "--static quantizes activations in an ONNX graph: use --out x.onnx", "takes no --static")
     assert partial_files(tmp_path) == []
 
 
@@ -256,3 +256,12 @@ def test_a_kept_attacker_bundle_that_is_the_keys_is_refused_before_any_attack(ma
     monkeypatch.setattr(training, "fit", no_training)
     assert_bad_input(run_cli("attack", "overwrite", "--model", marked.marked, "--data", "digits", "--keys", keys,
                              "--sweep", "epochs=1", "--out", kept, "--force", code=None), "--keys")
+
+
+def test_prune_s_fine_tuning_flags_without_its_epochs_are_refused(marked, tmp_path):
+    """--lr, --optimizer and --data-fraction without --finetune-epochs were taken, changed
+    nothing, and were reported and recorded as what the attack used (helper-55 A08)."""
+    result = run_cli("attack", "prune", "--model", marked.marked, "--data", "digits", "--lr", 5, "--optimizer", "sgd",
+                     "--out", tmp_path / "pruned.safetensors", code=2)
+    assert_bad_input(result, "--lr, --optimizer set how prune fine-tunes", "--finetune-epochs")
+    assert partial_files(tmp_path) == [] and not (tmp_path / "pruned.safetensors").exists()

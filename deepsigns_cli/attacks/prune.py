@@ -78,6 +78,11 @@ class PruneAttack(Attack):
         lr = float(ctx.option("lr", victim_lr(ctx)))
         optimizer = ctx.option("optimizer", "adam")
         fraction = float(ctx.option("data_fraction", 1.0))
+        idle = [f"--{k.replace('_', '-')}" for k in ("lr", "optimizer", "data_fraction")
+                if ctx.options.get(k) is not None]
+        if idle and not epochs:  # (they had been reported, and recorded, as what the attack used)
+            raise InputError(f"{', '.join(idle)} set{'s' if len(idle) == 1 else ''} how prune fine-tunes, and "
+                             "it fine-tunes only with --finetune-epochs: give it, or leave them out")
 
         weights = prunable(model)
         if not weights:

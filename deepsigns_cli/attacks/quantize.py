@@ -81,7 +81,8 @@ class QuantizeAttack(Attack):
     def run(self, model, ctx):
         bits, static = int(ctx.option("bits", 8)), bool(ctx.option("static", False))
         if static and ctx.out_kind != "onnx":
-            raise InputError("--static quantizes activations in an ONNX graph: use --out .onnx")
+            raise InputError("--static quantizes activations in an ONNX graph: use --out x.onnx (a --sweep of "
+                             "quantize rounds weights to 2^k levels in checkpoints, and takes no --static)")
         if ctx.out_kind == "onnx":
             if bits != 8:
                 raise InputError("int8 only for .onnx; use --out .safetensors for k-bit rounding")

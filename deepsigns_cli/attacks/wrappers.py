@@ -346,6 +346,9 @@ class NoiseInputs(Attack):
         x = ctx.data.x_test
         spread = float(np.std(take(x, bounded_rows(len(x)))[:], dtype=np.float64)) if len(x) else 0.0
         scale = sigma * spread
+        if sigma > 0 and not spread > 0:  # (the report had said sigma 10 of a graph with no noise)
+            raise InputError(f"attack {self.name} adds noise relative to the spread of the test inputs, and "
+                             "these do not vary: give --data whose test split does")
         if scale > 0:  # (onnxruntime aborts on RandomNormalLike with scale 0: no noise, no nodes)
             noise = w.node(w.pre, "RandomNormalLike", [w.feed], dtype=_FLOAT, mean=0.0, scale=scale,
                            seed=w.seed(ctx))
