@@ -279,7 +279,7 @@ def difference_queries(suspect, arrays: dict, step: float, budget: int, output: 
     """The suspect's scores (its `output`'s; None: its answer) at x + d and x - d for each of
     K's rows d (of length `step`) at each key input x read, (S * 2 * N, classes) in that order:
     2 queries per bit and key input, as many key inputs as the budget allows (at least one:
-    `_check_budget`), all in one batch."""
+    `_check_budget`), asked together (one input at a time where `output` is a way read so)."""
     x, K, carriers = arrays["x"], arrays["K"], arrays["carriers"]
     n = len(K)
     s = min(len(x), budget // (2 * n))
