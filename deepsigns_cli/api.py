@@ -553,8 +553,10 @@ def dispute(parties: list[tuple[str | Path, Passphrase, str | Path]], *, alpha: 
         if readers[0].weights(control) in made:
             raise InputError(f"{shown(control)} holds the weights of a party's model: a control is a model neither "
                              "party made")
-    matrix = [[reader.read(model) for _, _, model in parties] for reader in readers]
-    checked = [[reader.read(control) for control in controls] for reader in readers]
+    # (a model a bundle cannot read whole is that cell's no verdict, which the reading weighs: one
+    # party's noisy deployment had ended the whole dispute)
+    matrix = [[reader.read(model, unread_ok=True) for _, _, model in parties] for reader in readers]
+    checked = [[reader.read(control, unread_ok=True) for control in controls] for reader in readers]
     who = [DisputeParty(name, str(keys), str(model), reader.published, reader.bundle.key_id)
            for name, (keys, _, model), reader in zip(names, parties, readers, strict=True)]
     first, reading = _dispute_reading(names, matrix, checked, controls)
@@ -725,10 +727,12 @@ class _Reader:
         finally:
             suspect.close()
 
-    def read(self, model: str | Path, name: str | None = None, own_answer: bool = False) -> Decision:
+    def read(self, model: str | Path, name: str | None = None, own_answer: bool = False,
+             unread_ok: bool = False) -> Decision:
         """`name`: what messages call the model (None: its path). `own_answer`: an ONNX model that
         lacks the output the reader reads (an attack's wrapper answers under a name of its own)
-        is read on its own answer."""
+        is read on its own answer. `unread_ok`: a model no scheme could read whole is a decision
+        of no verdict (each result `unread`), not an error (`read_keys`)."""
         from .runtime import OnnxModel, load_onnx
         from .suspect import OnnxSuspect, open_suspect
 
@@ -750,7 +754,7 @@ class _Reader:
         suspect.query_budget = self.queries
         try:
             return read_keys(suspect, self.bundle, self.names, alpha=self.alpha, command=self.command,
-                             commitment=self.published)
+                             commitment=self.published, unread_ok=unread_ok)
         finally:
             suspect.close()
 
@@ -1036,15 +1040,16 @@ def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: 
     from .results import SweepRow
 
     attacked = value is not None  # (a wrapper's answer has a name of its own: read where --output is not)
-    decision = extract_reader.read(path, name=named or unnamed, own_answer=attacked)
+    # (an attacked model the keys cannot read whole is that row's no verdict: it had ended the sweep)
+    decision = extract_reader.read(path, name=named or unnamed, own_answer=attacked, unread_ok=attacked)
     checked = None
     if verify_reader is not None:
         onnx_path = Path(path)
         if onnx_path.suffix.lower() != ".onnx":
             onnx_path = Path(scratch) / (Path(path).stem + ".onnx")
             export(path, onnx_path, arch=arch, arch_kwargs=arch_kwargs, force=True)
-        checked = replace(verify_reader.read(onnx_path, name=named or unnamed, own_answer=attacked),
-                          model=named or unnamed)
+        checked = replace(verify_reader.read(onnx_path, name=named or unnamed, own_answer=attacked,
+                                             unread_ok=attacked), model=named or unnamed)
     decision = replace(decision, model=named or unnamed)
     kept = None if value is None else named  # (the victim's row keeps nothing)
     return SweepRow(value, accuracy, decision, checked, seconds, kept, results or {})
@@ -1445,8 +1450,10 @@ def _check_bundle_fits(bundle: Bundle, info: ModelInfo) -> None:
 
 
 def read_keys(suspect: Suspect, bundle: Bundle, names: list[str], *, alpha: float = DEFAULT_ALPHA,
-              command: str = "extract", commitment: str = "") -> Decision:
-    """Read the named schemes of the bundle from a suspect and decide (extract and verify)."""
+              command: str = "extract", commitment: str = "", unread_ok: bool = False) -> Decision:
+    """Read the named schemes of the bundle from a suspect and decide (extract and verify). A
+    suspect no scheme could read whole, with nothing detected, is an OnnxError (no verdict,
+    exit 2), or with `unread_ok` that decision, each result `unread`."""
     from .errors import OnnxError
     from .results import SchemeResult, decide
 
@@ -1468,7 +1475,7 @@ def read_keys(suspect: Suspect, bundle: Bundle, names: list[str], *, alpha: floa
                       commitment=commitment)
     if failed is not None and not decision.detected:
         raise failed
-    if not decision.detected and all(r.unread for r in results):  # (as an output that cannot be read)
+    if not decision.detected and all(r.unread for r in results) and not unread_ok:  # (as an output that cannot be read)
         why = "; ".join(f"{r.scheme}: {r.note}" for r in results)
         raise OnnxError(f"{shown(suspect.name)} could not be read ({why}): no verdict either way")
     return decision

@@ -199,6 +199,8 @@ def _verdict(decision, short: bool = False) -> str:
         return "-"
     if decision.detected:
         return "[bold green]yes[/]" if short else "[bold green]DETECTED[/]"
+    if decision.results and all(r.unread for r in decision.results):  # (read by none of its schemes)
+        return "no verdict"
     return "no" if short else "not detected"
 
 

@@ -159,7 +159,7 @@ class GradSignsScheme(Scheme):
         exact = suspect.loss_gradient(arrays["x"], target)
         if exact is not None:  # white-box: the exact gradient at every key input
             slopes = exact.reshape(len(exact), -1)[:, arrays["carriers"]] @ _unit_rows(arrays["K"]).T
-            readings, estimator, missed = [(slopes, len(exact), None)], "exact gradients", []
+            readings, estimator, missed = [(slopes, len(exact), None, True)], "exact gradients", []
         else:  # every output that gives scores is read (each reading counted in p), the best kept
             budget = _check_budget(suspect.query_budget or DEFAULT_QUERIES, n)
 
@@ -167,23 +167,28 @@ class GradSignsScheme(Scheme):
                 if suspect.answer_kind(output) == "labels":
                     raise NotForScheme(f"{shown(suspect.name)} answers with labels only: GradSigns reads its bits "
                                       "from the class scores (or probabilities); query an output that gives them")
-                scores = difference_queries(suspect, arrays, float(params["step"]), budget, output)
-                if not suspect.steady(output):  # (noise on the scores: a difference reads nothing)
-                    raise InputError(f"{shown(suspect.name)} answers the same input otherwise from one ask to "
-                                     "the next: GradSigns reads its bits from differences of the scores")
                 step = float(params["step"])
-                found = [(slopes_from(scores, arrays, target, step), len(scores), output)]
+                scores = difference_queries(suspect, arrays, step, budget, output)
+                slopes, label = slopes_from(scores, arrays, target, step), output
                 factor = temperature_undone(scores, params.get("score_spread"))
-                if factor is not None:  # (the same answers: no further query)
-                    found.append((slopes_from(as_logits(scores) * factor, arrays, target, step), 0,
-                                  f"{output if output is not None else 'scores'}, times {factor:.3g}"))
-                return found
+                if factor is not None:  # also brought back to the marked model's spread: of the two, the
+                    # one whose key inputs agree more is the output's reading (one reading per output:
+                    # a second had doubled what each decoy output cost in p)
+                    rescaled = as_logits(scores) * factor
+                    if np.isfinite(rescaled).all():  # (where it overflows, the reading as it is stands)
+                        other = slopes_from(rescaled, arrays, target, step)
+                        if agreement(other) > agreement(slopes):
+                            slopes, label = other, f"{output if output is not None else 'scores'}, times {factor:.3g}"
+                return slopes, len(scores), label, suspect.steady(output)
 
             try:  # one input at a time (where the graph takes batches of any length): a graph that
                 # answered a few rows of a batch otherwise (those with a near neighbour in it: the
                 # differences' rows) had read "not detected", past the check of a batch's rows alone
-                found, missed = each_output(suspect, one, alone=True)
-                readings = [reading for output in found for reading in output]
+                readings, missed = each_output(suspect, one, alone=True)
+                # noise drawn at every run on the scores: a reading that finds nothing is no verdict
+                # (refused outright, noise of 1e-4 had turned a detection into none)
+                missed += [f"'{label}' answered the same input otherwise from one ask to the next"
+                           for _, _, label, steady in readings if not steady]
             except DeepSignsError as exc:
                 if suspect.broken:  # (no answer in time, a crash: the reading fails)
                     raise
@@ -200,7 +205,7 @@ class GradSignsScheme(Scheme):
         def wrong(slopes) -> int:
             return sum(b != str(int(want)) for b, want in zip(read_out(slopes), arrays["bits"], strict=True))
 
-        slopes, _, output = min(readings, key=lambda r: wrong(r[0]))
+        slopes, _, output, _ = min(readings, key=lambda r: wrong(r[0]))
         # readings that read the same bits are one reading in p (near-copies of one output had
         # multiplied it: a 32-bit mark read 0 wrong went past alpha). Exact: which bits a reading
         # finds does not depend on the signature (a row of K drawn with the other sign flips its
@@ -325,9 +330,22 @@ def as_logits(scores: np.ndarray) -> np.ndarray:
 
 def score_spread(scores: np.ndarray) -> float:
     """How far apart a model's scores lie: the median, over the rows, of the standard deviation
-    of a row's logits (a temperature T divides it by T; a constant added to a row leaves it)."""
+    of a row's logits (a temperature T divides it by T; a constant added to a row leaves it);
+    0 where it is not a finite number."""
     logits = as_logits(scores)
-    return float(np.median(logits.std(1))) if np.isfinite(logits).all() else 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = float(np.median(logits.std(1))) if np.isfinite(logits).all() else 0.0
+    return spread if math.isfinite(spread) else 0.0
+
+
+def agreement(slopes: np.ndarray) -> float:
+    """How far the key inputs agree on each bit's sign, on average over the bits (1: all alike;
+    about 0 for signs drawn at random). The embedding teaches every key input the whole signature,
+    so a reading at the scale it was taught at agrees more than one at a scale that turns it. A row
+    of K drawn with the other sign flips every slope of its bit and leaves this as it was: a
+    choice by it depends on the answers alone, not on the signature, and is one reading in p."""
+    signs = np.sign(np.nan_to_num(slopes, nan=0.0))
+    return float(np.abs(signs.sum(0)).mean() / max(len(signs), 1))
 
 
 def temperature_undone(scores: np.ndarray, recorded) -> float | None:
@@ -336,9 +354,9 @@ def temperature_undone(scores: np.ndarray, recorded) -> float | None:
     temperature (one Mul node; the answers stay, and so does accuracy) had turned the slopes
     the embedding shaped, 7 of 32 bits wrong at T = 10 and 13 of 64 at T = 33. The factor
     depends on the answers alone, not on the signature: a row of K drawn with the other sign
-    swaps its two queries and leaves the factor as it was. None: no other reading."""
+    swaps its two queries and leaves the factor as it was. None: the scores are read as they are."""
     spread = score_spread(scores)
-    if not isinstance(recorded, (int, float)) or not recorded > 0 or not spread > 0:
+    if not isinstance(recorded, (int, float)) or not 0 < recorded < math.inf or not 0 < spread < math.inf:
         return None
     factor = float(recorded) / spread
     return factor if not 1 / TEMPERATURE_SEEN <= factor <= TEMPERATURE_SEEN else None
