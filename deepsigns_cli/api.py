@@ -665,6 +665,9 @@ def _check_onnx_path(model: str | Path) -> None:
                          "with 'deepsigns export', or use 'deepsigns extract'")
 
 
+_AS_ASKED = object()  # (`_Reader.read`: the output the reader was made with)
+
+
 class _Reader:
     """The bundle opened once (commitment checked first), then any number of suspects read:
     extract (every scheme, checkpoint or ONNX) or verify (the black-box schemes, ONNX)."""
@@ -727,19 +730,16 @@ class _Reader:
         finally:
             suspect.close()
 
-    def read(self, model: str | Path, name: str | None = None, own_answer: bool = False,
-             unread_ok: bool = False) -> Decision:
-        """`name`: what messages call the model (None: its path). `own_answer`: an ONNX model that
-        lacks the output the reader reads (an attack's wrapper answers under a name of its own)
-        is read on its own answer. `unread_ok`: a model no scheme could read whole is a decision
-        of no verdict (each result `unread`), not an error (`read_keys`)."""
-        from .runtime import OnnxModel, load_onnx
+    def read(self, model: str | Path, name: str | None = None, unread_ok: bool = False,
+             output: str | None | object = _AS_ASKED) -> Decision:
+        """`name`: what messages call the model (None: its path). `unread_ok`: a model no scheme
+        could read whole is a decision of no verdict (each result `unread`), not an error
+        (`read_keys`). `output`: the ONNX output read in this model, where it is not the one
+        the reader was asked for (`_sweep_row`)."""
+        from .runtime import OnnxModel
         from .suspect import OnnxSuspect, open_suspect
 
-        output = self.output
-        if own_answer and output is not None and str(model).lower().endswith(".onnx") \
-                and output not in {o.name for o in load_onnx(model).graph.output}:
-            output = None
+        output = self.output if output is _AS_ASKED else output
         if self.command == "verify":  # (the callers checked the path is .onnx before the passphrase)
             try:  # loaded while the bundle opens; the bundle's error, if any, comes first
                 suspect = OnnxSuspect(OnnxModel(model, provider=self.provider, timeout=self.timeout, name=name),
@@ -912,6 +912,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
     check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
     check_commitment(keys, commitment)  # (and one other than the published one)
     secret = _passphrase(passphrase)  # asked once for both readers
+    attacked_output = output if str(model).lower().endswith(".onnx") else None  # (what attack() takes)
     reading = dict(alpha=alpha, timeout=timeout, provider=provider, commitment=commitment, output=output,
                    queries=queries)
     extract_reader = _Reader("extract", keys, secret, arch=arch, arch_kwargs=arch_kwargs, **reading)
@@ -959,7 +960,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                                      scratch=scratch, arch=arch, arch_kwargs=arch_kwargs)
             with not_final():
                 rows.append(read(None, model, _victim_accuracy(model, data, arch, arch_kwargs, timeout, provider,
-                                                                output), 0.0, named=str(model)))
+                                                                attacked_output), 0.0, named=str(model)))
                 for i, value in enumerate(values):
                     if progress is not None:
                         progress(i, len(values), f"{name} {param}={value}")
@@ -974,8 +975,7 @@ def sweep(name: str, model: str | Path, param: str, values: list, keys: str | Pa
                                     provider=provider, progress=progress,
                                     recorded={"attacker_keys": str(final[1])} if final[1] is not None else None,
                                     shown_as=f"the model of {name} {param}={value}", batch_size=batch_size,
-                                    workers=workers, precision=precision,
-                                    output=output if str(model).lower().endswith(".onnx") else None)
+                                    workers=workers, precision=precision, output=attacked_output)
                     params = params or {k: v for k, v in report.params.items() if k in settings}
                     results = {k: v for k, v in report.params.items() if k not in settings and k != option.key
                                and k != "attacker_keys"}
@@ -1024,10 +1024,10 @@ def _load_victim(model, arch, arch_kwargs, dataset: Dataset):
 
 def _victim_accuracy(model, data: str, arch, arch_kwargs, timeout: float | None, provider: str,
                      output: str | None = None) -> float:
+    """`output`: of an ONNX victim, the output read (None: as `_accuracy` chooses)."""
     dataset = load_dataset(data, model)
     net, _ = _load_victim(model, arch, arch_kwargs, dataset)
-    onnx = str(model).lower().endswith(".onnx")
-    return _accuracy(model if onnx else net, dataset, timeout, provider, output=output if onnx else None)
+    return _accuracy(model if str(model).lower().endswith(".onnx") else net, dataset, timeout, provider, output=output)
 
 
 def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: _Reader,
@@ -1038,18 +1038,27 @@ def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: 
     None: it is not, and `unnamed` says which it was), never the scratch folder's files.
     `results`: what the attack reported of its own at this strength."""
     from .results import SweepRow
+    from .runtime import load_onnx
 
-    attacked = value is not None  # (a wrapper's answer has a name of its own: read where --output is not)
+    attacked = value is not None
+    asked = extract_reader.output
+
+    def answer(onnx_path: Path) -> str | None:  # (a wrapper's answer has a name of its own: read where --output is not)
+        keeps = not attacked or asked is None or asked in {o.name for o in load_onnx(onnx_path).graph.output}
+        return asked if keeps else None
+
+    onnx_path = Path(path)
+    output = answer(onnx_path) if onnx_path.suffix.lower() == ".onnx" else asked
     # (an attacked model the keys cannot read whole is that row's no verdict: it had ended the sweep)
-    decision = extract_reader.read(path, name=named or unnamed, own_answer=attacked, unread_ok=attacked)
+    decision = extract_reader.read(path, name=named or unnamed, unread_ok=attacked, output=output)
     checked = None
     if verify_reader is not None:
-        onnx_path = Path(path)
         if onnx_path.suffix.lower() != ".onnx":
             onnx_path = Path(scratch) / (Path(path).stem + ".onnx")
             export(path, onnx_path, arch=arch, arch_kwargs=arch_kwargs, force=True)
-        checked = replace(verify_reader.read(onnx_path, name=named or unnamed, own_answer=attacked,
-                                             unread_ok=attacked), model=named or unnamed)
+            output = answer(onnx_path)
+        checked = replace(verify_reader.read(onnx_path, name=named or unnamed, unread_ok=attacked, output=output),
+                          model=named or unnamed)
     decision = replace(decision, model=named or unnamed)
     kept = None if value is None else named  # (the victim's row keeps nothing)
     return SweepRow(value, accuracy, decision, checked, seconds, kept, results or {})

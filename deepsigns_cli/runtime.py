@@ -1230,7 +1230,7 @@ class OnnxModel:
         # the outputs that answered an input alone otherwise than in a batch (read both ways), and
         # those that answered the same input otherwise from one ask to the next
         self.batch_dependent: set[str] = set()
-        self.unsteady: set[str] = set()
+        self.noisy: set[str] = set()
         self._reached: set[str] | None = None  # (the tensors computed from the input: `_from_input`, on first use)
         self.answer_classes: int | None = None  # the number of scores of the last answers (None: labels)
         self.metadata = {prop.key: prop.value for prop in self.proto.metadata_props
@@ -1504,7 +1504,7 @@ class OnnxModel:
         checked, each with its own rows (a check on the first scheme's keys alone had left the
         next scheme's batch, answered otherwise, unchecked). Those inputs are asked alone once
         more (twice after a batch): an output that answers them otherwise from one ask to the
-        next is put in `unsteady`. An output that fails on a batch and answers one input at a
+        next is put in `noisy`. An output that fails on a batch and answers one input at a
         time is read so (a model exported for one input at a time)."""
         name, kind = self.choose_output(output)
         try:
@@ -1526,7 +1526,7 @@ class OnnxModel:
                 single = self._value(x[rows], name, kind, batch_size, True)
                 same = single.shape == value[rows].shape and _alike(single, value[rows])
                 if not (same if alone else _alike(single, self._value(x[rows], name, kind, batch_size, True))):
-                    self.unsteady.add(name)
+                    self.noisy.add(name)
             except OnnxError:  # (one that cannot answer one input alone is read so too, and that
                 # reading says why it fails: a graph that failed alone and answered batches of two
                 # with the marked model had read "not detected")

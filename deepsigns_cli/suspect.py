@@ -60,9 +60,9 @@ class Suspect:
         batch, read one input at a time)."""
         return []
 
-    def steady(self, output: str | None = None) -> bool:
-        """False when the output answered the same inputs otherwise from one ask to the next."""
-        return True
+    def noisy(self, output: str | None = None) -> bool:
+        """Whether the output answered the same inputs otherwise from one ask to the next."""
+        return False
 
     def scores(self, x: np.ndarray, output: str | None = None) -> np.ndarray:
         raise NotImplementedError
@@ -202,8 +202,8 @@ class OnnxSuspect(Suspect):
         ways = [w if isinstance(w, Way) else Way(w) for w in done if w is not None]
         return [w._replace(alone=True) for w in ways if not w.alone and w.name in self.onnx.batch_dependent]
 
-    def steady(self, output=None):
-        return self.onnx.choose_output(self._chosen(output)[0])[0] not in self.onnx.unsteady
+    def noisy(self, output=None):
+        return self.onnx.choose_output(self._chosen(output)[0])[0] in self.onnx.noisy
 
     def _chosen(self, output: str | Way | None) -> tuple[str | None, bool, bool]:
         """(the output's name, read as classes ranked, read one input at a time)."""

@@ -404,7 +404,7 @@ def test_every_batch_is_checked_against_its_rows_alone(owners, tmp_path):
         model.scores(apart)
         assert model.batch_dependent == set()
         model.scores(np.concatenate([apart, apart + 0.01]))
-        assert model.batch_dependent == {"scores"} and model.unsteady == set()
+        assert model.batch_dependent == {"scores"} and model.noisy == set()
     finally:
         model.close()
 

@@ -159,7 +159,7 @@ class GradSignsScheme(Scheme):
         exact = suspect.loss_gradient(arrays["x"], target)
         if exact is not None:  # white-box: the exact gradient at every key input
             slopes = exact.reshape(len(exact), -1)[:, arrays["carriers"]] @ _unit_rows(arrays["K"]).T
-            readings, estimator, missed = [(slopes, len(exact), None, True)], "exact gradients", []
+            readings, estimator, missed = [(slopes, len(exact), None, False)], "exact gradients", []
         else:  # every output that gives scores is read (each reading counted in p), the best kept
             budget = _check_budget(suspect.query_budget or DEFAULT_QUERIES, n)
 
@@ -179,7 +179,7 @@ class GradSignsScheme(Scheme):
                         other = slopes_from(rescaled, arrays, target, step)
                         if agreement(other) > agreement(slopes):
                             slopes, label = other, f"{output if output is not None else 'scores'}, times {factor:.3g}"
-                return slopes, len(scores), label, suspect.steady(output)
+                return slopes, len(scores), label, suspect.noisy(output)
 
             try:  # one input at a time (where the graph takes batches of any length): a graph that
                 # answered a few rows of a batch otherwise (those with a near neighbour in it: the
@@ -188,7 +188,7 @@ class GradSignsScheme(Scheme):
                 # noise drawn at every run on the scores: a reading that finds nothing is no verdict
                 # (refused outright, noise of 1e-4 had turned a detection into none)
                 missed += [f"'{label}' answered the same input otherwise from one ask to the next"
-                           for _, _, label, steady in readings if not steady]
+                           for _, _, label, noisy in readings if noisy]
             except DeepSignsError as exc:
                 if suspect.broken:  # (no answer in time, a crash: the reading fails)
                     raise
@@ -198,20 +198,19 @@ class GradSignsScheme(Scheme):
                                   n_bits=n)
             estimator = f"central differences along the key's {n} directions"
 
-        def read_out(slopes) -> str:  # each bit, "?" where no difference was seen (or not a number)
-            return "".join("?" if m == 0 or not np.isfinite(m) else "1" if m > 0 else "0" for m in estimate(slopes))
-
-        def wrong(slopes) -> int:
-            return sum(b != str(int(want)) for b, want in zip(read_out(slopes), arrays["bits"], strict=True))
-
-        slopes, _, output, _ = min(readings, key=lambda r: wrong(r[0]))
+        # each reading's bits, "?" where no difference was seen (or not a number); the fewest wrong kept
+        means = [estimate(r[0]) for r in readings]
+        outs = ["".join("?" if m == 0 or not np.isfinite(m) else "1" if m > 0 else "0" for m in mean)
+                for mean in means]
+        wrong = [sum(b != str(int(want)) for b, want in zip(out, arrays["bits"], strict=True)) for out in outs]
+        best = wrong.index(min(wrong))
+        (slopes, _, output, _), mean, reading, errors = readings[best], means[best], outs[best], wrong[best]
         # readings that read the same bits are one reading in p (near-copies of one output had
         # multiplied it: a 32-bit mark read 0 wrong went past alpha). Exact: which bits a reading
         # finds does not depend on the signature (a row of K drawn with the other sign flips its
         # bit in every reading), so the chance that any of the distinct read-outs comes this close
         # to a signature drawn at random is at most their number times that of one
-        distinct = len({read_out(r[0]) for r in readings})
-        mean, errors, reading = estimate(slopes), wrong(slopes), read_out(slopes)
+        distinct = len(set(outs))
         found = (mean > 0).astype(np.uint8)
         unknown = reading.count("?")
         if unknown:  # bits that read nothing are counted wrong, and a reading they decide is no verdict
@@ -258,14 +257,12 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def cross_entropy(scores: np.ndarray, target: int) -> np.ndarray:
-    """-log p_T per row, from logits, or from probabilities (rows of non-negative numbers that
-    sum to 1: what a suspect gives is data, so the test is on the numbers, never a name)."""
+    """-log p_T per row, from logits, or from probabilities (`_probabilities`)."""
     scores = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():
         raise InputError("the suspect answers NaN or infinite scores to the GradSigns queries: its "
                          "gradient cannot be read")
-    probs = (scores >= 0).all() and np.allclose(scores.sum(1), 1.0, atol=1e-3)
-    if probs:
+    if _probabilities(scores):
         return -np.log(np.maximum(scores[:, target], 1e-12))
     z = scores - scores.max(1, keepdims=True)
     return np.log(np.exp(z).sum(1)) - z[:, target]
@@ -322,9 +319,13 @@ def as_logits(scores: np.ndarray) -> np.ndarray:
     """Scores as logits (up to a constant per row): probabilities (rows of non-negative numbers
     that sum to 1) through their logarithm, anything else as it is."""
     scores = np.asarray(scores, dtype=np.float64)
-    if (scores >= 0).all() and np.allclose(scores.sum(1), 1.0, atol=1e-3):
-        return np.log(np.maximum(scores, 1e-12))
-    return scores
+    return np.log(np.maximum(scores, 1e-12)) if _probabilities(scores) else scores
+
+
+def _probabilities(scores: np.ndarray) -> bool:
+    """Whether rows of scores are probabilities: non-negative numbers that sum to 1 (what a
+    suspect gives is data, so the test is on the numbers, never a name)."""
+    return bool((scores >= 0).all() and np.allclose(scores.sum(1), 1.0, atol=1e-3))
 
 
 def score_spread(scores: np.ndarray) -> float:
