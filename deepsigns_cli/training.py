@@ -542,13 +542,21 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
             raise type(exc)(text.splitlines()[-1].split(": ", 1)[-1]) from None
         raise
     except (RuntimeError, MemoryError, OSError, EOFError) as exc:  # what the machine did, not a bug of ours
-        _stop_loader(batches_read)
-        failure = _machine_failure(exc, cfg)
+        cause = exc
+        try:
+            _stop_loader(batches_read)
+        except RuntimeError as again:
+            # torch's SIGCHLD handler raises a loader process's death wherever the command is
+            # until the loader is stopped; it can come here, after the error it caused (in CI:
+            # an internal error, exit 3). It comes once: the second stop is heard by nobody.
+            cause = again
+            _stop_loader(batches_read)
+        failure = _machine_failure(cause, cfg)
         if failure is not None and _STOP_SIGNALS.search(str(failure)):
             # a loader process stopped by SIGTERM or SIGHUP sent to the whole process group (timeout,
             # kill -- -PGID), whose death was heard first: the command's own comes, and is the cause
             time.sleep(_OWN_SIGNAL_SECONDS)
-        raise failure or exc from None
+        raise failure or cause from None
     except ValueError as exc:
         if "Expected more than 1 value per channel" not in str(exc):
             raise

@@ -390,13 +390,32 @@ def dies_in_a_worker():
     return _DiesInAWorker(), TensorDataset(*_digits_split(80, offset=300))
 
 
-def test_a_loader_process_that_dies_is_one_line_not_a_bug(tmp_path):
+def dies_in_a_worker_heard_late():
+    """The same, with the death heard as CI once heard it: torch's SIGCHLD handler raising it
+    after the loop's own error was caught, just before the loader was stopped."""
+    from deepsigns_cli import training
+
+    stop, heard = training._stop_loader, []
+
+    def stop_loader(batches_read):
+        if not heard:
+            heard.append(True)
+            raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Killed.")
+        stop(batches_read)
+
+    training._stop_loader = stop_loader
+    return dies_in_a_worker()
+
+
+@pytest.mark.parametrize("factory", ["dies_in_a_worker", "dies_in_a_worker_heard_late"])
+def test_a_loader_process_that_dies_is_one_line_not_a_bug(tmp_path, factory):
     """It had been an internal error of deepsigns (exit 3, torch's "DataLoader worker exited
-    unexpectedly"). A real process: torch's SIGCHLD handler, left behind in a test process,
-    raised the worker's death later inside an unrelated test (and in pytest itself)."""
+    unexpectedly"), and once more in CI when the death was heard late. A real process: torch's
+    SIGCHLD handler, left behind in a test process, raised the worker's death later inside an
+    unrelated test (and in pytest itself)."""
     scratch = tmp_path.parent / f"{tmp_path.name}-tmp"
     scratch.mkdir()
-    proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:dies_in_a_worker", "--workers", 1,
+    proc = run_proc("train", "--arch", "mlp", "--data", f"test_image_data:{factory}", "--workers", 1,
                     "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors",
                     env={"PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(scratch)})
     assert proc.returncode == 2, proc.stderr
