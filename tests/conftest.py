@@ -59,7 +59,31 @@ class MarkedRun:
     embed_report: dict
 
 
-def _marked_run(folder: Path, seed: int) -> MarkedRun:
+def _made_once(tmp_path_factory, name: str, make) -> tuple[Path, dict]:
+    """(folder, facts): the files of a session fixture, made by `make(folder) -> facts (JSON)`
+    in the first test process that needs them and shared, read-only, with the other: `make
+    test` runs two, and each had trained the same models again (about 30 s of the suite's
+    time). A process that finds them half made (the other is making them) waits for it."""
+    import fcntl
+    import json
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # (this session's folder: each test process's own is inside it)
+    folder, made = root / f"shared-{name}", root / f"shared-{name}.json"
+    with open(root / f"shared-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (released as the file closes)
+        if made.is_file():
+            return folder, json.loads(made.read_text(encoding="utf-8"))
+        shutil.rmtree(folder, ignore_errors=True)  # (what a process that failed to make them left)
+        folder.mkdir()
+        facts = make(folder)
+        made.write_text(json.dumps(facts), encoding="utf-8")
+        return folder, facts
+
+
+def _marked_run(folder: Path, seed: int) -> dict:
     base, keys = folder / "base.safetensors", folder / "owner.dskey"
     marked, onnx = folder / "marked.safetensors", folder / "marked.onnx"
     train = run_json("train", "--arch", "mlp", "--data", "digits", "--epochs", BASE_EPOCHS,
@@ -69,7 +93,7 @@ def _marked_run(folder: Path, seed: int) -> MarkedRun:
     embed = run_json("embed", "--model", base, "--data", "digits", "--keys", keys,
                      "--out", marked, "--seed", seed, "--device", "cpu")
     run_json("export", marked, "--out", onnx)
-    return MarkedRun(seed, folder, base, keys, marked, onnx, train, embed)
+    return {"train": train, "embed": embed}
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +103,10 @@ def marked_runs(tmp_path_factory):
 
     def get(seed: int) -> MarkedRun:
         if seed not in cache:
-            cache[seed] = _marked_run(tmp_path_factory.mktemp(f"owner-seed{seed}"), seed)
+            folder, reports = _made_once(tmp_path_factory, f"owner-seed{seed}", lambda f: _marked_run(f, seed))
+            cache[seed] = MarkedRun(seed, folder, folder / "base.safetensors", folder / "owner.dskey",
+                                    folder / "marked.safetensors", folder / "marked.onnx",
+                                    reports["train"], reports["embed"])
         return cache[seed]
 
     return get
@@ -109,12 +136,14 @@ def cnn(tmp_path_factory) -> tuple[Path, Path]:
 
     Returns (.safetensors, .onnx).
     """
-    folder = tmp_path_factory.mktemp("cnn")
-    ckpt, onnx = folder / "cnn.safetensors", folder / "cnn.onnx"
-    run_json("train", "--arch", "cnn", "--data", "digits", "--epochs", 3, "--seed", 0,
-             "--device", "cpu", "--out", ckpt)
-    run_json("export", ckpt, "--out", onnx)
-    return ckpt, onnx
+    def make(folder: Path) -> dict:
+        run_json("train", "--arch", "cnn", "--data", "digits", "--epochs", 3, "--seed", 0,
+                 "--device", "cpu", "--out", folder / "cnn.safetensors")
+        run_json("export", folder / "cnn.safetensors", "--out", folder / "cnn.onnx")
+        return {}
+
+    folder, _ = _made_once(tmp_path_factory, "cnn", make)
+    return folder / "cnn.safetensors", folder / "cnn.onnx"
 
 
 @pytest.fixture(scope="session")
@@ -126,12 +155,17 @@ def blackbox(tmp_path_factory) -> dict:
     from deepsigns_cli.bundle import open_bundle
     from deepsigns_cli.checkpoint import load_checkpoint
 
-    folder = tmp_path_factory.mktemp("blackbox-owner")
-    base, keys, marked = folder / "base.safetensors", folder / "owner.dskey", folder / "marked.safetensors"
-    api.train("mlp", base, arch_kwargs={"hidden": [128, 128]}, epochs=15, seed=0, device="cpu")
-    api.keygen(base, keys, PASSPHRASE, schemes=["output"], options={"key_size": 20}, seed=0)
-    api.embed(base, keys, PASSPHRASE, marked, onnx=folder / "marked.onnx", seed=0, device="cpu")
-    api.export(base, folder / "base.onnx")
+    def make(folder: Path) -> dict:
+        base, keys = folder / "base.safetensors", folder / "owner.dskey"
+        api.train("mlp", base, arch_kwargs={"hidden": [128, 128]}, epochs=15, seed=0, device="cpu")
+        api.keygen(base, keys, PASSPHRASE, schemes=["output"], options={"key_size": 20}, seed=0)
+        api.embed(base, keys, PASSPHRASE, folder / "marked.safetensors", onnx=folder / "marked.onnx", seed=0,
+                  device="cpu")
+        api.export(base, folder / "base.onnx")
+        return {}
+
+    folder, _ = _made_once(tmp_path_factory, "blackbox-owner", make)
+    keys, marked = folder / "owner.dskey", folder / "marked.safetensors"
     return {"dir": folder, "keys": keys, "marked_path": marked, "onnx": folder / "marked.onnx",
-            "bundle": open_bundle(keys, PASSPHRASE), "base": load_checkpoint(base)[0],
+            "bundle": open_bundle(keys, PASSPHRASE), "base": load_checkpoint(folder / "base.safetensors")[0],
             "marked": load_checkpoint(marked)[0]}
