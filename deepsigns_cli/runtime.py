@@ -717,7 +717,8 @@ class _Evaluator:
                         # a copy of an earlier tensor is left out, if it is one in every batch: a
                         # graph can make a tensor copy the carrier at one batch length alone, and a
                         # copy judged on the first batch had hidden the carrier from every reading
-                        # (SHA-256: the CPU's own instructions hash it 2.6 times as fast as BLAKE2b)
+                        # (SHA-256: where the CPU has SHA instructions, as this project's machines do,
+                        # 2.6 times as fast as BLAKE2b)
                         digests[name] = hashlib.sha256(np.ascontiguousarray(value).view(np.uint8)).digest()
                         if fresh and start == 0 and digests[name] in seen:  # (seen: tensors kept, below)
                             twins[name] = seen[digests[name]]
