@@ -675,6 +675,10 @@ class _Evaluator:
                                      {self.input_name: chunk}, self.run_options)
                 fed = 1 if alone else len(chunk)  # (the rows of a tensor's batch axis)
                 digests: dict[str, bytes] = {}  # (this batch's)
+                # (after the first batch, only copies and what they copy are hashed: the other
+                # tensors can no longer be found to be copies; an adversary's decoys had spent a
+                # third of a reading one input at a time hashing every tensor for every input)
+                watched = twins.keys() | set(twins.values())
                 for name, value in zip(names, values, strict=True):
                     if name in problems:
                         continue
@@ -713,12 +717,12 @@ class _Evaluator:
                         # others (a Cast to int16 of a uint8 copy is a copy); one too wide for the
                         # units left is let go as it is (it was 3.5 GiB more as float64)
                         value = _as_reals(value, self.dequantized.get(name))
-                    if problem is None and extra:
+                    if problem is None and extra and (start == 0 or name in watched):
                         # a copy of an earlier tensor is left out, if it is one in every batch: a
                         # graph can make a tensor copy the carrier at one batch length alone, and a
                         # copy judged on the first batch had hidden the carrier from every reading
-                        # (SHA-256: where the CPU has SHA instructions, as this project's machines do,
-                        # 2.6 times as fast as BLAKE2b)
+                        # (SHA-256: 2.6 times as fast as BLAKE2b where the CPU has SHA instructions,
+                        # as this project's machines do)
                         digests[name] = hashlib.sha256(np.ascontiguousarray(value).view(np.uint8)).digest()
                         if fresh and start == 0 and digests[name] in seen:  # (seen: tensors kept, below)
                             twins[name] = seen[digests[name]]
