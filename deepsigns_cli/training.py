@@ -467,9 +467,11 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
     steps_per_epoch = len(_epoch_batches(np.arange(len(y)), cfg, procs))
     total, done, epoch_seconds = cfg.epochs * steps_per_epoch, 0, []
     batches_read = None  # (the epoch's loader, as it is read)
+    scratch = None
     if cfg.workers:
         _room_for_loaders(cfg.workers)
         _loader_temp_dir()
+        scratch = _scratch_temp_dir()
     try:
         for epoch in range(cfg.epochs):
             runner.train()
@@ -564,6 +566,8 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
                             f"channel to normalise (--batch-size {cfg.batch_size} on {procs.world_size} "
                             f"process(es)): use a --batch-size of at least {2 * procs.world_size}") from None
     finally:
+        if scratch is not None:
+            _scratch_gone(*scratch)
         for obj in objectives:
             obj.teardown()
         net.to(home)
@@ -628,6 +632,27 @@ def _loader_temp_dir() -> None:
         multiprocessing.util.get_temp_dir()
     finally:
         tempfile.tempdir = saved
+
+
+def _scratch_temp_dir() -> tuple[str, str | None]:
+    """(a folder of the command's own, tempfile's folder before it): tempfile's folder while
+    the loader processes run, removed after them (`_scratch_gone`). When a batch cannot be read,
+    torch's DataLoader makes 10 temporary files to see whether open files ran out; torch's
+    SIGCHLD handler, raising a dead loader process's death in the middle of making one, had left
+    it in $TMPDIR for good."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="deepsigns-loader-")
+    saved, tempfile.tempdir = tempfile.tempdir, folder
+    return folder, saved
+
+
+def _scratch_gone(folder: str, saved: str | None) -> None:
+    import shutil
+    import tempfile
+
+    tempfile.tempdir = saved
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # (torch names a loader process's signal as strsignal does: "Terminated", "Hangup", ...)

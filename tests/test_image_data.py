@@ -407,12 +407,32 @@ def dies_in_a_worker_heard_late():
     return dies_in_a_worker()
 
 
-@pytest.mark.parametrize("factory", ["dies_in_a_worker", "dies_in_a_worker_heard_late"])
+def dies_in_a_worker_leaving_a_temporary_file():
+    """The same, with the temporary file torch's loader had left behind when the death was heard
+    while it made one (it makes ten, to see whether open files ran out): made and lost here, in
+    tempfile's folder, as each batch is asked for."""
+    import tempfile
+
+    from torch.utils.data import dataloader
+
+    ask = dataloader._MultiProcessingDataLoaderIter._try_get_data
+
+    def try_get_data(self, *args, **kwargs):
+        os.close(tempfile.mkstemp()[0])
+        return ask(self, *args, **kwargs)
+
+    dataloader._MultiProcessingDataLoaderIter._try_get_data = try_get_data
+    return dies_in_a_worker()
+
+
+@pytest.mark.parametrize("factory", ["dies_in_a_worker", "dies_in_a_worker_heard_late",
+                                     "dies_in_a_worker_leaving_a_temporary_file"])
 def test_a_loader_process_that_dies_is_one_line_not_a_bug(tmp_path, factory):
     """It had been an internal error of deepsigns (exit 3, torch's "DataLoader worker exited
-    unexpectedly"), and once more in CI when the death was heard late. A real process: torch's
-    SIGCHLD handler, left behind in a test process, raised the worker's death later inside an
-    unrelated test (and in pytest itself)."""
+    unexpectedly"), and once more in CI when the death was heard late; under load, a temporary
+    file of torch's had been left in $TMPDIR. A real process: torch's SIGCHLD handler, left
+    behind in a test process, raised the worker's death later inside an unrelated test (and in
+    pytest itself)."""
     scratch = tmp_path.parent / f"{tmp_path.name}-tmp"
     scratch.mkdir()
     proc = run_proc("train", "--arch", "mlp", "--data", f"test_image_data:{factory}", "--workers", 1,
