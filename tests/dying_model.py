@@ -64,13 +64,28 @@ def sharded_data():
 
 def fails_at_exit():
     """A --data factory whose process of RANK 1 fails as it exits, once the run is over (its
-    atexit waits for the first to write, then ends the process with exit 5)."""
+    atexit waits for the first to write and end, then ends the process with exit 5)."""
     import atexit
-    import time
 
     if os.environ.get("RANK") == "1":
-        atexit.register(lambda: (time.sleep(3), os._exit(5)))
+        atexit.register(lambda: (_wait_for_the_others(), os._exit(5)))
     return _data()
+
+
+def _wait_for_the_others(limit: float = 120.0) -> None:
+    """Until this process is the last that torchrun's agent (its parent) runs: a fixed 3 s had
+    been the first process's time to write and end, which a loaded machine may take longer for."""
+    parent, me, deadline = os.getppid(), str(os.getpid()), time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            running = {pid for task in os.listdir(f"/proc/{parent}/task")
+                       for pid in Path(f"/proc/{parent}/task/{task}/children").read_text().split()}
+        except OSError:  # (no /proc children list: the time it had been given)
+            time.sleep(3)
+            return
+        if running <= {me}:
+            return
+        time.sleep(0.05)
 
 
 def exits_silently():
