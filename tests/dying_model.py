@@ -25,6 +25,8 @@ class Net(nn.Module):
 
     def forward(self, x):
         self.calls += 1
+        if os.environ.get("DEEPSIGNS_TEST_ECHO") == os.environ.get("RANK") and self.calls == 1:
+            signal.signal(signal.SIGTERM, _echo)
         if os.environ.get("DEEPSIGNS_TEST_DIE") == os.environ.get("RANK", "0") and self.calls > 20:
             os.kill(os.getpid(), signal.SIGKILL)
         training = os.environ.get("DEEPSIGNS_TEST_TRAINING")
@@ -32,6 +34,15 @@ class Net(nn.Module):
             Path(f"{training}.{os.environ.get('RANK', '0')}").touch()
             time.sleep(0.05)
         return self.head(self.body(x))
+
+
+def _echo(signum, frame):
+    """SIGTERM, on the RANK that DEEPSIGNS_TEST_ECHO names, as a process whose step with the other
+    failed when that one ended: the line deepsigns then says, and exit 2."""
+    line = (f"{os.environ.get('DEEPSIGNS_ERROR_TAG', '')}error: process {os.environ.get('RANK')} of 2: another "
+            "process of this run failed (Connection closed by peer); nothing was written\n")
+    os.write(2, line.encode())
+    os._exit(2)
 
 
 def _data(extra: int = 0):

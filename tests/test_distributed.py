@@ -302,7 +302,8 @@ def test_nproc_hands_a_passphrase_from_a_pipe_to_its_processes(tmp_path):
     assert open_bundle(keys, "from a pipe").info["embedded"]  # (rewritten, sealed with the same passphrase)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM twice", "Ctrl-C twice", "SIGKILL", "SIGKILL to torchrun's agent"])
+@pytest.mark.parametrize("how", ["SIGTERM twice", "Ctrl-C twice", "SIGKILL", "SIGKILL to torchrun's agent",
+                                 "SIGKILL to torchrun's agent, echoed"])
 def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(tmp_path, how):
     """`kill PID` (a service manager's stop) reaches the command, not its processes: it killed
     the launcher outright, said "no output was written", and the orphaned processes trained on
@@ -311,7 +312,9 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
     agent between the command and its processes (torch.distributed.run) killed alone left them
     training too, and the first wrote after the command had said "nothing was written". Ctrl-C
     twice at a terminal (SIGINT to the command's process group) reached the agent as well, twice,
-    and cut its stopping short: it then waited for ever, and the command killed it after 60 s."""
+    and cut its stopping short: it then waited for ever, and the command killed it after 60 s.
+    Where the agent was killed, a process whose step with the other failed as that one stopped
+    ("another process of this run failed", echoed) had been taken for the cause."""
     arch, training = "dying_model:Net", tmp_path / "training"
     base, keys, marked = tmp_path / "base.safetensors", tmp_path / "owner.dskey", tmp_path / "marked.safetensors"
     api.train(arch, base, epochs=3, seed=0, device="cpu")
@@ -319,7 +322,8 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
     sealed = keys.read_bytes()
     proc = subprocess.Popen([*deepsigns_argv(), "embed", "--nproc", "2", "--arch", arch, "--model", str(base),
                              "--keys", str(keys), "--out", str(marked), "--epochs", "500", "--device", "cpu"],
-                            env=process_env({**ENV, "DEEPSIGNS_TEST_TRAINING": str(training)}),
+                            env=process_env({**ENV, "DEEPSIGNS_TEST_TRAINING": str(training),
+                                             "DEEPSIGNS_TEST_ECHO": "1" if how.endswith("echoed") else None}),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=how.startswith("Ctrl-C"),  # (a group of its own, as a terminal's job)
                             preexec_fn=default_sigint)  # (a suite run as a shell's background job ignores SIGINT)
@@ -330,7 +334,7 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
     time.sleep(0.5)
     if how == "SIGKILL":
         proc.kill()
-    elif how.endswith("agent"):
+    elif "agent" in how:
         agent = subprocess.run(["pgrep", "-f", f"torch.distributed.run.*{marked}"], capture_output=True,
                                text=True).stdout.split()
         assert len(agent) == 1, agent
@@ -351,7 +355,7 @@ def test_stopping_the_command_alone_stops_every_process_and_nothing_is_written(t
         while subprocess.run(["pgrep", "-f", str(marked)], capture_output=True).returncode == 0:
             assert time.monotonic() < deadline, "the run's processes outlived the command"
             time.sleep(0.5)
-    elif how.endswith("agent"):  # (its processes go with it: the command waits for them, then says so)
+    elif "agent" in how:  # (its processes go with it: the command waits for them, then says so)
         assert proc.returncode == 2, err
         assert_one_error_line(err, out, "failed (exit -9); nothing was written")
         left = subprocess.run(["pgrep", "-f", str(marked)], capture_output=True, text=True).stdout.split()

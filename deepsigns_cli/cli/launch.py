@@ -122,8 +122,10 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     exited = _EXITED.search(proc.stderr.rpartition("Root Cause")[2])
     silent = f"process {exited[1]} of {nproc} ended with exit {exited[2]} and no error line" if exited else \
         f"a process of the {nproc}-process run failed (exit {proc.returncode})"
-    # (what torchrun saw end it, where it saw it, wins over a line another process echoed)
-    first = errors[0] if errors and not ((killed or exited) and echo in errors[0]) else \
+    # (what torchrun saw end it, where it saw it, wins over a line another process echoed; so does
+    # the agent's own death by a signal: it stopped its processes, and one whose step with the
+    # other failed as that one stopped echoed it)
+    first = errors[0] if errors and not ((killed or exited or proc.returncode < 0) and echo in errors[0]) else \
         killed or f"{silent}; nothing was written"
     if written:  # (a process that failed after the first had written: at its exit, say)
         cause = errors[0] if errors else silent
