@@ -62,8 +62,8 @@ class MarkedRun:
 def _made_once(tmp_path_factory, name: str, make) -> tuple[Path, dict]:
     """(folder, facts): the files of a session fixture, made by `make(folder) -> facts (JSON)`
     in the first test process that needs them and shared, read-only, with the other: `make
-    test` runs two, and each had trained the same models again (about 30 s of the suite's
-    time). A process that finds them half made (the other is making them) waits for it."""
+    test` runs two, and each had trained the same models again (about 30 s of CPU in the
+    suite). A process that finds them half made (the other is making them) waits for it."""
     import fcntl
     import json
     import shutil
