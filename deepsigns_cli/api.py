@@ -1044,8 +1044,7 @@ def _sweep_row(value, path, accuracy: float, seconds: float, *, extract_reader: 
     asked = extract_reader.output
 
     def answer(onnx_path: Path) -> str | None:  # (a wrapper's answer has a name of its own: read where --output is not)
-        keeps = not attacked or asked is None or asked in {o.name for o in load_onnx(onnx_path).graph.output}
-        return asked if keeps else None
+        return asked if not attacked or asked is None else _kept_output(asked, load_onnx(onnx_path))
 
     onnx_path = Path(path)
     output = answer(onnx_path) if onnx_path.suffix.lower() == ".onnx" else asked
@@ -1084,6 +1083,11 @@ def _as_onnx(net, info, dataset: Dataset, outs):
     path = outs.scratch(".onnx")
     export_onnx(net, info, path, check_inputs=dataset.x_test[:64])
     return load_onnx(path)
+
+
+def _kept_output(output: str | None, proto) -> str | None:
+    """`output` where the ONNX model `proto` has an output of that name, else None (its own answer)."""
+    return output if output in {o.name for o in proto.graph.output} else None
 
 
 def _accuracy(model, dataset: Dataset, timeout: float | None = DEFAULT_TIMEOUT, provider: str = "auto",
@@ -1127,8 +1131,7 @@ def _write_attacked(attacked, info, tmp: Path, out_kind: str, dataset: Dataset, 
             raise InputError("this attack gives an ONNX model: give --out a .onnx name")
         Path(tmp).write_bytes(attacked.SerializeToString())
         # (the output the victim was read on, where the attacked model keeps it: else its own answer)
-        kept = output if output in {o.name for o in attacked.graph.output} else None
-        return _accuracy(tmp, dataset, timeout, provider, name=name, output=kept)
+        return _accuracy(tmp, dataset, timeout, provider, name=name, output=_kept_output(output, attacked))
     accuracy = _accuracy(attacked, dataset)
     if out_kind == "checkpoint":
         attack = {"attacked": True, "attack": record, "test_accuracy": round(accuracy, 4)}

@@ -421,8 +421,9 @@ _MACHINE = [(errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quot
 
 #: the temporary folder's scratch files of deepsigns commands (`Outputs.scratch`)
 _SCRATCH = "deepsigns-scratch-"
-#: and its scratch folders (`scratch_folder`): an attack sweep's models, the quantize attack's ONNX files
-SCRATCH_FOLDERS = ("deepsigns-sweep-", "deepsigns-quantize-")
+#: and its scratch folders (`scratch_folder`): an attack sweep's models, the quantize attack's ONNX files,
+#: tempfile's folder while training's loader processes run
+SCRATCH_FOLDERS = ("deepsigns-sweep-", "deepsigns-quantize-", "deepsigns-loader-")
 _RANDOM = "?" * 8  # (the random part of a name tempfile.mkstemp or mkdtemp makes)
 _STALE_SECONDS = 60  # a temporary file younger than this is never swept (it may be about to be locked)
 

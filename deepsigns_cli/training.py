@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -467,11 +467,11 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
     steps_per_epoch = len(_epoch_batches(np.arange(len(y)), cfg, procs))
     total, done, epoch_seconds = cfg.epochs * steps_per_epoch, 0, []
     batches_read = None  # (the epoch's loader, as it is read)
-    scratch = None
+    scratch = ExitStack()  # (with --workers: tempfile's folder while the loader processes run)
     if cfg.workers:
         _room_for_loaders(cfg.workers)
         _loader_temp_dir()
-        scratch = _scratch_temp_dir()
+        scratch.enter_context(_loader_scratch())
     try:
         for epoch in range(cfg.epochs):
             runner.train()
@@ -566,8 +566,7 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
                             f"channel to normalise (--batch-size {cfg.batch_size} on {procs.world_size} "
                             f"process(es)): use a --batch-size of at least {2 * procs.world_size}") from None
     finally:
-        if scratch is not None:
-            _scratch_gone(*scratch)
+        scratch.close()
         for obj in objectives:
             obj.teardown()
         net.to(home)
@@ -634,25 +633,23 @@ def _loader_temp_dir() -> None:
         tempfile.tempdir = saved
 
 
-def _scratch_temp_dir() -> tuple[str, str | None]:
-    """(a folder of the command's own, tempfile's folder before it): tempfile's folder while
-    the loader processes run, removed after them (`_scratch_gone`). When a batch cannot be read,
-    torch's DataLoader makes 10 temporary files to see whether open files ran out; torch's
-    SIGCHLD handler, raising a dead loader process's death in the middle of making one, had left
-    it in $TMPDIR for good."""
+@contextmanager
+def _loader_scratch():
+    """tempfile's folder, while the loader processes run, a scratch folder of the command's own
+    (`fileio.scratch_folder`: removed after them). When a batch cannot be read, torch's
+    DataLoader makes 10 temporary files to see whether open files ran out; torch's SIGCHLD
+    handler, raising a dead loader process's death in the middle of making one, had left it in
+    $TMPDIR for good."""
     import tempfile
 
-    folder = tempfile.mkdtemp(prefix="deepsigns-loader-")
-    saved, tempfile.tempdir = tempfile.tempdir, folder
-    return folder, saved
+    from .fileio import scratch_folder
 
-
-def _scratch_gone(folder: str, saved: str | None) -> None:
-    import shutil
-    import tempfile
-
-    tempfile.tempdir = saved
-    shutil.rmtree(folder, ignore_errors=True)
+    with scratch_folder("deepsigns-loader-") as folder:
+        saved, tempfile.tempdir = tempfile.tempdir, str(folder)
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
 
 
 # (torch names a loader process's signal as strsignal does: "Terminated", "Hangup", ...)

@@ -83,9 +83,13 @@ def _made_once(tmp_path_factory, name: str, make) -> tuple[Path, dict]:
         return folder, facts
 
 
+def _owner_files(folder: Path) -> tuple[Path, Path, Path, Path]:
+    """(base, keys, marked, onnx): a marked run's files in its folder."""
+    return folder / "base.safetensors", folder / "owner.dskey", folder / "marked.safetensors", folder / "marked.onnx"
+
+
 def _marked_run(folder: Path, seed: int) -> dict:
-    base, keys = folder / "base.safetensors", folder / "owner.dskey"
-    marked, onnx = folder / "marked.safetensors", folder / "marked.onnx"
+    base, keys, marked, onnx = _owner_files(folder)
     train = run_json("train", "--arch", "mlp", "--data", "digits", "--epochs", BASE_EPOCHS,
                      "--seed", seed, "--device", "cpu", "--out", base)
     run_json("keygen", "--model", base, "--data", "digits", "--message", MESSAGE,
@@ -104,9 +108,7 @@ def marked_runs(tmp_path_factory):
     def get(seed: int) -> MarkedRun:
         if seed not in cache:
             folder, reports = _made_once(tmp_path_factory, f"owner-seed{seed}", lambda f: _marked_run(f, seed))
-            cache[seed] = MarkedRun(seed, folder, folder / "base.safetensors", folder / "owner.dskey",
-                                    folder / "marked.safetensors", folder / "marked.onnx",
-                                    reports["train"], reports["embed"])
+            cache[seed] = MarkedRun(seed, folder, *_owner_files(folder), reports["train"], reports["embed"])
         return cache[seed]
 
     return get
