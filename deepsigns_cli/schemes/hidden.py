@@ -266,14 +266,22 @@ def projections(trig: np.ndarray, probe: np.ndarray | None, arrays: dict,
     ty = arrays["trigger_y"]
     means = np.stack([trig[ty == c].mean(0) for c in arrays["classes"]])
     if probe is not None:
-        free = _free_probes(arrays)
+        if weights is None or shifted:
+            free = _free_probes(arrays)
         if weights is None:
             weights = line_up(arrays["probe_ref"][free], probe[free])
         if shifted:
-            means = _in_reference(_standard(means, probe[free]) @ weights.T, arrays, weights.sum(1) > 0)
+            means = _in_reference(lined_up(_standard(means, probe[free]), weights), arrays, weights.sum(1) > 0)
         else:
-            means = _over_scale(means, unit_rms(probe)) @ weights.T
+            means = lined_up(_over_scale(means, unit_rms(probe)), weights)
     return _through_a(means, arrays)
+
+
+def lined_up(means: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`means` (s, theirs) lined up by `weights` (ours, theirs): means @ weights.T, taken as
+    numpy takes it fastest, the weights as they are laid out by a contiguous (theirs, s) (on
+    the 2-core machine, 28 us for a (3, 512) by (512, 512), against 161 for means @ weights.T)."""
+    return (weights @ np.ascontiguousarray(means.T)).T
 
 
 def _through_a(means, arrays: dict) -> np.ndarray:
@@ -379,20 +387,37 @@ def line_up(reference: np.ndarray, acts: np.ndarray) -> np.ndarray:
     units (the function unchanged) gets the same reading as the unshuffled model, exactly; near
     twins among the units share the weight instead of being picked at random. A unit that is
     off (in either model) weighs nothing."""
-    r, a = (m - m.mean(0) for m in (reference, acts))
-    rn, an = (np.linalg.norm(m, axis=0) for m in (r, a))
-    live_r, live_a = rn > _DEAD, an > _DEAD
-    if not live_a.any():
-        return np.zeros((r.shape[1], a.shape[1]), np.result_type(r, a))
-    # each unit over its norm (one that is off: 0), so that one product gives the correlations
-    # (over the temperature), and the softmax in place: an epoch's line-up is a few passes
-    logits = (r * (live_r / np.where(live_r, rn * ALIGN_TEMPERATURE, 1))).T @ (a * (live_a / np.where(live_a, an, 1)))
-    logits[:, ~live_a] = -np.inf
-    logits -= logits.max(1, keepdims=True)
-    weights = np.exp(logits, out=logits)
-    weights /= weights.sum(1, keepdims=True)
-    weights[~live_r] = 0.0
-    return weights
+    return LineUp(reference)(acts)
+
+
+class LineUp:
+    """`line_up` with its reference taken apart once, for the suspects that follow (the
+    embedding lines the model up after every epoch)."""
+
+    def __init__(self, reference: np.ndarray):
+        r = reference - reference.mean(0)
+        rn = np.linalg.norm(r, axis=0)
+        self.live = rn > _DEAD
+        # each unit over its norm (one that is off: 0) and the temperature, so that one product
+        # with the suspect's units, each over its norm, gives the logits
+        self.units = np.ascontiguousarray((r * (self.live / np.where(self.live, rn * ALIGN_TEMPERATURE, 1))).T)
+
+    def __call__(self, acts: np.ndarray) -> np.ndarray:
+        a = acts - acts.mean(0)
+        an = np.linalg.norm(a, axis=0)
+        live_a = an > _DEAD
+        if not live_a.any():
+            return np.zeros((len(self.units), a.shape[1]), np.result_type(self.units, a))
+        # the softmax in place: an epoch's line-up is a few passes
+        logits = self.units @ (a * (live_a / np.where(live_a, an, 1)))
+        if not live_a.all():
+            logits[:, ~live_a] = -np.inf
+        logits -= logits.max(1, keepdims=True)
+        weights = np.exp(logits, out=logits)
+        weights /= weights.sum(1, keepdims=True)
+        if not self.live.all():
+            weights[~self.live] = 0.0
+        return weights
 
 
 def _over_scale(acts: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from ..errors import SchemeError
 from ..objective import Objective
 from ..results import SchemeKeys
 from ..zoo import activations, capture, captured
-from .hidden import _free_probes, _over_scale, line_up, read_bits, unit_rms
+from .hidden import LineUp, _free_probes, _over_scale, lined_up, read_bits, unit_rms
 
 # devices whose activations the step's term reads in place, as numpy arrays: there a small
 # array's operation costs a quarter of torch's (1.0 against 3.9 us to scale a (3, 128) array
@@ -98,8 +98,11 @@ class _HiddenState(nn.Module):
         unit = blocks / blocks.norm(dim=0) * (A.shape[0] ** 0.5)
         self.register_buffer("A_unit", unit.permute(1, 0, 2).contiguous())
         self.register_buffer("A_unit_T", unit.permute(1, 2, 0).contiguous())
-        # 1 where, in the (s, C) distances of the target centres to all centres, the other classes are
-        self.register_buffer("others", (torch.arange(len(centres))[None, :] != classes[:, None]).float())
+        # (C, C): 1 at (a target class, another class): the pairs of centres pushed apart
+        pairs = torch.zeros(len(centres), len(centres))
+        pairs[classes] = 1.0
+        pairs[classes, classes] = 0.0
+        self.register_buffer("pairs", pairs)
         # (ours, theirs): the model's units over their scales and lined up with the unmarked
         # model's, as the read-out does it (both taken on the probes after every epoch)
         self.register_buffer("lined", torch.eye(A.shape[0]))
@@ -107,6 +110,16 @@ class _HiddenState(nn.Module):
     def set_line_up(self, weights: torch.Tensor, inv_scale: torch.Tensor) -> None:
         """The line-up `weights` (ours, theirs) of units over their scales (`inv_scale`: theirs)."""
         self.lined.copy_(weights * inv_scale)
+
+    def arrays(self, host: bool) -> dict:
+        """The fixed tensors by name, as the step's term takes them: on the host as numpy arrays
+        (views of the tensors, made again only when the state has moved or changed its dtype)."""
+        if not host:
+            return dict(self.named_buffers())
+        if getattr(self, "_views_of", None) is not self.A_unit:
+            self._views = {name: t.numpy() for name, t in self.named_buffers()}
+            self._views_of = self.A_unit
+        return self._views
 
 
 class _WrittenOut(torch.autograd.Function):
@@ -121,17 +134,19 @@ class _WrittenOut(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         g_act, g_centres = ctx.saved_tensors
+        if grad.device.type == "cpu" and grad.item() == 1.0:  # (the loss as it is: no copies to make)
+            return None, g_act, g_centres, None, None
         return None, grad * g_act, grad * g_centres, None, None
 
 
 def written_out(terms, act: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """The value of `terms(act, centres)` (which gives the value and both gradients) as a loss
-    term that back-propagates those gradients. Computed in fp32 at least, out of autograd and
-    of autocast; its gradients go back in the inputs' dtypes."""
-    dtype = torch.promote_types(act.dtype, torch.float32)
+    term that back-propagates those gradients. Computed in fp32 at least, out of autocast, on
+    detached tensors (no graph); its gradients go back in the inputs' dtypes."""
+    dtype = torch.float64 if act.dtype == torch.float64 else torch.float32
     device = act.device.type
     exact = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
-    with torch.no_grad(), exact:
+    with exact:
         value, g_act, g_centres = terms(act.detach().to(dtype), centres.detach().to(dtype))
     return _WrittenOut.apply(value, act, centres, g_act.to(act.dtype), g_centres.to(centres.dtype))
 
@@ -171,14 +186,17 @@ class HiddenObjective(Objective):
         # target class each class is (a row of zeros for the others)
         self._onehot = np.eye(info.num_classes, dtype=np.float32)
         self._member = self._onehot[:, arrays["classes"]]
+        # each pair of centres pushed apart weighs lambda1 over their number
+        self._per_pair = float(params["lambda1"]) / max(float(self.state.pairs.sum()), 1.0)
         # bundles of keygen since the unit line-up keep probes; older ones are read as they were
         self.arrays = arrays if "probe_ref" in arrays else None
         self.pin = None
         if self.arrays is not None:  # the probes of the other classes pin the units
             # (and the end-of-epoch check reads the probes and the trigger set in one pass)
             self._check_x = np.concatenate([arrays["probe_x"], arrays["trigger_x"]]).astype(np.float32)
-            free = _free_probes(arrays)
-            self.pin = tuple(torch.as_tensor(arrays[k][free]) for k in ("probe_x", "probe_y", "probe_ref"))
+            self._free = _free_probes(arrays)
+            self._line_up_to = LineUp(arrays["probe_ref"][self._free])
+            self.pin = tuple(torch.as_tensor(arrays[k][self._free]) for k in ("probe_x", "probe_y", "probe_ref"))
         self._n_trig, self._pin_rows = 0, None
         # keys since own_rows: the pin holds the batch's own rows of the other classes where the
         # model had them when the embedding began, on the training rows the centres were taken on
@@ -247,8 +265,7 @@ class HiddenObjective(Objective):
         that order); returns whether both readings find every bit."""
         a = self.arrays
         probe, trig = both[: len(a["probe_x"])], both[len(a["probe_x"]):]
-        free = _free_probes(a)
-        weights = line_up(a["probe_ref"][free], probe[free])
+        weights = self._line_up_to(probe[self._free])
         inv_scale = torch.as_tensor(_over_scale(1.0, unit_rms(probe)), dtype=torch.float32)
         self.state.set_line_up(torch.as_tensor(weights, dtype=torch.float32), inv_scale)
         readings = (read_bits(trig, None, a), read_bits(trig, probe, a, weights))
@@ -286,48 +303,51 @@ class HiddenObjective(Objective):
                pin: tuple[np.ndarray, torch.Tensor, np.ndarray], lambda3: float):
         """lambda1 * loss1 + lambda2 * loss2 + lambda3 * pin, and its gradients with respect to
         `act` (every row's carrier activations) and the class centres, written out: few array
-        operations and no graph (on a small model, each operation's fixed cost is what an
-        embedding step pays for). On the CPU in numpy, whose operations on small arrays cost
-        a quarter of torch's; elsewhere in torch. `y`: every row's class; `trig`: the rows that
-        teach the bits; `pin`: (rows of `act`, a tensor of reference activations, their rows in it)."""
-        s, p = self.state, self.params
+        operations and no graph. On the CPU in numpy, whose operations on small arrays cost a
+        quarter of torch's; elsewhere in torch. An embedding step of a small model pays for the
+        operations' number more than for their arithmetic, and more than they cost alone: the
+        forward and backward passes before them leave numpy's code and the term's arrays out of
+        the cache (on the 2-core machine, the term of the digits CNN took 580 us after a pass,
+        170 us alone). `y`: every row's class; `trig`: the rows that teach the bits; `pin`:
+        (rows of `act`, a tensor of reference activations, their rows in it). `act` and
+        `centres` are detached (`written_out`)."""
+        p = self.params
         lambda1, lambda2, scale = float(p["lambda1"]), float(p["lambda2"]), self.scale
         host = act.device.type in HOST_DEVICES
         xp = np if host else torch
-
-        def mine(t: torch.Tensor):  # a tensor of ours as xp's array (no copy on the CPU)
-            return t.detach().numpy() if host else t
-
-        x, c, labels = mine(act), mine(centres), y.cpu().numpy()
+        s = self.state.arrays(host)
+        x, c, labels = (act.numpy(), centres.numpy(), y.numpy()) if host else (act, centres, y.cpu().numpy())
 
         def ours(a: np.ndarray):  # an array made on the host as xp's, in the activations' dtype
             return a.astype(x.dtype, copy=False) if host else torch.as_tensor(a, dtype=x.dtype, device=x.device)
 
-        onehot = ours(self._onehot[labels])  # (n, C)
+        def squared(a):  # the sum of a's squares, as one product
+            flat = a.reshape(-1)
+            return flat @ flat
+
         # loss1, pull: every activation towards its class centre
-        diff = x - onehot @ c
-        g_act = diff * (2 * lambda1 / (len(x) * scale))
-        g_centres = -(onehot.T @ g_act)
-        value = (diff * diff).sum() * (lambda1 / (len(x) * scale))
-        # loss1, push: the target centres away from the others, by exp(-d^2) (bounded in (0, 1]:
-        # cannot diverge); a centre and itself weigh 0
-        classes, others = mine(s.classes), mine(s.others)
-        apart = c[classes][:, None, :] - c  # (s, C, M)
-        near = xp.exp((apart * apart).sum(2) * (-1 / scale)) * others  # (s, C)
-        per = lambda1 / (s.others.numel() - len(classes))
-        g_apart = apart * (near * (-2 * per / scale))[:, :, None]
-        g_centres[classes] += g_apart.sum(1)
-        g_centres -= g_apart.sum(0)
-        value += near.sum() * per
+        g_act = x - c[labels if host else y]  # (the difference, then in place its gradient)
+        value = squared(g_act) * (lambda1 / (len(x) * scale))
+        g_act *= 2 * lambda1 / (len(x) * scale)
+        # loss1, push: each target centre away from the others, by exp(-d^2) (bounded in (0, 1]:
+        # cannot diverge), over the (C, C) squared distances taken from the centres' products
+        gram = c @ c.T
+        norms = xp.diagonal(gram)
+        near = xp.exp((norms[:, None] + norms[None, :] - 2 * gram).clip(min=0) * (-1 / scale)) * s["pairs"]
+        value += near.sum() * self._per_pair
+        w = near * (-2 * self._per_pair / scale)  # d value / d (centre i - centre j), for i and for j
+        w = w + w.T
+        g_centres = w.sum(1)[:, None] * c - w @ c - ours(self._onehot[labels]).T @ g_act  # (the pull's, before more)
         # pin: the rows of other classes keep their activations where the model had them before
         # the embedding, so that a suspect's units can be lined up with the unmarked model's
         at, refs, ref_at = pin
         if len(at):
             if not host:
                 at, ref_at = (torch.as_tensor(i, device=act.device) for i in (at, ref_at))
-            off = x[at] - mine(refs)[ref_at]
-            value += (off * off).sum() * (lambda3 / (len(at) * scale))
-            g_act[at] += off * (2 * lambda3 / (len(at) * scale))
+            off = x[at] - (refs.detach().numpy() if host else refs)[ref_at]
+            value += squared(off) * (lambda3 / (len(at) * scale))
+            off *= 2 * lambda3 / (len(at) * scale)
+            g_act[at] += off
         # loss2: the hinge on every bit, at every target class present among the `trig` rows, in
         # both readings of extract (the units as they are, and lined up with the unmarked
         # model's over their scales): the class's mean activation through its own columns of
@@ -335,28 +355,29 @@ class HiddenObjective(Objective):
         # mean, so they are taken of the (s, M) means, not of every row.
         rows = self._member[labels[trig]]  # (t, s); other classes' rows: 0
         counts = rows.sum(0)
-        present = np.minimum(counts, 1)  # a class with no row in the step has no term (and no NaN)
         rows = ours(rows / np.maximum(counts, 1))  # (each row's share of its class's mean)
-        lined = s.lined if self.arrays is not None else None
-        readings = 1 if lined is None else 2
+        lined = s["lined"] if self.arrays is not None else None
+        # the mean over the classes present (one with no row in the step has no term, and no
+        # NaN) and the readings, each bit's hinge over N
+        weight = (counts > 0) * (lambda2 / max(np.count_nonzero(counts) * (1 if lined is None else 2)
+                                               * s["neg_signs"].shape[2], 1))
+        weight = ours(weight)[:, None, None]  # (s, 1, 1)
 
-        def through(a, t: torch.Tensor):  # a @ t, t a tensor (M, M): torch's product, faster than numpy's on it
-            return (torch.from_numpy(a) @ t).numpy() if host else a @ t
+        def through(a, back: bool = False):  # a @ lined.T (the lined reading); back: a @ lined (its gradient)
+            if not host:
+                return a @ (lined if back else lined.T)
+            return lined_up(a, lined.T if back else lined)  # (numpy's product, as lined_up takes it)
 
-        # the mean over the classes present and the readings, each bit's hinge over N
-        neg_signs = mine(s.neg_signs)  # (s, 1, N)
-        weight = present * (lambda2 / max(present.sum() * readings * neg_signs.shape[2], 1))
         means = rows.T @ x[trig]  # (s, M)
-        views = means[:, None] if lined is None else xp.stack([means, through(means, lined.T)], 1)  # (s, v, M)
-        inv_norm = 1 / xp.sqrt((views * views).sum(2, keepdims=True)).clip(min=1e-6)  # (s, v, 1)
+        views = means[:, None] if lined is None else xp.stack([means, through(means)], 1)  # (s, v, M)
+        inv_norm = (views * views).sum(2, keepdims=True).clip(min=1e-12) ** -0.5  # (s, v, 1)
         unit = views * inv_norm
-        z = unit @ mine(s.A_unit)  # (s, v, N)
-        short = float(p["margin"]) + neg_signs * z  # margin - the signed projection
-        weight = ours(weight)
-        value += (short.clip(min=0).sum((1, 2)) * weight).sum()
-        g_z = (short > 0) * (neg_signs * weight[:, None, None])  # d value / d z
-        g_views = (g_z @ mine(s.A_unit_T) - unit * (g_z * z).sum(2, keepdims=True)) * inv_norm
-        g_means = g_views[:, 0] if lined is None else g_views[:, 0] + through(g_views[:, 1], lined)
+        z = unit @ s["A_unit"]  # (s, v, N)
+        short = float(p["margin"]) + s["neg_signs"] * z  # margin - the signed projection
+        value += (short.clip(min=0) * weight).sum()
+        g_z = (short > 0) * (s["neg_signs"] * weight)  # d value / d z
+        g_views = (g_z @ s["A_unit_T"] - unit * (g_z * z).sum(2, keepdims=True)) * inv_norm
+        g_means = g_views[:, 0] if lined is None else g_views[:, 0] + through(g_views[:, 1], back=True)
         g_act[trig] += rows @ g_means
         if host:
             return torch.as_tensor(value), torch.from_numpy(g_act), torch.from_numpy(g_centres)
