@@ -1,12 +1,13 @@
 """`make bench`: what embedding costs at scale (issue 10), each figure from the code the CLI runs.
 
-    .venv/bin/python scripts/bench.py [overhead] [floor] [every] [threads] [scaling] [memory] [optimizer] [gpu]
+    .venv/bin/python scripts/bench.py [overhead] [floor] [term] [every] [threads] [scaling] [memory] [optimizer] [gpu]
                                       [--repeats 11]
                                       [--out figures/bench]
 
 - overhead: seconds per epoch of the hidden-layer embedding against plain fine-tuning of the
-  same model, data and batch size, interleaved epoch by epoch in one process (medians): the
-  digits MLP and CNN, and the ResNet on a generated 32x32 image folder. A third side is a step
+  same model, data and batch size, interleaved epoch by epoch in one process (medians; and the
+  median of the ratios round by round, with its quartiles, which a load that drifts over the
+  run moves less): the digits MLP and CNN, and the ResNet on a generated 32x32 image folder. A third side is a step
   in the style of the published PyTorch port (`PortStyle`: the paper's two terms on the
   ordinary batch, through autograd), the loop the issue's target is set against.
 - floor (not run by default): the same for the MLP and the CNN, with a further side, the
@@ -14,6 +15,8 @@
 - scaling: samples per second of `deepsigns embed` on the ResNet (32x32 images) with 1 and with
   2 processes (`--nproc 2`, one thread each), at --batch-size 128 (64 samples per process and
   step; also at the default 64 with `scaling --batch-size 64`).
+- term (not run by default): what the hidden embedding's step term costs alone, and after a
+  forward and backward pass of the model, as the loop calls it (numpy and torch; digits MLP and CNN).
 - every (not run by default): a term on every k-th step only, k times as heavy (`every_k`), tried
   as a way to the overhead target and not taken: seconds per epoch as in overhead (k = 1, 2, 4,
   8; the digits MLP and CNN), then on the digits MLP (30-epoch baselines, seeds 0-4) the epochs
@@ -150,7 +153,7 @@ def every_k(objective, k: int):
 
 def _interleaved(out: Path, arch: str, repeats: int, sides: dict, threads: int | None = 1,
                  blas_threads: int | None = 1, device: str = "cpu", precision: str = "fp32", batch_size: int = 64,
-                 copies: int = 1) -> tuple[dict, int]:
+                 copies: int = 1, rounds: dict | None = None) -> tuple[dict, int]:
     """({side: median seconds per epoch}, training samples): one epoch of fine-tuning a fresh
     copy of the owner's `arch` model per side and round, in one process, the sides rotated
     round by round (drifting load favours none). A side is (what its objectives are: none,
@@ -158,7 +161,8 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict, threads: int |
     torch on `threads` threads (None: its default), numpy's BLAS on `blas_threads` while the loop
     runs (TrainConfig.blas_threads; None: numpy's default). On `device` at `precision` and
     `batch_size`; `copies` > 1: the training set decoded into memory and repeated that many times
-    (epochs long enough to time on a GPU; the keys' rows are those of the first copy)."""
+    (epochs long enough to time on a GPU; the keys' rows are those of the first copy). `rounds`,
+    where given, takes each side's seconds round by round."""
     import torch
 
     from deepsigns_cli import api
@@ -197,7 +201,16 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict, threads: int |
                                                  blas_threads=blas_threads), objectives)
             if i:
                 seconds[name].append(history["epoch_seconds"][0])
+    if rounds is not None:
+        rounds.update(seconds)
     return {name: float(np.median(values)) for name, values in seconds.items()}, len(y)
+
+
+def _round_ratios(rounds: dict, side: str) -> tuple[float, float, float]:
+    """The median of `side`'s seconds over plain fine-tuning's, round by round (the two ran
+    minutes apart at most: a drifting load moves both), and its quartiles."""
+    ratios = np.array(rounds[side]) / np.array(rounds["plain"])
+    return tuple(float(q) for q in np.percentile(ratios, (50, 25, 75)))
 
 
 def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: bool = False) -> dict:
@@ -209,12 +222,16 @@ def overhead(out: Path, repeats: int, archs=("mlp", "cnn", "resnet"), floor: boo
     for arch in archs:
         sides = {"plain": (None, False), "embed": ("embed", False), "port": ("port", False),
                  **({"floor": ("floor", False)} if floor else {})}
-        median, samples = _interleaved(out, arch, repeats, sides)
+        rounds: dict = {}
+        median, samples = _interleaved(out, arch, repeats, sides, rounds=rounds)
         plain, embed, port = median["plain"], median["embed"], median["port"]
+        by_round = {side: _round_ratios(rounds, side) for side in ("embed", "port")}
         result[arch] = {"plain_s_per_epoch": plain, "embed_s_per_epoch": embed, "ratio": embed / plain,
-                        "port_style_ratio": port / plain, "samples": samples}
+                        "port_style_ratio": port / plain, "samples": samples,
+                        "ratio_by_round": by_round["embed"], "port_style_ratio_by_round": by_round["port"]}
         line = (f"overhead {arch}: plain {plain:.3f} s/epoch, embed {embed:.3f} s/epoch, ratio {embed / plain:.2f}x; "
-                f"the port's style {port / plain:.2f}x")
+                f"the port's style {port / plain:.2f}x; round by round (median, quartiles) "
+                + ", ".join(f"{side} {m:.2f}x ({lo:.2f}-{hi:.2f})" for side, (m, lo, hi) in by_round.items()))
         if floor:
             result[arch]["floor_ratio"] = median["floor"] / plain
             line += f"; with a term of zero {result[arch]['floor_ratio']:.2f}x"
@@ -248,6 +265,73 @@ def gpu(out: Path, repeats: int, device: str = "cuda") -> dict:
                   f"{median['embed'] / median['plain']:.2f}x, port style {median['port'] / median['plain']:.2f}x",
                   flush=True)
     return result
+
+
+def term(out: Path, calls: int = 300) -> dict:
+    """The hidden embedding's step term (`HiddenObjective._terms`, on a step's 64 training rows,
+    its pinned rows and line-up as the loop gives them), in microseconds per call: alone, called
+    again and again (warm caches; the fastest call), and right after a forward and backward pass
+    of the model on those rows, as the training loop calls it (the median call); in numpy (the
+    CPU's) and in torch (every other device's, here on the CPU). The digits MLP and CNN, torch
+    and numpy on one thread."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from deepsigns_cli.schemes import hidden_objective
+
+    torch.set_num_threads(1)
+    result: dict = {}
+    with threadpool_limits(1):
+        for arch in ("mlp", "cnn"):
+            pass_then_call = _term_calls(out, arch)
+            result[arch] = {}
+            try:
+                for side, host in (("numpy", {"cpu"}), ("torch", set())):
+                    hidden_objective.HOST_DEVICES = host
+                    alone = min(pass_then_call(first=False) for _ in range(calls))
+                    after = float(np.median([pass_then_call() for _ in range(calls)]))
+                    result[arch][side] = {"alone_us": alone * 1e6, "after_a_pass_us": after * 1e6}
+            finally:
+                hidden_objective.HOST_DEVICES = {"cpu"}
+            print(f"term {arch}: " + "; ".join(f"{side} {r['alone_us']:.0f} us alone, {r['after_a_pass_us']:.0f} us "
+                                                 "after a forward and backward pass"
+                                                 for side, r in result[arch].items()), flush=True)
+    return result
+
+
+def _term_calls(out: Path, arch: str):
+    """A function that times one call of the owner's `arch` model's embedding term, on one
+    step's rows, after a forward and backward pass of the model on them (first=False: without)."""
+    import torch
+
+    from deepsigns_cli import api
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.checkpoint import load_checkpoint
+    from deepsigns_cli.registry import load_scheme
+    from deepsigns_cli.zoo import captured
+
+    base, keys = _owner(out, arch, "digits", f"overhead-{arch}")
+    model, info = load_checkpoint(base, arch=None)
+    data = api.load_dataset("digits", base)
+    scheme = load_scheme("hidden")
+    objective = scheme.objective(model, info, data, scheme.check(open_bundle(keys, PASSPHRASE).schemes["hidden"]))
+    objective.setup(model)
+    rows = np.random.default_rng(0).choice(len(data.y_train), 64, replace=False)
+    x, y = torch.as_tensor(data.x_train[rows]), torch.as_tensor(data.y_train[rows])
+    model.train()
+    model(x)
+    act = captured(objective.store, objective.layer, model).detach()
+    pin = objective._pin_own(torch.as_tensor(rows))
+
+    def timed(first: bool = True) -> float:
+        if first:
+            model(x).sum().backward()
+            objective.store.clear()
+        started = time.perf_counter()
+        objective._terms(act, objective.state.centres.detach(), y, slice(0, len(y)), pin, 1.0)
+        return time.perf_counter() - started
+
+    return timed
 
 
 def every(out: Path, repeats: int, ks=(2, 4, 8), seeds=range(5)) -> dict:
@@ -426,6 +510,7 @@ def main() -> None:
     figures = {"overhead": lambda: overhead(args.out, args.repeats),
                "floor": lambda: overhead(args.out, args.repeats, ("mlp", "cnn"), floor=True),
                "every": lambda: every(args.out, args.repeats),
+               "term": lambda: term(args.out),
                "gpu": lambda: gpu(args.out, args.repeats, args.device),
                "threads": lambda: threads(args.out, args.repeats),
                "scaling": lambda: scaling(args.out, batch_size=args.batch_size),
