@@ -7,16 +7,17 @@
 - overhead: seconds per epoch of the hidden-layer embedding against plain fine-tuning of the
   same model, data and batch size, interleaved epoch by epoch in one process (medians; and the
   median of the ratios round by round, with its quartiles, which a load that drifts over the
-  run moves less): the digits MLP and CNN, and the ResNet on a generated 32x32 image folder. A third side is a step
-  in the style of the published PyTorch port (`PortStyle`: the paper's two terms on the
-  ordinary batch, through autograd), the loop the issue's target is set against.
+  run moves less): the digits MLP and CNN, and the ResNet on a generated 32x32 image folder. A
+  third side is a step in the style of the published PyTorch port (`PortStyle`: the paper's two
+  terms on the ordinary batch, through autograd), the loop the issue's target is set against.
 - floor (not run by default): the same for the MLP and the CNN, with a further side, the
   objective with a term of zero: what the embedding costs before any loss is computed.
 - scaling: samples per second of `deepsigns embed` on the ResNet (32x32 images) with 1 and with
   2 processes (`--nproc 2`, one thread each), at --batch-size 128 (64 samples per process and
   step; also at the default 64 with `scaling --batch-size 64`).
 - term (not run by default): what the hidden embedding's step term costs alone, and after a
-  forward and backward pass of the model, as the loop calls it (numpy and torch; digits MLP and CNN).
+  forward and backward pass of the model, as the loop calls it (in numpy and in torch; the
+  digits MLP and CNN).
 - every (not run by default): a term on every k-th step only, k times as heavy (`every_k`), tried
   as a way to the overhead target and not taken: seconds per epoch as in overhead (k = 1, 2, 4,
   8; the digits MLP and CNN), then on the digits MLP (30-epoch baselines, seeds 0-4) the epochs

@@ -308,9 +308,9 @@ class HiddenObjective(Objective):
         operations' number more than for their arithmetic, and more than they cost alone: the
         forward and backward passes before them leave numpy's code and the term's arrays out of
         the cache (on the 2-core machine, the term of the digits CNN took 582 us after a pass,
-        134 us alone: scripts/bench.py term). `y`: every row's class; `trig`: the rows that teach the bits; `pin`:
-        (rows of `act`, a tensor of reference activations, their rows in it). `act` and
-        `centres` are detached (`written_out`)."""
+        134 us alone: scripts/bench.py term). `y`: every row's class; `trig`: the rows that
+        teach the bits; `pin`: (rows of `act`, a tensor of reference activations, their rows
+        in it). `act` and `centres` come detached (`written_out`)."""
         p = self.params
         lambda1, lambda2, scale = float(p["lambda1"]), float(p["lambda2"]), self.scale
         host = act.device.type in HOST_DEVICES
