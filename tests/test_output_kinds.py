@@ -422,6 +422,39 @@ def test_a_deployment_that_answers_in_another_form_is_read(owner, tmp_path, how,
     assert out["matches"] == len(key_labels(owner)) and out["output_kind"] == kind, out
 
 
+class Transposed(torch.nn.Module):
+    """The marked model's scores laid out classes by inputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).T
+
+
+def test_scores_laid_out_classes_by_inputs_are_read_once(owner, tmp_path):
+    """A graph that transposes its scores answers a batch of as many inputs as it has classes
+    in a shape that passes for a batch's: read as it was, 10 keys on the 10 classes counted a
+    reading of classes taken for inputs beside the right one, one input at a time (p doubled,
+    over alpha: "not detected"). Read transposed, it is the one reading; 20 inputs (a shape no
+    batch of them has) are read one input at a time, as before."""
+    path = tmp_path / "transposed.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Transposed(owner["marked"].eval()).eval(), (torch.as_tensor(key_inputs(owner)[:2]),),
+                          str(path), input_names=["input"], output_names=["scores"],
+                          dynamic_axes={"input": {0: "n"}, "scores": {1: "n"}}, opset_version=17, dynamo=False)
+    truth = OnnxModel(owner["onnx"], provider="cpu")
+    for n in (10, 20):
+        x = key_inputs(owner)[:n]
+        model = OnnxModel(path, provider="cpu")
+        np.testing.assert_allclose(model.scores(x), truth.scores(x), rtol=1e-4, atol=1e-5)
+        assert model.batch_dependent == set() and model.noisy == set(), n
+    out = verdict(owner, path, code=0)  # (20 keys: one input at a time)
+    assert out["matches"] == len(key_labels(owner)) and out["outputs"] == 1
+
+
 def test_an_unmarked_model_that_answers_integers_is_not_detected(owner, tmp_path):
     """Its integers read as classes ranked are no ranking (negative, repeated): no answer that way,
     which is no reason to withhold the verdict of the reading as scores."""
