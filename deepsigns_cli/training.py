@@ -625,10 +625,18 @@ def _loader_temp_dir() -> None:
     if longest <= _SOCKET_PATH or not os.access("/tmp", os.W_OK | os.X_OK):
         multiprocessing.util.get_temp_dir()  # (once made, the same folder every time)
         return
-    saved = tempfile.tempdir
-    try:
-        tempfile.tempdir = "/tmp"
+    with _tempfile_folder("/tmp"):
         multiprocessing.util.get_temp_dir()
+
+
+@contextmanager
+def _tempfile_folder(folder: str):
+    """tempfile's folder `folder` while the block runs, then what it was."""
+    import tempfile
+
+    saved, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
     finally:
         tempfile.tempdir = saved
 
@@ -640,16 +648,10 @@ def _loader_scratch():
     DataLoader makes 10 temporary files to see whether open files ran out; torch's SIGCHLD
     handler, raising a dead loader process's death in the middle of making one, had left it in
     $TMPDIR for good."""
-    import tempfile
-
     from .fileio import scratch_folder
 
-    with scratch_folder("deepsigns-loader-") as folder:
-        saved, tempfile.tempdir = tempfile.tempdir, str(folder)
-        try:
-            yield
-        finally:
-            tempfile.tempdir = saved
+    with scratch_folder("deepsigns-loader-") as folder, _tempfile_folder(str(folder)):
+        yield
 
 
 # (torch names a loader process's signal as strsignal does: "Terminated", "Hangup", ...)
