@@ -166,23 +166,14 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict, threads: int |
     where given, takes each side's seconds round by round."""
     import torch
 
-    from deepsigns_cli import api
-    from deepsigns_cli.bundle import open_bundle
-    from deepsigns_cli.checkpoint import load_checkpoint
-    from deepsigns_cli.registry import load_scheme
     from deepsigns_cli.training import TrainConfig, fit
 
     if threads is not None:
         torch.set_num_threads(threads)
-    data_spec = str(_folder(out, 2000)) if arch == "resnet" else "digits"
-    base, keys = _owner(out, arch, data_spec, f"overhead-{arch}", device=device)
-    model, info = load_checkpoint(base, arch=None)
-    data = api.load_dataset(data_spec, base)  # an image folder as the checkpoint recorded it
+    model, info, data, scheme, keyset = _overhead_owner(out, arch, device)
     x, y = data.x_train, data.y_train
     if copies > 1:
         x, y = np.concatenate([np.asarray(x)] * copies), np.concatenate([y] * copies)
-    scheme = load_scheme("hidden")
-    keyset = scheme.check(open_bundle(keys, PASSPHRASE).schemes["hidden"])
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
     for i in range(repeats + 1):  # the first round warms up (allocator, kernels), not counted
@@ -205,6 +196,23 @@ def _interleaved(out: Path, arch: str, repeats: int, sides: dict, threads: int |
     if rounds is not None:
         rounds.update(seconds)
     return {name: float(np.median(values)) for name, values in seconds.items()}, len(y)
+
+
+def _overhead_owner(out: Path, arch: str, device: str = "cpu"):
+    """(model, info, data, scheme, keys) of the owner the overhead figures embed into: `arch`
+    trained on digits (the ResNet on 2,000 generated 32x32 images), its hidden-layer keys
+    checked."""
+    from deepsigns_cli import api
+    from deepsigns_cli.bundle import open_bundle
+    from deepsigns_cli.checkpoint import load_checkpoint
+    from deepsigns_cli.registry import load_scheme
+
+    data_spec = str(_folder(out, 2000)) if arch == "resnet" else "digits"
+    base, keys = _owner(out, arch, data_spec, f"overhead-{arch}", device=device)
+    model, info = load_checkpoint(base, arch=None)
+    data = api.load_dataset(data_spec, base)  # an image folder as the checkpoint recorded it
+    scheme = load_scheme("hidden")
+    return model, info, data, scheme, scheme.check(open_bundle(keys, PASSPHRASE).schemes["hidden"])
 
 
 def _round_ratios(rounds: dict, side: str) -> tuple[float, float, float]:
@@ -305,17 +313,10 @@ def _term_calls(out: Path, arch: str):
     step's rows, after a forward and backward pass of the model on them (first=False: without)."""
     import torch
 
-    from deepsigns_cli import api
-    from deepsigns_cli.bundle import open_bundle
-    from deepsigns_cli.checkpoint import load_checkpoint
-    from deepsigns_cli.registry import load_scheme
     from deepsigns_cli.zoo import captured
 
-    base, keys = _owner(out, arch, "digits", f"overhead-{arch}")
-    model, info = load_checkpoint(base, arch=None)
-    data = api.load_dataset("digits", base)
-    scheme = load_scheme("hidden")
-    objective = scheme.objective(model, info, data, scheme.check(open_bundle(keys, PASSPHRASE).schemes["hidden"]))
+    model, info, data, scheme, keyset = _overhead_owner(out, arch)
+    objective = scheme.objective(model, info, data, keyset)
     objective.setup(model)
     rows = np.random.default_rng(0).choice(len(data.y_train), 64, replace=False)
     x, y = torch.as_tensor(data.x_train[rows]), torch.as_tensor(data.y_train[rows])
