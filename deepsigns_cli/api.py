@@ -147,6 +147,16 @@ def _check_positive(name: str, value: float | None) -> float | None:
     return float(value)
 
 
+def _check_provider(provider: str) -> str:
+    """onnxruntime's `provider`, checked before anything is read: CUDA where it is not usable is
+    refused whatever the suspect (a checkpoint, read through torch, had taken it without a word)."""
+    if provider != "auto":
+        from .runtime import resolve_provider
+
+        resolve_provider(provider)
+    return provider
+
+
 # the smallest --alpha taken: no reading reaches a p-value near it (192 bits read without an
 # error: 1.6e-58), and alpha shared out among a reading's tries stays a normal number above 0
 MIN_ALPHA = 1e-300
@@ -681,6 +691,7 @@ class _Reader:
 
         self.command, self.alpha = command, _check_alpha(alpha)
         _check_positive("timeout", timeout)
+        _check_provider(provider)
         self.queries = _check_int("queries", queries)
         self.published = check_commitment(keys, commitment)  # (before a prompt for the passphrase)
         self._unlocked = unlock(keys, _passphrase(passphrase))  # scrypt runs while a suspect loads
@@ -795,6 +806,7 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
     _check_int("seed", seed)
     _check_int("batch_size", batch_size)
     _check_positive("timeout", timeout)
+    _check_provider(provider)
     out_kind = _attack_out_kind(name, out, entry.writes)
     victim_onnx = str(model).lower().endswith(".onnx")
     if victim_onnx and entry.takes == "torch":

@@ -379,6 +379,14 @@ def test_cuda_provider_refused_cleanly_without_cuda(owner):
                    owner["dir"] / "labels.onnx", "--provider", "cuda")
     assert attacked.exit_code == 2 and "CUDA is not usable" in attacked.stderr
     assert not (owner["dir"] / "labels.onnx").exists()
+    # a checkpoint is read and attacked through torch, but CUDA asked for is refused there too
+    # (it had been taken without a word: extract exit 0 on a machine with no GPU)
+    checkpoint = owner["dir"] / "marked.safetensors"
+    for argv in (("extract", "--model", checkpoint, "--keys", owner["dir"] / "owner.dskey"),
+                 ("attack", "prune", "--model", checkpoint, "--out", owner["dir"] / "pruned.safetensors")):
+        result = run(*argv, "--provider", "cuda")
+        assert result.exit_code == 2 and "CUDA is not usable" in result.stderr, result.stderr
+    assert not (owner["dir"] / "pruned.safetensors").exists()
 
 
 def test_auto_provider_is_quiet_on_cpu(owner, tmp_path):
