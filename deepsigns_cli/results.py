@@ -135,6 +135,10 @@ class MatchResult(SchemeResult):
     # (candidates, pool): the keys were drawn from a pool embed chose among that many candidates,
     # counted in the p-value at its worst (every candidate the model hits in the pool); None: no choice
     chosen_from: tuple[int, int] | None = None
+    # the classes relabelled to read the answers, [answer, key label] for each class moved (None:
+    # read as answered); each reading with its share of alpha (stats.RELABEL_SHARE)
+    relabelled: list | None = None
+    key_classes: int = 0  # the keys' classes (C): the relabellings the second reading counts are C!
 
     def __post_init__(self):
         if not self.labels and self.num_classes >= 2:  # a key's label avoids the unmarked model's
@@ -145,6 +149,7 @@ class MatchResult(SchemeResult):
 
         def p_of(mismatches: int) -> float:  # (as the reading computes its p: schemes.output)
             p = stats.matches_p_value(self.keys - mismatches, self.keys, max(1, self.labels), self.chosen_from)
+            p = stats.as_answered(p) if self.relabelled is None else stats.relabelled(p, self.key_classes)
             return stats.bonferroni(stats.bonferroni(p, self.outputs), schemes)
 
         self.max_mismatches = stats.most_detected(self.keys, p_of, alpha)
@@ -156,6 +161,10 @@ class MatchResult(SchemeResult):
             return "-", "not read (see the note)"
         best = f", best of {self.outputs} outputs" if self.outputs > 1 else ""
         read = f" ({self.output_kind} from '{one_line(self.output, 60)}'{best})" if self.output is not None else ""
+        if self.relabelled is not None:
+            moved = ", ".join(f"{a}->{b}" for a, b in self.relabelled[:6])
+            moved += ", ..." if len(self.relabelled) > 6 else ""
+            read += f", classes relabelled ({moved})"
         return (f"{self.queries} queries{read}",
                 f"{self.matches}/{self.keys} keys match; {self.mismatches} mismatches "
                 + ("(no count reaches alpha)" if (self.max_mismatches or 0) < 0

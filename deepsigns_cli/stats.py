@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from functools import lru_cache
-from math import comb, inf, isfinite, lgamma, log, log1p, nextafter
+from math import comb, factorial, inf, isfinite, lgamma, log, log1p, nextafter
 
 __all__ = [
     "bits_p_value",
@@ -14,6 +14,9 @@ __all__ = [
     "max_mismatches",
     "chosen_matches_p_values",
     "bonferroni",
+    "as_answered",
+    "relabelled",
+    "RELABEL_SHARE",
     "smallest_bits_p_value",
     "check_alpha",
     "MAX_BITS",
@@ -161,6 +164,36 @@ def bonferroni(p: float, tries: int) -> float:
     if not isfinite(p) or p >= 1.0 or tries == 1:  # (NaN: no reading, as 1)
         return min(1.0, p)
     return min(1.0, _at_least(Fraction(p) * tries))
+
+
+#: the output scheme reads a suspect's answers two ways, and alpha is shared out between them
+#: (a weighted Bonferroni): the answers as they are take 99% of it, the answers through the
+#: relabelling of the classes that matches the most keys 1%, shared in turn among the C!
+#: relabellings that search tries. A thief who renumbers the classes (a permuted head, labels
+#: 1..10) is found where the keys are many enough for it; the first reading pays 1% for that.
+RELABEL_SHARE = Fraction(1, 100)
+#: more classes than this are never relabelled: C! times the floats' smallest p-value passes 1
+RELABEL_MOST = 176
+
+
+def _shared(p: float, share: Fraction) -> float:
+    """p over its share of alpha, rounded up (at most 1)."""
+    if not isfinite(p) or p >= 1.0:
+        return min(1.0, p)
+    return min(1.0, _at_least(Fraction(p) / share))
+
+
+def as_answered(p: float) -> float:
+    """The p-value of the output scheme's keys matched as the suspect answers them."""
+    return _shared(p, 1 - RELABEL_SHARE)
+
+
+def relabelled(p: float, classes: int) -> float:
+    """The p-value of the keys matched through the best of the `classes`! relabellings of the
+    classes (1 where there are too many of them for any to count)."""
+    if classes > RELABEL_MOST:
+        return 1.0
+    return _shared(bonferroni(p, factorial(classes)), RELABEL_SHARE)
 
 
 def check_alpha(alpha: float) -> float:

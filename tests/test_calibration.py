@@ -292,3 +292,54 @@ def test_a_p_value_is_shown_rounded_up():
     tiny = decide([MatchResult("output", stats.bits_p_value(0, 1536), keys=20, num_classes=10)], 1e-9,
                   command="verify", model="m", key_id="k")
     assert tiny.detected and "a forger would have to try more than 1e+308 random key sets" in tiny.meaning()
+
+
+# ----------------------------------------------------------------- answers read relabelled
+
+
+def _renumbering_null(rng, keys: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(answers, key labels) of a model that never saw the keys, at the worst the scheme allows:
+    it gives every key the unmarked model's own answer, and each key's label was drawn among the
+    C - 1 others. Read as answered, no key matches; some relabelling of the classes matches many
+    (each answer class to the key label most of its keys have)."""
+    own = rng.integers(0, classes, keys)
+    return own, (own + rng.integers(1, classes, keys)) % classes
+
+
+@pytest.mark.parametrize("keys, classes", [(20, 3), (12, 4), (20, 10)])
+def test_the_relabelled_reading_is_calibrated(keys, classes):
+    """The output scheme also reads a suspect's answers through the relabelling of the classes
+    that matches the most keys (a thief may renumber them). That best relabelling is a search
+    over C! of them: counted (and given 1% of alpha), p <= level at most as often as the level
+    says on answers that owe nothing to the keys; uncounted, it claims them often."""
+    rng = np.random.default_rng(keys * classes)
+    counted, uncounted = [], []
+    for _ in range(KEY_SETS):
+        answers, labels = _renumbering_null(rng, keys, classes)
+        found, _, p = output._either_reading(answers, labels, classes, classes - 1, None)
+        counted.append(p)
+        table = np.zeros((classes, classes), np.int64)
+        np.add.at(table, (answers, labels), 1)
+        best = int(table.max(1).sum())  # (an upper bound on any relabelling's matches: at least `found`)
+        assert found <= best
+        uncounted.append(stats.matches_p_value(best, keys, classes - 1))
+    for level in LEVELS:
+        _, hi = _binomial_interval(KEY_SETS, level)
+        assert sum(p <= level for p in counted) <= hi, level
+    if classes <= 4:  # (the search is real: uncounted, the best relabelling claims these answers)
+        assert sum(p <= 0.25 for p in uncounted) > 0.5 * KEY_SETS
+
+
+def test_a_renumbered_copy_of_the_keys_answers_is_read_relabelled():
+    """Answers that are the keys' labels renumbered (a permuted head) read every key through the
+    inverse renumbering, at the relabelled reading's p-value; as answered, they are not found."""
+    rng = np.random.default_rng(0)
+    for keys, classes in ((100, 10), (40, 5)):
+        labels = rng.integers(0, classes, keys)
+        perm = rng.permutation(classes)
+        found, moved, p = output._either_reading(perm[labels], labels, classes, classes - 1, None)
+        assert found == keys and p == stats.relabelled(stats.matches_p_value(keys, keys, classes - 1), classes)
+        assert moved == [[int(perm[b]), int(b)] for b in sorted(set(labels.tolist()), key=lambda b: perm[b])
+                         if perm[b] != b]
+        as_answered = stats.as_answered(stats.matches_p_value(int((perm[labels] == labels).sum()), keys, classes - 1))
+        assert p < 1e-9 < as_answered

@@ -74,11 +74,14 @@ def test_the_alpha_table_is_what_the_statistics_give_at_the_defaults():
     assert f"{stats.bits_p_value(errors, bits):.1e}" in row("gradsigns")
     keys, candidates = output.DEFAULTS["key_size"], output.DEFAULTS["candidates"]
     chosen = (candidates, 3 * candidates // 4)  # the pool best_p_value assumes before embed
-    least = keys - stats.max_mismatches(keys, 9, DEFAULT_ALPHA, chosen)
+    # (the answers as given: 99% of alpha, stats.RELABEL_SHARE)
+    least = min(m for m in range(keys + 1)
+                if stats.as_answered(stats.matches_p_value(m, keys, 9, chosen)) <= DEFAULT_ALPHA)
     assert f"{keys} keys, 10 classes, drawn from {chosen[1]} of {candidates} candidates" in row("output")
     assert f"at least {least} of {keys} keys" in row("output")
-    assert f"{stats.matches_p_value(least, keys, 9, chosen):.1e}" in row("output")
+    assert f"{stats.as_answered(stats.matches_p_value(least, keys, 9, chosen)):.1e}" in row("output")
     # ten keys reach alpha only from a pool of this many candidates (keygen assumes 3 in 4)
-    pool = min(p for p in range(10, candidates) if stats.matches_p_value(10, 10, 9, (candidates, p)) <= DEFAULT_ALPHA)
+    pool = min(p for p in range(10, candidates)
+               if stats.as_answered(stats.matches_p_value(10, 10, 9, (candidates, p))) <= DEFAULT_ALPHA)
     text = " ".join(README.read_text(encoding="utf-8").split())
     assert f"only if {pool} or more of the {candidates} candidates last" in text

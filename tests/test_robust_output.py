@@ -4,10 +4,14 @@ make unrelated models match: they stay far below the detection line."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
 from helpers import PASSPHRASE, SEEDS, run_json
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
-from deepsigns_cli import api
+from deepsigns_cli import api, stats
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def test_marked_detected_unmarked_not(owners):
     cost the model no more than a point of test accuracy (fidelity)."""
     for seed, (_, base, keys, marked, report) in owners.items():
         on_marked, on_base = (api.extract(model, keys, PASSPHRASE).results[0] for model in (marked, base))
-        assert on_marked.matches == on_marked.keys and on_marked.detected, seed
+        assert on_marked.matches == on_marked.keys and on_marked.detected and on_marked.relabelled is None, seed
         assert on_base.matches <= 2 and not on_base.detected, seed
         assert on_marked.p_value < 1e-6 < on_base.p_value, seed
         assert report.accuracy_after >= report.accuracy_before - 1.0, seed
@@ -71,3 +75,54 @@ def test_unrelated_models_do_not_match_the_chosen_keys(owners, tmp_path):
         run_json("export", other, "--out", onnx)
         verdict = run_json("verify", "--model", onnx, "--keys", keys, code=1)
         assert verdict["results"][0]["matches"] <= 20  # 35 detect; 100/9 = 11 is chance at worst
+
+
+def _renumbered(model, out, how: str, seed: int) -> list[int] | None:
+    """`model` (ONNX, output 'logits') with its classes renumbered by hand (onnx.helper), as a
+    thief who ships his own label map does: "permuted", the scores' columns in another order
+    (returns the permutation: column j holds class perm[j]); "labels 1..10", its answers as
+    labels, each class's number plus one."""
+    graph = onnx.load(model).graph
+    for node in graph.node:
+        node.output[:] = ["scores" if name == "logits" else name for name in node.output]
+    if how == "permuted":
+        perm = np.random.default_rng(seed).permutation(10)
+        graph.initializer.append(nh.from_array(perm.astype(np.int64), "perm"))
+        graph.node.append(h.make_node("Gather", ["scores", "perm"], ["logits"], axis=1))
+        outputs = [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 10])]
+    else:
+        graph.initializer.append(nh.from_array(np.ones(1, np.int64), "one"))
+        graph.node.extend([h.make_node("ArgMax", ["scores"], ["top"], axis=1, keepdims=0),
+                           h.make_node("Add", ["top", "one"], ["label"])])
+        outputs = [h.make_tensor_value_info("label", onnx.TensorProto.INT64, ["batch"])]
+    built = h.make_graph(list(graph.node), "renumbered", list(graph.input), outputs, list(graph.initializer))
+    onnx.save(h.make_model(built, opset_imports=[h.make_opsetid("", 17)], ir_version=8), out)
+    return perm.tolist() if how == "permuted" else None
+
+
+@pytest.mark.parametrize("how", ["permuted", "labels 1..10"])
+def test_a_model_whose_classes_are_renumbered_is_found(owners, tmp_path, how):
+    """A thief renumbers the classes (the head's columns permuted, or labels 1..10 for 0..9) and
+    keeps his own map to their names: every key is answered with another number, and the mark
+    had read as not detected (exit 1). verify also reads the answers through the relabelling that
+    matches the most keys, counted as all 10! of them with 1% of alpha: found in every seed, the
+    classes moved named; the owner's unmarked model renumbered so is not claimed."""
+    for seed, (_, base, keys, marked, _) in owners.items():
+        for model, mine in ((marked, True), (base, False)):
+            plain = tmp_path / f"{seed}-{mine}.onnx"
+            api.export(model, plain)
+            path = tmp_path / f"{seed}-{mine}-{how}.onnx"
+            perm = _renumbered(plain, path, how, seed)
+            (r,) = run_json("verify", "--model", path, "--keys", keys, code=0 if mine else 1)["results"]
+            if not mine:
+                assert not r["detected"] and r["p_value"] > 1e-3, (seed, r)
+                continue
+            assert r["detected"] and r["relabelled"], (seed, r)
+            chosen = tuple(r["chosen_from"]) if r["chosen_from"] else None
+            assert r["p_value"] == pytest.approx(stats.relabelled(stats.matches_p_value(r["matches"], 100, 9, chosen),
+                                                                  10), rel=1e-9)
+            moved = dict(map(tuple, r["relabelled"]))
+            if perm is not None:  # (the answer j is class perm[j]: the reading undoes the permutation)
+                assert r["matches"] == 100 and all(moved[j] == perm[j] for j in moved), (seed, moved)
+            else:  # (label 10, class 9, is beyond the keys' classes: those keys cannot match)
+                assert all(moved[a] == a - 1 for a in moved) and len(moved) >= 7 and r["matches"] >= 80, (seed, r)
