@@ -261,6 +261,18 @@ def test_output_keys_whose_pool_does_not_fit_are_damaged(tmp_path, blackbox):
             api.extract(blackbox["marked_path"], path, PASSPHRASE)
 
 
+def test_output_keys_whose_labels_are_no_class_numbers_are_damaged(tmp_path, blackbox):
+    """Key labels of a hand-sealed bundle that are not whole numbers (2.5 never matched; the
+    relabelled reading would index its table of classes by them) are refused, exit 2."""
+    bundle = open_bundle(blackbox["keys"], PASSPHRASE)
+    arrays = bundle.schemes["output"].arrays
+    arrays["y"] = arrays["y"].astype(np.float64) + 0.5
+    path = tmp_path / "forged.dskey"
+    write_bundle(bundle, path, PASSPHRASE)
+    result = run_cli("verify", "--model", blackbox["onnx"], "--keys", path, code=2)
+    assert_bad_input(result, "damaged")
+
+
 def test_output_keys_of_an_embed_before_the_count_still_count_the_choice(tmp_path, blackbox):
     """Keys embedded by a version that recorded no pool (a forger's old copy of the tool) are
     read with the pool they record by other names (the keys that lasted), not as no choice."""

@@ -177,7 +177,8 @@ class OutputScheme(Scheme):
         x, y = ("x", "y") if keys.params.get("embedded") else ("x_candidates", "y_candidates")
         self.require(keys, {}, {y: 1})
         xs, ys = keys.arrays.get(x), keys.arrays[y]
-        if not (isinstance(xs, np.ndarray) and xs.dtype.kind == "f" and len(xs) == len(ys)
+        # (labels are class numbers: a label of 2.5 never matched, and relabelled it would index a table)
+        if not (isinstance(xs, np.ndarray) and xs.dtype.kind == "f" and len(xs) == len(ys) and ys.dtype.kind in "iu"
                 and np.isfinite(xs).all() and keys.params["num_classes"] >= 3
                 and keys.params["key_batch"] >= 1 and 1 <= keys.params["key_size"] <= MAX_KEY_SIZE
                 and ys.min() >= 0 and ys.max() < keys.params["num_classes"]
