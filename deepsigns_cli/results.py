@@ -135,10 +135,11 @@ class MatchResult(SchemeResult):
     # (candidates, pool): the keys were drawn from a pool embed chose among that many candidates,
     # counted in the p-value at its worst (every candidate the model hits in the pool); None: no choice
     chosen_from: tuple[int, int] | None = None
-    # the classes relabelled to read the answers, [answer, key label] for each class moved (None:
+    # the answers relabelled to read them, [answer, key label] for each the keys show moved (None:
     # read as answered); each reading with its share of alpha (stats.RELABEL_SHARE)
     relabelled: list | None = None
-    key_classes: int = 0  # the keys' classes (C): the relabellings the second reading counts are C!
+    key_classes: int = 0  # the keys' classes (C) and the distinct answers (D, at most C) a relabelling
+    answer_values: int = 0  # maps to them: the relabelled reading counts C! / (C - D)! relabellings
 
     def __post_init__(self):
         if not self.labels and self.num_classes >= 2:  # a key's label avoids the unmarked model's
@@ -149,7 +150,10 @@ class MatchResult(SchemeResult):
 
         def p_of(mismatches: int) -> float:  # (as the reading computes its p: schemes.output)
             p = stats.matches_p_value(self.keys - mismatches, self.keys, max(1, self.labels), self.chosen_from)
-            p = stats.as_answered(p) if self.relabelled is None else stats.relabelled(p, self.key_classes)
+            if self.relabelled is None:
+                p = stats.as_answered(p)
+            else:
+                p = stats.relabelled(p, self.key_classes, self.answer_values)
             return stats.bonferroni(stats.bonferroni(p, self.outputs), schemes)
 
         self.max_mismatches = stats.most_detected(self.keys, p_of, alpha)
@@ -171,7 +175,9 @@ class MatchResult(SchemeResult):
                    else f"(at most {self.max_mismatches} allowed)"))
 
     def brief(self) -> str:
-        return "not read" if self.unread and not self.queries else f"{self.matches}/{self.keys} match"
+        if self.unread and not self.queries:
+            return "not read"
+        return f"{self.matches}/{self.keys} match" + (", relabelled" if self.relabelled is not None else "")
 
 
 @dataclass

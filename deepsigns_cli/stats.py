@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from functools import lru_cache
-from math import comb, factorial, inf, isfinite, lgamma, log, log1p, nextafter
+from math import comb, inf, isfinite, lgamma, log, log1p, nextafter, perm
 
 __all__ = [
     "bits_p_value",
@@ -163,24 +163,24 @@ def bonferroni(p: float, tries: int) -> float:
     tries = max(1, tries)
     if not isfinite(p) or p >= 1.0 or tries == 1:  # (NaN: no reading, as 1)
         return min(1.0, p)
-    return min(1.0, _at_least(Fraction(p) * tries))
+    value = Fraction(p) * tries  # (exact: tries may pass the floats' range, 176! does)
+    return 1.0 if value >= 1 else _at_least(value)
 
 
 #: the output scheme reads a suspect's answers two ways, and alpha is shared out between them
 #: (a weighted Bonferroni): the answers as they are take 99% of it, the answers through the
-#: relabelling of the classes that matches the most keys 1%, shared in turn among the C!
+#: relabelling of their values that matches the most keys 1%, shared in turn among all the
 #: relabellings that search tries. A thief who renumbers the classes (a permuted head, labels
 #: 1..10) is found where the keys are many enough for it; the first reading pays 1% for that.
 RELABEL_SHARE = Fraction(1, 100)
-#: more classes than this are never relabelled: C! times the floats' smallest p-value passes 1
-RELABEL_MOST = 176
 
 
 def _shared(p: float, share: Fraction) -> float:
     """p over its share of alpha, rounded up (at most 1)."""
     if not isfinite(p) or p >= 1.0:
         return min(1.0, p)
-    return min(1.0, _at_least(Fraction(p) / share))
+    value = Fraction(p) / share
+    return 1.0 if value >= 1 else _at_least(value)
 
 
 def as_answered(p: float) -> float:
@@ -188,12 +188,12 @@ def as_answered(p: float) -> float:
     return _shared(p, 1 - RELABEL_SHARE)
 
 
-def relabelled(p: float, classes: int) -> float:
-    """The p-value of the keys matched through the best of the `classes`! relabellings of the
-    classes (1 where there are too many of them for any to count)."""
-    if classes > RELABEL_MOST:
-        return 1.0
-    return _shared(bonferroni(p, factorial(classes)), RELABEL_SHARE)
+def relabelled(p: float, classes: int, values: int) -> float:
+    """The p-value of the keys matched through the best relabelling of a suspect's `values`
+    distinct answers as `classes` classes: one of classes! / (classes - values)! (every way of
+    giving each value a class of its own; the values depend on the suspect and the key inputs
+    alone, not on the keys' labels)."""
+    return _shared(bonferroni(p, perm(classes, min(values, classes))), RELABEL_SHARE)
 
 
 def check_alpha(alpha: float) -> float:

@@ -316,7 +316,7 @@ def test_the_relabelled_reading_is_calibrated(keys, classes):
     counted, uncounted = [], []
     for _ in range(KEY_SETS):
         answers, labels = _renumbering_null(rng, keys, classes)
-        found, _, p = output._either_reading(answers, labels, classes, classes - 1, None)
+        found, _, p, _ = output._either_reading(answers, labels, classes, classes - 1, None)
         counted.append(p)
         table = np.zeros((classes, classes), np.int64)
         np.add.at(table, (answers, labels), 1)
@@ -331,15 +331,29 @@ def test_the_relabelled_reading_is_calibrated(keys, classes):
 
 
 def test_a_renumbered_copy_of_the_keys_answers_is_read_relabelled():
-    """Answers that are the keys' labels renumbered (a permuted head) read every key through the
-    inverse renumbering, at the relabelled reading's p-value; as answered, they are not found."""
+    """Answers that are the keys' labels renumbered (a permuted head, or ids of the thief's own)
+    read every key through the inverse renumbering, at the relabelled reading's p-value: one of
+    C! / (C - D)! relabellings of the D values answered; as answered, they are not found."""
     rng = np.random.default_rng(0)
-    for keys, classes in ((100, 10), (40, 5)):
+    for keys, classes in ((100, 10), (40, 5), (60, 50)):
         labels = rng.integers(0, classes, keys)
         perm = rng.permutation(classes)
-        found, moved, p = output._either_reading(perm[labels], labels, classes, classes - 1, None)
-        assert found == keys and p == stats.relabelled(stats.matches_p_value(keys, keys, classes - 1), classes)
-        assert moved == [[int(perm[b]), int(b)] for b in sorted(set(labels.tolist()), key=lambda b: perm[b])
-                         if perm[b] != b]
-        as_answered = stats.as_answered(stats.matches_p_value(int((perm[labels] == labels).sum()), keys, classes - 1))
-        assert p < 1e-9 < as_answered
+        shown = len(set(labels.tolist()))
+        for answers in (perm[labels], perm[labels] * 7 + 10**15):  # (class numbers; ids of his own)
+            found, moved, p, values = output._either_reading(answers, labels, classes, classes - 1, None)
+            assert found == keys and values == shown, (keys, classes)
+            assert p == stats.relabelled(stats.matches_p_value(keys, keys, classes - 1), classes, shown)
+            want = {(int(answers[labels == b][0]), int(b)) for b in set(labels.tolist())}
+            assert sorted(map(tuple, moved)) == sorted((a, b) for a, b in want if a != b)
+            as_answered = stats.as_answered(stats.matches_p_value(int((answers == labels).sum()), keys, classes - 1))
+            assert p < 1e-9 < as_answered
+
+
+def test_a_search_beyond_the_floats_range_counts_as_p_1():
+    """C! for 171 classes or more passes the floats' range: a p-value counted over so many
+    relabellings (or tries) is 1, never an overflow (a bundle of 176 classes had crashed verify)."""
+    from math import factorial, perm
+
+    assert stats.bonferroni(1e-12, factorial(176)) == 1.0 and stats.bonferroni(0.5, 10**400) == 1.0
+    assert stats.relabelled(0.5, 171, 171) == stats.relabelled(1e-12, 176, 176) == 1.0
+    assert stats.relabelled(1e-300, 176, 3) == pytest.approx(1e-300 * perm(176, 3) * 100, rel=1e-12)

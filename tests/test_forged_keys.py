@@ -273,6 +273,19 @@ def test_output_keys_whose_labels_are_no_class_numbers_are_damaged(tmp_path, bla
     assert_bad_input(result, "damaged")
 
 
+def test_output_keys_of_many_classes_read_relabelled_without_overflow(tmp_path, blackbox):
+    """A bundle of 176 classes (hand-sealed here): the relabelled reading counted 176! ways, and
+    p times that passed the floats' range: verify crashed (exit 3). It counts the ways of giving
+    the answers' own values a class each, and a count past the floats is p = 1."""
+    bundle = open_bundle(blackbox["keys"], PASSPHRASE)
+    bundle.schemes["output"].params.update(num_classes=176)
+    path = tmp_path / "wide.dskey"
+    write_bundle(bundle, path, PASSPHRASE)
+    for model, code in ((blackbox["dir"] / "base.onnx", 1), (blackbox["onnx"], 0)):
+        (result,) = run_json("verify", "--model", model, "--keys", path, code=code)["results"]
+        assert result["key_classes"] == 176 and result["answer_values"] <= 10, result
+
+
 def test_output_keys_of_an_embed_before_the_count_still_count_the_choice(tmp_path, blackbox):
     """Keys embedded by a version that recorded no pool (a forger's old copy of the tool) are
     read with the pool they record by other names (the keys that lasted), not as no choice."""

@@ -321,10 +321,10 @@ def test_a_rows_threshold_agrees_with_its_verdict_when_alpha_is_its_p_value():
     for keys, matches, chosen, moved in ((20, 14, None, None), (20, 16, (400, 354), None), (100, 41, None, None),
                                          (20, 20, None, [[1, 2], [2, 1]]), (100, 60, (400, 300), [[0, 9], [9, 0]])):
         p = stats.matches_p_value(matches, keys, 9, chosen)  # (as the reading gives it: as answered, or relabelled)
-        p = stats.as_answered(p) if moved is None else stats.relabelled(p, 10)
+        p = stats.as_answered(p) if moved is None else stats.relabelled(p, 10, 10)
         for alpha in (p, np.nextafter(p, 0)):
             row = MatchResult("output", p, keys=keys, matches=matches, mismatches=keys - matches, num_classes=10,
-                              chosen_from=chosen, relabelled=moved, key_classes=10)
+                              chosen_from=chosen, relabelled=moved, key_classes=10, answer_values=10)
             decide([row], alpha, command="verify", model="m", key_id="k")
             assert row.detected == (row.mismatches <= row.max_mismatches), (keys, matches, chosen, alpha)
 

@@ -291,12 +291,12 @@ class OutputScheme(Scheme):
             # claim a million classes and label ten had claimed every model, at p = 1e-37); of a
             # label output, those it gave (a larger one only makes its own p-value smaller)
             classes = min(c, int(answers.max(initial=-1)) + 1 if width is None else width)
-            matches, relabelled, p = _either_reading(answers, arrays["y"], c, max(classes - 1, 1), chosen)
+            matches, relabelled, p, values = _either_reading(answers, arrays["y"], c, max(classes - 1, 1), chosen)
             if (answers < 0).any() and not kind.startswith("ranked"):  # (a model that answers no key, NaN,
                 # had read as "not detected"; integers that are no ranking are simply no answer that way)
                 silent.append(f"not read: {int((answers < 0).sum())} of the {k} keys got no answer (NaN scores, "
                               f"or no class) from output '{one_line(str(output or name), 60)}'")
-            return matches, name, kind, note, classes, p, answers.tobytes(), relabelled
+            return matches, name, kind, note, classes, p, answers.tobytes(), relabelled, values
 
         chosen = _choice(params, k)
 
@@ -312,8 +312,8 @@ class OutputScheme(Scheme):
             # no output gives class scores or labels (strings, a sequence of maps, ...): this
             # scheme reads nothing, and the bundle's other schemes still read what they can
             return MatchResult("output", 1.0, note=one_line(exc, 300), unread=True, keys=k)
-        matches, output, kind, note, classes, p, _, relabelled = min(readings,
-                                                                     key=lambda r: (r[5], -r[0], r[2] == "labels"))
+        matches, output, kind, note, classes, p, _, relabelled, values = min(
+            readings, key=lambda r: (r[5], -r[0], r[2] == "labels"))
         # outputs that gave the same answers are one reading (100 copies of one output had
         # multiplied p by 100, and taken a marked model below alpha)
         distinct = len({r[6] for r in readings})
@@ -323,34 +323,43 @@ class OutputScheme(Scheme):
                            num_classes=classes, labels=max(classes - 1, 1), chosen_from=chosen,
                            onnx_seconds=time.perf_counter() - start if suspect.blackbox_only else None,
                            output=output, output_kind=kind, outputs=distinct, relabelled=relabelled,
-                           key_classes=c)
+                           key_classes=c, answer_values=values)
 
 
-def _either_reading(answers: np.ndarray, y: np.ndarray, c: int, labels: int,
-                    chosen: tuple[int, int] | None) -> tuple[int, list[list[int]] | None, float]:
-    """(matches, relabelling, p) of the better of the two readings of a suspect's `answers` to
+def _either_reading(answers: np.ndarray, y: np.ndarray, c: int, labels: int, chosen: tuple[int, int] | None
+                    ) -> tuple[int, list[list[int]] | None, float, int]:
+    """(matches, relabelling, p, D) of the better of the two readings of a suspect's `answers` to
     the keys (labels `y` among `c` classes; chance 1/`labels`): as they are, and through the
-    relabelling of the classes that matches the most keys (a thief who renumbers the classes,
-    with a permuted head or labels 1..C, answers every key with another label). Each reading
-    has its share of alpha (stats.RELABEL_SHARE), the second counts all C! relabellings; the
-    relabelling is None when the first reading is kept, else [answer, key label] for each
-    class it moves."""
+    relabelling of their D distinct values (at most `c`: beyond, those of a class number only)
+    that matches the most keys. A thief who renumbers the classes (a permuted head, labels 1..C
+    or ids of his own, with his own map to their names) answers every key with another label.
+    Each reading has its share of alpha (stats.RELABEL_SHARE), the second counts every way of
+    giving each value a class; the relabelling is None when the first reading is kept, else
+    [answer, key label] for each value it moves that the keys show."""
     k = len(y)
     matches = int((answers == y).sum())
     p = stats.as_answered(stats.matches_p_value(matches, k, labels, chosen))
-    if stats.relabelled(stats.matches_p_value(k, k, labels, chosen), c) >= p:
-        return matches, None, p  # (no relabelling could read better, every key matched: not searched)
+    values = np.unique(answers[answers >= 0])  # (-1: no answer)
+    if len(values) > c:
+        values = values[values < c]
+    d = len(values)
+    if not d or stats.relabelled(stats.matches_p_value(k, k, labels, chosen), c, d) >= p:
+        return matches, None, p, d  # (no relabelling could read better, every key matched: not searched)
     from scipy.optimize import linear_sum_assignment
 
-    answered = (answers >= 0) & (answers < c)  # (no answer, or a label beyond the keys' classes: none)
-    table = np.zeros((c, c), np.int64)  # keys by (answer, key label)
-    np.add.at(table, (answers[answered], y[answered]), 1)
+    keyed = np.unique(y)  # (a table of the labels the keys have: a bundle's C may be any size)
+    at = np.minimum(np.searchsorted(values, answers), d - 1)
+    valued = values[at] == answers
+    table = np.zeros((d, len(keyed)), np.int64)  # keys by (answer, key label)
+    np.add.at(table, (at[valued], np.searchsorted(keyed, y[valued])), 1)
     rows, cols = linear_sum_assignment(table, maximize=True)
     found = int(table[rows, cols].sum())
-    p_found = stats.relabelled(stats.matches_p_value(found, k, labels, chosen), c)
+    p_found = stats.relabelled(stats.matches_p_value(found, k, labels, chosen), c, d)
     if p_found >= p:
-        return matches, None, p
-    return found, [[int(a), int(b)] for a, b in zip(rows, cols, strict=True) if a != b and table[a, b]], p_found
+        return matches, None, p, d
+    moved = [[int(values[a]), int(keyed[b])] for a, b in zip(rows, cols, strict=True)
+             if table[a, b] and values[a] != keyed[b]]
+    return found, moved, p_found, d
 
 
 def _choice(params: dict, k: int) -> tuple[int, int] | None:
