@@ -160,11 +160,7 @@ def most_detected(limit: int, p_of, alpha: float) -> int:
 def bonferroni(p: float, tries: int) -> float:
     """Correct a p-value for `tries` looks (the best of several candidates), the product
     rounded up, as every p-value here."""
-    tries = max(1, tries)
-    if not isfinite(p) or p >= 1.0 or tries == 1:  # (NaN: no reading, as 1)
-        return min(1.0, p)
-    value = Fraction(p) * tries  # (exact: tries may pass the floats' range, 176! does)
-    return 1.0 if value >= 1 else _at_least(value)
+    return _shared(p, Fraction(1, max(1, tries)))  # (exact: tries may pass the floats' range, 176! does)
 
 
 #: the output scheme reads a suspect's answers two ways, and alpha is shared out between them
@@ -176,7 +172,7 @@ RELABEL_SHARE = Fraction(1, 100)
 
 
 def _shared(p: float, share: Fraction) -> float:
-    """p over its share of alpha, rounded up (at most 1)."""
+    """p over its share of alpha, rounded up (at most 1; NaN, no reading, as 1)."""
     if not isfinite(p) or p >= 1.0:
         return min(1.0, p)
     value = Fraction(p) / share
@@ -193,7 +189,7 @@ def relabelled(p: float, classes: int, values: int) -> float:
     distinct answers as `classes` classes: one of classes! / (classes - values)! (every way of
     giving each value a class of its own; the values depend on the suspect and the key inputs
     alone, not on the keys' labels)."""
-    return _shared(bonferroni(p, perm(classes, min(values, classes))), RELABEL_SHARE)
+    return _shared(p, RELABEL_SHARE / perm(classes, min(values, classes)))
 
 
 def check_alpha(alpha: float) -> float:
