@@ -1,5 +1,6 @@
 """A model and data factories for tests/test_distributed.py: an MLP whose process dies (SIGKILL) on the RANK that
-DEEPSIGNS_TEST_DIE names, after a few steps, as a worker that runs out of memory would; and that, where
+DEEPSIGNS_TEST_DIE names, after a few steps, as a worker that runs out of memory would (on SIGTERM, where
+DEEPSIGNS_TEST_DEAF names its RANK); and that, where
 DEEPSIGNS_TEST_TRAINING names a path, makes PATH.RANK as its process starts training, then trains slowly (a
 test can stop a run while it trains, without waiting a guessed time or keeping the cores busy meanwhile)."""
 
@@ -27,6 +28,8 @@ class Net(nn.Module):
         self.calls += 1
         if os.environ.get("DEEPSIGNS_TEST_ECHO") == os.environ.get("RANK") and self.calls == 1:
             signal.signal(signal.SIGTERM, _echo)
+        if os.environ.get("DEEPSIGNS_TEST_DEAF") == os.environ.get("RANK") and self.calls == 1:
+            signal.signal(signal.SIGTERM, _killed)
         if os.environ.get("DEEPSIGNS_TEST_DIE") == os.environ.get("RANK", "0") and self.calls > 20:
             os.kill(os.getpid(), signal.SIGKILL)
         training = os.environ.get("DEEPSIGNS_TEST_TRAINING")
@@ -43,6 +46,13 @@ def _echo(signum, frame):
             "process of this run failed (Connection closed by peer); nothing was written\n")
     os.write(2, line.encode())
     os._exit(2)
+
+
+def _killed(signum, frame):
+    """SIGTERM, on the RANK that DEEPSIGNS_TEST_DEAF names, as a process that cannot act on it
+    (blocked in a step with the other) and that torchrun's agent kills outright 30 s later: it
+    cleans nothing up."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _data(extra: int = 0):

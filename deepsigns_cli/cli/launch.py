@@ -100,7 +100,8 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
         env[PASSPHRASE_ENV] = _handed_over(passphrase_file)
         argv = _without(argv, "--passphrase-file")
     # (no --log-dir: the launcher made an empty torchelastic_* folder in the temporary folder, every run)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    # (torch.distributed.run through a module of ours, which sweeps what its processes left: `agent`)
+    command = [sys.executable, "-m", "deepsigns_cli.cli.agent", "--standalone", f"--nproc-per-node={nproc}",
                f"--log-dir={os.devnull}", "-m", "deepsigns_cli", *argv]
     proc, written = _run_to_the_end(command, env)
     if proc.returncode == 0:  # (what the processes printed on stderr: warnings, a factory's output)

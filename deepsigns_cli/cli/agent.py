@@ -1,0 +1,41 @@
+"""torch.distributed.run, as `--nproc N` starts it (`python -m deepsigns_cli.cli.agent ARGS` is
+`python -m torch.distributed.run ARGS`), and, once a run that failed or was stopped is over, the
+temporary files that its processes left (`api.sweep_run`).
+
+The command that started the run sweeps them too, but not when it was killed outright itself
+(SIGKILL): torchrun's agent was then told to stop (`launch._stop_with_parent`), gave the
+processes 30 s to end, and killed one that had not ended by then (as one waiting on the other
+inside a collective may not have: its Python code, which cleans up, cannot run there). That
+process's temporary files were left beside the outputs until another command wrote there. The
+agent's run returns only once every process it started has ended, so nothing it sweeps can be
+written to again.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+import time
+
+from .launch import _outputs
+
+
+def main() -> None:
+    began = time.time() - 1  # (a file's time is the kernel's coarse clock: a little behind this one)
+    outputs = list(_outputs(sys.argv))
+    ended = False
+    try:
+        runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+        ended = True
+    except SystemExit as exc:
+        ended = exc.code in (0, None)
+        raise
+    finally:
+        if not ended:
+            from ..api import sweep_run
+
+            sweep_run(outputs, began)
+
+
+if __name__ == "__main__":
+    main()
