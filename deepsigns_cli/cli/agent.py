@@ -8,7 +8,8 @@ processes 30 s to end, and killed one that had not ended by then (as one waiting
 inside a collective may not have: its Python code, which cleans up, cannot run there). That
 process's temporary files were left beside the outputs until another command wrote there. The
 agent's run returns only once every process it started has ended, so nothing it sweeps can be
-written to again.
+written to again. It then ends as a command does (`common.end_now`), without Python's teardown
+of torch: the run's end came that much sooner.
 """
 
 from __future__ import annotations
@@ -17,24 +18,32 @@ import runpy
 import sys
 import time
 
+from .common import end_now
 from .launch import _outputs
 
 
 def main() -> None:
     began = time.time() - 1  # (a file's time is the kernel's coarse clock: a little behind this one)
     outputs = list(_outputs(sys.argv))
-    ended = False
     try:
         runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
-        ended = True
     except SystemExit as exc:
-        ended = exc.code in (0, None)
-        raise
-    finally:
-        if not ended:
-            from ..api import sweep_run
+        code = exc.code
+    except KeyboardInterrupt:
+        from ..api import sweep_run
 
-            sweep_run(outputs, began)
+        sweep_run(outputs, began)
+        raise  # (Python ends as Ctrl-C ends it: by the signal)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # (what Python prints: torchrun's account of the failure)
+        code = 1
+    else:
+        code = 0
+    if code not in (0, None):
+        from ..api import sweep_run
+
+        sweep_run(outputs, began)
+    end_now(code)
 
 
 if __name__ == "__main__":

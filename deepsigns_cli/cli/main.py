@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib
 import os
@@ -17,7 +16,17 @@ import click
 from .. import __version__
 from ..api import signal_again
 from ..errors import STOP_SIGNALS, Interrupted, one_line
-from .common import EXIT_BAD_INPUT, OnceGroup, State, fail, internal_error, interrupted, stdout_failed, torch_places
+from .common import (
+    EXIT_BAD_INPUT,
+    OnceGroup,
+    State,
+    end_now,
+    fail,
+    internal_error,
+    interrupted,
+    stdout_failed,
+    torch_places,
+)
 
 COMMANDS = {
     "train": "Train a plain (unmarked) baseline model.",
@@ -284,25 +293,6 @@ def main():
     try:
         cli(prog_name="deepsigns")
     except SystemExit as exc:
-        _end_now_if_held(exc)
-        raise
+        end_now(exc.code)
 
 
-def _end_now_if_held(exc: SystemExit) -> None:
-    """At the end of a command, where a thread that the user's code started is still running (not
-    a daemon, as a data library's prefetcher): Python waits for such a thread at exit, and the
-    process had gone on after its report for ever, deaf to signals (ignored once a command has
-    ended). Every thread of ours is a daemon. The exit functions run, then the process ends."""
-    if not any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
-        return
-    code = exc.code
-    if not isinstance(code, int):  # (as Python ends on such a code: printed, exit 1)
-        if code is not None:
-            with contextlib.suppress(Exception):
-                print(code, file=sys.stderr)
-        code = 0 if code is None else 1
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
