@@ -10,7 +10,7 @@ scheme or attack is one module plus one row here.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import InputError, one_line
 
@@ -189,7 +189,7 @@ ATTACKS: dict[str, AttackEntry] = {
                    choices=("global", "layer")),
             Option("--finetune-epochs", "int", "epochs of fine-tuning after pruning, the pruned "
                    "weights held at zero (default 0).", 0, 100000),
-            _LR, _OPTIMIZER, _FRACTION,
+            *(replace(o, help=f"with --finetune-epochs: {o.help}") for o in (_LR, _OPTIMIZER, _FRACTION)),
         ),
         trains=True,
     ),
@@ -215,7 +215,7 @@ ATTACKS: dict[str, AttackEntry] = {
                 "(--out .safetensors)",
         options=(Option("--bits", "int", "bits per weight for k-bit rounding (default 8; an .onnx "
                         "--out is int8).", 1, 16),
-                 Option("--static", "flag", "int8 activations too, at ranges calibrated on the "
+                 Option("--static", "flag", "8-bit (uint8) activations too, at ranges calibrated on the "
                         "attacker's training samples (onnxruntime's quantize_static, QOperator "
                         "format; .onnx --out only).")),
     ),

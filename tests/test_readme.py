@@ -64,10 +64,11 @@ def test_the_alpha_table_is_what_the_statistics_give_at_the_defaults():
         return found.group(1)
 
     assert DEFAULT_ALPHA == 1e-9
-    bits = hidden.DEFAULTS["bits"] * hidden.DEFAULTS["classes"]  # read two ways: alpha / 2 each
-    errors = stats.max_bit_errors(bits, DEFAULT_ALPHA / 2)
+    bits = hidden.DEFAULTS["bits"] * hidden.DEFAULTS["classes"]  # read three ways: alpha / 3 each
+    errors = stats.max_bit_errors(bits, DEFAULT_ALPHA / hidden.CHECKPOINT_READINGS)
     assert f"({bits} bits)" in row("hidden") and f"at most {errors} bit errors" in row("hidden")
-    assert f"2 x {stats.bits_p_value(errors, bits):.1e}" in row("hidden")
+    assert f"read {hidden.CHECKPOINT_READINGS} ways" in row("hidden")
+    assert f"{hidden.CHECKPOINT_READINGS} x {stats.bits_p_value(errors, bits):.1e}" in row("hidden")
     bits = gradsigns.DEFAULTS["bits"]
     errors = stats.max_bit_errors(bits, DEFAULT_ALPHA)
     assert f"{bits} bits" in row("gradsigns") and f"at most {errors} bit errors" in row("gradsigns")

@@ -84,7 +84,7 @@ def _attack_command(name: str) -> click.Command:
     # applied bottom-up: the options appear in the help as listed from the last line up
     run = provider_option(timeout_option(force_option(device_option(common_options(run)))))
     if entry.trains:
-        run = precision_option(workers_option(batch_size_option(run)))
+        run = precision_option(workers_option(batch_size_option(run, parallel=False)))
     run = click.option("--plot", default=None, help="With --sweep: a PNG of accuracy and the watermarks' "
                        "evidence against strength.")(run)
     run = alpha_option(run)
@@ -97,9 +97,12 @@ def _attack_command(name: str) -> click.Command:
                        "passphrase (else $DEEPSIGNS_PASSPHRASE, else a prompt).")(run)
     run = click.option("--keys", "keys_path", default=None, help="With --sweep: the owner's bundle (.dskey), "
                        "read in every attacked model.")(run)
+    numeric = [o.key for o in entry.options if o.kind in ("int", "float")]
     run = click.option("--sweep", default=None, metavar="PARAM=V1,V2,...",
                        help="Run the attack at each value of one of its options, then read the owner's keys "
-                            "(extract and verify) in every result, e.g. --sweep rate=0.1,0.5,0.9.")(run)
+                            "(extract and verify) in every result"
+                            + (f", e.g. --sweep {numeric[0]}=V1,V2,V3 (PARAM: {', '.join(numeric)})." if numeric
+                               else " (this attack has no option to sweep)."))(run)
     if entry.passphrase:
         run = click.option("--attacker-passphrase-file", default=None,
                            help="File holding the passphrase of the attacker's bundle this attack writes "

@@ -303,11 +303,12 @@ def _refuse_repeats(command: click.Command, args: list[str], ctx: click.Context)
         i += 1
 
 
-def common_options(fn=None, *, random: bool = True):
+def common_options(fn=None, *, random: bool = True, fresh: bool = False):
     """--json, --quiet, --seed, --debug: on every command. `random=False`: a command that draws
-    nothing at random, whose --seed is taken (the same flags everywhere) and says it changes nothing."""
+    nothing at random, whose --seed is taken (the same flags everywhere) and says it changes nothing.
+    `fresh`: without --seed, the command draws fresh randomness (keygen), not seed 0."""
     if fn is None:
-        return functools.partial(common_options, random=random)
+        return functools.partial(common_options, random=random, fresh=fresh)
 
     def set_state(name):
         def callback(ctx, param, value):
@@ -322,8 +323,9 @@ def common_options(fn=None, *, random: bool = True):
                       is_eager=True, help="Silence progress and warnings on stderr.")(fn)
     fn = click.option("--debug", is_flag=True, callback=set_state("debug"), expose_value=False,
                       is_eager=True, help=f"Show the traceback of an internal error (or {DEBUG_ENV}=1).")(fn)
-    seed_help = ("Seed for a reproducible run (default 0; keygen: fresh randomness)." if random else
-                 "Changes nothing here: this command draws nothing at random (taken as on every command).")
+    seed_help = ("Changes nothing here: this command draws nothing at random (taken as on every command)."
+                 if not random else "Seed for reproducible keys (default: fresh randomness)." if fresh else
+                 "Seed for a reproducible run (default 0).")
     fn = click.option("--seed", type=int_range("seed"), default=None, help=seed_help)(fn)
     return handle_errors(fn)
 
@@ -383,9 +385,11 @@ def int_range(name: str) -> Whole:
     return Whole(*LIMITS[name])
 
 
-def batch_size_option(fn):
+def batch_size_option(fn, *, parallel: bool = True):
+    """--batch-size; `parallel`: the command runs under --nproc and torchrun too."""
+    shared = " (under --nproc / torchrun: in all, shared among the processes)" if parallel else ""
     return click.option("--batch-size", type=int_range("batch_size"), default=64, show_default=True,
-                        help="Samples per step (under --nproc / torchrun: in all, shared among the processes).")(fn)
+                        help=f"Samples per step{shared}.")(fn)
 
 
 def device_option(fn):
@@ -469,7 +473,7 @@ def keys_option(fn):
 
 
 def commitment_option(fn):
-    return click.option("--commitment", default=None,
+    return click.option("--commitment", default=None, metavar="SHA256",
                         help="The bundle's published commitment (SHA-256): any other bundle is "
                              "refused.")(fn)
 

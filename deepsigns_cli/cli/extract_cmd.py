@@ -34,7 +34,7 @@ def command(models, output_name, arch, arch_kwargs, keys_path, passphrase_file, 
     """White-box: read the watermark from checkpoints or ONNX files.
 
     Exit code 0 when detected (p-value <= alpha), 1 when not, 2 on bad input; with several
-    suspects, 0 when any is detected, 2 when any could not be read.
+    suspects, 2 when any could not be read (before all else), else 0 when any is detected.
 
     \b
     deepsigns extract --model marked.onnx --keys owner.dskey

@@ -34,7 +34,7 @@ def scheme_options(fn):
 @click.option("--passphrase-file", default=None,
               help="File holding the passphrase (else $DEEPSIGNS_PASSPHRASE, else a prompt).")
 @force_option
-@common_options
+@common_options(fresh=True)
 def command(model_path, arch, arch_kwargs, data_spec, schemes, out, passphrase_file, force, seed,
             json_, **options):
     """Create a sealed key bundle with fresh watermark secrets.

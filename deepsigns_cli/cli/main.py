@@ -179,7 +179,8 @@ def cli():
     """Watermark neural networks and prove ownership later.
 
     Exit codes: 0 success or watermark detected, 1 not detected, 2 bad input,
-    3 internal error (a bug), 129/130/131/143 interrupted (SIGHUP, Ctrl-C, Ctrl-\\, SIGTERM), 141 stdout closed.
+    3 internal error (a bug), 129/130/131/143/138/140/152 interrupted (SIGHUP, Ctrl-C, Ctrl-\\, SIGTERM,
+    SIGUSR1, SIGUSR2, SIGXCPU), 141 stdout closed.
     """
 
 

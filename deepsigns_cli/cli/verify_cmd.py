@@ -31,7 +31,7 @@ def command(models, output_name, keys_path, passphrase_file, commitment, alpha, 
     """Black-box: decide ownership from ONNX models' answers alone.
 
     Exit code 0 when detected (p-value <= alpha), 1 when not, 2 on bad input; with several
-    suspects, 0 when any is detected, 2 when any could not be read.
+    suspects, 2 when any could not be read (before all else), else 0 when any is detected.
 
     \b
     deepsigns verify --model suspect.onnx --keys owner.dskey

@@ -50,6 +50,8 @@ DEFAULTS = {
     "lambda3": 1.0,  # pin: the units keep their responses to training samples (so they can be lined up)
     "pin_batch": 32,  # probe samples mixed into every step (keys made before own_rows)
 }
+#: readings of a checkpoint's carrier, each counted in p: as it is, lined up over scales, and over offsets
+CHECKPOINT_READINGS = 3
 ALIGN_TEMPERATURE = 0.05  # of the soft matching of units: correlations 0.15 apart weigh e^3 apart
 _DEAD = 1e-6  # a unit whose scale is below this is off: it carries nothing
 UNIT_BLOCK = 4096  # a suspect's units lined up with ours at a time, in the reading of every unit
@@ -178,7 +180,7 @@ class HiddenScheme(Scheme):
                 "stays low"]
 
     def best_p_value(self, keys):
-        readings = 3 if "probe_ref" in keys.arrays else 1  # (as it is, lined up over scales, and over offsets)
+        readings = CHECKPOINT_READINGS if "probe_ref" in keys.arrays else 1
         return stats.bonferroni(stats.smallest_bits_p_value(int(keys.arrays["bits"].size)), readings)
 
     # ------------------------------------------------------------------ embed
