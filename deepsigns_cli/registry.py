@@ -204,6 +204,7 @@ ATTACKS: dict[str, AttackEntry] = {
                    "hidden,output; the method and layer are public, the owner's keys are not)."),
             Option("--epochs", "int", "embedding epochs per scheme (default: each scheme's own).",
                    1, 100000),
+            _LR,
         ),
         passphrase=True,
         trains=True,

@@ -168,6 +168,7 @@ def test_overwrite_embeds_the_attackers_own_mark(marked, tmp_path):
     params = report["params"]
     assert params["schemes"] == ["hidden", "output"]
     assert params["epochs"] == {"hidden": OVERWRITE_EPOCHS, "output": OVERWRITE_EPOCHS}
+    assert params["lr"] == load_checkpoint(marked.marked)[1].lr  # (embed's default)
     assert params["attacker_keys"] == str(keys)
     assert out.exists() and keys.exists()
     # sealed: the magic, a public header naming the attacker's key, nothing secret in the clear
@@ -184,6 +185,21 @@ def test_overwrite_embeds_the_attackers_own_mark(marked, tmp_path):
     # and the attacker's keys do not claim the owner's unmarked baseline
     baseline = run_json("extract", "--model", marked.base, "--keys", keys, code=None)
     assert baseline["detected"] is False
+
+
+def test_overwrite_trains_at_the_rate_it_is_given(marked, tmp_path):
+    """--lr, as embed takes it (it had none: the attacker's embedding ran at the model's rate
+    whatever he chose). At a rate of 1e-9 one epoch leaves every weight where it was."""
+    moved = {}
+    for lr in (None, 1e-9):
+        out = tmp_path / f"overwritten-{lr}.safetensors"
+        report = run_json("attack", "overwrite", "--model", marked.marked, "--data", "digits", "--scheme", "hidden",
+                          "--epochs", 1, *(("--lr", lr) if lr else ()), "--attacker-keys", tmp_path / f"a-{lr}.dskey",
+                          "--out", out)
+        assert report["params"]["lr"] == (lr or load_checkpoint(marked.marked)[1].lr)
+        before, after = (load_checkpoint(p)[0].state_dict() for p in (marked.marked, out))
+        moved[lr] = max(float((after[k] - before[k]).abs().max()) for k in before)
+    assert moved[1e-9] < 1e-6 < 1e-3 < moved[None], moved
 
 
 def test_overwrite_refuses_a_model_s_name_for_the_attacker_s_bundle(marked, tmp_path):

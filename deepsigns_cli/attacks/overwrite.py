@@ -17,7 +17,8 @@ _DEFAULT_SCHEMES = "hidden,output"
 
 
 class OverwriteAttack(Attack):
-    """`epochs`: the epochs each scheme ran (its own default, or --epochs)."""
+    """`epochs`: the epochs each scheme ran (its own default, or --epochs); `lr`: the rate (--lr, else the
+    one the model's training ended with, as embed takes it)."""
 
     name = "overwrite"
 
@@ -39,6 +40,7 @@ class OverwriteAttack(Attack):
         if len(set(names)) != len(names):
             raise InputError(f"--scheme names a scheme twice: {','.join(names)}")
         epochs = ctx.option("epochs", None)
+        lr = float(ctx.option("lr", ctx.info.lr))  # (embed's default: the rate the model's training ended with)
         if ctx.passphrase is None:  # (api.attack gives one to every row with passphrase=True)
             raise InputError("attack overwrite seals the attacker's bundle: it needs a passphrase")
         api.check_bundle_name(target, "--attacker-keys")
@@ -48,7 +50,7 @@ class OverwriteAttack(Attack):
         seed = int(ctx.rng.integers(2**32))  # the attacker's secrets: fresh, but from --seed
         bundle = api.make_keys(model, ctx.info, ctx.data, names, {n: {} for n in names}, seed=seed)
         try:
-            model, _, bundle, report = api.embed_keys(model, ctx.info, ctx.data, bundle, epochs=epochs,
+            model, _, bundle, report = api.embed_keys(model, ctx.info, ctx.data, bundle, epochs=epochs, lr=lr,
                                                       seed=ctx.seed, device=ctx.device, progress=ctx.progress,
                                                       batch_size=ctx.batch_size, workers=ctx.workers,
                                                       precision=ctx.precision)
@@ -56,7 +58,7 @@ class OverwriteAttack(Attack):
             raise NotLearnt(f"the attacker's embedding: {err.what}", "raise --epochs") from None
         commitment = write_bundle(bundle, tmp, secret)
         ran = {name: report["schemes"][name]["epochs"] for name in embed_order(names)}
-        return model, {"schemes": list(embed_order(names)), "epochs": ran, "attacker_keys": str(target),
+        return model, {"schemes": list(embed_order(names)), "epochs": ran, "lr": lr, "attacker_keys": str(target),
                        "attacker_key_id": bundle.key_id, "attacker_commitment": commitment}
 
 
