@@ -878,7 +878,14 @@ def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
     """class name -> the image file names in it (sorted); every class must hold one."""
     try:
         with os.scandir(split) as it:
-            folders = [e for e in _visible(it) if e.is_dir()]
+            entries = _visible(it)
+        folders = [e for e in entries if e.is_dir()]
+        # (a link that leads nowhere, as a class folder on a volume not mounted, had dropped that
+        # class unsaid: the classes after it were numbered one lower)
+        lost = next((e for e in entries if e.is_symlink() and not e.is_dir() and not _is_file(e)), None)
+        if lost is not None:
+            raise DataError(f"{where}/{split.name}/{shown(lost.name)} is a link that leads nowhere: mount what it "
+                            "leads to, or remove it")
         found = {}
         for folder in folders:
             with os.scandir(folder.path) as it:

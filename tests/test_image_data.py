@@ -805,6 +805,14 @@ def _link_loop(d: Path) -> None:
     (d / "train" / "6" / "zz-b.png").symlink_to("zz-a.png")
 
 
+def _dangling_class_link(d: Path) -> None:
+    """A class folder that is a link to a volume not mounted: the class had been dropped unsaid, and the
+    classes after it numbered one lower (in test/ too: otherwise test/3 was named, as a class train/ lacks)."""
+    for split in ("train", "test"):
+        shutil.rmtree(d / split / "3")
+        (d / split / "3").symlink_to("/nowhere/3")
+
+
 def _class_link_loop(d: Path) -> None:
     (d / "train" / "zz").symlink_to("zz")
 
@@ -839,6 +847,7 @@ BAD_FOLDERS = {
     "one-class": (_one_class, ["1 class", "at least 2"]),
     "dangling-link": (_dangling_link, ["train/6/zz-gone.png", "is no file", "a link that leads nowhere"]),
     "link-loop": (_link_loop, ["train/6/zz-a.png", "is no file", "in a loop"]),
+    "dangling-class-link": (_dangling_class_link, ["train/3", "a link that leads nowhere", "mount", "remove it"]),
     # (it had said "check the folder's permissions")
     "class-link-loop": (_class_link_loop, ["cannot list", "train/zz", "check a loop of links"]),
     "fifo": (_fifo, ["test/7/zz-pipe.jpg", "is no file"]),
