@@ -1061,16 +1061,20 @@ def _factory_data(source: str) -> Dataset:
 def _settings_kept():
     """The process's settings as they were before the user's code ran, whatever it set: a
     factory (or its module) that made float64 torch's default dtype, or turned gradients off,
-    had failed the training that followed as a bug of ours (exit 3); one that changed the
-    current folder had sent a relative --out into the folder it went to."""
+    had failed the training that followed as a bug of ours (exit 3), as did one that made "meta"
+    the default device ("Cannot copy out of meta tensor"); one that changed the current folder
+    had sent a relative --out into the folder it went to."""
     import torch
 
     dtype, grad, folder = torch.get_default_dtype(), torch.is_grad_enabled(), os.getcwd()
+    device = torch.get_default_device()
     try:
         yield
     finally:
         torch.set_default_dtype(dtype)
         torch.set_grad_enabled(grad)
+        if torch.get_default_device() != device:  # (the CPU, as it was: no device context at all)
+            torch.set_default_device(None if device == torch.device("cpu") else device)
         with contextlib.suppress(OSError):  # (a folder the factory removed: the outputs' own checks say so)
             os.chdir(folder)
 

@@ -500,17 +500,20 @@ def test_a_thread_the_users_code_leaves_running_does_not_keep_the_command_alive(
 
 
 def sets_torch_state():
-    """The digits, made by code that leaves float64 torch's default dtype, gradients off, and
-    the current folder another."""
+    """The digits, made by code that leaves float64 torch's default dtype, gradients off, the
+    default device "meta" (set once its data are made) and the current folder another."""
     torch.set_default_dtype(torch.float64)
     torch.set_grad_enabled(False)
     os.chdir(os.environ["ANOTHER_FOLDER"])
-    return TensorDataset(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
+    made = TensorDataset(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
+    torch.set_default_device("meta")
+    return made
 
 
 def test_torchs_settings_a_factory_changes_are_put_back(tmp_path):
-    """A factory that made float64 the default dtype ("mat1 and mat2 must have the same dtype")
-    or turned gradients off had failed the training as a bug of ours (exit 3); one that changed
+    """A factory that made float64 the default dtype ("mat1 and mat2 must have the same dtype"),
+    turned gradients off or made "meta" the default device ("Cannot copy out of meta tensor") had
+    failed the training as a bug of ours (exit 3); one that changed
     the current folder had sent a relative --out there."""
     (tmp_path / "here").mkdir()
     (tmp_path / "there").mkdir()
