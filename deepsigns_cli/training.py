@@ -503,7 +503,9 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
                 if need_grad:
                     xb.requires_grad_(True)
                 # 3. one forward pass: the loss on the training batch, plus each objective's term
-                with autocast():
+                # (gradients on, whatever a Dataset's __getitem__ just set: one that turned them
+                # off had failed the step as a bug of ours, exit 3)
+                with autocast(), torch.enable_grad():
                     logits = runner(xb)
                     loss = loss_fn(logits[: len(xs)], yb[: len(xs)])
                     batch = Batch(xb, yb, logits, len(xs), net, rows=index)

@@ -524,6 +524,26 @@ def test_torchs_settings_a_factory_changes_are_put_back(tmp_path):
     assert (tmp_path / "here" / "m.safetensors").exists() and not any((tmp_path / "there").iterdir())
 
 
+class _GradientsOff(TensorDataset):
+    def __getitem__(self, i):
+        torch.set_grad_enabled(False)  # (as code that runs a model on each sample may leave it)
+        return super().__getitem__(i)
+
+
+def turns_gradients_off_per_item():
+    return _GradientsOff(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
+
+
+def test_a_dataset_that_turns_gradients_off_as_it_reads_still_trains(tmp_path):
+    """A __getitem__ that turned gradients off failed the next step ("element 0 of tensors does
+    not require grad") as a bug of ours, exit 3."""
+    proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:turns_gradients_off_per_item", "--epochs", 1,
+                    "--device", "cpu", "--out", tmp_path / "m.safetensors", "--json", timeout=120,
+                    env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["epochs"] == 1
+
+
 class _Chatty(TensorDataset):
     def __getitem__(self, i):
         print(f"reading item {i}")  # (in a loader process too)
