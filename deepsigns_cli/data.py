@@ -1113,8 +1113,10 @@ def _factory_splits(source: str, made, want: str) -> Dataset:
         return isinstance(d, TorchDataset) and not isinstance(d, IterableDataset) and hasattr(d, "__len__")
 
     if not (isinstance(made, (tuple, list)) and len(made) == 2 and all(usable(d) for d in made)):
-        got = (f"a {type(made).__name__} of {len(made)}: " + ", ".join(type(d).__name__ for d in made)
-               if isinstance(made, (tuple, list)) else f"a {type(made).__name__}")
+        got = f"a {type(made).__name__}"
+        if isinstance(made, (tuple, list)):
+            kinds = ", ".join(type(d).__name__ for d in made)
+            got += f" of {len(made)}" + (f": {kinds}" if kinds else "")  # (an empty one: "of 0", no list)
         raise DataError(f"{want}, got {one_line(got, 100)}: return (train_dataset, test_dataset), each "
                         "indexable, with a length")
     (xtr, ytr), (xte, yte) = (_torch_split(d, split, source) for d, split in zip(made, ("train", "test"), strict=True))

@@ -508,3 +508,20 @@ def test_keygen_bad_options(owners, tmp_path, args, needles):
                      "--out", tmp_path / "k.dskey", "--passphrase-file", run["pass"], code=2)
     assert_bad_input(result, *needles)
     assert not (tmp_path / "k.dskey").exists()
+
+
+def test_inputs_narrower_than_the_default_carriers_are_one_line_that_says_so(tmp_path):
+    """An input of 12 values (a 2x2 image of 3 channels) holds fewer than the 64 carriers of the
+    default: the line had said "got 64" of an option never given."""
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 12), dtype=np.float32)
+    np.savez(tmp_path / "narrow.npz", x_train=x[:40], y_train=np.arange(40) % 3, x_test=x[40:],
+             y_test=np.arange(20) % 3)
+    base = tmp_path / "base.safetensors"
+    api.train("mlp", base, data=str(tmp_path / "narrow.npz"), epochs=1, seed=0, device="cpu")
+    args = ("keygen", "--model", base, "--data", tmp_path / "narrow.npz", "--scheme", "gradsigns",
+            "--out", tmp_path / "k.dskey")
+    assert_bad_input(run_cli(*args, code=None), "--carriers must be from 1 to 12", "got 64 (the default)",
+                     "give --carriers 12 or fewer")
+    assert_bad_input(run_cli(*args, "--carriers", 13, code=None), "got 13 (given)")
+    assert not (tmp_path / "k.dskey").exists()

@@ -259,6 +259,10 @@ def not_a_pair():
     return TensorDataset(*_digits_split(10))
 
 
+def nothing_at_all():
+    return ()
+
+
 def missing_column():  # the user's code may fail in any way: it is theirs to fix, not a bug of ours
     return {}["label"]
 
@@ -1043,6 +1047,7 @@ def test_image_size_applies_to_image_folders_only(tmp_path):
 
 @pytest.mark.parametrize(("spec", "needles"), [
     ("test_image_data:not_a_pair", ["must return two torch Datasets (train, test)", "TensorDataset"]),
+    ("test_image_data:nothing_at_all", ["must return two torch Datasets", "got a tuple of 0: return"]),  # (of 0::)
     ("test_image_data:no_such_factory", ["cannot load data", "no_such_factory"]),
     ("no_such_module.data:make", ["cannot load data", "no_such_module"]),
     ("test_image_data:missing_column", ["data factory", "failed (KeyError: 'label')"]),

@@ -73,8 +73,9 @@ class GradSignsScheme(Scheme):
         width = math.prod(info.input_shape)
         n_carriers = int(opts["carriers"])
         if not 1 <= n_carriers <= width:
+            given = "given" if options.get("carriers") is not None else "the default"
             raise SchemeError(f"--carriers must be from 1 to {width} (the input has {width} values), "
-                              f"got {n_carriers}")
+                              f"got {n_carriers} ({given}): give --carriers {width} or fewer")
         message = opts.get("message")
         check_message(message)
         bits = message_to_bits(message) if message else None
