@@ -874,6 +874,12 @@ def _is_file(entry: os.DirEntry) -> bool:
         return False
 
 
+def _holds_images(folder: str) -> bool:
+    """Whether a folder holds an entry named like an image (a look one level down only)."""
+    with os.scandir(folder) as it:
+        return any(e.name.lower().endswith(IMAGE_SUFFIXES) for e in _visible(it))
+
+
 def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
     """class name -> the image file names in it (sorted); every class must hold one."""
     try:
@@ -896,6 +902,13 @@ def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
                                 "format deepsigns does not read (only .png, .jpg, .jpeg): convert it, or move it "
                                 "out of the folder")
             named = [e for e in visible if e.name.lower().endswith(IMAGE_SUFFIXES)]
+            # (images one folder down had been passed over unsaid: the model trained on less)
+            nested = next((e for e in visible if not e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_dir()
+                           and _holds_images(e.path)), None)
+            if nested is not None:
+                raise DataError(f"{where}/{split.name}/{shown(folder.name)}/{shown(nested.name)} is a folder of images "
+                                "inside a class folder: deepsigns reads only the images directly in each class "
+                                "folder; move them up into it, or move the folder out")
             for e in named:
                 refuse_the_report_file(e.path, f"an image of the folder {where}")  # (by any name: a hard link too)
                 if not _is_file(e):  # (skipped, a link that leads nowhere had trained the model on less, unsaid)

@@ -840,6 +840,13 @@ def _dangling_class_link(d: Path) -> None:
         (d / split / "3").symlink_to("/nowhere/3")
 
 
+def _nested_images(d: Path) -> None:
+    """Images in a folder inside a class folder (torchvision's ImageFolder reads them): passed over unsaid."""
+    (d / "train" / "5" / "more").mkdir()
+    for path in sorted((d / "train" / "5").glob("*.png"))[:3]:
+        shutil.move(path, d / "train" / "5" / "more" / path.name)
+
+
 def _class_link_loop(d: Path) -> None:
     (d / "train" / "zz").symlink_to("zz")
 
@@ -874,6 +881,7 @@ BAD_FOLDERS = {
     "one-class": (_one_class, ["1 class", "at least 2"]),
     "dangling-link": (_dangling_link, ["train/6/zz-gone.png", "is no file", "a link that leads nowhere"]),
     "link-loop": (_link_loop, ["train/6/zz-a.png", "is no file", "in a loop"]),
+    "nested-images": (_nested_images, ["train/5/more", "a folder of images inside a class folder", "move them up"]),
     "dangling-class-link": (_dangling_class_link, ["train/3", "a link that leads nowhere", "mount", "remove it"]),
     # (it had said "check the folder's permissions")
     "class-link-loop": (_class_link_loop, ["cannot list", "train/zz", "check a loop of links"]),
