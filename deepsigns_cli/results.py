@@ -149,11 +149,8 @@ class MatchResult(SchemeResult):
         super().apply(alpha, schemes)
 
         def p_of(mismatches: int) -> float:  # (as the reading computes its p: schemes.output)
-            p = stats.matches_p_value(self.keys - mismatches, self.keys, max(1, self.labels), self.chosen_from)
-            if self.relabelled is None:
-                p = stats.as_answered(p)
-            else:
-                p = stats.relabelled(p, self.key_classes, self.answer_values)
+            relabel = None if self.relabelled is None else (self.key_classes, self.answer_values)
+            p = stats.keys_p_value(self.keys - mismatches, self.keys, max(1, self.labels), self.chosen_from, relabel)
             return stats.bonferroni(stats.bonferroni(p, self.outputs), schemes)
 
         self.max_mismatches = stats.most_detected(self.keys, p_of, alpha)

@@ -15,6 +15,7 @@ __all__ = [
     "chosen_matches_p_values",
     "bonferroni",
     "as_answered",
+    "keys_p_value",
     "relabelled",
     "RELABEL_SHARE",
     "smallest_bits_p_value",
@@ -182,6 +183,15 @@ def _shared(p: float, share: Fraction) -> float:
 def as_answered(p: float) -> float:
     """The p-value of the output scheme's keys matched as the suspect answers them."""
     return _shared(p, 1 - RELABEL_SHARE)
+
+
+def keys_p_value(matches: int, keys: int, labels: int, chosen: tuple[int, int] | None = None,
+                 relabel: tuple[int, int] | None = None) -> float:
+    """The output scheme's p-value of `matches` of `keys` (matches_p_value) with its reading's
+    share of alpha: as answered (`relabel` None), or through the best relabelling of D distinct
+    answers as C classes (`relabel` = (C, D))."""
+    p = matches_p_value(matches, keys, labels, chosen)
+    return as_answered(p) if relabel is None else relabelled(p, *relabel)
 
 
 def relabelled(p: float, classes: int, values: int) -> float:

@@ -23,26 +23,23 @@ from .launch import _outputs
 
 
 def main() -> None:
+    from ..api import sweep_run
+
     began = time.time() - 1  # (a file's time is the kernel's coarse clock: a little behind this one)
     outputs = list(_outputs(sys.argv))
+    code = 1
     try:
         runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+        code = 0
     except SystemExit as exc:
         code = exc.code
     except KeyboardInterrupt:
-        from ..api import sweep_run
-
-        sweep_run(outputs, began)
         raise  # (Python ends as Ctrl-C ends it: by the signal)
     except BaseException:
         sys.excepthook(*sys.exc_info())  # (what Python prints: torchrun's account of the failure)
-        code = 1
-    else:
-        code = 0
-    if code not in (0, None):
-        from ..api import sweep_run
-
-        sweep_run(outputs, began)
+    finally:
+        if code not in (0, None):
+            sweep_run(outputs, began)
     end_now(code)
 
 

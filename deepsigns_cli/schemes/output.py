@@ -264,7 +264,7 @@ class OutputScheme(Scheme):
             n = len(keys.arrays["y_candidates"])
             pool = max(k, 3 * n // 4)
             chosen = (n, pool) if int(params.get("robust_epochs", 0)) > 0 and pool < n else None
-        return stats.as_answered(stats.matches_p_value(k, k, int(params["num_classes"]) - 1, chosen))
+        return stats.keys_p_value(k, k, int(params["num_classes"]) - 1, chosen)
 
     def read(self, suspect, keys) -> MatchResult:
         params, arrays = keys.params, keys.arrays
@@ -338,12 +338,12 @@ def _either_reading(answers: np.ndarray, y: np.ndarray, c: int, labels: int, cho
     [answer, key label] for each value it moves that the keys show."""
     k = len(y)
     matches = int((answers == y).sum())
-    p = stats.as_answered(stats.matches_p_value(matches, k, labels, chosen))
+    p = stats.keys_p_value(matches, k, labels, chosen)
     values = np.unique(answers[answers >= 0])  # (-1: no answer)
     if len(values) > c:
         values = values[values < c]
     d = len(values)
-    if not d or stats.relabelled(stats.matches_p_value(k, k, labels, chosen), c, d) >= p:
+    if not d or stats.keys_p_value(k, k, labels, chosen, (c, d)) >= p:
         return matches, None, p, d  # (no relabelling could read better, every key matched: not searched)
     from scipy.optimize import linear_sum_assignment
 
@@ -354,7 +354,7 @@ def _either_reading(answers: np.ndarray, y: np.ndarray, c: int, labels: int, cho
     np.add.at(table, (at[valued], np.searchsorted(keyed, y[valued])), 1)
     rows, cols = linear_sum_assignment(table, maximize=True)
     found = int(table[rows, cols].sum())
-    p_found = stats.relabelled(stats.matches_p_value(found, k, labels, chosen), c, d)
+    p_found = stats.keys_p_value(found, k, labels, chosen, (c, d))
     if p_found >= p:
         return matches, None, p, d
     moved = [[int(values[a]), int(keyed[b])] for a, b in zip(rows, cols, strict=True)
