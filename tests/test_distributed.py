@@ -462,16 +462,36 @@ def test_nproc_inside_torchrun_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _torchrun_failure(rank: int, code: int) -> str:
+    """One process's block in torchrun's summary of a failed run."""
+    return f"[0]:\n  time      : t\n  host      : localhost\n  rank      : {rank} (local_rank: {rank})\n" \
+           f"  exitcode  : {code} (pid: 7)\n  error_file: <N/A>\n"
+
+
+def _torchrun_summary(other: tuple[int, int], root: tuple[int, int]) -> str:
+    return f"Failures:\n{_torchrun_failure(*other)}Root Cause (first observed failure):\n{_torchrun_failure(*root)}"
+
+
 def test_a_killed_process_is_named_whichever_failure_torchrun_calls_the_root_cause():
     """torchrun may observe a killed process and the one that then failed in the same instant,
     and name either the root cause: the killed one is named all the same."""
     from deepsigns_cli.cli.launch import _killed
 
-    def block(rank: int, code: int) -> str:
-        return f"[0]:\n  time      : t\n  host      : localhost\n  rank      : {rank} (local_rank: {rank})\n" \
-               f"  exitcode  : {code} (pid: 7)\n  error_file: <N/A>\n"
-
     line = "process 1 of 2 was killed by SIGKILL (the out-of-memory killer, or kill -9); nothing was written"
-    assert _killed(f"Failures:\n{block(0, 2)}Root Cause (first observed failure):\n{block(1, -9)}", 2) == line
-    assert _killed(f"Failures:\n{block(1, -9)}Root Cause (first observed failure):\n{block(0, 2)}", 2) == line
-    assert _killed(f"Root Cause (first observed failure):\n{block(0, 2)}", 2) is None
+    assert _killed(_torchrun_summary((0, 2), (1, -9)), 2) == line
+    assert _killed(_torchrun_summary((1, -9), (0, 2)), 2) == line
+    assert _killed(f"Root Cause (first observed failure):\n{_torchrun_failure(0, 2)}", 2) is None
+
+
+def test_a_silent_process_is_named_whichever_failure_torchrun_calls_the_root_cause():
+    """The same for a process that ended with a code and no word (os._exit(7)): the other's
+    echo had ended it first in CI, torchrun called that the root cause, and the line named the
+    echo's process as the one that said nothing (test_a_process_that_ends_without_a_word_...)."""
+    from deepsigns_cli.cli.launch import _exited
+
+    echo = ["process 0 of 2: another process of this run failed (Connection closed by peer); nothing was written"]
+    line = "process 1 of 2 ended with exit 7 and no error line"
+    assert _exited(_torchrun_summary((0, 2), (1, 7)), echo, 2) == line
+    assert _exited(_torchrun_summary((1, 7), (0, 2)), echo, 2) == line
+    assert _exited(_torchrun_summary((1, 7), (0, 2)), [], 2) == "process 0 of 2 ended with exit 2 and no error line"
+    assert _exited(f"Root Cause (first observed failure):\n{_torchrun_failure(0, 2)}", echo, 2) is None

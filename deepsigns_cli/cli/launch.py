@@ -118,11 +118,8 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     echo = "another process of this run failed"
     errors.sort(key=lambda line: echo in line)
     killed = _killed(proc.stderr, nproc)
-    # (a process that ended without a word, os._exit(7) in a factory: torchrun's summary names it
-    # as the root cause, where torchrun's own code is 1 whatever the process's was)
-    exited = _EXITED.search(proc.stderr.rpartition("Root Cause")[2])
-    silent = f"process {exited[1]} of {nproc} ended with exit {exited[2]} and no error line" if exited else \
-        f"a process of the {nproc}-process run failed (exit {proc.returncode})"
+    exited = _exited(proc.stderr, errors, nproc)
+    silent = exited or f"a process of the {nproc}-process run failed (exit {proc.returncode})"
     # (what torchrun saw end it, where it saw it, wins over a line another process echoed; so does
     # the agent's own death by a signal: it stopped its processes, and one whose step with the
     # other failed as that one stopped echoed it)
@@ -135,6 +132,20 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
                  "check the run's processes before using them")
     click.echo(f"error: {first}", err=True)
     sys.exit(EXIT_INTERNAL if first.startswith("internal error") else EXIT_BAD_INPUT)
+
+
+def _exited(stderr: str, errors: list[str], nproc: int) -> str | None:
+    """The words for a process that ended with a code of its own and no error line (os._exit(7)
+    in a factory), where torchrun's own code is 1 whatever the process's was; None if there is
+    none. torchrun's summary names it as the root cause, or among the failures: the others that
+    then failed (each with its line "process R of N: another process of this run failed") may be
+    observed in the same instant, and the first of them called the root cause."""
+    echoed = {match[1] for match in map(re.compile(r"process (\d+) of \d+: another process").match, errors) if match}
+    before, _, root = stderr.rpartition("Root Cause")
+    for found in (*_EXITED.finditer(root), *_EXITED.finditer(before)):
+        if found[1] not in echoed:
+            return f"process {found[1]} of {nproc} ended with exit {found[2]} and no error line"
+    return None
 
 
 def _killed(stderr: str, nproc: int) -> str | None:
