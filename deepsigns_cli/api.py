@@ -1269,9 +1269,10 @@ def train_model(arch: str, data: Dataset, *, arch_kwargs: dict | None = None, ep
 
 
 @contextlib.contextmanager
-def process_group(device: str = "auto"):
+def process_group(device: str = "auto", waiting: Callable[[str], None] | None = None):
     """The run's process group when torchrun started this process (nothing otherwise): a
-    data-parallel `train` or `embed` runs inside it."""
+    data-parallel `train` or `embed` runs inside it. `waiting` is told when a process that no
+    torchrun agent started waits for the others (training.distributed)."""
     from .fileio import run_place
 
     if run_place()[1] == 1:
@@ -1279,7 +1280,7 @@ def process_group(device: str = "auto"):
         return
     from .training import distributed
 
-    with distributed(device):
+    with distributed(device, waiting):
         yield
 
 

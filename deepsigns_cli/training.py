@@ -202,17 +202,25 @@ def _grouped() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+#: how long a process waits for the others of its run to meet (torch's default: machines that start late)
+RENDEZVOUS_SECONDS = 600.0
+_WAITING_NOTICE_SECONDS = 3.0  # (a wait this long is said, where no torchrun agent has met the others)
+
+
 @contextmanager
-def distributed(device: str = "auto"):
+def distributed(device: str = "auto", waiting: Callable[[str], None] | None = None):
     """One process group for a command run by torchrun (WORLD_SIZE > 1 in the environment;
     the rendezvous comes from torchrun's variables, so several machines work as torchrun
     documents): gloo on the CPU, nccl on CUDA, each process on its own GPU. A failure of
-    another process ends this one with one line, and nothing is written."""
+    another process ends this one with one line, and nothing is written. `waiting` is told,
+    once, when a process that no torchrun agent started (the variables set by hand, or left
+    over from another run) has waited a few seconds for the others: it waits up to
+    RENDEZVOUS_SECONDS, silent otherwise, and then ends with one line."""
     import torch.distributed as dist
 
     from .fileio import run_place, stop_with_parent
 
-    world = run_place()[1]
+    rank, world = run_place()
     if world == 1 or _grouped():
         yield
         return
@@ -233,14 +241,7 @@ def distributed(device: str = "auto"):
         if threading.current_thread() is threading.main_thread() else []
     handlers = {s: signal.signal(s, signal.SIG_DFL) for s in stops}
     try:
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-    except dist.DistNetworkError as exc:  # (the first process cannot listen there: a port in use)
-        from .errors import one_line
-
-        raise InputError(f"process {run_place()[0]} of {world} could not meet the others at MASTER_ADDR:MASTER_PORT "
-                         f"({one_line(os.environ.get('MASTER_ADDR'), 60)}:{os.environ.get('MASTER_PORT')}: "
-                         f"{one_line(exc, 160)}): give torchrun a free --master-port, or unset RANK, WORLD_SIZE, "
-                         "MASTER_ADDR and MASTER_PORT left over from another run") from None
+        _meet("nccl" if use_cuda else "gloo", rank, world, waiting)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -256,6 +257,63 @@ def distributed(device: str = "auto"):
                             f"({one_line(exc, 120)}); nothing was written") from None
     finally:
         dist.destroy_process_group()
+
+
+def _meet(backend: str, rank: int, world: int, waiting: Callable[[str], None] | None) -> None:
+    """init_process_group, bounded by RENDEZVOUS_SECONDS, its failures as one line. Outside
+    torchrun's agent (which has met the others, and serves the store), a process other than the
+    first waits here, in Python, for the first to serve the store at MASTER_ADDR:MASTER_PORT:
+    torch's own client retried in C++, and printed a C++ stack dump to stderr at every try."""
+    import torch.distributed as dist
+
+    from .errors import one_line
+
+    where = f"{one_line(os.environ.get('MASTER_ADDR'), 60)}:{os.environ.get('MASTER_PORT')}"
+    unset = "unset RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT left over from another run"
+    agent = "TORCHELASTIC_RUN_ID" in os.environ
+    deadline = time.monotonic() + RENDEZVOUS_SECONDS
+    notice = None
+    if waiting is not None and not agent:
+        notice = threading.Timer(_WAITING_NOTICE_SECONDS, waiting, (
+            f"process {rank} of {world} is waiting for the other processes of its run at {where} (up to "
+            f"{RENDEZVOUS_SECONDS:g} s; RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set here): start "
+            f"them, or stop this one and {unset}",))
+        notice.daemon = True
+        notice.start()
+    try:
+        if rank != 0 and not agent:
+            _wait_for_store(deadline)
+        remaining = max(deadline - time.monotonic(), 1.0)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=remaining))
+    except TimeoutError:
+        raise InputError(f"process {rank} of {world} waited {RENDEZVOUS_SECONDS:g} s for the first process of its "
+                         f"run to answer at {where}, and none did: start every process of the run (torchrun "
+                         f"does), or {unset}") from None
+    except dist.DistError as exc:
+        if "timed out" in str(exc).lower():  # (the others never came: "1/2 clients joined")
+            raise InputError(f"process {rank} of {world} waited {RENDEZVOUS_SECONDS:g} s for the other processes "
+                             f"of its run at {where} ({one_line(exc, 120)}): start every process of the run "
+                             f"(torchrun does), or {unset}") from None
+        # (the first process cannot listen there: a port in use)
+        raise InputError(f"process {rank} of {world} could not meet the others at MASTER_ADDR:MASTER_PORT "
+                         f"({where}: {one_line(exc, 160)}): give torchrun a free --master-port, or {unset}") from None
+    finally:
+        if notice is not None:
+            notice.cancel()
+
+
+def _wait_for_store(deadline: float) -> None:
+    """Until the rendezvous's store answers at MASTER_ADDR:MASTER_PORT (the first process
+    serves it); TimeoutError at `deadline` (time.monotonic)."""
+    import socket
+
+    address = (os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0")))
+    while True:
+        with suppress(OSError), socket.create_connection(address, timeout=1.0):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.5)
 
 
 _ORPHAN_GRACE_SECONDS = 30  # what torchrun's agent gives its processes between SIGTERM and SIGKILL

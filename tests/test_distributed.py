@@ -440,6 +440,33 @@ def test_a_signal_ends_a_rendezvous_that_never_completes(tmp_path):
     assert not out.exists() and partial_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rendezvous_that_never_completes_is_said_and_ends_in_one_line(tmp_path, rank):
+    """Settings left over from another run, complete (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
+    the others never started: the process waited 10 minutes without a word, and then ended in a
+    C++ stack dump (the first process's store timed out), or printed one at every try to reach
+    the first (the others). It says that it waits, and ends with one line at the time-out
+    (shortened here)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = process_env({**ENV, "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    code = ("import deepsigns_cli.training as t; t.RENDEZVOUS_SECONDS = 6\n"
+            "from deepsigns_cli.cli.main import main; main()")
+    out = tmp_path / "m.safetensors"
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--arch", "mlp", "--epochs", "1", "--device", "cpu",
+                           "--out", str(out)], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    waiting, error = proc.stderr.splitlines()
+    assert waiting.startswith(f"warning: process {rank} of 2 is waiting for the other processes of its run at "
+                              f"127.0.0.1:{port}"), waiting
+    assert_one_error_line(error + "\n", proc.stdout, f"process {rank} of 2 waited 6 s for the",
+                          f"at 127.0.0.1:{port}", "unset RANK")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_command_that_runs_in_one_process_is_refused_under_torchrun(tmp_path):
     """`torchrun ... -m deepsigns_cli extract` ran extract in every process: its report printed
     once per process (two JSON objects on stdout with --json), keygen's warnings twice."""

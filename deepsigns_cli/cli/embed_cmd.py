@@ -17,6 +17,7 @@ from .common import (
     parse_arch_kwargs,
     passphrase_from,
     progress_bar,
+    warn,
 )
 from .launch import is_main, nproc_option, precision_option, relaunch, workers_option
 
@@ -53,7 +54,7 @@ def command(model_path, arch, arch_kwargs, data_spec, keys_path, passphrase_file
     """
     if nproc is not None:
         relaunch(nproc, device, asks=asks_passphrase(passphrase_file), passphrase_file=passphrase_file)
-    with api.process_group(device), progress_bar() as progress:
+    with api.process_group(device, waiting=warn), progress_bar() as progress:
         report = api.embed(model_path, keys_path, passphrase_from(passphrase_file), out,
                            data=data_spec, onnx=onnx_out, epochs=epochs, lr=lr, batch_size=batch_size,
                            seed=seed or 0, device=device, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),

@@ -13,6 +13,7 @@ from .common import (
     int_range,
     parse_arch_kwargs,
     progress_bar,
+    warn,
 )
 from .launch import is_main, nproc_option, precision_option, relaunch, workers_option
 
@@ -40,7 +41,7 @@ def command(arch, arch_kwargs, data_spec, epochs, lr, batch_size, out, force, de
     """
     if nproc is not None:
         relaunch(nproc, device)
-    with api.process_group(device), progress_bar() as progress:
+    with api.process_group(device, waiting=warn), progress_bar() as progress:
         report = api.train(arch, out, data=data_spec, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                            epochs=epochs, lr=lr, batch_size=batch_size, seed=seed or 0,
                            device=device, force=force, progress=progress, workers=workers,
