@@ -539,7 +539,7 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
                 rows, sampler=batches, batch_size=None, num_workers=cfg.workers,
                 pin_memory=device.type == "cuda", persistent_workers=False,
                 worker_init_fn=_stdout_to_stderr if cfg.workers else None)
-            batches_read = iter(loader)
+            batches_read = _started(loader)
             for xs, ys, index in batches_read:
                 # 2. the batch, with every objective's own rows mixed in after it
                 parts, own, at = [(xs, ys)], [], len(xs)
@@ -634,6 +634,27 @@ def _fit(model: nn.Module, x, y: np.ndarray, cfg: TrainConfig, objectives: Seque
             state.to(home)
         net.eval()
     return {"epoch_seconds": epoch_seconds, "epochs": len(epoch_seconds), "lr": cfg.lr}
+
+
+def _started(loader: torch.utils.data.DataLoader):
+    """iter(loader), which starts its loader processes. Under a start method that pickles what
+    each is given ('spawn' or 'forkserver': a factory's module may choose one, as CUDA code
+    does, and Python 3.14 defaults to forkserver), a Dataset that does not pickle (a lambda, a
+    local class) is one line, exit 2: it had been an internal error."""
+    import pickle
+
+    from .errors import one_line
+
+    try:
+        return iter(loader)
+    except (AttributeError, TypeError, pickle.PicklingError) as exc:
+        if not loader.num_workers or "pickle" not in str(exc).lower():
+            raise
+        context = loader.multiprocessing_context
+        method = context.get_start_method() if context else torch.multiprocessing.get_start_method()
+        raise InputError(f"--workers {loader.num_workers}: the data cannot be sent to loader processes started by "
+                         f"'{method}' ({one_line(exc, 120)}): give --workers 0, a Dataset that pickles (no lambda "
+                         "or local class in it), or the 'fork' start method") from None
 
 
 def _stdout_to_stderr(worker_id: int) -> None:

@@ -484,6 +484,43 @@ def test_a_dataset_that_fails_in_loader_processes_leaves_no_temporary_folder(tmp
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
+def _spawning(method: str, dataset_class: type):
+    import multiprocessing
+
+    multiprocessing.set_start_method(method, force=True)  # (as CUDA code does; forkserver: Python 3.14's default)
+    return dataset_class(), TensorDataset(*_digits_split(80, offset=300))
+
+
+def spawned_unpicklable():
+    class Local(_FailsAt):  # (a local class does not pickle)
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+    return _spawning("spawn", Local)
+
+
+def forkserved_unpicklable():
+    return _spawning("forkserver", spawned_unpicklable()[0].__class__)
+
+
+@pytest.mark.parametrize("factory, method", [("spawned_unpicklable", "spawn"),
+                                             ("forkserved_unpicklable", "forkserver")])
+def test_data_that_cannot_reach_spawned_loader_processes_is_one_line(tmp_path, factory, method):
+    """A factory's module that chose the 'spawn' start method (forkserver: Python 3.14's default
+    on Linux), with a Dataset that does not pickle: --workers had been an internal error, exit 3
+    (helper-62)."""
+    scratch = tmp_path.parent / f"{tmp_path.name}-tmp"
+    scratch.mkdir()
+    proc = run_proc("train", "--arch", "mlp", "--data", f"test_image_data:{factory}", "--workers", 2,
+                    "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors",
+                    env={"PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(scratch)}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "--workers 2: the data cannot be sent to loader processes",
+                          f"started by '{method}'", "Local", "--workers 0")
+    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
 def keeps_a_thread():
     """The digits, and a thread that never ends (not a daemon: a data library's prefetcher)."""
     import threading
