@@ -129,15 +129,18 @@ def test_a_process_that_fails_after_the_outputs_were_written_says_so(tmp_path):
     assert api.inspect(out).kind == "checkpoint"
 
 
-def test_a_process_that_ends_without_a_word_is_named_with_its_exit_code(tmp_path):
+@pytest.mark.parametrize(("code", "said"), [(7, "ended with exit 7 and no error line"),
+                                           (0, "ended with exit 0 before the run was over, and no error line")])
+def test_a_process_that_ends_without_a_word_is_named_with_its_exit_code(tmp_path, code, said):
     """A factory that ends process 1 with os._exit(7) was reported as "a process of the
-    2-process run failed (exit 1)": torchrun's own code, not the process's."""
+    2-process run failed (exit 1)": torchrun's own code, not the process's. With os._exit(0),
+    which torchrun counts as no failure, the line named the other process (whose step with it
+    failed) as the one that had said nothing (helper-62)."""
     out = tmp_path / "m.safetensors"
     proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", "dying_model:exits_silently", "--epochs", 1,
-                    "--out", out, "--device", "cpu", env=ENV, timeout=600)
+                    "--out", out, "--device", "cpu", env={**ENV, "DEEPSIGNS_TEST_EXIT": str(code)}, timeout=600)
     assert proc.returncode == 2, proc.stderr
-    assert_one_error_line(proc.stderr, proc.stdout, "process 1 of 2 ended with exit 7 and no error line",
-                          "nothing was written")
+    assert_one_error_line(proc.stderr, proc.stdout, f"process 1 of 2 {said}", "nothing was written")
     assert not out.exists() and partial_files(tmp_path) == []
 
 
@@ -521,4 +524,7 @@ def test_a_silent_process_is_named_whichever_failure_torchrun_calls_the_root_cau
     assert _exited(_torchrun_summary((0, 2), (1, 7)), echo, 2) == line
     assert _exited(_torchrun_summary((1, 7), (0, 2)), echo, 2) == line
     assert _exited(_torchrun_summary((1, 7), (0, 2)), [], 2) == "process 0 of 2 ended with exit 2 and no error line"
-    assert _exited(f"Root Cause (first observed failure):\n{_torchrun_failure(0, 2)}", echo, 2) is None
+    alone = f"Root Cause (first observed failure):\n{_torchrun_failure(0, 2)}"
+    assert _exited(alone, echo, 2) == "process 1 of 2 ended with exit 0 before the run was over, and no error line"
+    assert _exited(alone, echo, 3) is None  # (1 or 2: not known)
+    assert _exited(alone, [], 2) == "process 0 of 2 ended with exit 2 and no error line"

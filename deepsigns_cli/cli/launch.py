@@ -139,12 +139,18 @@ def _exited(stderr: str, errors: list[str], nproc: int) -> str | None:
     in a factory), where torchrun's own code is 1 whatever the process's was; None if there is
     none. torchrun's summary names it as the root cause, or among the failures: the others that
     then failed (each with its line "process R of N: another process of this run failed") may be
-    observed in the same instant, and the first of them called the root cause."""
+    observed in the same instant, and the first of them called the root cause. A process that
+    ended with exit 0 before the others were done is no failure to torchrun: it is the one that
+    neither failed nor echoed."""
     echoed = {match[1] for match in map(re.compile(r"process (\d+) of \d+: another process").match, errors) if match}
     before, _, root = stderr.rpartition("Root Cause")
     for found in (*_EXITED.finditer(root), *_EXITED.finditer(before)):
         if found[1] not in echoed:
             return f"process {found[1]} of {nproc} ended with exit {found[2]} and no error line"
+    failed = {found[1] for pattern in (_EXITED, _SIGNALLED) for found in pattern.finditer(stderr)}
+    early = [rank for rank in map(str, range(nproc)) if rank not in failed | echoed]
+    if echoed and len(early) == 1:
+        return f"process {early[0]} of {nproc} ended with exit 0 before the run was over, and no error line"
     return None
 
 
