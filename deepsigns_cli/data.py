@@ -39,7 +39,7 @@ from .errors import (
     shown,
     user_failure,
 )
-from .fileio import refuse_the_report_file
+from .fileio import folder_kept, refuse_the_report_file
 
 __all__ = [
     "Dataset",
@@ -550,8 +550,11 @@ class Samples:
     def _load(self, rows: np.ndarray) -> np.ndarray:
         source_rows = rows if self._index is None else self._index[rows]
         out = np.empty((len(rows), *self._sample_shape), np.float32)
-        for j, i in enumerate(source_rows):
-            out[j] = self._source.sample(int(i))
+        # (a Dataset of the user's that changes the current folder as it is read: the command's
+        # relative paths, read and written after it, had been taken in the folder it went to)
+        with folder_kept() if isinstance(self._source, _DatasetItems) else contextlib.nullcontext():
+            for j, i in enumerate(source_rows):
+                out[j] = self._source.sample(int(i))
         return out
 
     def subset(self, key) -> Samples:
@@ -1079,17 +1082,15 @@ def _settings_kept():
     had sent a relative --out into the folder it went to."""
     import torch
 
-    dtype, grad, folder = torch.get_default_dtype(), torch.is_grad_enabled(), os.getcwd()
-    device = torch.get_default_device()
+    dtype, grad, device = torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_default_device()
     try:
-        yield
+        with folder_kept():
+            yield
     finally:
         torch.set_default_dtype(dtype)
         torch.set_grad_enabled(grad)
         if torch.get_default_device() != device:  # (the CPU, as it was: no device context at all)
             torch.set_default_device(None if device == torch.device("cpu") else device)
-        with contextlib.suppress(OSError):  # (a folder the factory removed: the outputs' own checks say so)
-            os.chdir(folder)
 
 
 def _factory_data_of(source: str) -> Dataset:

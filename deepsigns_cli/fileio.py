@@ -49,7 +49,8 @@ from pathlib import Path
 from .errors import STOP_SIGNALS, DeepSignsError, InputError, Interrupted, OutputExistsError, one_line, shown
 
 __all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "held_after_commit",
-           "outputs_written", "not_final", "scratch_folder", "sweep_run", "sha256_file", "is_main_process", "run_place"]
+           "outputs_written", "not_final", "scratch_folder", "sweep_run", "sha256_file", "is_main_process", "run_place",
+           "folder_kept"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -428,6 +429,34 @@ _RANDOM = "?" * 8  # (the random part of a name tempfile.mkstemp or mkdtemp make
 _STALE_SECONDS = 60  # a temporary file younger than this is never swept (it may be about to be locked)
 
 
+def _current_folder() -> str | None:
+    """os.getcwd(); None for a current folder that was removed."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def folder_kept(folder: str | None = None):
+    """The current folder, once the block ends, `folder` (by default: the one it began in),
+    whatever code of the user's ran in it: the relative paths a command was given stay
+    relative to the folder it was started in. A folder removed meanwhile is left to the
+    checks of what is read or written there."""
+    folder = _current_folder() if folder is None else folder
+    try:
+        yield
+    finally:
+        _back_to(folder)
+
+
+def _back_to(folder: str | None) -> None:
+    """The current folder `folder` again, if it is another now (None: leave it)."""
+    if folder is not None and _current_folder() != folder:
+        with contextlib.suppress(OSError):
+            os.chdir(folder)
+
+
 def _held_temp(held: list[int], prefix: str, suffix: str, folder: Path | None = None) -> Path:
     """A new temporary file (0600), locked by this process for as long as the descriptor it
     appends to `held` stays open: one that a command killed outright left is unlocked."""
@@ -437,7 +466,7 @@ def _held_temp(held: list[int], prefix: str, suffix: str, folder: Path | None = 
     held.append(fd)
     with contextlib.suppress(OSError):  # (a file system without locks: nothing is swept there)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return Path(tmp)
+    return Path(os.path.abspath(tmp))  # (a Dataset of the user's may change the current folder meanwhile)
 
 
 def _sweep(folder: Path, pattern: str, *, folders: bool = False, since: float | None = None) -> None:
@@ -603,7 +632,7 @@ def _write_failure(exc: BaseException, entries, *, committing: bool = False) -> 
     if isinstance(exc, DeepSignsError):
         return None
     done = "the outputs before it may be written" if committing else "nothing was written"
-    gone = next((tmp.parent for _, tmp, _, _ in entries if not tmp.parent.is_dir()), None)
+    gone = next((target.parent for target, tmp, _, _ in entries if not tmp.parent.is_dir()), None)
     if gone is not None:
         return InputError(f"folder {shown(gone)} was removed while the command ran: {done}; "
                           "create it and run the command again")
@@ -644,6 +673,10 @@ class Outputs:
         self._locks: list[_Lock] = []
         self._scratch: list[Path] = []
         self._held: list[int] = []  # (descriptors that hold the temporary files' locks)
+        # the folder the outputs' names are relative to, gone back to before they are placed: a
+        # Dataset of the user's that changed the current folder as it was read had failed the
+        # commit of a relative --out after the whole training
+        self._folder = _current_folder()
 
     def add(self, path: str | Path, option: str = "--out", *, mode: int | None = None,
             update: bool = False, model: str | None = None) -> Path:
@@ -767,6 +800,7 @@ class Outputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        _back_to(self._folder)
         try:
             if exc_type is None:
                 entries = list(self._entries)

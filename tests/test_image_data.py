@@ -551,6 +551,16 @@ def sets_torch_state():
     return made
 
 
+class _Wanders(TensorDataset):
+    def __getitem__(self, i):
+        os.chdir(os.environ["ANOTHER_FOLDER"])  # (as code that reads its files relative to a folder may)
+        return super().__getitem__(i)
+
+
+def wanders_per_item():
+    return _Wanders(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
+
+
 def test_torchs_settings_a_factory_changes_are_put_back(tmp_path):
     """A factory that made float64 the default dtype ("mat1 and mat2 must have the same dtype"),
     turned gradients off or made "meta" the default device ("Cannot copy out of meta tensor") had
@@ -563,6 +573,27 @@ def test_torchs_settings_a_factory_changes_are_put_back(tmp_path):
                     env={"PYTHONPATH": str(Path(__file__).parent), "ANOTHER_FOLDER": str(tmp_path / "there")})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "here" / "m.safetensors").exists() and not any((tmp_path / "there").iterdir())
+
+
+def test_a_dataset_that_changes_the_current_folder_as_it_is_read_leaves_relative_paths_alone(tmp_path):
+    """A Dataset that changed the current folder as it was read (after the factory) had sent
+    train's relative --out into the folder it went to (or failed its commit after the whole
+    training, exit 2; helper-62), and keygen then failed to read its relative --model, an
+    internal error (exit 3)."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    env = {"PYTHONPATH": str(Path(__file__).parent), "ANOTHER_FOLDER": str(there)}
+    data = ("--data", "test_image_data:wanders_per_item")
+    for args in (("train", "--arch", "mlp", "--epochs", 2, "--device", "cpu", "--out", "base.safetensors"),
+                 ("keygen", "--model", "base.safetensors", "--out", "k.dskey"),
+                 ("embed", "--model", "base.safetensors", "--keys", "k.dskey", "--epochs", 2, "--device", "cpu",
+                  "--out", "m.safetensors", "--onnx", "m.onnx")):
+        proc = run_proc(*args, *data, "--json", timeout=120, cwd=here, env=env)
+        assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in here.iterdir()) == ["base.safetensors", "k.dskey", "m.onnx", "m.safetensors"]
+    assert not any(there.iterdir())
+    assert run_proc("extract", "--model", "m.safetensors", "--keys", "k.dskey", cwd=here).returncode == 0
 
 
 class _GradientsOff(TensorDataset):
