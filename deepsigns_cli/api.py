@@ -210,6 +210,14 @@ def data_spec(source: str, *, image_size: int | None = None) -> DataSpec:
     return DataSpec(source, image_size=image_size)
 
 
+def _reading(progress: Progress | None):
+    """A context in which the passes over the data report to `progress` (data.reading); in the
+    first process of a run only, as the training's epochs do."""
+    from .data import reading
+
+    return reading(progress if is_main_process() else None)
+
+
 def load_dataset(data: str | DataSpec, model=None) -> Dataset:
     """The data set named by --data. An image folder reuses the preprocessing (image size,
     channels, mean, std, classes) that `train` recorded in the model's checkpoint, read before
@@ -240,7 +248,7 @@ def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("seed", seed)):
         _check_int(name, value)
     _check_positive("lr", lr)
-    with Outputs(force=force, inputs={"--data": data}) as outs:
+    with Outputs(force=force, inputs={"--data": data}) as outs, _reading(progress):
         tmp = outs.add(out, "--out", model="checkpoint")
         dataset = load_data(data)
         dataset.check_trainable()  # (the data make the model's classes)
@@ -255,7 +263,8 @@ def train(arch: str, out: str | Path, *, data: str = "digits", arch_kwargs: dict
 def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: str = "digits",
            schemes: list[str] | tuple[str, ...] = DEFAULT_SCHEMES, options: dict | None = None,
            arch: str | None = None, arch_kwargs: dict | None = None, seed: int | None = None,
-           force: bool = False, also_inputs: dict | None = None) -> KeygenReport:
+           force: bool = False, also_inputs: dict | None = None,
+           progress: Progress | None = None) -> KeygenReport:
     """`deepsigns keygen`: a sealed bundle of fresh secrets for the given schemes.
 
     `options` maps option keys of the schemes' registry rows ("bits", "key_size", ...) to
@@ -267,7 +276,7 @@ def keygen(model: str | Path, out: str | Path, passphrase: Passphrase, *, data: 
     per_scheme = _split_options(names, options or {})
     _check_int("seed", seed)
     inputs = {"--model": model, "--data": data, **(also_inputs or {})}
-    with Outputs(force=force, inputs=inputs) as outs:
+    with Outputs(force=force, inputs=inputs) as outs, _reading(progress):
         tmp = outs.add(out, "--out", mode=BUNDLE_MODE)
         check_bundle_name(out, "--out")
         secret = _passphrase(passphrase)
@@ -302,7 +311,7 @@ def embed(model: str | Path, keys: str | Path, passphrase: Passphrase, out: str 
     _check_int("seed", seed)
     _check_positive("lr", lr)
     inputs = {"--model": model, "--keys": keys, "--data": data, **(also_inputs or {})}
-    with Outputs(force=force, inputs=inputs) as outs:
+    with Outputs(force=force, inputs=inputs) as outs, _reading(progress):
         check_keys(keys)  # a missing or foreign bundle fails before the passphrase is asked
         keys_tmp = outs.add(keys, "--keys", mode=BUNDLE_MODE, update=True)  # locked from here
         out_tmp = outs.add(out, "--out", model="checkpoint")
@@ -817,7 +826,8 @@ def attack(name: str, model: str | Path, out: str | Path, *, data: str = "digits
     if output is not None and not victim_onnx:
         raise InputError(f"--output names an output of an ONNX victim; {shown(model)} is a checkpoint, which "
                          "answers with its class scores")
-    with Outputs(force=force, inputs={"--model": model, "--data": data, **(also_inputs or {})}) as outs:
+    with Outputs(force=force, inputs={"--model": model, "--data": data, **(also_inputs or {})}) as outs, \
+            _reading(progress):
         tmp = outs.add(out, "--out")
         if given.get("attacker_keys") is not None:  # (the bundle the attack seals: checked before any work too)
             check_output(given["attacker_keys"], force, inputs={"--model": model, "--data": data, "--out": out,

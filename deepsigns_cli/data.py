@@ -21,7 +21,8 @@ import struct
 import tokenize
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -46,6 +47,7 @@ __all__ = [
     "DataSpec",
     "Samples",
     "load_data",
+    "reading",
     "check_preprocess",
     "bounded_rows",
     "take",
@@ -57,6 +59,38 @@ __all__ = [
 ]
 
 BUILTIN_DATASETS = ("digits",)
+
+#: progress(done, total, description) of the passes over the data (`reading`)
+_READING: ContextVar[Callable[[int, int, str], None] | None] = ContextVar("deepsigns_reading", default=None)
+
+
+@contextlib.contextmanager
+def reading(progress: Callable[[int, int, str], None] | None):
+    """The passes over the data made while the block runs (an image folder's check of every
+    file and its mean and std, the labels read from a Dataset's items, the digest of the
+    training data) report to `progress`: on a large or slow data set each had been minutes
+    without a word."""
+    token = _READING.set(progress)
+    try:
+        yield
+    finally:
+        _READING.reset(token)
+
+
+def _ticker(total: int, description: str) -> Callable[[int], None]:
+    """tick(done) for a pass over `total` items: the progress of `reading` told every hundredth
+    of the pass and at its end (nothing where none is set)."""
+    progress = _READING.get()
+    if progress is None or total <= 0:
+        return lambda done: None
+    step = -(-total // 100)  # (at most a hundred, and the end)
+
+    def tick(done: int) -> None:
+        if done % step == 0 or done == total:
+            progress(done, total, description)
+
+    return tick
+
 _SPLIT_SEED = 20190413  # fixed: the train/test split never depends on --seed
 _TEST_FRACTION = 0.25
 # what a sample and a label may be, for data sets and model files alike (zoo.py checks models
@@ -460,10 +494,11 @@ def training_digest(data: Dataset) -> str:
     digest.update(np.ascontiguousarray(data.y_train, np.int64).tobytes())
     digest.update(repr(tuple(int(d) for d in x.shape)).encode())
     source = getattr(x, "_source", None)
+    tick = _ticker(len(x), "reading the training data")
     if isinstance(source, _ImageFiles):  # (the files: a decoder of another version may decode them a bit apart)
         digest.update(repr((source.size, source.channels, source.mean.ravel().tolist(),
                             source.std.ravel().tolist())).encode())
-        for i in range(len(source)) if x._index is None else x._index:
+        for done, i in enumerate(range(len(source)) if x._index is None else x._index, 1):
             name = str(source.names[i])
             digest.update(f"{len(name)}:{name}".encode("utf-8", "surrogateescape"))
             path = os.path.join(source.root, name)
@@ -475,11 +510,15 @@ def training_digest(data: Dataset) -> str:
                 raise DataError(f"cannot read {shown(path)} ({exc.strerror or exc}): check the folder's "
                                 "permissions") from None
             digest.update(b"\0")
+            tick(done)
         return digest.hexdigest()
     from .zoo import eval_rows
 
+    done = 0
     for chunk in _chunks(x, eval_rows(x)):
         digest.update(np.ascontiguousarray(chunk, np.float32).tobytes())
+        done += len(chunk)
+        tick(done)
     return digest.hexdigest()
 
 
@@ -986,7 +1025,8 @@ def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[i
     image is not (one grayscale image that sorted first had made a colour set train on one
     channel)."""
     image = _pil()
-    first, colour = None, False
+    first, colour, done = None, False, 0
+    tick = _ticker(len(names["train"]) + len(names["test"]), "checking images")
     for split in ("train", "test"):
         for name in names[split]:
             path = os.path.join(root, name)
@@ -998,6 +1038,8 @@ def _check_images(root: Path, names: dict[str, list[str]]) -> tuple[str, tuple[i
                     im.verify()
             except _image_errors(image) as exc:
                 raise _unreadable(path, exc) from None
+            done += 1
+            tick(done)
     return ("RGB", first[1]) if colour else first
 
 
@@ -1018,11 +1060,14 @@ def _fresh_preprocess(root: Path, train: list[str], first: tuple[str, tuple[int,
     files = _ImageFiles(root, list(train), {"image_size": image_size, "channels": channels,
                                                 "mean": [0.0] * channels, "std": [1.0] * channels})
     total, squares, count = np.zeros(channels), np.zeros(channels), 0
-    for i in _subsample(len(train), _MEAN_STD_IMAGES):
+    rows = _subsample(len(train), _MEAN_STD_IMAGES)
+    tick = _ticker(len(rows), "measuring images")
+    for done, i in enumerate(rows, 1):
         pixels = files.pixels(int(i)).reshape(channels, -1).astype(np.float64)
         total += pixels.sum(1)
         squares += (pixels**2).sum(1)
         count += pixels.shape[1]
+        tick(done)
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     std = np.where(std < MIN_STD, 1.0, std)  # a constant channel: centred, not scaled
@@ -1258,6 +1303,7 @@ def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]
         labels = _targets(targets, n, split, where)
     else:
         labels = np.empty(n, np.int64)
+        tick = _ticker(n, f"reading {split} labels")
         for i in range(n):
             _, y = items.checked(i)
             label = _as_label(y)
@@ -1265,6 +1311,7 @@ def _torch_split(dataset, split: str, source: str) -> tuple[Samples, np.ndarray]
                 raise DataError(f"{where}: {split} item {i} has label {one_line(repr(y), 40)}: labels must be "
                                 f"integer class indices from 0 to {MAX_CLASSES - 1}")
             labels[i] = label
+            tick(i + 1)
     return Samples(items, first.shape), _labels(labels, f"{split} labels", where)
 
 

@@ -596,6 +596,33 @@ def test_a_dataset_that_changes_the_current_folder_as_it_is_read_leaves_relative
     assert run_proc("extract", "--model", "m.safetensors", "--keys", "k.dskey", cwd=here).returncode == 0
 
 
+def plain_digits():
+    """The digits as two TensorDatasets: no .targets, so the labels are read from the items."""
+    return TensorDataset(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
+
+
+def test_the_passes_over_the_data_report_their_progress(folder, tmp_path):
+    """An image folder's check of every file and its mean and std, the labels read from a
+    Dataset's items and keygen's digest of the training data had each been minutes without a
+    word on a large or slow data set (helper-62): each reports to the command's progress, from
+    0 to its end, at most about a hundred times."""
+    def passes(command, *args, **kwargs) -> dict[str, list[tuple[int, int]]]:
+        seen: dict[str, list[tuple[int, int]]] = {}
+        command(*args, **kwargs, progress=lambda done, total, what: seen.setdefault(what, []).append((done, total)))
+        return seen
+
+    factory = "test_image_data:plain_digits"
+    found = {**passes(api.train, "mlp", tmp_path / "f.safetensors", data=factory, epochs=1, device="cpu"),
+             **passes(api.train, "cnn", tmp_path / "i.safetensors", data=str(folder), epochs=1, device="cpu")}
+    found["keygen"] = passes(api.keygen, tmp_path / "f.safetensors", tmp_path / "k.dskey", "pw",
+                             data=factory)["reading the training data"]
+    for what, total in (("reading train labels", 300), ("reading test labels", 80), ("checking images", COUNT),
+                        ("measuring images", N_TRAIN), ("keygen", 300)):
+        done = [d for d, t in found[what] if t == total]
+        assert len(done) == len(found[what]) <= 101, (what, found[what])
+        assert done == sorted(set(done)) and done[-1] == total, (what, done)
+
+
 class _GradientsOff(TensorDataset):
     def __getitem__(self, i):
         torch.set_grad_enabled(False)  # (as code that runs a model on each sample may leave it)

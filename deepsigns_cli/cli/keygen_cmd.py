@@ -10,6 +10,7 @@ from .common import (
     force_option,
     parse_arch_kwargs,
     passphrase_from,
+    progress_bar,
     registry_option,
 )
 
@@ -44,8 +45,9 @@ def command(model_path, arch, arch_kwargs, data_spec, schemes, out, passphrase_f
     """
     if options.get("bits") is not None and options.get("message") is not None:
         raise click.UsageError("give --bits or --message, not both")
-    report = api.keygen(model_path, out, passphrase_from(passphrase_file, confirm=True),
-                        data=data_spec, schemes=schemes.split(","), options=options, arch=arch,
-                        arch_kwargs=parse_arch_kwargs(arch_kwargs), seed=seed, force=force,
-                        also_inputs={"--passphrase-file": passphrase_file})
+    with progress_bar() as progress:
+        report = api.keygen(model_path, out, passphrase_from(passphrase_file, confirm=True),
+                            data=data_spec, schemes=schemes.split(","), options=options, arch=arch,
+                            arch_kwargs=parse_arch_kwargs(arch_kwargs), seed=seed, force=force,
+                            also_inputs={"--passphrase-file": passphrase_file}, progress=progress)
     emit(report, json_, render.keygen)
