@@ -916,6 +916,21 @@ def _is_file(entry: os.DirEntry) -> bool:
         return False
 
 
+def _no_file(path: str) -> str:
+    """What an entry named like an image is, that is no file (or none this user may reach),
+    and its fix: "is no file ..."."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):  # (a link into a folder this user may not search)
+            return (f"is no file this user may reach ({exc.strerror}): check the permissions of the folders it "
+                    "leads into")
+        how = "in a loop" if exc.errno == errno.ELOOP else "nowhere"
+        return f"is no file (a link that leads {how}): mount or restore what it leads to, or remove it"
+    what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or a socket"
+    return f"is no file ({what}): rename or remove it"
+
+
 def _holds_images(folder: str) -> bool:
     """Whether a folder holds an entry named like an image (a look one level down only)."""
     with os.scandir(folder) as it:
@@ -955,8 +970,7 @@ def _class_folders(split: Path, where: str) -> dict[str, list[str]]:
                 refuse_the_report_file(e.path, f"an image of the folder {where}")  # (by any name: a hard link too)
                 if not _is_file(e):  # (skipped, a link that leads nowhere had trained the model on less, unsaid)
                     raise DataError(f"{where}/{split.name}/{shown(folder.name)}/{shown(e.name)} is named like an "
-                                    "image but is no file (a folder, a link that leads nowhere or in a loop, a "
-                                    "FIFO or a device): rename or remove it")
+                                    f"image but {_no_file(e.path)}")
             found[folder.name] = [e.name for e in named]
     except OSError as exc:
         cause = "a loop of links" if exc.errno == errno.ELOOP else "the folder's permissions"

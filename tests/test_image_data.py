@@ -980,7 +980,7 @@ BAD_FOLDERS = {
     "dangling-class-link": (_dangling_class_link, ["train/3", "a link that leads nowhere", "mount", "remove it"]),
     # (it had said "check the folder's permissions")
     "class-link-loop": (_class_link_loop, ["cannot list", "train/zz", "check a loop of links"]),
-    "fifo": (_fifo, ["test/7/zz-pipe.jpg", "is no file"]),
+    "fifo": (_fifo, ["test/7/zz-pipe.jpg", "is no file (a FIFO)", "rename or remove it"]),
     "other-format": (_other_format, ["train/3/zz-scan.bmp", "format deepsigns does not read", "convert it"]),
     "pixel-bomb": (_bomb, ["zz-bomb.png", "6000x6000", "more than 33554432 pixels"]),
     "scan-bomb": (_scan_bomb, ["train/4/zz-scans.jpg", "more than 100 scans", "re-encode or remove"]),
@@ -1085,6 +1085,34 @@ def test_bad_image_folders(folder, tmp_path, case):
     spoil(imgs)
     _check_bad(tmp_path, ["train", "--arch", "cnn", "--data", imgs, "--epochs", 1,
                           "--out", tmp_path / "m.safetensors"], *needles)
+
+
+def test_an_image_linked_into_a_folder_the_user_may_not_search_is_named_so(folder, tmp_path):
+    """A link into a folder this user may not search had been called "no file (a folder, a
+    link that leads nowhere or in a loop, a FIFO or a device)" (helper-62). As root, the
+    process runs without the capabilities that pass over permissions (setpriv)."""
+    imgs = _copy(folder, tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(next((imgs / "train" / "5").iterdir()), locked / "real.png")
+    (imgs / "train" / "5" / "zz-linked.png").symlink_to(locked / "real.png")
+    argv = [*deepsigns_argv(), "train", "--arch", "cnn", "--data", str(imgs), "--epochs", "1", "--device", "cpu",
+            "--out", str(tmp_path / "m.safetensors")]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to run without the capabilities that pass over permissions")
+        argv = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                "--bounding-set=-dac_override,-dac_read_search", *argv]
+    locked.chmod(0)
+    try:
+        proc = subprocess.run(argv, env=process_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, proc.stdout, "train/5/zz-linked.png", "no file this user may reach",
+                          "permission denied", "check the permissions of the folders it leads into")
+    assert not (tmp_path / "m.safetensors").exists() and partial_files(tmp_path) == []
 
 
 def test_an_output_inside_the_image_folder_is_refused(folder, tmp_path):
