@@ -16,6 +16,7 @@ import json
 import math
 import operator
 import os
+import re
 import stat
 import struct
 import tokenize
@@ -672,6 +673,11 @@ def _opened_image(path: str, rows: bool = False) -> Iterator:
         f.seek(0)
         try:
             opened = image.open(f, formats=IMAGE_FORMATS)
+        except image.DecompressionBombError as exc:  # (Pillow's limit, 2 x its MAX_IMAGE_PIXELS, is above ours)
+            declared = re.search(r"\((\d+) pixels\)", str(exc))
+            raise DataError(f"image {shown(path)} is of {declared[1] if declared else 'too many'} pixels, more than "
+                            f"{MAX_IMAGE_PIXELS}: deepsigns refuses it rather than decode it; shrink or remove the "
+                            "file") from None
         except image.UnidentifiedImageError:
             # (what Pillow says of a PNG or JPEG whose header is cut short too: not another format)
             kind = "PNG" if head == _PNG_SIGNATURE else "JPEG" if head.startswith(_JPEG_SIGNATURE) else None

@@ -765,15 +765,21 @@ def _corrupt_image(d: Path) -> None:
     path.write_bytes(path.read_bytes()[:60])  # a truncated PNG
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    """A PNG chunk: its length, kind, body and CRC."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def _png(pixels: np.ndarray, interlaced: bool = False, rows: int | None = None) -> bytes:
     """An RGB PNG of `pixels` (h, w, 3) written by hand (Pillow writes no interlaced PNG), its
     compressed image data ending cleanly after `rows` of its rows (all: None)."""
     import struct
     import zlib
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
+    chunk = _png_chunk
     h, w, _ = pixels.shape
     passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
     lines = [b"\0" + bytes(line) for x0, y0, dx, dy in (passes if interlaced else ((0, 0, 1, 1),))
@@ -833,6 +839,17 @@ def _bomb(d: Path) -> None:
     Image.new("L", (6000, 6000)).save(d / "train" / "4" / "zz-bomb.png", optimize=True)
 
 
+def _header_bomb(d: Path) -> None:
+    """A PNG of a kilobyte whose header claims 100000 x 100000 pixels: Pillow refuses it as it
+    opens it, under a limit of its own (178,956,970 pixels), which had been quoted."""
+    import struct
+    import zlib
+
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+    data = _png_chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + _png_chunk(b"IEND", b"")
+    (d / "train" / "4" / "zz-bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + data)
+
+
 def _progressive_jpeg(size: int, repeat_last_scan: int = 1) -> bytes:
     """A progressive JPEG of a flat colour written by Pillow (libjpeg's progression: 10 scans),
     its last scan repeated: a decoder passes over the whole image once per scan."""
@@ -882,9 +899,7 @@ def _padded_png(path: Path, chunks: int = 0, body: int = 0, kind: bytes = b"abCd
     import struct
     import zlib
 
-    def chunk(name: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + name + data + struct.pack(">I", zlib.crc32(name + data))
-
+    chunk = _png_chunk
     head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
     tail = chunk(b"IDAT", zlib.compress((b"\0" + b"\x80" * 8) * 8)) + chunk(b"IEND", b"")  # (8 rows of grey 128)
     with open(path, "wb") as f:
@@ -983,6 +998,7 @@ BAD_FOLDERS = {
     "fifo": (_fifo, ["test/7/zz-pipe.jpg", "is no file (a FIFO)", "rename or remove it"]),
     "other-format": (_other_format, ["train/3/zz-scan.bmp", "format deepsigns does not read", "convert it"]),
     "pixel-bomb": (_bomb, ["zz-bomb.png", "6000x6000", "more than 33554432 pixels"]),
+    "header-bomb": (_header_bomb, ["zz-bomb.png", "of 10000000000 pixels, more than 33554432", "shrink or remove"]),
     "scan-bomb": (_scan_bomb, ["train/4/zz-scans.jpg", "more than 100 scans", "re-encode or remove"]),
     "chunk-flood": (_chunk_flood, ["train/4/zz-flood.png", "more than 131072 chunks", "re-encode or remove"]),
     "big-chunk": (_big_chunk, ["train/4/zz-padded.png", "chunk of 16777217 bytes", "re-encode or remove"]),
