@@ -145,6 +145,9 @@ class Dataset:
     #: an image folder's preprocessing (image size, channels, mean, std, class names), recorded
     #: in the checkpoints `train` writes and reused for them; None for other data
     preprocess: dict | None = None
+    #: where the data came from: "npz" (its x and y split at random, unless it gives the
+    #: splits), "factory", or "" (the built-in set, an image folder)
+    source: str = ""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -177,10 +180,12 @@ class Dataset:
         if len(unseen):  # (as an image folder's test class that train/ lacks)
             listed = ", ".join(map(str, unseen[:5])) + (", ..." if len(unseen) > 5 else "")
             them = "them" if len(unseen) > 1 else "it"
+            how = {"npz": f" (an .npz's x and y are split at random: give more samples of {them}, or the splits as "
+                          "x_train, y_train, x_test, y_test)",
+                   "factory": " (in the factory's train Dataset)"}.get(self.source, "")
             raise DataError(f"{self.name}: the test split holds class{'es' if len(unseen) > 1 else ''} {listed}, of "
                             f"which the training split holds no sample: no model learns a class it never saw; "
-                            f"give {them} training samples (an .npz's x and y are split at random: give more "
-                            f"samples of {them}, or the splits as x_train, y_train, x_test, y_test)")
+                            f"give {them} training samples{how}")
         if self.num_classes - len(trained) > len(trained):
             raise DataError(f"{self.name}: the largest label, {self.num_classes - 1}, makes {self.num_classes} "
                             f"classes, and the training split holds samples of {len(trained)} of them: labels "
@@ -304,7 +309,7 @@ def _npz_dataset(path: Path, loaded: dict[str, np.ndarray], where: str) -> Datas
                 f"{where}: x_train has samples of shape {list(xtr.shape[1:])} and x_test of shape "
                 f"{list(xte.shape[1:])}: give both splits samples of one shape"
             )
-    return _classified(path.stem, xtr, ytr, xte, yte, where)
+    return _classified(path.stem, xtr, ytr, xte, yte, where, "npz")
 
 
 def _member_shape(arrays, name: str, where: str) -> tuple[int, ...]:
@@ -1202,15 +1207,15 @@ def _factory_splits(source: str, made, want: str) -> Dataset:
     if xtr.shape[1:] != xte.shape[1:]:
         raise DataError(f"data factory '{source}': train samples have shape {list(xtr.shape[1:])} and test "
                         f"samples {list(xte.shape[1:])}: give both splits samples of one shape")
-    return _classified(source, xtr, ytr, xte, yte, f"data factory '{source}'")
+    return _classified(source, xtr, ytr, xte, yte, f"data factory '{source}'", "factory")
 
 
-def _classified(name: str, xtr, ytr, xte, yte, where: str) -> Dataset:
+def _classified(name: str, xtr, ytr, xte, yte, where: str, source: str) -> Dataset:
     present = np.union1d(np.unique(ytr), np.unique(yte))
     if len(present) < 2:
         raise DataError(f"{where}: the labels hold {len(present)} class, a classifier needs at least 2: give "
                         "samples of two or more classes")
-    return Dataset(shown(name), xtr, ytr, xte, yte, int(present[-1]) + 1)
+    return Dataset(shown(name), xtr, ytr, xte, yte, int(present[-1]) + 1, source=source)
 
 
 class _DatasetItems:

@@ -601,6 +601,25 @@ def plain_digits():
     return TensorDataset(*_digits_split(300)), TensorDataset(*_digits_split(80, offset=300))
 
 
+def class_nine_tested_only():
+    """Digits whose class 9 is in the test Dataset alone."""
+    x, y = _digits_split(300)
+    keep = y != 9
+    return TensorDataset(x[keep], y[keep]), TensorDataset(*_digits_split(80, offset=300))
+
+
+def test_a_factorys_class_of_the_test_dataset_alone_is_told_in_its_terms(tmp_path):
+    """The advice had spoken of an .npz's random split and its x_train, y_train arrays."""
+    proc = run_proc("train", "--arch", "mlp", "--data", "test_image_data:class_nine_tested_only", "--epochs", 1,
+                    "--device", "cpu", "--out", tmp_path / "m.safetensors",
+                    env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.returncode == 2, proc.stderr
+    line = assert_one_error_line(proc.stderr, proc.stdout, "the test split holds class 9",
+                                 "give it training samples (in the factory's train Dataset)")
+    assert ".npz" not in line and "x_train" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_passes_over_the_data_report_their_progress(folder, tmp_path):
     """An image folder's check of every file and its mean and std, the labels read from a
     Dataset's items and keygen's digest of the training data had each been minutes without a
