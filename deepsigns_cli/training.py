@@ -202,7 +202,8 @@ def _grouped() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-#: how long a process waits for the others of its run to meet (torch's default: machines that start late)
+#: how long a process waits for the others of its run, to meet (machines that start late) and
+#: then at each collective step (torch's default)
 RENDEZVOUS_SECONDS = 600.0
 _WAITING_NOTICE_SECONDS = 3.0  # (a wait this long is said, where no torchrun agent has met the others)
 
@@ -283,8 +284,9 @@ def _meet(backend: str, rank: int, world: int, waiting: Callable[[str], None] | 
     try:
         if rank != 0 and not agent:
             _wait_for_store(deadline)
-        remaining = max(deadline - time.monotonic(), 1.0)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=remaining))
+        # (the first process waits for the others this long; the run's steps, each as long: not
+        # what was left of the rendezvous's time, which machines that met late had cut short)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=RENDEZVOUS_SECONDS))
     except TimeoutError:
         raise InputError(f"process {rank} of {world} waited {RENDEZVOUS_SECONDS:g} s for the first process of its "
                          f"run to answer at {where}, and none did: start every process of the run (torchrun "
