@@ -5,6 +5,7 @@ run with one line and nothing written."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -468,6 +469,30 @@ def test_a_rendezvous_that_never_completes_is_said_and_ends_in_one_line(tmp_path
     assert_one_error_line(error + "\n", proc.stdout, f"process {rank} of 2 waited 6 s for the",
                           f"at 127.0.0.1:{port}", "unset RANK")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_run_steps_keep_the_whole_time_out_whenever_the_first_process_came(monkeypatch):
+    """A process that waited for the first to serve the rendezvous gave its steps what was left
+    of the rendezvous's time: started 9 minutes early, it would fail any step over a minute."""
+    import threading
+
+    import torch.distributed as dist
+
+    from deepsigns_cli import training
+
+    with socket.socket() as first:
+        first.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(first.getsockname()[1]))
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+        monkeypatch.setattr(training, "RENDEZVOUS_SECONDS", 30.0)
+        given = []
+        monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: given.append(timeout))
+        late = threading.Timer(2.0, first.listen)  # (the first process comes 2 s after this one)
+        late.start()
+        training._meet("gloo", 1, 2, None)
+        late.join()
+    assert given == [datetime.timedelta(seconds=30)]
 
 
 def test_a_command_that_runs_in_one_process_is_refused_under_torchrun(tmp_path):
