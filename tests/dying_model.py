@@ -110,9 +110,9 @@ def _wait_for_the_others(limit: float = 120.0) -> None:
 
 
 def exits_silently():
-    """A --data factory whose process of RANK 1 ends at once with exit DEEPSIGNS_TEST_EXIT (7
-    where it is not set), saying nothing."""
-    if os.environ.get("RANK") == "1":
+    """A --data factory whose process of RANK 1 (every process, where DEEPSIGNS_TEST_EXIT_ALL is
+    set) ends at once with exit DEEPSIGNS_TEST_EXIT (7 where it is not set), saying nothing."""
+    if os.environ.get("RANK") == "1" or os.environ.get("DEEPSIGNS_TEST_EXIT_ALL"):
         os._exit(int(os.environ.get("DEEPSIGNS_TEST_EXIT", "7")))
     return _data()
 

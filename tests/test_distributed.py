@@ -130,18 +130,23 @@ def test_a_process_that_fails_after_the_outputs_were_written_says_so(tmp_path):
     assert api.inspect(out).kind == "checkpoint"
 
 
-@pytest.mark.parametrize(("code", "said"), [(7, "ended with exit 7 and no error line"),
-                                           (0, "ended with exit 0 before the run was over, and no error line")])
-def test_a_process_that_ends_without_a_word_is_named_with_its_exit_code(tmp_path, code, said):
+@pytest.mark.parametrize(("code", "every", "said"), [
+    (7, "", "process 1 of 2 ended with exit 7 and no error line"),
+    (0, "", "process 1 of 2 ended with exit 0 before the run was over, and no error line"),
+    (0, "1", "every process of the 2-process run ended with exit 0 before the first had written anything"),
+], ids=["exit-7", "exit-0", "all-exit-0"])
+def test_a_process_that_ends_without_a_word_is_named_with_its_exit_code(tmp_path, code, every, said):
     """A factory that ends process 1 with os._exit(7) was reported as "a process of the
     2-process run failed (exit 1)": torchrun's own code, not the process's. With os._exit(0),
     which torchrun counts as no failure, the line named the other process (whose step with it
-    failed) as the one that had said nothing (helper-62)."""
+    failed) as the one that had said nothing (helper-62); ended so in every process, the run
+    was a success, exit 0 and no report, its temporary files left (helper-64)."""
     out = tmp_path / "m.safetensors"
     proc = run_proc("train", "--nproc", 2, "--arch", "mlp", "--data", "dying_model:exits_silently", "--epochs", 1,
-                    "--out", out, "--device", "cpu", env={**ENV, "DEEPSIGNS_TEST_EXIT": str(code)}, timeout=600)
+                    "--out", out, "--device", "cpu", timeout=600,
+                    env={**ENV, "DEEPSIGNS_TEST_EXIT": str(code), "DEEPSIGNS_TEST_EXIT_ALL": every})
     assert proc.returncode == 2, proc.stderr
-    assert_one_error_line(proc.stderr, proc.stdout, f"process 1 of 2 {said}", "nothing was written")
+    assert_one_error_line(proc.stderr, proc.stdout, said, "nothing was written")
     assert not out.exists() and partial_files(tmp_path) == []
 
 

@@ -104,10 +104,14 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
     command = [sys.executable, "-m", "deepsigns_cli.cli.agent", "--standalone", f"--nproc-per-node={nproc}",
                f"--log-dir={os.devnull}", "-m", "deepsigns_cli", *argv]
     proc, written = _run_to_the_end(command, env)
-    if proc.returncode == 0:  # (what the processes printed on stderr: warnings, a factory's output)
+    if proc.returncode == 0 and written:  # (what the processes printed on stderr: warnings, a factory's output)
         relay_report(proc.stdout)
         sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines() if not _TORCH_LOG.match(line)))
         sys.exit(0)
+    if proc.returncode == 0:  # (no failure to torchrun: every process ended with exit 0, os._exit(0) in a factory)
+        click.echo(f"error: every process of the {nproc}-process run ended with exit 0 before the first had written "
+                   "anything, and no error line (os._exit(0) in code of yours?); nothing was written", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     # a process's own failure, not the interruption of the others that torchrun then stopped
     # (this process was not interrupted: a Ctrl-C here would have ended it before this line)
     mine = f"{tag}error: "
@@ -194,9 +198,9 @@ def _run_to_the_end(command: list[str], env: dict) -> tuple[subprocess.Completed
             launcher.wait()
         wait = _ORPHANS_SECONDS if launcher.returncode < 0 else _DRAIN_SECONDS
         out, err = (reader.text(wait) for reader in readers)
-        if launcher.returncode == 0:  # (a signal from now is held until the report is relayed)
+        if launcher.returncode == 0 and written():  # (a signal from now is held until the report is relayed)
             outputs_written(list(written()))
-        else:  # (its processes have ended: what one killed outright left is no one's)
+        else:  # (its processes have ended: what one killed outright, or one that ended early, left is no one's)
             sweep_run(list(before), began)
     except BaseException as exc:
         with held_signals():  # (a second Ctrl-C or SIGTERM must not end this wait: the run is stopping)
