@@ -50,7 +50,7 @@ from .errors import STOP_SIGNALS, DeepSignsError, InputError, Interrupted, Outpu
 
 __all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "held_after_commit",
            "outputs_written", "not_final", "scratch_folder", "sweep_run", "sha256_file", "is_main_process", "run_place",
-           "folder_kept"]
+           "folder_kept", "current_folder", "back_to"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -429,7 +429,7 @@ _RANDOM = "?" * 8  # (the random part of a name tempfile.mkstemp or mkdtemp make
 _STALE_SECONDS = 60  # a temporary file younger than this is never swept (it may be about to be locked)
 
 
-def _current_folder() -> str | None:
+def current_folder() -> str | None:
     """os.getcwd(); None for a current folder that was removed."""
     try:
         return os.getcwd()
@@ -443,16 +443,16 @@ def folder_kept(folder: str | None = None):
     whatever code of the user's ran in it: the relative paths a command was given stay
     relative to the folder it was started in. A folder removed meanwhile is left to the
     checks of what is read or written there."""
-    folder = _current_folder() if folder is None else folder
+    folder = current_folder() if folder is None else folder
     try:
         yield
     finally:
-        _back_to(folder)
+        back_to(folder)
 
 
-def _back_to(folder: str | None) -> None:
+def back_to(folder: str | None) -> None:
     """The current folder `folder` again, if it is another now (None: leave it)."""
-    if folder is not None and _current_folder() != folder:
+    if folder is not None and current_folder() != folder:
         with contextlib.suppress(OSError):
             os.chdir(folder)
 
@@ -676,7 +676,7 @@ class Outputs:
         # the folder the outputs' names are relative to, gone back to before they are placed: a
         # Dataset of the user's that changed the current folder as it was read had failed the
         # commit of a relative --out after the whole training
-        self._folder = _current_folder()
+        self._folder = current_folder()
 
     def add(self, path: str | Path, option: str = "--out", *, mode: int | None = None,
             update: bool = False, model: str | None = None) -> Path:
@@ -800,7 +800,7 @@ class Outputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        _back_to(self._folder)
+        back_to(self._folder)
         try:
             if exc_type is None:
                 entries = list(self._entries)

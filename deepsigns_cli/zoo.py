@@ -8,6 +8,7 @@ layer, the paper's second-to-last layer).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -29,6 +30,7 @@ from .errors import (
     shown,
     user_failure,
 )
+from .fileio import back_to, current_folder, folder_kept
 
 __all__ = [
     "ZOO",
@@ -316,8 +318,10 @@ def build_model(
             kwargs.setdefault(name, value)
     # a built-in architecture fails on bad arguments alone; the user's code may fail in any way
     failures = (TypeError, ValueError, RuntimeError) if builtin else USER_CODE_FAILURES
+    folder = current_folder()
     try:
-        model = factory(**kwargs)
+        with folder_kept(folder):
+            model = factory(**kwargs)
     except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
         raise
     except failures as exc:
@@ -325,8 +329,16 @@ def build_model(
     if not isinstance(model, nn.Module):
         raise InputError(f"factory '{shown(arch)}' returned {type(model).__name__}, not a torch module")
     if not builtin:
+        # (a model of the user's that changes the current folder as it runs: the command's relative
+        # paths, read and written after a pass, had been taken in the folder it went to)
+        model.register_forward_hook(functools.partial(_folder_back, folder))
         _try_forward(model, arch, input_shape, num_classes)
     return model
+
+
+def _folder_back(folder: str | None, module: nn.Module, args, output) -> None:
+    """A forward hook: the current folder `folder` again after each pass (fileio.back_to)."""
+    back_to(folder)
 
 
 def _try_forward(model: nn.Module, arch: str, input_shape: tuple[int, ...], num_classes: int) -> None:
