@@ -21,3 +21,6 @@ LIMITS = {
     "image_size": (2, 2048),  # --image-size: pixels per side of an image folder's samples
 }
 PRECISIONS = ("fp32", "bf16", "fp16")  # --precision: fp32, or autocast (fp16 on CUDA only)
+#: how long a process of a data-parallel run waits for the others, to meet (machines that start
+#: late) and then at each collective step (torch's default)
+RENDEZVOUS_SECONDS = 600.0

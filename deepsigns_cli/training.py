@@ -9,6 +9,7 @@ import datetime
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import defaults
 from .defaults import PRECISIONS
 from .errors import STOP_SIGNALS, DeepSignsError, InputError, TrainingError
 from .objective import Objective
@@ -202,9 +204,6 @@ def _grouped() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-#: how long a process waits for the others of its run, to meet (machines that start late) and
-#: then at each collective step (torch's default)
-RENDEZVOUS_SECONDS = 600.0
 _WAITING_NOTICE_SECONDS = 3.0  # (a wait this long is said, where no torchrun agent has met the others)
 
 
@@ -216,7 +215,7 @@ def distributed(device: str = "auto", waiting: Callable[[str], None] | None = No
     another process ends this one with one line, and nothing is written. `waiting` is told,
     once, when a process that no torchrun agent started (the variables set by hand, or left
     over from another run) has waited a few seconds for the others: it waits up to
-    RENDEZVOUS_SECONDS, silent otherwise, and then ends with one line."""
+    defaults.RENDEZVOUS_SECONDS, silent otherwise, and then ends with one line."""
     import torch.distributed as dist
 
     from .fileio import run_place, stop_with_parent
@@ -261,7 +260,7 @@ def distributed(device: str = "auto", waiting: Callable[[str], None] | None = No
 
 
 def _meet(backend: str, rank: int, world: int, waiting: Callable[[str], None] | None) -> None:
-    """init_process_group, bounded by RENDEZVOUS_SECONDS, its failures as one line. Outside
+    """init_process_group, bounded by defaults.RENDEZVOUS_SECONDS, its failures as one line. Outside
     torchrun's agent (which has met the others, and serves the store), a process other than the
     first waits here, in Python, for the first to serve the store at MASTER_ADDR:MASTER_PORT:
     torch's own client retried in C++, and printed a C++ stack dump to stderr at every try."""
@@ -272,30 +271,33 @@ def _meet(backend: str, rank: int, world: int, waiting: Callable[[str], None] | 
     where = f"{one_line(os.environ.get('MASTER_ADDR'), 60)}:{os.environ.get('MASTER_PORT')}"
     unset = "unset RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT left over from another run"
     agent = "TORCHELASTIC_RUN_ID" in os.environ
-    deadline = time.monotonic() + RENDEZVOUS_SECONDS
+    seconds = defaults.RENDEZVOUS_SECONDS
+    deadline = time.monotonic() + seconds
     notice = None
     if waiting is not None and not agent:
         notice = threading.Timer(_WAITING_NOTICE_SECONDS, waiting, (
             f"process {rank} of {world} is waiting for the other processes of its run at {where} (up to "
-            f"{RENDEZVOUS_SECONDS:g} s; RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set here): start "
+            f"{seconds:g} s; RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set here): start "
             f"them, or stop this one and {unset}",))
         notice.daemon = True
         notice.start()
     try:
-        if rank != 0 and not agent:
-            _wait_for_store(deadline)
+        if not agent:
+            address = _master_address(f"process {rank} of {world}", unset)
+            if rank != 0:
+                _wait_for_store(address, deadline, f"process {rank} of {world}", where, unset)
         # (the first process waits for the others this long; the run's steps, each as long: not
         # what was left of the rendezvous's time, which machines that met late had cut short)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=RENDEZVOUS_SECONDS))
-    except TimeoutError:
-        raise InputError(f"process {rank} of {world} waited {RENDEZVOUS_SECONDS:g} s for the first process of its "
-                         f"run to answer at {where}, and none did: start every process of the run (torchrun "
-                         f"does), or {unset}") from None
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     except dist.DistError as exc:
-        if "timed out" in str(exc).lower():  # (the others never came: "1/2 clients joined")
-            raise InputError(f"process {rank} of {world} waited {RENDEZVOUS_SECONDS:g} s for the other processes "
-                             f"of its run at {where} ({one_line(exc, 120)}): start every process of the run "
+        if any(word in str(exc).lower() for word in ("timed out", "timeout")):  # (the others never came)
+            raise InputError(f"process {rank} of {world} waited {seconds:g} s for the other processes of its "
+                             f"run at {where} ({one_line(exc, 120)}): start every process of the run "
                              f"(torchrun does), or {unset}") from None
+        if rank != 0:  # (the first process ended meanwhile: it gave up on others that never came)
+            raise InputError(f"process {rank} of {world} lost the first process of its run at {where} "
+                             f"({one_line(exc, 120)}): it ended before the run met (did every process of the run "
+                             f"start?); start them all (torchrun does), or {unset}") from None
         # (the first process cannot listen there: a port in use)
         raise InputError(f"process {rank} of {world} could not meet the others at MASTER_ADDR:MASTER_PORT "
                          f"({where}: {one_line(exc, 160)}): give torchrun a free --master-port, or {unset}") from None
@@ -304,18 +306,57 @@ def _meet(backend: str, rank: int, world: int, waiting: Callable[[str], None] | 
             notice.cancel()
 
 
-def _wait_for_store(deadline: float) -> None:
-    """Until the rendezvous's store answers at MASTER_ADDR:MASTER_PORT (the first process
-    serves it); TimeoutError at `deadline` (time.monotonic)."""
-    import socket
+def _master_address(who: str, unset: str) -> tuple[str, int]:
+    """(MASTER_ADDR, MASTER_PORT), once the name is found to resolve: one that does not had
+    printed a C++ warning at every try, and then a stack dump."""
+    from .errors import one_line
 
-    address = (os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0")))
+    host, port = os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0"))
+    try:
+        socket.getaddrinfo(host, port)
+    except (OSError, UnicodeError) as exc:  # (gaierror; a name that IDNA cannot encode)
+        raise InputError(f"{who}: MASTER_ADDR {one_line(host, 60)} does not resolve "
+                         f"({one_line(getattr(exc, 'strerror', None) or exc, 80)}): give the first process's host "
+                         f"name or address, or {unset}") from None
+    return host, port
+
+
+def _wait_for_store(address: tuple[str, int], deadline: float, who: str, where: str, unset: str) -> None:
+    """Until the rendezvous's store answers at `address` (the first process serves it); an
+    InputError at `deadline` (time.monotonic), or for something else that listens there (a web
+    server: torch's client had waited on it for ever)."""
     while True:
         with suppress(OSError), socket.create_connection(address, timeout=1.0):
-            return
+            break
         if time.monotonic() > deadline:
-            raise TimeoutError
+            raise InputError(f"{who} waited {defaults.RENDEZVOUS_SECONDS:g} s for the first process of its run to "
+                             f"answer at {where}, and none did: start every process of the run (torchrun does), or "
+                             f"{unset}")
         time.sleep(0.5)
+    if not _answers_as_a_store(address, deadline):
+        raise InputError(f"{who}: what listens at {where} does not answer as the first "
+                         "process of a torch.distributed run would: give the first process's MASTER_ADDR and "
+                         f"MASTER_PORT, or {unset}")
+
+
+def _answers_as_a_store(address: tuple[str, int], deadline: float) -> bool:
+    """Whether what listens at `address` answers a query as torch's TCPStore does, by
+    `deadline`: asked in a thread of its own, which a server that never answers holds."""
+    import torch.distributed as dist
+
+    answered = []
+
+    def ask() -> None:
+        with suppress(Exception):
+            store = dist.TCPStore(address[0], address[1], is_master=False, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0)))
+            store.check(["deepsigns-probe"])
+            answered.append(True)
+
+    thread = threading.Thread(target=ask, name="deepsigns-store-probe", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 1.0))
+    return bool(answered)
 
 
 _ORPHAN_GRACE_SECONDS = 30  # what torchrun's agent gives its processes between SIGTERM and SIGKILL

@@ -449,30 +449,59 @@ def test_a_signal_ends_a_rendezvous_that_never_completes(tmp_path):
     assert not out.exists() and partial_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_a_rendezvous_that_never_completes_is_said_and_ends_in_one_line(tmp_path, rank):
+def _hand_started(rank: int, world: int, port: int, out: Path, address: str = "127.0.0.1") -> subprocess.Popen:
+    """`train` as process `rank` of `world`, its torch.distributed variables set by hand (no
+    torchrun), the rendezvous's time-out shortened to 6 s."""
+    env = process_env({**ENV, "WORLD_SIZE": str(world), "RANK": str(rank), "MASTER_ADDR": address,
+                       "MASTER_PORT": str(port)})
+    code = ("import deepsigns_cli.defaults as d; d.RENDEZVOUS_SECONDS = 6\n"
+            "from deepsigns_cli.cli.main import main; main()")
+    return subprocess.Popen([sys.executable, "-c", code, "train", "--arch", "mlp", "--epochs", "1", "--device", "cpu",
+                             "--out", str(out)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("case", ["first-alone", "second-alone", "two-of-three", "not-a-store", "no-such-host"])
+def test_a_rendezvous_that_never_completes_is_said_and_ends_in_one_line(tmp_path, case):
     """Settings left over from another run, complete (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
     the others never started: the process waited 10 minutes without a word, and then ended in a
     C++ stack dump (the first process's store timed out), or printed one at every try to reach
     the first (the others). It says that it waits, and ends with one line at the time-out
-    (shortened here)."""
+    (shortened here). Where two of three came, the second had printed a C++ stack dump as the
+    first gave up, and blamed the port; where something else listens at MASTER_PORT (a web
+    server), it had waited for ever; a MASTER_ADDR that does not resolve had printed C++
+    warnings and stack dumps (helper-64)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = process_env({**ENV, "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
-    code = ("import deepsigns_cli.training as t; t.RENDEZVOUS_SECONDS = 6\n"
-            "from deepsigns_cli.cli.main import main; main()")
     out = tmp_path / "m.safetensors"
-    proc = subprocess.run([sys.executable, "-c", code, "train", "--arch", "mlp", "--epochs", "1", "--device", "cpu",
-                           "--out", str(out)], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    waiting, error = proc.stderr.splitlines()
-    assert waiting.startswith(f"warning: process {rank} of 2 is waiting for the other processes of its run at "
-                              f"127.0.0.1:{port}"), waiting
-    assert_one_error_line(error + "\n", proc.stdout, f"process {rank} of 2 waited 6 s for the",
-                          f"at 127.0.0.1:{port}", "unset RANK")
+    world, ranks, address = {"first-alone": (2, [0], "127.0.0.1"), "second-alone": (2, [1], "127.0.0.1"),
+                             "two-of-three": (3, [0, 1], "127.0.0.1"), "not-a-store": (2, [1], "127.0.0.1"),
+                             "no-such-host": (2, [0, 1], "a" * 64 + ".invalid")}[case]
+    said = {"first-alone": ["waited 6 s for the other processes of its run", "1/2 clients joined"],
+            "second-alone": ["waited 6 s for the first process of its run to answer", "none did"],
+            "two-of-three": ["waited 6 s for the other processes of its run"],
+            "not-a-store": ["does not answer as the first process of a torch.distributed run"],
+            "no-such-host": ["MASTER_ADDR aaaa", "does not resolve", "give the first process's host name"]}[case]
+    with socket.socket() as other:
+        if case == "not-a-store":  # (it accepts connections and never answers)
+            other.bind(("127.0.0.1", port))
+            other.listen()
+        procs = []
+        for rank in ranks:
+            procs.append(_hand_started(rank, world, port, out, address))
+            time.sleep(1)
+        ended = [(rank, *proc.communicate(timeout=120), proc.returncode)
+                 for rank, proc in zip(ranks, procs, strict=True)]
+    for rank, stdout, stderr, code in ended:
+        assert code == 2, stderr
+        lines = stderr.splitlines()
+        if case != "no-such-host":  # (at once: nothing waits)
+            assert lines[0].startswith(f"warning: process {rank} of {world} is waiting for the other processes of "
+                                       f"its run at 127.0.0.1:{port}"), stderr
+            lines = lines[1:]
+        assert_one_error_line("".join(line + "\n" for line in lines), stdout, f"process {rank} of {world}",
+                              *said, "unset RANK")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -483,21 +512,24 @@ def test_the_run_steps_keep_the_whole_time_out_whenever_the_first_process_came(m
 
     import torch.distributed as dist
 
-    from deepsigns_cli import training
+    from deepsigns_cli import defaults, training
 
-    with socket.socket() as first:
-        first.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(first.getsockname()[1]))
-        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-        monkeypatch.setattr(training, "RENDEZVOUS_SECONDS", 30.0)
-        given = []
-        monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: given.append(timeout))
-        late = threading.Timer(2.0, first.listen)  # (the first process comes 2 s after this one)
-        late.start()
-        training._meet("gloo", 1, 2, None)
-        late.join()
-    assert given == [datetime.timedelta(seconds=30)]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(defaults, "RENDEZVOUS_SECONDS", 30.0)
+    given, first = [], []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: given.append(timeout))
+    # (the first process serves the rendezvous's store 2 s after this one began to wait for it)
+    late = threading.Timer(2.0, lambda: first.append(dist.TCPStore("127.0.0.1", port, 2, is_master=True,
+                                                                   wait_for_workers=False)))
+    late.start()
+    training._meet("gloo", 1, 2, None)
+    late.join()
+    assert first and given == [datetime.timedelta(seconds=30)]
 
 
 def test_a_command_that_runs_in_one_process_is_refused_under_torchrun(tmp_path):
@@ -557,4 +589,5 @@ def test_a_silent_process_is_named_whichever_failure_torchrun_calls_the_root_cau
     alone = f"Root Cause (first observed failure):\n{_torchrun_failure(0, 2)}"
     assert _exited(alone, echo, 2) == "process 1 of 2 ended with exit 0 before the run was over, and no error line"
     assert _exited(alone, echo, 3) is None  # (1 or 2: not known)
+    assert _exited("", echo, 2) is None  # (no summary: torchrun's agent was killed)
     assert _exited(alone, [], 2) == "process 0 of 2 ended with exit 2 and no error line"

@@ -151,6 +151,8 @@ def _exited(stderr: str, errors: list[str], nproc: int) -> str | None:
     for found in (*_EXITED.finditer(root), *_EXITED.finditer(before)):
         if found[1] not in echoed:
             return f"process {found[1]} of {nproc} ended with exit {found[2]} and no error line"
+    if "Root Cause" not in stderr:  # (no summary of torchrun's, whose agent was killed: who ended how is not known)
+        return None
     failed = {found[1] for pattern in (_EXITED, _SIGNALLED) for found in pattern.finditer(stderr)}
     early = [rank for rank in map(str, range(nproc)) if rank not in failed | echoed]
     if echoed and len(early) == 1:
