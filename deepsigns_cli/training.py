@@ -684,19 +684,17 @@ def _started(loader: torch.utils.data.DataLoader):
     each is given ('spawn' or 'forkserver': a factory's module may choose one, as CUDA code
     does, and Python 3.14 defaults to forkserver), a Dataset that does not pickle (a lambda, a
     local class) is one line, exit 2: it had been an internal error."""
-    import pickle
-
-    from .errors import one_line
+    from .errors import user_failure
 
     try:
         return iter(loader)
-    except (AttributeError, TypeError, pickle.PicklingError) as exc:
-        if not loader.num_workers or "pickle" not in str(exc).lower():
-            raise
+    except Exception as exc:  # (what a Dataset's __getstate__ or __reduce__ raises: anything)
         context = loader.multiprocessing_context
         method = context.get_start_method() if context else torch.multiprocessing.get_start_method()
+        if not loader.num_workers or method == "fork" or isinstance(exc, (OSError, MemoryError)):
+            raise  # (fork pickles nothing; what the machine did is _machine_failure's)
         raise InputError(f"--workers {loader.num_workers}: the data cannot be sent to loader processes started by "
-                         f"'{method}' ({one_line(exc, 120)}): give --workers 0, a Dataset that pickles (no lambda "
+                         f"'{method}' ({user_failure(exc)}): give --workers 0, a Dataset that pickles (no lambda "
                          "or local class in it), or the 'fork' start method") from None
 
 

@@ -503,12 +503,25 @@ def forkserved_unpicklable():
     return _spawning("forkserver", spawned_unpicklable()[0].__class__)
 
 
+class _RefusesCopies(_FailsAt):
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+    def __getstate__(self):
+        raise RuntimeError("Local data, not to be copied")
+
+
+def spawned_refusing_copies():
+    return _spawning("spawn", _RefusesCopies)
+
+
 @pytest.mark.parametrize("factory, method", [("spawned_unpicklable", "spawn"),
-                                             ("forkserved_unpicklable", "forkserver")])
+                                             ("forkserved_unpicklable", "forkserver"),
+                                             ("spawned_refusing_copies", "spawn")])
 def test_data_that_cannot_reach_spawned_loader_processes_is_one_line(tmp_path, factory, method):
     """A factory's module that chose the 'spawn' start method (forkserver: Python 3.14's default
     on Linux), with a Dataset that does not pickle: --workers had been an internal error, exit 3
-    (helper-62)."""
+    (helper-62), and so was one whose __getstate__ raised (helper-64)."""
     scratch = tmp_path.parent / f"{tmp_path.name}-tmp"
     scratch.mkdir()
     proc = run_proc("train", "--arch", "mlp", "--data", f"test_image_data:{factory}", "--workers", 2,
