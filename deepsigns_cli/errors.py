@@ -166,7 +166,8 @@ def user_failure(exc: BaseException) -> str:
     Its message is the user's code too, and may fail in turn: then its type alone."""
     if isinstance(exc, SystemExit):
         return f"it called sys.exit({user_text(exc.code, 60, repr)})"
-    return f"{type(exc).__name__}: {user_text(exc)}"
+    text = user_text(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def user_text(value: object, limit: int = 200, show=str) -> str:

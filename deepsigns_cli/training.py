@@ -683,19 +683,35 @@ def _started(loader: torch.utils.data.DataLoader):
     """iter(loader), which starts its loader processes. Under a start method that pickles what
     each is given ('spawn' or 'forkserver': a factory's module may choose one, as CUDA code
     does, and Python 3.14 defaults to forkserver), a Dataset that does not pickle (a lambda, a
-    local class) is one line, exit 2: it had been an internal error."""
+    local class, a __getstate__ that raises or exits) is one line, exit 2: it had been an
+    internal error, or exit 0 for a sys.exit(0)."""
     from .errors import user_failure
 
     try:
         return iter(loader)
-    except Exception as exc:  # (what a Dataset's __getstate__ or __reduce__ raises: anything)
+    except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
+        raise
+    except BaseException as exc:
+        if not _in_pickling(exc):  # (what the machine did as it started them, a fork that failed: as before)
+            raise
         context = loader.multiprocessing_context
         method = context.get_start_method() if context else torch.multiprocessing.get_start_method()
-        if not loader.num_workers or method == "fork" or isinstance(exc, (OSError, MemoryError)):
-            raise  # (fork pickles nothing; what the machine did is _machine_failure's)
         raise InputError(f"--workers {loader.num_workers}: the data cannot be sent to loader processes started by "
                          f"'{method}' ({user_failure(exc)}): give --workers 0, a Dataset that pickles (no lambda "
                          "or local class in it), or the 'fork' start method") from None
+
+
+def _in_pickling(exc: BaseException) -> bool:
+    """Whether `exc` was raised as multiprocessing pickled what a new process is given (inside
+    multiprocessing.reduction.dump): by the Dataset's own pickling, whatever it raised."""
+    import multiprocessing.reduction
+
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is multiprocessing.reduction.dump.__code__:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _stdout_to_stderr(worker_id: int) -> None:

@@ -13,6 +13,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -279,6 +280,10 @@ def panics():
     raise Panic("the library panicked")
 
 
+def fails_unsaid():
+    raise RuntimeError()
+
+
 class _Panicky(TorchDataset):
     """Its items past the first few raise a BaseException of their own (mid-epoch)."""
 
@@ -508,6 +513,11 @@ class _RefusesCopies(_FailsAt):
         return self.x[i], self.y[i]
 
     def __getstate__(self):
+        refusal = os.environ.get("DEEPSIGNS_TEST_REFUSAL")
+        if refusal == "exit":
+            sys.exit(0)  # (a crash that exits 0 reads as success)
+        if refusal == "oserror":
+            raise PermissionError(13, "Permission denied", "/Local")  # (not the machine's failure: the Dataset's)
         raise RuntimeError("Local data, not to be copied")
 
 
@@ -515,21 +525,26 @@ def spawned_refusing_copies():
     return _spawning("spawn", _RefusesCopies)
 
 
-@pytest.mark.parametrize("factory, method", [("spawned_unpicklable", "spawn"),
-                                             ("forkserved_unpicklable", "forkserver"),
-                                             ("spawned_refusing_copies", "spawn")])
-def test_data_that_cannot_reach_spawned_loader_processes_is_one_line(tmp_path, factory, method):
+@pytest.mark.parametrize("factory, method, refusal", [
+    ("spawned_unpicklable", "spawn", ""), ("forkserved_unpicklable", "forkserver", ""),
+    ("spawned_refusing_copies", "spawn", ""), ("spawned_refusing_copies", "spawn", "exit"),
+    ("spawned_refusing_copies", "spawn", "oserror")])
+def test_data_that_cannot_reach_spawned_loader_processes_is_one_line(tmp_path, factory, method, refusal):
     """A factory's module that chose the 'spawn' start method (forkserver: Python 3.14's default
     on Linux), with a Dataset that does not pickle: --workers had been an internal error, exit 3
-    (helper-62), and so was one whose __getstate__ raised (helper-64)."""
+    (helper-62), and so was one whose __getstate__ raised (helper-64); one whose __getstate__
+    called sys.exit(0) had exited 0 with nothing written, and an OSError it raised had been
+    taken for the machine's (helper-65)."""
     scratch = tmp_path.parent / f"{tmp_path.name}-tmp"
     scratch.mkdir()
     proc = run_proc("train", "--arch", "mlp", "--data", f"test_image_data:{factory}", "--workers", 2,
-                    "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors",
-                    env={"PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(scratch)}, timeout=120)
+                    "--epochs", 1, "--device", "cpu", "--out", tmp_path / "m.safetensors", timeout=120,
+                    env={"PYTHONPATH": str(Path(__file__).parent), "TMPDIR": str(scratch),
+                         "DEEPSIGNS_TEST_REFUSAL": refusal})
     assert proc.returncode == 2, proc.stderr
+    said = {"": "Local", "exit": "it called sys.exit(0)", "oserror": "PermissionError: [Errno 13] Permission denied"}
     assert_one_error_line(proc.stderr, proc.stdout, "--workers 2: the data cannot be sent to loader processes",
-                          f"started by '{method}'", "Local", "--workers 0")
+                          f"started by '{method}'", said[refusal], "--workers 0")
     assert list(tmp_path.iterdir()) == []
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
 
@@ -1257,6 +1272,8 @@ def test_image_size_applies_to_image_folders_only(tmp_path):
     ("test_image_data:exits", ["data factory", "failed (it called sys.exit(0))"]),
     # (a BaseException that is not an Exception had ended the command with a traceback, exit 1)
     ("test_image_data:panics", ["data factory", "failed (Panic: the library panicked)"]),
+    # (it had said "(RuntimeError: )", its colon stray)
+    ("test_image_data:fails_unsaid", ["data factory", "failed (RuntimeError): it is called"]),
     ("test_image_data:panicky_items", ["Dataset failed on item", "Panic: item"]),
     ("test_image_data:broken_items", ["the train Dataset failed on item 0", "ZeroDivisionError"]),
     ("test_image_data:bad_targets", ["the train Dataset's .targets failed", "labels are loaded lazily"]),
