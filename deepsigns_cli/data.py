@@ -61,6 +61,23 @@ __all__ = [
 
 BUILTIN_DATASETS = ("digits",)
 
+_SPLIT_SEED = 20190413  # fixed: the train/test split never depends on --seed
+_TEST_FRACTION = 0.25
+# what a sample and a label may be, for data sets and model files alike (zoo.py checks models
+# against the same limits): a file is data, and must never make us allocate gigabytes
+MAX_INPUT_SIZE = 2**24  # features per sample (product of the sample shape)
+MAX_INPUT_DIMS = 4  # dimensions per sample
+MAX_CLASSES = 100_000
+#: the most memory the arrays of an .npz may take in all once loaded (float32 samples, int64
+#: labels): an .npz is held in memory whole, and a small compressed file can claim gigabytes of
+#: zeros; larger data sets are image folders or factories, read as training goes
+MAX_NPZ_BYTES = 2**31
+#: the most rows a statistic over a whole split reads (class centres, value range, reference
+#: activations): a fixed, seeded subsample of larger splits, all rows of smaller ones
+STAT_ROWS = 4096
+_STAT_SEED = 20260101  # fixed: the subsample never depends on --seed
+_RANGE_ROWS = 512  # rows of a lazy split read for its value range
+
 #: progress(done, total, description) of the passes over the data (`reading`)
 _READING: ContextVar[Callable[[int, int, str], None] | None] = ContextVar("deepsigns_reading", default=None)
 
@@ -91,23 +108,6 @@ def _ticker(total: int, description: str) -> Callable[[int], None]:
             progress(done, total, description)
 
     return tick
-
-_SPLIT_SEED = 20190413  # fixed: the train/test split never depends on --seed
-_TEST_FRACTION = 0.25
-# what a sample and a label may be, for data sets and model files alike (zoo.py checks models
-# against the same limits): a file is data, and must never make us allocate gigabytes
-MAX_INPUT_SIZE = 2**24  # features per sample (product of the sample shape)
-MAX_INPUT_DIMS = 4  # dimensions per sample
-MAX_CLASSES = 100_000
-#: the most memory the arrays of an .npz may take in all once loaded (float32 samples, int64
-#: labels): an .npz is held in memory whole, and a small compressed file can claim gigabytes of
-#: zeros; larger data sets are image folders or factories, read as training goes
-MAX_NPZ_BYTES = 2**31
-#: the most rows a statistic over a whole split reads (class centres, value range, reference
-#: activations): a fixed, seeded subsample of larger splits, all rows of smaller ones
-STAT_ROWS = 4096
-_STAT_SEED = 20260101  # fixed: the subsample never depends on --seed
-_RANGE_ROWS = 512  # rows of a lazy split read for its value range
 
 
 @dataclass(frozen=True)
