@@ -296,8 +296,8 @@ def _meet(backend: str, rank: int, world: int, waiting: Callable[[str], None] | 
                              f"(torchrun does), or {unset}") from None
         if rank != 0:  # (the first process ended meanwhile: it gave up on others that never came)
             raise InputError(f"process {rank} of {world} lost the first process of its run at {where} "
-                             f"({one_line(exc, 120)}): it ended before the run met (did every process of the run "
-                             f"start?); start them all (torchrun does), or {unset}") from None
+                             f"({one_line(exc, 120)}): it ended before the run met; start every process of the run "
+                             f"(torchrun does), or {unset}") from None
         # (the first process cannot listen there: a port in use)
         raise InputError(f"process {rank} of {world} could not meet the others at MASTER_ADDR:MASTER_PORT "
                          f"({where}: {one_line(exc, 160)}): give torchrun a free --master-port, or {unset}") from None
