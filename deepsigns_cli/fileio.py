@@ -50,7 +50,7 @@ from .errors import STOP_SIGNALS, DeepSignsError, InputError, Interrupted, Outpu
 
 __all__ = ["Outputs", "MODEL_SUFFIXES", "check_output", "require_file", "held_signals", "held_after_commit",
            "outputs_written", "not_final", "scratch_folder", "sweep_run", "sha256_file", "is_main_process", "run_place",
-           "folder_kept", "current_folder", "back_to"]
+           "folder_kept", "current_folder", "back_to", "run_by_agent"]
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -375,6 +375,13 @@ def stop_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # (gone before prctl)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_by_agent() -> bool:
+    """Whether torchrun's agent started this process (`--nproc` or torchrun): it has met the
+    run's other agents, and serves the rendezvous's store. A process whose torch.distributed
+    variables were set by hand (or left over) has not."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def is_main_process() -> bool:

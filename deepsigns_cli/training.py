@@ -22,7 +22,16 @@ from torch import nn
 
 from . import defaults
 from .defaults import PRECISIONS
-from .errors import STOP_SIGNALS, DeepSignsError, InputError, TrainingError
+from .errors import (
+    STOP_SIGNALS,
+    DataError,
+    DeepSignsError,
+    InputError,
+    TrainingError,
+    one_line,
+    out_of_memory,
+    user_failure,
+)
 from .objective import Objective
 
 __all__ = [
@@ -160,7 +169,6 @@ def _check_same_everywhere(procs: Processes, net: nn.Module, x, y: np.ndarray) -
     of the rows): a --data factory that gives each process its own data fails here, with one
     line, instead of deep in DistributedDataParallel or as a collective left waiting."""
     from .data import MAX_INPUT_DIMS
-    from .errors import DataError
 
     if procs.alone:
         return
@@ -248,8 +256,6 @@ def distributed(device: str = "auto", waiting: Callable[[str], None] | None = No
     try:
         yield
     except RuntimeError as exc:  # a collective whose peer is gone (gloo, nccl); a bug goes on up
-        from .errors import one_line
-
         if not isinstance(exc, dist.DistError) and not any(
                 word in str(exc) for word in ("gloo", "NCCL", "nccl", "Connection", "connection")):
             raise
@@ -266,11 +272,11 @@ def _meet(backend: str, rank: int, world: int, waiting: Callable[[str], None] | 
     torch's own client retried in C++, and printed a C++ stack dump to stderr at every try."""
     import torch.distributed as dist
 
-    from .errors import one_line
+    from .fileio import run_by_agent
 
     where = f"{one_line(os.environ.get('MASTER_ADDR'), 60)}:{os.environ.get('MASTER_PORT')}"
     unset = "unset RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT left over from another run"
-    agent = "TORCHELASTIC_RUN_ID" in os.environ
+    agent = run_by_agent()
     seconds = defaults.RENDEZVOUS_SECONDS
     deadline = time.monotonic() + seconds
     notice = None
@@ -309,8 +315,6 @@ def _meet(backend: str, rank: int, world: int, waiting: Callable[[str], None] | 
 def _master_address(who: str, unset: str) -> tuple[str, int]:
     """(MASTER_ADDR, MASTER_PORT), once the name is found to resolve: one that does not had
     printed a C++ warning at every try, and then a stack dump."""
-    from .errors import one_line
-
     host, port = os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0"))
     try:
         socket.getaddrinfo(host, port)
@@ -685,8 +689,6 @@ def _started(loader: torch.utils.data.DataLoader):
     does, and Python 3.14 defaults to forkserver), a Dataset that does not pickle (a lambda, a
     local class, a __getstate__ that raises or exits) is one line, exit 2: it had been an
     internal error, or exit 0 for a sys.exit(0)."""
-    from .errors import user_failure
-
     try:
         return iter(loader)
     except KeyboardInterrupt:  # (Ctrl-C or a signal, never the user's failure)
@@ -810,8 +812,6 @@ def _machine_failure(exc: BaseException, cfg: TrainConfig) -> TrainingError | No
     """The error for a run that the machine stopped: a loader process that died (the kernel's
     out-of-memory killer, a signal, its Dataset ending the process) or memory that ran out,
     each of which had been an internal error (exit 3); None for anything else."""
-    from .errors import one_line, out_of_memory
-
     # (a worker's death may surface as the error met while it was being read from, a
     # ConnectionResetError, with torch's own "DataLoader worker ... killed" as its context)
     chain, link = [], exc

@@ -496,16 +496,20 @@ def _spawning(method: str, dataset_class: type):
     return dataset_class(), TensorDataset(*_digits_split(80, offset=300))
 
 
-def spawned_unpicklable():
+def _local_class() -> type:
     class Local(_FailsAt):  # (a local class does not pickle)
         def __getitem__(self, i):
             return self.x[i], self.y[i]
 
-    return _spawning("spawn", Local)
+    return Local
+
+
+def spawned_unpicklable():
+    return _spawning("spawn", _local_class())
 
 
 def forkserved_unpicklable():
-    return _spawning("forkserver", spawned_unpicklable()[0].__class__)
+    return _spawning("forkserver", _local_class())
 
 
 class _RefusesCopies(_FailsAt):

@@ -35,6 +35,9 @@ _TORCH_LOG = re.compile(r"\[?[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
 _ENDED = r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*{code}"
 _SIGNALLED = re.compile(_ENDED.format(code=r"-(\d+)"), re.M)  # (one that a signal ended: the signal)
 _EXITED = re.compile(_ENDED.format(code=r"(\d+)"), re.M)  # (one that exited with a code of its own)
+#: what a process of a run says when its step with another failed, as that one ended: an echo
+_ECHO = "another process of this run failed"
+_ECHOED = re.compile(rf"process (\d+) of \d+: {_ECHO}")  # (the echo's line: the rank that echoed)
 _STOP_SECONDS = 60  # what an interrupted run's launcher is given to stop its processes
 _DRAIN_SECONDS = 2  # what its pipes are given to end once it has ended (its processes have)
 # ... and once it was killed: its processes then end by themselves (each is sent SIGTERM when its
@@ -119,15 +122,14 @@ def relaunch(nproc: int, device: str, *, asks: bool = False, passphrase_file: st
               if line.startswith(mine) and not line.startswith(f"{mine}interrupted")]
     # the cause before its echoes (the others' "another process of this run failed"): a process
     # killed outright (the out-of-memory killer) says nothing itself, torchrun names it
-    echo = "another process of this run failed"
-    errors.sort(key=lambda line: echo in line)
+    errors.sort(key=lambda line: _ECHO in line)
     killed = _killed(proc.stderr, nproc)
     exited = _exited(proc.stderr, errors, nproc)
     silent = exited or f"a process of the {nproc}-process run failed (exit {proc.returncode})"
     # (what torchrun saw end it, where it saw it, wins over a line another process echoed; so does
     # the agent's own death by a signal: it stopped its processes, and one whose step with the
     # other failed as that one stopped echoed it)
-    first = errors[0] if errors and not ((killed or exited or proc.returncode < 0) and echo in errors[0]) else \
+    first = errors[0] if errors and not ((killed or exited or proc.returncode < 0) and _ECHO in errors[0]) else \
         killed or f"{silent}; nothing was written"
     if written:  # (a process that failed after the first had written: at its exit, say)
         cause = errors[0] if errors else silent
@@ -146,7 +148,7 @@ def _exited(stderr: str, errors: list[str], nproc: int) -> str | None:
     observed in the same instant, and the first of them called the root cause. A process that
     ended with exit 0 before the others were done is no failure to torchrun: it is the one that
     neither failed nor echoed."""
-    echoed = {match[1] for match in map(re.compile(r"process (\d+) of \d+: another process").match, errors) if match}
+    echoed = {match[1] for match in map(_ECHOED.match, errors) if match}
     before, _, root = stderr.rpartition("Root Cause")
     for found in (*_EXITED.finditer(root), *_EXITED.finditer(before)):
         if found[1] not in echoed:

@@ -16,6 +16,7 @@ import click
 from .. import __version__
 from ..api import signal_again
 from ..errors import STOP_SIGNALS, Interrupted, one_line
+from ..fileio import run_by_agent
 from .common import (
     EXIT_BAD_INPUT,
     OnceGroup,
@@ -291,7 +292,7 @@ def main():
     if level is not None and level.upper() not in _CPP_LOG_LEVELS:
         fail(f"TORCH_CPP_LOG_LEVEL={one_line(repr(level), 40)} is not a level torch's logging can read: set it to "
              "INFO, WARNING, ERROR or FATAL (or 0 to 3), or unset it", EXIT_BAD_INPUT)
-    if level is None and os.environ.get("WORLD_SIZE", "1") not in ("", "1") and "TORCHELASTIC_RUN_ID" not in os.environ:
+    if level is None and os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not run_by_agent():
         # a process of a run that no torchrun agent started (its variables set by hand, or left
         # over): torch's C++ log printed a stack dump at every failed try to reach the first
         # process, and as the first gave up; its failures are one line of ours
