@@ -104,6 +104,7 @@ __all__ = [
     "outputs_written",
     "world_size",
     "stop_with_parent",
+    "run_by_agent",
     "sweep_run",
 ]
 
@@ -1336,6 +1337,13 @@ def world_size() -> int:
     from .fileio import run_place
 
     return run_place()[1]
+
+
+def run_by_agent() -> bool:
+    """Whether torchrun's agent started this process (fileio.run_by_agent)."""
+    from .fileio import run_by_agent as by_agent
+
+    return by_agent()
 
 
 def stop_with_parent(parent: int) -> None:

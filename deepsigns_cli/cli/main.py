@@ -14,9 +14,8 @@ import warnings
 import click
 
 from .. import __version__
-from ..api import signal_again
+from ..api import run_by_agent, signal_again
 from ..errors import STOP_SIGNALS, Interrupted, one_line
-from ..fileio import run_by_agent
 from .common import (
     EXIT_BAD_INPUT,
     OnceGroup,
